@@ -1,0 +1,1 @@
+"""The sparse-parameter store: signatures, the LMDB cube, pooling, cube building."""

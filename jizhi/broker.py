@@ -1,0 +1,572 @@
+"""The broker process: ``python -m jizhi.broker --plan FILE``.
+
+Owns the compiled pipeline DAGs. One thread, one poll loop, two sockets:
+
+* frontend ROUTER (tcp, clients): admits requests (size limits, deadline,
+  a free arena slot or OVERLOADED with ``retry_after_ms``), copies the
+  request's arrays into its slot once, and answers at the end;
+* backend ROUTER (ipc, workers and the supervisor): workers announce
+  themselves (READY: pipeline, group, wid, versions, prefetch window),
+  receive events (micro-batches of requests named by slot) and answer DONE.
+
+Per pipeline it keeps one channel (a deque) per (group, version set); a
+request enters the channel of every source group and moves to a group once
+all of that group's predecessor groups are done (fan-out and join). A worker
+holds at most ``window`` events at once (credits), and an event carries up to
+the group's batch size of *live* requests (expired ones are answered
+DEADLINE_EXCEEDED, never computed). Per-message work is O(1) in the number of
+candidates: headers are msgpack, arrays stay in shared memory.
+
+A request's slot is freed only when it has been answered *and* no worker
+still holds it, so a late worker never writes into a reused slot. The events
+of a worker that dies (the supervisor says so, or its heartbeats stop) go back
+to the front of their channel: nothing admitted is lost.
+"""
+import argparse
+import collections
+import heapq
+import itertools
+import logging
+import signal
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from jizhi import protocol
+from jizhi.arena import Arenas
+from jizhi.errors import (BAD_REQUEST, DEADLINE_EXCEEDED, INTERNAL, OVERLOADED, UNKNOWN_PIPELINE,
+                          RequestError)
+
+log = logging.getLogger("jizhi.broker")
+
+RING = 2048  # samples kept per group for wait/service percentiles
+
+
+class Request:
+    __slots__ = ("rid", "envelope", "pipe", "slot", "n", "deadline", "user", "top_k", "ret_all",
+                 "vkey", "pending", "held", "answered", "t_recv", "t_enq", "timings", "counts")
+
+
+class GroupStats:
+    """Per-group counters kept by the broker (queue wait, service, events)."""
+
+    def __init__(self):
+        self.events = 0
+        self.requests = 0
+        self.wait_us = np.zeros(RING, dtype=np.int64)
+        self.svc_us = np.zeros(RING, dtype=np.int64)
+        self.n_wait = 0
+        self.n_svc = 0
+
+    def add_wait(self, us):
+        self.wait_us[self.n_wait % RING] = us
+        self.n_wait += 1
+
+    def add_svc(self, us):
+        self.svc_us[self.n_svc % RING] = us
+        self.n_svc += 1
+
+    @staticmethod
+    def _pct(ring, n):
+        if n == 0:
+            return {"p50": None, "p99": None}
+        a = ring[:min(n, RING)]
+        return {"p50": int(np.percentile(a, 50)), "p99": int(np.percentile(a, 99))}
+
+    def snapshot(self):
+        return {"events": self.events, "requests": self.requests,
+                "wait_us": self._pct(self.wait_us, self.n_wait),
+                "service_us": self._pct(self.svc_us, self.n_svc)}
+
+
+class WorkerRef:
+    __slots__ = ("ident", "pipeline", "group", "wid", "pid", "vkey", "window", "inflight", "last_seen")
+
+
+class PipelineState:
+    """One pipeline's channels, workers, slots and arenas inside the broker."""
+
+    def __init__(self, plan, segments, settings):
+        self.plan = plan
+        self.name = plan["name"]
+        self.groups = plan["groups"]
+        self.sources = plan["sources"]
+        self.sink = plan["sink"]
+        self.slots = settings["limits.max_in_flight"]
+        self.arenas = Arenas(plan, segments, self.slots, settings["limits.max_candidates"])
+        self.free = list(range(self.slots - 1, -1, -1))
+        self.by_slot = [None] * self.slots
+        self.versions = {plan["model"]: plan["version"]}
+        self.vkey = tuple(sorted(self.versions.items()))
+        self.channels = collections.defaultdict(collections.deque)   # (group, vkey) -> deque[Request]
+        self.workers = collections.defaultdict(list)                # (group, vkey) -> [WorkerRef]
+        self.stats = {g: GroupStats() for g in self.groups}
+        self.preds = {g: len(self.groups[g]["prev"]) for g in self.groups}
+        self.stage_names = {g: self.groups[g]["stages"] for g in self.groups}
+
+    def ready(self):
+        return all(self.workers.get((g, self.vkey)) for g in self.groups)
+
+    def in_flight(self):
+        return self.slots - len(self.free)
+
+
+class Broker:
+    def __init__(self, run):
+        self.run = run
+        self.settings = s = run["settings"]
+        self.limits = {"max_candidates": s["limits.max_candidates"],
+                       "max_message_bytes": s["limits.max_message_bytes"]}
+        self.default_deadline_s = s["limits.default_deadline_ms"] / 1000.0
+        self.hb_expiry_s = 3 * s["workers.heartbeat_interval_s"]
+        self.pipes = {name: PipelineState(plan, run["segments"][name], s)
+                      for name, plan in run["pipelines"].items()}
+        self.default_pipeline = run["default_pipeline"]
+        self.workers = {}            # ident -> WorkerRef
+        self.eids = itertools.count(1)
+        self.deadlines = []          # heap of (deadline, seq, Request)
+        self.seq = itertools.count()
+        self.errors = collections.Counter()
+        self.malformed = 0
+        self.answered = 0
+        self.draining = False
+        self.drain_requester = None
+        self.running = True
+        self._last_malformed_log = 0.0
+        self.t_start = time.monotonic()
+
+    # -- sockets ------------------------------------------------------------
+
+    def open(self):
+        ctx = zmq.Context.instance()
+        self.front = ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.SNDHWM, 100_000)
+        self.front.setsockopt(zmq.RCVHWM, 100_000)
+        self.front.setsockopt(zmq.MAXMSGSIZE, self.settings["limits.max_message_bytes"] + 65536)
+        self.front.bind(self.run["frontend"])
+        self.back = ctx.socket(zmq.ROUTER)
+        self.back.setsockopt(zmq.LINGER, 0)
+        self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.back.setsockopt(zmq.SNDHWM, 100_000)
+        self.back.bind(self.run["backend"])
+
+    # -- replies ------------------------------------------------------------
+
+    def reply(self, envelope, frames):
+        try:
+            self.front.send_multipart(envelope + frames, copy=False)
+        except zmq.ZMQError as e:
+            log.warning("reply to a client failed: %s", e)
+
+    def reply_error(self, envelope, rid, code, message, retry_after_ms=None):
+        self.errors[code] += 1
+        self.reply(envelope, protocol.encode_error(rid, code, message, retry_after_ms))
+
+    def answer_error(self, req, code, message, retry_after_ms=None):
+        if req.answered:
+            return
+        req.answered = True
+        self.reply_error(req.envelope, req.rid, code, message, retry_after_ms)
+        self.release_if_idle(req)
+
+    def answer_ok(self, req):
+        req.answered = True
+        pipe = req.pipe
+        a = pipe.arenas.cols
+        n = req.n
+        scores = a["out_scores"][req.slot, :n]
+        if req.ret_all:
+            ids = a["item_ids"][req.slot, :n]
+            out_scores = scores
+        else:
+            k = req.counts.get("returned", 0)
+            order = a["order"][req.slot, :k]
+            ids = a["item_ids"][req.slot, :n][order]
+            out_scores = scores[order]
+        req.timings["total"] = int((time.monotonic() - req.t_recv) * 1e6)
+        frames = protocol.encode_ok(
+            req.rid, model_versions=pipe.versions, shed_ratio=0.0,
+            unknown_items=req.counts.get("unknown_items", 0), timings_us=req.timings,
+            item_ids=np.array(ids), scores=np.array(out_scores),
+            extra={"missing_signatures": req.counts.get("missing_signatures", 0)})
+        self.answered += 1
+        self.reply(req.envelope, frames)
+        self.release_if_idle(req)
+
+    def release_if_idle(self, req):
+        if req.answered and req.held == 0 and req.slot is not None:
+            req.pipe.by_slot[req.slot] = None
+            req.pipe.free.append(req.slot)
+            req.slot = None
+
+    # -- admission ----------------------------------------------------------
+
+    def on_frontend(self, frames):
+        envelope, body = protocol.split_envelope(frames)
+        if envelope is None:
+            self.count_malformed("a client message without an envelope delimiter")
+            # Answer anyway (routing id, empty delimiter) so a confused DEALER hears why.
+            self.reply_error([frames[0], b""], None, BAD_REQUEST,
+                             "message has no empty delimiter frame after the routing id")
+            return
+        t_recv = time.monotonic()
+        try:
+            req = protocol.decode_request([bytes(f) for f in body], self.limits)
+        except RequestError as e:
+            self.count_malformed(e.message)
+            rid = None
+            try:
+                h = protocol.unpackb(body[0])
+                rid = h.get("id") if isinstance(h, dict) else None
+                if not isinstance(rid, (int, str, bytes, type(None))):
+                    rid = None
+            except Exception:
+                pass
+            self.reply_error(envelope, rid, e.code, e.message)
+            return
+        op = req["op"]
+        if op == "ping":
+            self.reply(envelope, protocol.encode_info(req["id"], {"pong": True}))
+            return
+        if op == "info":
+            self.reply(envelope, protocol.encode_info(req["id"], self.info()))
+            return
+        self.admit(envelope, req, t_recv)
+
+    def count_malformed(self, why):
+        self.malformed += 1
+        now = time.monotonic()
+        if now - self._last_malformed_log > 5.0:
+            self._last_malformed_log = now
+            log.warning("bad request (%d so far): %s", self.malformed, why)
+
+    def admit(self, envelope, m, t_recv):
+        name = self.default_pipeline if m["pipeline"] == "default" else m["pipeline"]
+        pipe = self.pipes.get(name)
+        if pipe is None:
+            self.reply_error(envelope, m["id"], UNKNOWN_PIPELINE,
+                             f"pipeline {m['pipeline']!r} is not served here (served: {', '.join(self.pipes)})")
+            return
+        if self.draining:
+            self.reply_error(envelope, m["id"], OVERLOADED, "server is draining for shutdown", 1000)
+            return
+        if not pipe.free:
+            self.reply_error(envelope, m["id"], OVERLOADED,
+                             f"{pipe.slots} requests in flight on pipeline {name}", self.retry_hint(pipe))
+            return
+        req = Request()
+        req.rid = m["id"]
+        req.envelope = envelope
+        req.pipe = pipe
+        req.slot = slot = pipe.free.pop()
+        pipe.by_slot[slot] = req
+        items = m["item_ids"]
+        req.n = n = items.shape[0]
+        dl = m["deadline_ms"]
+        req.deadline = t_recv + (dl / 1000.0 if dl is not None else self.default_deadline_s)
+        req.user = m["user"]
+        req.top_k = m["top_k"]
+        req.ret_all = m["ret"] == "all"
+        req.vkey = pipe.vkey
+        req.pending = dict(pipe.preds)
+        req.held = 0
+        req.answered = False
+        req.t_recv = t_recv
+        req.t_enq = t_recv
+        req.timings = {}
+        req.counts = {}
+        a = pipe.arenas.cols
+        a["item_ids"][slot, :n] = items
+        rs = m["recall_scores"]
+        if rs is not None:
+            a["recall_scores"][slot, :n] = rs
+        else:
+            a["recall_scores"][slot, :n] = 0.0
+        heapq.heappush(self.deadlines, (req.deadline, next(self.seq), req))
+        for g in pipe.sources:
+            pipe.channels[(g, req.vkey)].append(req)
+            self.dispatch(pipe, g, req.vkey)
+
+    def retry_hint(self, pipe):
+        st = pipe.stats[pipe.sink]
+        if st.n_svc == 0:
+            return 50
+        svc = np.median(st.svc_us[:min(st.n_svc, RING)]) / 1000.0
+        return int(min(1000, max(5, svc * 2)))
+
+    # -- dispatch -----------------------------------------------------------
+
+    def dispatch(self, pipe, group, vkey):
+        key = (group, vkey)
+        chan = pipe.channels.get(key)
+        workers = pipe.workers.get(key)
+        if not chan or not workers:
+            return
+        batch_max = pipe.groups[group]["batch"]
+        stats = pipe.stats[group]
+        now = time.monotonic()
+        while chan:
+            w = min(workers, key=lambda x: len(x.inflight))
+            if len(w.inflight) >= w.window:
+                return
+            taken = []
+            while chan and len(taken) < batch_max:
+                req = chan.popleft()
+                if req.answered:
+                    self.release_if_idle(req)
+                    continue
+                if req.deadline <= now:
+                    self.answer_error(req, DEADLINE_EXCEEDED, "deadline passed while queued for " + group)
+                    continue
+                taken.append(req)
+            if not taken:
+                return
+            eid = next(self.eids)
+            rows = []
+            for req in taken:
+                req.held += 1
+                wait_us = int((now - req.t_enq) * 1e6)
+                stats.add_wait(wait_us)
+                req.timings["wait_" + group] = wait_us
+                rows.append([req.slot, req.n, req.deadline, req.user, req.top_k, req.ret_all])
+            try:
+                self.back.send_multipart([w.ident] + protocol.encode_event(eid, rows))
+            except zmq.ZMQError:
+                for req in taken:
+                    req.held -= 1
+                    chan.appendleft(req)
+                self.drop_worker(w, "unreachable")
+                workers = pipe.workers.get(key)
+                if not workers:
+                    return
+                continue
+            w.inflight[eid] = (taken, now)
+            stats.events += 1
+            stats.requests += len(taken)
+
+    # -- backend ------------------------------------------------------------
+
+    def on_backend(self, frames):
+        ident = frames[0]
+        try:
+            msg = protocol.decode_internal(frames[1])
+        except Exception:
+            log.warning("dropping a malformed backend message from %r", ident)
+            return
+        t = msg["t"]
+        w = self.workers.get(ident)
+        if w is not None:
+            w.last_seen = time.monotonic()
+        if t == protocol.T_DONE and w is not None:
+            self.on_done(w, msg)
+        elif t == protocol.T_READY:
+            self.on_ready(ident, msg)
+        elif t == protocol.T_HEARTBEAT:
+            pass
+        elif t == protocol.T_WORKER_DEAD:
+            for cand in list(self.workers.values()):
+                if (cand.pipeline, cand.group, cand.wid, cand.pid) == \
+                        (msg.get("pipeline"), msg.get("group"), msg.get("wid"), msg.get("pid")):
+                    self.drop_worker(cand, "exited")
+        elif t == protocol.T_DRAIN:
+            self.draining = True
+            self.drain_requester = ident
+            log.info("draining: admitting nothing new, %d requests in flight",
+                     sum(p.in_flight() for p in self.pipes.values()))
+        elif t == protocol.T_INFO:
+            self.back.send_multipart([ident, protocol.packb({"t": protocol.T_INFO, "info": self.info()})])
+        elif t == protocol.T_STOP:
+            self.running = False
+
+    def on_ready(self, ident, msg):
+        pipe = self.pipes.get(msg.get("pipeline"))
+        if pipe is None or msg.get("group") not in pipe.groups:
+            log.warning("worker %r announced an unknown pipeline/group", ident)
+            return
+        w = WorkerRef()
+        w.ident = ident
+        w.pipeline = pipe.name
+        w.group = msg["group"]
+        w.wid = msg["wid"]
+        w.pid = msg.get("pid")
+        w.vkey = tuple(sorted((k, v) for k, v in msg["versions"].items()))
+        w.window = max(1, int(msg.get("window", 1)))
+        w.inflight = {}
+        w.last_seen = time.monotonic()
+        old = self.workers.get(ident)
+        if old is not None:
+            self.drop_worker(old, "re-registered")
+        self.workers[ident] = w
+        pipe.workers[(w.group, w.vkey)].append(w)
+        log.info("worker joined: pipeline=%s group=%s wid=%s pid=%s versions=%s",
+                 pipe.name, w.group, w.wid, w.pid, dict(w.vkey))
+        self.dispatch(pipe, w.group, w.vkey)
+
+    def drop_worker(self, w, why):
+        """Forget a worker; its events go back to the front of their channel."""
+        if self.workers.get(w.ident) is not w:
+            return
+        del self.workers[w.ident]
+        pipe = self.pipes[w.pipeline]
+        lst = pipe.workers.get((w.group, w.vkey), [])
+        if w in lst:
+            lst.remove(w)
+        chan = pipe.channels[(w.group, w.vkey)]
+        requeued = 0
+        for taken, _ in reversed(list(w.inflight.values())):
+            for req in reversed(taken):
+                req.held -= 1
+                if req.answered:
+                    self.release_if_idle(req)
+                else:
+                    chan.appendleft(req)
+                    requeued += 1
+        w.inflight.clear()
+        log.warning("worker left: pipeline=%s group=%s wid=%s pid=%s (%s); %d requests requeued",
+                    w.pipeline, w.group, w.wid, w.pid, why, requeued)
+        self.dispatch(pipe, w.group, w.vkey)
+
+    def on_done(self, w, msg):
+        entry = w.inflight.pop(msg.get("eid"), None)
+        if entry is None:
+            return
+        taken, t_sent = entry
+        pipe = self.pipes[w.pipeline]
+        group = w.group
+        stats = pipe.stats[group]
+        svc = msg.get("svc", {})
+        svc_total = sum(svc.values())
+        stats.add_svc(svc_total)
+        by_slot = {req.slot: req for req in taken}
+        now = time.monotonic()
+        touched = set()
+        for slot, code, message, counts in msg.get("res", []):
+            req = by_slot.pop(slot, None)
+            if req is None:
+                continue
+            req.held -= 1
+            if req.answered:
+                self.release_if_idle(req)
+                continue
+            if code is not None:
+                self.answer_error(req, code, message or code)
+                continue
+            for k, v in counts.items():
+                req.counts[k] = req.counts.get(k, 0) + v
+            for s, us in svc.items():
+                req.timings[s] = us
+            if group == pipe.sink:
+                self.answer_ok(req)
+                continue
+            req.t_enq = now
+            for nxt in pipe.groups[group]["next"]:
+                req.pending[nxt] -= 1
+                if req.pending[nxt] == 0:
+                    pipe.channels[(nxt, req.vkey)].append(req)
+                    touched.add(nxt)
+        for req in by_slot.values():  # a worker that forgot a request: never leave it hanging
+            req.held -= 1
+            self.answer_error(req, INTERNAL, f"worker of {group} returned no result")
+        self.dispatch(pipe, group, w.vkey)
+        for nxt in touched:
+            self.dispatch(pipe, nxt, w.vkey)
+
+    # -- housekeeping -------------------------------------------------------
+
+    def expire(self):
+        now = time.monotonic()
+        h = self.deadlines
+        while h and h[0][0] <= now:
+            _, _, req = heapq.heappop(h)
+            if not req.answered:
+                self.answer_error(req, DEADLINE_EXCEEDED, "deadline passed")
+        for w in list(self.workers.values()):
+            if now - w.last_seen > self.hb_expiry_s and not w.inflight:
+                self.drop_worker(w, "no heartbeat")
+            elif w.inflight and now - w.last_seen > max(self.hb_expiry_s, 30.0):
+                self.drop_worker(w, "silent while holding events")
+
+    def info(self):
+        pipes = {}
+        for name, p in self.pipes.items():
+            groups = {}
+            for g in p.groups:
+                ws = p.workers.get((g, p.vkey), [])
+                groups[g] = dict(p.stats[g].snapshot(), workers=len(ws),
+                                 queue=len(p.channels.get((g, p.vkey), ())),
+                                 stages=p.groups[g]["stages"])
+            pipes[name] = {"model": p.plan["model"], "version": p.plan["version"], "ready": p.ready(),
+                           "in_flight": p.in_flight(), "slots": p.slots, "groups": groups}
+        return {"ready": all(p.ready() for p in self.pipes.values()), "pipelines": pipes,
+                "default_pipeline": self.default_pipeline, "answered": self.answered,
+                "errors": dict(self.errors), "malformed": self.malformed, "draining": self.draining,
+                "uptime_s": round(time.monotonic() - self.t_start, 3)}
+
+    def loop(self):
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        while self.running:
+            timeout = 10
+            if self.deadlines:
+                timeout = max(0, min(timeout, int((self.deadlines[0][0] - time.monotonic()) * 1000) + 1))
+            events = dict(poller.poll(timeout))
+            # Backend first: finishing work frees slots and credits for new work.
+            if self.back in events:
+                for _ in range(256):
+                    try:
+                        frames = self.back.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.on_backend(frames)
+            if self.front in events:
+                for _ in range(256):
+                    try:
+                        frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        self.on_frontend([f.buffer for f in frames])
+                    except Exception:
+                        log.exception("unexpected error handling a client message")
+                        self.malformed += 1
+            self.expire()
+            if self.draining and self.drain_requester is not None and \
+                    all(p.in_flight() == 0 for p in self.pipes.values()):
+                try:
+                    self.back.send_multipart([self.drain_requester, protocol.packb({"t": protocol.T_DRAINED})])
+                except zmq.ZMQError:
+                    pass
+                self.drain_requester = None
+        self.front.close(0)
+        self.back.close(0)
+
+
+def main(argv=None):
+    from jizhi.workers.run import die_with_parent, read_plan
+    ap = argparse.ArgumentParser(prog="python -m jizhi.broker",
+                                 description="The jizhi broker (started by jizhid, not by hand).")
+    ap.add_argument("--plan", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s jizhi.broker %(message)s")
+    die_with_parent()
+    run = read_plan(args.plan)
+    broker = Broker(run)
+    broker.open()
+
+    def on_term(signum, frame):
+        broker.running = False
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    log.info("broker up: frontend=%s backend=%s pipelines=%s", run["frontend"], run["backend"],
+             ",".join(run["pipelines"]))
+    broker.loop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Model bundles: the manifest, its file check, and the columnar profiles.
+
+A bundle version is a directory ``<models>/<name>/<version>/`` (format in
+docs/formats.md). The supervisor calls ``verify()`` (sizes and sha256 of every
+listed file) before any worker maps a file; workers construct ``Bundle`` and
+``Profiles`` themselves after they start, which memory-maps the snapshot
+read-only (nothing here allocates per entity; lookups are gathers).
+"""
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from jizhi.errors import BundleError
+
+FORMAT = 1
+KINDS = ("onehot", "multihot", "history")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    id: int
+    side: str
+    kind: str
+    max_len: int
+    hash_id: int  # the field id its signatures are hashed with (shares=...)
+
+
+def _checked(cond, message):
+    if not cond:
+        raise BundleError(message)
+
+
+class Bundle:
+    """One model version's manifest and paths. Cheap: reads manifest.toml only."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        mpath = self.path / "manifest.toml"
+        try:
+            with open(mpath, "rb") as f:
+                m = tomllib.load(f)
+        except FileNotFoundError:
+            raise BundleError(f"{self.path}: no manifest.toml (a version exists only once its manifest is written)")
+        except tomllib.TOMLDecodeError as e:
+            raise BundleError(f"{mpath}: not valid TOML: {e}")
+        self.manifest = m
+        _checked(m.get("format") == FORMAT, f"{mpath}: format {m.get('format')!r} is not {FORMAT}")
+        self.name = m.get("name")
+        self.version = m.get("version")
+        _checked(isinstance(self.name, str) and self.name, f"{mpath}: name missing")
+        _checked(isinstance(self.version, int) and self.version > 0, f"{mpath}: version must be a positive integer")
+        self.dim = int(m.get("dim", 0))
+        _checked(self.dim > 0, f"{mpath}: dim must be > 0")
+        self.hash_seed = int(m.get("hash_seed", 0))
+        self.dense_features = int(m.get("dense", {}).get("user_features", 0))
+        onnx = m.get("onnx", {})
+        self.onnx_path = self.path / onnx.get("file", "dense.onnx")
+        self.onnx_output = onnx.get("output", "score")
+        self.cube_path = self.path / "cube"
+        raw_fields = m.get("fields", [])
+        _checked(raw_fields, f"{mpath}: no [[fields]]")
+        ids = {}
+        for f in raw_fields:
+            _checked(f.get("kind") in KINDS, f"{mpath}: field {f.get('name')!r} kind must be one of {KINDS}")
+            _checked(f.get("side") in ("user", "item"), f"{mpath}: field {f.get('name')!r} side must be user or item")
+            ids[f["name"]] = int(f["id"])
+        fields = []
+        for f in raw_fields:
+            share = f.get("shares")
+            _checked(share is None or share in ids, f"{mpath}: field {f['name']!r} shares unknown field {share!r}")
+            fields.append(Field(f["name"], int(f["id"]), f["side"], f["kind"],
+                                int(f.get("max_len", 1)), ids[share] if share else int(f["id"])))
+        self.user_fields = [f for f in fields if f.side == "user"]
+        self.item_fields = [f for f in fields if f.side == "item"]
+        self.user_len = max([f.max_len for f in self.user_fields] or [1])
+        self.item_len = max([f.max_len for f in self.item_fields] or [1])
+        self.user_hash_ids = np.array([f.hash_id for f in self.user_fields], dtype=np.int64)
+        self.files = m.get("files", [])
+
+    def verify(self):
+        """Check every listed file's size and sha256. Raises BundleError naming the first bad file."""
+        _checked(self.files, f"{self.path}: manifest lists no files")
+        for entry in self.files:
+            p = self.path / entry["path"]
+            try:
+                size = os.stat(p).st_size
+            except FileNotFoundError:
+                raise BundleError(f"{self.path}: {entry['path']} is listed in the manifest but missing")
+            _checked(size == entry["size"], f"{self.path}: {entry['path']} has {size} bytes, the manifest says {entry['size']}")
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            _checked(h.hexdigest() == entry["sha256"], f"{self.path}: {entry['path']} sha256 differs from the manifest")
+        return True
+
+
+def find_version(models_dir, name, version=None):
+    """Path of a model's version (the newest complete one when version is None)."""
+    base = Path(models_dir) / name
+    if not base.is_dir():
+        raise BundleError(f"model {name!r} not found in {models_dir}")
+    versions = sorted(int(p.name) for p in base.iterdir()
+                      if p.name.isdigit() and (p / "manifest.toml").is_file())
+    if not versions:
+        raise BundleError(f"model {name!r} has no complete version in {base}")
+    if version is None:
+        version = versions[-1]
+    if version not in versions:
+        raise BundleError(f"model {name!r} has no version {version} in {base}")
+    return base / str(version)
+
+
+@njit(cache=True, nogil=True)
+def _gather_ragged(values, offsets, rows, known, L, out_vals, out_lens, col):
+    # Take the last min(len, L) values of each row (history: newest last).
+    for i in range(rows.shape[0]):
+        if not known[i]:
+            out_lens[i, col] = 0
+            continue
+        r = rows[i]
+        a, b = offsets[r], offsets[r + 1]
+        if b - a > L:
+            a = b - L
+        n = b - a
+        for j in range(n):
+            out_vals[i, col, j] = values[a + j]
+        out_lens[i, col] = n
+
+
+class Profiles:
+    """The columnar snapshot of one side (users or items), memory-mapped."""
+
+    def __init__(self, bundle, side):
+        self.bundle = bundle
+        self.side = side
+        d = bundle.path / "profiles" / (side + "s")
+        try:
+            self.ids = np.asarray(np.load(d / "ids.npy", mmap_mode="r"))
+        except FileNotFoundError:
+            raise BundleError(f"{bundle.path}: no {side} profiles (profiles/{side}s/ids.npy)")
+        self.fields = bundle.user_fields if side == "user" else bundle.item_fields
+        self.cols = {}
+        for f in self.fields:
+            if f.kind == "onehot":
+                self.cols[f.name] = np.load(d / f"{f.name}.npy", mmap_mode="r")
+            else:
+                # np.asarray: a plain ndarray view of the mapping (Numba wants no subclass).
+                self.cols[f.name] = (np.asarray(np.load(d / f"{f.name}.values.npy", mmap_mode="r")),
+                                     np.asarray(np.load(d / f"{f.name}.offsets.npy", mmap_mode="r")))
+        if side == "user":
+            self.dense = np.load(d / "dense.npy", mmap_mode="r")
+        else:
+            self.sigs = np.load(d / "sigs.npy", mmap_mode="r")
+            self.sig_lens = np.load(d / "sig_lens.npy", mmap_mode="r")
+
+    def rows(self, ids):
+        """(rows int64, known bool) of ``ids`` (uint64); unknown rows read 0."""
+        ids = np.asarray(ids, dtype=np.uint64)
+        pos = np.searchsorted(self.ids, ids)
+        pos_c = np.minimum(pos, self.ids.shape[0] - 1)
+        known = self.ids[pos_c] == ids
+        return np.where(known, pos_c, 0).astype(np.int64), known
+
+    def user_features(self, rows, known):
+        """Users: (dense f32 [U, D], raw bag values int64 [U, F, L], lens int32 [U, F])."""
+        U, F, L = rows.shape[0], len(self.fields), self.bundle.user_len
+        dense = np.asarray(self.dense[rows], dtype=np.float32)
+        dense[~known] = 0.0
+        vals = np.zeros((U, F, L), dtype=np.int64)
+        lens = np.zeros((U, F), dtype=np.int32)
+        for c, f in enumerate(self.fields):
+            if f.kind == "onehot":
+                v = np.asarray(self.cols[f.name][rows])
+                vals[:, c, 0] = v
+                lens[:, c] = (v != 0) & known
+            else:
+                values, offsets = self.cols[f.name]
+                _gather_ragged(values, offsets, rows, known, min(f.max_len, L), vals, lens, c)
+        return dense, vals, lens
+
+    def item_signatures(self, rows, known):
+        """Items: precomputed (sigs uint64 [P, F, L], lens int32 [P, F]); unknown -> empty bags."""
+        sigs = self.sigs[rows]
+        lens = np.asarray(self.sig_lens[rows], dtype=np.int32)
+        lens[~known] = 0
+        return sigs, lens

@@ -1,0 +1,91 @@
+"""A Python client: ``jizhi.client.Client`` (ZeroMQ REQ, Lazy Pirate).
+
+Nothing in the protocol needs Python on the other side (README, "Wire
+protocol"); this is a convenience. A REQ socket that timed out is stuck, so
+on a timeout the client closes it (LINGER 0) and opens a new one before the
+next request, and raises ``TimeoutError``; retrying is the caller's choice
+(only OVERLOADED and DEADLINE_EXCEEDED are retriable).
+"""
+import itertools
+
+import numpy as np
+import zmq
+
+from jizhi import protocol
+from jizhi.errors import RequestError
+
+
+class Reply:
+    """A decoded reply: ``header`` (dict), ``item_ids`` and ``scores`` (arrays)."""
+
+    def __init__(self, header, arrays):
+        self.header = header
+        self.item_ids = arrays.get("item_ids")
+        self.scores = arrays.get("scores")
+
+    def __getitem__(self, key):
+        return self.header[key]
+
+    def get(self, key, default=None):
+        return self.header.get(key, default)
+
+    @property
+    def ok(self):
+        return self.header.get("status") == "ok"
+
+
+class Client:
+    def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=5.0, context=None):
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_s * 1000)
+        self.ctx = context or zmq.Context.instance()
+        self.sock = None
+        self.ids = itertools.count(1)
+
+    def _socket(self):
+        if self.sock is None:
+            self.sock = self.ctx.socket(zmq.REQ)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(self.endpoint)
+        return self.sock
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def call(self, frames):
+        """Send raw frames, return the reply's frames (for tests and other tools)."""
+        sock = self._socket()
+        sock.send_multipart(frames)
+        if not sock.poll(self.timeout_ms):
+            self.close()  # Lazy Pirate: a REQ socket that timed out cannot be reused
+            raise TimeoutError(f"no reply from {self.endpoint} within {self.timeout_ms} ms")
+        return sock.recv_multipart()
+
+    def request(self, op="score", **fields):
+        fields.setdefault("id", next(self.ids))
+        header, arrays = protocol.decode_reply(self.call(protocol.encode_request(op, **fields)))
+        return Reply(header, arrays)
+
+    def score(self, user, item_ids, recall_scores=None, *, pipeline="default", top_k=10, ret="topk",
+              deadline_ms=None, context=None, check=True):
+        """Score one request. Raises RequestError on an error reply when ``check``."""
+        r = self.request("score", user=user, item_ids=np.asarray(item_ids, dtype=np.uint64),
+                         recall_scores=recall_scores, pipeline=pipeline, top_k=top_k, ret=ret,
+                         deadline_ms=deadline_ms, context=context)
+        if check and not r.ok:
+            raise RequestError(r["code"], r["message"], r.get("retry_after_ms"))
+        return r
+
+    def ping(self):
+        return self.request("ping")
+
+    def info(self):
+        return self.request("info").header

@@ -1,0 +1,136 @@
+"""Configuration: one table of settings that documents and checks itself.
+
+Each setting declares its name (``section.key`` in ``jizhi.toml``), type,
+default, validator and description. ``jizhid --check-config`` and the settings
+reference in docs/configuration.md both come from ``SETTINGS``. Loading
+validates everything before anything is applied; the caller keeps its last
+good config when ``load`` raises ``ConfigError``.
+
+Runs in the supervisor (jizhid), which hands the resolved values to its
+children through the compiled plan file; children never read jizhi.toml.
+"""
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from jizhi.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: object
+    check: object  # callable(value) -> error message or None
+    description: str
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _nonneg(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _endpoint(v):
+    return None if v.startswith(("tcp://", "ipc://")) else "must be a tcp:// or ipc:// endpoint"
+
+
+def _any(v):
+    return None
+
+
+SETTINGS = [
+    Setting("server.instance", str, "default", lambda v: None if v.replace("-", "").replace("_", "").isalnum() else "letters, digits, - and _ only",
+            "Instance name; names the run directory entries and shared-memory segments (jizhi.<instance>.*), so several instances can share a host."),
+    Setting("server.frontend", str, "tcp://127.0.0.1:5555", _endpoint,
+            "Client endpoint (ROUTER). Loopback by default; bind a public address deliberately."),
+    Setting("server.run_dir", str, "", _any,
+            "Directory for ipc sockets and the compiled plan. Empty: $RUNTIME_DIRECTORY (systemd) or /tmp/jizhi-<uid>-<instance>."),
+    Setting("server.models", str, "", _any,
+            "Model directory: <models>/<name>/<version>/ bundles (docs/formats.md)."),
+    Setting("server.pipelines", list, ["demo"], lambda v: None if v and all(isinstance(x, str) for x in v) else "a non-empty list of pipeline names or .toml paths",
+            "Pipelines served: names of etc/pipelines/*.toml or paths to pipeline files. The first is the default."),
+    Setting("limits.max_candidates", int, 2000, _positive,
+            "Most candidates one request may carry; more is BAD_REQUEST. Sizes the shared-memory arenas."),
+    Setting("limits.max_message_bytes", int, 1 << 20, _positive,
+            "Largest client message (all frames) accepted; more is BAD_REQUEST."),
+    Setting("limits.max_in_flight", int, 64, _positive,
+            "Requests admitted at once per pipeline (arena slots); more is OVERLOADED with retry_after_ms."),
+    Setting("limits.default_deadline_ms", float, 1000.0, _positive,
+            "Deadline of a request that names none, counted from receipt at the frontend."),
+    Setting("workers.prefetch", int, 2, _positive,
+            "Events a worker may hold at once (credits): >1 hides the broker's wake-up latency."),
+    Setting("workers.heartbeat_interval_s", float, 1.0, _positive,
+            "Idle workers send a heartbeat this often; the broker expires a silent worker after 3 intervals."),
+    Setting("workers.restart_backoff_s", float, 0.2, _nonneg,
+            "First delay before a dead worker is restarted; doubles per quick failure up to 10 s."),
+    Setting("workers.drain_timeout_s", float, 10.0, _positive,
+            "SIGTERM: how long in-flight requests may take to finish before workers are stopped."),
+]
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def load(path=None, overrides=None):
+    """Return a dict of every setting (``section.key`` -> value).
+
+    ``path`` is a jizhi.toml (or None for defaults); ``overrides`` a dict of
+    ``section.key`` -> value applied on top (command-line flags). Raises
+    ConfigError naming the first bad setting, before anything is applied.
+    """
+    raw = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}")
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config {path} is not valid TOML: {e}")
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"config {path}: top-level key {section!r} must be a [section]")
+            for key, value in table.items():
+                raw[f"{section}.{key}"] = value
+    raw.update(overrides or {})
+    values = {}
+    for name in raw:
+        if name not in _BY_NAME:
+            raise ConfigError(f"unknown setting {name!r} (jizhid --check-config lists them)")
+    for s in SETTINGS:
+        v = raw.get(s.name, s.default)
+        if s.type is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, s.type) or (s.type is int and isinstance(v, bool)):
+            raise ConfigError(f"setting {s.name} must be {s.type.__name__}, got {v!r}")
+        err = s.check(v)
+        if err:
+            raise ConfigError(f"setting {s.name} = {v!r}: {err}")
+        values[s.name] = v
+    if not values["server.run_dir"]:
+        base = os.environ.get("RUNTIME_DIRECTORY")
+        values["server.run_dir"] = base or f"/tmp/jizhi-{os.getuid()}-{values['server.instance']}"
+    return values
+
+
+def etc_dir():
+    """Where the shipped etc/ lives: $JIZHI_ETC, the source tree, or <prefix>/share/jizhi/etc."""
+    env = os.environ.get("JIZHI_ETC")
+    if env:
+        return Path(env)
+    tree = Path(__file__).resolve().parent.parent / "etc"
+    if (tree / "pipelines").is_dir():
+        return tree
+    import sys
+    return Path(sys.prefix) / "share" / "jizhi" / "etc"
+
+
+def describe():
+    """The settings reference as text lines (jizhid --check-config, docs)."""
+    lines = []
+    for s in SETTINGS:
+        lines.append(f"{s.name} ({s.type.__name__}, default {s.default!r})\n    {s.description}")
+    return "\n".join(lines)

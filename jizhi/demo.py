@@ -1,0 +1,582 @@
+"""The demo bundle and its request trace: synthetic, deterministic from a seed.
+
+Runs offline, in the process that calls it (``jizhictl``'s demo commands,
+tests, benchmarks). ``init_demo`` writes ``<out_dir>/models/demo/1/`` in the
+bundle format of docs/formats.md; ``generate_trace`` writes a ``trace.npz``
+of requests against such a bundle.
+
+The demo model is a small DLRM: 13 dense user features; user fields
+``u_cat0..5`` (onehot), ``u_multi0..1`` (multihot, up to 5 values) and
+``u_hist`` (history of up to 50 item ids, hashed into the ``i_id`` table);
+item fields ``i_id`` (the item's own id), ``i_cat1..5`` (onehot) and
+``i_multi0..1`` (multihot). Entity ids are distinct random uint64 below
+2**63, sorted, so an id is never its row. Categorical values follow a
+Zipf-like law over the vocabulary (value 1 the most frequent); about 1% of
+onehot category values are missing (0), and about 0.5% of category and
+multihot vocabulary signatures are left out of the cube so that a missing
+signature happens in normal traffic.
+
+Item popularity (which items histories and trace candidates favour) is a
+Zipf law over a fixed permutation of the items: the items ordered by a hash
+of their id (``_popularity_order``). It is derived from the bundle alone,
+so it needs no extra file and the trace favours the same items as the
+histories.
+
+Every random draw comes from its own stream ``default_rng([seed, stream,
+...])``, so changing one size does not reshuffle unrelated parts. The same
+arguments give byte-identical bundle files.
+"""
+import dataclasses
+import hashlib
+import math
+import os
+import shutil
+import statistics
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from jizhi.cube.build import write_cube
+from jizhi.cube.signature import sign, sign_padded
+
+NAME = "demo"
+VERSION = 1
+DIM = 32
+DENSE_FEATURES = 13
+HASH_SEED = 0
+ONNX_OPSET = 17
+ONNX_IR_VERSION = 9
+
+# Zipf exponents: category values, multihot values, item popularity.
+_ZIPF_CATEGORY = 1.1
+_ZIPF_MULTIHOT = 1.0
+_ZIPF_POPULARITY = 1.0
+_MISSING_ONEHOT = 0.01       # fraction of onehot category values that are 0
+_CUBE_LEFT_OUT = 0.005       # fraction of category/multihot signatures not in the cube
+_EMBEDDING_STD = 0.1
+# Calibration of the final layer: pre-sigmoid logits over sampled pairs.
+_LOGIT_MEAN = -0.5
+_LOGIT_STD = 1.5
+_CALIBRATION_USERS = 64
+_CALIBRATION_ITEMS = 256
+# Hash field id of the popularity order; 0 is no model field.
+_POPULARITY_FIELD = 0
+
+# Random streams, one per purpose (the second word of the rng seed).
+_S_USERS, _S_ITEMS, _S_FIELD, _S_CUBE, _S_ONNX, _S_CALIBRATION, _S_TRACE = range(1, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    name: str
+    id: int
+    side: str
+    kind: str
+    max_len: int
+    vocab: int
+    shares: str | None = None
+
+
+def _fields(items):
+    """The demo model's fields, in manifest (= graph column) order."""
+    return (
+        _Field("u_cat0", 1, "user", "onehot", 1, 1000),
+        _Field("u_cat1", 2, "user", "onehot", 1, 500),
+        _Field("u_cat2", 3, "user", "onehot", 1, 200),
+        _Field("u_cat3", 4, "user", "onehot", 1, 100),
+        _Field("u_cat4", 5, "user", "onehot", 1, 50),
+        _Field("u_cat5", 6, "user", "onehot", 1, 20),
+        _Field("u_multi0", 7, "user", "multihot", 5, 5000),
+        _Field("u_multi1", 8, "user", "multihot", 5, 2000),
+        _Field("u_hist", 9, "user", "history", 50, items, shares="i_id"),
+        _Field("i_id", 10, "item", "onehot", 1, items),
+        _Field("i_cat1", 11, "item", "onehot", 1, 2000),
+        _Field("i_cat2", 12, "item", "onehot", 1, 500),
+        _Field("i_cat3", 13, "item", "onehot", 1, 200),
+        _Field("i_cat4", 14, "item", "onehot", 1, 50),
+        _Field("i_cat5", 15, "item", "onehot", 1, 20),
+        _Field("i_multi0", 16, "item", "multihot", 5, 5000),
+        _Field("i_multi1", 17, "item", "multihot", 5, 1000),
+    )
+
+
+class _Progress:
+    """A one-line progress bar on stderr (``\\r``-rewritten); silent when disabled."""
+
+    def __init__(self, label, total, enabled):
+        self.label, self.total, self.enabled, self.done = label, max(int(total), 1), enabled, 0
+        self._draw("")
+
+    def _draw(self, note):
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * self.done // self.total
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{self.done}/{self.total} {note:<24}")
+        sys.stderr.flush()
+
+    def advance(self, n=1, note=""):
+        self.done = min(self.done + n, self.total)
+        self._draw(note)
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _rng(seed, *stream):
+    return np.random.default_rng([int(seed), *stream])
+
+
+def _distinct_ids(rng, n):
+    """``n`` distinct uint64 ids in [1, 2**63), sorted ascending."""
+    ids = np.empty(0, dtype=np.uint64)
+    while ids.shape[0] < n:
+        more = rng.integers(1, 2**63, size=n - ids.shape[0], dtype=np.uint64)
+        ids = np.unique(np.concatenate([ids, more]))
+    return ids
+
+
+def _zipf_cdf(n, exponent):
+    """CDF (float64 [n]) of a Zipf law over ranks 0..n-1 (rank 0 the most likely)."""
+    weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** exponent
+    cdf = np.cumsum(weights)
+    return cdf / cdf[-1]
+
+
+def _zipf_draw(rng, cdf, size):
+    """``size`` ranks drawn with replacement from ``cdf``."""
+    return np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), cdf.shape[0] - 1)
+
+
+def _zipf_draw_distinct(rng, cdf, k):
+    """``k`` distinct ranks from ``cdf``, in the order sequential draws without
+    replacement would give them.
+
+    Redrawing with replacement and keeping first appearances has exactly
+    that law; it is fast while ``k`` is small next to ``len(cdf)``. For
+    large ``k`` it switches to exponential keys (Efraimidis-Spirakis), which
+    is the same law in O(len(cdf)).
+    """
+    n = cdf.shape[0]
+    if k > n:
+        raise ValueError(f"cannot draw {k} distinct of {n}")
+    if 4 * k > n:
+        weights = np.diff(cdf, prepend=0.0)
+        keys = rng.exponential(size=n) / np.maximum(weights, np.finfo(np.float64).tiny)
+        chosen = np.argpartition(keys, k - 1)[:k] if k < n else np.arange(n)
+        return chosen[np.argsort(keys[chosen], kind="stable")]
+    chosen = np.empty(0, dtype=np.int64)
+    while chosen.shape[0] < k:
+        draws = _zipf_draw(rng, cdf, 2 * (k - chosen.shape[0]) + 16)
+        pool = np.concatenate([chosen, draws])
+        _, first = np.unique(pool, return_index=True)
+        chosen = pool[np.sort(first)][:k]
+    return chosen
+
+
+def _popularity_order(item_ids):
+    """Item rows from the most to the least popular: ordered by a hash of the id."""
+    return np.argsort(sign(_POPULARITY_FIELD, item_ids.view(np.int64)), kind="stable")
+
+
+def _ragged(lens, values):
+    offsets = np.zeros(lens.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    return values.astype(np.int64), offsets
+
+
+def _field_values(seed, field, rows, item_ids, popularity_cdf, popularity_order):
+    """Raw values of one field for ``rows`` entities.
+
+    Returns int64 [rows] for onehot fields and ``(values, offsets)`` for
+    multihot and history fields.
+    """
+    rng = _rng(seed, _S_FIELD, field.id)
+    if field.name == "i_id":
+        return item_ids.view(np.int64).copy()
+    if field.kind == "onehot":
+        values = _zipf_draw(rng, _zipf_cdf(field.vocab, _ZIPF_CATEGORY), rows) + 1
+        return np.where(rng.random(rows) < _MISSING_ONEHOT, 0, values).astype(np.int64)
+    lens = rng.integers(0, field.max_len + 1, size=rows)
+    total = int(lens.sum())
+    if field.kind == "history":
+        ranks = _zipf_draw(rng, popularity_cdf, total)
+        return _ragged(lens, item_ids[popularity_order[ranks]].view(np.int64))
+    return _ragged(lens, _zipf_draw(rng, _zipf_cdf(field.vocab, _ZIPF_MULTIHOT), total) + 1)
+
+
+def _save(directory, name, array):
+    os.makedirs(directory, exist_ok=True)
+    np.save(os.path.join(directory, name + ".npy"), np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _save_field(directory, field, data):
+    if field.kind == "onehot":
+        _save(directory, field.name, data)
+    else:
+        _save(directory, field.name + ".values", data[0])
+        _save(directory, field.name + ".offsets", data[1])
+
+
+def _item_signatures(fields, data, items):
+    """``sigs`` uint64 [I, F_item, L] and ``sig_lens`` int32 [I, F_item] from raw values."""
+    width = max(f.max_len for f in fields)
+    values = np.zeros((items, len(fields), width), dtype=np.int64)
+    lens = np.zeros((items, len(fields)), dtype=np.int32)
+    for column, field in enumerate(fields):
+        if field.kind == "onehot":
+            values[:, column, 0] = data[field.name]
+            lens[:, column] = data[field.name] != 0
+        else:
+            flat, offsets = data[field.name]
+            bag_lens = np.diff(offsets)
+            rows = np.repeat(np.arange(items), bag_lens)
+            within = np.arange(flat.shape[0]) - np.repeat(offsets[:-1], bag_lens)
+            values[rows, column, within] = flat
+            lens[:, column] = bag_lens
+    hash_ids = np.array([f.id for f in fields], dtype=np.int64)
+    return sign_padded(hash_ids, values, lens, HASH_SEED), lens
+
+
+def _cube_entries(seed, fields, item_ids):
+    """Signatures and vectors of every vocabulary value of every field.
+
+    History fields add nothing (they read the table they share). A small
+    fraction of category/multihot signatures is left out on purpose.
+    """
+    keys, vectors = [], []
+    for field in fields:
+        if field.kind == "history":
+            continue
+        rng = _rng(seed, _S_CUBE, field.id)
+        if field.name == "i_id":
+            values = item_ids.view(np.int64)
+            kept = np.ones(values.shape[0], dtype=bool)
+        else:
+            values = np.arange(1, field.vocab + 1, dtype=np.int64)
+            kept = rng.random(values.shape[0]) >= _CUBE_LEFT_OUT
+        field_vectors = rng.standard_normal((values.shape[0], DIM), dtype=np.float32) * np.float32(_EMBEDDING_STD)
+        keys.append(sign(field.id, values[kept], HASH_SEED))
+        vectors.append(field_vectors[kept])
+    return np.concatenate(keys), np.concatenate(vectors)
+
+
+# --- dense.onnx ---------------------------------------------------------------
+
+# (name, fan_in, fan_out, followed by ReLU)
+_LAYERS = (
+    ("bottom0", DENSE_FEATURES, 64, True),
+    ("bottom1", 64, 32, True),
+    ("tower0", 32 + 9 * DIM, 256, True),
+    ("tower1", 256, 128, True),
+    ("tower2", 128, DIM, False),
+    ("top0", DIM + 8 * DIM + 8, 256, True),
+    ("top1", 256, 128, True),
+    ("top2", 128, 1, False),
+)
+
+
+def _dense_weights(seed):
+    """Weights ``{layer: (W float32 [in, out], b float32 [out])}``: He-normal
+    before a ReLU, Glorot-normal on the linear outputs, zero biases."""
+    weights = {}
+    for index, (name, fan_in, fan_out, relu) in enumerate(_LAYERS):
+        rng = _rng(seed, _S_ONNX, index)
+        std = math.sqrt(2.0 / fan_in) if relu else math.sqrt(2.0 / (fan_in + fan_out))
+        w = (rng.standard_normal((fan_in, fan_out)) * std).astype(np.float32)
+        weights[name] = (w, np.zeros(fan_out, dtype=np.float32))
+    return weights
+
+
+def _dense_model(weights, f_user, f_item, sigmoid=True):
+    """The ONNX model: bottom MLP, user tower, gathered per pair, dot
+    interactions with each item field, top MLP, sigmoid.
+
+    With ``sigmoid=False`` the output ``score`` is the pre-sigmoid logit
+    (used only to calibrate the final layer).
+    """
+    nodes, initializers = [], []
+
+    def dense_layer(x, name, relu):
+        w, b = weights[name]
+        initializers.append(numpy_helper.from_array(w, name + ".W"))
+        initializers.append(numpy_helper.from_array(b, name + ".b"))
+        nodes.append(helper.make_node("MatMul", [x, name + ".W"], [name + ".mm"]))
+        nodes.append(helper.make_node("Add", [name + ".mm", name + ".b"], [name + ".lin"]))
+        if not relu:
+            return name + ".lin"
+        nodes.append(helper.make_node("Relu", [name + ".lin"], [name + ".out"]))
+        return name + ".out"
+
+    def mlp(x, group):
+        for name, _, _, relu in _LAYERS:
+            if name.rstrip("0123456789") == group:
+                x = dense_layer(x, name, relu)
+        return x
+
+    initializers.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"))
+    initializers.append(numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"))
+    bottom = mlp("dense", "bottom")
+    nodes.append(helper.make_node("Flatten", ["user_emb"], ["user_flat"], axis=1))
+    nodes.append(helper.make_node("Concat", [bottom, "user_flat"], ["tower_in"], axis=1))
+    tower = mlp("tower_in", "tower")
+    nodes.append(helper.make_node("Gather", [tower, "user_index"], ["u"], axis=0))
+    nodes.append(helper.make_node("Unsqueeze", ["u", "axis1"], ["u3"]))
+    nodes.append(helper.make_node("Mul", ["u3", "item_emb"], ["u_times_item"]))
+    nodes.append(helper.make_node("ReduceSum", ["u_times_item", "axis2"], ["inter"], keepdims=0))
+    nodes.append(helper.make_node("Flatten", ["item_emb"], ["item_flat"], axis=1))
+    nodes.append(helper.make_node("Concat", ["u", "item_flat", "inter"], ["top_in"], axis=1))
+    logit = mlp("top_in", "top")
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", [logit], ["prob"]))
+        logit = "prob"
+    nodes.append(helper.make_node("Squeeze", [logit, "axis1"], ["score"]))
+
+    graph = helper.make_graph(
+        nodes, "jizhi_demo_dlrm",
+        inputs=[
+            helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["U", DENSE_FEATURES]),
+            helper.make_tensor_value_info("user_emb", TensorProto.FLOAT, ["U", f_user, DIM]),
+            helper.make_tensor_value_info("item_emb", TensorProto.FLOAT, ["P", f_item, DIM]),
+            helper.make_tensor_value_info("user_index", TensorProto.INT64, ["P"]),
+        ],
+        outputs=[helper.make_tensor_value_info("score", TensorProto.FLOAT, ["P"])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, producer_name="jizhi.demo", producer_version="1",
+                              opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    model.ir_version = ONNX_IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def _calibrate(seed, version_dir, weights, user_ids, item_ids):
+    """Rescale the final layer so pre-sigmoid logits over sampled (user,
+    popular items) pairs have mean ``_LOGIT_MEAN`` and std ``_LOGIT_STD``.
+
+    ``version_dir`` must hold the profiles, the cube, a logit-output
+    ``dense.onnx`` and a manifest (without files) already. Returns the new
+    weights.
+    """
+    from jizhi.reference import ReferenceScorer
+
+    rng = _rng(seed, _S_CALIBRATION)
+    cdf = _zipf_cdf(item_ids.shape[0], _ZIPF_POPULARITY)
+    order = _popularity_order(item_ids)
+    per_request = min(_CALIBRATION_ITEMS, item_ids.shape[0])
+    users = user_ids[rng.integers(0, user_ids.shape[0], size=_CALIBRATION_USERS)]
+    items = np.concatenate([item_ids[order[_zipf_draw_distinct(rng, cdf, per_request)]]
+                            for _ in range(_CALIBRATION_USERS)])
+    offsets = np.arange(_CALIBRATION_USERS + 1, dtype=np.int64) * per_request
+    logits, _ = ReferenceScorer(version_dir).score_requests(users, offsets, items)
+    logits = logits.astype(np.float64)
+    scale = _LOGIT_STD / max(float(logits.std()), 1e-12)
+    shift = _LOGIT_MEAN - scale * float(logits.mean())
+    w, b = weights["top2"]
+    calibrated = dict(weights)
+    calibrated["top2"] = ((w * scale).astype(np.float32), (b * scale + shift).astype(np.float32))
+    return calibrated
+
+
+# --- manifest ---------------------------------------------------------------
+
+def _toml_value(value):
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(int(value))
+
+
+def _manifest_text(fields, files):
+    """manifest.toml contents; ``files`` is a list of (path, size, sha256)."""
+    lines = [
+        "format = 1",
+        f"name = {_toml_value(NAME)}",
+        f"version = {VERSION}",
+        f"dim = {DIM}",
+        f"hash_seed = {HASH_SEED}",
+        'default_vector = "zeros"',
+        "",
+        "[dense]",
+        f"user_features = {DENSE_FEATURES}",
+        "",
+        "[onnx]",
+        'file = "dense.onnx"',
+        'output = "score"',
+    ]
+    for f in fields:
+        lines += ["", "[[fields]]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in
+                  (("name", f.name), ("id", f.id), ("side", f.side), ("kind", f.kind),
+                   ("max_len", f.max_len), ("vocab", f.vocab), ("pooling", "mean"))]
+        if f.shares is not None:
+            lines.append(f"shares = {_toml_value(f.shares)}")
+    for path, size, digest in files:
+        lines += ["", "[[files]]", f"path = {_toml_value(path)}", f"size = {size}",
+                  f"sha256 = {_toml_value(digest)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _file_entries(version_dir):
+    """(path relative to ``version_dir``, size, sha256) of every file but the manifest, sorted."""
+    entries = []
+    for root, _, names in os.walk(version_dir):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, version_dir).replace(os.sep, "/")
+            if rel == "manifest.toml":
+                continue
+            digest = hashlib.sha256()
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            entries.append((rel, os.path.getsize(full), digest.hexdigest()))
+    return sorted(entries)
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def init_demo(out_dir, seed=7, users=10_000, items=100_000, progress=True):
+    """Write the demo bundle ``<out_dir>/models/demo/1/``; return its path.
+
+    Deterministic: the same ``seed``, ``users`` and ``items`` give
+    byte-identical files. The version is assembled in a hidden sibling
+    directory (``.1.partial``, not a version name, so a watcher ignores it)
+    with ``manifest.toml`` written last, then renamed into place, so the
+    version appears complete or not at all. Raises FileExistsError when the
+    version directory exists already. Progress goes to stderr when
+    ``progress`` is true.
+    """
+    if users < 1 or items < 1:
+        raise ValueError("users and items must be positive")
+    model_dir = os.path.join(os.fspath(out_dir), "models", NAME)
+    version_dir = os.path.join(model_dir, str(VERSION))
+    if os.path.exists(version_dir):
+        raise FileExistsError(version_dir)
+    partial = os.path.join(model_dir, f".{VERSION}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+
+    fields = _fields(items)
+    user_fields = [f for f in fields if f.side == "user"]
+    item_fields = [f for f in fields if f.side == "item"]
+    bar = _Progress("init-demo", len(fields) + 5, progress)
+
+    user_ids = _distinct_ids(_rng(seed, _S_USERS), users)
+    item_ids = _distinct_ids(_rng(seed, _S_ITEMS), items)
+    popularity_cdf = _zipf_cdf(items, _ZIPF_POPULARITY)
+    popularity_order = _popularity_order(item_ids)
+    user_dir = os.path.join(partial, "profiles", "users")
+    item_dir = os.path.join(partial, "profiles", "items")
+    _save(user_dir, "ids", user_ids)
+    _save(user_dir, "dense", _rng(seed, _S_USERS, 1).standard_normal((users, DENSE_FEATURES), dtype=np.float32))
+    _save(item_dir, "ids", item_ids)
+    bar.advance(note="ids")
+
+    item_data = {}
+    for field in fields:
+        rows = users if field.side == "user" else items
+        data = _field_values(seed, field, rows, item_ids, popularity_cdf, popularity_order)
+        _save_field(user_dir if field.side == "user" else item_dir, field, data)
+        if field.side == "item":
+            item_data[field.name] = data
+        bar.advance(note=field.name)
+
+    sigs, sig_lens = _item_signatures(item_fields, item_data, items)
+    _save(item_dir, "sigs", sigs)
+    _save(item_dir, "sig_lens", sig_lens)
+    del sigs, sig_lens, item_data
+    bar.advance(note="sigs")
+
+    keys, vectors = _cube_entries(seed, fields, item_ids)
+    write_cube(os.path.join(partial, "cube"), keys, vectors)
+    del keys, vectors
+    bar.advance(note="cube")
+
+    weights = _dense_weights(seed)
+    onnx_path = os.path.join(partial, "dense.onnx")
+    onnx.save(_dense_model(weights, len(user_fields), len(item_fields), sigmoid=False), onnx_path)
+    _write_text(os.path.join(partial, "manifest.toml"), _manifest_text(fields, []))
+    weights = _calibrate(seed, partial, weights, user_ids, item_ids)
+    onnx.save(_dense_model(weights, len(user_fields), len(item_fields), sigmoid=True), onnx_path)
+    os.remove(os.path.join(partial, "manifest.toml"))
+    bar.advance(note="dense.onnx")
+
+    _write_text(os.path.join(partial, "manifest.toml"), _manifest_text(fields, _file_entries(partial)))
+    os.rename(partial, version_dir)
+    bar.advance(note="manifest")
+    bar.close()
+    return version_dir
+
+
+# --- trace ------------------------------------------------------------------
+
+def _normal_scores(n):
+    """Normal scores of ranks 0..n-1: the standard normal quantiles of (r + 0.5) / n."""
+    inv = statistics.NormalDist().inv_cdf
+    return np.array([inv((r + 0.5) / n) for r in range(n)], dtype=np.float64)
+
+
+def generate_trace(bundle_dir, path, requests=2000, candidates=500, spearman=0.8, seed=1,
+                   progress=True, batch_requests=64):
+    """Write a request trace against the bundle version ``bundle_dir`` to ``path``.
+
+    ``bundle_dir`` is a version directory (holding ``manifest.toml``).
+    Each request is a user drawn uniformly from the user profile and
+    ``candidates`` distinct items drawn by popularity (a Zipf law over the
+    popularity order; popular items first, in draw order). Recall scores
+    follow a Gaussian copula with the reference scores of the request: the
+    normal scores of the reference ranks, mixed with independent normal
+    noise at correlation ``rho = 2 sin(pi * spearman / 6)``, through a
+    sigmoid; so the per-request Spearman correlation between recall and
+    model scores is ``spearman`` on average. Deterministic in ``seed`` and
+    the bundle. Saves the arrays and scalars of docs/formats.md (``Trace``)
+    with ``np.savez`` (the zip's timestamps make the file bytes, not the
+    arrays, differ between runs).
+    """
+    from jizhi.reference import ReferenceScorer
+
+    if not -1.0 <= spearman <= 1.0:
+        raise ValueError(f"spearman {spearman} is not in [-1, 1]")
+    scorer = ReferenceScorer(bundle_dir)
+    user_ids = scorer.profiles["user"]["ids"]
+    item_ids = scorer.profiles["item"]["ids"]
+    if candidates > item_ids.shape[0]:
+        raise ValueError(f"{candidates} candidates > {item_ids.shape[0]} items")
+    rng = _rng(seed, _S_TRACE)
+    cdf = _zipf_cdf(item_ids.shape[0], _ZIPF_POPULARITY)
+    order = _popularity_order(item_ids)
+    rho = 2.0 * math.sin(math.pi * spearman / 6.0)
+    normal = _normal_scores(candidates)
+
+    users = user_ids[rng.integers(0, user_ids.shape[0], size=requests)]
+    offsets = np.arange(requests + 1, dtype=np.int64) * candidates
+    items = np.empty(requests * candidates, dtype=np.uint64)
+    recall = np.empty(requests * candidates, dtype=np.float32)
+    bar = _Progress("trace", requests, progress)
+    for start in range(0, requests, batch_requests):
+        stop = min(start + batch_requests, requests)
+        q = stop - start
+        lo, hi = offsets[start], offsets[stop]
+        for r in range(start, stop):
+            items[offsets[r]:offsets[r + 1]] = item_ids[order[_zipf_draw_distinct(rng, cdf, candidates)]]
+        scores, _ = scorer.score_requests(users[start:stop], offsets[start:stop + 1] - lo, items[lo:hi])
+        # Rank within each request, ties broken at random.
+        request = np.repeat(np.arange(q), candidates)
+        by_score = np.lexsort((rng.random(hi - lo), scores, request))
+        ranks = np.empty(hi - lo, dtype=np.int64)
+        ranks[by_score] = np.tile(np.arange(candidates), q)
+        z = rho * normal[ranks] + math.sqrt(max(1.0 - rho * rho, 0.0)) * rng.standard_normal(hi - lo)
+        recall[lo:hi] = 1.0 / (1.0 + np.exp(-z))
+        bar.advance(q)
+    bar.close()
+    with open(path, "wb") as f:
+        np.savez(f, users=users, offsets=offsets, items=items, recall_scores=recall,
+                 seed=np.int64(seed), candidates=np.int64(candidates), spearman=np.float64(spearman))

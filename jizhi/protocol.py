@@ -1,0 +1,269 @@
+"""The wire protocol: constants and one encode/decode pair per message type.
+
+Two protocols live here:
+
+* the **client protocol** (frontend, tcp): a msgpack header frame followed by
+  one raw little-endian frame per array the header lists. Any language with
+  ZeroMQ and msgpack can speak it (README, "Wire protocol");
+* the **internal protocol** (backend, ipc, broker <-> workers and
+  supervisor -> broker): msgpack headers only; tensors stay in shared memory
+  and messages carry slot numbers, never payloads.
+
+Nothing here unpickles anything. Decoders validate and raise
+``RequestError(BAD_REQUEST, ...)`` (client side) or ``ValueError`` (internal);
+they never assert.
+"""
+import os
+
+import msgpack
+import numpy as np
+
+from jizhi.errors import BAD_REQUEST, RequestError
+
+VERSION = 1
+
+OPS = ("score", "feedback", "ping", "info")
+RETURN_MODES = ("topk", "all")
+
+# Array dtypes a client may send, by their wire names (always little-endian).
+WIRE_DTYPES = {
+    "uint64": np.dtype("<u8"),
+    "float32": np.dtype("<f4"),
+}
+REQUEST_ARRAYS = {"item_ids": "uint64", "recall_scores": "float32"}
+
+# Internal message types (the "t" field).
+T_READY = "ready"      # worker -> broker: I serve (group, versions), window W
+T_DONE = "done"        # worker -> broker: event finished, per-request results
+T_HEARTBEAT = "hb"     # worker -> broker: alive while idle
+T_EVENT = "ev"         # broker -> worker: a micro-batch of requests
+T_STOP = "stop"        # broker -> worker: finish what you hold, then exit
+T_WORKER_DEAD = "dead"  # supervisor -> broker: wid X of group G has exited
+T_DRAIN = "drain"      # supervisor -> broker: stop admitting, answer in-flight
+T_DRAINED = "drained"  # broker -> supervisor: nothing in flight any more
+T_INFO = "info"        # supervisor -> broker -> supervisor: the broker's figures
+
+
+def packb(obj):
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data):
+    # strict_map_key=False: integer keys are legal in our internal maps.
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+# ----------------------------------------------------------------------------
+# Client protocol: requests
+
+
+def split_envelope(frames):
+    """Split a ROUTER message into (envelope, body).
+
+    The envelope is every frame up to and including the first empty delimiter
+    (REQ sockets add it; DEALER clients send it themselves). Returns
+    ``(None, frames)`` when there is no delimiter within the first 8 frames.
+    """
+    for i in range(1, min(len(frames), 9)):
+        if len(frames[i]) == 0:
+            return frames[:i + 1], frames[i + 1:]
+    return None, frames
+
+
+def _bad(message):
+    return RequestError(BAD_REQUEST, message)
+
+
+def decode_request(body, limits):
+    """Decode and validate a client request body (frames after the envelope).
+
+    ``limits`` is a mapping with ``max_candidates`` and ``max_message_bytes``.
+    Returns a dict with ``op``, ``id`` and, for score, ``pipeline``, ``user``
+    (int), ``context`` (dict), ``top_k``, ``return``, ``deadline_ms`` (or
+    None), ``heads``, ``item_ids`` (uint64 array) and ``recall_scores``
+    (float32 array or None). The arrays are read-only views of the frames.
+    Raises ``RequestError`` with code BAD_REQUEST for anything malformed.
+    """
+    if not body:
+        raise _bad("empty message")
+    total = 0
+    for f in body:
+        total += len(f)
+    if total > limits["max_message_bytes"]:
+        raise _bad(f"message of {total} bytes is over the limit of {limits['max_message_bytes']}")
+    try:
+        header = unpackb(body[0])
+    except Exception:
+        raise _bad("frame 0 is not a msgpack map")
+    if not isinstance(header, dict):
+        raise _bad("frame 0 is not a msgpack map")
+    v = header.get("v", VERSION)
+    if v != VERSION:
+        raise _bad(f"protocol version {v!r} is not supported (this server speaks {VERSION})")
+    op = header.get("op")
+    if op not in OPS:
+        raise _bad(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    rid = header.get("id")
+    if rid is not None and not isinstance(rid, (int, str, bytes)):
+        raise _bad("id must be an integer or a string")
+    req = {"op": op, "id": rid}
+    if op in ("ping", "info"):
+        return req
+    if op == "feedback":
+        raise RequestError(BAD_REQUEST, "op 'feedback' is not served by this version of jizhi yet")
+    pipeline = header.get("pipeline", "default")
+    if not isinstance(pipeline, str):
+        raise _bad("pipeline must be a string")
+    user = header.get("user")
+    if not isinstance(user, int) or isinstance(user, bool) or not 0 <= user < 2 ** 64:
+        raise _bad("user must be an unsigned 64-bit integer")
+    context = header.get("context", {})
+    if not isinstance(context, dict):
+        raise _bad("context must be a map")
+    top_k = header.get("top_k", 10)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise _bad("top_k must be a positive integer")
+    ret = header.get("return", "topk")
+    if ret not in RETURN_MODES:
+        raise _bad(f"return must be one of {', '.join(RETURN_MODES)}")
+    deadline_ms = header.get("deadline_ms")
+    if deadline_ms is not None:
+        if not isinstance(deadline_ms, (int, float)) or isinstance(deadline_ms, bool) \
+                or not 0 < deadline_ms <= 600_000 or deadline_ms != deadline_ms:
+            raise _bad("deadline_ms must be a number in (0, 600000]")
+    specs = header.get("arrays")
+    if not isinstance(specs, list):
+        raise _bad("arrays must be a list of {name, dtype, shape}")
+    if len(specs) != len(body) - 1:
+        raise _bad(f"header lists {len(specs)} arrays but {len(body) - 1} array frames follow")
+    arrays = {}
+    for spec, frame in zip(specs, body[1:]):
+        if not isinstance(spec, dict):
+            raise _bad("each arrays entry must be a map {name, dtype, shape}")
+        name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
+        if name not in REQUEST_ARRAYS:
+            raise _bad(f"unknown array {name!r}; expected item_ids or recall_scores")
+        if name in arrays:
+            raise _bad(f"array {name} given twice")
+        if dtype != REQUEST_ARRAYS[name]:
+            raise _bad(f"array {name} must have dtype {REQUEST_ARRAYS[name]}, not {dtype!r}")
+        if (not isinstance(shape, list) or len(shape) != 1 or not isinstance(shape[0], int)
+                or isinstance(shape[0], bool) or shape[0] < 0):
+            raise _bad(f"array {name} must have shape [N]")
+        n = shape[0]
+        if n > limits["max_candidates"]:
+            raise _bad(f"{n} candidates is over the limit of {limits['max_candidates']}")
+        wire = WIRE_DTYPES[dtype]
+        if len(frame) != n * wire.itemsize:
+            raise _bad(f"array {name} frame has {len(frame)} bytes, shape {shape} {dtype} needs {n * wire.itemsize}")
+        arrays[name] = np.frombuffer(frame, dtype=wire)
+    items = arrays.get("item_ids")
+    if items is None:
+        raise _bad("item_ids is required")
+    if items.shape[0] == 0:
+        raise _bad("item_ids is empty")
+    recall = arrays.get("recall_scores")
+    if recall is not None:
+        if recall.shape[0] != items.shape[0]:
+            raise _bad("recall_scores and item_ids differ in length")
+        if not np.isfinite(recall).all():
+            raise _bad("recall_scores has NaN or infinite values")
+    req.update(pipeline=pipeline, user=user, context=context, top_k=top_k,
+               ret=ret, deadline_ms=deadline_ms, heads=bool(header.get("heads", False)),
+               item_ids=items, recall_scores=recall)
+    return req
+
+
+def encode_request(op="score", *, id=None, pipeline="default", user=None, item_ids=None,
+                   recall_scores=None, context=None, top_k=10, ret="topk", deadline_ms=None):
+    """Client side: the frames of a request (header, then array frames)."""
+    header = {"v": VERSION, "op": op, "id": id}
+    frames = []
+    if op == "score":
+        items = np.ascontiguousarray(item_ids, dtype="<u8")
+        arrays = [{"name": "item_ids", "dtype": "uint64", "shape": [int(items.shape[0])]}]
+        frames.append(items)
+        if recall_scores is not None:
+            rs = np.ascontiguousarray(recall_scores, dtype="<f4")
+            arrays.append({"name": "recall_scores", "dtype": "float32", "shape": [int(rs.shape[0])]})
+            frames.append(rs)
+        header.update(pipeline=pipeline, user=int(user), context=context or {}, top_k=int(top_k),
+                      arrays=arrays)
+        header["return"] = ret
+        if deadline_ms is not None:
+            header["deadline_ms"] = deadline_ms
+    return [packb(header)] + frames
+
+
+# ----------------------------------------------------------------------------
+# Client protocol: replies
+
+
+def encode_ok(rid, *, model_versions, shed_ratio, unknown_items, timings_us, item_ids, scores,
+              extra=None):
+    header = {"v": VERSION, "status": "ok", "id": rid, "model_versions": model_versions,
+              "shed_ratio": shed_ratio, "unknown_items": unknown_items, "timings_us": timings_us,
+              "arrays": [{"name": "item_ids", "dtype": "uint64", "shape": [int(item_ids.shape[0])]},
+                         {"name": "scores", "dtype": "float32", "shape": [int(scores.shape[0])]}]}
+    if extra:
+        header.update(extra)
+    return [packb(header), np.ascontiguousarray(item_ids, dtype="<u8"),
+            np.ascontiguousarray(scores, dtype="<f4")]
+
+
+def encode_info(rid, info):
+    header = {"v": VERSION, "status": "ok", "id": rid}
+    header.update(info)
+    return [packb(header)]
+
+
+def encode_error(rid, code, message, retry_after_ms=None):
+    header = {"v": VERSION, "status": "error", "id": rid, "code": code, "message": message}
+    if retry_after_ms is not None:
+        header["retry_after_ms"] = int(retry_after_ms)
+    return [packb(header)]
+
+
+def decode_reply(frames):
+    """Client side: (header, arrays) of a reply; arrays by name."""
+    header = unpackb(frames[0])
+    arrays = {}
+    for spec, frame in zip(header.get("arrays", []), frames[1:]):
+        arrays[spec["name"]] = np.frombuffer(frame, dtype=WIRE_DTYPES[spec["dtype"]])
+    return header, arrays
+
+
+# ----------------------------------------------------------------------------
+# Internal protocol (broker <-> workers, supervisor -> broker)
+#
+# Event request rows: [slot, n, deadline, user, top_k, ret_all]
+#   slot     arena slot of the request (every arena is indexed by it)
+#   n        candidates in the request
+#   deadline absolute time.monotonic() seconds (CLOCK_MONOTONIC is one clock
+#            for every process on the host)
+# Done result rows: [slot, code_or_None, message_or_None, {count name: int}]
+
+
+def encode_ready(pipeline, group, wid, versions, window):
+    return [packb({"t": T_READY, "pipeline": pipeline, "group": group, "wid": wid,
+                   "pid": os.getpid(), "versions": versions, "window": window})]
+
+
+def encode_event(eid, rows):
+    return [packb({"t": T_EVENT, "eid": eid, "reqs": rows})]
+
+
+def encode_done(eid, results, service_us):
+    return [packb({"t": T_DONE, "eid": eid, "res": results, "svc": service_us})]
+
+
+def encode_simple(t, **fields):
+    fields["t"] = t
+    return [packb(fields)]
+
+
+def decode_internal(frame):
+    msg = unpackb(frame)
+    if not isinstance(msg, dict) or "t" not in msg:
+        raise ValueError("internal message without a type")
+    return msg

@@ -1,0 +1,1 @@
+"""Stage processors and the worker-process runtime."""

@@ -1,0 +1,38 @@
+"""cube_accessor: signatures -> pooled embeddings from the LMDB cube.
+
+One deduplicated batch read per micro-batch: the user bags of every request
+and the item bags of every candidate are pooled together
+(cube/pooling.py), so a signature shared by many candidates (a category, a
+popular item in histories) is read once. Signatures missing from the cube
+read the default vector and are counted as ``missing_signatures``.
+"""
+import numpy as np
+
+from jizhi.cube.pooling import pool_blocks
+from jizhi.cube.store import open_cube
+from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
+
+
+class CubeAccessor(Stage):
+    name = "cube_accessor"
+
+    @classmethod
+    def inputs(cls, config):
+        return ("user_sigs", "user_lens", "item_sigs", "item_lens")
+
+    @classmethod
+    def outputs(cls, config, bundle):
+        return (Output("user_emb", REQUEST, "float32", (len(bundle.user_fields), bundle.dim)),
+                Output("item_emb", CANDIDATE, "float32", (len(bundle.item_fields), bundle.dim)))
+
+    def setup(self, config, bundle):
+        self.dim = bundle.dim
+        self.cube = open_cube(bundle.cube_path, bundle.dim)
+
+    def process(self, batch):
+        (user_emb, item_emb), (umiss, imiss), _ = pool_blocks(
+            self.cube, [(batch["user_sigs"], batch["user_lens"]),
+                        (batch["item_sigs"], batch["item_lens"])], self.dim)
+        missing = umiss + np.add.reduceat(imiss, batch.offsets[:-1])
+        batch.count("missing_signatures", missing)
+        return {"user_emb": user_emb, "item_emb": item_emb}

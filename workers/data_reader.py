@@ -1,0 +1,60 @@
+"""data_reader: user and item profiles from the columnar snapshot.
+
+Reads, for a batch, the user's dense features and raw sparse values (hashed
+later by feature_processor, because user profiles change online) and the
+candidates' precomputed item signatures (static within a bundle version).
+Everything is a gather over memory-mapped columns.
+
+Unknown item ids are not errors (new items appear every hour): the pipeline
+option ``on_unknown`` says what to do with them: ``default`` scores them with
+empty bags (the default vectors), ``drop`` removes them from the ranking,
+``reject`` fails the request with BAD_REQUEST. They are counted in the reply
+as ``unknown_items`` in every case.
+"""
+import numpy as np
+
+from jizhi.bundle import Profiles
+from jizhi.errors import BAD_REQUEST
+from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
+
+ON_UNKNOWN = ("default", "drop", "reject")
+
+
+class DataReader(Stage):
+    name = "data_reader"
+
+    @classmethod
+    def inputs(cls, config):
+        return ("item_ids",)
+
+    @classmethod
+    def outputs(cls, config, bundle):
+        fu, lu = len(bundle.user_fields), bundle.user_len
+        fi, li = len(bundle.item_fields), bundle.item_len
+        return (Output("dense", REQUEST, "float32", (bundle.dense_features,)),
+                Output("user_values", REQUEST, "int64", (fu, lu)),
+                Output("user_lens", REQUEST, "int32", (fu,)),
+                Output("item_sigs", CANDIDATE, "uint64", (fi, li)),
+                Output("item_lens", CANDIDATE, "int32", (fi,)),
+                Output("keep", CANDIDATE, "bool"))
+
+    def setup(self, config, bundle):
+        self.on_unknown = config.get("on_unknown", "default")
+        self.users = Profiles(bundle, "user")
+        self.items = Profiles(bundle, "item")
+
+    def process(self, batch):
+        urows, uknown = self.users.rows(batch.users)
+        dense, values, lens = self.users.user_features(urows, uknown)
+        irows, iknown = self.items.rows(batch["item_ids"])
+        sigs, ilens = self.items.item_signatures(irows, iknown)
+        unknown = np.add.reduceat((~iknown).astype(np.int64), batch.offsets[:-1]) \
+            if batch.n_candidates else np.zeros(batch.n_requests, np.int64)
+        # reduceat of an empty request repeats the next value: requests are never empty.
+        batch.count("unknown_items", unknown)
+        keep = iknown if self.on_unknown == "drop" else np.ones_like(iknown)
+        if self.on_unknown == "reject":
+            for i in np.flatnonzero(unknown):
+                batch.fail(i, BAD_REQUEST, f"{unknown[i]} unknown item ids (pipeline option on_unknown = reject)")
+        return {"dense": dense, "user_values": values, "user_lens": lens,
+                "item_sigs": sigs, "item_lens": ilens, "keep": keep}

@@ -1,0 +1,63 @@
+"""legacy_scorer: the LEGACY baseline, one monolithic stage.
+
+What a model server without structured features does (the baseline of the
+JIZHI paper): each request is handled alone (batch size 1) and synchronously,
+as one sample per user-item pair. The user's features are repeated for every
+candidate: the user bags are hashed and pooled once per pair and the dense
+graph runs its user tower once per pair (U = P, user_index = arange). No
+caches. It reuses the same profile, hashing, cube and ONNX code as the
+staged pipeline, so the comparison measures the serving design, not
+different kernels.
+"""
+import numpy as np
+
+from jizhi.bundle import Profiles
+from jizhi.cube.pooling import pool_blocks
+from jizhi.cube.signature import sign_padded
+from jizhi.cube.store import open_cube
+from jizhi.workers.model_inference import open_session
+from jizhi.workers.ranker import rank
+from jizhi.workers.stage import CANDIDATE, Output, Stage
+
+
+class LegacyScorer(Stage):
+    name = "legacy_scorer"
+
+    @classmethod
+    def inputs(cls, config):
+        return ("item_ids",)
+
+    @classmethod
+    def outputs(cls, config, bundle):
+        return (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDIDATE, "float32"))
+
+    def setup(self, config, bundle):
+        self.bundle = bundle
+        self.users = Profiles(bundle, "user")
+        self.items = Profiles(bundle, "item")
+        self.cube = open_cube(bundle.cube_path, bundle.dim)
+        self.session = open_session(bundle.onnx_path)
+
+    def process(self, batch):
+        b = self.bundle
+        scores, unknown, missing = [], [], []
+        for i in range(batch.n_requests):
+            a, e = batch.offsets[i], batch.offsets[i + 1]
+            items = batch["item_ids"][a:e]
+            p = e - a
+            # One sample per pair: the user row repeated for every candidate.
+            urows, uknown = self.users.rows(np.repeat(batch.users[i:i + 1], p))
+            dense, values, lens = self.users.user_features(urows, uknown)
+            usigs = sign_padded(b.user_hash_ids, values, lens, b.hash_seed)
+            irows, iknown = self.items.rows(items)
+            isigs, ilens = self.items.item_signatures(irows, iknown)
+            (uemb, iemb), (um, im), _ = pool_blocks(self.cube, [(usigs, lens), (isigs, ilens)], b.dim)
+            s, = self.session.run([b.onnx_output], {
+                "dense": dense, "user_emb": uemb, "item_emb": iemb,
+                "user_index": np.arange(p, dtype=np.int64)})
+            scores.append(s.reshape(-1))
+            unknown.append(int((~iknown).sum()))
+            missing.append(int(um[0] + im.sum()))
+        batch.count("unknown_items", unknown)
+        batch.count("missing_signatures", missing)
+        return rank(batch, np.concatenate(scores), None)

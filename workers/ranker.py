@@ -1,0 +1,54 @@
+"""ranker: top-K per request.
+
+Writes ``order`` (positions of the candidates within the request, best
+first; only the first ``returned`` are meaningful) and ``out_scores`` (the
+score of every candidate in request order, NaN where a candidate was
+dropped). The broker builds the reply from these two columns and the
+request's item ids, so the ranker never copies ids.
+"""
+import numpy as np
+
+from jizhi.workers.stage import CANDIDATE, Output, Stage
+
+
+class Ranker(Stage):
+    name = "ranker"
+
+    @classmethod
+    def inputs(cls, config):
+        return ("score", "keep?")
+
+    @classmethod
+    def outputs(cls, config, bundle):
+        return (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDIDATE, "float32"))
+
+    def process(self, batch):
+        return rank(batch, batch["score"], batch.columns.get("keep"))
+
+
+def rank(batch, score, keep):
+    """Shared by every sink stage: (order, out_scores) columns and the 'returned' count."""
+    score = np.asarray(score, dtype=np.float32)
+    out_scores = score.copy()
+    if keep is not None:
+        out_scores[~keep] = np.nan
+    order = np.empty(score.shape[0], dtype=np.int32)
+    returned = np.zeros(batch.n_requests, dtype=np.int64)
+    off = batch.offsets
+    # One vectorised sort per request (R <= batch size), never per candidate.
+    for i in range(batch.n_requests):
+        s = out_scores[off[i]:off[i + 1]]
+        n = s.shape[0]
+        valid = int(n - np.isnan(s).sum())
+        k = min(int(batch.top_k[i]), valid)
+        key = np.where(np.isnan(s), -np.inf, s)
+        if k < n:
+            part = np.argpartition(-key, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
+        else:
+            part = np.arange(n)
+        top = part[np.argsort(-key[part], kind="stable")][:k]
+        order[off[i]:off[i] + k] = top
+        order[off[i] + k:off[i + 1]] = -1
+        returned[i] = k
+    batch.count("returned", returned)
+    return {"order": order, "out_scores": out_scores}

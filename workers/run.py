@@ -1,0 +1,194 @@
+"""The worker-process runtime: ``python -m jizhi.workers.run``.
+
+Started by the supervisor as a fresh interpreter (never forked), one process
+per wid of a group (a group is one stage or several fused stages). After
+start it: reads the plan, opens its bundle/cube/sessions through each
+stage's ``setup``, attaches the arenas, connects a DEALER to the broker's
+backend and announces itself (READY with the versions it serves and its
+prefetch window). Then it loops: receive an event (a micro-batch of
+requests named by arena slot), skip requests whose deadline passed, run its
+stages in order, write the columns other groups read into the arenas, answer
+DONE with per-request results and per-stage service times. Heartbeats come
+from this same loop, so a worker stuck in a stage goes quiet.
+
+Exit codes (jizhi/errors.py) tell the supervisor why a worker could not start.
+"""
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+from jizhi import protocol
+from jizhi.errors import (DEADLINE_EXCEEDED, EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE,
+                          EXIT_MODEL_LOAD_FAILURE, INTERNAL)
+
+log = logging.getLogger("jizhi.worker")
+
+
+def die_with_parent():
+    """Ask the kernel to SIGTERM us when the supervisor dies (PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def read_plan(path):
+    with open(path, "rb") as f:
+        return msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+
+
+class Worker:
+    """One worker process of one group of one pipeline."""
+
+    def __init__(self, run, pipeline, group, wid):
+        from jizhi.arena import Arenas
+        from jizhi.bundle import Bundle
+        from jizhi.pipeline import load_class
+        self.run = run
+        self.plan = run["pipelines"][pipeline]
+        self.pipeline = pipeline
+        self.group = self.plan["groups"][group]
+        self.wid = wid
+        self.settings = run["settings"]
+        bundle = Bundle(self.plan["version_dir"])
+        self.versions = {self.plan["model"]: self.plan["version"]}
+        self.stages = []
+        for sname in self.group["stages"]:
+            st = self.plan["stages"][sname]
+            cls = load_class(st["class"])
+            proc = cls()
+            try:
+                proc.setup(st["config"], bundle)
+            except Exception as e:
+                code = EXIT_CUBE_OPEN_FAILURE if "lmdb" in type(e).__module__ else EXIT_MODEL_LOAD_FAILURE
+                log.error("stage %s setup failed: %s", sname, e)
+                raise SystemExit(code)
+            self.stages.append((sname, proc, st))
+        self.arenas = Arenas(self.plan, run["segments"][pipeline],
+                             self.settings["limits.max_in_flight"], self.settings["limits.max_candidates"])
+        self.reads = self.group["reads"]
+        self.writes = self.group["writes"]
+        self.running = True
+
+    def process_event(self, rows):
+        """Run the group's stages on one event; return (results, service_us)."""
+        from jizhi.workers.stage import Batch
+        now = time.monotonic()
+        results, live = [], []
+        for r in rows:
+            if r[2] <= now:
+                results.append([r[0], DEADLINE_EXCEEDED, "deadline passed before the stage ran", {}])
+            else:
+                live.append(r)
+        svc = {}
+        if not live:
+            return results, svc
+        slots = [r[0] for r in live]
+        counts = [r[1] for r in live]
+        offsets = np.zeros(len(live) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        cols = {c: self.arenas.read(c, slots, counts) for c in self.reads}
+        batch = Batch(np.array([r[3] for r in live], dtype=np.uint64),
+                      np.array([r[4] for r in live], dtype=np.int64),
+                      np.array([r[5] for r in live], dtype=bool),
+                      np.array([r[2] for r in live], dtype=np.float64), offsets, cols)
+        try:
+            for sname, proc, st in self.stages:
+                t0 = time.perf_counter()
+                out = proc.process(batch)
+                svc[sname] = int((time.perf_counter() - t0) * 1e6)
+                for name, spec in st["outputs"].items():
+                    arr = out.get(name)
+                    if arr is None:
+                        raise RuntimeError(f"stage {sname} did not return its output {name!r}")
+                    cols[name] = arr
+            for c in self.writes:
+                self.arenas.write(c, slots, offsets, cols[c])
+        except Exception as e:
+            log.exception("stage failed on an event of %d requests", len(live))
+            msg = f"stage failed: {type(e).__name__}: {e}"
+            return results + [[s, INTERNAL, msg, {}] for s in slots], svc
+        for i, s in enumerate(slots):
+            code, msg = batch.failed.get(i, (None, None))
+            results.append([s, code, msg, {k: int(v[i]) for k, v in batch.counts.items()}])
+        return results, svc
+
+    def serve(self, backend):
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        ident = f"{self.pipeline}/{self.group['name']}/{self.wid}/{os.getpid()}"
+        sock.setsockopt(zmq.IDENTITY, ident.encode())
+        sock.connect(backend)
+        window = self.settings["workers.prefetch"]
+        sock.send_multipart(protocol.encode_ready(self.pipeline, self.group["name"], self.wid,
+                                                  self.versions, window))
+        hb_s = self.settings["workers.heartbeat_interval_s"]
+        last_send = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        log.info("worker ready: pipeline=%s group=%s wid=%d pid=%d", self.pipeline, self.group["name"], self.wid, os.getpid())
+        while self.running:
+            if poller.poll(int(hb_s * 1000)):
+                frames = sock.recv_multipart(copy=True)
+                try:
+                    msg = protocol.decode_internal(frames[0])
+                except Exception:
+                    log.warning("dropping a malformed message from the broker")
+                    continue
+                if msg["t"] == protocol.T_EVENT:
+                    results, svc = self.process_event(msg["reqs"])
+                    sock.send_multipart(protocol.encode_done(msg["eid"], results, svc))
+                    last_send = time.monotonic()
+                elif msg["t"] == protocol.T_STOP:
+                    break
+            if time.monotonic() - last_send >= hb_s:
+                sock.send_multipart(protocol.encode_simple(protocol.T_HEARTBEAT, wid=self.wid))
+                last_send = time.monotonic()
+        sock.close(0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m jizhi.workers.run",
+                                 description="A jizhi stage worker (started by jizhid, not by hand).")
+    ap.add_argument("--plan", required=True, help="the run's plan file (msgpack) in the run directory")
+    ap.add_argument("--pipeline", required=True)
+    ap.add_argument("--group", required=True, help="the group (stage or fused stages) this worker runs")
+    ap.add_argument("--wid", type=int, required=True, help="stable worker id within the group")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s jizhi.worker[{args.pipeline}/{args.group}/{args.wid}] %(message)s")
+    die_with_parent()
+    stop = {"flag": False}
+
+    try:
+        run = read_plan(args.plan)
+        cores = run["pipelines"][args.pipeline]["groups"][args.group].get("cores") or []
+        if cores:
+            os.sched_setaffinity(0, cores)
+        worker = Worker(run, args.pipeline, args.group, args.wid)
+    except SystemExit:
+        raise
+    except Exception as e:
+        log.error("worker failed to boot: %s: %s", type(e).__name__, e)
+        return EXIT_BOOT_FAILURE
+
+    def on_term(signum, frame):
+        worker.running = False
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    worker.serve(run["backend"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The stage contract: ``Stage`` (setup / process), ``Output`` and ``Batch``.
+
+A stage processor is a small class. The pipeline compiler calls the class
+method ``outputs(config, bundle)`` to learn what it writes (so it can size
+shared memory and check the DAG), and ``inputs(config)`` to learn what it
+reads; the worker process calls ``setup(config, bundle)`` once after start
+and then ``process(batch)`` once per micro-batch, from the loop that also
+heartbeats.
+
+``process`` receives one ``Batch`` covering several requests: per-request
+columns are arrays of R rows, per-candidate columns are concatenated over the
+requests, with ``offsets`` int64[R+1] (CSR, as in EmbeddingBag). It returns a
+dict of output name -> array, with exactly the declared dtypes and row shapes.
+A stage may fail one request (``batch.fail``) without failing the others, and
+count per-request facts (``batch.count``) that end up in the reply.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+REQUEST = "request"
+CANDIDATE = "candidate"
+
+
+@dataclass(frozen=True)
+class Output:
+    """A declared stage output: per-request or per-candidate rows of ``shape``."""
+    name: str
+    scope: str        # REQUEST | CANDIDATE
+    dtype: str        # numpy dtype name
+    shape: tuple = ()  # row shape
+
+
+# Columns every batch has, filled from the request itself (the broker writes
+# item_ids and recall_scores into shared memory at admission).
+REQUEST_INPUTS = {
+    "item_ids": Output("item_ids", CANDIDATE, "uint64"),
+    "recall_scores": Output("recall_scores", CANDIDATE, "float32"),
+}
+
+
+class Batch:
+    """A micro-batch of R requests.
+
+    Attributes: ``users`` uint64[R], ``top_k`` int64[R], ``ret_all`` bool[R],
+    ``deadlines`` float64[R] (time.monotonic seconds), ``offsets``
+    int64[R+1], ``columns`` (name -> array), ``failed`` (request index ->
+    (code, message)), ``counts`` (name -> int64[R]).
+    """
+
+    def __init__(self, users, top_k, ret_all, deadlines, offsets, columns):
+        self.users = users
+        self.top_k = top_k
+        self.ret_all = ret_all
+        self.deadlines = deadlines
+        self.offsets = offsets
+        self.columns = columns
+        self.failed = {}
+        self.counts = {}
+
+    @property
+    def n_requests(self):
+        return self.users.shape[0]
+
+    @property
+    def n_candidates(self):
+        return int(self.offsets[-1])
+
+    def candidate_request(self):
+        """int64[P]: the request index of every candidate."""
+        return np.repeat(np.arange(self.n_requests, dtype=np.int64), np.diff(self.offsets))
+
+    def __getitem__(self, name):
+        return self.columns[name]
+
+    def fail(self, i, code, message):
+        """Fail request i (its other columns are ignored from here on)."""
+        self.failed.setdefault(int(i), (code, message))
+
+    def count(self, name, per_request):
+        """Add per-request counts (int64[R]) under ``name``; they reach the reply."""
+        prev = self.counts.get(name)
+        per_request = np.asarray(per_request, dtype=np.int64)
+        self.counts[name] = per_request if prev is None else prev + per_request
+
+
+class Stage:
+    """Base class of stage processors. Subclasses override the four methods."""
+
+    #: the built-in name (``processor = "data_reader"``); user classes are named by import path
+    name = None
+
+    @classmethod
+    def inputs(cls, config):
+        """Names of the columns ``process`` reads (request inputs or earlier outputs)."""
+        return ()
+
+    @classmethod
+    def outputs(cls, config, bundle):
+        """The ``Output``s ``process`` returns; ``bundle`` is the model's Bundle or None."""
+        return ()
+
+    def setup(self, config, bundle):
+        """Open what the stage needs (profiles, cube, sessions). Runs in the worker after start."""
+
+    def process(self, batch):
+        """Compute the declared outputs for ``batch``; return {name: array}."""
+        raise NotImplementedError

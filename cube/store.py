@@ -7,10 +7,19 @@ process (LMDB forbids opening it twice in a process; ``open_cube`` keeps one
 per path).
 
 Reads are batched: ``lookup`` takes sorted unique keys (the caller
-deduplicates) and does one ``getmulti`` cursor pass.
+deduplicates). They go through the Numba B+tree reader (cube/btree.py) once
+it has verified itself against liblmdb on a sample of keys; otherwise through
+one py-lmdb ``getmulti`` cursor pass in key byte order.
 """
+import logging
+
 import lmdb
 import numpy as np
+
+from jizhi.cube.btree import BTreeReader
+
+log = logging.getLogger("jizhi.cube")
+VERIFY_SAMPLE = 512
 
 _OPEN = {}
 
@@ -18,12 +27,45 @@ _OPEN = {}
 class Cube:
     """A read-only view of one cube. ``dim`` is the vector length."""
 
-    def __init__(self, path, dim):
+    def __init__(self, path, dim, reader="auto"):
         self.path = str(path)
         self.dim = int(dim)
         self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
                              max_readers=512, subdir=True)
         self._row_bytes = self.dim * 4
+        # reader: "auto" (the verified Numba reader, else liblmdb) or "liblmdb".
+        self.btree = self._verified_btree() if reader == "auto" else None
+
+    def _verified_btree(self):
+        """The Numba reader if it agrees with liblmdb on a sample of present and absent keys."""
+        try:
+            reader = BTreeReader.open(self.path, self.dim)
+        except (OSError, ValueError) as e:
+            log.warning("cube %s: Numba reader unavailable (%s); using liblmdb", self.path, e)
+            return None
+        if reader is None:
+            log.warning("cube %s: not an LMDB format the Numba reader knows; using liblmdb", self.path)
+            return None
+        rng = np.random.default_rng(0)
+        probes = rng.integers(0, 2 ** 63, VERIFY_SAMPLE, dtype=np.uint64)
+        sample = []
+        with self.env.begin() as txn:
+            cur = txn.cursor()
+            for p in probes:
+                if cur.set_range(int(p).to_bytes(8, "little")):
+                    sample.append(cur.key())
+            if cur.first():
+                sample.append(cur.key())
+            if cur.last():
+                sample.append(cur.key())
+            keys = np.concatenate([np.frombuffer(b"".join(sample), dtype="<u8"), probes])
+            want = [txn.get(k.tobytes()) for k in keys.astype("<u8")]
+        got, found = reader.lookup(keys)
+        for i, w in enumerate(want):
+            if (w is None) != (not found[i]) or (w is not None and got[i].tobytes() != w):
+                log.warning("cube %s: Numba reader disagrees with liblmdb; using liblmdb", self.path)
+                return None
+        return reader
 
     def lookup(self, keys):
         """Vectors of ``keys`` (uint64, sorted, unique) and a found mask.
@@ -37,6 +79,12 @@ class Cube:
         found = np.zeros(k, dtype=bool)
         if k == 0:
             return out, found
+        if self.btree is not None:
+            return self.btree.lookup(keys)
+        # liblmdb: one cursor pass in the tree's byte order (memcmp of the
+        # little-endian bytes, i.e. the byte-swapped value order).
+        bo = np.argsort(keys.byteswap(), kind="stable")
+        keys = keys[bo]
         raw = keys.tobytes()
         key_list = [raw[i:i + 8] for i in range(0, 8 * k, 8)]
         with self.env.begin(buffers=False) as txn:
@@ -44,10 +92,10 @@ class Cube:
         if not pairs:
             return out, found
         if len(pairs) == k:
-            idx = slice(None)
+            idx = bo
         else:
             got = np.frombuffer(b"".join(p[0] for p in pairs), dtype="<u8")
-            idx = np.searchsorted(keys, got)
+            idx = bo[np.searchsorted(keys.byteswap(), got.byteswap())]
         vals = np.frombuffer(b"".join(p[1] for p in pairs), dtype="<f4").reshape(-1, self.dim)
         out[idx] = vals
         found[idx] = True

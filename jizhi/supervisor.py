@@ -244,6 +244,10 @@ class Supervisor:
         return 0
 
     def cleanup(self):
+        """Unlink our segments and socket files. Idempotent (shutdown and jizhid's finally both call it)."""
+        if getattr(self, "_cleaned", False):
+            return
+        self._cleaned = True
         n = 0
         for segs in self.segments.values():
             for seg in segs.values():

@@ -1,0 +1,185 @@
+"""jizhictl: the control CLI (click). A thin client of the daemon's sockets.
+
+Exit codes a script can rely on: 0 success; 1 the daemon could not be
+reached (the message says what to check); 2 usage error (click's); 3 the
+daemon answered with an error. Starts fast: numba and onnxruntime are
+imported only by the commands that compute (demo, bench --ceiling).
+"""
+import json
+import sys
+
+import click
+
+EXIT_UNREACHABLE = 1
+EXIT_ERROR_REPLY = 3
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="jizhi")
+def cli():
+    """Operate and exercise a jizhi server.
+
+    jizhictl talks to jizhid's frontend (ZeroMQ, the same protocol any client
+    speaks). Start a server with `jizhid --demo`, then try
+    `jizhictl query --user 0 --random 500`.
+    """
+
+
+# -- demo -------------------------------------------------------------------
+
+@cli.group()
+def demo():
+    """Create the demo model bundle and request traces."""
+
+
+@demo.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--seed", default=7, show_default=True, help="Everything is deterministic from this seed.")
+@click.option("--users", default=10_000, show_default=True)
+@click.option("--items", default=100_000, show_default=True)
+@click.option("--trace-requests", default=0, show_default=True,
+              help="Also write DIRECTORY/trace.npz with this many requests (0: none).")
+@click.option("--candidates", default=500, show_default=True, help="Candidates per trace request.")
+@click.option("--spearman", default=0.8, show_default=True,
+              help="Target Spearman correlation between recall scores and the model's scores.")
+def demo_init(directory, seed, users, items, trace_requests, candidates, spearman):
+    """Write a complete demo bundle into DIRECTORY/models/demo/1.
+
+    A DLRM-style model (13 dense user features, 9 user and 8 item sparse
+    fields, embedding dim 32), its LMDB cube, columnar profiles of USERS users
+    and ITEMS items with Zipf-like popularity. Serve it with
+    `jizhid --models DIRECTORY/models`.
+    """
+    from pathlib import Path
+
+    from jizhi.demo import generate_trace, init_demo
+    try:
+        vdir = init_demo(directory, seed=seed, users=users, items=items)
+    except FileExistsError as e:
+        raise click.ClickException(f"{e} (remove it or choose another DIRECTORY)")
+    click.echo(f"bundle: {vdir}")
+    if trace_requests:
+        out = Path(directory) / "trace.npz"
+        generate_trace(vdir, out, requests=trace_requests, candidates=candidates, spearman=spearman, seed=seed)
+        click.echo(f"trace: {out}")
+
+
+@demo.command("trace")
+@click.argument("version_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--requests", default=2000, show_default=True)
+@click.option("--candidates", default=500, show_default=True)
+@click.option("--spearman", default=0.8, show_default=True)
+@click.option("--seed", default=1, show_default=True)
+def demo_trace(version_dir, out, requests, candidates, spearman, seed):
+    """Write a request trace (OUT, .npz) for the bundle at VERSION_DIR."""
+    from jizhi.demo import generate_trace
+    generate_trace(version_dir, out, requests=requests, candidates=candidates, spearman=spearman, seed=seed)
+    click.echo(f"trace: {out}")
+
+
+# -- talking to the daemon --------------------------------------------------
+
+def _client(endpoint, timeout_s):
+    from jizhi.client import Client
+    return Client(endpoint, timeout_s=timeout_s)
+
+
+def _unreachable(endpoint, e):
+    click.echo(f"jizhictl: no answer from {endpoint} ({e}); is jizhid running and is --endpoint right?", err=True)
+    sys.exit(EXIT_UNREACHABLE)
+
+
+@cli.command()
+@click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True)
+@click.option("--timeout", "timeout_s", default=5.0, show_default=True, help="Seconds to wait for the answer.")
+def info(endpoint, timeout_s):
+    """Print the server's state: pipelines, workers per group, queues, counters (JSON)."""
+    with _client(endpoint, timeout_s) as c:
+        try:
+            h = c.info()
+        except TimeoutError as e:
+            _unreachable(endpoint, e)
+    click.echo(json.dumps(h, indent=2, default=str))
+
+
+@cli.command()
+@click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True)
+@click.option("--pipeline", default="default", show_default=True)
+@click.option("--user", type=int, default=None, help="User id (default: the first user of the trace or bundle).")
+@click.option("--items", "items_csv", default=None, help="Comma-separated candidate item ids.")
+@click.option("--trace", type=click.Path(exists=True, dir_okay=False), help="Take user and candidates from a trace.")
+@click.option("--index", default=0, show_default=True, help="Which trace request.")
+@click.option("--random", "random_n", type=int, default=0,
+              help="Draw this many candidates from --bundle's items (with the bundle's first user unless --user).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="Bundle version dir for --random.")
+@click.option("--top-k", default=10, show_default=True)
+@click.option("--all", "ret_all", is_flag=True, help="Return every candidate's score in request order.")
+@click.option("--deadline-ms", type=float, default=None)
+@click.option("--timeout", "timeout_s", default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, top_k, ret_all, deadline_ms,
+          timeout_s, as_json):
+    """Send one score request; print the ranked items and per-stage timings."""
+    import numpy as np
+    recall = None
+    if trace:
+        t = np.load(trace, allow_pickle=False)
+        a, b = int(t["offsets"][index]), int(t["offsets"][index + 1])
+        items = t["items"][a:b]
+        recall = t["recall_scores"][a:b]
+        user = int(t["users"][index]) if user is None else user
+    elif items_csv:
+        try:
+            items = np.array([int(x) for x in items_csv.split(",") if x.strip()], dtype=np.uint64)
+        except ValueError:
+            raise click.BadParameter("--items must be comma-separated integers")
+    elif random_n:
+        if not bundle:
+            raise click.UsageError("--random needs --bundle VERSION_DIR")
+        ids = np.load(f"{bundle}/profiles/items/ids.npy", mmap_mode="r")
+        items = np.random.default_rng().choice(np.asarray(ids), size=random_n, replace=False)
+        if user is None:
+            user = int(np.load(f"{bundle}/profiles/users/ids.npy", mmap_mode="r")[0])
+    else:
+        raise click.UsageError("give candidates: --trace, --items or --random with --bundle")
+    if user is None:
+        raise click.UsageError("give --user")
+    with _client(endpoint, timeout_s) as c:
+        try:
+            r = c.score(user, items, recall, pipeline=pipeline, top_k=top_k, ret="all" if ret_all else "topk",
+                        deadline_ms=deadline_ms, check=False)
+        except TimeoutError as e:
+            _unreachable(endpoint, e)
+    if as_json:
+        out = dict(r.header)
+        if r.ok:
+            out["item_ids"] = [int(x) for x in r.item_ids]
+            out["scores"] = [None if np.isnan(x) else float(x) for x in r.scores]
+        click.echo(json.dumps(out, indent=2, default=str))
+    elif r.ok:
+        click.echo(f"pipeline {pipeline}  user {user}  candidates {len(items)}  model_versions {r['model_versions']}  "
+                   f"unknown_items {r['unknown_items']}  missing_signatures {r.get('missing_signatures', 0)}")
+        click.echo(f"{'rank':>4}  {'item_id':>20}  score")
+        for i, (iid, s) in enumerate(zip(r.item_ids, r.scores)):
+            click.echo(f"{i + 1:>4}  {int(iid):>20}  {s:.6f}")
+        click.echo("timings (us): " + "  ".join(f"{k}={v}" for k, v in r["timings_us"].items()))
+    if not r.ok:
+        click.echo(f"jizhictl: {r['code']}: {r['message']}", err=True)
+        sys.exit(EXIT_ERROR_REPLY)
+
+
+def _add_bench():
+    try:
+        from jizhi.bench import bench_command
+    except ImportError:  # pragma: no cover - bench is part of the package
+        return
+    cli.add_command(bench_command, "bench")
+
+
+_add_bench()
+
+
+def main(argv=None):
+    return cli.main(args=argv, prog_name="jizhictl")

@@ -22,7 +22,7 @@ def cli():
 
     jizhictl talks to jizhid's frontend (ZeroMQ, the same protocol any client
     speaks). Start a server with `jizhid --demo`, then try
-    `jizhictl query --user 0 --random 500`.
+    `jizhictl query --random 500 --bundle ~/.cache/jizhi/demo/models/demo/1`.
     """
 
 

@@ -27,6 +27,7 @@ import collections
 import heapq
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ import zmq
 
 from jizhi import protocol
 from jizhi.arena import Arenas
+from jizhi.overlay import Overlay
 from jizhi.errors import (BAD_REQUEST, DEADLINE_EXCEEDED, INTERNAL, OVERLOADED, UNKNOWN_PIPELINE,
                           RequestError)
 
@@ -55,6 +57,8 @@ class GroupStats:
     def __init__(self):
         self.events = 0
         self.requests = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self.events_per_s = 0.0
         self.wait_us = np.zeros(RING, dtype=np.int64)
         self.svc_us = np.zeros(RING, dtype=np.int64)
         self.n_wait = 0
@@ -76,7 +80,13 @@ class GroupStats:
         return {"p50": int(np.percentile(a, 50)), "p99": int(np.percentile(a, 99))}
 
     def snapshot(self):
-        return {"events": self.events, "requests": self.requests,
+        # events/s since the previous snapshot (info calls), at least 1 s apart
+        t0, e0 = self._rate_mark
+        now = time.monotonic()
+        if now - t0 >= 1.0:
+            self.events_per_s = round((self.events - e0) / (now - t0), 1)
+            self._rate_mark = (now, self.events)
+        return {"events": self.events, "requests": self.requests, "events_per_s": self.events_per_s,
                 "wait_us": self._pct(self.wait_us, self.n_wait),
                 "service_us": self._pct(self.svc_us, self.n_svc)}
 
@@ -124,6 +134,11 @@ class Broker:
         self.pipes = {name: PipelineState(plan, run["segments"][name], s)
                       for name, plan in run["pipelines"].items()}
         self.default_pipeline = run["default_pipeline"]
+        self.overlay = Overlay.attach(run.get("overlay"))
+        self.seen_feedback = collections.OrderedDict()
+        self.feedback_dedup = s["limits.feedback_dedup"]
+        self.feedback_events = 0
+        self.overlay_full = 0
         self.workers = {}            # ident -> WorkerRef
         self.eids = itertools.count(1)
         self.deadlines = []          # heap of (deadline, seq, Request)
@@ -234,7 +249,29 @@ class Broker:
         if op == "info":
             self.reply(envelope, protocol.encode_info(req["id"], self.info()))
             return
+        if op == "feedback":
+            self.feedback(envelope, req)
+            return
         self.admit(envelope, req, t_recv)
+
+    def feedback(self, envelope, m):
+        """Append to the user's recent behaviour (the overlay); the next score sees it."""
+        idem = m["idempotency_id"]
+        if idem is not None:
+            if idem in self.seen_feedback:
+                self.reply(envelope, protocol.encode_info(m["id"], {"applied": False, "duplicate": True}))
+                return
+            self.seen_feedback[idem] = True
+            if len(self.seen_feedback) > self.feedback_dedup:
+                self.seen_feedback.popitem(last=False)
+        applied = self.overlay is not None and self.overlay.append(m["user"], m["item"])
+        if not applied:
+            self.overlay_full += 1
+            if self.overlay_full == 1 or self.overlay_full % 1000 == 0:
+                log.warning("overlay full: %d feedback events dropped (raise overlay.capacity_users)",
+                            self.overlay_full)
+        self.feedback_events += 1
+        self.reply(envelope, protocol.encode_info(m["id"], {"applied": applied, "duplicate": False}))
 
     def count_malformed(self, why):
         self.malformed += 1
@@ -503,6 +540,7 @@ class Broker:
         return {"ready": all(p.ready() for p in self.pipes.values()), "pipelines": pipes,
                 "default_pipeline": self.default_pipeline, "answered": self.answered,
                 "errors": dict(self.errors), "malformed": self.malformed, "draining": self.draining,
+                "feedback": {"events": self.feedback_events, "dropped_overlay_full": self.overlay_full},
                 "uptime_s": round(time.monotonic() - self.t_start, 3)}
 
     def loop(self):
@@ -565,7 +603,9 @@ def main(argv=None):
     log.info("broker up: frontend=%s backend=%s pipelines=%s", run["frontend"], run["backend"],
              ",".join(run["pipelines"]))
     broker.loop()
-    return 0
+    log.info("broker stopped")
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

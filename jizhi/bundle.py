@@ -168,8 +168,12 @@ class Profiles:
         known = self.ids[pos_c] == ids
         return np.where(known, pos_c, 0).astype(np.int64), known
 
-    def user_features(self, rows, known):
-        """Users: (dense f32 [U, D], raw bag values int64 [U, F, L], lens int32 [U, F])."""
+    def user_features(self, rows, known, users=None, overlay=None):
+        """Users: (dense f32 [U, D], raw bag values int64 [U, F, L], lens int32 [U, F]).
+
+        With ``overlay`` (jizhi/overlay.py) and the ``users`` ids, each user's
+        recent behaviour from ``feedback`` is appended to the history fields.
+        """
         U, F, L = rows.shape[0], len(self.fields), self.bundle.user_len
         dense = np.asarray(self.dense[rows], dtype=np.float32)
         dense[~known] = 0.0
@@ -183,6 +187,13 @@ class Profiles:
             else:
                 values, offsets = self.cols[f.name]
                 _gather_ragged(values, offsets, rows, known, min(f.max_len, L), vals, lens, c)
+        if overlay is not None and users is not None:
+            recent, recent_n = overlay.recent(users)
+            if recent_n.any():
+                from jizhi.overlay import merge_history
+                for c, f in enumerate(self.fields):
+                    if f.kind == "history":
+                        merge_history(vals, lens, c, min(f.max_len, L), recent, recent_n)
         return dense, vals, lens
 
     def item_signatures(self, rows, known):

@@ -84,6 +84,10 @@ class Client:
             raise RequestError(r["code"], r["message"], r.get("retry_after_ms"))
         return r
 
+    def feedback(self, user, item, event="click", idempotency_id=None):
+        """Report that ``user`` acted on ``item``; the user's next scores see it."""
+        return self.request("feedback", user=user, item=item, event=event, idempotency_id=idempotency_id)
+
     def ping(self):
         return self.request("ping")
 

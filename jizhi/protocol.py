@@ -110,7 +110,7 @@ def decode_request(body, limits):
     if op in ("ping", "info"):
         return req
     if op == "feedback":
-        raise RequestError(BAD_REQUEST, "op 'feedback' is not served by this version of jizhi yet")
+        return _decode_feedback(header, req)
     pipeline = header.get("pipeline", "default")
     if not isinstance(pipeline, str):
         raise _bad("pipeline must be a string")
@@ -174,11 +174,36 @@ def decode_request(body, limits):
     return req
 
 
+def _u64(header, key):
+    v = header.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2 ** 64:
+        raise _bad(f"{key} must be an unsigned 64-bit integer")
+    return v
+
+
+def _decode_feedback(header, req):
+    """feedback: {user, item, event, idempotency_id?}: the user acted on the item."""
+    event = header.get("event")
+    if not isinstance(event, str) or not 0 < len(event) <= 64:
+        raise _bad("event must be a non-empty string of at most 64 characters")
+    idem = header.get("idempotency_id")
+    if idem is not None and not (isinstance(idem, (str, bytes)) and len(idem) <= 128
+                                 or isinstance(idem, int) and not isinstance(idem, bool)):
+        raise _bad("idempotency_id must be a string of at most 128 characters or an integer")
+    req.update(user=_u64(header, "user"), item=_u64(header, "item"), event=event, idempotency_id=idem)
+    return req
+
+
 def encode_request(op="score", *, id=None, pipeline="default", user=None, item_ids=None,
-                   recall_scores=None, context=None, top_k=10, ret="topk", deadline_ms=None):
+                   recall_scores=None, context=None, top_k=10, ret="topk", deadline_ms=None,
+                   item=None, event=None, idempotency_id=None):
     """Client side: the frames of a request (header, then array frames)."""
     header = {"v": VERSION, "op": op, "id": id}
     frames = []
+    if op == "feedback":
+        header.update(user=int(user), item=int(item), event=event)
+        if idempotency_id is not None:
+            header["idempotency_id"] = idempotency_id
     if op == "score":
         items = np.ascontiguousarray(item_ids, dtype="<u8")
         arrays = [{"name": "item_ids", "dtype": "uint64", "shape": [int(items.shape[0])]}]

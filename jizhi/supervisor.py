@@ -27,7 +27,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from jizhi import arena, protocol
+from jizhi import arena, overlay, protocol
 from jizhi.bundle import Bundle
 from jizhi.errors import EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE
 from jizhi.pipeline import compile_pipeline, read_pipeline
@@ -99,12 +99,19 @@ class Supervisor:
                 arena.create(seg, arena.arena_bytes(spec, slots, maxc))
                 segs[col] = seg
             self.segments[name] = segs
+        ring = max([f.max_len for plan in plans.values() for f in Bundle(plan["version_dir"]).user_fields
+                    if f.kind == "history"] or [1])
+        cap = self.settings["overlay.capacity_users"]
+        seg = f"{arena.PREFIX}{self.instance}.{self.run_id}.overlay"
+        arena.create(seg, overlay.segment_bytes(cap, ring))
+        self.segments["_overlay"] = {"overlay": seg}
+        self.overlay = {"segment": seg, "capacity": cap, "ring": ring}
         log.info("created %d shared-memory arenas (%d MiB virtual)",
                  sum(len(s) for s in self.segments.values()), need >> 20)
         self.backend = f"ipc://{self.run_dir}/backend.ipc"
         self.run = {"instance": self.instance, "run_id": self.run_id, "settings": self.settings,
                     "frontend": self.settings["server.frontend"], "backend": self.backend,
-                    "pipelines": plans, "segments": self.segments,
+                    "pipelines": plans, "segments": self.segments, "overlay": self.overlay,
                     "default_pipeline": next(iter(plans))}
         self.plan_path = self.run_dir / "plan.msgpack"
         tmp = self.plan_path.with_suffix(".tmp")
@@ -123,7 +130,10 @@ class Supervisor:
                                          "--pipeline", pipeline, "--group", group, "--wid", str(wid)])
 
     def spawn(self, child):
-        child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL)
+        # One compute thread per process: pools of processes share the cores,
+        # not thread pools inside each (onnxruntime sets its own to 1).
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, env=env)
         child.started = time.monotonic()
         log.info("started %s pid=%d", "/".join(map(str, child.key)), child.proc.pid)
 

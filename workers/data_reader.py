@@ -10,11 +10,15 @@ option ``on_unknown`` says what to do with them: ``default`` scores them with
 empty bags (the default vectors), ``drop`` removes them from the ranking,
 ``reject`` fails the request with BAD_REQUEST. They are counted in the reply
 as ``unknown_items`` in every case.
+
+The user's recent behaviour from ``feedback`` (the online overlay,
+jizhi/overlay.py) is merged over the snapshot's history field here.
 """
 import numpy as np
 
 from jizhi.bundle import Profiles
 from jizhi.errors import BAD_REQUEST
+from jizhi.overlay import Overlay
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 ON_UNKNOWN = ("default", "drop", "reject")
@@ -42,10 +46,11 @@ class DataReader(Stage):
         self.on_unknown = config.get("on_unknown", "default")
         self.users = Profiles(bundle, "user")
         self.items = Profiles(bundle, "item")
+        self.overlay = Overlay.attach(config.get("_overlay"))
 
     def process(self, batch):
         urows, uknown = self.users.rows(batch.users)
-        dense, values, lens = self.users.user_features(urows, uknown)
+        dense, values, lens = self.users.user_features(urows, uknown, batch.users, self.overlay)
         irows, iknown = self.items.rows(batch["item_ids"])
         sigs, ilens = self.items.item_signatures(irows, iknown)
         unknown = np.add.reduceat((~iknown).astype(np.int64), batch.offsets[:-1]) \

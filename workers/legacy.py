@@ -15,6 +15,7 @@ from jizhi.bundle import Profiles
 from jizhi.cube.pooling import pool_blocks
 from jizhi.cube.signature import sign_padded
 from jizhi.cube.store import open_cube
+from jizhi.overlay import Overlay
 from jizhi.workers.model_inference import open_session
 from jizhi.workers.ranker import rank
 from jizhi.workers.stage import CANDIDATE, Output, Stage
@@ -37,6 +38,7 @@ class LegacyScorer(Stage):
         self.items = Profiles(bundle, "item")
         self.cube = open_cube(bundle.cube_path, bundle.dim)
         self.session = open_session(bundle.onnx_path)
+        self.overlay = Overlay.attach(config.get("_overlay"))
 
     def process(self, batch):
         b = self.bundle
@@ -46,8 +48,9 @@ class LegacyScorer(Stage):
             items = batch["item_ids"][a:e]
             p = e - a
             # One sample per pair: the user row repeated for every candidate.
-            urows, uknown = self.users.rows(np.repeat(batch.users[i:i + 1], p))
-            dense, values, lens = self.users.user_features(urows, uknown)
+            users = np.repeat(batch.users[i:i + 1], p)
+            urows, uknown = self.users.rows(users)
+            dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
             usigs = sign_padded(b.user_hash_ids, values, lens, b.hash_seed)
             irows, iknown = self.items.rows(items)
             isigs, ilens = self.items.item_signatures(irows, iknown)

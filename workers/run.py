@@ -66,8 +66,10 @@ class Worker:
             st = self.plan["stages"][sname]
             cls = load_class(st["class"])
             proc = cls()
+            # Keys the runtime adds for built-ins start with "_" (the overlay's segment).
+            config = dict(st["config"], _overlay=run.get("overlay"))
             try:
-                proc.setup(st["config"], bundle)
+                proc.setup(config, bundle)
             except Exception as e:
                 code = EXIT_CUBE_OPEN_FAILURE if "lmdb" in type(e).__module__ else EXIT_MODEL_LOAD_FAILURE
                 log.error("stage %s setup failed: %s", sname, e)
@@ -187,7 +189,11 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     worker.serve(run["backend"])
-    return 0
+    log.info("worker stopped")
+    logging.shutdown()
+    # Skip interpreter teardown of numba/onnxruntime (seconds on a loaded
+    # machine): sockets are closed, nothing is left to flush.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,890 @@
+"""The load generator and the ceiling: ``jizhictl bench`` (``bench_command``).
+
+Runs in its own process (the operator's shell), never inside jizhid. Two
+modes:
+
+* **load** (default): replays a request trace (docs/formats.md, "Trace")
+  against a running jizhid over one ZeroMQ DEALER socket, open loop: the
+  arrivals of a point are a Poisson process at the offered rate (a fixed
+  number ``rate x duration`` of arrival times drawn uniformly over the
+  window and sorted, i.e. a Poisson process conditioned on its count), all
+  request frames are encoded before the point starts, and as many requests
+  are in flight as the arrivals make. Latency is measured from each
+  request's *intended* send time, so a generator or server that falls behind
+  is charged for it (no coordinated omission). A point is ``--warmup``
+  seconds of the same arrival process (not counted) followed by
+  ``--duration`` seconds that are counted, then a drain: every measured
+  request is answered, or counted *lost* when no reply came within its
+  deadline + 1 s of being sent.
+* **ceiling** (``--ceiling``): the same trace through the same bundle
+  in-process, with nothing between the stages: the five stage processors of
+  the demo pipeline run back to back in one process per core (spawned,
+  pinned to its core, onnxruntime on one thread), with the profiles copied
+  into RAM and the cube loaded whole into a ``RamTable``, closed loop. It is
+  the machine's limit for the work (the same work minus LMDB, mmap, sockets
+  and shared memory), the figure jizhi's throughput is compared to.
+
+The benchmark rule (docs/benchmarks.md): each rate point runs at least 20 s
+with zero errors, latency is measured from the intended send time, and the
+trace is long enough that no request repeats within a point. The trace must
+therefore hold at least ``rate x duration`` requests; the command refuses a
+shorter one unless ``--allow-repeat``.
+
+Definitions used in the output (per point, over the measured window):
+
+* offered rate: requests sent per second (and candidate pairs per second);
+* goodput: candidates that received a model score in OK replies, per second
+  (``n x (1 - shed_ratio)`` per reply); ``in_slo_pairs_s`` counts only OK
+  replies within ``--slo-ms``;
+* latency p50 / p99 / p99.9 of OK replies, from the intended send time;
+* errors by wire code, ``lost`` (no reply within deadline + 1 s), and the
+  generator's send lag (how late it sent, a validity check);
+* the mean of each ``timings_us`` key of the OK replies (stage service
+  times, ``wait_<group>`` queue waits, ``total`` in the broker);
+* with ``--cpu``: the CPU time of every process of the jizhid run (found in
+  /proc by the run directory's plan file), per process kind, as ms per
+  second and microseconds per answered request, and the generator's own.
+
+A point passes when p99 <= ``--slo-ms``, no error and nothing lost.
+``--find-max`` doubles the rate from ``--start-rate`` until a point fails,
+then bisects between the best pass and the first failure until they are
+within ``--precision`` of each other.
+"""
+import collections
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import msgpack
+import numpy as np
+import zmq
+
+from jizhi import protocol
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RULE_MIN_DURATION_S = 20.0
+PROGRESS_INTERVAL_S = 0.5
+ID_BITS = 32  # a request id is (point number << ID_BITS) | index within the point
+
+
+# ----------------------------------------------------------------------------
+# Trace and bundle
+
+
+class Trace:
+    """A request trace (docs/formats.md): ``users`` uint64 [Q], ``offsets``
+    int64 [Q+1], ``items`` uint64, ``recall_scores`` float32."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        with np.load(path, allow_pickle=False) as data:
+            self.users = np.ascontiguousarray(data["users"], dtype=np.uint64)
+            self.offsets = np.ascontiguousarray(data["offsets"], dtype=np.int64)
+            self.items = np.ascontiguousarray(data["items"], dtype="<u8")
+            self.recall = np.ascontiguousarray(data["recall_scores"], dtype="<f4")
+        if self.offsets.shape[0] != self.users.shape[0] + 1 or self.offsets[-1] != self.items.shape[0]:
+            raise click.ClickException(f"trace {path}: offsets do not match users and items")
+        self.counts = np.diff(self.offsets)
+
+    def __len__(self):
+        return self.users.shape[0]
+
+    def mean_candidates(self):
+        return float(self.counts.mean()) if len(self) else 0.0
+
+
+def resolve_bundle(path):
+    """A bundle version directory from ``path``: the version directory itself,
+    a model directory (``<models>/<name>``: its newest version) or a directory
+    holding ``models/<name>/`` (the demo layout; one model)."""
+    from jizhi.bundle import find_version
+    p = Path(path)
+    if (p / "manifest.toml").is_file():
+        return p
+    if any(c.name.isdigit() for c in p.iterdir()) if p.is_dir() else False:
+        return find_version(p.parent, p.name)
+    models = p / "models"
+    if models.is_dir():
+        names = [c.name for c in models.iterdir() if c.is_dir() and not c.name.startswith(".")]
+        if len(names) == 1:
+            return find_version(models, names[0])
+    raise click.BadParameter(f"{path} is not a bundle version directory (no manifest.toml)", param_hint="--bundle")
+
+
+# ----------------------------------------------------------------------------
+# CPU accounting of a jizhid run, from /proc
+
+
+def _read(path, mode="rb"):
+    try:
+        with open(path, mode) as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+
+
+def proc_cpu_s(pid):
+    """(cpu seconds (utime + stime), ppid) of ``pid``, or None when it is gone."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    # After the command: state(3) ppid(4) ... utime(14) stime(15).
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[1])
+
+
+class ServerCpu:
+    """Finds the processes of one jizhid run and reads their CPU time.
+
+    The broker and the workers are the processes started with ``--plan
+    <run_dir>/plan.msgpack``; the supervisor is the broker's parent. Kinds:
+    ``supervisor``, ``broker``, ``<pipeline>/<group>`` (all wids of a group
+    summed). A worker that restarts between two snapshots is counted from
+    its new start (the CPU of the dead one after the first snapshot is lost).
+    """
+
+    def __init__(self, run_dir):
+        self.plan = os.path.realpath(os.path.join(run_dir, "plan.msgpack"))
+
+    def processes(self):
+        """{pid: kind} of the run's live processes."""
+        found, broker_ppid = {}, None
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            raw = _read(f"/proc/{entry}/cmdline")
+            if not raw:
+                continue
+            args = raw.decode(errors="replace").rstrip("\0").split("\0")
+            if "--plan" not in args:
+                continue
+            i = args.index("--plan")
+            if i + 1 >= len(args):
+                continue
+            plan = args[i + 1]
+            if not os.path.isabs(plan):
+                try:
+                    plan = os.path.join(os.readlink(f"/proc/{entry}/cwd"), plan)
+                except OSError:
+                    continue
+            if os.path.realpath(plan) != self.plan:
+                continue
+            pid = int(entry)
+            if "jizhi.broker" in args:
+                found[pid] = "broker"
+                st = proc_cpu_s(pid)
+                broker_ppid = st[1] if st else None
+            elif "jizhi.workers.run" in args:
+                def arg(name):
+                    return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else "?"
+                found[pid] = f"{arg('--pipeline')}/{arg('--group')}"
+        if broker_ppid and broker_ppid > 1:
+            found[broker_ppid] = "supervisor"
+        return found
+
+    def snapshot(self):
+        """{pid: (kind, cpu seconds)} now."""
+        snap = {}
+        for pid, kind in self.processes().items():
+            st = proc_cpu_s(pid)
+            if st is not None:
+                snap[pid] = (kind, st[0])
+        return snap
+
+    @staticmethod
+    def delta(before, after):
+        """CPU seconds per kind between two snapshots."""
+        out = collections.defaultdict(float)
+        for pid, (kind, cpu) in after.items():
+            prev = before.get(pid)
+            out[kind] += cpu - (prev[1] if prev and prev[0] == kind else 0.0)
+        return dict(out)
+
+
+def self_cpu_s():
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+# ----------------------------------------------------------------------------
+# The load generator
+
+
+class Progress:
+    """One ``\\r``-rewritten status line on stderr (silent when disabled)."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.last = 0.0
+
+    def show(self, text, force=False):
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < PROGRESS_INTERVAL_S):
+            return
+        self.last = now
+        sys.stderr.write("\r" + text.ljust(100)[:140])
+        sys.stderr.flush()
+
+    def done(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _percentiles(a):
+    if a.shape[0] == 0:
+        return {"p50_ms": None, "p99_ms": None, "p99_9_ms": None, "max_ms": None}
+    p = np.percentile(a, [50, 99, 99.9])
+    return {"p50_ms": round(float(p[0]), 3), "p99_ms": round(float(p[1]), 3),
+            "p99_9_ms": round(float(p[2]), 3), "max_ms": round(float(a.max()), 3)}
+
+
+class LoadGenerator:
+    """Open-loop Poisson load on one pipeline of a jizhid, one point at a time.
+
+    Owns one DEALER socket for its whole life; replies are matched to
+    requests by id (point number and index), so a late reply from an
+    earlier point is recognised and ignored.
+    """
+
+    def __init__(self, endpoint, trace, *, deadline_ms, top_k, slo_ms, cpu=None, progress=True,
+                 allow_repeat=False):
+        self.endpoint = endpoint
+        self.trace = trace
+        self.deadline_ms = deadline_ms
+        self.top_k = top_k
+        self.slo_ms = slo_ms
+        self.cpu = cpu
+        self.progress = Progress(progress)
+        self.allow_repeat = allow_repeat
+        self.cursor = 0
+        self.point_no = 0
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(endpoint)
+
+    def close(self):
+        self.sock.close(0)
+
+    def check_rate(self, rate, duration_s):
+        """Raise UsageError when the trace is too short for ``rate`` (the benchmark rule)."""
+        need = int(round(rate * duration_s))
+        if need > len(self.trace) and not self.allow_repeat:
+            raise click.UsageError(
+                f"the trace has {len(self.trace)} requests, a point at {rate:g} requests/s for {duration_s:g} s "
+                f"needs {need} distinct ones (the rule: no request repeats within a point). Use a longer "
+                f"trace (--bundle DIR --requests {need}) or pass --allow-repeat.")
+
+    def _encode(self, pipeline, rows, base):
+        tr = self.trace
+        frames = []
+        for k, r in enumerate(rows):
+            a, b = tr.offsets[r], tr.offsets[r + 1]
+            frames.append([b""] + protocol.encode_request(
+                "score", id=base | k, pipeline=pipeline, user=int(tr.users[r]), item_ids=tr.items[a:b],
+                recall_scores=tr.recall[a:b], top_k=self.top_k, deadline_ms=self.deadline_ms))
+        return frames
+
+    def run_point(self, pipeline, rate, duration_s, warmup_s, early_stop=False, label=""):
+        """Run one point; return its result dict (see the module docstring)."""
+        self.check_rate(rate, duration_s)
+        self.point_no += 1
+        base = self.point_no << ID_BITS
+        q = len(self.trace)
+        rng = np.random.default_rng([self.point_no, int(rate * 1000)])
+        m = int(round(rate * duration_s))
+        w = int(round(rate * warmup_s))
+        times = np.concatenate([np.sort(rng.uniform(-warmup_s, 0.0, w)), np.sort(rng.uniform(0.0, duration_s, m))])
+        total = w + m
+        # Warm-up rows precede the measured rows in the trace; the measured
+        # rows are distinct when m <= Q.
+        rows = (self.cursor - w + np.arange(total)) % q
+        self.cursor = (self.cursor + m) % q
+        frames = self._encode(pipeline, rows, base)
+        ncand = self.trace.counts[rows]
+
+        sent_at = np.full(total, np.nan)
+        lat_ms = np.full(total, np.nan)
+        status = np.zeros(total, dtype=np.int8)   # 0 pending, 1 ok, 2 error, 3 lost, 4 not sent
+        scored = np.zeros(total, dtype=np.float64)
+        codes = collections.Counter()
+        tsum, tcnt = collections.defaultdict(float), collections.defaultdict(int)
+        sock = self.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        lost_after_s = self.deadline_ms / 1000.0 + 1.0
+        t0 = time.monotonic() + warmup_s + 0.05
+        due = t0 + times
+        cpu_before = cpu_after = None
+        gen_before = gen_after = None
+        t_measure_end = None
+        k = 0
+        limit = total   # an early stop sends no more
+        pending = 0
+        aborted = False
+        over_slo = 0
+        errors_measured = 0
+        last_check = 0.0
+        name = label or f"{pipeline} @ {rate:g}/s"
+        while True:
+            now = time.monotonic()
+            while k < limit and due[k] <= now:
+                sock.send_multipart(frames[k], copy=True)
+                sent_at[k] = now
+                k += 1
+                pending += 1
+            if cpu_before is None and now >= t0:
+                cpu_before = self.cpu.snapshot() if self.cpu else {}
+                gen_before = self_cpu_s()
+                t_cpu0 = time.monotonic()
+            timeout = max(0, math.ceil((due[k] - now) * 1000)) if k < limit else 20
+            if poller.poll(timeout):
+                rnow = time.monotonic()
+                while True:
+                    try:
+                        rep = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        h = msgpack.unpackb(rep[1], raw=False, strict_map_key=False)
+                        rid = int(h["id"])
+                    except Exception:
+                        continue
+                    if rid >> ID_BITS != self.point_no:
+                        continue  # a late reply of an earlier point
+                    i = rid & ((1 << ID_BITS) - 1)
+                    if i >= total or status[i] != 0:
+                        continue  # unknown, or answered after it was counted lost
+                    pending -= 1
+                    lat_ms[i] = (rnow - due[i]) * 1000.0
+                    measured = i >= w
+                    if h.get("status") == "ok":
+                        status[i] = 1
+                        scored[i] = round(ncand[i] * (1.0 - float(h.get("shed_ratio") or 0.0)))
+                        if measured:
+                            if lat_ms[i] > self.slo_ms:
+                                over_slo += 1
+                            for key, us in (h.get("timings_us") or {}).items():
+                                tsum[key] += us
+                                tcnt[key] += 1
+                    else:
+                        status[i] = 2
+                        if measured:
+                            codes[h.get("code", "?")] += 1
+                            errors_measured += 1
+            now = time.monotonic()
+            if k == limit:
+                # Drain: everything sent is answered or lost.
+                late = (status == 0) & (now - sent_at > lost_after_s)
+                if late.any():
+                    status[late] = 3
+                    pending -= int(late.sum())
+                if pending <= 0:
+                    t_measure_end = now
+                    break
+            elif early_stop and now - last_check > 0.25 and now > t0:
+                last_check = now
+                # The point fails for sure once more than 1% of its requests
+                # are over the SLO (answered or still waiting) or one erred.
+                waiting = int(((status[w:k] == 0) & (now - due[w:k] > self.slo_ms / 1000.0)).sum())
+                if errors_measured > 0 or over_slo + waiting > 0.01 * m:
+                    aborted = True
+                    limit = k
+                    status[k:] = 4
+            if self.progress.enabled and now - self.progress.last >= PROGRESS_INTERVAL_S:
+                done_lat = lat_ms[w:][status[w:] == 1]
+                p99 = f"{np.percentile(done_lat, 99):.1f}" if done_lat.shape[0] else "-"
+                el = now - t0
+                self.progress.show(f"{name}: {'warmup' if el < 0 else f'{el:5.1f}/{duration_s:g}s'} "
+                                   f"sent {max(0, k - w)} answered {int((status[w:] == 1).sum())} "
+                                   f"errors {errors_measured} p99 {p99} ms" + (" ABORTED" if aborted else ""))
+        if cpu_before is None:  # an aborted point may end inside the warm-up
+            cpu_before, gen_before, t_cpu0 = ({}, self_cpu_s(), time.monotonic())
+        cpu_after = self.cpu.snapshot() if self.cpu else {}
+        gen_after = self_cpu_s()
+        cpu_wall_s = time.monotonic() - t_cpu0
+        self.progress.show("", force=True)
+        self.progress.done()
+
+        meas = slice(w, total)
+        st = status[meas]
+        ok = st == 1
+        lat = lat_ms[meas][ok]
+        n_ok = int(ok.sum())
+        n_sent = int((st != 4).sum())
+        lost = int((st == 3).sum())
+        sent_lag = (sent_at[meas] - due[meas])[st != 4] * 1000.0
+        res = {
+            "pipeline": pipeline, "offered_rps": round(m / duration_s, 3),
+            "offered_pairs_s": round(float(ncand[meas].sum()) / duration_s, 1),
+            "duration_s": duration_s, "warmup_s": warmup_s, "requests": m, "sent": n_sent,
+            "ok": n_ok, "ok_rps": round(n_ok / duration_s, 3),
+            "goodput_pairs_s": round(float(scored[meas][ok].sum()) / duration_s, 1),
+            "in_slo_pairs_s": round(float(scored[meas][ok][lat <= self.slo_ms].sum()) / duration_s, 1),
+            **_percentiles(lat),
+            "errors": dict(codes), "lost": lost, "aborted": aborted,
+            "send_lag_p99_ms": round(float(np.percentile(sent_lag, 99)), 3) if sent_lag.shape[0] else None,
+            "timings_us": {key: round(tsum[key] / tcnt[key], 1) for key in sorted(tsum)},
+            "distinct_requests": m <= q,
+            "meets_rule": bool(duration_s >= RULE_MIN_DURATION_S and m <= q and not codes and not lost),
+        }
+        res["pass"] = bool(not aborted and not codes and lost == 0 and n_ok == m
+                           and res["p99_ms"] is not None and res["p99_ms"] <= self.slo_ms)
+        if self.cpu is not None:
+            res["cpu"] = cpu_report(ServerCpu.delta(cpu_before, cpu_after), gen_after - gen_before,
+                                    cpu_wall_s, n_ok, pipeline)
+        return res
+
+
+def cpu_report(by_kind, generator_s, wall_s, answered, pipeline):
+    """CPU per process kind: ms per second of wall time and us per answered request."""
+    per = max(answered, 1)
+    kinds = {}
+    server = 0.0
+    for kind in sorted(by_kind):
+        s = by_kind[kind]
+        server += s
+        kinds[kind] = {"ms_per_s": round(s * 1000.0 / wall_s, 1), "us_per_request": round(s * 1e6 / per, 1)}
+    own = sum(s for kind, s in by_kind.items()
+              if kind in ("broker", "supervisor") or kind.startswith(pipeline + "/"))
+    return {"wall_s": round(wall_s, 3), "kinds": kinds,
+            "server_us_per_request": round(server * 1e6 / per, 1),
+            "pipeline_us_per_request": round(own * 1e6 / per, 1),
+            "generator_ms_per_s": round(generator_s * 1000.0 / wall_s, 1),
+            "generator_us_per_request": round(generator_s * 1e6 / per, 1),
+            "total_us_per_request": round((server + generator_s) * 1e6 / per, 1),
+            "cores_busy": round((server + generator_s) / wall_s, 2)}
+
+
+def find_max(run, start_rate, max_rate, precision, max_points, log=print):
+    """Search the highest passing rate: double from ``start_rate`` until a
+    point fails, then bisect. Returns (points, best point or None, note)."""
+    points, lo, hi = [], None, None
+    rate = min(start_rate, max_rate)
+    note = ""
+    while len(points) < max_points:
+        r = run(rate)
+        points.append(r)
+        log(f"  {rate:9.1f} req/s: {'pass' if r['pass'] else 'FAIL'}  p99 {r['p99_ms']} ms  "
+            f"errors {r['errors'] or 0} lost {r['lost']}{' (stopped early)' if r['aborted'] else ''}")
+        if r["pass"]:
+            lo = r
+        else:
+            hi = r
+        if hi is None:
+            if rate >= max_rate:
+                note = f"trace-bound: passed at {max_rate:g} requests/s, the most the trace allows without repeats"
+                break
+            rate = min(rate * 2.0, max_rate)
+        elif lo is None:
+            rate = hi["offered_rps"] / 2.0
+            if rate < 0.5:
+                note = "nothing passes at 0.5 requests/s"
+                break
+        else:
+            if hi["offered_rps"] - lo["offered_rps"] <= precision * lo["offered_rps"]:
+                break
+            rate = (lo["offered_rps"] + hi["offered_rps"]) / 2.0
+        rate = round(rate, 1)
+    else:
+        note = f"stopped after {max_points} points"
+    return points, lo, note
+
+
+# ----------------------------------------------------------------------------
+# The ceiling
+
+
+def _ram_profiles(bundle, side):
+    """A ``Profiles`` whose every column is a private in-RAM copy (no mmap)."""
+    from jizhi.bundle import Profiles
+    p = Profiles(bundle, side)
+    p.ids = np.array(p.ids)
+    for name, col in p.cols.items():
+        p.cols[name] = tuple(np.array(c) for c in col) if isinstance(col, tuple) else np.array(col)
+    if side == "user":
+        p.dense = np.array(p.dense)
+    else:
+        p.sigs = np.array(p.sigs)
+        p.sig_lens = np.array(p.sig_lens)
+    return p
+
+
+class CeilingScorer:
+    """The demo pipeline's five stage processors, back to back in one process,
+    reading RAM instead of LMDB and memory maps. Same ``process`` code as the
+    fused worker: only the stores differ."""
+
+    def __init__(self, version_dir):
+        from jizhi.bundle import Bundle
+        from jizhi.cube.table import RamTable
+        from jizhi.workers.cube_accessor import CubeAccessor
+        from jizhi.workers.data_reader import DataReader
+        from jizhi.workers.feature_processor import FeatureProcessor
+        from jizhi.workers.model_inference import ModelInference
+        from jizhi.workers.ranker import Ranker
+        bundle = Bundle(version_dir)
+        reader = DataReader()
+        reader.on_unknown = "default"
+        reader.users = _ram_profiles(bundle, "user")
+        reader.items = _ram_profiles(bundle, "item")
+        features = FeatureProcessor()
+        features.setup({}, bundle)
+        cube = CubeAccessor()
+        cube.dim = bundle.dim
+        cube.cube = RamTable.from_cube(bundle.cube_path)
+        dnn = ModelInference()
+        dnn.setup({}, bundle)   # onnxruntime, one intra-op thread (workers/model_inference.py)
+        self.stages = [("reader", reader), ("features", features), ("cube", cube), ("dnn", dnn),
+                       ("rank", Ranker())]
+
+    def score(self, users, offsets, items, recall, top_k, stage_us):
+        from jizhi.workers.stage import Batch
+        r = users.shape[0]
+        batch = Batch(users, np.full(r, top_k, dtype=np.int64), np.zeros(r, dtype=bool),
+                      np.full(r, np.inf), offsets, {"item_ids": items, "recall_scores": recall})
+        for name, proc in self.stages:
+            t = time.perf_counter()
+            batch.columns.update(proc.process(batch))
+            stage_us[name] += (time.perf_counter() - t) * 1e6
+        return batch
+
+
+def _ceiling_worker(version_dir, trace_path, core, start, batch_size, top_k, warmup_s, duration_s,
+                    ready, go, t0_value, results):
+    """One ceiling process (spawned): pin, load, wait for the start, loop closed."""
+    os.sched_setaffinity(0, {core})
+    scorer = CeilingScorer(version_dir)
+    tr = Trace(trace_path)
+    q = len(tr)
+    stage_us = collections.defaultdict(float)
+    i = start % q
+
+    def take(i):
+        rows = (i + np.arange(batch_size)) % q
+        if batch_size == 1:
+            r = rows[0]
+            a, b = tr.offsets[r], tr.offsets[r + 1]
+            return tr.users[rows], np.array([0, b - a], dtype=np.int64), tr.items[a:b], tr.recall[a:b], rows
+        counts = tr.counts[rows]
+        offsets = np.zeros(batch_size + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        items = np.concatenate([tr.items[tr.offsets[r]:tr.offsets[r + 1]] for r in rows])
+        recall = np.concatenate([tr.recall[tr.offsets[r]:tr.offsets[r + 1]] for r in rows])
+        return tr.users[rows], offsets, items, recall, rows
+
+    for _ in range(3):  # first calls: onnxruntime and numba warm paths, not measured
+        scorer.score(*take(i)[:4], top_k, collections.defaultdict(float))
+    ready.wait()
+    go.wait()
+    t0 = t0_value.value
+    t_meas, t_end = t0 + warmup_s, t0 + warmup_s + duration_s
+    lat, n_req, n_pairs = [], 0, 0
+    cpu0 = None
+    while True:
+        now = time.monotonic()
+        if now >= t_end:
+            break
+        measured = now >= t_meas
+        if measured and cpu0 is None:
+            cpu0 = self_cpu_s()
+            stage_us.clear()
+        users, offsets, items, recall, rows = take(i)
+        t = time.perf_counter()
+        scorer.score(users, offsets, items, recall, top_k, stage_us if measured else collections.defaultdict(float))
+        dt_ms = (time.perf_counter() - t) * 1000.0
+        i = (i + batch_size) % q
+        if measured:
+            lat.extend([dt_ms] * batch_size)
+            n_req += batch_size
+            n_pairs += int(offsets[-1])
+    cpu = self_cpu_s() - (cpu0 if cpu0 is not None else self_cpu_s())
+    results.put({"core": core, "requests": n_req, "pairs": n_pairs, "lat_ms": lat, "cpu_s": cpu,
+                 "stage_us": dict(stage_us)})
+
+
+def run_ceiling(version_dir, trace_path, *, duration_s, warmup_s, top_k, batch_size, processes=None):
+    """The ceiling: one pinned process per core, closed loop; returns the result dict."""
+    import multiprocessing as mp
+    cores = sorted(os.sched_getaffinity(0))
+    n = processes or len(cores)
+    ctx = mp.get_context("spawn")
+    ready = ctx.Barrier(n + 1)
+    go = ctx.Event()
+    t0 = ctx.Value("d", 0.0)
+    results = ctx.Queue()
+    q = len(Trace(trace_path))
+    procs = [ctx.Process(target=_ceiling_worker,
+                         args=(str(version_dir), str(trace_path), cores[j % len(cores)], j * q // n, batch_size,
+                               top_k, warmup_s, duration_s, ready, go, t0, results), daemon=True)
+             for j in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        ready.wait(timeout=600)
+        t0.value = time.monotonic() + 0.05
+        go.set()
+        out = [results.get(timeout=warmup_s + duration_s + 600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+    lat = np.array([x for o in out for x in o["lat_ms"]], dtype=np.float64)
+    reqs = sum(o["requests"] for o in out)
+    pairs = sum(o["pairs"] for o in out)
+    cpu = sum(o["cpu_s"] for o in out)
+    stage = collections.defaultdict(float)
+    for o in out:
+        for k, v in o["stage_us"].items():
+            stage[k] += v
+    return {"processes": n, "cores": cores, "batch": batch_size, "duration_s": duration_s, "warmup_s": warmup_s,
+            "requests": reqs, "rps": round(reqs / duration_s, 1), "pairs_s": round(pairs / duration_s, 1),
+            **_percentiles(lat),
+            "stage_us_per_request": {k: round(stage[k] / max(reqs, 1), 1) for k in ("reader", "features", "cube", "dnn", "rank")},
+            "cpu_us_per_request": round(cpu * 1e6 / max(reqs, 1), 1),
+            "cores_busy": round(cpu / duration_s, 2)}
+
+
+# ----------------------------------------------------------------------------
+# Reporting
+
+
+def environment():
+    import numba
+    import onnxruntime
+    model = "?"
+    for line in (_read("/proc/cpuinfo", "r") or "").splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = 0
+    for line in (_read("/proc/meminfo", "r") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": platform.node(), "cpu_model": model, "cpus": os.cpu_count(),
+            "mem_gib": round(mem / 2**30, 1), "python": platform.python_version(),
+            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__, "numba": numba.__version__,
+            "pyzmq": zmq.__version__, "loadavg": os.getloadavg()}
+
+
+def _fmt(v, nd=1):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def print_points(points, out=print):
+    out(f"{'pipeline':<14}{'offered/s':>10}{'ok/s':>10}{'goodput pairs/s':>17}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'p99.9 ms':>10}{'errors':>18}{'lost':>6}  result")
+    for r in points:
+        errs = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0"
+        out(f"{r['pipeline']:<14}{_fmt(r['offered_rps']):>10}{_fmt(r['ok_rps']):>10}{_fmt(r['goodput_pairs_s'], 0):>17}"
+            f"{_fmt(r['p50_ms']):>9}{_fmt(r['p99_ms']):>9}{_fmt(r['p99_9_ms']):>10}{errs:>18}{r['lost']:>6}  "
+            f"{'pass' if r['pass'] else 'fail'}{' (stopped early)' if r['aborted'] else ''}")
+
+
+def print_detail(r, out=print):
+    t = r["timings_us"]
+    if t:
+        out(f"  mean timings_us of OK replies ({r['pipeline']} @ {r['offered_rps']:g}/s): "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in t.items()))
+    c = r.get("cpu")
+    if c:
+        out(f"  CPU over {c['wall_s']:.1f} s ({c['cores_busy']} cores busy):")
+        out(f"    {'process kind':<28}{'ms/s':>8}{'us/request':>12}")
+        for kind, v in c["kinds"].items():
+            out(f"    {kind:<28}{v['ms_per_s']:>8,.1f}{v['us_per_request']:>12,.1f}")
+        out(f"    {'load generator':<28}{c['generator_ms_per_s']:>8,.1f}{c['generator_us_per_request']:>12,.1f}")
+        out(f"    server {c['server_us_per_request']:,.0f} us/request (this pipeline + broker + supervisor: "
+            f"{c['pipeline_us_per_request']:,.0f}); with the generator {c['total_us_per_request']:,.0f}")
+
+
+def print_ceiling(c, out=print):
+    out(f"ceiling: {c['processes']} processes (cores {c['cores']}), batch {c['batch']}: "
+        f"{c['pairs_s']:,.0f} pairs/s, {c['rps']:,.1f} requests/s, latency p50 {c['p50_ms']} ms "
+        f"p99 {c['p99_ms']} ms, CPU {c['cpu_us_per_request']:,.0f} us/request")
+    out("  mean us per request by stage: " + ", ".join(f"{k} {v:,.0f}" for k, v in c["stage_us_per_request"].items()))
+
+
+# ----------------------------------------------------------------------------
+# The command
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoint", default="tcp://127.0.0.1:5555", show_default=True, help="jizhid's client endpoint.")
+@click.option("--pipeline", default="default", show_default=True,
+              help="Pipeline to load; a comma-separated list runs each in turn.")
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
+              help="Request trace (trace.npz, docs/formats.md).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False),
+              help="Bundle version directory: generates the trace (with --requests) and is what --ceiling scores.")
+@click.option("--requests", type=click.IntRange(1), help="Generate a trace of this many requests from --bundle.")
+@click.option("--candidates", type=click.IntRange(1), default=500, show_default=True,
+              help="Candidates per request of a generated trace.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Offered load, requests/s (one point).")
+@click.option("--rates", help="A sweep: comma-separated requests/s.")
+@click.option("--find-max", is_flag=True, help="Search the highest rate with p99 <= --slo-ms and no errors.")
+@click.option("--start-rate", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
+              help="--find-max: first rate tried (doubled until a point fails).")
+@click.option("--precision", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="--find-max: stop bisecting when the gap is below this fraction of the best pass.")
+@click.option("--max-points", type=click.IntRange(1), default=10, show_default=True,
+              help="--find-max: most points per pipeline.")
+@click.option("--slo-ms", type=float, default=50.0, show_default=True, help="Latency objective (p99) of a passing point.")
+@click.option("--duration", "duration_s", type=click.FloatRange(min=0, min_open=True), default=20.0,
+              show_default=True, help="Seconds measured per point (the rule: at least 20).")
+@click.option("--warmup", "warmup_s", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Seconds of load before each point, not counted.")
+@click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True,
+              help="Deadline sent with every request; no reply within deadline + 1 s counts as lost.")
+@click.option("--top-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--allow-repeat", is_flag=True, help="Allow a trace shorter than rate x duration (requests repeat).")
+@click.option("--cpu", is_flag=True, help="Measure the CPU of jizhid's processes (found through --run-dir).")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="--cpu: jizhid's run directory (default: server.run_dir's default for instance 'default').")
+@click.option("--ceiling", is_flag=True, help="Run the in-process ceiling instead of loading a server (needs --bundle).")
+@click.option("--batch", "ceiling_batch", type=click.IntRange(1), default=1, show_default=True,
+              help="--ceiling: requests scored per call.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results to this file.")
+@click.option("--quiet", is_flag=True, help="No progress line on stderr.")
+def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, rate, rates, find_max,
+                  start_rate, precision, max_points, slo_ms, duration_s, warmup_s, deadline_ms, top_k,
+                  allow_repeat, cpu, run_dir, ceiling, ceiling_batch, json_path, quiet):
+    """Measure throughput and latency: open-loop Poisson load on a running
+    jizhid (--rate, --rates or --find-max), or the in-process ceiling
+    (--ceiling).
+
+    Every point: --warmup s of load, then --duration s measured, latency from
+    each request's intended send time. A point passes with p99 <= --slo-ms,
+    no error and nothing lost. Goodput counts the candidates that received a
+    model score in OK replies. Examples:
+
+    \b
+      jizhictl bench --trace trace.npz --rate 200
+      jizhictl bench --trace trace.npz --find-max --pipeline demo,legacy --cpu --run-dir /run/jizhi
+      jizhictl bench --ceiling --bundle models/demo/1 --trace trace.npz
+    """
+    modes = sum([rate is not None, rates is not None, find_max])
+    if ceiling and modes:
+        raise click.UsageError("--ceiling runs closed loop: it takes no --rate, --rates or --find-max")
+    if not ceiling and modes != 1:
+        raise click.UsageError("give exactly one of --rate, --rates, --find-max (or --ceiling)")
+    if ceiling and not bundle:
+        raise click.UsageError("--ceiling needs --bundle (the version directory it scores)")
+    if trace_path and requests:
+        raise click.UsageError("give --trace or --requests (with --bundle), not both")
+    if not trace_path and not (bundle and requests):
+        raise click.UsageError("give --trace FILE, or --bundle DIR with --requests N to generate one")
+    if duration_s < RULE_MIN_DURATION_S:
+        click.echo(f"note: points of {duration_s:g} s are shorter than the rule's {RULE_MIN_DURATION_S:g} s", err=True)
+    version_dir = resolve_bundle(bundle) if bundle else None
+    tmp = None
+    if not trace_path:
+        from jizhi.demo import generate_trace
+        tmp = tempfile.NamedTemporaryFile(prefix="jizhi-trace-", suffix=".npz", delete=False)
+        tmp.close()
+        trace_path = tmp.name
+        generate_trace(str(version_dir), trace_path, requests=requests, candidates=candidates, progress=not quiet)
+    try:
+        result = {"environment": environment(), "command": sys.argv, "trace": str(trace_path)}
+        if ceiling:
+            click.echo(f"ceiling: {version_dir}, {len(os.sched_getaffinity(0))} cores, {duration_s:g} s "
+                       f"after {warmup_s:g} s warm-up", err=True)
+            c = run_ceiling(version_dir, trace_path, duration_s=duration_s, warmup_s=warmup_s, top_k=top_k,
+                            batch_size=ceiling_batch)
+            result["ceiling"] = c
+            print_ceiling(c, click.echo)
+        else:
+            result["runs"] = _load(endpoint, pipeline, trace_path, rate, rates, find_max, start_rate, precision,
+                                   max_points, slo_ms, duration_s, warmup_s, deadline_ms, top_k, allow_repeat,
+                                   cpu, run_dir, quiet)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=1)
+            click.echo(f"results written to {json_path}", err=True)
+    finally:
+        if tmp is not None:
+            os.unlink(tmp.name)
+
+
+def _load(endpoint, pipeline, trace_path, rate, rates, find_max_flag, start_rate, precision, max_points, slo_ms,
+          duration_s, warmup_s, deadline_ms, top_k, allow_repeat, cpu, run_dir, quiet):
+    from jizhi.client import Client
+    trace = Trace(trace_path)
+    try:
+        with Client(endpoint, timeout_s=5.0) as c:
+            info = c.info()
+    except TimeoutError:
+        click.echo(f"jizhictl bench: no answer from {endpoint} within 5 s: is jizhid running, and is this its "
+                   f"frontend (server.frontend)?", err=True)
+        sys.exit(1)
+    names = [p.strip() for p in pipeline.split(",") if p.strip()]
+    for name in names:
+        real = info["default_pipeline"] if name == "default" else name
+        if real not in info["pipelines"]:
+            raise click.UsageError(f"pipeline {name!r} is not served by {endpoint} (served: {', '.join(info['pipelines'])})")
+    if not info.get("ready"):
+        click.echo("warning: jizhid says it is not ready yet (some pool has no worker)", err=True)
+    server_cpu = None
+    if cpu:
+        run_dir = run_dir or f"/tmp/jizhi-{os.getuid()}-default"
+        server_cpu = ServerCpu(run_dir)
+        found = server_cpu.processes()
+        if not found:
+            raise click.UsageError(f"--cpu: no process of a jizhid run found for run dir {run_dir} "
+                                   f"(looked for --plan {server_cpu.plan} in /proc/*/cmdline)")
+        click.echo(f"cpu: {len(found)} processes of the run in {run_dir}", err=True)
+    gen = LoadGenerator(endpoint, trace, deadline_ms=deadline_ms, top_k=top_k, slo_ms=slo_ms, cpu=server_cpu,
+                        progress=not quiet, allow_repeat=allow_repeat)
+    runs = []
+    try:
+        for name in names:
+            click.echo(f"== {name}: trace {len(trace)} requests x {trace.mean_candidates():.0f} candidates, "
+                       f"{duration_s:g} s per point, SLO p99 <= {slo_ms:g} ms", err=True)
+            if find_max_flag:
+                cap = len(trace) / duration_s if not allow_repeat else float("inf")
+                points, best, note = find_max(
+                    lambda r: gen.run_point(name, r, duration_s, warmup_s, early_stop=True),
+                    start_rate, cap, precision, max_points, log=lambda s: click.echo(s, err=True))
+                run = {"pipeline": name, "points": points, "max": best, "note": note}
+            else:
+                todo = [rate] if rate is not None else [float(x) for x in rates.split(",") if x.strip()]
+                for r in todo:
+                    gen.check_rate(r, duration_s)
+                points = [gen.run_point(name, r, duration_s, warmup_s) for r in todo]
+                run = {"pipeline": name, "points": points}
+            runs.append(run)
+            click.echo("")
+            print_points(points, click.echo)
+            detail = run.get("max") if find_max_flag else None
+            for p in ([detail] if detail else points):
+                print_detail(p, click.echo)
+            if find_max_flag:
+                if run["max"]:
+                    click.echo(f"  max: {run['max']['offered_rps']:g} requests/s = "
+                               f"{run['max']['goodput_pairs_s']:,.0f} pairs/s at p99 {run['max']['p99_ms']} ms"
+                               + (f" ({note})" if note else ""))
+                else:
+                    click.echo(f"  max: no passing point ({note or 'every point failed'})")
+    finally:
+        gen.close()
+    return runs
+
+
+if __name__ == "__main__":
+    bench_command(prog_name="python -m jizhi.bench")

@@ -110,6 +110,7 @@ class PipelineState:
         self.by_slot = [None] * self.slots
         self.versions = {plan["model"]: plan["version"]}
         self.vkey = tuple(sorted(self.versions.items()))
+        self.pinned = {self.vkey: self.versions}   # version-set key -> {model: version}
         self.channels = collections.defaultdict(collections.deque)   # (group, vkey) -> deque[Request]
         self.workers = collections.defaultdict(list)                # (group, vkey) -> [WorkerRef]
         self.stats = {g: GroupStats() for g in self.groups}
@@ -370,7 +371,7 @@ class Broker:
                 req.timings["wait_" + group] = wait_us
                 rows.append([req.slot, req.n, req.deadline, req.user, req.top_k, req.ret_all])
             try:
-                self.back.send_multipart([w.ident] + protocol.encode_event(eid, rows))
+                self.back.send_multipart([w.ident] + protocol.encode_event(eid, pipe.pinned[vkey], rows))
             except zmq.ZMQError:
                 for req in taken:
                     req.held -= 1

@@ -274,8 +274,9 @@ def encode_ready(pipeline, group, wid, versions, window):
                    "pid": os.getpid(), "versions": versions, "window": window})]
 
 
-def encode_event(eid, rows):
-    return [packb({"t": T_EVENT, "eid": eid, "reqs": rows})]
+def encode_event(eid, versions, rows):
+    """``versions``: {model: version} the event's requests were pinned to at admission."""
+    return [packb({"t": T_EVENT, "eid": eid, "versions": versions, "reqs": rows})]
 
 
 def encode_done(eid, results, service_us):

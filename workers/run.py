@@ -148,7 +148,14 @@ class Worker:
                     log.warning("dropping a malformed message from the broker")
                     continue
                 if msg["t"] == protocol.T_EVENT:
-                    results, svc = self.process_event(msg["reqs"])
+                    if msg.get("versions") != self.versions:
+                        # Routing is keyed by version set, so this is a broker bug; never score
+                        # a request with a model it was not pinned to.
+                        results = [[r[0], INTERNAL, f"event pinned to {msg.get('versions')} reached a worker "
+                                    f"serving {self.versions}", {}] for r in msg["reqs"]]
+                        svc = {}
+                    else:
+                        results, svc = self.process_event(msg["reqs"])
                     sock.send_multipart(protocol.encode_done(msg["eid"], results, svc))
                     last_send = time.monotonic()
                 elif msg["t"] == protocol.T_STOP:

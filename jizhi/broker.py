@@ -92,7 +92,8 @@ class GroupStats:
 
 
 class WorkerRef:
-    __slots__ = ("ident", "pipeline", "group", "wid", "pid", "vkey", "window", "inflight", "last_seen")
+    __slots__ = ("ident", "pipeline", "group", "wid", "pid", "vkey", "window", "inflight", "last_seen",
+                 "retiring")
 
 
 class PipelineState:
@@ -289,7 +290,7 @@ class Broker:
                              f"pipeline {m['pipeline']!r} is not served here (served: {', '.join(self.pipes)})")
             return
         if self.draining:
-            self.reply_error(envelope, m["id"], OVERLOADED, "server is draining for shutdown", 1000)
+            self.reply_error(envelope, m["id"], OVERLOADED, "server is draining (jizhictl drain or shutdown)", 1000)
             return
         if not pipe.free:
             self.reply_error(envelope, m["id"], OVERLOADED,
@@ -411,9 +412,25 @@ class Broker:
                     self.drop_worker(cand, "exited")
         elif t == protocol.T_DRAIN:
             self.draining = True
-            self.drain_requester = ident
+            if msg.get("reply", True):
+                self.drain_requester = ident
             log.info("draining: admitting nothing new, %d requests in flight",
                      sum(p.in_flight() for p in self.pipes.values()))
+        elif t == protocol.T_RESUME:
+            self.draining = False
+            self.drain_requester = None
+            log.info("admitting again after a drain")
+        elif t == protocol.T_RETIRE:
+            for cand in list(self.workers.values()):
+                if (cand.pipeline, cand.group, cand.wid, cand.pid) == \
+                        (msg.get("pipeline"), msg.get("group"), msg.get("wid"), msg.get("pid")):
+                    self.retire_worker(cand)
+        elif w is None and t in (protocol.T_HEARTBEAT, protocol.T_DONE):
+            # A worker of a previous broker (this one restarted): ask it to register again.
+            try:
+                self.back.send_multipart([ident] + protocol.encode_simple(protocol.T_RESYNC))
+            except zmq.ZMQError:
+                pass
         elif t == protocol.T_INFO:
             self.back.send_multipart([ident, protocol.packb({"t": protocol.T_INFO, "info": self.info()})])
         elif t == protocol.T_STOP:
@@ -433,6 +450,7 @@ class Broker:
         w.vkey = tuple(sorted((k, v) for k, v in msg["versions"].items()))
         w.window = max(1, int(msg.get("window", 1)))
         w.inflight = {}
+        w.retiring = False
         w.last_seen = time.monotonic()
         old = self.workers.get(ident)
         if old is not None:
@@ -442,6 +460,25 @@ class Broker:
         log.info("worker joined: pipeline=%s group=%s wid=%s pid=%s versions=%s",
                  pipe.name, w.group, w.wid, w.pid, dict(w.vkey))
         self.dispatch(pipe, w.group, w.vkey)
+
+    def retire_worker(self, w):
+        """Dispatch nothing more to ``w``; STOP it once it holds nothing (scale down, no request dropped)."""
+        pipe = self.pipes[w.pipeline]
+        lst = pipe.workers.get((w.group, w.vkey), [])
+        if w in lst:
+            lst.remove(w)
+        w.retiring = True
+        log.info("retiring worker pipeline=%s group=%s wid=%s pid=%s (%d events held)",
+                 w.pipeline, w.group, w.wid, w.pid, len(w.inflight))
+        self.stop_if_retired(w)
+
+    def stop_if_retired(self, w):
+        if w.retiring and not w.inflight and self.workers.get(w.ident) is w:
+            del self.workers[w.ident]
+            try:
+                self.back.send_multipart([w.ident] + protocol.encode_simple(protocol.T_STOP))
+            except zmq.ZMQError:
+                pass
 
     def drop_worker(self, w, why):
         """Forget a worker; its events go back to the front of their channel."""
@@ -508,7 +545,10 @@ class Broker:
         for req in by_slot.values():  # a worker that forgot a request: never leave it hanging
             req.held -= 1
             self.answer_error(req, INTERNAL, f"worker of {group} returned no result")
-        self.dispatch(pipe, group, w.vkey)
+        if w.retiring:
+            self.stop_if_retired(w)
+        else:
+            self.dispatch(pipe, group, w.vkey)
         for nxt in touched:
             self.dispatch(pipe, nxt, w.vkey)
 

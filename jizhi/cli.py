@@ -178,8 +178,164 @@ def _add_bench():
     cli.add_command(bench_command, "bench")
 
 
-_add_bench()
+
 
 
 def main(argv=None):
     return cli.main(args=argv, prog_name="jizhictl")
+
+
+# -- operating the daemon (control socket) -----------------------------------
+
+def _run_dir_option(f):
+    f = click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+                     help="The daemon's run directory (holds control.ipc). Default: $JIZHI_RUN_DIR, "
+                          "/run/jizhi (systemd), then /tmp/jizhi-<uid>-<instance>.")(f)
+    f = click.option("--instance", default="default", show_default=True, help="Instance name (server.instance).")(f)
+    return f
+
+
+def _control(run_dir, instance, cmd, args=None, timeout_s=5.0):
+    from pathlib import Path
+
+    from jizhi import control
+    dirs = [Path(run_dir)] if run_dir else control.run_dir_candidates(instance)
+    tried = []
+    for d in dirs:
+        if not (d / control.SOCKET_NAME).exists():
+            tried.append(str(d))
+            continue
+        try:
+            return control.call(d, cmd, args, timeout_s)
+        except ConnectionError as e:
+            click.echo(f"jizhictl: jizhid is not answering on {d / control.SOCKET_NAME} ({e}); "
+                       "is it running (systemctl status jizhi, or its log)?", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+        except control.ControlError as e:
+            click.echo(f"jizhictl: {cmd} refused: {e}", err=True)
+            sys.exit(EXIT_ERROR_REPLY)
+    click.echo(f"jizhictl: jizhid is not running (no control socket in {', '.join(tried)}); "
+               "pass --run-dir or --instance if it runs elsewhere", err=True)
+    sys.exit(EXIT_UNREACHABLE)
+
+
+def _fmt_us(v):
+    return "-" if v is None else (f"{v / 1000:.2f}ms" if v >= 1000 else f"{v}us")
+
+
+@cli.command()
+@_run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(run_dir, instance, as_json):
+    """Processes, pids, uptime, model versions and health of a running jizhid."""
+    st = _control(run_dir, instance, "status")
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"jizhid instance {st['instance']}  pid {st['pid']}  up {st['uptime_s']}s  health {st['health']}")
+    click.echo(f"frontend {st['frontend']}  models {st['models']}  pipelines {', '.join(st['pipelines'])}")
+    click.echo(f"{'process':<28} {'pid':>7} {'state':<10} {'uptime':>8} {'restarts':>8} {'rss':>9}")
+    for p in st["processes"]:
+        rss = f"{p['rss_bytes'] / 2**20:.0f}MiB" if p.get("rss_bytes") else "-"
+        up = f"{p['uptime_s']}s" if p.get("uptime_s") is not None else "-"
+        click.echo(f"{p['name']:<28} {p['pid'] or '-':>7} {p['state']:<10} {up:>8} {p['restarts']:>8} {rss:>9}")
+
+
+def _stats_table(info):
+    lines = []
+    lines.append(f"answered {info['answered']}  errors {info['errors'] or '{}'}  malformed {info['malformed']}  "
+                 f"draining {info['draining']}  up {info['uptime_s']}s")
+    lines.append(f"{'pipeline/group':<26} {'workers':>7} {'queue':>6} {'events/s':>9} {'wait p50':>9} {'wait p99':>9} "
+                 f"{'svc p50':>9} {'svc p99':>9}")
+    for pname, p in info["pipelines"].items():
+        for g, gs in p["groups"].items():
+            lines.append(f"{pname + '/' + g:<26} {gs['workers']:>7} {gs['queue']:>6} {gs['events_per_s']:>9} "
+                         f"{_fmt_us(gs['wait_us']['p50']):>9} {_fmt_us(gs['wait_us']['p99']):>9} "
+                         f"{_fmt_us(gs['service_us']['p50']):>9} {_fmt_us(gs['service_us']['p99']):>9}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@_run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(run_dir, instance, as_json):
+    """Per stage: pool size, queue depth, events/s, wait and service p50/p99; errors by code."""
+    info = _control(run_dir, instance, "stats")
+    click.echo(json.dumps(info, indent=2) if as_json else _stats_table(info))
+
+
+@cli.command()
+@_run_dir_option
+@click.argument("group")
+@click.argument("n", type=int)
+@click.option("--pipeline", default=None, help="Pipeline (default: the server's default pipeline).")
+def scale(run_dir, instance, group, n, pipeline):
+    """Set the pool size of GROUP (a stage, or a fused group) to N worker processes.
+
+    Scaling down retires workers without dropping a request: the broker sends
+    them nothing new and stops them once they hold nothing.
+    """
+    r = _control(run_dir, instance, "scale", {"group": group, "n": n, "pipeline": pipeline})
+    click.echo(f"{r['pipeline']}/{r['group']}: {r['before']} -> {r['after']} workers")
+
+
+@cli.command()
+@_run_dir_option
+def drain(run_dir, instance):
+    """Stop admitting requests (clients get OVERLOADED) and finish those in flight. `resume` undoes it."""
+    _control(run_dir, instance, "drain")
+    click.echo("draining: no new requests are admitted")
+
+
+@cli.command()
+@_run_dir_option
+def resume(run_dir, instance):
+    """Admit requests again after `drain`."""
+    _control(run_dir, instance, "resume")
+    click.echo("admitting requests")
+
+
+@cli.command()
+@_run_dir_option
+def reload(run_dir, instance):
+    """Re-read the config and pipelines (like SIGHUP). An invalid config is refused; the running one stays."""
+    r = _control(run_dir, instance, "reload")
+    click.echo(f"applied: {', '.join(r['applied']) or 'nothing'}")
+    if r["needs_restart"]:
+        click.echo(f"changed but needs a restart: {', '.join(r['needs_restart'])}")
+
+
+@cli.command()
+@_run_dir_option
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--count", default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
+def top(run_dir, instance, interval, count):
+    """A live view of the per-stage figures, refreshed every --interval seconds."""
+    import time
+    i = 0
+    try:
+        while True:
+            info = _control(run_dir, instance, "stats")
+            click.clear() if sys.stdout.isatty() else None
+            click.echo(time.strftime("%H:%M:%S ") + _stats_table(info))
+            click.echo(_breakdown(info))
+            i += 1
+            if count and i >= count:
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def _breakdown(info):
+    """Latency breakdown by stage (queue wait and service, p50), as bars."""
+    lines = ["latency breakdown (p50 per group: wait '.', service '#', 1 char = 0.25 ms)"]
+    for pname, p in info["pipelines"].items():
+        for g, gs in p["groups"].items():
+            w = gs["wait_us"]["p50"] or 0
+            s = gs["service_us"]["p50"] or 0
+            bar = "." * min(60, int(w / 250)) + "#" * min(60, int(s / 250))
+            lines.append(f"  {pname + '/' + g:<24} {bar}")
+    return "\n".join(lines)
+
+_add_bench()

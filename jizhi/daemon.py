@@ -79,7 +79,10 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     from jizhi.supervisor import Supervisor
-    sup = Supervisor(settings, models, settings["server.pipelines"])
+    if models != settings["server.models"]:
+        overrides["server.models"] = models
+        settings["server.models"] = models
+    sup = Supervisor(settings, models, settings["server.pipelines"], config_path=args.config, overrides=overrides)
     try:
         sup.prepare()
     except (PipelineError, BundleError) as e:

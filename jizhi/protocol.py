@@ -41,6 +41,9 @@ T_STOP = "stop"        # broker -> worker: finish what you hold, then exit
 T_WORKER_DEAD = "dead"  # supervisor -> broker: wid X of group G has exited
 T_DRAIN = "drain"      # supervisor -> broker: stop admitting, answer in-flight
 T_DRAINED = "drained"  # broker -> supervisor: nothing in flight any more
+T_RESUME = "resume"    # supervisor -> broker: admit again after a drain
+T_RETIRE = "retire"    # supervisor -> broker: send wid X nothing new, then STOP it
+T_RESYNC = "resync"    # broker -> worker: I do not know you (I restarted): send READY again
 T_INFO = "info"        # supervisor -> broker -> supervisor: the broker's figures
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from jizhi import arena, overlay, protocol
+from jizhi import arena, control, notify, overlay, protocol
 from jizhi.bundle import Bundle
-from jizhi.errors import EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE
+from jizhi.errors import (EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE, BundleError,
+                          ConfigError, PipelineError)
 from jizhi.pipeline import compile_pipeline, read_pipeline
 
 log = logging.getLogger("jizhi.supervisor")
@@ -50,6 +51,9 @@ class Child:
         self.started = 0.0
         self.backoff_s = 0.0
         self.not_before = 0.0
+        self.restarts = 0
+        self.retiring = False
+        self.retire_by = float("inf")
 
     @property
     def pid(self):
@@ -57,8 +61,12 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings, models_dir, pipelines):
+    def __init__(self, settings, models_dir, pipelines, config_path=None, overrides=None):
         self.settings = settings
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.t_start = time.monotonic()
+        self.desired = {}
         self.models_dir = str(models_dir)
         self.pipeline_names = pipelines
         self.instance = settings["server.instance"]
@@ -121,8 +129,7 @@ class Supervisor:
         self.children[("broker",)] = Child(("broker",), [py, "-m", "jizhi.broker", "--plan", str(self.plan_path)])
         for name, plan in plans.items():
             for g, group in plan["groups"].items():
-                for wid in range(group["pool"]):
-                    self.add_worker(name, g, wid)
+                self.desired[(name, g)] = group["pool"]
 
     def add_worker(self, pipeline, group, wid):
         key = (pipeline, group, wid)
@@ -149,6 +156,13 @@ class Supervisor:
         self.ctl.setsockopt(zmq.LINGER, 0)
         self.ctl.setsockopt(zmq.IDENTITY, b"supervisor")
         self.ctl.connect(self.backend)
+        self.control = ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        old = os.umask(0o077)   # the socket file is created 0600: only our user may operate us
+        try:
+            self.control.bind(control.endpoint(self.run_dir))
+        finally:
+            os.umask(old)
 
     def tell_broker(self, frames):
         try:
@@ -161,28 +175,137 @@ class Supervisor:
         self.install_signals()
         self.open_control()
         self.manage()
-        last_info = 0.0
+        poller = zmq.Poller()
+        poller.register(self.ctl, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        last_info = last_watchdog = 0.0
+        watchdog_s = notify.watchdog_interval_s()
+        notify.notify("STATUS=starting workers")
         while not self.stopping:
             while self.signals:
                 sig = self.signals.pop(0)
                 getattr(self, "handle_" + signal.Signals(sig).name.lower())()
             self.reap()
             self.manage()
-            if not self.ready_logged and time.monotonic() - last_info > 0.2:
-                last_info = time.monotonic()
+            now = time.monotonic()
+            if watchdog_s and now - last_watchdog >= watchdog_s:
+                # From the loop itself: a stuck supervisor stops pinging and systemd restarts it.
+                notify.notify("WATCHDOG=1")
+                last_watchdog = now
+            if not self.ready_logged and now - last_info > 0.2:
+                last_info = now
                 self.tell_broker(protocol.encode_simple(protocol.T_INFO))
-            if self.ctl.poll(100):
-                msg = protocol.unpackb(self.ctl.recv())
-                if msg.get("t") == protocol.T_INFO and msg["info"]["ready"] and not self.ready_logged:
-                    self.ready_logged = True
-                    log.info("ready: serving %s on %s", ", ".join(self.run["pipelines"]), self.run["frontend"])
+            for sock, _ in poller.poll(100):
+                if sock is self.ctl:
+                    self.on_broker_message(protocol.unpackb(self.ctl.recv()))
+                else:
+                    self.on_control()
         return self.shutdown()
+
+    def on_broker_message(self, msg):
+        if msg.get("t") == protocol.T_INFO and msg["info"]["ready"] and not self.ready_logged:
+            self.ready_logged = True
+            log.info("ready: serving %s on %s", ", ".join(self.run["pipelines"]), self.run["frontend"])
+            notify.notify("READY=1", f"STATUS=serving {', '.join(self.run['pipelines'])} on {self.run['frontend']}")
+
+    def on_control(self):
+        try:
+            request = protocol.unpackb(self.control.recv())
+        except Exception:
+            reply = {"v": control.VERSION, "ok": False, "error": "not a msgpack message"}
+        else:
+            try:
+                reply = control.handle(self, request)
+            except Exception as e:  # a bug in a command must not take the supervisor down
+                log.exception("control command failed")
+                reply = {"v": control.VERSION, "ok": False, "error": f"{type(e).__name__}: {e}"}
+        self.control.send(protocol.packb(reply))
+
+    def ask_broker(self, frames, want, timeout_s=2.0):
+        """Send to the broker and wait for a reply of type ``want`` (other messages are handled)."""
+        self.tell_broker(frames)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.ctl.poll(max(1, int((end - time.monotonic()) * 1000))):
+                msg = protocol.unpackb(self.ctl.recv())
+                if msg.get("t") == want:
+                    return msg
+                self.on_broker_message(msg)
+        return None
+
+    # -- what control commands call ------------------------------------------
+
+    def status(self):
+        now = time.monotonic()
+        procs = []
+        for c in self.children.values():
+            procs.append({"name": "/".join(map(str, c.key)), "pid": c.pid,
+                          "state": "retiring" if c.retiring else ("running" if c.proc else "restarting"),
+                          "uptime_s": round(now - c.started, 1) if c.proc else None,
+                          "restarts": c.restarts, "rss_bytes": _rss(c.pid)})
+        info = self.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
+        health = "unknown (broker did not answer)" if info is None else \
+            ("ready" if info["info"]["ready"] else "starting")
+        if info is not None and info["info"].get("draining"):
+            health = "draining"
+        return {"instance": self.instance, "pid": os.getpid(), "uptime_s": round(now - self.t_start, 1),
+                "health": health, "frontend": self.run["frontend"],
+                "models": {p["model"]: p["version"] for p in self.run["pipelines"].values()},
+                "pipelines": list(self.run["pipelines"]), "processes": procs,
+                "pools": {f"{p}/{g}": n for (p, g), n in self.desired.items()}}
+
+    def stats(self):
+        info = self.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
+        if info is None:
+            raise control.ControlError("the broker did not answer (is it restarting?)")
+        return info["info"]
+
+    def set_pool(self, pipeline, group, n):
+        self.desired[(pipeline, group)] = n
+        log.info("pool %s/%s: desired size %d", pipeline, group, n)
+
+    def set_draining(self, on):
+        self.tell_broker(protocol.encode_simple(protocol.T_DRAIN if on else protocol.T_RESUME, reply=False))
+        log.info("draining: %s", "on (admitting nothing new)" if on else "off (admitting again)")
 
     def handle_sigchld(self):
         pass  # reap() runs every turn of the loop
 
     def handle_sighup(self):
-        log.info("SIGHUP: configuration reload is not implemented yet; keeping the running configuration")
+        self.reload()
+
+    def reload(self):
+        """SIGHUP and `jizhictl reload`: validate everything, then apply what can change live.
+
+        Applied live: pool sizes from the pipelines' files. Anything else that
+        changed is reported under ``needs_restart``. An invalid config or
+        pipeline is refused with its reason; the running configuration stays.
+        """
+        from jizhi import config as config_mod
+        try:
+            settings = config_mod.load(self.config_path, self.overrides)
+            plans = {}
+            for p in settings["server.pipelines"]:
+                plan = compile_pipeline(read_pipeline(p), self.models_dir)
+                plans[plan["name"]] = plan
+        except (ConfigError, PipelineError, BundleError) as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            raise control.ControlError(f"reload refused, the running configuration stays: {e}")
+        applied, needs_restart = [], []
+        for name, plan in plans.items():
+            if name not in self.run["pipelines"]:
+                needs_restart.append(f"pipeline {name} (new)")
+                continue
+            for g, group in plan["groups"].items():
+                if (name, g) in self.desired and self.desired[(name, g)] != group["pool"]:
+                    self.set_pool(name, g, group["pool"])
+                    applied.append(f"{name}/{g} pool={group['pool']}")
+        for k, v in settings.items():
+            if v != self.settings.get(k) and k != "server.run_dir":
+                needs_restart.append(k)
+        log.info("reload: applied %s; needs a restart to change: %s", applied or "nothing",
+                 needs_restart or "nothing")
+        return {"applied": applied, "needs_restart": needs_restart}
 
     def handle_sigterm(self):
         self.stopping = True
@@ -200,7 +323,10 @@ class Supervisor:
             if rc in EXIT_MEANING:
                 how += f" ({EXIT_MEANING[rc]})"
             name = "/".join(map(str, child.key))
-            log.warning("%s pid=%d died: %s", name, child.proc.pid, how)
+            if child.retiring and rc == 0:
+                log.info("%s pid=%d retired", name, child.proc.pid)
+            else:
+                log.warning("%s pid=%d died: %s", name, child.proc.pid, how)
             if len(child.key) == 3:
                 self.tell_broker(protocol.encode_simple(protocol.T_WORKER_DEAD, pipeline=child.key[0],
                                                         group=child.key[1], wid=child.key[2], pid=child.proc.pid))
@@ -211,17 +337,51 @@ class Supervisor:
                 child.backoff_s = 0.0
             child.not_before = now + child.backoff_s
             child.proc = None
+            if not child.retiring:
+                child.restarts += 1
 
     def manage(self):
+        """Converge every pool to its desired size; restart what died (after its backoff)."""
+        if self.stopping:
+            return
+        for (pipeline, group), n in self.desired.items():
+            for wid in range(n):
+                child = self.children.get((pipeline, group, wid))
+                if child is None:
+                    self.add_worker(pipeline, group, wid)
+                elif child.retiring and child.proc is None:
+                    child.retiring = False
+            for key, child in list(self.children.items()):
+                if key[:2] == (pipeline, group) and len(key) == 3 and key[2] >= n and not child.retiring:
+                    self.retire(child)
         now = time.monotonic()
-        for child in self.children.values():
-            if child.proc is None and now >= child.not_before and not self.stopping:
-                self.spawn(child)
+        for key, child in list(self.children.items()):
+            if child.proc is None:
+                if child.retiring:
+                    del self.children[key]
+                elif now >= child.not_before:
+                    self.spawn(child)
+            elif child.retiring and now > child.retire_by and child.proc.poll() is None:
+                log.warning("%s did not stop within the drain bound; sending SIGTERM", "/".join(map(str, key)))
+                child.proc.send_signal(signal.SIGTERM)
+                child.retire_by = float("inf")
+
+    def retire(self, child):
+        """Stop a worker without dropping a request: the broker sends it nothing new, then STOP."""
+        child.retiring = True
+        child.retire_by = time.monotonic() + self.settings["workers.drain_timeout_s"]
+        if child.proc is None:
+            return
+        pipeline, group, wid = child.key
+        self.tell_broker(protocol.encode_simple(protocol.T_RETIRE, pipeline=pipeline, group=group, wid=wid,
+                                                pid=child.proc.pid))
+        log.info("retiring %s/%s/%d pid=%d", pipeline, group, wid, child.proc.pid)
 
     # -- stop ---------------------------------------------------------------
 
     def shutdown(self):
         log.info("stopping: draining in-flight requests (up to %.1f s)", self.settings["workers.drain_timeout_s"])
+        notify.notify("STOPPING=1", "STATUS=draining")
         broker = self.children.get(("broker",))
         if broker and broker.proc and broker.proc.poll() is None:
             self.tell_broker(protocol.encode_simple(protocol.T_DRAIN))
@@ -249,6 +409,7 @@ class Supervisor:
                 p.kill()
                 p.wait()
         self.ctl.close(0)
+        self.control.close(0)
         self.cleanup()
         log.info("stopped")
         return 0
@@ -262,9 +423,20 @@ class Supervisor:
         for segs in self.segments.values():
             for seg in segs.values():
                 n += arena.unlink(seg)
-        for f in ("backend.ipc", "plan.msgpack"):
+        for f in ("backend.ipc", "plan.msgpack", control.SOCKET_NAME):
             try:
                 (self.run_dir / f).unlink()
             except FileNotFoundError:
                 pass
         log.info("removed %d shared-memory segments", n)
+
+
+def _rss(pid):
+    """Resident set size of a process in bytes (from /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

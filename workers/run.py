@@ -132,8 +132,8 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, ident.encode())
         sock.connect(backend)
         window = self.settings["workers.prefetch"]
-        sock.send_multipart(protocol.encode_ready(self.pipeline, self.group["name"], self.wid,
-                                                  self.versions, window))
+        ready = protocol.encode_ready(self.pipeline, self.group["name"], self.wid, self.versions, window)
+        sock.send_multipart(ready)
         hb_s = self.settings["workers.heartbeat_interval_s"]
         last_send = time.monotonic()
         poller = zmq.Poller()
@@ -160,6 +160,10 @@ class Worker:
                     last_send = time.monotonic()
                 elif msg["t"] == protocol.T_STOP:
                     break
+                elif msg["t"] == protocol.T_RESYNC:
+                    log.info("the broker restarted; registering again")
+                    sock.send_multipart(ready)
+                    last_send = time.monotonic()
             if time.monotonic() - last_send >= hb_s:
                 sock.send_multipart(protocol.encode_simple(protocol.T_HEARTBEAT, wid=self.wid))
                 last_send = time.monotonic()

@@ -1,0 +1,170 @@
+"""The control protocol: a registry of commands, served by the supervisor.
+
+The supervisor binds a REP socket at ``ipc://<run_dir>/control.ipc`` (file
+mode 0600: only the daemon's user can operate it; there is no TCP control
+endpoint). A request is a msgpack map ``{v: 1, cmd, args}``; the reply is
+``{v: 1, ok: true, result}`` or ``{v: 1, ok: false, error}``.
+
+Each command is one class: its ``name``, a docstring that is also jizhictl's
+``--help`` text, ``validate(args)`` (raises ControlError) and
+``execute(supervisor, args)``. Commands change *desired* state and wake the
+supervisor loop; only the loop's ``manage()`` starts or stops processes.
+"""
+import os
+from pathlib import Path
+
+from jizhi.errors import JizhiError
+
+VERSION = 1
+SOCKET_NAME = "control.ipc"
+
+
+class ControlError(JizhiError):
+    """A control command was refused; the message says why."""
+
+
+def endpoint(run_dir):
+    return f"ipc://{Path(run_dir) / SOCKET_NAME}"
+
+
+def run_dir_candidates(instance="default"):
+    """Where jizhictl looks for a daemon's run directory, in order."""
+    out = []
+    env = os.environ.get("JIZHI_RUN_DIR")
+    if env:
+        out.append(Path(env))
+    if instance == "default":
+        out.append(Path("/run/jizhi"))
+    else:
+        out.append(Path(f"/run/jizhi-{instance}"))
+    out.append(Path(f"/tmp/jizhi-{os.getuid()}-{instance}"))
+    return out
+
+
+class Command:
+    name = None
+
+    def validate(self, args):
+        return args
+
+    def execute(self, sup, args):
+        raise NotImplementedError
+
+
+def _pool_key(sup, args):
+    pipeline, group = args.get("pipeline"), args.get("group")
+    plans = sup.run["pipelines"]
+    if pipeline is None:
+        pipeline = sup.run["default_pipeline"]
+    if pipeline not in plans:
+        raise ControlError(f"no pipeline {pipeline!r} (served: {', '.join(plans)})")
+    groups = plans[pipeline]["groups"]
+    if group not in groups:
+        raise ControlError(f"pipeline {pipeline} has no stage or fused group {group!r} (groups: {', '.join(groups)})")
+    return pipeline, group
+
+
+class Status(Command):
+    """Processes, pids, uptime, model versions and health."""
+    name = "status"
+
+    def execute(self, sup, args):
+        return sup.status()
+
+
+class Stats(Command):
+    """Per stage: pool size, queue depth, events/s, wait and service p50/p99; per request: errors by code."""
+    name = "stats"
+
+    def execute(self, sup, args):
+        return sup.stats()
+
+
+class Scale(Command):
+    """Set a pool's size: scale GROUP N [--pipeline P]. Requests in flight are not dropped."""
+    name = "scale"
+
+    def validate(self, args):
+        n = args.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64:
+            raise ControlError("the pool size must be an integer from 0 to 64")
+        return args
+
+    def execute(self, sup, args):
+        pipeline, group = _pool_key(sup, args)
+        before = sup.desired[(pipeline, group)]
+        sup.set_pool(pipeline, group, args["n"])
+        return {"pipeline": pipeline, "group": group, "before": before, "after": args["n"]}
+
+
+class Drain(Command):
+    """Stop admitting new requests (they get OVERLOADED) and finish the ones in flight; `resume` undoes it."""
+    name = "drain"
+
+    def execute(self, sup, args):
+        sup.set_draining(True)
+        return {"draining": True}
+
+
+class Resume(Command):
+    """Admit requests again after `drain`."""
+    name = "resume"
+
+    def execute(self, sup, args):
+        sup.set_draining(False)
+        return {"draining": False}
+
+
+class Reload(Command):
+    """Re-read the config and pipelines (the same code path as SIGHUP); an invalid one is refused and the running one kept."""
+    name = "reload"
+
+    def execute(self, sup, args):
+        return sup.reload()
+
+
+COMMANDS = {c.name: c for c in (Status, Stats, Scale, Drain, Resume, Reload)}
+
+
+def handle(sup, request):
+    """Supervisor side: run one decoded request; return the reply map."""
+    if not isinstance(request, dict) or request.get("v") != VERSION:
+        return {"v": VERSION, "ok": False, "error": f"expected a map with v={VERSION}"}
+    cls = COMMANDS.get(request.get("cmd"))
+    if cls is None:
+        return {"v": VERSION, "ok": False, "error": f"unknown command {request.get('cmd')!r} (known: {', '.join(COMMANDS)})"}
+    args = request.get("args") or {}
+    if not isinstance(args, dict):
+        return {"v": VERSION, "ok": False, "error": "args must be a map"}
+    cmd = cls()
+    try:
+        return {"v": VERSION, "ok": True, "result": cmd.execute(sup, cmd.validate(args))}
+    except ControlError as e:
+        return {"v": VERSION, "ok": False, "error": str(e)}
+
+
+def call(run_dir, cmd, args=None, timeout_s=5.0):
+    """Client side (jizhictl): send one command; returns the result or raises.
+
+    Raises ConnectionError when no daemon answers (no socket file, or no reply
+    in time) and ControlError when the daemon refused the command.
+    """
+    import msgpack
+    import zmq
+    path = Path(run_dir) / SOCKET_NAME
+    if not path.exists():
+        raise ConnectionError(f"no control socket at {path}")
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint(run_dir))
+        sock.send(msgpack.packb({"v": VERSION, "cmd": cmd, "args": args or {}}, use_bin_type=True))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise ConnectionError(f"no answer on {path} within {timeout_s:g} s")
+        reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
+    finally:
+        sock.close(0)
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "refused"))
+    return reply["result"]

@@ -38,7 +38,8 @@ import zmq
 from jizhi import protocol
 from jizhi.arena import Arenas
 from jizhi.overlay import Overlay
-from jizhi.errors import (BAD_REQUEST, DEADLINE_EXCEEDED, INTERNAL, OVERLOADED, UNKNOWN_PIPELINE,
+from jizhi.stats import C_PID, C_REQUESTS, Stats
+from jizhi.errors import (BAD_REQUEST, CODES, DEADLINE_EXCEEDED, INTERNAL, OVERLOADED, UNKNOWN_PIPELINE,
                           RequestError)
 
 log = logging.getLogger("jizhi.broker")
@@ -135,6 +136,15 @@ class Broker:
         self.hb_expiry_s = 3 * s["workers.heartbeat_interval_s"]
         self.pipes = {name: PipelineState(plan, run["segments"][name], s)
                       for name, plan in run["pipelines"].items()}
+        self.stats = Stats.attach(run.get("stats"))
+        for name, p in self.pipes.items():
+            p.row = run["stats"]["map"][name] if self.stats else None
+            if self.stats is not None:
+                self.stats.counters[p.row] = 0
+                self.stats.counters[p.row, C_PID] = os.getpid()
+                self.stats.errors[p.row] = 0
+                self.stats.hist[p.row] = 0
+                self.stats.sum_us[p.row] = 0
         self.default_pipeline = run["default_pipeline"]
         self.overlay = Overlay.attach(run.get("overlay"))
         self.seen_feedback = collections.OrderedDict()
@@ -178,15 +188,18 @@ class Broker:
         except zmq.ZMQError as e:
             log.warning("reply to a client failed: %s", e)
 
-    def reply_error(self, envelope, rid, code, message, retry_after_ms=None):
+    def reply_error(self, envelope, rid, code, message, retry_after_ms=None, pipe=None):
         self.errors[code] += 1
+        if self.stats is not None:
+            row = (pipe or self.pipes[self.default_pipeline]).row
+            self.stats.errors[row, CODES.index(code)] += 1
         self.reply(envelope, protocol.encode_error(rid, code, message, retry_after_ms))
 
     def answer_error(self, req, code, message, retry_after_ms=None):
         if req.answered:
             return
         req.answered = True
-        self.reply_error(req.envelope, req.rid, code, message, retry_after_ms)
+        self.reply_error(req.envelope, req.rid, code, message, retry_after_ms, req.pipe)
         self.release_if_idle(req)
 
     def answer_ok(self, req):
@@ -203,7 +216,10 @@ class Broker:
             order = a["order"][req.slot, :k]
             ids = a["item_ids"][req.slot, :n][order]
             out_scores = scores[order]
-        req.timings["total"] = int((time.monotonic() - req.t_recv) * 1e6)
+        req.timings["total"] = total_us = int((time.monotonic() - req.t_recv) * 1e6)
+        if self.stats is not None:
+            self.stats.observe(pipe.row, 0, total_us)
+            self.stats.counters[pipe.row, C_REQUESTS] += 1
         frames = protocol.encode_ok(
             req.rid, model_versions=pipe.versions, shed_ratio=0.0,
             unknown_items=req.counts.get("unknown_items", 0), timings_us=req.timings,
@@ -307,7 +323,7 @@ class Broker:
         dl = m["deadline_ms"]
         req.deadline = t_recv + (dl / 1000.0 if dl is not None else self.default_deadline_s)
         req.user = m["user"]
-        req.top_k = m["top_k"]
+        req.top_k = min(m["top_k"], n)  # never more than n; a huge top_k would overflow int64 in the worker
         req.ret_all = m["ret"] == "all"
         req.vkey = pipe.vkey
         req.pending = dict(pipe.preds)
@@ -416,6 +432,8 @@ class Broker:
                 self.drain_requester = ident
             log.info("draining: admitting nothing new, %d requests in flight",
                      sum(p.in_flight() for p in self.pipes.values()))
+        elif t == protocol.T_LEAVING and w is not None:
+            self.retire_worker(w)
         elif t == protocol.T_RESUME:
             self.draining = False
             self.drain_requester = None
@@ -593,6 +611,10 @@ class Broker:
             if self.deadlines:
                 timeout = max(0, min(timeout, int((self.deadlines[0][0] - time.monotonic()) * 1000) + 1))
             events = dict(poller.poll(timeout))
+            if self.stats is not None:
+                now = time.monotonic()
+                for p in self.pipes.values():
+                    self.stats.heartbeat[p.row] = now
             # Backend first: finishing work frees slots and credits for new work.
             if self.back in events:
                 for _ in range(256):

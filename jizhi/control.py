@@ -86,12 +86,14 @@ class Scale(Command):
 
     def validate(self, args):
         n = args.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64:
-            raise ControlError("the pool size must be an integer from 0 to 64")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ControlError("the pool size must be a non-negative integer")
         return args
 
     def execute(self, sup, args):
         pipeline, group = _pool_key(sup, args)
+        if args["n"] > sup.settings["workers.max_pool"]:
+            raise ControlError(f"the pool size must be at most workers.max_pool = {sup.settings['workers.max_pool']}")
         before = sup.desired[(pipeline, group)]
         sup.set_pool(pipeline, group, args["n"])
         return {"pipeline": pipeline, "group": group, "before": before, "after": args["n"]}

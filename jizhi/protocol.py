@@ -43,6 +43,7 @@ T_DRAIN = "drain"      # supervisor -> broker: stop admitting, answer in-flight
 T_DRAINED = "drained"  # broker -> supervisor: nothing in flight any more
 T_RESUME = "resume"    # supervisor -> broker: admit again after a drain
 T_RETIRE = "retire"    # supervisor -> broker: send wid X nothing new, then STOP it
+T_LEAVING = "leaving"  # worker -> broker: recycle me (max events / RSS): retire, then STOP
 T_RESYNC = "resync"    # broker -> worker: I do not know you (I restarted): send READY again
 T_INFO = "info"        # supervisor -> broker -> supervisor: the broker's figures
 

@@ -28,6 +28,7 @@ import msgpack
 import zmq
 
 from jizhi import arena, control, notify, overlay, protocol
+from jizhi import stats as stats_mod
 from jizhi.bundle import Bundle
 from jizhi.errors import (EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE, BundleError,
                           ConfigError, PipelineError)
@@ -52,6 +53,7 @@ class Child:
         self.backoff_s = 0.0
         self.not_before = 0.0
         self.restarts = 0
+        self.kill_at = None
         self.retiring = False
         self.retire_by = float("inf")
 
@@ -67,6 +69,7 @@ class Supervisor:
         self.overrides = overrides or {}
         self.t_start = time.monotonic()
         self.desired = {}
+        self.last_broker_info = None
         self.models_dir = str(models_dir)
         self.pipeline_names = pipelines
         self.instance = settings["server.instance"]
@@ -86,6 +89,11 @@ class Supervisor:
         for p in self.pipeline_names:
             plan = compile_pipeline(read_pipeline(p), self.models_dir)
             plans[plan["name"]] = plan
+        for plan in plans.values():
+            for g, group in plan["groups"].items():
+                if group["pool"] > self.settings["workers.max_pool"]:
+                    raise PipelineError(f"pipeline {plan['name']}: group {g!r} pool {group['pool']} is over "
+                                        f"workers.max_pool = {self.settings['workers.max_pool']}")
         for vdir in {plan["version_dir"] for plan in plans.values()}:
             Bundle(vdir).verify()
             log.info("bundle verified: %s", vdir)
@@ -116,10 +124,16 @@ class Supervisor:
         self.overlay = {"segment": seg, "capacity": cap, "ring": ring}
         log.info("created %d shared-memory arenas (%d MiB virtual)",
                  sum(len(s) for s in self.segments.values()), need >> 20)
+        rows, nrows = stats_mod.row_map(plans, self.settings["workers.max_pool"])
+        seg = f"{arena.PREFIX}{self.instance}.{self.run_id}.stats"
+        arena.create(seg, stats_mod.segment_bytes(nrows))
+        self.segments["_stats"] = {"stats": seg}
+        self.stats_spec = {"segment": seg, "rows": nrows, "map": rows}
+        self.stats_shm = stats_mod.Stats.attach(self.stats_spec)
         self.backend = f"ipc://{self.run_dir}/backend.ipc"
         self.run = {"instance": self.instance, "run_id": self.run_id, "settings": self.settings,
                     "frontend": self.settings["server.frontend"], "backend": self.backend,
-                    "pipelines": plans, "segments": self.segments, "overlay": self.overlay,
+                    "pipelines": plans, "segments": self.segments, "overlay": self.overlay, "stats": self.stats_spec,
                     "default_pipeline": next(iter(plans))}
         self.plan_path = self.run_dir / "plan.msgpack"
         tmp = self.plan_path.with_suffix(".tmp")
@@ -140,11 +154,48 @@ class Supervisor:
         # One compute thread per process: pools of processes share the cores,
         # not thread pools inside each (onnxruntime sets its own to 1).
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        row = self.worker_row(child.key)
+        if row is not None:
+            self.stats_shm.heartbeat[row] = 0.0   # not beating until its loop starts
         child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, env=env)
         child.started = time.monotonic()
+        child.kill_at = None
         log.info("started %s pid=%d", "/".join(map(str, child.key)), child.proc.pid)
 
     # -- the loop -----------------------------------------------------------
+
+    def worker_row(self, key):
+        if len(key) != 3:
+            return None
+        return self.stats_spec["map"][f"{key[0]}/{key[1]}"] + key[2]
+
+    def murder(self):
+        """Replace workers whose work loop stopped beating (stuck in a stage) or never started."""
+        now = time.monotonic()
+        hung_s = self.settings["workers.hung_timeout_s"]
+        boot_s = self.settings["workers.boot_timeout_s"]
+        for key, child in self.children.items():
+            if child.proc is None or child.proc.poll() is not None:
+                continue
+            if child.kill_at is not None:
+                if now >= child.kill_at:
+                    log.warning("%s pid=%d ignored SIGTERM; SIGKILL", "/".join(map(str, key)), child.proc.pid)
+                    child.proc.kill()
+                    child.kill_at = float("inf")
+                continue
+            row = self.worker_row(key)
+            if row is None:
+                continue
+            hb = float(self.stats_shm.heartbeat[row])
+            why = None
+            if hb == 0.0 and now - child.started > boot_s:
+                why = f"did not start its loop within {boot_s:g} s"
+            elif hb > 0.0 and now - hb > hung_s:
+                why = f"no heartbeat for {now - hb:.1f} s (stuck in a stage?)"
+            if why:
+                log.error("%s pid=%d %s: SIGTERM, SIGKILL in 2 s", "/".join(map(str, key)), child.proc.pid, why)
+                child.proc.send_signal(signal.SIGTERM)
+                child.kill_at = now + 2.0
 
     def install_signals(self):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -181,18 +232,24 @@ class Supervisor:
         last_info = last_watchdog = 0.0
         watchdog_s = notify.watchdog_interval_s()
         notify.notify("STATUS=starting workers")
+        self.metrics_server = None
+        if self.settings["metrics.listen"]:
+            from jizhi import metrics
+            self.metrics_server = metrics.serve(self, self.settings["metrics.listen"])
         while not self.stopping:
             while self.signals:
                 sig = self.signals.pop(0)
                 getattr(self, "handle_" + signal.Signals(sig).name.lower())()
             self.reap()
+            self.murder()
             self.manage()
             now = time.monotonic()
             if watchdog_s and now - last_watchdog >= watchdog_s:
                 # From the loop itself: a stuck supervisor stops pinging and systemd restarts it.
                 notify.notify("WATCHDOG=1")
                 last_watchdog = now
-            if not self.ready_logged and now - last_info > 0.2:
+            if now - last_info > (1.0 if self.ready_logged else 0.2):
+                # The broker's figures, cached for the metrics endpoint and readiness.
                 last_info = now
                 self.tell_broker(protocol.encode_simple(protocol.T_INFO))
             for sock, _ in poller.poll(100):
@@ -203,6 +260,8 @@ class Supervisor:
         return self.shutdown()
 
     def on_broker_message(self, msg):
+        if msg.get("t") == protocol.T_INFO:
+            self.last_broker_info = msg["info"]
         if msg.get("t") == protocol.T_INFO and msg["info"]["ready"] and not self.ready_logged:
             self.ready_logged = True
             log.info("ready: serving %s on %s", ", ".join(self.run["pipelines"]), self.run["frontend"])
@@ -228,9 +287,9 @@ class Supervisor:
         while time.monotonic() < end:
             if self.ctl.poll(max(1, int((end - time.monotonic()) * 1000))):
                 msg = protocol.unpackb(self.ctl.recv())
+                self.on_broker_message(msg)
                 if msg.get("t") == want:
                     return msg
-                self.on_broker_message(msg)
         return None
 
     # -- what control commands call ------------------------------------------
@@ -325,13 +384,18 @@ class Supervisor:
             name = "/".join(map(str, child.key))
             if child.retiring and rc == 0:
                 log.info("%s pid=%d retired", name, child.proc.pid)
+            elif rc == 0 and len(child.key) == 3:
+                log.info("%s pid=%d recycled itself (workers.max_events or workers.max_rss_mb); starting a fresh one",
+                         name, child.proc.pid)
             else:
                 log.warning("%s pid=%d died: %s", name, child.proc.pid, how)
             if len(child.key) == 3:
                 self.tell_broker(protocol.encode_simple(protocol.T_WORKER_DEAD, pipeline=child.key[0],
                                                         group=child.key[1], wid=child.key[2], pid=child.proc.pid))
             now = time.monotonic()
-            if now - child.started < YOUNG_S:
+            if rc == 0:
+                child.backoff_s = 0.0
+            elif now - child.started < YOUNG_S:
                 child.backoff_s = min(MAX_BACKOFF_S, max(self.settings["workers.restart_backoff_s"], child.backoff_s * 2))
             else:
                 child.backoff_s = 0.0
@@ -410,6 +474,8 @@ class Supervisor:
                 p.wait()
         self.ctl.close(0)
         self.control.close(0)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.cleanup()
         log.info("stopped")
         return 0

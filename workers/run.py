@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from jizhi import protocol
+from jizhi.stats import C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, Stats, rss_bytes
 from jizhi.errors import (DEADLINE_EXCEEDED, EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE,
                           EXIT_MODEL_LOAD_FAILURE, INTERNAL)
 
@@ -77,6 +78,11 @@ class Worker:
             self.stages.append((sname, proc, st))
         self.arenas = Arenas(self.plan, run["segments"][pipeline],
                              self.settings["limits.max_in_flight"], self.settings["limits.max_candidates"])
+        self.stats = Stats.attach(run.get("stats"))
+        self.row = run["stats"]["map"][f"{pipeline}/{group}"] + wid if self.stats else None
+        self.max_events = self.settings.get("workers.max_events", 0)
+        self.max_rss = self.settings.get("workers.max_rss_mb", 0) * 2 ** 20
+        self.events = 0
         self.reads = self.group["reads"]
         self.writes = self.group["writes"]
         self.running = True
@@ -104,10 +110,12 @@ class Worker:
                       np.array([r[5] for r in live], dtype=bool),
                       np.array([r[2] for r in live], dtype=np.float64), offsets, cols)
         try:
-            for sname, proc, st in self.stages:
+            for si, (sname, proc, st) in enumerate(self.stages):
                 t0 = time.perf_counter()
                 out = proc.process(batch)
-                svc[sname] = int((time.perf_counter() - t0) * 1e6)
+                svc[sname] = us = int((time.perf_counter() - t0) * 1e6)
+                if self.stats is not None:
+                    self.stats.observe(self.row, si, us)
                 for name, spec in st["outputs"].items():
                     arr = out.get(name)
                     if arr is None:
@@ -124,6 +132,16 @@ class Worker:
             results.append([s, code, msg, {k: int(v[i]) for k, v in batch.counts.items()}])
         return results, svc
 
+    def should_recycle(self):
+        if self.max_events and self.events >= self.max_events:
+            return True
+        if self.max_rss and self.events % 64 == 0:
+            rss = rss_bytes()
+            if self.stats is not None:
+                self.stats.counters[self.row, C_RSS] = rss
+            return rss > self.max_rss
+        return False
+
     def serve(self, backend):
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
@@ -139,7 +157,17 @@ class Worker:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         log.info("worker ready: pipeline=%s group=%s wid=%d pid=%d", self.pipeline, self.group["name"], self.wid, os.getpid())
+        st, row = self.stats, self.row
+        if st is not None:
+            st.counters[row] = 0
+            st.counters[row, C_PID] = os.getpid()
+            st.errors[row] = 0
+            st.hist[row] = 0
+            st.sum_us[row] = 0
+        leaving = False
         while self.running:
+            if st is not None:
+                st.heartbeat[row] = time.monotonic()   # from the work loop: a stuck stage stops it
             if poller.poll(int(hb_s * 1000)):
                 frames = sock.recv_multipart(copy=True)
                 try:
@@ -158,6 +186,16 @@ class Worker:
                         results, svc = self.process_event(msg["reqs"])
                     sock.send_multipart(protocol.encode_done(msg["eid"], results, svc))
                     last_send = time.monotonic()
+                    self.events += 1
+                    if st is not None:
+                        st.counters[row, C_EVENTS] += 1
+                        st.counters[row, C_REQUESTS] += len(msg["reqs"])
+                        st.counters[row, C_FAILED] += sum(1 for r in results if r[1] is not None)
+                    if not leaving and self.should_recycle():
+                        leaving = True
+                        log.info("recycling after %d events (rss %d MiB): asking the broker to retire me",
+                                 self.events, rss_bytes() >> 20)
+                        sock.send_multipart(protocol.encode_simple(protocol.T_LEAVING, wid=self.wid))
                 elif msg["t"] == protocol.T_STOP:
                     break
                 elif msg["t"] == protocol.T_RESYNC:

@@ -1,0 +1,93 @@
+"""The stats path: per-wid slots in shared memory, one writer per slot.
+
+The supervisor creates one segment (``jizhi.<instance>.<run>.stats``) with a
+row per possible worker (every group gets ``workers.max_pool`` rows, indexed
+by wid) and a row per pipeline for the broker. A worker writes only its own
+row, from the loop that does the work: a heartbeat timestamp
+(``time.monotonic()``), its pid, counters, and per-stage service-time
+histograms. The broker writes its pipelines' rows: request latency
+histograms and errors by code. The supervisor reads every row (heartbeats for
+hung workers, the Prometheus endpoint, ``jizhictl stats``); nothing per event
+travels to it over a socket.
+
+Buckets are chosen for sub-millisecond to 100 ms stage times (microseconds,
+upper bounds; the last is +Inf).
+"""
+import mmap
+import os
+
+import numpy as np
+
+from jizhi.arena import SHM_DIR
+from jizhi.errors import CODES
+
+BUCKETS_US = np.array([50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500,
+                       10_000, 15_000, 20_000, 30_000, 50_000, 75_000, 100_000, 2 ** 62], dtype=np.int64)
+NB = BUCKETS_US.shape[0]
+MAX_STAGES = 8
+# Per-row counters (int64): index -> meaning
+C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS = range(5)
+N_COUNTERS = 8
+
+
+def layout(rows):
+    """Byte offsets of the arrays in a segment of ``rows`` rows."""
+    parts = [("heartbeat", np.float64, (rows,)),
+             ("counters", np.int64, (rows, N_COUNTERS)),
+             ("errors", np.int64, (rows, len(CODES))),
+             ("hist", np.int64, (rows, MAX_STAGES, NB)),
+             ("sum_us", np.int64, (rows, MAX_STAGES))]
+    out, off = [], 0
+    for name, dt, shape in parts:
+        out.append((name, dt, shape, off))
+        off += int(np.prod(shape)) * np.dtype(dt).itemsize
+    return out, off
+
+
+def segment_bytes(rows):
+    return layout(rows)[1]
+
+
+def row_map(plans, max_pool):
+    """{"pipeline/group": first row} for workers and {"pipeline": row} for the broker; and the row count."""
+    rows, n = {}, 0
+    for pname, plan in plans.items():
+        rows[pname] = n
+        n += 1
+        for g in plan["groups"]:
+            rows[f"{pname}/{g}"] = n
+            n += max_pool
+    return rows, n
+
+
+class Stats:
+    """A mapping of the stats segment. Each process writes only its own rows."""
+
+    def __init__(self, name, rows):
+        fd = os.open(SHM_DIR / name, os.O_RDWR)
+        try:
+            self.mm = mmap.mmap(fd, segment_bytes(rows))
+        finally:
+            os.close(fd)
+        for pname, dt, shape, off in layout(rows)[0]:
+            setattr(self, pname, np.ndarray(shape, dtype=dt, buffer=self.mm, offset=off))
+        self.rows = rows
+
+    @classmethod
+    def attach(cls, spec):
+        return cls(spec["segment"], spec["rows"]) if spec else None
+
+    def observe(self, row, stage_index, us):
+        """Add one observation of ``us`` microseconds to a row's histogram ``stage_index``."""
+        b = int(np.searchsorted(BUCKETS_US, us))
+        self.hist[row, stage_index, min(b, NB - 1)] += 1
+        self.sum_us[row, stage_index] += int(us)
+
+
+def rss_bytes(pid=None):
+    """Resident set size of a process (default: this one) from /proc, or 0."""
+    try:
+        with open(f"/proc/{pid or 'self'}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -169,6 +169,19 @@ class Broker:
     def open(self):
         ctx = zmq.Context.instance()
         self.front = ctx.socket(zmq.ROUTER)
+        secret_file = self.settings.get("security.curve_server_secret")
+        if secret_file:
+            # CURVE authenticates nobody by itself: the ZAP handler's allow-list does.
+            from zmq.auth import load_certificate
+            from zmq.auth.thread import ThreadAuthenticator
+            self.auth = ThreadAuthenticator(ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=self.settings["security.curve_clients_dir"])
+            public, secret = load_certificate(secret_file)
+            self.front.curve_secretkey = secret
+            self.front.curve_publickey = public
+            self.front.curve_server = True
+            log.info("frontend requires CURVE; allowed client keys from %s", self.settings["security.curve_clients_dir"])
         self.front.setsockopt(zmq.LINGER, 0)
         self.front.setsockopt(zmq.SNDHWM, 100_000)
         self.front.setsockopt(zmq.RCVHWM, 100_000)

@@ -35,8 +35,16 @@ class Reply:
 
 
 class Client:
-    def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=5.0, context=None):
+    def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=5.0, context=None,
+                 server_key=None, client_key=None):
+        """``server_key``: the server's public key file; ``client_key``: our secret key file (CURVE)."""
         self.endpoint = endpoint
+        self.curve = None
+        if server_key or client_key:
+            from zmq.auth import load_certificate
+            server_public, _ = load_certificate(server_key)
+            public, secret = load_certificate(client_key)
+            self.curve = (server_public, public, secret)
         self.timeout_ms = int(timeout_s * 1000)
         self.ctx = context or zmq.Context.instance()
         self.sock = None
@@ -46,6 +54,8 @@ class Client:
         if self.sock is None:
             self.sock = self.ctx.socket(zmq.REQ)
             self.sock.setsockopt(zmq.LINGER, 0)
+            if self.curve:
+                self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = self.curve
             self.sock.connect(self.endpoint)
         return self.sock
 

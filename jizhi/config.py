@@ -83,6 +83,10 @@ SETTINGS = [
             "A worker that has served this many events is replaced gracefully (0: never)."),
     Setting("metrics.listen", str, "127.0.0.1:9464", lambda v: None if v == "" or (":" in v and v.rsplit(":", 1)[1].isdigit()) else "HOST:PORT, or empty to disable",
             "Prometheus endpoint (HOST:PORT; loopback by default; empty disables it)."),
+    Setting("security.curve_server_secret", str, "", _any,
+            "CURVE: the frontend's secret key file (jizhictl keys init writes one). Empty: no encryption, no authentication."),
+    Setting("security.curve_clients_dir", str, "", _any,
+            "CURVE: directory of allowed client public key files (*.key). A client whose key is not there is refused: CURVE alone would accept any key pair."),
     Setting("workers.drain_timeout_s", float, 10.0, _positive,
             "SIGTERM: how long in-flight requests may take to finish before workers are stopped."),
 ]
@@ -126,6 +130,12 @@ def load(path=None, overrides=None):
         if err:
             raise ConfigError(f"setting {s.name} = {v!r}: {err}")
         values[s.name] = v
+    if bool(values["security.curve_server_secret"]) != bool(values["security.curve_clients_dir"]):
+        raise ConfigError("security.curve_server_secret and security.curve_clients_dir are set together (a CURVE "
+                          "server without an allow-list accepts any client key)")
+    for key in ("security.curve_server_secret", "security.curve_clients_dir"):
+        if values[key] and not os.path.exists(values[key]):
+            raise ConfigError(f"setting {key} = {values[key]!r}: no such file or directory")
     if not values["server.run_dir"]:
         base = os.environ.get("RUNTIME_DIRECTORY")
         values["server.run_dir"] = base or f"/tmp/jizhi-{os.getuid()}-{values['server.instance']}"

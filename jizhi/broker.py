@@ -432,7 +432,7 @@ class Broker:
             self.on_done(w, msg)
         elif t == protocol.T_READY:
             self.on_ready(ident, msg)
-        elif t == protocol.T_HEARTBEAT:
+        elif t == protocol.T_HEARTBEAT and w is not None:  # an unknown one falls through to RESYNC
             pass
         elif t == protocol.T_WORKER_DEAD:
             for cand in list(self.workers.values()):

@@ -45,10 +45,11 @@ from jizhi.errors import (BAD_REQUEST, CODES, DEADLINE_EXCEEDED, INTERNAL, OVERL
 log = logging.getLogger("jizhi.broker")
 
 RING = 2048  # samples kept per group for wait/service percentiles
+MAX_CRASHES = 2  # worker deaths a request may witness before it is answered INTERNAL
 
 
 class Request:
-    __slots__ = ("rid", "envelope", "pipe", "slot", "n", "deadline", "user", "top_k", "ret_all",
+    __slots__ = ("crashes", "rid", "envelope", "pipe", "slot", "n", "deadline", "user", "top_k", "ret_all",
                  "vkey", "pending", "held", "answered", "t_recv", "t_enq", "timings", "counts")
 
 
@@ -341,6 +342,7 @@ class Broker:
         req.vkey = pipe.vkey
         req.pending = dict(pipe.preds)
         req.held = 0
+        req.crashes = 0
         req.answered = False
         req.t_recv = t_recv
         req.t_enq = t_recv
@@ -525,8 +527,12 @@ class Broker:
         for taken, _ in reversed(list(w.inflight.values())):
             for req in reversed(taken):
                 req.held -= 1
+                req.crashes += 1
                 if req.answered:
                     self.release_if_idle(req)
+                elif req.crashes > MAX_CRASHES:
+                    # A request that was in flight at every crash may be what kills workers: stop feeding it.
+                    self.answer_error(req, INTERNAL, f"{req.crashes} workers died while holding this request")
                 else:
                     chan.appendleft(req)
                     requeued += 1
@@ -655,6 +661,11 @@ class Broker:
                 except zmq.ZMQError:
                     pass
                 self.drain_requester = None
+        # Stopping (SIGTERM after the drain bound): nothing admitted goes unanswered.
+        for pipe in self.pipes.values():
+            for req in pipe.by_slot:
+                if req is not None and not req.answered:
+                    self.answer_error(req, OVERLOADED, "server stopping; retry on another node or later", 1000)
         self.front.close(0)
         self.back.close(0)
 

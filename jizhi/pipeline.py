@@ -259,6 +259,17 @@ def _toposort(nodes, succ, what):
             if indeg[m] == 0:
                 ready.append(m)
     if len(out) != len(indeg):
-        stuck = [n for n in nodes if n not in out]
-        raise PipelineError(f"{what} {stuck[0]!r} is on a cycle ({' -> '.join(stuck)})")
+        # Name an actual cycle: every blocked node has a blocked predecessor
+        # (else its in-degree would have reached 0), so walking predecessors
+        # among the blocked nodes must come back to one of them.
+        stuck = [x for x in nodes if x not in out]
+        preds = {x: [p for p in stuck if x in succ(p)] for x in stuck}
+        walk, seen = [], {}
+        n = stuck[0]
+        while n not in seen:
+            seen[n] = len(walk)
+            walk.append(n)
+            n = preds[n][0]
+        cycle = [n] + list(reversed(walk[seen[n] + 1:])) + [n]   # forward order, from the node met twice
+        raise PipelineError(f"{what} {cycle[0]!r} is on a cycle ({' -> '.join(cycle)})")
     return out

@@ -214,6 +214,8 @@ class Supervisor:
             self.control.bind(control.endpoint(self.run_dir))
         finally:
             os.umask(old)
+        # The umask already kept group and others out; the socket needs no execute bit (0600, as documented).
+        os.chmod(self.run_dir / control.SOCKET_NAME, 0o600)
 
     def tell_broker(self, frames):
         try:
@@ -331,7 +333,10 @@ class Supervisor:
         pass  # reap() runs every turn of the loop
 
     def handle_sighup(self):
-        self.reload()
+        try:
+            self.reload()
+        except control.ControlError:
+            pass  # reload() logged why; the running configuration stays and so must the daemon
 
     def reload(self):
         """SIGHUP and `jizhictl reload`: validate everything, then apply what can change live.

@@ -101,14 +101,18 @@ class Worker:
         if not live:
             return results, svc
         slots = [r[0] for r in live]
-        counts = [r[1] for r in live]
-        offsets = np.zeros(len(live) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        cols = {c: self.arenas.read(c, slots, counts) for c in self.reads}
-        batch = Batch(np.array([r[3] for r in live], dtype=np.uint64),
-                      np.array([r[4] for r in live], dtype=np.int64),
-                      np.array([r[5] for r in live], dtype=bool),
-                      np.array([r[2] for r in live], dtype=np.float64), offsets, cols)
+        try:
+            counts = [r[1] for r in live]
+            offsets = np.zeros(len(live) + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            cols = {c: self.arenas.read(c, slots, counts) for c in self.reads}
+            batch = Batch(np.array([r[3] for r in live], dtype=np.uint64),
+                          np.array([r[4] for r in live], dtype=np.int64),
+                          np.array([r[5] for r in live], dtype=bool),
+                          np.array([r[2] for r in live], dtype=np.float64), offsets, cols)
+        except Exception as e:
+            log.exception("malformed event of %d requests", len(live))
+            return results + [[s, INTERNAL, f"malformed event: {type(e).__name__}: {e}", {}] for s in slots], svc
         try:
             for si, (sname, proc, st) in enumerate(self.stages):
                 t0 = time.perf_counter()

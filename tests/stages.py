@@ -1,0 +1,69 @@
+"""Stage processors for tests, named by import path in test pipelines.
+
+jizhid imports them as ``tests.stages:<Class>`` (the test harness puts the
+repository root on PYTHONPATH). They exercise the user-processor contract
+(workers/stage.py) and misbehave on purpose where a test needs it:
+
+* ``RecallAsScore``: a per-candidate ``score`` column equal to the request's
+  recall scores, for the built-in ``ranker`` to rank (a user stage in front
+  of a built-in one, with its column crossing a process boundary);
+* ``RecallRanker``: a user sink that ranks by recall score with the built-in
+  ``jizhi.workers.ranker.rank``;
+* ``ExplodingRanker``: like ``RecallRanker``, but ``process`` raises for the
+  user named by its stage option ``explode_user`` (a stage that crashes on
+  some input);
+* ``SleepyRanker``: like ``RecallRanker``, but ``process`` first sleeps for
+  its stage option ``sleep_s`` seconds (a stage stuck inside a call, deaf to
+  SIGTERM meanwhile).
+"""
+import time
+
+import numpy as np
+
+from jizhi.workers.ranker import rank
+from jizhi.workers.stage import CANDIDATE, Output, Stage
+
+
+class RecallAsScore(Stage):
+    @classmethod
+    def inputs(cls, config):
+        return ("recall_scores",)
+
+    @classmethod
+    def outputs(cls, config, bundle):
+        return (Output("score", CANDIDATE, "float32"),)
+
+    def process(self, batch):
+        return {"score": np.array(batch["recall_scores"], dtype=np.float32)}
+
+
+class RecallRanker(Stage):
+    @classmethod
+    def inputs(cls, config):
+        return ("recall_scores",)
+
+    @classmethod
+    def outputs(cls, config, bundle):
+        return (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDIDATE, "float32"))
+
+    def process(self, batch):
+        return rank(batch, batch["recall_scores"], None)
+
+
+class ExplodingRanker(RecallRanker):
+    def setup(self, config, bundle):
+        self.explode_user = int(config["explode_user"])
+
+    def process(self, batch):
+        if np.any(batch.users == np.uint64(self.explode_user)):
+            raise RuntimeError(f"exploding on user {self.explode_user}")
+        return super().process(batch)
+
+
+class SleepyRanker(RecallRanker):
+    def setup(self, config, bundle):
+        self.sleep_s = float(config["sleep_s"])
+
+    def process(self, batch):
+        time.sleep(self.sleep_s)
+        return super().process(batch)

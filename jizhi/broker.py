@@ -185,7 +185,8 @@ class Broker:
             log.info("frontend requires CURVE; allowed client keys from %s", self.settings["security.curve_clients_dir"])
         self.front.setsockopt(zmq.LINGER, 0)
         self.front.setsockopt(zmq.SNDHWM, 100_000)
-        self.front.setsockopt(zmq.RCVHWM, 100_000)
+        # A client sending faster than we admit waits in its own queue, not in our memory.
+        self.front.setsockopt(zmq.RCVHWM, 1000)
         self.front.setsockopt(zmq.MAXMSGSIZE, self.settings["limits.max_message_bytes"] + 65536)
         self.front.bind(self.run["frontend"])
         self.back = ctx.socket(zmq.ROUTER)
@@ -666,8 +667,11 @@ class Broker:
             for req in pipe.by_slot:
                 if req is not None and not req.answered:
                     self.answer_error(req, OVERLOADED, "server stopping; retry on another node or later", 1000)
-        self.front.close(0)
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()   # its sockets live in our context: stop it before the context ends
+        self.front.close(linger=1000)   # let those last replies leave before the process exits
         self.back.close(0)
+        zmq.Context.instance().term()
 
 
 def main(argv=None):

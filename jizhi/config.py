@@ -55,7 +55,7 @@ SETTINGS = [
             "Pipelines served: names of etc/pipelines/*.toml or paths to pipeline files. The first is the default."),
     Setting("limits.max_candidates", int, 2000, _positive,
             "Most candidates one request may carry; more is BAD_REQUEST. Sizes the shared-memory arenas."),
-    Setting("limits.max_message_bytes", int, 1 << 20, _positive,
+    Setting("limits.max_message_bytes", int, 256 << 10, _positive,
             "Largest client message (all frames) accepted; more is BAD_REQUEST."),
     Setting("limits.max_in_flight", int, 64, _positive,
             "Requests admitted at once per pipeline (arena slots); more is OVERLOADED with retry_after_ms."),

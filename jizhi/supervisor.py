@@ -354,7 +354,7 @@ class Supervisor:
                 plans[plan["name"]] = plan
         except (ConfigError, PipelineError, BundleError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
-            raise control.ControlError(f"reload refused, the running configuration stays: {e}")
+            raise control.ControlError(f"the running configuration stays: {e}")
         applied, needs_restart = [], []
         for name, plan in plans.items():
             if name not in self.run["pipelines"]:

@@ -46,6 +46,10 @@ Definitions used in the output (per point, over the measured window):
   second and microseconds per answered request, and the generator's own.
 
 A point passes when p99 <= ``--slo-ms``, no error and nothing lost.
+``--find-max`` doubles the rate from ``--start-rate`` until a point fails,
+then bisects between the best pass and the first failure until they are
+within ``--precision`` of each other; a point certain to fail (an error, or
+more than 1 % of its requests over the SLO) stops early.
 
 On a shared machine, ``--max-other-cores X`` waits before each point (at
 most ``--settle-s``) until other processes use at most X cores (measured
@@ -53,9 +57,6 @@ from /proc/stat minus this generator and the jizhid run), and runs a point
 that *failed* while other processes used more than X again (``--retries``
 times); every point records ``other_cores``. The ceiling does the same and
 keeps its fastest run.
-``--find-max`` doubles the rate from ``--start-rate`` until a point fails,
-then bisects between the best pass and the first failure until they are
-within ``--precision`` of each other.
 """
 import collections
 import datetime
@@ -399,9 +400,7 @@ class LoadGenerator:
         lost_after_s = self.deadline_ms / 1000.0 + 1.0
         t0 = time.monotonic() + warmup_s + 0.05
         due = t0 + times
-        cpu_before = cpu_after = None
-        gen_before = gen_after = None
-        t_measure_end = None
+        cpu_before = None
         k = 0
         limit = total   # an early stop sends no more
         pending = 0
@@ -427,6 +426,8 @@ class LoadGenerator:
                 load_before = os.getloadavg()[0]
                 t_cpu0 = time.monotonic()
             timeout = max(0, math.ceil((due[k] - now) * 1000)) if k < limit else 20
+            if cpu_before is None:  # wake up at t0 to start the CPU window on time
+                timeout = min(timeout, max(0, math.ceil((t0 - now) * 1000)))
             if poller.poll(timeout):
                 rnow = time.monotonic()
                 while True:
@@ -469,7 +470,6 @@ class LoadGenerator:
                     status[late] = 3
                     pending -= int(late.sum())
                 if pending <= 0:
-                    t_measure_end = now
                     break
             elif early_stop and now - last_check > 0.25 and now > t0:
                 last_check = now
@@ -984,11 +984,13 @@ def _load(endpoint, pipeline, trace_path, rate, rates, find_max_flag, start_rate
         click.echo(f"jizhictl bench: no answer from {endpoint} within 5 s: is jizhid running, and is this its "
                    f"frontend (server.frontend)?", err=True)
         sys.exit(1)
-    names = [p.strip() for p in pipeline.split(",") if p.strip()]
-    for name in names:
+    names = []
+    for name in (p.strip() for p in pipeline.split(",") if p.strip()):
+        # "default" is resolved here so the CPU of its groups is attributed to it.
         real = info["default_pipeline"] if name == "default" else name
         if real not in info["pipelines"]:
             raise click.UsageError(f"pipeline {name!r} is not served by {endpoint} (served: {', '.join(info['pipelines'])})")
+        names.append(real)
     if not info.get("ready"):
         click.echo("warning: jizhid says it is not ready yet (some pool has no worker)", err=True)
     server_cpu = None

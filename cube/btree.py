@@ -19,7 +19,7 @@ node pointers u16[(lower-16)/2] @16; node: lo u16, hi u16, flags u16, ksize u16,
 branch child = lo | hi<<16 | flags<<32; leaf data size = lo | hi<<16;
 leaf flag F_BIGDATA (0x01): data is the u64 page number of an overflow page.
 meta (pages 0 and 1, header then): magic u32 @16, version u32 @20, page size
-(FREE db md_pad) u32 @40, MAIN db root u64 @128, txnid u64 @144.
+(FREE db md_pad) u32 @40, MAIN db depth u16 @94, MAIN db root u64 @128, txnid u64 @144.
 """
 import numpy as np
 from numba import njit
@@ -47,73 +47,102 @@ def _be64(b, o):
     return x
 
 
+G = 16  # keys searched in lockstep
+
+
 @njit(cache=True, nogil=True)
-def _lookup(buf, psize, root, keys, out_bytes, found):
-    # keys: uint64 values whose little-endian bytes are the LMDB keys; the
-    # tree orders keys by memcmp, i.e. by the byte-swapped (big-endian) value.
+def _lookup(buf, psize, root, depth, keys, out_bytes, found):
+    # Keys are looked up G at a time, in lockstep: the binary-search probes of
+    # G keys are independent loads, so their cache misses overlap instead of
+    # queueing one after another (a leaf probe is a miss on a cube larger than
+    # the caches). keys: uint64 values whose little-endian bytes are the LMDB
+    # keys; the tree orders them by memcmp, i.e. by the byte-swapped value.
     K = keys.shape[0]
     vbytes = out_bytes.shape[1]
-    for q in range(K):
-        v = keys[q]
-        kb = np.uint64(0)
-        for i in range(8):
-            kb = (kb << np.uint64(8)) | ((v >> np.uint64(8 * i)) & np.uint64(0xFF))
-        found[q] = False
-        pg = root
-        for depth in range(64):
-            base = np.int64(pg) * psize
-            flags = _u16(buf, base + 10)
-            n = (np.int64(_u16(buf, base + 12)) - 16) >> 1
-            if flags & np.uint64(P_BRANCH):
-                # the last node whose key <= kb; node 0's key is the implicit minimum
-                lo, hi = 1, n - 1
-                best = 0
-                while lo <= hi:
-                    mid = (lo + hi) >> 1
-                    node = base + np.int64(_u16(buf, base + 16 + 2 * mid))
+    kb = np.empty(G, np.uint64)
+    pg = np.empty(G, np.uint64)
+    base = np.empty(G, np.int64)
+    lo = np.empty(G, np.int64); hi = np.empty(G, np.int64); best = np.empty(G, np.int64)
+    for start in range(0, K, G):
+        m = min(G, K - start)
+        for g in range(m):
+            v = keys[start + g]
+            x = np.uint64(0)
+            for i in range(8):
+                x = (x << np.uint64(8)) | ((v >> np.uint64(8 * i)) & np.uint64(0xFF))
+            kb[g] = x
+            pg[g] = root
+            found[start + g] = False
+        # branch levels: depth-1 of them
+        for level in range(depth - 1):
+            maxn = 0
+            for g in range(m):
+                base[g] = np.int64(pg[g]) * psize
+                n = (np.int64(_u16(buf, base[g] + 12)) - 16) >> 1
+                lo[g] = 1; hi[g] = n - 1; best[g] = 0
+            active = True
+            while active:
+                active = False
+                for g in range(m):
+                    if lo[g] <= hi[g]:
+                        active = True
+                        mid = (lo[g] + hi[g]) >> 1
+                        node = base[g] + np.int64(_u16(buf, base[g] + 16 + 2 * mid))
+                        if _be64(buf, node + 8) <= kb[g]:
+                            best[g] = mid
+                            lo[g] = mid + 1
+                        else:
+                            hi[g] = mid - 1
+            for g in range(m):
+                node = base[g] + np.int64(_u16(buf, base[g] + 16 + 2 * best[g]))
+                pg[g] = _u16(buf, node) | (_u16(buf, node + 2) << np.uint64(16)) | (_u16(buf, node + 4) << np.uint64(32))
+        # leaf level
+        for g in range(m):
+            base[g] = np.int64(pg[g]) * psize
+            n = (np.int64(_u16(buf, base[g] + 12)) - 16) >> 1
+            lo[g] = 0; hi[g] = n - 1; best[g] = -1
+        active = True
+        while active:
+            active = False
+            for g in range(m):
+                if lo[g] <= hi[g]:
+                    active = True
+                    mid = (lo[g] + hi[g]) >> 1
+                    node = base[g] + np.int64(_u16(buf, base[g] + 16 + 2 * mid))
                     nk = _be64(buf, node + 8)
-                    if nk <= kb:
-                        best = mid
-                        lo = mid + 1
+                    if nk == kb[g]:
+                        best[g] = node
+                        lo[g] = 1; hi[g] = 0
+                    elif nk < kb[g]:
+                        lo[g] = mid + 1
                     else:
-                        hi = mid - 1
-                node = base + np.int64(_u16(buf, base + 16 + 2 * best))
-                pg = _u16(buf, node) | (_u16(buf, node + 2) << np.uint64(16)) | (_u16(buf, node + 4) << np.uint64(32))
-            elif flags & np.uint64(P_LEAF):
-                lo, hi = 0, n - 1
-                while lo <= hi:
-                    mid = (lo + hi) >> 1
-                    node = base + np.int64(_u16(buf, base + 16 + 2 * mid))
-                    nk = _be64(buf, node + 8)
-                    if nk == kb:
-                        dsize = np.int64(_u16(buf, node) | (_u16(buf, node + 2) << np.uint64(16)))
-                        data = node + 8 + np.int64(_u16(buf, node + 6))
-                        if _u16(buf, node + 4) & np.uint64(F_BIGDATA):
-                            opg = np.int64(0)
-                            for i in range(8):
-                                opg |= np.int64(buf[data + i]) << (8 * i)
-                            data = opg * psize + 16
-                        if dsize == vbytes:
-                            for i in range(vbytes):
-                                out_bytes[q, i] = buf[data + i]
-                            found[q] = True
-                        break
-                    elif nk < kb:
-                        lo = mid + 1
-                    else:
-                        hi = mid - 1
-                break
-            else:
-                break  # not a tree page: treat as absent (verification catches format drift)
+                        hi[g] = mid - 1
+        for g in range(m):
+            node = best[g]
+            if node < 0:
+                continue
+            dsize = np.int64(_u16(buf, node) | (_u16(buf, node + 2) << np.uint64(16)))
+            data = node + 8 + np.int64(_u16(buf, node + 6))
+            if _u16(buf, node + 4) & np.uint64(F_BIGDATA):
+                opg = np.int64(0)
+                for i in range(8):
+                    opg |= np.int64(buf[data + i]) << (8 * i)
+                data = opg * psize + 16
+            if dsize == vbytes:
+                q = start + g
+                for i in range(vbytes):
+                    out_bytes[q, i] = buf[data + i]
+                found[q] = True
 
 
 class BTreeReader:
     """Lookups in one cube's data.mdb by a Numba kernel over its mmap."""
 
-    def __init__(self, data, psize, root, dim):
+    def __init__(self, data, psize, root, depth, dim):
         self.data = data
         self.psize = psize
         self.root = root
+        self.depth = depth
         self.dim = dim
 
     @classmethod
@@ -130,20 +159,22 @@ class BTreeReader:
             b = p * psize
             if _u(data, b + 16, 4) != MAGIC or _u(data, b + 20, 4) != 1:
                 return None
-            metas.append((_u(data, b + 144, 8), _u(data, b + 128, 8)))
-        txnid, root = max(metas)
-        if root == P_INVALID:
+            metas.append((_u(data, b + 144, 8), _u(data, b + 128, 8), _u(data, b + 94, 2)))
+        txnid, root, depth = max(metas)
+        if root == P_INVALID or not 1 <= depth <= 32:
             return None
-        return cls(np.asarray(data), psize, root, dim)
+        return cls(np.asarray(data), psize, root, depth, dim)
 
     def lookup(self, keys):
         """(vectors float32 [K, dim], found bool [K]) for uint64 ``keys`` (any order)."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         out = np.zeros((keys.shape[0], self.dim), dtype=np.float32)
         found = np.zeros(keys.shape[0], dtype=np.bool_)
-        _lookup(self.data, self.psize, np.uint64(self.root), keys, out.view(np.uint8), found)
+        _lookup(self.data, self.psize, np.uint64(self.root), self.depth, keys, out.view(np.uint8), found)
         return out, found
 
 
 _b = np.zeros(4096 * 3, np.uint8)
-_lookup(_b, 4096, np.uint64(2), np.zeros(1, np.uint64), np.zeros((1, 4), np.uint8), np.zeros(1, np.bool_))
+_b[4096 * 2 + 12] = 16   # an empty leaf at page 2
+_b[4096 * 2 + 10] = P_LEAF
+_lookup(_b, 4096, np.uint64(2), 1, np.zeros(1, np.uint64), np.zeros((1, 4), np.uint8), np.zeros(1, np.bool_))

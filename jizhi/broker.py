@@ -383,6 +383,10 @@ class Broker:
             w = min(workers, key=lambda x: len(x.inflight))
             if len(w.inflight) >= w.window:
                 return
+            if w.inflight and len(chan) < batch_max:
+                # Every worker is busy: a partial batch would only wait in its queue.
+                # Keep collecting; the next DONE finds an idle worker and a fuller batch.
+                return
             taken = []
             while chan and len(taken) < batch_max:
                 req = chan.popleft()
@@ -626,34 +630,35 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
+        next_sweep = 0.0
         while self.running:
-            timeout = 10
+            timeout = 100
             if self.deadlines:
                 timeout = max(0, min(timeout, int((self.deadlines[0][0] - time.monotonic()) * 1000) + 1))
             events = dict(poller.poll(timeout))
-            if self.stats is not None:
-                now = time.monotonic()
-                for p in self.pipes.values():
-                    self.stats.heartbeat[p.row] = now
             # Backend first: finishing work frees slots and credits for new work.
             if self.back in events:
                 for _ in range(256):
-                    try:
-                        frames = self.back.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                    self.on_backend(self.back.recv_multipart())
+                    if not self.back.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
-                    self.on_backend(frames)
             if self.front in events:
                 for _ in range(256):
-                    try:
-                        frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                    frames = self.front.recv_multipart(copy=False)
                     try:
                         self.on_frontend([f.buffer for f in frames])
                     except Exception:
                         log.exception("unexpected error handling a client message")
                         self.malformed += 1
+                    if not self.front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
+            now = time.monotonic()
+            if now < next_sweep and not (self.deadlines and self.deadlines[0][0] <= now):
+                continue
+            next_sweep = now + 0.05   # heartbeat, expiry and drain checks: 20 times a second is plenty
+            if self.stats is not None:
+                for p in self.pipes.values():
+                    self.stats.heartbeat[p.row] = now
             self.expire()
             if self.draining and self.drain_requester is not None and \
                     all(p.in_flight() == 0 for p in self.pipes.values()):

@@ -78,14 +78,14 @@ def main(argv=None):
         print("jizhid: no model directory: set server.models in the config, pass --models, or use --demo",
               file=sys.stderr)
         return 2
-    from jizhi.supervisor import Supervisor
+    from jizhi.supervisor import InstanceBusy, Supervisor
     if models != settings["server.models"]:
         overrides["server.models"] = models
         settings["server.models"] = models
     sup = Supervisor(settings, models, settings["server.pipelines"], config_path=args.config, overrides=overrides)
     try:
         sup.prepare()
-    except (PipelineError, BundleError) as e:
+    except (PipelineError, BundleError, InstanceBusy) as e:
         print(f"jizhid: {e}", file=sys.stderr)
         sup.cleanup()
         return 2

@@ -42,6 +42,10 @@ YOUNG_S = 5.0        # a child that dies younger than this backs off before rest
 MAX_BACKOFF_S = 10.0
 
 
+class InstanceBusy(Exception):
+    """Another live supervisor holds this instance name."""
+
+
 class Child:
     """A process the supervisor keeps alive: the broker, or one wid of a group."""
 
@@ -98,6 +102,7 @@ class Supervisor:
             Bundle(vdir).verify()
             log.info("bundle verified: %s", vdir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.take_instance_lock()
         stale = arena.remove_instance(self.instance)
         if stale:
             log.warning("removed %d shared-memory segments left by a previous run of instance %s",
@@ -144,6 +149,22 @@ class Supervisor:
         for name, plan in plans.items():
             for g, group in plan["groups"].items():
                 self.desired[(name, g)] = group["pool"]
+
+    def take_instance_lock(self):
+        """One live supervisor per instance name on a host, before anything of a previous run is removed.
+
+        An abstract unix socket named after the instance: the kernel releases it
+        when this process dies, however it dies, so a crash never leaves a stale lock.
+        """
+        import socket
+        self._lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._lock.bind(f"\0jizhi.instance.{self.instance}")
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise InstanceBusy(f"another jizhid is running instance {self.instance!r} on this host "
+                               "(stop it, or choose another --instance)")
 
     def add_worker(self, pipeline, group, wid):
         key = (pipeline, group, wid)
@@ -487,8 +508,8 @@ class Supervisor:
 
     def cleanup(self):
         """Unlink our segments and socket files. Idempotent (shutdown and jizhid's finally both call it)."""
-        if getattr(self, "_cleaned", False):
-            return
+        if getattr(self, "_cleaned", False) or getattr(self, "_lock", None) is None:
+            return   # never started, or another instance's: nothing here is ours
         self._cleaned = True
         n = 0
         for segs in self.segments.values():

@@ -35,7 +35,7 @@ import time
 import numpy as np
 import zmq
 
-from jizhi import protocol
+from jizhi import logs, protocol
 from jizhi.arena import Arenas
 from jizhi.overlay import Overlay
 from jizhi.stats import C_PID, C_REQUESTS, Stats
@@ -685,8 +685,7 @@ def main(argv=None):
                                  description="The jizhi broker (started by jizhid, not by hand).")
     ap.add_argument("--plan", required=True)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s jizhi.broker %(message)s")
+    logs.setup("jizhi.broker")
     die_with_parent()
     run = read_plan(args.plan)
     broker = Broker(run)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from jizhi import config
+from jizhi import config, logs
 from jizhi.errors import BundleError, ConfigError, PipelineError
 
 
@@ -47,8 +47,7 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup()
     log = logging.getLogger("jizhi.daemon")
     overrides = {}
     for flag, key in (("frontend", "server.frontend"), ("instance", "server.instance"),

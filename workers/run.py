@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from jizhi import protocol
+from jizhi import logs, protocol
 from jizhi.stats import C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, Stats, rss_bytes
 from jizhi.errors import (DEADLINE_EXCEEDED, EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE,
                           EXIT_MODEL_LOAD_FAILURE, INTERNAL)
@@ -220,8 +220,7 @@ def main(argv=None):
     ap.add_argument("--group", required=True, help="the group (stage or fused stages) this worker runs")
     ap.add_argument("--wid", type=int, required=True, help="stable worker id within the group")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s jizhi.worker[{args.pipeline}/{args.group}/{args.wid}] %(message)s")
+    logs.setup(f"jizhi.worker[{args.pipeline}/{args.group}/{args.wid}]")
     die_with_parent()
     stop = {"flag": False}
 

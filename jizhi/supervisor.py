@@ -40,6 +40,7 @@ EXIT_MEANING = {EXIT_BOOT_FAILURE: "boot failure", EXIT_MODEL_LOAD_FAILURE: "mod
                 EXIT_CUBE_OPEN_FAILURE: "cube open failure"}
 YOUNG_S = 5.0        # a child that dies younger than this backs off before restart
 MAX_BACKOFF_S = 10.0
+RESTART_BUDGET = 5   # quick deaths in a row before a child is reported degraded
 
 
 class InstanceBusy(Exception):
@@ -57,6 +58,8 @@ class Child:
         self.backoff_s = 0.0
         self.not_before = 0.0
         self.restarts = 0
+        self.quick_deaths = 0   # deaths younger than YOUNG_S in a row; reset by a stable start
+        self.last_death = None
         self.kill_at = None
         self.retiring = False
         self.retire_by = float("inf")
@@ -321,8 +324,11 @@ class Supervisor:
         now = time.monotonic()
         procs = []
         for c in self.children.values():
-            procs.append({"name": "/".join(map(str, c.key)), "pid": c.pid,
-                          "state": "retiring" if c.retiring else ("running" if c.proc else "restarting"),
+            state = "retiring" if c.retiring else ("running" if c.proc else "restarting")
+            if c.quick_deaths >= RESTART_BUDGET:
+                state = "degraded"
+            procs.append({"name": "/".join(map(str, c.key)), "pid": c.pid, "state": state,
+                          "last_death": c.last_death,
                           "uptime_s": round(now - c.started, 1) if c.proc else None,
                           "restarts": c.restarts, "rss_bytes": _rss(c.pid)})
         info = self.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
@@ -330,6 +336,8 @@ class Supervisor:
             ("ready" if info["info"]["ready"] else "starting")
         if info is not None and info["info"].get("draining"):
             health = "draining"
+        if any(p["state"] == "degraded" for p in procs):
+            health = "degraded"
         return {"instance": self.instance, "pid": os.getpid(), "uptime_s": round(now - self.t_start, 1),
                 "health": health, "frontend": self.run["frontend"],
                 "models": {p["model"]: p["version"] for p in self.run["pipelines"].values()},
@@ -423,8 +431,17 @@ class Supervisor:
                 child.backoff_s = 0.0
             elif now - child.started < YOUNG_S:
                 child.backoff_s = min(MAX_BACKOFF_S, max(self.settings["workers.restart_backoff_s"], child.backoff_s * 2))
+                child.quick_deaths += 1
+                child.last_death = how
+                if child.quick_deaths == RESTART_BUDGET:
+                    # The restart budget is spent: keep trying at the slowest pace, and say so
+                    # (jizhictl status shows "degraded") instead of looping quietly.
+                    log.error("%s is degraded: %d quick deaths in a row (last: %s); retrying every %.0f s",
+                              name, child.quick_deaths, how, MAX_BACKOFF_S)
+                    notify.notify(f"STATUS=degraded: {name} keeps dying ({how})")
             else:
                 child.backoff_s = 0.0
+                child.quick_deaths = 0
             child.not_before = now + child.backoff_s
             child.proc = None
             if not child.retiring:
@@ -451,6 +468,10 @@ class Supervisor:
                     del self.children[key]
                 elif now >= child.not_before:
                     self.spawn(child)
+            elif child.quick_deaths and now - child.started >= YOUNG_S:
+                if child.quick_deaths >= RESTART_BUDGET:
+                    log.info("%s is up again for %.0f s: no longer degraded", "/".join(map(str, key)), YOUNG_S)
+                child.quick_deaths = 0   # a stable start ends the degraded state
             elif child.retiring and now > child.retire_by and child.proc.poll() is None:
                 log.warning("%s did not stop within the drain bound; sending SIGTERM", "/".join(map(str, key)))
                 child.proc.send_signal(signal.SIGTERM)

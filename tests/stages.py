@@ -67,3 +67,10 @@ class SleepyRanker(RecallRanker):
     def process(self, batch):
         time.sleep(self.sleep_s)
         return super().process(batch)
+
+
+class FailingSetup(RecallRanker):
+    """A stage whose setup always fails: its worker exits with the model-load code."""
+
+    def setup(self, config, bundle):
+        raise RuntimeError("this stage never loads (tests.stages:FailingSetup)")

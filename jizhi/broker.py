@@ -93,6 +93,35 @@ class GroupStats:
                 "service_us": self._pct(self.svc_us, self.n_svc)}
 
 
+class RequestStats:
+    """Per-pipeline request figures: OK answers, pairs/s, latency p50/p99/p99.9 (recent answers)."""
+
+    def __init__(self):
+        self.ok = 0
+        self.pairs = 0
+        self.lat_us = np.zeros(RING, dtype=np.int64)
+        self._mark = (time.monotonic(), 0, 0)
+        self.rates = (0.0, 0.0)
+
+    def add(self, total_us, pairs):
+        self.lat_us[self.ok % RING] = total_us
+        self.ok += 1
+        self.pairs += pairs
+
+    def snapshot(self):
+        t0, ok0, pairs0 = self._mark
+        now = time.monotonic()
+        if now - t0 >= 1.0:
+            self.rates = (round((self.ok - ok0) / (now - t0), 1), round((self.pairs - pairs0) / (now - t0), 1))
+            self._mark = (now, self.ok, self.pairs)
+        lat = {"p50": None, "p99": None, "p99_9": None}
+        if self.ok:
+            a = self.lat_us[:min(self.ok, RING)]
+            p = np.percentile(a, [50, 99, 99.9])
+            lat = {"p50": int(p[0]), "p99": int(p[1]), "p99_9": int(p[2])}
+        return {"ok": self.ok, "ok_per_s": self.rates[0], "pairs_per_s": self.rates[1], "latency_us": lat}
+
+
 class WorkerRef:
     __slots__ = ("ident", "pipeline", "group", "wid", "pid", "vkey", "window", "inflight", "last_seen",
                  "retiring")
@@ -117,6 +146,7 @@ class PipelineState:
         self.channels = collections.defaultdict(collections.deque)   # (group, vkey) -> deque[Request]
         self.workers = collections.defaultdict(list)                # (group, vkey) -> [WorkerRef]
         self.stats = {g: GroupStats() for g in self.groups}
+        self.requests = RequestStats()
         self.preds = {g: len(self.groups[g]["prev"]) for g in self.groups}
         self.stage_names = {g: self.groups[g]["stages"] for g in self.groups}
 
@@ -235,6 +265,7 @@ class Broker:
         if self.stats is not None:
             self.stats.observe(pipe.row, 0, total_us)
             self.stats.counters[pipe.row, C_REQUESTS] += 1
+        pipe.requests.add(total_us, int(n - np.count_nonzero(np.isnan(scores))))   # pairs that got a score
         frames = protocol.encode_ok(
             req.rid, model_versions=pipe.versions, shed_ratio=0.0,
             unknown_items=req.counts.get("unknown_items", 0), timings_us=req.timings,
@@ -619,7 +650,8 @@ class Broker:
                                  queue=len(p.channels.get((g, p.vkey), ())),
                                  stages=p.groups[g]["stages"])
             pipes[name] = {"model": p.plan["model"], "version": p.plan["version"], "ready": p.ready(),
-                           "in_flight": p.in_flight(), "slots": p.slots, "groups": groups}
+                           "in_flight": p.in_flight(), "slots": p.slots, "groups": groups,
+                           "requests": p.requests.snapshot()}
         return {"ready": all(p.ready() for p in self.pipes.values()), "pipelines": pipes,
                 "default_pipeline": self.default_pipeline, "answered": self.answered,
                 "errors": dict(self.errors), "malformed": self.malformed, "draining": self.draining,

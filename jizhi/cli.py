@@ -245,6 +245,12 @@ def _stats_table(info):
     lines = []
     lines.append(f"answered {info['answered']}  errors {info['errors'] or '{}'}  malformed {info['malformed']}  "
                  f"draining {info['draining']}  up {info['uptime_s']}s")
+    lines.append(f"{'pipeline':<26} {'in flight':>9} {'ok/s':>7} {'pairs/s':>9} {'p50':>9} {'p99':>9} {'p99.9':>9}")
+    for pname, p in info["pipelines"].items():
+        rq = p.get("requests", {})
+        lat = rq.get("latency_us", {})
+        lines.append(f"{pname:<26} {p['in_flight']:>9} {rq.get('ok_per_s', 0):>7} {rq.get('pairs_per_s', 0):>9,.0f} "
+                     f"{_fmt_us(lat.get('p50')):>9} {_fmt_us(lat.get('p99')):>9} {_fmt_us(lat.get('p99_9')):>9}")
     lines.append(f"{'pipeline/group':<26} {'workers':>7} {'queue':>6} {'events/s':>9} {'wait p50':>9} {'wait p99':>9} "
                  f"{'svc p50':>9} {'svc p99':>9}")
     for pname, p in info["pipelines"].items():
@@ -259,7 +265,7 @@ def _stats_table(info):
 @_run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(run_dir, instance, as_json):
-    """Per stage: pool size, queue depth, events/s, wait and service p50/p99; errors by code."""
+    """Per pipeline: ok/s, pairs/s, latency p50/p99/p99.9; per stage: pool size, queue, events/s, wait and service p50/p99; errors by code."""
     info = _control(run_dir, instance, "stats")
     click.echo(json.dumps(info, indent=2) if as_json else _stats_table(info))
 

@@ -327,12 +327,19 @@ def test_jizhictl_stats_json_and_top_show_per_group_figures(ctl_server, demo_tra
     for key in ("wait_us", "service_us"):
         assert sorted(scorer[key]) == ["p50", "p99"]
         assert isinstance(scorer[key]["p50"], int) and scorer[key]["p99"] >= scorer[key]["p50"] >= 0
+    requests = info["pipelines"]["demo"]["requests"]
+    assert requests["ok"] == 10
+    assert sorted(requests["latency_us"]) == ["p50", "p99", "p99_9"]
+    assert requests["latency_us"]["p99_9"] >= requests["latency_us"]["p99"] >= requests["latency_us"]["p50"] > 0
     table = jizhictl_ok("stats", run_dir=server.run_dir).splitlines()
     assert table[0].startswith(f"answered {info['answered']}")
-    assert table[2].split()[:3] == ["demo/scorer", "2", "0"]
+    assert table[1].split()[:5] == ["pipeline", "in", "flight", "ok/s", "pairs/s"]
+    assert table[2].split()[:2] == ["demo", "0"]
+    assert table[4].split()[:3] == ["demo/scorer", "2", "0"]
     top = jizhictl_ok("top", "--count", "1", run_dir=server.run_dir).splitlines()
-    assert top[2].split()[:3] == ["demo/scorer", "2", "0"]
-    assert top[3].startswith("latency breakdown")
+    assert top[2].split()[:2] == ["demo", "0"]
+    assert top[4].split()[:3] == ["demo/scorer", "2", "0"]
+    assert top[5].startswith("latency breakdown")
 
 
 def test_jizhictl_scale_up_to_3_and_down_to_1_under_load_fails_no_request(ctl_server, demo_trace, trace_scores):

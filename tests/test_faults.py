@@ -6,16 +6,15 @@ within its deadline plus a bound; a client-side timeout is a lost request.
 """
 import os
 import signal
-import threading
 import time
 
 import pytest
 import zmq
 
 from conftest import assert_topk, wait_until, write_text
+from daemon_helpers import Load, assert_answered_in_time
 from jizhi import protocol
-from jizhi.client import Client
-from jizhi.errors import RETRIABLE, RequestError
+from jizhi.errors import RETRIABLE
 
 CLIENTS = 4
 DEADLINE_MS = 2000
@@ -23,87 +22,12 @@ BOUND_S = 1.0                       # answer at most this long after the deadlin
 CLIENT_TIMEOUT_S = DEADLINE_MS / 1000 + BOUND_S + 3.0   # longer than any legal answer
 
 
-class Load:
-    """``CLIENTS`` threads, each a REQ client sending trace requests back to back.
-
-    Each outcome is recorded as a dict: ``q`` (trace request), ``t_send``,
-    ``t_done`` (time.monotonic), ``outcome`` ("ok", an error code, or
-    "timeout") and, for "ok", the reply. With ``stop_on_draining`` a thread
-    ends at its first timeout or "draining" refusal (the server is going away).
-    """
-
-    def __init__(self, endpoint, trace, stop_on_draining=False):
-        self.endpoint = endpoint
-        self.trace = trace
-        self.stop_on_draining = stop_on_draining
-        self.records = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(CLIENTS)]
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        for t in self.threads:
-            t.join(CLIENT_TIMEOUT_S + 5)
-        assert not any(t.is_alive() for t in self.threads), "a load client is stuck"
-
-    def run(self, i):
-        client = Client(self.endpoint, timeout_s=CLIENT_TIMEOUT_S)
-        q = i
-        try:
-            while not self.stopping.is_set():
-                q = (q + CLIENTS) % len(self.trace)
-                user, items, recall = self.trace[q]
-                rec = {"q": q, "t_send": time.monotonic()}
-                try:
-                    rec["reply"] = client.score(user, items, recall, pipeline="demo", top_k=10,
-                                                deadline_ms=DEADLINE_MS)
-                    rec["outcome"] = "ok"
-                except RequestError as e:
-                    rec["outcome"] = e.code
-                    rec["message"] = e.message
-                except TimeoutError:
-                    rec["outcome"] = "timeout"
-                rec["t_done"] = time.monotonic()
-                with self.lock:
-                    self.records.append(rec)
-                if self.stop_on_draining and (rec["outcome"] == "timeout" or "draining" in rec.get("message", "")):
-                    return
-        finally:
-            client.close()
-
-    def count_ok(self, since=0.0):
-        with self.lock:
-            return sum(1 for r in self.records if r["outcome"] == "ok" and r["t_send"] >= since)
-
-
-def assert_answered_in_time(records, trace, trace_scores):
-    """Every record is a success (equal to the reference) or a retriable error, within the bound."""
-    assert records, "the load sent nothing"
-    outcomes = {}
-    for r in records:
-        outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
-    bad = {o: n for o, n in outcomes.items() if o != "ok" and o not in RETRIABLE}
-    assert not bad, f"requests without a retriable answer: {bad} (all outcomes: {outcomes})"
-    slowest = max(r["t_done"] - r["t_send"] for r in records)
-    assert slowest <= DEADLINE_MS / 1000 + BOUND_S, f"an answer took {slowest:.3f} s (outcomes: {outcomes})"
-    for r in records:
-        if r["outcome"] == "ok":
-            _, items, _ = trace[r["q"]]
-            assert_topk(r["reply"], items, trace_scores[r["q"]], 10)
-    return outcomes
-
-
 def test_a_sigkilled_scorer_worker_loses_no_request_and_its_pool_grows_back(launch, demo_trace, trace_scores):
     server = launch.start(pipelines=["demo"])
     before = server.workers("demo", "scorer")
     assert len(before) == 2
-    with Load(server.endpoint, demo_trace) as load:
+    with Load(server.endpoint, demo_trace, clients=CLIENTS, deadline_ms=DEADLINE_MS,
+              timeout_s=CLIENT_TIMEOUT_S) as load:
         wait_until(lambda: load.count_ok() >= 20, 60, what="the load to get going")
         victim, (_, _, wid) = sorted(before.items())[0]
         os.kill(victim, signal.SIGKILL)
@@ -119,14 +43,15 @@ def test_a_sigkilled_scorer_worker_loses_no_request_and_its_pool_grows_back(laun
                    what="the broker to count two scorer workers again")
         t_back = time.monotonic()
         wait_until(lambda: load.count_ok(since=t_back) >= 20, 60, what="answers after the pool grew back")
-    outcomes = assert_answered_in_time(load.records, demo_trace, trace_scores)
+    outcomes = assert_answered_in_time(load.snapshot(), demo_trace, trace_scores, DEADLINE_MS, BOUND_S)
     assert sum(1 for r in load.records if r["outcome"] == "ok" and r["t_send"] > t_kill) >= 20, outcomes
     assert server.info()["pipelines"]["demo"]["in_flight"] == 0
 
 
 def test_sigterm_under_load_answers_what_was_sent_exits_0_and_leaves_nothing(launch, demo_trace, trace_scores):
     server = launch.start(pipelines=["demo"])
-    with Load(server.endpoint, demo_trace, stop_on_draining=True) as load:
+    with Load(server.endpoint, demo_trace, clients=CLIENTS, deadline_ms=DEADLINE_MS,
+              timeout_s=CLIENT_TIMEOUT_S, stop_on_draining=True) as load:
         wait_until(lambda: load.count_ok() >= 20, 60, what="the load to get going")
         t_term = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -134,7 +59,7 @@ def test_sigterm_under_load_answers_what_was_sent_exits_0_and_leaves_nothing(lau
         wait_until(lambda: not any(t.is_alive() for t in load.threads), CLIENT_TIMEOUT_S + 5,
                    what="every load client to notice the server is gone")
     sent_before = [r for r in load.records if r["t_send"] < t_term]
-    assert_answered_in_time(sent_before, demo_trace, trace_scores)
+    assert_answered_in_time(sent_before, demo_trace, trace_scores, DEADLINE_MS, BOUND_S)
     assert server.segments() == []
     assert server.children() == {}
     assert not (server.run_dir / "backend.ipc").exists()

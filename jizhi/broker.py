@@ -183,6 +183,7 @@ class Broker:
         self.feedback_events = 0
         self.overlay_full = 0
         self.workers = {}            # ident -> WorkerRef
+        self.batch_timers = {}       # (pipeline, group, vkey) -> when a held partial batch is due
         self.eids = itertools.count(1)
         self.deadlines = []          # heap of (deadline, seq, Request)
         self.seq = itertools.count()
@@ -408,16 +409,23 @@ class Broker:
         if not chan or not workers:
             return
         batch_max = pipe.groups[group]["batch"]
+        wait_s = pipe.groups[group].get("batch_wait_ms", 0.0) / 1000.0
         stats = pipe.stats[group]
         now = time.monotonic()
         while chan:
             w = min(workers, key=lambda x: len(x.inflight))
             if len(w.inflight) >= w.window:
                 return
-            if w.inflight and len(chan) < batch_max:
-                # Every worker is busy: a partial batch would only wait in its queue.
-                # Keep collecting; the next DONE finds an idle worker and a fuller batch.
-                return
+            if len(chan) < batch_max:
+                if w.inflight:
+                    # Every worker is busy: a partial batch would only wait in its queue.
+                    # Keep collecting; the next DONE finds an idle worker and a fuller batch.
+                    return
+                due = chan[0].t_enq + wait_s
+                if due > now:
+                    # batch_wait_ms: hold a partial batch a little for company (latency for throughput).
+                    self.batch_timers[(pipe.name, group, vkey)] = due
+                    return
             taken = []
             while chan and len(taken) < batch_max:
                 req = chan.popleft()
@@ -667,7 +675,17 @@ class Broker:
             timeout = 100
             if self.deadlines:
                 timeout = max(0, min(timeout, int((self.deadlines[0][0] - time.monotonic()) * 1000) + 1))
+            if self.batch_timers:
+                due = min(self.batch_timers.values())
+                timeout = max(0, min(timeout, int((due - time.monotonic()) * 1000 + 0.999)))
             events = dict(poller.poll(timeout))
+            if self.batch_timers:
+                now = time.monotonic()
+                for key, due in list(self.batch_timers.items()):
+                    if due <= now:
+                        del self.batch_timers[key]
+                        pname, group, vkey = key
+                        self.dispatch(self.pipes[pname], group, vkey)
             # Backend first: finishing work frees slots and credits for new work.
             if self.back in events:
                 for _ in range(256):

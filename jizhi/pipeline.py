@@ -51,8 +51,9 @@ class Pipeline:
                                   "pool": pool, "batch": batch, **config})
         return self
 
-    def fuse(self, name, stages, pool=1, batch=8):
-        self.doc["fuse"].append({"name": name, "stages": list(stages), "pool": pool, "batch": batch})
+    def fuse(self, name, stages, pool=1, batch=8, batch_wait_ms=0):
+        self.doc["fuse"].append({"name": name, "stages": list(stages), "pool": pool, "batch": batch,
+                                 "batch_wait_ms": batch_wait_ms})
         return self
 
 
@@ -90,6 +91,12 @@ def _int(stage, key, value, low=1):
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise PipelineError(f"stage {stage!r}: {key} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def _wait(stage, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
+        raise PipelineError(f"stage {stage!r}: batch_wait_ms must be a number of milliseconds from 0 to 100, got {value!r}")
+    return float(value)
 
 
 def compile_pipeline(doc, models_dir, pinned_version=None):
@@ -130,7 +137,8 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
             raise PipelineError(f"stage {sname!r}: unknown processor {proc!r} ({e})")
         if cls is None:
             raise PipelineError(f"stage {sname!r}: processor must be a name or module:Class")
-        config = {k: v for k, v in s.items() if k not in ("name", "processor", "next", "pool", "batch", "cores")}
+        config = {k: v for k, v in s.items()
+                  if k not in ("name", "processor", "next", "pool", "batch", "batch_wait_ms", "cores")}
         config.setdefault("on_unknown", on_unknown)
         nxt = s.get("next", [])
         if isinstance(nxt, str):
@@ -139,6 +147,7 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
                          "class": BUILTINS.get(proc, proc), "config": config, "next": list(nxt),
                          "prev": [], "pool": _int(sname, "pool", s.get("pool", 1)),
                          "batch": _int(sname, "batch", s.get("batch", 8)),
+                         "batch_wait_ms": _wait(sname, s.get("batch_wait_ms", 0)),
                          "cores": list(s.get("cores", [])), "_cls": cls}
         order_in.append(sname)
     for sname, st in stages.items():
@@ -203,12 +212,14 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
         groups[gname] = {"name": gname, "stages": [s for s in topo if s in members],
                          "pool": _int(gname, "pool", f.get("pool", 1)),
                          "batch": _int(gname, "batch", f.get("batch", 8)),
+                         "batch_wait_ms": _wait(gname, f.get("batch_wait_ms", 0)),
                          "cores": list(f.get("cores", []))}
     for s in topo:
         if s not in group_of:
             group_of[s] = s
             st = stages[s]
             groups[s] = {"name": s, "stages": [s], "pool": st["pool"], "batch": st["batch"],
+                         "batch_wait_ms": st["batch_wait_ms"],
                          "cores": st["cores"]}
     for g in groups.values():
         g["next"] = sorted({group_of[n] for s in g["stages"] for n in stages[s]["next"]} - {g["name"]})

@@ -112,6 +112,16 @@ def test_fusing_an_undefined_stage_or_a_stage_twice_is_refused(demo_models):
     assert compile_error(p.doc, demo_models) == "stage 'features' is fused into both 'a' and 'b'"
 
 
+def test_batch_wait_ms_is_checked_and_carried_to_the_group(demo_models):
+    p = demo_dag().fuse("scorer", ["reader", "features", "cube", "dnn", "rank"], batch=8, batch_wait_ms=3)
+    plan = compile_pipeline(p.doc, demo_models)
+    assert plan["groups"]["scorer"]["batch_wait_ms"] == 3.0
+    assert plan["groups"]["scorer"]["batch"] == 8
+    p = demo_dag().fuse("scorer", ["reader", "features", "cube", "dnn", "rank"], batch_wait_ms=500)
+    assert compile_error(p.doc, demo_models) == \
+        "stage 'scorer': batch_wait_ms must be a number of milliseconds from 0 to 100, got 500"
+
+
 def test_a_pipeline_must_end_in_one_ranking_stage(demo_models):
     doc = demo_dag(edges={"dnn": []}).doc
     assert compile_error(doc, demo_models) == "pipeline 'p' must end in exactly one stage, has 2: rank, dnn"

@@ -75,7 +75,6 @@ def _lookup(buf, psize, root, depth, keys, out_bytes, found):
             found[start + g] = False
         # branch levels: depth-1 of them
         for level in range(depth - 1):
-            maxn = 0
             for g in range(m):
                 base[g] = np.int64(pg[g]) * psize
                 n = (np.int64(_u16(buf, base[g] + 12)) - 16) >> 1

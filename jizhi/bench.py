@@ -76,6 +76,7 @@ import numpy as np
 import zmq
 
 from jizhi import protocol
+from jizhi.config import default_run_dir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RULE_MIN_DURATION_S = 20.0
@@ -995,7 +996,7 @@ def _load(endpoint, pipeline, trace_path, rate, rates, find_max_flag, start_rate
         click.echo("warning: jizhid says it is not ready yet (some pool has no worker)", err=True)
     server_cpu = None
     if cpu:
-        run_dir = run_dir or f"/tmp/jizhi-{os.getuid()}-default"
+        run_dir = run_dir or default_run_dir("default")
         server_cpu = ServerCpu(run_dir)
         found = server_cpu.processes()
         if not found:

@@ -138,8 +138,13 @@ def load(path=None, overrides=None):
             raise ConfigError(f"setting {key} = {values[key]!r}: no such file or directory")
     if not values["server.run_dir"]:
         base = os.environ.get("RUNTIME_DIRECTORY")
-        values["server.run_dir"] = base or f"/tmp/jizhi-{os.getuid()}-{values['server.instance']}"
+        values["server.run_dir"] = base or default_run_dir(values["server.instance"])
     return values
+
+
+def default_run_dir(instance):
+    """The run directory of an instance started from a shell (no $RUNTIME_DIRECTORY)."""
+    return f"/tmp/jizhi-{os.getuid()}-{instance}"
 
 
 def etc_dir():

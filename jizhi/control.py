@@ -13,6 +13,7 @@ supervisor loop; only the loop's ``manage()`` starts or stops processes.
 import os
 from pathlib import Path
 
+from jizhi.config import default_run_dir
 from jizhi.errors import JizhiError
 
 VERSION = 1
@@ -37,7 +38,7 @@ def run_dir_candidates(instance="default"):
         out.append(Path("/run/jizhi"))
     else:
         out.append(Path(f"/run/jizhi-{instance}"))
-    out.append(Path(f"/tmp/jizhi-{os.getuid()}-{instance}"))
+    out.append(Path(default_run_dir(instance)))
     return out
 
 

@@ -26,6 +26,7 @@ from jizhi.bundle import Bundle, find_version
 from jizhi.config import etc_dir
 from jizhi.errors import BundleError, PipelineError
 from jizhi.workers.data_reader import ON_UNKNOWN
+from jizhi.workers.ranker import SINK_OUTPUTS as SINK_STAGE_OUTPUTS
 from jizhi.workers.stage import REQUEST_INPUTS
 
 BUILTINS = {
@@ -36,7 +37,7 @@ BUILTINS = {
     "ranker": "jizhi.workers.ranker:Ranker",
     "legacy_scorer": "jizhi.workers.legacy:LegacyScorer",
 }
-SINK_OUTPUTS = ("order", "out_scores")
+SINK_OUTPUTS = tuple(o.name for o in SINK_STAGE_OUTPUTS)
 
 
 class Pipeline:

@@ -330,7 +330,7 @@ class Supervisor:
             procs.append({"name": "/".join(map(str, c.key)), "pid": c.pid, "state": state,
                           "last_death": c.last_death,
                           "uptime_s": round(now - c.started, 1) if c.proc else None,
-                          "restarts": c.restarts, "rss_bytes": _rss(c.pid)})
+                          "restarts": c.restarts, "rss_bytes": stats_mod.rss_bytes(c.pid) if c.pid else None})
         info = self.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
         health = "unknown (broker did not answer)" if info is None else \
             ("ready" if info["info"]["ready"] else "starting")
@@ -543,13 +543,3 @@ class Supervisor:
                 pass
         log.info("removed %d shared-memory segments", n)
 
-
-def _rss(pid):
-    """Resident set size of a process in bytes (from /proc), or None."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from jizhi.workers.ranker import rank
+from jizhi.workers.ranker import SINK_OUTPUTS, rank
 from jizhi.workers.stage import CANDIDATE, Output, Stage
 
 
@@ -44,7 +44,7 @@ class RecallRanker(Stage):
 
     @classmethod
     def outputs(cls, config, bundle):
-        return (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDIDATE, "float32"))
+        return SINK_OUTPUTS
 
     def process(self, batch):
         return rank(batch, batch["recall_scores"], None)

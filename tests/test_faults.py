@@ -8,7 +8,6 @@ import os
 import signal
 import time
 
-import pytest
 import zmq
 
 from conftest import assert_topk, wait_until, write_text

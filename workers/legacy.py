@@ -17,8 +17,8 @@ from jizhi.cube.signature import sign_padded
 from jizhi.cube.store import open_cube
 from jizhi.overlay import Overlay
 from jizhi.workers.model_inference import open_session
-from jizhi.workers.ranker import rank
-from jizhi.workers.stage import CANDIDATE, Output, Stage
+from jizhi.workers.ranker import SINK_OUTPUTS, rank
+from jizhi.workers.stage import Stage
 
 
 class LegacyScorer(Stage):
@@ -30,7 +30,7 @@ class LegacyScorer(Stage):
 
     @classmethod
     def outputs(cls, config, bundle):
-        return (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDIDATE, "float32"))
+        return SINK_OUTPUTS
 
     def setup(self, config, bundle):
         self.bundle = bundle

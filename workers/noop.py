@@ -19,7 +19,8 @@ Both run in a stage worker process like any other processor.
 """
 import numpy as np
 
-from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
+from jizhi.workers.ranker import SINK_OUTPUTS
+from jizhi.workers.stage import REQUEST, Output, Stage
 
 
 class Noop(Stage):
@@ -31,7 +32,7 @@ class Noop(Stage):
 
     @classmethod
     def outputs(cls, config, bundle):
-        return (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDIDATE, "float32"))
+        return SINK_OUTPUTS
 
     def process(self, batch):
         counts = np.diff(batch.offsets)

@@ -11,6 +11,10 @@ import numpy as np
 from jizhi.workers.stage import CANDIDATE, Output, Stage
 
 
+# What every sink stage writes (the broker builds replies from these two columns).
+SINK_OUTPUTS = (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDIDATE, "float32"))
+
+
 class Ranker(Stage):
     name = "ranker"
 
@@ -20,7 +24,7 @@ class Ranker(Stage):
 
     @classmethod
     def outputs(cls, config, bundle):
-        return (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDIDATE, "float32"))
+        return SINK_OUTPUTS
 
     def process(self, batch):
         return rank(batch, batch["score"], batch.columns.get("keep"))

@@ -222,7 +222,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logs.setup(f"jizhi.worker[{args.pipeline}/{args.group}/{args.wid}]")
     die_with_parent()
-    stop = {"flag": False}
 
     try:
         run = read_plan(args.plan)

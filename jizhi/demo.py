@@ -3,7 +3,10 @@
 Runs offline, in the process that calls it (``jizhictl``'s demo commands,
 tests, benchmarks). ``init_demo`` writes ``<out_dir>/models/demo/1/`` in the
 bundle format of docs/formats.md; ``generate_trace`` writes a ``trace.npz``
-of requests against such a bundle.
+of requests against such a bundle. ``stage_version`` and ``publish`` make
+further versions of a demo bundle (other dense weights, or deliberately bad
+ones for tests) and drop them into the watch directory the way a model
+pipeline should: copy into ``<models>/.incoming/``, then one rename.
 
 The demo model is a small DLRM: 13 dense user features; user fields
 ``u_cat0..5`` (onehot), ``u_multi0..1`` (multihot, up to 5 values) and
@@ -33,12 +36,13 @@ import os
 import shutil
 import statistics
 import sys
+import tomllib
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jizhi.cube.build import write_cube
+from jizhi.cube.build import read_all, write_cube
 from jizhi.cube.signature import sign, sign_padded
 
 NAME = "demo"
@@ -391,12 +395,12 @@ def _toml_value(value):
     return str(int(value))
 
 
-def _manifest_text(fields, files):
+def _manifest_text(fields, files, name=NAME, version=VERSION):
     """manifest.toml contents; ``files`` is a list of (path, size, sha256)."""
     lines = [
         "format = 1",
-        f"name = {_toml_value(NAME)}",
-        f"version = {VERSION}",
+        f"name = {_toml_value(name)}",
+        f"version = {int(version)}",
         f"dim = {DIM}",
         f"hash_seed = {HASH_SEED}",
         'default_vector = "zeros"',
@@ -580,3 +584,193 @@ def generate_trace(bundle_dir, path, requests=2000, candidates=500, spearman=0.8
     with open(path, "wb") as f:
         np.savez(f, users=users, offsets=offsets, items=items, recall_scores=recall,
                  seed=np.int64(seed), candidates=np.int64(candidates), spearman=np.float64(spearman))
+
+
+# --- further versions (hot reload) -------------------------------------------
+
+#: Deliberately bad versions ``stage_version`` can make, for tests of validation and reload.
+FAULTS = ("corrupt", "wrong_dim", "nan", "bad_onnx")
+_WRONG_DIM = 16
+_CORRUPT_BYTES = 16
+
+
+def _read_demo_manifest(version_dir):
+    """(manifest dict, fields) of a version whose manifest ``_manifest_text`` wrote.
+
+    Raises ValueError for any other manifest: re-rendering it from the parsed
+    values must give the same text, so nothing in it is silently dropped.
+    """
+    path = os.path.join(version_dir, "manifest.toml")
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8")
+    manifest = tomllib.loads(text)
+    fields = tuple(_Field(f["name"], f["id"], f["side"], f["kind"], f["max_len"], f["vocab"], f.get("shares"))
+                   for f in manifest.get("fields", []))
+    files = [(e["path"], e["size"], e["sha256"]) for e in manifest.get("files", [])]
+    if not files or _manifest_text(fields, files, manifest.get("name", ""), manifest.get("version", 0)) != text:
+        raise ValueError(f"{path}: not a complete manifest written by jizhi.demo")
+    return manifest, fields
+
+
+def _edit_onnx(path, edit):
+    """Load the model at ``path``, apply ``edit(model)``, check it and save it in place."""
+    model = onnx.load(path)
+    edit(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def _poison_final_bias(model):
+    # NaN in the last bias reaches every score, whatever the inputs.
+    for init in model.graph.initializer:
+        if init.name == "top2.b":
+            bias = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(np.full(bias.shape, np.nan, dtype=np.float32), init.name))
+            return
+    raise ValueError("dense.onnx has no initializer top2.b")
+
+
+def _rename_output(old, new):
+    def edit(model):
+        for node in model.graph.node:
+            node.output[:] = [new if name == old else name for name in node.output]
+        for output in model.graph.output:
+            if output.name == old:
+                output.name = new
+    return edit
+
+
+def _flip_bytes_in_the_middle(path):
+    with open(path, "r+b") as f:
+        middle = os.fstat(f.fileno()).st_size // 2
+        f.seek(middle)
+        block = f.read(_CORRUPT_BYTES)
+        f.seek(middle)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def _fill_staged(staged, source, manifest, fields, version, seed, fault):
+    """Write the staged version's files into the empty directory ``staged`` (see ``stage_version``)."""
+    name = manifest["name"]
+    for entry in manifest["files"]:
+        target = os.path.join(staged, entry["path"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(source, entry["path"]), target)
+
+    onnx_file = manifest["onnx"]["file"]
+    onnx_path = os.path.join(staged, onnx_file)
+    manifest_path = os.path.join(staged, "manifest.toml")
+    rewritten = set()
+    if seed is not None:
+        f_user = sum(1 for f in fields if f.side == "user")
+        f_item = len(fields) - f_user
+        user_ids = np.load(os.path.join(staged, "profiles", "users", "ids.npy"))
+        item_ids = np.load(os.path.join(staged, "profiles", "items", "ids.npy"))
+        weights = _dense_weights(seed)
+        onnx.save(_dense_model(weights, f_user, f_item, sigmoid=False), onnx_path)
+        _write_text(manifest_path, _manifest_text(fields, [], name, version))
+        weights = _calibrate(seed, staged, weights, user_ids, item_ids)
+        onnx.save(_dense_model(weights, f_user, f_item, sigmoid=True), onnx_path)
+        os.remove(manifest_path)
+        rewritten.add(onnx_file)
+    if fault == "nan":
+        _edit_onnx(onnx_path, _poison_final_bias)
+        rewritten.add(onnx_file)
+    elif fault == "bad_onnx":
+        output = manifest["onnx"]["output"]
+        _edit_onnx(onnx_path, _rename_output(output, output + "_renamed"))
+        rewritten.add(onnx_file)
+    elif fault == "wrong_dim":
+        cube_dir = os.path.join(staged, "cube")
+        keys, vectors = read_all(cube_dir)
+        os.remove(os.path.join(cube_dir, "data.mdb"))
+        write_cube(cube_dir, keys, vectors[:, :_WRONG_DIM])
+        rewritten.add("cube/data.mdb")
+
+    entries = _file_entries(staged)
+    # Recomputing [[files]] must not launder a damaged source into a consistent version.
+    expected = {e["path"]: (e["size"], e["sha256"]) for e in manifest["files"]}
+    if sorted(expected) != [path for path, _, _ in entries]:
+        raise ValueError(f"{staged}: staged files differ from the source's manifest")
+    for path, size, digest in entries:
+        if path not in rewritten and expected[path] != (size, digest):
+            raise ValueError(f"{source}: {path} differs from its manifest entry; not staging a damaged version")
+    _write_text(manifest_path, _manifest_text(fields, entries, name, version))
+    if fault == "corrupt":
+        _flip_bytes_in_the_middle(onnx_path)
+
+
+def stage_version(models_dir, source_version_dir, version, seed=None, fault=None):
+    """Stage a new version of a demo bundle in ``<models_dir>/.incoming/<name>.<version>/``; return its path.
+
+    Runs offline (tests, benchmarks of hot reload), never in a serving
+    process. The listed files of ``source_version_dir`` (a version
+    ``init_demo`` or this function wrote) are copied, byte for byte and
+    never hardlinked (a version's files must not change when another
+    version's are truncated), then the manifest is rewritten with
+    ``version`` and recomputed [[files]], written last.
+
+    With ``seed``, ``dense.onnx`` gets the dense weights of that seed,
+    calibrated as ``init_demo`` calibrates them, so the version scores
+    differently from its source in the same range. ``fault`` (one of
+    ``FAULTS``) makes a deliberately bad version:
+
+    * ``"corrupt"``: bytes in the middle of dense.onnx are flipped after the
+      manifest is written, so its sha256 no longer matches;
+    * ``"wrong_dim"``: the cube holds 16-float vectors while the manifest
+      and the graph keep dim 32 (manifest consistent);
+    * ``"nan"``: the final layer's bias is NaN, so every score is NaN
+      (manifest consistent);
+    * ``"bad_onnx"``: the graph's output is not named the manifest's
+      ``[onnx] output`` (manifest consistent).
+
+    The staged directory is hidden from a watcher (``.incoming``);
+    ``publish`` makes it a version. Raises FileExistsError when the staged
+    directory or the version exists already, ValueError for an unknown
+    fault, a non-positive version, or a source that is not a demo bundle
+    or whose files differ from its manifest; a failed staging leaves no
+    directory behind.
+    """
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")
+    version = int(version)
+    if version < 1:
+        raise ValueError(f"version {version} is not a positive integer")
+    source = os.fspath(source_version_dir)
+    manifest, fields = _read_demo_manifest(source)
+    name = manifest["name"]
+    models_dir = os.fspath(models_dir)
+    if os.path.lexists(os.path.join(models_dir, name, str(version))):
+        raise FileExistsError(os.path.join(models_dir, name, str(version)))
+    incoming = os.path.join(models_dir, ".incoming")
+    os.makedirs(incoming, exist_ok=True)
+    staged = os.path.join(incoming, f"{name}.{version}")
+    os.mkdir(staged)
+    try:
+        _fill_staged(staged, source, manifest, fields, version, seed, fault)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def publish(staged_path, models_dir):
+    """Make a staged version visible: rename it to ``<models_dir>/<name>/<version>``; return that path.
+
+    The one atomic step of a version's arrival (DESIGN.md, "Model bundle"):
+    a watcher sees the version complete or not at all. ``staged_path`` must
+    be on the same filesystem (``stage_version`` puts it in
+    ``<models_dir>/.incoming``). Name and version come from its manifest.
+    Raises FileExistsError when the version exists already (checked before
+    the rename; two concurrent publishers of one version are not guarded).
+    """
+    staged_path = os.fspath(staged_path)
+    with open(os.path.join(staged_path, "manifest.toml"), "rb") as f:
+        manifest = tomllib.load(f)
+    model_dir = os.path.join(os.fspath(models_dir), manifest["name"])
+    final = os.path.join(model_dir, str(int(manifest["version"])))
+    os.makedirs(model_dir, exist_ok=True)
+    if os.path.lexists(final):
+        raise FileExistsError(final)
+    os.rename(staged_path, final)
+    return final

@@ -1,0 +1,178 @@
+"""Candidate versions: the demo's staged versions and their validation in a child process.
+
+One small demo bundle per module; every further version is staged and
+published once (``versions``), then validated by the real entry point,
+``python -m jizhi.validate``, as the supervisor runs it.
+"""
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+
+from jizhi.bundle import Bundle
+from jizhi.demo import FAULTS, init_demo, publish, stage_version
+from jizhi.errors import BundleError
+from jizhi.reference import ReferenceScorer
+from jizhi.validate import CHECKS
+
+USERS = 500
+ITEMS = 5000
+VALIDATE_TIMEOUT_S = 120.0   # a first run on a machine may compile the Numba kernels
+
+# key -> (version, stage_version options); each is staged and published once.
+VERSIONS = {
+    "seeded": (2, {"seed": 11}),
+    "corrupt": (3, {"fault": "corrupt"}),
+    "wrong_dim": (4, {"fault": "wrong_dim"}),
+    "nan": (5, {"fault": "nan"}),
+    "bad_onnx": (6, {"fault": "bad_onnx"}),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validate")
+    init_demo(root, users=USERS, items=ITEMS, progress=False)
+    return str(root / "models")
+
+
+@pytest.fixture(scope="module")
+def v1(models):
+    return os.path.join(models, "demo", "1")
+
+
+@pytest.fixture(scope="module")
+def versions(models, v1):
+    return {key: publish(stage_version(models, v1, version, **options), models)
+            for key, (version, options) in VERSIONS.items()}
+
+
+def run_validate(version_dir, *args):
+    """(exit code, the JSON result on the last stdout line) of ``python -m jizhi.validate``."""
+    proc = subprocess.run([sys.executable, "-m", "jizhi.validate", str(version_dir), *args],
+                          capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"no stdout; exit {proc.returncode}; stderr:\n{proc.stderr}"
+    return proc.returncode, json.loads(lines[-1])
+
+
+def manifest_of(version_dir):
+    with open(os.path.join(version_dir, "manifest.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_a_seeded_version_validates_ok_in_a_child_process(versions):
+    version_dir = versions["seeded"]
+    code, result = run_validate(version_dir, "--name", "demo", "--version", "2")
+    assert code == 0
+    assert (result["ok"], result["check"], result["error"]) == (True, None, None)
+    assert list(result["timings_ms"]) == list(CHECKS)
+    assert all(ms >= 0 for ms in result["timings_ms"].values())
+    sizes = {e["path"]: e["size"] for e in manifest_of(version_dir)["files"]}
+    assert result["files_bytes"] == sum(sizes.values())
+    assert result["cube_bytes"] == sizes["cube/data.mdb"] == os.path.getsize(os.path.join(version_dir, "cube", "data.mdb"))
+    assert result["onnx_bytes"] == sizes["dense.onnx"] == os.path.getsize(os.path.join(version_dir, "dense.onnx"))
+    assert 0 < result["peak_rss_bytes"] < 2**31
+
+
+@pytest.mark.parametrize("fault, check, message", [
+    ("corrupt", "files", "{dir}: dense.onnx sha256 differs from the manifest"),
+    ("wrong_dim", "cube", "{dir}/cube: cube vectors have 16 floats, the manifest says dim = 32"),
+    ("nan", "smoke", "64 of 64 smoke scores are not finite (NaN or inf); "
+                     "dense.onnx on 2 users x 32 items from the profiles"),
+    ("bad_onnx", "onnx", "onnx: the graph has no output 'score' (the manifest's [onnx] output); "
+                         "its outputs are score_renamed"),
+], ids=("corrupt", "wrong_dim", "nan", "bad_onnx"))
+def test_a_faulty_version_is_rejected_by_the_check_that_names_its_fault(versions, fault, check, message):
+    version_dir = versions[fault]
+    code, result = run_validate(version_dir, "--name", "demo", "--version", str(VERSIONS[fault][0]))
+    assert code == 1
+    assert (result["ok"], result["check"], result["error"]) == (False, check, message.format(dir=version_dir))
+    assert list(result["timings_ms"]) == list(CHECKS[:CHECKS.index(check) + 1])
+
+
+def test_faulty_versions_other_than_corrupt_have_consistent_manifests(versions):
+    for fault in FAULTS:
+        bundle = Bundle(versions[fault])
+        assert bundle.version == VERSIONS[fault][0]
+        if fault == "corrupt":
+            with pytest.raises(BundleError):
+                bundle.verify()
+        else:
+            assert bundle.verify()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--name", "demo", "--version", "3"), "{dir}: the manifest says version 2, the directory is version 3"),
+    (("--name", "other", "--version", "2"), "{dir}: the manifest names model 'demo', the directory is model 'other'"),
+], ids=("version", "name"))
+def test_a_version_under_another_name_or_number_is_rejected_by_the_manifest_check(versions, args, message):
+    version_dir = versions["seeded"]
+    code, result = run_validate(version_dir, *args)
+    assert code == 1
+    assert (result["ok"], result["check"], result["error"]) == (False, "manifest", message.format(dir=version_dir))
+    assert list(result["timings_ms"]) == ["manifest"]
+    assert (result["files_bytes"], result["cube_bytes"], result["onnx_bytes"]) == (None, None, None)
+
+
+def test_a_seeded_version_scores_differently_in_the_same_range(v1, versions):
+    old, new = ReferenceScorer(v1), ReferenceScorer(versions["seeded"])
+    users = old.profiles["user"]["ids"][:4]
+    items = old.profiles["item"]["ids"][np.random.default_rng(2).choice(ITEMS, size=4 * 200, replace=False)]
+    offsets = np.arange(5, dtype=np.int64) * 200
+    before, _ = old.score_requests(users, offsets, items)
+    after, _ = new.score_requests(users, offsets, items)
+    assert np.abs(after - before).max() > 0.1
+    for scores in (before, after):
+        assert ((scores > 0) & (scores < 1)).all() and scores.std() > 0.05
+    # Only the dense model changed.
+    old_files = {e["path"]: e["sha256"] for e in manifest_of(v1)["files"]}
+    new_files = {e["path"]: e["sha256"] for e in manifest_of(versions["seeded"])["files"]}
+    changed = sorted(p for p in new_files if new_files[p] != old_files[p])
+    assert sorted(new_files) == sorted(old_files) and changed == ["dense.onnx"]
+
+
+def test_a_staged_copy_shares_no_file_with_its_source(models, v1):
+    staged = stage_version(models, v1, 7)
+    assert staged == os.path.join(models, ".incoming", "demo.7")
+    with open(os.path.join(v1, "manifest.toml"), encoding="utf-8") as f:
+        source_text = f.read()
+    with open(os.path.join(staged, "manifest.toml"), encoding="utf-8") as f:
+        assert f.read() == source_text.replace("\nversion = 1\n", "\nversion = 7\n", 1)
+    for entry in manifest_of(v1)["files"]:
+        assert not os.path.samefile(os.path.join(v1, entry["path"]), os.path.join(staged, entry["path"]))
+    for path in ("dense.onnx", "cube/data.mdb"):
+        os.truncate(os.path.join(staged, path), 4096)
+    with pytest.raises(BundleError):
+        Bundle(staged).verify()
+    assert Bundle(v1).verify()
+
+
+def test_publish_renames_into_place_and_refuses_an_existing_version(models, v1):
+    staged = stage_version(models, v1, 8)
+    final = publish(staged, models)
+    assert final == os.path.join(models, "demo", "8") and not os.path.exists(staged)
+    assert Bundle(final).verify()
+    with pytest.raises(FileExistsError):
+        stage_version(models, v1, 8)
+    staged = stage_version(models, v1, 9)
+    os.mkdir(os.path.join(models, "demo", "9"))   # an empty directory os.rename would replace
+    with pytest.raises(FileExistsError):
+        publish(staged, models)
+    assert os.path.isdir(staged)
+
+
+def test_stage_version_refuses_an_unknown_fault(models, v1):
+    with pytest.raises(ValueError):
+        stage_version(models, v1, 10, fault="slow")
+    assert not os.path.exists(os.path.join(models, ".incoming", "demo.10"))
+
+
+def test_stage_version_refuses_a_damaged_source_and_leaves_nothing_staged(models, versions):
+    with pytest.raises(ValueError, match="dense.onnx differs from its manifest entry"):
+        stage_version(models, versions["corrupt"], 11)
+    assert not os.path.exists(os.path.join(models, ".incoming", "demo.11"))

@@ -45,12 +45,16 @@ from jizhi.errors import (BAD_REQUEST, CODES, DEADLINE_EXCEEDED, INTERNAL, OVERL
 log = logging.getLogger("jizhi.broker")
 
 RING = 2048  # samples kept per group for wait/service percentiles
+SUPERVISOR = b"supervisor"  # the supervisor's identity on the backend
+WARMUP_DEADLINE_S = 30.0    # a warm-up request's budget (the new workers run at low priority)
+RECORD_MAX = 200_000        # requests held between two fetches of `jizhictl record`
+RECORD_ABANDONED_S = 10.0   # recording stops when nobody fetched it for this long
 MAX_CRASHES = 2  # worker deaths a request may witness before it is answered INTERNAL
 
 
 class Request:
-    __slots__ = ("crashes", "rid", "envelope", "pipe", "slot", "n", "deadline", "user", "top_k", "ret_all",
-                 "vkey", "pending", "held", "answered", "t_recv", "t_enq", "timings", "counts")
+    __slots__ = ("crashes", "rid", "envelope", "pipe", "gen", "slot", "n", "deadline", "user", "top_k", "ret_all",
+                 "vkey", "pending", "held", "answered", "t_recv", "t_enq", "timings", "counts", "warm")
 
 
 class GroupStats:
@@ -127,34 +131,71 @@ class WorkerRef:
                  "retiring")
 
 
-class PipelineState:
-    """One pipeline's channels, workers, slots and arenas inside the broker."""
+class Generation:
+    """One model version of a pipeline inside the broker: its plan, arenas and request slots.
 
-    def __init__(self, plan, segments, settings):
+    A request is pinned to a generation at admission and lives in its slots
+    until answered, so two versions serve side by side during a reload and
+    the old one is released once its last request is answered. States:
+    ``loading`` (workers starting, then the warm-up), ``warm``, ``active``
+    (new admissions pin here), ``draining`` (answers what it holds), ``failed``.
+    """
+
+    def __init__(self, plan, segments, settings, state, warmup=None):
+        self.plan = plan
+        self.version = plan["version"]
+        self.versions = {plan["model"]: plan["version"]}
+        self.vkey = tuple(sorted(self.versions.items()))
+        self.slots = settings["limits.max_in_flight"]
+        self.arenas = Arenas(plan, segments, self.slots, settings["limits.max_candidates"])
+        self.free = list(range(self.slots - 1, -1, -1))
+        self.by_slot = [None] * self.slots
+        self.state = state
+        self.warmup_ids = warmup        # {users, items}: ids from the bundle when no traffic was recorded
+        self.warm = None                # the warm-up's progress, once started
+        self.idle_sent = False
+        self.boot = {}                  # the slowest worker's {start_ms, load_ms}
+
+    def in_flight(self):
+        return self.slots - len(self.free)
+
+
+class PipelineState:
+    """One pipeline's channels, workers and versions inside the broker."""
+
+    def __init__(self, plan, settings):
         self.plan = plan
         self.name = plan["name"]
         self.groups = plan["groups"]
         self.sources = plan["sources"]
         self.sink = plan["sink"]
-        self.slots = settings["limits.max_in_flight"]
-        self.arenas = Arenas(plan, segments, self.slots, settings["limits.max_candidates"])
-        self.free = list(range(self.slots - 1, -1, -1))
-        self.by_slot = [None] * self.slots
-        self.versions = {plan["model"]: plan["version"]}
-        self.vkey = tuple(sorted(self.versions.items()))
-        self.pinned = {self.vkey: self.versions}   # version-set key -> {model: version}
+        self.gens = {}                                              # version-set key -> Generation
+        self.active = None                                          # the key new admissions pin to
+        self.pinned = {}                                            # version-set key -> {model: version}
         self.channels = collections.defaultdict(collections.deque)   # (group, vkey) -> deque[Request]
         self.workers = collections.defaultdict(list)                # (group, vkey) -> [WorkerRef]
         self.stats = {g: GroupStats() for g in self.groups}
         self.requests = RequestStats()
         self.preds = {g: len(self.groups[g]["prev"]) for g in self.groups}
         self.stage_names = {g: self.groups[g]["stages"] for g in self.groups}
+        self.slots = settings["limits.max_in_flight"]
+
+    def add(self, gen):
+        self.gens[gen.vkey] = gen
+        self.pinned[gen.vkey] = gen.versions
+
+    def serving(self):
+        gen = self.gens.get(self.active)
+        return gen if gen is not None and gen.state == "active" else None
+
+    def has_workers(self, vkey):
+        return all(self.workers.get((g, vkey)) for g in self.groups)
 
     def ready(self):
-        return all(self.workers.get((g, self.vkey)) for g in self.groups)
+        return self.serving() is not None and self.has_workers(self.active)
 
     def in_flight(self):
-        return self.slots - len(self.free)
+        return sum(g.in_flight() for g in self.gens.values())
 
 
 class Broker:
@@ -165,8 +206,14 @@ class Broker:
                        "max_message_bytes": s["limits.max_message_bytes"]}
         self.default_deadline_s = s["limits.default_deadline_ms"] / 1000.0
         self.hb_expiry_s = 3 * s["workers.heartbeat_interval_s"]
-        self.pipes = {name: PipelineState(plan, run["segments"][name], s)
-                      for name, plan in run["pipelines"].items()}
+        self.pipes = {name: PipelineState(plan, s) for name, plan in run["pipelines"].items()}
+        for name, pipe in self.pipes.items():
+            # Every version the supervisor has loaded (a restarted broker picks up where it was).
+            for entry in run["versions"][name].values():
+                gen = Generation(entry["plan"], entry["segments"], s, entry["state"], entry.get("warmup"))
+                pipe.add(gen)
+                if entry["state"] == "active":
+                    pipe.active = gen.vkey
         self.stats = Stats.attach(run.get("stats"))
         for name, p in self.pipes.items():
             p.row = run["stats"]["map"][name] if self.stats else None
@@ -177,6 +224,14 @@ class Broker:
                 self.stats.hist[p.row] = 0
                 self.stats.sum_us[p.row] = 0
         self.default_pipeline = run["default_pipeline"]
+        # Recorded traffic: a sampled ring of recent requests (the warm-up of a new version
+        # replays them) and, while `jizhictl record` runs, every admitted request.
+        self.sample_every = s["models.warmup_sample_every"]
+        self.ring = collections.deque(maxlen=s["models.warmup_ring"])
+        self.admitted = 0
+        self.recording = None       # list of records while recording, else None
+        self.record_dropped = 0
+        self.record_fetched_at = 0.0
         self.overlay = Overlay.attach(run.get("overlay"))
         self.seen_feedback = collections.OrderedDict()
         self.feedback_dedup = s["limits.feedback_dedup"]
@@ -245,15 +300,25 @@ class Broker:
         if req.answered:
             return
         req.answered = True
-        self.reply_error(req.envelope, req.rid, code, message, retry_after_ms, req.pipe)
+        if req.warm:
+            self.warm_result(req, f"{code}: {message}")
+        else:
+            self.reply_error(req.envelope, req.rid, code, message, retry_after_ms, req.pipe)
         self.release_if_idle(req)
 
     def answer_ok(self, req):
         req.answered = True
         pipe = req.pipe
-        a = pipe.arenas.cols
+        a = req.gen.arenas.cols
         n = req.n
         scores = a["out_scores"][req.slot, :n]
+        if req.warm:
+            bad = int(np.count_nonzero(np.isinf(scores)))   # NaN marks shed candidates; inf is never a score
+            if not np.isfinite(scores).any() and n:
+                bad = n
+            self.warm_result(req, f"{bad} of {n} scores not finite" if bad else None)
+            self.release_if_idle(req)
+            return
         if req.ret_all:
             ids = a["item_ids"][req.slot, :n]
             out_scores = scores
@@ -268,7 +333,7 @@ class Broker:
             self.stats.counters[pipe.row, C_REQUESTS] += 1
         pipe.requests.add(total_us, int(n - np.count_nonzero(np.isnan(scores))))   # pairs that got a score
         frames = protocol.encode_ok(
-            req.rid, model_versions=pipe.versions, shed_ratio=0.0,
+            req.rid, model_versions=req.gen.versions, shed_ratio=0.0,
             unknown_items=req.counts.get("unknown_items", 0), timings_us=req.timings,
             item_ids=np.array(ids), scores=np.array(out_scores),
             extra={"missing_signatures": req.counts.get("missing_signatures", 0)})
@@ -278,9 +343,12 @@ class Broker:
 
     def release_if_idle(self, req):
         if req.answered and req.held == 0 and req.slot is not None:
-            req.pipe.by_slot[req.slot] = None
-            req.pipe.free.append(req.slot)
+            gen = req.gen
+            gen.by_slot[req.slot] = None
+            gen.free.append(req.slot)
             req.slot = None
+            if gen.state == "draining" and gen.in_flight() == 0:
+                self.version_idle(req.pipe, gen)
 
     # -- admission ----------------------------------------------------------
 
@@ -355,24 +423,43 @@ class Broker:
         if self.draining:
             self.reply_error(envelope, m["id"], OVERLOADED, "server is draining (jizhictl drain or shutdown)", 1000)
             return
-        if not pipe.free:
+        gen = pipe.serving()
+        if gen is None:
             self.reply_error(envelope, m["id"], OVERLOADED,
-                             f"{pipe.slots} requests in flight on pipeline {name}", self.retry_hint(pipe))
+                             f"pipeline {name} has no serving model version (one failed; the previous one is "
+                             "loading)", 500, pipe)
             return
+        if not gen.free:
+            self.reply_error(envelope, m["id"], OVERLOADED,
+                             f"{gen.slots} requests in flight on pipeline {name}", self.retry_hint(pipe))
+            return
+        items, rs = m["item_ids"], m["recall_scores"]
+        dl = m["deadline_ms"]
+        deadline = t_recv + (dl / 1000.0 if dl is not None else self.default_deadline_s)
+        req = self.enqueue(pipe, gen, envelope, m["id"], m["user"], items, rs, m["top_k"], m["ret"] == "all",
+                           deadline, t_recv)
+        self.admitted += 1
+        if self.admitted % self.sample_every == 0:
+            self.ring.append((name, req.user, np.array(items), None if rs is None else np.array(rs), req.top_k))
+        if self.recording is not None:
+            self.record(name, req.user, items, rs, req.top_k, t_recv)
+
+    def enqueue(self, pipe, gen, envelope, rid, user, items, rs, top_k, ret_all, deadline, t_recv, warm=False):
+        """Pin a request to ``gen`` (one of its slots) and queue it at the pipeline's sources."""
         req = Request()
-        req.rid = m["id"]
+        req.rid = rid
         req.envelope = envelope
         req.pipe = pipe
-        req.slot = slot = pipe.free.pop()
-        pipe.by_slot[slot] = req
-        items = m["item_ids"]
+        req.gen = gen
+        req.warm = warm
+        req.slot = slot = gen.free.pop()
+        gen.by_slot[slot] = req
         req.n = n = items.shape[0]
-        dl = m["deadline_ms"]
-        req.deadline = t_recv + (dl / 1000.0 if dl is not None else self.default_deadline_s)
-        req.user = m["user"]
-        req.top_k = min(m["top_k"], n)  # never more than n; a huge top_k would overflow int64 in the worker
-        req.ret_all = m["ret"] == "all"
-        req.vkey = pipe.vkey
+        req.deadline = deadline
+        req.user = user
+        req.top_k = min(top_k, n)  # never more than n; a huge top_k would overflow int64 in the worker
+        req.ret_all = ret_all
+        req.vkey = gen.vkey
         req.pending = dict(pipe.preds)
         req.held = 0
         req.crashes = 0
@@ -381,9 +468,8 @@ class Broker:
         req.t_enq = t_recv
         req.timings = {}
         req.counts = {}
-        a = pipe.arenas.cols
+        a = gen.arenas.cols
         a["item_ids"][slot, :n] = items
-        rs = m["recall_scores"]
         if rs is not None:
             a["recall_scores"][slot, :n] = rs
         else:
@@ -392,6 +478,176 @@ class Broker:
         for g in pipe.sources:
             pipe.channels[(g, req.vkey)].append(req)
             self.dispatch(pipe, g, req.vkey)
+        return req
+
+    def record(self, name, user, items, rs, top_k, t_recv):
+        if len(self.recording) >= RECORD_MAX:
+            self.record_dropped += 1
+            return
+        self.recording.append((t_recv, name, user, bytes(items.data), b"" if rs is None else bytes(rs.data), top_k))
+
+    # -- model versions -------------------------------------------------------
+
+    def tell_supervisor(self, msg):
+        try:
+            self.back.send_multipart([SUPERVISOR, protocol.packb(msg)])
+        except zmq.ZMQError:
+            log.warning("could not tell the supervisor %s (is it restarting?)", msg.get("t"))
+
+    def on_version_add(self, msg):
+        pipe = self.pipes.get(msg.get("pipeline"))
+        if pipe is None:
+            return
+        gen = Generation(msg["plan"], msg["segments"], self.settings, "loading", msg.get("warmup"))
+        old = pipe.gens.get(gen.vkey)
+        if old is not None and old.in_flight():
+            log.warning("version %s of %s added again while it holds requests; keeping the old one",
+                        gen.versions, pipe.name)
+            return
+        pipe.add(gen)
+        log.info("pipeline %s: version %s added (loading; waiting for its workers)", pipe.name, gen.versions)
+        if pipe.has_workers(gen.vkey):
+            self.start_warmup(pipe, gen)
+
+    def start_warmup(self, pipe, gen):
+        """Replay recorded requests (or the bundle's own ids) through a loading version, answering nobody."""
+        if gen.state != "loading" or gen.warm is not None:
+            return
+        n_want = min(self.settings["models.warmup_requests"], gen.slots)
+        samples = [r for r in self.ring if r[0] == pipe.name][-n_want:]
+        source = "recorded traffic"
+        if not samples and gen.warmup_ids:
+            source = "ids from the bundle (no traffic recorded yet)"
+            users = np.frombuffer(gen.warmup_ids["users"], dtype=np.uint64)
+            items = np.frombuffer(gen.warmup_ids["items"], dtype=np.uint64)
+            per = max(1, items.shape[0] // max(1, users.shape[0]))
+            samples = [(pipe.name, int(u), items[i * per:(i + 1) * per], None, 10) for i, u in enumerate(users)]
+            samples = samples[:n_want]
+        now = time.monotonic()
+        gen.warm = {"sent": len(samples), "done": 0, "error": None, "t0": now}
+        log.info("pipeline %s: version %s has all its workers; warming up with %d requests (%s)",
+                 pipe.name, gen.versions, len(samples), source if samples else "nothing to replay")
+        if not samples:
+            self.warm_done(pipe, gen)
+            return
+        for _, user, items, rs, top_k in samples:
+            self.enqueue(pipe, gen, None, None, user, items, rs, top_k, False, now + WARMUP_DEADLINE_S, now, warm=True)
+
+    def warm_result(self, req, error):
+        gen, pipe = req.gen, req.pipe
+        w = gen.warm
+        if w is None:
+            return
+        w["done"] += 1
+        if error and w["error"] is None:
+            w["error"] = error
+        if w["done"] == w["sent"]:
+            self.warm_done(pipe, gen)
+
+    def warm_done(self, pipe, gen):
+        w = gen.warm
+        took_ms = round((time.monotonic() - w["t0"]) * 1000, 1)
+        if w["error"] is None:
+            gen.state = "warm"
+            log.info("pipeline %s: version %s warm after %d requests in %.0f ms", pipe.name, gen.versions,
+                     w["sent"], took_ms)
+        else:
+            log.error("pipeline %s: version %s failed its warm-up: %s", pipe.name, gen.versions, w["error"])
+        self.tell_supervisor({"t": protocol.T_WARM, "pipeline": pipe.name, "version": gen.version,
+                              "ok": w["error"] is None, "error": w["error"], "requests": w["sent"],
+                              "took_ms": took_ms, "boot": gen.boot})
+
+    def on_activate(self, msg):
+        pipe = self.pipes.get(msg.get("pipeline"))
+        gen = None if pipe is None else self.find_gen(pipe, msg.get("version"))
+        if gen is None or gen.state == "failed":
+            log.error("cannot activate %s version %s: not loaded here", msg.get("pipeline"), msg.get("version"))
+            return
+        old = pipe.gens.get(pipe.active)
+        pipe.active = gen.vkey
+        gen.state = "active"
+        for ws in [pipe.workers.get((g, gen.vkey), []) for g in pipe.groups]:
+            for w in ws:
+                try:
+                    self.back.send_multipart([w.ident] + protocol.encode_simple(protocol.T_PRIORITY))
+                except zmq.ZMQError:
+                    pass
+        log.info("pipeline %s: new requests now pinned to %s%s", pipe.name, gen.versions,
+                 f" ({old.versions} drains {old.in_flight()} in flight)" if old is not None and old is not gen else "")
+        if old is not None and old is not gen and old.state == "active":
+            old.state = "draining"
+            if old.in_flight() == 0:
+                self.version_idle(pipe, old)
+
+    def find_gen(self, pipe, version):
+        for gen in pipe.gens.values():
+            if gen.version == version:
+                return gen
+        return None
+
+    def version_idle(self, pipe, gen):
+        if not gen.idle_sent:
+            gen.idle_sent = True
+            log.info("pipeline %s: version %s answered its last request", pipe.name, gen.versions)
+            self.tell_supervisor({"t": protocol.T_VERSION_IDLE, "pipeline": pipe.name, "version": gen.version})
+
+    def on_version_fail(self, msg):
+        """A version's files broke under it: answer its requests (retry) and stop feeding its workers."""
+        pipe = self.pipes.get(msg.get("pipeline"))
+        gen = None if pipe is None else self.find_gen(pipe, msg.get("version"))
+        if gen is None:
+            return
+        gen.state = "failed"
+        if pipe.active == gen.vkey:
+            pipe.active = None
+        n = 0
+        for req in list(gen.by_slot):
+            if req is not None and not req.answered:
+                n += 1
+                self.answer_error(req, OVERLOADED, f"model version {gen.versions} failed ({msg.get('reason')}); "
+                                  "retry: the previous version is loading", 500)
+        for g in pipe.groups:
+            for w in list(pipe.workers.get((g, gen.vkey), [])):
+                self.retire_worker(w)
+        log.error("pipeline %s: version %s failed (%s): %d requests answered OVERLOADED for a retry",
+                  pipe.name, gen.versions, msg.get("reason"), n)
+
+    def on_version_drop(self, msg):
+        pipe = self.pipes.get(msg.get("pipeline"))
+        gen = None if pipe is None else self.find_gen(pipe, msg.get("version"))
+        if gen is None:
+            return
+        for req in gen.by_slot:
+            if req is not None and not req.answered:
+                self.answer_error(req, OVERLOADED, "model version unloaded; retry", 100)
+        for g in pipe.groups:
+            for w in list(pipe.workers.get((g, gen.vkey), [])):
+                self.retire_worker(w)
+            pipe.channels.pop((g, gen.vkey), None)
+            pipe.workers.pop((g, gen.vkey), None)
+        del pipe.gens[gen.vkey]
+        pipe.pinned.pop(gen.vkey, None)
+        if pipe.active == gen.vkey:
+            pipe.active = None
+        log.info("pipeline %s: version %s released", pipe.name, gen.versions)
+
+    def on_record(self, ident, msg):
+        op = msg.get("op")
+        now = time.monotonic()
+        if op == "start":
+            self.recording = []
+            self.record_dropped = 0
+            self.record_fetched_at = now
+            log.info("recording live traffic (jizhictl record)")
+        out, dropped = (self.recording or []), self.record_dropped
+        if op in ("fetch", "stop"):
+            self.recording = [] if op == "fetch" and self.recording is not None else None
+            self.record_dropped = 0
+            self.record_fetched_at = now
+            if op == "stop":
+                log.info("recording stopped")
+        self.back.send_multipart([ident, protocol.packb({"t": protocol.T_RECORD, "records": out if op != "start" else [],
+                                                         "dropped": dropped, "recording": self.recording is not None})])
 
     def retry_hint(self, pipe):
         st = pipe.stats[pipe.sink]
@@ -510,6 +766,16 @@ class Broker:
                 pass
         elif t == protocol.T_INFO:
             self.back.send_multipart([ident, protocol.packb({"t": protocol.T_INFO, "info": self.info()})])
+        elif t == protocol.T_VERSION_ADD:
+            self.on_version_add(msg)
+        elif t == protocol.T_ACTIVATE:
+            self.on_activate(msg)
+        elif t == protocol.T_VERSION_FAIL:
+            self.on_version_fail(msg)
+        elif t == protocol.T_VERSION_DROP:
+            self.on_version_drop(msg)
+        elif t == protocol.T_RECORD:
+            self.on_record(ident, msg)
         elif t == protocol.T_STOP:
             self.running = False
 
@@ -525,7 +791,15 @@ class Broker:
         w.wid = msg["wid"]
         w.pid = msg.get("pid")
         w.vkey = tuple(sorted((k, v) for k, v in msg["versions"].items()))
+        gen = pipe.gens.get(w.vkey)
+        if gen is None or gen.state == "failed":
+            log.warning("worker %r serves %s, a version pipeline %s has not loaded (or failed); ignoring it",
+                        ident, msg["versions"], pipe.name)
+            return
         w.window = max(1, int(msg.get("window", 1)))
+        for k, v in (msg.get("boot") or {}).items():
+            if isinstance(v, (int, float)):
+                gen.boot[k] = max(gen.boot.get(k, 0), v)
         w.inflight = {}
         w.retiring = False
         w.last_seen = time.monotonic()
@@ -536,10 +810,14 @@ class Broker:
         pipe.workers[(w.group, w.vkey)].append(w)
         log.info("worker joined: pipeline=%s group=%s wid=%s pid=%s versions=%s",
                  pipe.name, w.group, w.wid, w.pid, dict(w.vkey))
+        if gen.state == "loading" and pipe.has_workers(gen.vkey):
+            self.start_warmup(pipe, gen)
         self.dispatch(pipe, w.group, w.vkey)
 
     def retire_worker(self, w):
         """Dispatch nothing more to ``w``; STOP it once it holds nothing (scale down, no request dropped)."""
+        if w.retiring:
+            return
         pipe = self.pipes[w.pipeline]
         lst = pipe.workers.get((w.group, w.vkey), [])
         if w in lst:
@@ -653,11 +931,16 @@ class Broker:
         for name, p in self.pipes.items():
             groups = {}
             for g in p.groups:
-                ws = p.workers.get((g, p.vkey), [])
-                groups[g] = dict(p.stats[g].snapshot(), workers=len(ws),
-                                 queue=len(p.channels.get((g, p.vkey), ())),
+                groups[g] = dict(p.stats[g].snapshot(),
+                                 workers=sum(len(p.workers.get((g, k), ())) for k in p.gens),
+                                 queue=sum(len(p.channels.get((g, k), ())) for k in p.gens),
                                  stages=p.groups[g]["stages"])
-            pipes[name] = {"model": p.plan["model"], "version": p.plan["version"], "ready": p.ready(),
+            serving = p.serving()
+            versions = {str(gen.version): {"state": gen.state, "in_flight": gen.in_flight(),
+                                           "workers": sum(len(p.workers.get((g, k), ())) for g in p.groups)}
+                        for k, gen in p.gens.items()}
+            pipes[name] = {"model": p.plan["model"], "version": serving.version if serving else None,
+                           "versions": versions, "ready": p.ready(),
                            "in_flight": p.in_flight(), "slots": p.slots, "groups": groups,
                            "requests": p.requests.snapshot()}
         return {"ready": all(p.ready() for p in self.pipes.values()), "pipelines": pipes,
@@ -710,6 +993,9 @@ class Broker:
                 for p in self.pipes.values():
                     self.stats.heartbeat[p.row] = now
             self.expire()
+            if self.recording is not None and now - self.record_fetched_at > RECORD_ABANDONED_S:
+                log.warning("recording stopped: nobody fetched it for %.0f s (jizhictl record gone?)", RECORD_ABANDONED_S)
+                self.recording = None
             if self.draining and self.drain_requester is not None and \
                     all(p.in_flight() == 0 for p in self.pipes.values()):
                 try:
@@ -719,7 +1005,7 @@ class Broker:
                 self.drain_requester = None
         # Stopping (SIGTERM after the drain bound): nothing admitted goes unanswered.
         for pipe in self.pipes.values():
-            for req in pipe.by_slot:
+            for req in [r for gen in pipe.gens.values() for r in gen.by_slot]:
                 if req is not None and not req.answered:
                     self.answer_error(req, OVERLOADED, "server stopping; retry on another node or later", 1000)
         if getattr(self, "auth", None) is not None:

@@ -100,6 +100,22 @@ class Bundle:
             _checked(h.hexdigest() == entry["sha256"], f"{self.path}: {entry['path']} sha256 differs from the manifest")
         return True
 
+    @staticmethod
+    def changed_files(path):
+        """Cheap check after a worker died: the first listed file that is missing or not the manifest's size."""
+        try:
+            b = Bundle(path)
+        except BundleError as e:
+            return str(e)
+        for entry in b.files:
+            try:
+                size = os.stat(b.path / entry["path"]).st_size
+            except FileNotFoundError:
+                return f"{entry['path']} was deleted"
+            if size != entry["size"]:
+                return f"{entry['path']} has {size} bytes, the manifest says {entry['size']}"
+        return None
+
 
 def find_version(models_dir, name, version=None):
     """Path of a model's version (the newest complete one when version is None)."""

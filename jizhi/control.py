@@ -119,14 +119,67 @@ class Resume(Command):
 
 
 class Reload(Command):
-    """Re-read the config and pipelines (the same code path as SIGHUP); an invalid one is refused and the running one kept."""
+    """Re-read the config and pipelines and rescan the model directory now (the same code path as SIGHUP).
+
+    An invalid config is refused and the running one kept. Versions refused for
+    the memory budget are tried again.
+    """
     name = "reload"
 
     def execute(self, sup, args):
         return sup.reload()
 
 
-COMMANDS = {c.name: c for c in (Status, Stats, Scale, Drain, Resume, Reload)}
+class Models(Command):
+    """Every model's policy and versions: state, when it appeared and started serving, the load timeline, errors."""
+    name = "models"
+
+    def execute(self, sup, args):
+        return sup.models()
+
+
+def _model_version(sup, args, need_version):
+    model = args.get("model")
+    if not isinstance(model, str) or not model:
+        raise ControlError("name a model")
+    v = args.get("version")
+    if need_version and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        raise ControlError("the version must be a positive integer")
+    return model, v
+
+
+class Pin(Command):
+    """Serve one version of a model (rollback): pin MODEL VERSION. Remembered across restarts; `unpin` undoes it."""
+    name = "pin"
+
+    def execute(self, sup, args):
+        model, v = _model_version(sup, args, True)
+        return sup.pin(model, v)
+
+
+class Unpin(Command):
+    """Return a model to its pipeline file's policy (usually the latest good version): unpin MODEL."""
+    name = "unpin"
+
+    def execute(self, sup, args):
+        model, _ = _model_version(sup, args, False)
+        return sup.pin(model, None)
+
+
+class Record(Command):
+    """Live traffic for a trace: op start | fetch (what came since the last fetch) | stop."""
+    name = "record"
+
+    def validate(self, args):
+        if args.get("op") not in ("start", "fetch", "stop"):
+            raise ControlError("op must be start, fetch or stop")
+        return args
+
+    def execute(self, sup, args):
+        return sup.record(args["op"])
+
+
+COMMANDS = {c.name: c for c in (Status, Stats, Scale, Drain, Resume, Reload, Models, Pin, Unpin, Record)}
 
 
 def handle(sup, request):

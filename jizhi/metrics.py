@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import CollectorRegistry
 
 from jizhi.errors import CODES
-from jizhi.stats import BUCKETS_US, C_EVENTS, rss_bytes
+from jizhi.stats import BANKS, BUCKETS_US, C_EVENTS, rss_bytes
 
 log = logging.getLogger("jizhi.metrics")
 
@@ -53,13 +53,14 @@ class Collector:
                 errors.add_metric([pname, code], int(st.errors[prow, ci]))
             for g, group in plan["groups"].items():
                 base = rows[f"{pname}/{g}"]
-                n = sup.settings["workers.max_pool"]
+                pool = sup.settings["workers.max_pool"]
+                n = BANKS * pool
                 for si, sname in enumerate(group["stages"]):
                     counts = st.hist[base:base + n, si].sum(axis=0)
                     b, s = _buckets(counts, int(st.sum_us[base:base + n, si].sum()))
                     stage_h.add_metric([pname, sname], b, s)
-                for wid in range(n):
-                    ev = int(st.counters[base + wid, C_EVENTS])
+                for wid in range(pool):   # a wid's two banks (serving and loading versions) summed
+                    ev = int(st.counters[base + wid:base + n:pool, C_EVENTS].sum())
                     if ev:
                         events.add_metric([pname, g, str(wid)], ev)
         yield stage_h
@@ -83,11 +84,12 @@ class Collector:
         yield workers
         yield desired
         yield inflight
-        rss = GaugeMetricFamily("jizhi_process_rss_bytes", "Resident set size per process", labels=["process"])
-        rss.add_metric(["supervisor"], rss_bytes())
+        rss = GaugeMetricFamily("jizhi_process_rss_bytes", "Resident set size per process (and model version)",
+                                labels=["process", "version"])
+        rss.add_metric(["supervisor", ""], rss_bytes())
         for c in list(sup.children.values()):
             if c.pid:
-                rss.add_metric(["/".join(map(str, c.key))], rss_bytes(c.pid))
+                rss.add_metric([c.name, "" if c.version is None else str(c.version)], rss_bytes(c.pid))
         yield rss
         up = GaugeMetricFamily("jizhi_ready", "1 when every stage has a ready worker")
         up.add_metric([], 1 if info.get("ready") else 0)

@@ -46,6 +46,19 @@ T_RETIRE = "retire"    # supervisor -> broker: send wid X nothing new, then STOP
 T_LEAVING = "leaving"  # worker -> broker: recycle me (max events / RSS): retire, then STOP
 T_RESYNC = "resync"    # broker -> worker: I do not know you (I restarted): send READY again
 T_INFO = "info"        # supervisor -> broker -> supervisor: the broker's figures
+# Model versions (hot reload, jizhi/registry.py): the supervisor adds a version's
+# plan and arenas, its workers register, the broker warms it up with recorded
+# requests and says WARM; the supervisor ACTIVATEs it (new admissions pin to
+# it); the old version drains and the broker says IDLE once its last request is
+# answered; the supervisor stops its workers, unlinks its arenas and DROPs it.
+T_VERSION_ADD = "vadd"    # supervisor -> broker: {pipeline, version, plan, segments, warmup}
+T_WARM = "warm"           # broker -> supervisor: {pipeline, version, ok, error, requests, took_ms}
+T_ACTIVATE = "activate"   # supervisor -> broker: admit new requests to {pipeline, version}
+T_VERSION_IDLE = "vidle"  # broker -> supervisor: a draining version answered its last request
+T_VERSION_FAIL = "vfail"  # supervisor -> broker: {pipeline, version, reason}: answer its requests, forget it
+T_VERSION_DROP = "vdrop"  # supervisor -> broker: forget {pipeline, version} (its arenas are gone)
+T_PRIORITY = "prio"       # broker -> worker: you serve now: back to normal CPU priority
+T_RECORD = "record"       # supervisor -> broker -> supervisor: {op: start|fetch|stop} live traffic
 
 
 def packb(obj):
@@ -273,9 +286,10 @@ def decode_reply(frames):
 # Done result rows: [slot, code_or_None, message_or_None, {count name: int}]
 
 
-def encode_ready(pipeline, group, wid, versions, window):
+def encode_ready(pipeline, group, wid, versions, window, boot=None):
+    """``boot``: {start_ms, load_ms}: process start to main, and the stages' setup (a reload's timeline)."""
     return [packb({"t": T_READY, "pipeline": pipeline, "group": group, "wid": wid,
-                   "pid": os.getpid(), "versions": versions, "window": window})]
+                   "pid": os.getpid(), "versions": versions, "window": window, "boot": boot or {}})]
 
 
 def encode_event(eid, versions, rows):

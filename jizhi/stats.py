@@ -1,8 +1,9 @@
 """The stats path: per-wid slots in shared memory, one writer per slot.
 
 The supervisor creates one segment (``jizhi.<instance>.<run>.stats``) with a
-row per possible worker (every group gets ``workers.max_pool`` rows, indexed
-by wid) and a row per pipeline for the broker. A worker writes only its own
+row per possible worker (every group gets ``2 x workers.max_pool`` rows: a bank
+for the serving version's workers and one for a new version loading beside
+them, indexed by bank x max_pool + wid) and a row per pipeline for the broker. A worker writes only its own
 row, from the loop that does the work: a heartbeat timestamp
 (``time.monotonic()``), its pid, counters, and per-stage service-time
 histograms. The broker writes its pipelines' rows: request latency
@@ -27,6 +28,7 @@ NB = BUCKETS_US.shape[0]
 MAX_STAGES = 8
 # Per-row counters (int64): index -> meaning
 C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS = range(5)
+BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
 N_COUNTERS = 8
 
 
@@ -56,7 +58,7 @@ def row_map(plans, max_pool):
         n += 1
         for g in plan["groups"]:
             rows[f"{pname}/{g}"] = n
-            n += max_pool
+            n += BANKS * max_pool
     return rows, n
 
 

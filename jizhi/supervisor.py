@@ -33,6 +33,7 @@ from jizhi.bundle import Bundle
 from jizhi.errors import (EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE, BundleError,
                           ConfigError, PipelineError)
 from jizhi.pipeline import compile_pipeline, read_pipeline
+from jizhi.registry import Registry
 
 log = logging.getLogger("jizhi.supervisor")
 
@@ -50,9 +51,11 @@ class InstanceBusy(Exception):
 class Child:
     """A process the supervisor keeps alive: the broker, or one wid of a group."""
 
-    def __init__(self, key, argv):
-        self.key = key          # ("broker",) or (pipeline, group, wid)
+    def __init__(self, key, argv, version=None):
+        self.key = key          # ("broker",) or (pipeline, group, wid, bank)
+        self.name = "/".join(map(str, key[:3]))
         self.argv = argv
+        self.version = version  # the model version a worker serves
         self.proc = None
         self.started = 0.0
         self.backoff_s = 0.0
@@ -67,6 +70,38 @@ class Child:
     @property
     def pid(self):
         return self.proc.pid if self.proc else None
+
+    @property
+    def is_worker(self):
+        return len(self.key) == 4
+
+
+class Loaded:
+    """A model version loaded (or loading) in one pipeline: its plan, arenas and bank of workers.
+
+    Two banks per pipeline make the double buffer: the serving version's
+    workers in one, a new version's beside them in the other.
+    """
+
+    def __init__(self, pipeline, plan, bank, segments, state):
+        self.pipeline = pipeline
+        self.plan = plan
+        self.version = plan["version"]
+        self.model = plan["model"]
+        self.bank = bank
+        self.segments = segments
+        self.state = state          # loading | warming | active | draining | stopping | failed
+        self.t_spawn = time.monotonic()
+        self.deaths = 0
+        self.warmup = None
+
+    def entry(self):
+        e = {"plan": self.plan, "segments": self.segments, "bank": self.bank,
+             "state": {"loading": "loading", "warming": "loading", "active": "active",
+                       "failed": "failed"}.get(self.state, "draining")}
+        if self.warmup is not None:
+            e["warmup"] = self.warmup
+        return e
 
 
 class Supervisor:
@@ -87,42 +122,55 @@ class Supervisor:
         self.stopping = False
         self.ready_logged = False
         self.segments = {}
+        self.next_files_check = 0.0
 
     # -- start --------------------------------------------------------------
 
     def prepare(self):
         """Everything that can fail before a child starts: compile, verify, allocate."""
-        plans = {}
+        docs, policies = [], {}
         for p in self.pipeline_names:
-            plan = compile_pipeline(read_pipeline(p), self.models_dir)
+            doc = read_pipeline(p)
+            name, model, version = doc.get("name"), doc.get("model"), doc.get("version", "latest")
+            if not isinstance(model, str) or not model:
+                raise PipelineError(f"pipeline {name!r} names no model")
+            if version != "latest" and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+                raise PipelineError(f"pipeline {name!r}: version must be \"latest\" or a positive integer, "
+                                    f"got {version!r}")
+            pinned = None if version == "latest" else version
+            if policies.get(model, pinned) != pinned:
+                raise PipelineError(f"pipeline {name!r}: model {model} is pinned to different versions by two pipelines")
+            policies[model] = pinned
+            docs.append(doc)
+        if not Path(self.models_dir).is_dir():
+            raise BundleError(f"the model directory {self.models_dir} does not exist")
+        self.registry = Registry(self.models_dir, self.settings, policies)
+        self.registry.scan()
+        boot = {m: self.boot_version(m) for m in policies}
+        plans, self.docs = {}, {}
+        for doc in docs:
+            plan = compile_pipeline(doc, self.models_dir, pinned_version=boot[doc["model"]])
             plans[plan["name"]] = plan
-        for plan in plans.values():
+            self.docs[plan["name"]] = doc
             for g, group in plan["groups"].items():
                 if group["pool"] > self.settings["workers.max_pool"]:
                     raise PipelineError(f"pipeline {plan['name']}: group {g!r} pool {group['pool']} is over "
                                         f"workers.max_pool = {self.settings['workers.max_pool']}")
-        for vdir in {plan["version_dir"] for plan in plans.values()}:
-            Bundle(vdir).verify()
-            log.info("bundle verified: %s", vdir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.take_instance_lock()
         stale = arena.remove_instance(self.instance)
         if stale:
             log.warning("removed %d shared-memory segments left by a previous run of instance %s",
                         len(stale), self.instance)
-        slots, maxc = self.settings["limits.max_in_flight"], self.settings["limits.max_candidates"]
-        need = sum(arena.arena_bytes(spec, slots, maxc) for plan in plans.values() for spec in plan["arenas"].values())
+        need = sum(self.arenas_bytes(plan) for plan in plans.values())
         st = os.statvfs(arena.SHM_DIR)
-        if need > st.f_bavail * st.f_frsize:
-            raise SystemExit(f"jizhid: the arenas need {need >> 20} MiB in /dev/shm, only "
-                             f"{(st.f_bavail * st.f_frsize) >> 20} MiB free (lower limits.max_in_flight or limits.max_candidates)")
+        if 2 * need > st.f_bavail * st.f_frsize:
+            raise SystemExit(f"jizhid: the arenas need {need >> 20} MiB in /dev/shm (twice that during a model "
+                             f"reload), only {(st.f_bavail * st.f_frsize) >> 20} MiB free (lower limits.max_in_flight "
+                             "or limits.max_candidates)")
+        self.loaded = {name: {} for name in plans}     # pipeline -> {bank: Loaded}
         for name, plan in plans.items():
-            segs = {}
-            for col, spec in plan["arenas"].items():
-                seg = arena.segment_name(self.instance, self.run_id, name, col)
-                arena.create(seg, arena.arena_bytes(spec, slots, maxc))
-                segs[col] = seg
-            self.segments[name] = segs
+            self.loaded[name][0] = Loaded(name, plan, 0, self.create_arenas(name, plan), "active")
         ring = max([f.max_len for plan in plans.values() for f in Bundle(plan["version_dir"]).user_fields
                     if f.kind == "history"] or [1])
         cap = self.settings["overlay.capacity_users"]
@@ -141,17 +189,70 @@ class Supervisor:
         self.backend = f"ipc://{self.run_dir}/backend.ipc"
         self.run = {"instance": self.instance, "run_id": self.run_id, "settings": self.settings,
                     "frontend": self.settings["server.frontend"], "backend": self.backend,
-                    "pipelines": plans, "segments": self.segments, "overlay": self.overlay, "stats": self.stats_spec,
+                    "pipelines": plans, "overlay": self.overlay, "stats": self.stats_spec,
                     "default_pipeline": next(iter(plans))}
         self.plan_path = self.run_dir / "plan.msgpack"
-        tmp = self.plan_path.with_suffix(".tmp")
-        tmp.write_bytes(msgpack.packb(self.run, use_bin_type=True))
-        os.replace(tmp, self.plan_path)
+        self.write_run()
+        for name, plan in plans.items():
+            rec = self.registry.records[plan["model"]][plan["version"]]
+            rec.state, rec.loaded_wall = "serving", time.time()
         py = sys.executable
         self.children[("broker",)] = Child(("broker",), [py, "-m", "jizhi.broker", "--plan", str(self.plan_path)])
         for name, plan in plans.items():
             for g, group in plan["groups"].items():
                 self.desired[(name, g)] = group["pool"]
+
+    def boot_version(self, model):
+        """The version a model starts with: its policy's target, checked (sizes, sha256) here.
+
+        Under ``latest`` a version that fails the check is rejected and the next
+        older one is tried; a pinned version that fails stops the start.
+        """
+        while True:
+            v = self.registry.target(model)
+            if v is None:
+                bad = "; ".join(f"{r.version}: {r.error}" for r in self.registry.records[model].values() if r.error)
+                raise BundleError(f"model {model!r} has no version to serve in {self.models_dir}"
+                                  + (f" (rejected: {bad})" if bad else "")
+                                  + (f" (policy: {' '.join(map(str, self.registry.policy(model)[:2]))})"))
+            rec = self.registry.records[model][v]
+            try:
+                b = Bundle(rec.path)
+                if (b.name, b.version) != (model, v):
+                    raise BundleError(f"{rec.path}: the manifest says {b.name} version {b.version}")
+                b.verify()
+            except BundleError as e:
+                self.registry.reject(rec, str(e))
+                continue
+            rec.state = "valid"
+            log.info("bundle verified: %s", rec.path)
+            return v
+
+    def arenas_bytes(self, plan):
+        slots, maxc = self.settings["limits.max_in_flight"], self.settings["limits.max_candidates"]
+        return sum(arena.arena_bytes(spec, slots, maxc) for spec in plan["arenas"].values())
+
+    def create_arenas(self, pipeline, plan):
+        slots, maxc = self.settings["limits.max_in_flight"], self.settings["limits.max_candidates"]
+        segs = {}
+        for col, spec in plan["arenas"].items():
+            seg = arena.segment_name(self.instance, self.run_id, f"{pipeline}.v{plan['version']}", col)
+            arena.create(seg, arena.arena_bytes(spec, slots, maxc))
+            segs[col] = seg
+        self.segments[(pipeline, plan["version"])] = segs
+        return segs
+
+    def release_arenas(self, pipeline, version):
+        n = sum(arena.unlink(seg) for seg in self.segments.pop((pipeline, version), {}).values())
+        log.info("pipeline %s: version %d's %d shared-memory arenas removed", pipeline, version, n)
+
+    def write_run(self):
+        """The plan file every child reads: settings, sockets and every loaded version (atomically replaced)."""
+        self.run["versions"] = {p: {str(ld.version): ld.entry() for ld in banks.values()}
+                                for p, banks in self.loaded.items()}
+        tmp = self.plan_path.with_suffix(".tmp")
+        tmp.write_bytes(msgpack.packb(self.run, use_bin_type=True))
+        os.replace(tmp, self.plan_path)
 
     def take_instance_lock(self):
         """One live supervisor per instance name on a host, before anything of a previous run is removed.
@@ -169,29 +270,35 @@ class Supervisor:
             raise InstanceBusy(f"another jizhid is running instance {self.instance!r} on this host "
                                "(stop it, or choose another --instance)")
 
-    def add_worker(self, pipeline, group, wid):
-        key = (pipeline, group, wid)
-        self.children[key] = Child(key, [sys.executable, "-m", "jizhi.workers.run", "--plan", str(self.plan_path),
-                                         "--pipeline", pipeline, "--group", group, "--wid", str(wid)])
+    def add_worker(self, loaded, group, wid):
+        key = (loaded.pipeline, group, wid, loaded.bank)
+        argv = [sys.executable, "-m", "jizhi.workers.run", "--plan", str(self.plan_path),
+                "--pipeline", loaded.pipeline, "--group", group, "--wid", str(wid), "--version", str(loaded.version)]
+        if loaded.state in ("loading", "warming"):
+            # A new version loads beside serving workers: at lower CPU priority until it serves.
+            argv += ["--nice", str(self.settings["models.load_nice"])]
+        self.children[key] = Child(key, argv, loaded.version)
 
     def spawn(self, child):
         # One compute thread per process: pools of processes share the cores,
         # not thread pools inside each (onnxruntime sets its own to 1).
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   JIZHI_BASE_NICE=str(os.getpriority(os.PRIO_PROCESS, 0)))
         row = self.worker_row(child.key)
         if row is not None:
             self.stats_shm.heartbeat[row] = 0.0   # not beating until its loop starts
         child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, env=env)
         child.started = time.monotonic()
         child.kill_at = None
-        log.info("started %s pid=%d", "/".join(map(str, child.key)), child.proc.pid)
+        log.info("started %s pid=%d%s", child.name, child.proc.pid,
+                 f" version={child.version}" if child.version is not None else "")
 
     # -- the loop -----------------------------------------------------------
 
     def worker_row(self, key):
-        if len(key) != 3:
+        if len(key) != 4:
             return None
-        return self.stats_spec["map"][f"{key[0]}/{key[1]}"] + key[2]
+        return self.stats_spec["map"][f"{key[0]}/{key[1]}"] + key[3] * self.settings["workers.max_pool"] + key[2]
 
     def murder(self):
         """Replace workers whose work loop stopped beating (stuck in a stage) or never started."""
@@ -203,7 +310,7 @@ class Supervisor:
                 continue
             if child.kill_at is not None:
                 if now >= child.kill_at:
-                    log.warning("%s pid=%d ignored SIGTERM; SIGKILL", "/".join(map(str, key)), child.proc.pid)
+                    log.warning("%s pid=%d ignored SIGTERM; SIGKILL", child.name, child.proc.pid)
                     child.proc.kill()
                     child.kill_at = float("inf")
                 continue
@@ -217,7 +324,7 @@ class Supervisor:
             elif hb > 0.0 and now - hb > hung_s:
                 why = f"no heartbeat for {now - hb:.1f} s (stuck in a stage?)"
             if why:
-                log.error("%s pid=%d %s: SIGTERM, SIGKILL in 2 s", "/".join(map(str, key)), child.proc.pid, why)
+                log.error("%s pid=%d %s: SIGTERM, SIGKILL in 2 s", child.name, child.proc.pid, why)
                 child.proc.send_signal(signal.SIGTERM)
                 child.kill_at = now + 2.0
 
@@ -268,6 +375,7 @@ class Supervisor:
                 getattr(self, "handle_" + signal.Signals(sig).name.lower())()
             self.reap()
             self.murder()
+            self.converge_models()
             self.manage()
             now = time.monotonic()
             if watchdog_s and now - last_watchdog >= watchdog_s:
@@ -286,6 +394,11 @@ class Supervisor:
         return self.shutdown()
 
     def on_broker_message(self, msg):
+        t = msg.get("t")
+        if t == protocol.T_WARM:
+            self.on_warm(msg)
+        elif t == protocol.T_VERSION_IDLE:
+            self.on_version_idle(msg)
         if msg.get("t") == protocol.T_INFO:
             self.last_broker_info = msg["info"]
         if msg.get("t") == protocol.T_INFO and msg["info"]["ready"] and not self.ready_logged:
@@ -327,7 +440,7 @@ class Supervisor:
             state = "retiring" if c.retiring else ("running" if c.proc else "restarting")
             if c.quick_deaths >= RESTART_BUDGET:
                 state = "degraded"
-            procs.append({"name": "/".join(map(str, c.key)), "pid": c.pid, "state": state,
+            procs.append({"name": c.name, "version": c.version, "pid": c.pid, "state": state,
                           "last_death": c.last_death,
                           "uptime_s": round(now - c.started, 1) if c.proc else None,
                           "restarts": c.restarts, "rss_bytes": stats_mod.rss_bytes(c.pid) if c.pid else None})
@@ -338,9 +451,16 @@ class Supervisor:
             health = "draining"
         if any(p["state"] == "degraded" for p in procs):
             health = "degraded"
+        serving = {}
+        for banks in self.loaded.values():
+            for ld in banks.values():
+                if ld.state == "active":
+                    serving[ld.model] = ld.version
+        problems = [f"{m} {r['version']}: {r['state']}: {r['error']}" for m, e in self.registry.summary().items()
+                    for r in e["versions"] if r["state"] in ("rejected", "refused", "failed")]
         return {"instance": self.instance, "pid": os.getpid(), "uptime_s": round(now - self.t_start, 1),
                 "health": health, "frontend": self.run["frontend"],
-                "models": {p["model"]: p["version"] for p in self.run["pipelines"].values()},
+                "models": serving, "model_problems": problems,
                 "pipelines": list(self.run["pipelines"]), "processes": procs,
                 "pools": {f"{p}/{g}": n for (p, g), n in self.desired.items()}}
 
@@ -348,7 +468,24 @@ class Supervisor:
         info = self.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
         if info is None:
             raise control.ControlError("the broker did not answer (is it restarting?)")
-        return info["info"]
+        return dict(info["info"], models=self.registry.summary())
+
+    def models(self):
+        return self.registry.summary()
+
+    def pin(self, model, version):
+        try:
+            persisted = self.registry.pin(model, version)
+        except KeyError as e:
+            raise control.ControlError(e.args[0])
+        return {"model": model, "policy": " ".join(str(x) for x in self.registry.policy(model)[:2] if x is not None),
+                "target": self.registry.target(model), "persisted": persisted}
+
+    def record(self, op):
+        reply = self.ask_broker([protocol.packb({"t": protocol.T_RECORD, "op": op})], protocol.T_RECORD, 5.0)
+        if reply is None:
+            raise control.ControlError("the broker did not answer (is it restarting?)")
+        return reply
 
     def set_pool(self, pipeline, group, n):
         self.desired[(pipeline, group)] = n
@@ -375,11 +512,14 @@ class Supervisor:
         pipeline is refused with its reason; the running configuration stays.
         """
         from jizhi import config as config_mod
+        new = self.registry.rescan()
         try:
             settings = config_mod.load(self.config_path, self.overrides)
             plans = {}
             for p in settings["server.pipelines"]:
-                plan = compile_pipeline(read_pipeline(p), self.models_dir)
+                doc = read_pipeline(p)
+                active = self.find_serving(doc.get("name"))
+                plan = compile_pipeline(doc, self.models_dir, pinned_version=active)
                 plans[plan["name"]] = plan
         except (ConfigError, PipelineError, BundleError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
@@ -396,9 +536,16 @@ class Supervisor:
         for k, v in settings.items():
             if v != self.settings.get(k) and k != "server.run_dir":
                 needs_restart.append(k)
-        log.info("reload: applied %s; needs a restart to change: %s", applied or "nothing",
-                 needs_restart or "nothing")
-        return {"applied": applied, "needs_restart": needs_restart}
+        log.info("reload: applied %s; needs a restart to change: %s; new model versions: %s", applied or "nothing",
+                 needs_restart or "nothing", [f"{r.model} {r.version}" for r in new] or "none")
+        return {"applied": applied, "needs_restart": needs_restart,
+                "new_versions": [f"{r.model} {r.version}" for r in new]}
+
+    def find_serving(self, pipeline):
+        for ld in self.loaded.get(pipeline, {}).values():
+            if ld.state == "active":
+                return ld.version
+        return None
 
     def handle_sigterm(self):
         self.stopping = True
@@ -415,17 +562,19 @@ class Supervisor:
             how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
             if rc in EXIT_MEANING:
                 how += f" ({EXIT_MEANING[rc]})"
-            name = "/".join(map(str, child.key))
+            name = child.name
             if child.retiring and rc == 0:
                 log.info("%s pid=%d retired", name, child.proc.pid)
-            elif rc == 0 and len(child.key) == 3:
+            elif rc == 0 and child.is_worker:
                 log.info("%s pid=%d recycled itself (workers.max_events or workers.max_rss_mb); starting a fresh one",
                          name, child.proc.pid)
             else:
                 log.warning("%s pid=%d died: %s", name, child.proc.pid, how)
-            if len(child.key) == 3:
+            if child.is_worker:
                 self.tell_broker(protocol.encode_simple(protocol.T_WORKER_DEAD, pipeline=child.key[0],
                                                         group=child.key[1], wid=child.key[2], pid=child.proc.pid))
+                if rc != 0 and not child.retiring:
+                    self.worker_died(child, rc, how)
             now = time.monotonic()
             if rc == 0:
                 child.backoff_s = 0.0
@@ -447,20 +596,52 @@ class Supervisor:
             if not child.retiring:
                 child.restarts += 1
 
+    def worker_died(self, child, rc, how):
+        """A worker died: is it its model version that broke?
+
+        A worker of a version still loading that dies ``models.load_attempts``
+        times fails that version (the serving one is untouched). A serving
+        worker killed by SIGBUS, or whose bundle's files no longer match the
+        manifest's sizes, means the files were truncated or replaced under the
+        mapping: that version fails and the previous good one is loaded, with
+        no restart loop.
+        """
+        ld = self.loaded[child.key[0]].get(child.key[3])
+        if ld is None or ld.version != child.version:
+            return
+        if ld.state in ("loading", "warming"):
+            ld.deaths += 1
+            if ld.deaths >= self.settings["models.load_attempts"]:
+                self.fail_version(ld, f"its workers died while loading ({ld.deaths}x, last: {how})")
+        elif ld.state in ("active", "draining"):
+            broken = Bundle.changed_files(ld.plan["version_dir"])
+            if rc == -signal.SIGBUS or broken:
+                self.fail_version(ld, f"a worker was {how}" + (f"; {broken}" if broken else
+                                                              " (a mapped file was truncated?)"))
+
     def manage(self):
-        """Converge every pool to its desired size; restart what died (after its backoff)."""
+        """Converge every version's pools to their desired size; restart what died (after its backoff)."""
         if self.stopping:
             return
-        for (pipeline, group), n in self.desired.items():
-            for wid in range(n):
-                child = self.children.get((pipeline, group, wid))
-                if child is None:
-                    self.add_worker(pipeline, group, wid)
-                elif child.retiring and child.proc is None:
-                    child.retiring = False
-            for key, child in list(self.children.items()):
-                if key[:2] == (pipeline, group) and len(key) == 3 and key[2] >= n and not child.retiring:
-                    self.retire(child)
+        for pipeline, banks in self.loaded.items():
+            for bank, ld in banks.items():
+                keep = ld.state in ("loading", "warming", "active", "draining")
+                for group in ld.plan["groups"]:
+                    n = self.desired[(pipeline, group)] if keep else 0
+                    for wid in range(n):
+                        child = self.children.get((pipeline, group, wid, bank))
+                        if child is None:
+                            self.add_worker(ld, group, wid)
+                        elif child.retiring and child.proc is None:
+                            child.retiring = False
+                    for key, child in list(self.children.items()):
+                        if len(key) == 4 and key[:2] == (pipeline, group) and key[3] == bank and key[2] >= n \
+                                and not child.retiring:
+                            self.retire(child)
+            for bank, ld in list(banks.items()):
+                if ld.state in ("stopping", "failed") and not any(
+                        len(k) == 4 and k[0] == pipeline and k[3] == bank for k in self.children):
+                    self.unload(ld)
         now = time.monotonic()
         for key, child in list(self.children.items()):
             if child.proc is None:
@@ -470,12 +651,185 @@ class Supervisor:
                     self.spawn(child)
             elif child.quick_deaths and now - child.started >= YOUNG_S:
                 if child.quick_deaths >= RESTART_BUDGET:
-                    log.info("%s is up again for %.0f s: no longer degraded", "/".join(map(str, key)), YOUNG_S)
+                    log.info("%s is up again for %.0f s: no longer degraded", child.name, YOUNG_S)
                 child.quick_deaths = 0   # a stable start ends the degraded state
             elif child.retiring and now > child.retire_by and child.proc.poll() is None:
-                log.warning("%s did not stop within the drain bound; sending SIGTERM", "/".join(map(str, key)))
+                log.warning("%s did not stop within the drain bound; sending SIGTERM", child.name)
                 child.proc.send_signal(signal.SIGTERM)
                 child.retire_by = float("inf")
+
+    # -- model versions (hot reload) -----------------------------------------
+
+    def converge_models(self):
+        """Notice new versions, validate them, load the one each policy wants, beside the serving one."""
+        reg = self.registry
+        reg.scan()
+        reg.poll_validations()
+        now = time.monotonic()
+        if now >= self.next_files_check:
+            # A file of a loaded version truncated, replaced or deleted: fail it before its workers hit SIGBUS.
+            self.next_files_check = now + 1.0
+            for banks in self.loaded.values():
+                for ld in list(banks.values()):
+                    if ld.state in ("loading", "warming", "active", "draining"):
+                        broken = Bundle.changed_files(ld.plan["version_dir"])
+                        if broken:
+                            self.fail_version(ld, f"its files changed under it: {broken}")
+        for pipeline, banks in self.loaded.items():
+            model = self.docs[pipeline]["model"]
+            loading = [ld for ld in banks.values() if ld.state in ("loading", "warming")]
+            limit = self.settings["workers.boot_timeout_s"] + 60
+            for ld in loading:
+                if now - ld.t_spawn > limit:
+                    self.fail_version(ld, f"not ready and warm within {limit:g} s")
+            if loading:
+                continue
+            active = next((ld for ld in banks.values() if ld.state == "active"), None)
+            target = reg.target(model)
+            if target is None and active is None:
+                failed = [ld.version for ld in banks.values()]
+                target = reg.fallback(model, min(failed)) if failed else None
+            if target is None or (active is not None and target == active.version) or len(banks) >= 2:
+                continue    # nothing to do, or the previous version is still being released
+            rec = reg.records[model][target]
+            if rec.state == "validating":
+                continue
+            if rec.validation is None or not rec.validation.get("ok"):
+                reg.validate(rec, self.settings["models.load_nice"])
+                continue
+            self.load_version(pipeline, rec)
+
+    def load_version(self, pipeline, rec):
+        """Start a validated version's workers in the free bank (they warm up, then the broker says WARM)."""
+        banks = self.loaded[pipeline]
+        try:
+            plan = compile_pipeline(self.docs[pipeline], self.models_dir, pinned_version=rec.version)
+        except PipelineError as e:
+            self.registry.reject(rec, f"pipeline {pipeline} cannot use it: {e}")
+            return
+        budget = self.settings["models.memory_budget_mb"] << 20
+        n_workers = sum(self.desired[(pipeline, g)] for g in plan["groups"])
+        per_worker = int(rec.validation.get("peak_rss_bytes") or 0)
+        expected = n_workers * per_worker + self.arenas_bytes(plan)
+        used = self.memory_in_use()
+        if budget and used + expected > budget:
+            self.registry.reject(rec, f"expected memory {expected >> 20} MiB ({n_workers} workers x "
+                                      f"{per_worker >> 20} MiB measured by validation, plus arenas) with "
+                                      f"{used >> 20} MiB in use passes models.memory_budget_mb = {budget >> 20}",
+                                 state="refused")
+            return
+        bank = 1 if 0 in banks else 0
+        ld = Loaded(pipeline, plan, bank, self.create_arenas(pipeline, plan), "loading")
+        ld.warmup = self.warmup_ids(rec.path)
+        ld.expected_bytes = expected
+        banks[bank] = ld
+        self.write_run()
+        self.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": pipeline, "version": rec.version,
+                                          "plan": plan, "segments": ld.segments, "warmup": ld.warmup})])
+        rec.state = "loading"
+        rec.t_load = time.monotonic()
+        log.info("pipeline %s: loading %s version %d beside the serving one (bank %d, %d workers at nice +%d, "
+                 "expected %d MiB)", pipeline, rec.model, rec.version, bank, n_workers,
+                 self.settings["models.load_nice"], expected >> 20)
+
+    @staticmethod
+    def warmup_ids(path):
+        """A few user and item ids of a bundle, for a warm-up when no traffic was recorded yet (read, not mapped)."""
+        import numpy as np
+        try:
+            users = np.load(Path(path) / "profiles" / "users" / "ids.npy")
+            items = np.load(Path(path) / "profiles" / "items" / "ids.npy")
+        except (OSError, ValueError):
+            return None
+        u = users[np.linspace(0, users.shape[0] - 1, min(8, users.shape[0])).astype(np.int64)]
+        i = items[np.linspace(0, items.shape[0] - 1, min(8 * 100, items.shape[0])).astype(np.int64)]
+        return {"users": np.ascontiguousarray(u, dtype=np.uint64).tobytes(),
+                "items": np.ascontiguousarray(i, dtype=np.uint64).tobytes()}
+
+    def memory_in_use(self):
+        pids = [os.getpid()] + [c.pid for c in self.children.values() if c.pid]
+        return sum(stats_mod.rss_bytes(p) or 0 for p in pids)
+
+    def find_loaded(self, pipeline, version, states):
+        for ld in self.loaded.get(pipeline, {}).values():
+            if ld.version == version and ld.state in states:
+                return ld
+        return None
+
+    def on_warm(self, msg):
+        ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), ("loading", "warming"))
+        if ld is None:
+            return
+        rec = self.registry.records[ld.model][ld.version]
+        if not msg.get("ok"):
+            self.fail_version(ld, f"warm-up: {msg.get('error')}")
+            return
+        boot = msg.get("boot") or {}
+        now = time.monotonic()
+        t_ready = now - msg.get("took_ms", 0) / 1000.0
+        rec.timings_ms.update({"start": boot.get("start_ms"), "load": boot.get("load_ms"),
+                               "ready": round((t_ready - rec.t_load) * 1000, 1), "warm_up": msg.get("took_ms")})
+        self.activate(ld, rec)
+
+    def activate(self, ld, rec):
+        banks = self.loaded[ld.pipeline]
+        old = next((o for o in banks.values() if o.state == "active"), None)
+        t0 = time.monotonic()
+        if old is not None:
+            old.state = "draining"
+            orec = self.registry.records[old.model].get(old.version)
+            if orec is not None and orec.state == "serving":
+                orec.state = "draining"
+        ld.state = "active"
+        self.run["pipelines"][ld.pipeline] = ld.plan
+        self.write_run()
+        self.tell_broker(protocol.encode_simple(protocol.T_ACTIVATE, pipeline=ld.pipeline, version=ld.version))
+        rec.state, rec.error, rec.loaded_wall = "serving", None, time.time()
+        rec.timings_ms["switch"] = round((time.monotonic() - t0) * 1000, 2)
+        rec.timings_ms["total"] = round((rec.loaded_wall - rec.renamed_wall) * 1000, 1)
+        log.info("pipeline %s: now serving %s version %d%s (rename to switch %.1f s: %s)", ld.pipeline, ld.model,
+                 ld.version, f"; version {old.version} drains" if old else "", rec.timings_ms["total"] / 1000,
+                 ", ".join(f"{k} {v:.0f} ms" for k, v in rec.timings_ms.items() if v is not None and k != "total"))
+        notify.notify(f"STATUS=serving {ld.model} version {ld.version}")
+
+    def on_version_idle(self, msg):
+        ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), ("draining",))
+        if ld is not None:
+            ld.state = "stopping"      # manage() retires its workers; unload() follows when they are gone
+
+    def fail_version(self, ld, reason):
+        was = ld.state
+        ld.state = "failed"
+        rec = self.registry.records[ld.model].get(ld.version)
+        if rec is not None:
+            self.registry.reject(rec, reason, state="failed")
+            rec.validation = None
+        self.write_run()
+        self.tell_broker(protocol.encode_simple(protocol.T_VERSION_FAIL, pipeline=ld.pipeline, version=ld.version,
+                                                reason=reason))
+        if was == "active":
+            log.error("pipeline %s: serving version %d failed; falling back to the previous good version",
+                      ld.pipeline, ld.version)
+            notify.notify(f"STATUS=degraded: {ld.model} version {ld.version} failed ({reason}); falling back")
+        for child in self.children.values():
+            if child.is_worker and child.key[0] == ld.pipeline and child.key[3] == ld.bank:
+                child.retiring = True
+                child.retire_by = time.monotonic() + 2.0
+
+    def unload(self, ld):
+        """A version's workers are gone: remove its arenas and tell the broker to forget it."""
+        del self.loaded[ld.pipeline][ld.bank]
+        self.write_run()
+        self.tell_broker(protocol.encode_simple(protocol.T_VERSION_DROP, pipeline=ld.pipeline, version=ld.version))
+        self.release_arenas(ld.pipeline, ld.version)
+        rec = self.registry.records[ld.model].get(ld.version)
+        if rec is not None and ld.state == "stopping":
+            still = any(o.version == ld.version for banks in self.loaded.values() for o in banks.values())
+            if not still:
+                rec.state = "standby"
+                rec.validation = None     # validated again before it serves again
+        log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned)",
+                 ld.pipeline, ld.version)
 
     def retire(self, child):
         """Stop a worker without dropping a request: the broker sends it nothing new, then STOP."""
@@ -483,7 +837,7 @@ class Supervisor:
         child.retire_by = time.monotonic() + self.settings["workers.drain_timeout_s"]
         if child.proc is None:
             return
-        pipeline, group, wid = child.key
+        pipeline, group, wid, _ = child.key
         self.tell_broker(protocol.encode_simple(protocol.T_RETIRE, pipeline=pipeline, group=group, wid=wid,
                                                 pid=child.proc.pid))
         log.info("retiring %s/%s/%d pid=%d", pipeline, group, wid, child.proc.pid)
@@ -519,6 +873,7 @@ class Supervisor:
                 log.warning("pid %d ignored SIGTERM; killing it", p.pid)
                 p.kill()
                 p.wait()
+        self.registry.stop()
         self.ctl.close(0)
         self.control.close(0)
         if self.metrics_server is not None:

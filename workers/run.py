@@ -42,6 +42,38 @@ def die_with_parent():
         pass
 
 
+def lower_priority(nice):
+    """A loading worker yields the CPU to serving ones (nice is per thread: set before any thread starts)."""
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+
+
+def restore_priority():
+    """Serving now: every thread back to the parent's nice value (needs CAP_SYS_NICE to lower it)."""
+    target = int(os.environ.get("JIZHI_BASE_NICE", "0"))
+    if os.getpriority(os.PRIO_PROCESS, 0) == target:
+        return
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), target)
+        log.info("serving: CPU priority back to nice %d", target)
+    except PermissionError:
+        log.info("serving at nice %d: raising priority back to %d needs CAP_SYS_NICE (the systemd unit grants it)",
+                 os.getpriority(os.PRIO_PROCESS, 0), target)
+
+
+def process_start():
+    """When this process started, on the time.monotonic() clock (from /proc/self/stat)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.monotonic() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
 def read_plan(path):
     with open(path, "rb") as f:
         return msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
@@ -50,12 +82,15 @@ def read_plan(path):
 class Worker:
     """One worker process of one group of one pipeline."""
 
-    def __init__(self, run, pipeline, group, wid):
+    def __init__(self, run, pipeline, group, wid, version):
         from jizhi.arena import Arenas
         from jizhi.bundle import Bundle
         from jizhi.pipeline import load_class
         self.run = run
-        self.plan = run["pipelines"][pipeline]
+        entry = run["versions"][pipeline].get(str(version))
+        if entry is None:
+            raise RuntimeError(f"the plan has no version {version} of pipeline {pipeline}")
+        self.plan = entry["plan"]
         self.pipeline = pipeline
         self.group = self.plan["groups"][group]
         self.wid = wid
@@ -76,13 +111,16 @@ class Worker:
                 log.error("stage %s setup failed: %s", sname, e)
                 raise SystemExit(code)
             self.stages.append((sname, proc, st))
-        self.arenas = Arenas(self.plan, run["segments"][pipeline],
+        self.arenas = Arenas(self.plan, entry["segments"],
                              self.settings["limits.max_in_flight"], self.settings["limits.max_candidates"])
         self.stats = Stats.attach(run.get("stats"))
-        self.row = run["stats"]["map"][f"{pipeline}/{group}"] + wid if self.stats else None
+        # Two banks of rows per group: the serving version's workers and a loading one's.
+        self.row = (run["stats"]["map"][f"{pipeline}/{group}"] + entry["bank"] * self.settings["workers.max_pool"]
+                    + wid) if self.stats else None
         self.max_events = self.settings.get("workers.max_events", 0)
         self.max_rss = self.settings.get("workers.max_rss_mb", 0) * 2 ** 20
         self.events = 0
+        self.boot = {}
         self.reads = self.group["reads"]
         self.writes = self.group["writes"]
         self.running = True
@@ -154,7 +192,7 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, ident.encode())
         sock.connect(backend)
         window = self.settings["workers.prefetch"]
-        ready = protocol.encode_ready(self.pipeline, self.group["name"], self.wid, self.versions, window)
+        ready = protocol.encode_ready(self.pipeline, self.group["name"], self.wid, self.versions, window, self.boot)
         sock.send_multipart(ready)
         hb_s = self.settings["workers.heartbeat_interval_s"]
         last_send = time.monotonic()
@@ -202,6 +240,8 @@ class Worker:
                         sock.send_multipart(protocol.encode_simple(protocol.T_LEAVING, wid=self.wid))
                 elif msg["t"] == protocol.T_STOP:
                     break
+                elif msg["t"] == protocol.T_PRIORITY:
+                    restore_priority()
                 elif msg["t"] == protocol.T_RESYNC:
                     log.info("the broker restarted; registering again")
                     sock.send_multipart(ready)
@@ -219,7 +259,11 @@ def main(argv=None):
     ap.add_argument("--pipeline", required=True)
     ap.add_argument("--group", required=True, help="the group (stage or fused stages) this worker runs")
     ap.add_argument("--wid", type=int, required=True, help="stable worker id within the group")
+    ap.add_argument("--version", type=int, required=True, help="the model version this worker serves")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="load at this much lower CPU priority (a new version beside serving ones)")
     args = ap.parse_args(argv)
+    lower_priority(args.nice)
     logs.setup(f"jizhi.worker[{args.pipeline}/{args.group}/{args.wid}]")
     die_with_parent()
 
@@ -228,7 +272,10 @@ def main(argv=None):
         cores = run["pipelines"][args.pipeline]["groups"][args.group].get("cores") or []
         if cores:
             os.sched_setaffinity(0, cores)
-        worker = Worker(run, args.pipeline, args.group, args.wid)
+        t0 = time.monotonic()
+        worker = Worker(run, args.pipeline, args.group, args.wid, args.version)
+        worker.boot = {"start_ms": round((t0 - process_start()) * 1000, 1),
+                       "load_ms": round((time.monotonic() - t0) * 1000, 1)}
     except SystemExit:
         raise
     except Exception as e:

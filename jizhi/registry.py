@@ -1,0 +1,279 @@
+"""The model registry: which versions are on disk, which are good, which should serve.
+
+The supervisor owns one. It scans the model directory every
+``models.poll_interval_s`` (a version appears complete or not at all: it is
+copied into ``<models>/.incoming/`` and renamed to ``<models>/<name>/<version>``;
+a directory whose name is not a number is ignored, and so is a version
+without ``manifest.toml``). Before any worker maps a new version's files, a
+child process validates it (``python -m jizhi.validate``: manifest schema,
+sizes and sha256 of every file, ONNX inputs/outputs, cube dimension, a smoke
+inference), so a crash while validating never touches the supervisor.
+
+Each model has a serving policy: ``latest`` (the newest version that is not
+rejected or failed), or ``pinned VERSION`` (from the pipeline file's
+``version = N``, or ``jizhictl pin``, which is remembered in
+``<models>/<name>/.pinned`` so a restart keeps a rollback). Versions are never
+deleted here: older ones stay on disk as the fallback when a serving version
+fails.
+
+Version states, as ``jizhictl models`` shows them:
+
+=============  ==============================================================
+available      complete on disk, not examined yet
+validating     its validation child is running
+valid          passed validation, not loaded
+rejected       failed validation (the reason is kept); never served
+refused        would pass ``models.memory_budget_mb``; retried by ``jizhictl reload``
+loading        new workers are starting beside the serving ones
+warming        its workers replay recorded requests
+serving        new requests are pinned to it
+draining       the previous version answering what it holds
+standby        served before; valid fallback
+failed         broke while loading or serving (file truncated, workers died)
+removed        its directory disappeared
+=============  ==============================================================
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("jizhi.registry")
+
+PIN_FILE = ".pinned"
+NOT_SERVABLE = ("rejected", "refused", "failed", "removed")
+
+
+class VersionRecord:
+    def __init__(self, model, version, path):
+        self.model = model
+        self.version = version
+        self.path = Path(path)
+        self.state = "available"
+        self.error = None
+        self.seen = time.monotonic()
+        self.seen_wall = time.time()
+        try:
+            # A rename updates the directory's ctime: the moment the version became visible.
+            self.renamed_wall = os.stat(path).st_ctime
+        except OSError:
+            self.renamed_wall = self.seen_wall
+        self.validation = None      # the validator's report
+        self.timings_ms = {}        # detection, validation, start, load, warm-up, switch
+        self.loaded_wall = None     # when it started serving
+        self.proc = None            # the validation child while it runs
+        self.proc_started = 0.0
+
+    def summary(self):
+        return {"version": self.version, "state": self.state, "error": self.error, "path": str(self.path),
+                "renamed_at": self.renamed_wall, "serving_since": self.loaded_wall,
+                "timings_ms": dict(self.timings_ms)}
+
+
+class Registry:
+    def __init__(self, models_dir, settings, policies):
+        """``policies``: {model: None (latest) or a pinned version} from the pipeline files."""
+        self.models_dir = Path(models_dir)
+        self.settings = settings
+        self.configured = dict(policies)
+        self.records = {m: {} for m in policies}     # model -> {version: VersionRecord}
+        self.pins = {m: self.read_pin(m) for m in policies}
+        self.next_scan = 0.0
+
+    # -- policy ---------------------------------------------------------------
+
+    def read_pin(self, model):
+        try:
+            text = (self.models_dir / model / PIN_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("cannot read the pin of model %s: %s", model, e)
+            return None
+        if not text.isdigit():
+            log.warning("ignoring %s: %r is not a version number", self.models_dir / model / PIN_FILE, text)
+            return None
+        return int(text)
+
+    def policy(self, model):
+        pin = self.pins.get(model)
+        if pin is not None:
+            return ("pinned", pin, "jizhictl pin")
+        if self.configured.get(model) is not None:
+            return ("pinned", self.configured[model], "pipeline file")
+        return ("latest", None, "pipeline file")
+
+    def pin(self, model, version):
+        """Pin ``model`` to ``version`` (None: unpin). Persisted so a restart keeps a rollback."""
+        if model not in self.records:
+            raise KeyError(f"no model {model!r} is served (served: {', '.join(self.records)})")
+        path = self.models_dir / model / PIN_FILE
+        if version is not None:
+            rec = self.records[model].get(version)
+            if rec is None:
+                raise KeyError(f"model {model} has no version {version} on disk "
+                               f"(versions: {', '.join(map(str, sorted(self.records[model]))) or 'none'})")
+            if rec.state in ("rejected", "removed"):
+                raise KeyError(f"model {model} version {version} is {rec.state}"
+                               + (f": {rec.error}" if rec.error else ""))
+            if rec.state == "failed":
+                rec.state, rec.error = "available", None   # an explicit pin retries a failed version
+        persisted = True
+        try:
+            if version is None:
+                path.unlink(missing_ok=True)
+            else:
+                tmp = path.with_name(PIN_FILE + ".tmp")
+                tmp.write_text(f"{version}\n")
+                os.replace(tmp, path)
+        except OSError as e:
+            persisted = False
+            log.warning("pin of model %s kept in memory only (cannot write %s: %s)", model, path, e)
+        self.pins[model] = version
+        log.info("model %s: %s", model, f"pinned to version {version}" if version is not None else
+                 f"unpinned (policy: {self.policy(model)[0]})")
+        return persisted
+
+    def target(self, model):
+        """The version the policy asks to serve now, or None when there is none to serve."""
+        kind, version, _ = self.policy(model)
+        recs = self.records.get(model, {})
+        if kind == "pinned":
+            rec = recs.get(version)
+            return version if rec is not None and rec.state not in NOT_SERVABLE else None
+        good = [v for v, r in recs.items() if r.state not in NOT_SERVABLE]
+        return max(good) if good else None
+
+    def fallback(self, model, failed):
+        """The newest servable version older than ``failed`` (when the policy's own target is gone)."""
+        good = [v for v, r in self.records.get(model, {}).items() if v < failed and r.state not in NOT_SERVABLE]
+        return max(good) if good else None
+
+    # -- disk ---------------------------------------------------------------------
+
+    def scan(self, now=None):
+        """Notice new and removed versions (at most every poll interval). Returns the new records."""
+        now = time.monotonic() if now is None else now
+        if now < self.next_scan:
+            return []
+        self.next_scan = now + self.settings["models.poll_interval_s"]
+        new = []
+        for model, recs in self.records.items():
+            base = self.models_dir / model
+            on_disk = set()
+            try:
+                entries = list(os.scandir(base))
+            except FileNotFoundError:
+                entries = []
+            for e in entries:
+                if not e.name.isdigit() or not e.is_dir() or not os.path.isfile(os.path.join(e.path, "manifest.toml")):
+                    continue
+                v = int(e.name)
+                on_disk.add(v)
+                rec = recs.get(v)
+                if rec is None or rec.state == "removed":
+                    rec = recs[v] = VersionRecord(model, v, e.path)
+                    rec.timings_ms["detection"] = round((rec.seen_wall - rec.renamed_wall) * 1000, 1)
+                    new.append(rec)
+            for v, rec in recs.items():
+                if v not in on_disk and rec.state != "removed":
+                    log.warning("model %s version %d: its directory is gone", model, v)
+                    rec.state, rec.error = "removed", "directory removed"
+        for rec in new:
+            log.info("model %s version %d appeared (%s)", rec.model, rec.version, rec.path)
+        return new
+
+    def rescan(self, model=None):
+        """`jizhictl reload [MODEL]`: scan now; refused versions are tried again."""
+        for m, recs in self.records.items():
+            if model is None or m == model:
+                for rec in recs.values():
+                    if rec.state == "refused":
+                        rec.state, rec.error = "available", None
+        self.next_scan = 0.0
+        return self.scan()
+
+    # -- validation (a child process) ---------------------------------------------
+
+    def validate(self, rec, nice=0):
+        rec.state, rec.error = "validating", None
+        rec.proc = subprocess.Popen([sys.executable, "-m", "jizhi.validate", str(rec.path), "--name", rec.model,
+                                     "--version", str(rec.version)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+        rec.proc_started = time.monotonic()
+        if nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, rec.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+            except OSError:
+                pass
+        log.info("model %s version %d: validating (pid %d)", rec.model, rec.version, rec.proc.pid)
+
+    def poll_validations(self):
+        """Collect finished validations; returns the records that finished (valid or rejected)."""
+        done = []
+        limit = self.settings["models.validate_timeout_s"]
+        for recs in self.records.values():
+            for rec in recs.values():
+                if rec.proc is None:
+                    continue
+                rc = rec.proc.poll()
+                took = time.monotonic() - rec.proc_started
+                if rc is None:
+                    if took > limit:
+                        rec.proc.kill()
+                        rec.proc.wait()
+                        self._finish(rec, None, f"validation did not finish within {limit:g} s "
+                                                "(models.validate_timeout_s)", took)
+                        done.append(rec)
+                    continue
+                out = rec.proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
+                report = None
+                try:
+                    report = json.loads(out[-1]) if out else None
+                except ValueError:
+                    pass
+                if report is None:
+                    how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+                    self._finish(rec, None, f"the validation process crashed ({how})", took)
+                else:
+                    self._finish(rec, report, None if report.get("ok") else
+                                 f"{report.get('check')}: {report.get('error')}", took)
+                done.append(rec)
+        return done
+
+    def _finish(self, rec, report, error, took_s):
+        rec.proc.stdout.close()
+        rec.proc = None
+        rec.validation = report
+        rec.timings_ms["validation"] = round(took_s * 1000, 1)
+        if error is None:
+            rec.state = "valid"
+            log.info("model %s version %d: valid (validated in %.0f ms)", rec.model, rec.version, took_s * 1000)
+        else:
+            self.reject(rec, error)
+
+    def reject(self, rec, error, state="rejected"):
+        rec.state, rec.error = state, error
+        log.error("model %s version %d %s: %s", rec.model, rec.version, state, error)
+
+    def stop(self):
+        for recs in self.records.values():
+            for rec in recs.values():
+                if rec.proc is not None:
+                    rec.proc.kill()
+                    rec.proc.wait()
+                    rec.proc.stdout.close()
+                    rec.proc = None
+
+    def summary(self):
+        out = {}
+        for model, recs in self.records.items():
+            kind, version, source = self.policy(model)
+            out[model] = {"policy": kind if version is None else f"{kind} {version}", "policy_from": source,
+                          "target": self.target(model),
+                          "versions": [recs[v].summary() for v in sorted(recs)]}
+        return out

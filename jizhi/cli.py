@@ -33,6 +33,33 @@ def demo():
     """Create the demo model bundle and request traces."""
 
 
+@demo.command("publish")
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--from", "source", type=int, default=1, show_default=True, help="Version to copy.")
+@click.option("--to", "version", type=int, required=True, help="The new version number.")
+@click.option("--seed", type=int, default=None, help="New dense weights from this seed (the version scores differently).")
+@click.option("--fault", type=click.Choice(["corrupt", "wrong_dim", "nan", "bad_onnx"]), default=None,
+              help="Make a deliberately bad version, to watch the server reject it.")
+def demo_publish(models_dir, source, version, seed, fault):
+    """Publish a new demo version the way a training pipeline should: copy into MODELS_DIR/.incoming, then rename.
+
+    A running jizhid notices it within models.poll_interval_s, validates it,
+    loads it beside the serving version and switches when it is warm.
+    """
+    from pathlib import Path
+
+    from jizhi.demo import publish, stage_version
+    src = Path(models_dir) / "demo" / str(source)
+    if not src.is_dir():
+        raise click.ClickException(f"no demo version {source} in {models_dir}")
+    staged = stage_version(models_dir, src, version, seed=seed, fault=fault)
+    try:
+        final = publish(staged, models_dir)
+    except FileExistsError as e:
+        raise click.ClickException(f"{e} exists already")
+    click.echo(f"published {final}" + (f" (fault: {fault})" if fault else ""))
+
+
 @demo.command("init")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--seed", default=7, show_default=True, help="Everything is deterministic from this seed.")
@@ -234,11 +261,14 @@ def status(run_dir, instance, as_json):
         return
     click.echo(f"jizhid instance {st['instance']}  pid {st['pid']}  up {st['uptime_s']}s  health {st['health']}")
     click.echo(f"frontend {st['frontend']}  models {st['models']}  pipelines {', '.join(st['pipelines'])}")
-    click.echo(f"{'process':<28} {'pid':>7} {'state':<10} {'uptime':>8} {'restarts':>8} {'rss':>9}")
+    for problem in st.get("model_problems", []):
+        click.echo(f"model version not served: {problem}")
+    click.echo(f"{'process':<28} {'version':>7} {'pid':>7} {'state':<10} {'uptime':>8} {'restarts':>8} {'rss':>9}")
     for p in st["processes"]:
         rss = f"{p['rss_bytes'] / 2**20:.0f}MiB" if p.get("rss_bytes") else "-"
         up = f"{p['uptime_s']}s" if p.get("uptime_s") is not None else "-"
-        click.echo(f"{p['name']:<28} {p['pid'] or '-':>7} {p['state']:<10} {up:>8} {p['restarts']:>8} {rss:>9}")
+        ver = "-" if p.get("version") is None else p["version"]
+        click.echo(f"{p['name']:<28} {ver:>7} {p['pid'] or '-':>7} {p['state']:<10} {up:>8} {p['restarts']:>8} {rss:>9}")
 
 
 def _stats_table(info):
@@ -258,6 +288,13 @@ def _stats_table(info):
             lines.append(f"{pname + '/' + g:<26} {gs['workers']:>7} {gs['queue']:>6} {gs['events_per_s']:>9} "
                          f"{_fmt_us(gs['wait_us']['p50']):>9} {_fmt_us(gs['wait_us']['p99']):>9} "
                          f"{_fmt_us(gs['service_us']['p50']):>9} {_fmt_us(gs['service_us']['p99']):>9}")
+    for pname, p in info["pipelines"].items():
+        vs = ", ".join(f"{v} {x['state']} ({x['in_flight']} in flight)" for v, x in p.get("versions", {}).items())
+        lines.append(f"{pname}: model {p['model']} versions: {vs}")
+    for name, m in info.get("models", {}).items():
+        for v in m["versions"]:
+            if v["state"] in ("rejected", "refused", "failed"):
+                lines.append(f"model {name} version {v['version']} {v['state']}: {v['error']}")
     return "\n".join(lines)
 
 
@@ -304,11 +341,133 @@ def resume(run_dir, instance):
 @cli.command()
 @_run_dir_option
 def reload(run_dir, instance):
-    """Re-read the config and pipelines (like SIGHUP). An invalid config is refused; the running one stays."""
+    """Rescan the model directory now and re-read the config and pipelines (like SIGHUP).
+
+    A new model version is noticed by the watcher within
+    models.poll_interval_s anyway; this also retries versions refused for the
+    memory budget. An invalid config is refused; the running one stays.
+    """
     r = _control(run_dir, instance, "reload")
     click.echo(f"applied: {', '.join(r['applied']) or 'nothing'}")
+    click.echo(f"new model versions: {', '.join(r.get('new_versions', [])) or 'none'}")
     if r["needs_restart"]:
         click.echo(f"changed but needs a restart: {', '.join(r['needs_restart'])}")
+
+
+def _when(ts):
+    import time
+    return "-" if ts is None else time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+@cli.command()
+@_run_dir_option
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(run_dir, instance, model, as_json):
+    """Models and their versions: state, serving policy, when a version appeared and began serving, its load timeline and error.
+
+    Timeline (ms): detect = rename to noticed; validate = the validation child;
+    start = process start of its slowest worker; load = its stages' setup;
+    warm = replaying recorded requests; total = rename to serving.
+    """
+    r = _control(run_dir, instance, "models")
+    if model is not None:
+        if model not in r:
+            raise click.ClickException(f"no model {model!r} is served (served: {', '.join(r)})")
+        r = {model: r[model]}
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    for name, m in r.items():
+        click.echo(f"model {name}  policy {m['policy']} ({m['policy_from']})  target {m['target']}")
+        click.echo(f"  {'version':>7} {'state':<10} {'appeared':>8} {'serving':>8} {'detect':>7} {'validate':>8} "
+                   f"{'start':>6} {'load':>6} {'warm':>6} {'total':>7}  error")
+        for v in m["versions"]:
+            t = v["timings_ms"]
+
+            def ms(k):
+                return "-" if t.get(k) is None else f"{t[k]:.0f}"
+            click.echo(f"  {v['version']:>7} {v['state']:<10} {_when(v['renamed_at']):>8} {_when(v['serving_since']):>8} "
+                       f"{ms('detection'):>7} {ms('validation'):>8} {ms('start'):>6} {ms('load'):>6} "
+                       f"{ms('warm_up'):>6} {ms('total'):>7}  {v['error'] or ''}")
+
+
+@cli.command()
+@_run_dir_option
+@click.argument("model")
+@click.argument("version", type=int)
+def pin(run_dir, instance, model, version):
+    """Serve VERSION of MODEL (a rollback), whatever is newer. Remembered in <models>/MODEL/.pinned across restarts.
+
+    The pinned version is validated and loaded beside the serving one and
+    switched in when warm, like any new version. `unpin` returns to the
+    pipeline file's policy.
+    """
+    r = _control(run_dir, instance, "pin", {"model": model, "version": version})
+    click.echo(f"{model}: policy {r['policy']}" + ("" if r["persisted"] else " (in memory only: the pin file "
+                                                      "could not be written, see the log)"))
+
+
+@cli.command()
+@_run_dir_option
+@click.argument("model")
+def unpin(run_dir, instance, model):
+    """Return MODEL to its pipeline file's policy (usually the latest good version)."""
+    r = _control(run_dir, instance, "unpin", {"model": model})
+    click.echo(f"{model}: policy {r['policy']}, target version {r['target']}")
+
+
+@cli.command()
+@_run_dir_option
+@click.option("--duration", type=click.FloatRange(min=0.1), required=True, help="Seconds of live traffic to record.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Trace file to write (.npz).")
+@click.option("--pipeline", default=None, help="Only this pipeline's requests (default: all).")
+def record(run_dir, instance, duration, out, pipeline):
+    """Save live traffic to a trace file (docs/formats.md, "Trace") that `jizhictl bench --trace` replays.
+
+    Every admitted score request is kept with its arrival time (t_offset_s),
+    top_k and pipeline; the broker hands them over every half second, so it
+    holds little. Nothing is recorded if no request arrives.
+    """
+    import time
+
+    import numpy as np
+    _control(run_dir, instance, "record", {"op": "start"})
+    records, dropped = [], 0
+    t_end = time.monotonic() + duration
+    try:
+        while True:
+            left = t_end - time.monotonic()
+            time.sleep(max(0.0, min(0.5, left)))
+            last = left <= 0.5
+            r = _control(run_dir, instance, "record", {"op": "stop" if last else "fetch"})
+            records += [x for x in r["records"] if pipeline is None or x[1] == pipeline]
+            dropped += r["dropped"]
+            click.echo(f"\rrecording: {len(records)} requests, {max(0.0, t_end - time.monotonic()):.1f} s left ",
+                       err=True, nl=False)
+            if last:
+                break
+    except KeyboardInterrupt:
+        _control(run_dir, instance, "record", {"op": "stop"})
+        click.echo("\ninterrupted: writing what was recorded", err=True)
+    click.echo("", err=True)
+    if not records:
+        raise click.ClickException("no requests arrived while recording; nothing written")
+    items = [np.frombuffer(x[3], dtype="<u8") for x in records]
+    counts = np.array([a.shape[0] for a in items], dtype=np.int64)
+    offsets = np.zeros(len(records) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    recall = [np.frombuffer(x[4], dtype="<f4") if x[4] else np.zeros(c, dtype="<f4") for x, c in zip(records, counts)]
+    t0 = records[0][0]
+    with open(out, "wb") as f:
+        np.savez(f, users=np.array([x[2] for x in records], dtype=np.uint64), offsets=offsets,
+                 items=np.concatenate(items), recall_scores=np.concatenate(recall),
+                 t_offset_s=np.array([x[0] - t0 for x in records], dtype=np.float64),
+                 top_k=np.array([x[5] for x in records], dtype=np.int64),
+                 pipelines=np.array([x[1] for x in records], dtype=np.str_),
+                 seed=np.int64(-1), candidates=np.int64(int(np.median(counts))), spearman=np.float64("nan"))
+    click.echo(f"wrote {out}: {len(records)} requests, {int(counts.sum())} candidates, "
+               f"{records[-1][0] - t0:.1f} s of traffic" + (f"; {dropped} not recorded (buffer full)" if dropped else ""))
 
 
 @cli.command()

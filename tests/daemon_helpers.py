@@ -40,14 +40,15 @@ class Load:
     ``outcome`` ("ok", an error code, or "timeout"), ``message`` and, for
     "ok", ``reply``.
 
-    ``retry``: a Lazy Pirate client. A timeout or a retriable error is retried
+    ``rate``: requests/s offered by all clients together (each paced; a
+    client whose answer comes late sends at once). ``retry``: a Lazy Pirate client. A timeout or a retriable error is retried
     (a new attempt of the same logical request, the client reopens its
     socket) until it succeeds or ``give_up_s`` passed. ``stop_on_draining``:
     a thread ends at its first timeout or "draining" refusal.
     """
 
     def __init__(self, endpoint, trace, *, pipeline="demo", clients=4, deadline_ms=2000, timeout_s=None,
-                 retry=False, give_up_s=30.0, stop_on_draining=False):
+                 retry=False, give_up_s=30.0, stop_on_draining=False, rate=None):
         self.endpoint = endpoint
         self.trace = trace
         self.pipeline = pipeline
@@ -56,6 +57,7 @@ class Load:
         self.retry = retry
         self.give_up_s = give_up_s
         self.stop_on_draining = stop_on_draining
+        self.interval_s = clients / rate if rate else 0.0   # paced: each client sends every interval
         self.records = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -94,8 +96,14 @@ class Load:
     def run(self, i):
         client = Client(self.endpoint, timeout_s=self.timeout_s)
         q, seq = i, 0
+        next_send = time.monotonic() + i * self.interval_s / len(self.threads)
         try:
             while not self.stopping.is_set():
+                if self.interval_s:
+                    delay = next_send - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    next_send = max(next_send + self.interval_s, time.monotonic() - self.interval_s)
                 q = (q + len(self.threads)) % len(self.trace)
                 seq += 1
                 rec = self.attempt(client, i, seq, q)

@@ -16,6 +16,7 @@ repository root on PYTHONPATH). They exercise the user-processor contract
   its stage option ``sleep_s`` seconds (a stage stuck inside a call, deaf to
   SIGTERM meanwhile).
 """
+import os
 import time
 
 import numpy as np
@@ -74,3 +75,15 @@ class FailingSetup(RecallRanker):
 
     def setup(self, config, bundle):
         raise RuntimeError("this stage never loads (tests.stages:FailingSetup)")
+
+
+class CrashOnVersions(RecallRanker):
+    """Aborts in setup (SIGABRT, like a native crash) when its bundle is one of ``crash_versions``.
+
+    Validation runs the built-in stages, so such a version passes it and then
+    kills its own workers while loading: the fault a hot reload must contain.
+    """
+
+    def setup(self, config, bundle):
+        if bundle.version in config.get("crash_versions", []):
+            os.abort()

@@ -993,6 +993,11 @@ class Broker:
                 for p in self.pipes.values():
                     self.stats.heartbeat[p.row] = now
             self.expire()
+            for p in self.pipes.values():
+                for gen in p.gens.values():
+                    # (also after a broker restart: a draining version may hold nothing already)
+                    if gen.state == "draining" and not gen.idle_sent and gen.in_flight() == 0:
+                        self.version_idle(p, gen)
             if self.recording is not None and now - self.record_fetched_at > RECORD_ABANDONED_S:
                 log.warning("recording stopped: nobody fetched it for %.0f s (jizhictl record gone?)", RECORD_ABANDONED_S)
                 self.recording = None

@@ -288,6 +288,12 @@ def _stats_table(info):
             lines.append(f"{pname + '/' + g:<26} {gs['workers']:>7} {gs['queue']:>6} {gs['events_per_s']:>9} "
                          f"{_fmt_us(gs['wait_us']['p50']):>9} {_fmt_us(gs['wait_us']['p99']):>9} "
                          f"{_fmt_us(gs['service_us']['p50']):>9} {_fmt_us(gs['service_us']['p99']):>9}")
+    return "\n".join(lines)
+
+
+def _versions_lines(info):
+    """Model versions loaded per pipeline, and versions that are not served and why."""
+    lines = []
     for pname, p in info["pipelines"].items():
         vs = ", ".join(f"{v} {x['state']} ({x['in_flight']} in flight)" for v, x in p.get("versions", {}).items())
         lines.append(f"{pname}: model {p['model']} versions: {vs}")
@@ -304,7 +310,7 @@ def _stats_table(info):
 def stats(run_dir, instance, as_json):
     """Per pipeline: ok/s, pairs/s, latency p50/p99/p99.9; per stage: pool size, queue, events/s, wait and service p50/p99; errors by code."""
     info = _control(run_dir, instance, "stats")
-    click.echo(json.dumps(info, indent=2) if as_json else _stats_table(info))
+    click.echo(json.dumps(info, indent=2) if as_json else _stats_table(info) + "\n" + _versions_lines(info))
 
 
 @cli.command()
@@ -340,16 +346,18 @@ def resume(run_dir, instance):
 
 @cli.command()
 @_run_dir_option
-def reload(run_dir, instance):
-    """Rescan the model directory now and re-read the config and pipelines (like SIGHUP).
+@click.argument("model", required=False)
+def reload(run_dir, instance, model):
+    """Rescan the model directory now (only MODEL's, if named) and re-read the config and pipelines (like SIGHUP).
 
     A new model version is noticed by the watcher within
     models.poll_interval_s anyway; this also retries versions refused for the
     memory budget. An invalid config is refused; the running one stays.
     """
-    r = _control(run_dir, instance, "reload")
+    r = _control(run_dir, instance, "reload", {"model": model} if model else None)
     click.echo(f"applied: {', '.join(r['applied']) or 'nothing'}")
-    click.echo(f"new model versions: {', '.join(r.get('new_versions', [])) or 'none'}")
+    if r.get("new_versions"):
+        click.echo(f"new model versions: {', '.join(r['new_versions'])}")
     if r["needs_restart"]:
         click.echo(f"changed but needs a restart: {', '.join(r['needs_restart'])}")
 

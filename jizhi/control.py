@@ -127,7 +127,10 @@ class Reload(Command):
     name = "reload"
 
     def execute(self, sup, args):
-        return sup.reload()
+        model = args.get("model")
+        if model is not None and model not in sup.registry.records:
+            raise ControlError(f"no model {model!r} is served (served: {', '.join(sup.registry.records)})")
+        return sup.reload(model)
 
 
 class Models(Command):

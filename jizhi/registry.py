@@ -154,8 +154,11 @@ class Registry:
 
     # -- disk ---------------------------------------------------------------------
 
-    def scan(self, now=None):
-        """Notice new and removed versions (at most every poll interval). Returns the new records."""
+    def scan(self, now=None, initial=False):
+        """Notice new and removed versions (at most every poll interval). Returns the new records.
+
+        ``initial``: the scan at start; those versions were not "detected" (no detection time).
+        """
         now = time.monotonic() if now is None else now
         if now < self.next_scan:
             return []
@@ -176,7 +179,8 @@ class Registry:
                 rec = recs.get(v)
                 if rec is None or rec.state == "removed":
                     rec = recs[v] = VersionRecord(model, v, e.path)
-                    rec.timings_ms["detection"] = round((rec.seen_wall - rec.renamed_wall) * 1000, 1)
+                    if not initial:
+                        rec.timings_ms["detection"] = round((rec.seen_wall - rec.renamed_wall) * 1000, 1)
                     new.append(rec)
             for v, rec in recs.items():
                 if v not in on_disk and rec.state != "removed":

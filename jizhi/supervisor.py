@@ -145,7 +145,7 @@ class Supervisor:
         if not Path(self.models_dir).is_dir():
             raise BundleError(f"the model directory {self.models_dir} does not exist")
         self.registry = Registry(self.models_dir, self.settings, policies)
-        self.registry.scan()
+        self.registry.scan(initial=True)
         boot = {m: self.boot_version(m) for m in policies}
         plans, self.docs = {}, {}
         for doc in docs:
@@ -504,7 +504,7 @@ class Supervisor:
         except control.ControlError:
             pass  # reload() logged why; the running configuration stays and so must the daemon
 
-    def reload(self):
+    def reload(self, model=None):
         """SIGHUP and `jizhictl reload`: validate everything, then apply what can change live.
 
         Applied live: pool sizes from the pipelines' files. Anything else that
@@ -512,7 +512,7 @@ class Supervisor:
         pipeline is refused with its reason; the running configuration stays.
         """
         from jizhi import config as config_mod
-        new = self.registry.rescan()
+        new = self.registry.rescan(model)
         try:
             settings = config_mod.load(self.config_path, self.overrides)
             plans = {}
@@ -695,6 +695,8 @@ class Supervisor:
             if rec.state == "validating":
                 continue
             if rec.validation is None or not rec.validation.get("ok"):
+                rec.timings_ms = {k: v for k, v in rec.timings_ms.items() if k == "detection"}
+                rec.t_wanted_wall = time.time()
                 reg.validate(rec, self.settings["models.load_nice"])
                 continue
             self.load_version(pipeline, rec)
@@ -786,7 +788,9 @@ class Supervisor:
         self.tell_broker(protocol.encode_simple(protocol.T_ACTIVATE, pipeline=ld.pipeline, version=ld.version))
         rec.state, rec.error, rec.loaded_wall = "serving", None, time.time()
         rec.timings_ms["switch"] = round((time.monotonic() - t0) * 1000, 2)
-        rec.timings_ms["total"] = round((rec.loaded_wall - rec.renamed_wall) * 1000, 1)
+        # A version new in this run: from its rename; one served again (pin, fallback): from the decision.
+        start = rec.renamed_wall if "detection" in rec.timings_ms else getattr(rec, "t_wanted_wall", rec.renamed_wall)
+        rec.timings_ms["total"] = round((rec.loaded_wall - start) * 1000, 1)
         log.info("pipeline %s: now serving %s version %d%s (rename to switch %.1f s: %s)", ld.pipeline, ld.model,
                  ld.version, f"; version {old.version} drains" if old else "", rec.timings_ms["total"] / 1000,
                  ", ".join(f"{k} {v:.0f} ms" for k, v in rec.timings_ms.items() if v is not None and k != "total"))

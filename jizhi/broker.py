@@ -627,6 +627,10 @@ class Broker:
             pipe.workers.pop((g, gen.vkey), None)
         del pipe.gens[gen.vkey]
         pipe.pinned.pop(gen.vkey, None)
+        # Let go of the mappings now (each holds an fd of an unlinked segment), not at some later GC:
+        # requests still in the deadline heap point at the generation, not at its arrays.
+        gen.by_slot = [None] * gen.slots
+        gen.arenas = None
         if pipe.active == gen.vkey:
             pipe.active = None
         log.info("pipeline %s: version %s released", pipe.name, gen.versions)

@@ -16,23 +16,30 @@ rejected or failed), or ``pinned VERSION`` (from the pipeline file's
 deleted here: older ones stay on disk as the fallback when a serving version
 fails.
 
-Version states, as ``jizhictl models`` shows them:
+Version states (``State``), as ``jizhictl models`` shows them, and the legal
+transitions (``TRANSITIONS``; an illegal one is logged as a bug):
 
-=============  ==============================================================
-available      complete on disk, not examined yet
-validating     its validation child is running
-valid          passed validation, not loaded
-rejected       failed validation (the reason is kept); never served
-refused        would pass ``models.memory_budget_mb``; retried by ``jizhictl reload``
-loading        new workers are starting beside the serving ones
-warming        its workers replay recorded requests
-serving        new requests are pinned to it
-draining       the previous version answering what it holds
-standby        served before; valid fallback
-failed         broke while loading or serving (file truncated, workers died)
-removed        its directory disappeared
-=============  ==============================================================
+==========  ==========================================================  ==============================
+state       meaning                                                     next
+==========  ==========================================================  ==============================
+available   complete on disk, not examined yet                          validating, valid (boot check)
+validating  its validation child is running                             valid, rejected
+valid       passed validation, not loaded                               loading, serving (boot),
+                                                                        rejected, refused
+rejected    failed validation (the reason is kept); never served        -
+refused     would pass ``models.memory_budget_mb``                      available (``jizhictl reload``)
+loading     new workers start beside the serving ones and warm up       serving, failed
+serving     new requests are pinned to it                               draining, failed
+draining    answers what it holds after a newer version took over      standby, serving, failed
+standby     served before; a fallback (validated again before use)     validating
+failed      broke while loading or serving (file truncated, workers    available (``jizhictl pin``)
+            died, warm-up error)
+==========  ==========================================================  ==============================
+
+Any state may become ``removed`` (its directory disappeared); a version that
+reappears starts again as ``available``.
 """
+import enum
 import json
 import logging
 import os
@@ -44,7 +51,37 @@ from pathlib import Path
 log = logging.getLogger("jizhi.registry")
 
 PIN_FILE = ".pinned"
-NOT_SERVABLE = ("rejected", "refused", "failed", "removed")
+
+
+class State(str, enum.Enum):
+    AVAILABLE = "available"
+    VALIDATING = "validating"
+    VALID = "valid"
+    REJECTED = "rejected"
+    REFUSED = "refused"
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STANDBY = "standby"
+    FAILED = "failed"
+    REMOVED = "removed"
+
+
+S = State
+TRANSITIONS = {
+    S.AVAILABLE: {S.VALIDATING, S.VALID},
+    S.VALIDATING: {S.VALID, S.REJECTED},
+    S.VALID: {S.LOADING, S.SERVING, S.REJECTED, S.REFUSED},
+    S.REJECTED: set(),
+    S.REFUSED: {S.AVAILABLE},
+    S.LOADING: {S.SERVING, S.FAILED},
+    S.SERVING: {S.DRAINING, S.FAILED},
+    S.DRAINING: {S.STANDBY, S.SERVING, S.FAILED},
+    S.STANDBY: {S.VALIDATING},
+    S.FAILED: {S.AVAILABLE},
+    S.REMOVED: set(),
+}
+NOT_SERVABLE = (S.REJECTED, S.REFUSED, S.FAILED, S.REMOVED)
 
 
 class VersionRecord:
@@ -52,7 +89,7 @@ class VersionRecord:
         self.model = model
         self.version = version
         self.path = Path(path)
-        self.state = "available"
+        self.state = State.AVAILABLE
         self.error = None
         self.seen = time.monotonic()
         self.seen_wall = time.time()
@@ -67,8 +104,16 @@ class VersionRecord:
         self.proc = None            # the validation child while it runs
         self.proc_started = 0.0
 
+    def to(self, state, error=None):
+        """Move to ``state`` (with the reason when it is a bad one). Same state: only the error changes."""
+        state = State(state)
+        if state != self.state and state != State.REMOVED and state not in TRANSITIONS[self.state]:
+            log.error("illegal version state transition: model %s version %d %s -> %s (a bug; applied anyway)",
+                      self.model, self.version, self.state.value, state.value)
+        self.state, self.error = state, error
+
     def summary(self):
-        return {"version": self.version, "state": self.state, "error": self.error, "path": str(self.path),
+        return {"version": self.version, "state": self.state.value, "error": self.error, "path": str(self.path),
                 "renamed_at": self.renamed_wall, "serving_since": self.loaded_wall,
                 "timings_ms": dict(self.timings_ms)}
 
@@ -120,7 +165,7 @@ class Registry:
                 raise KeyError(f"model {model} version {version} is {rec.state}"
                                + (f": {rec.error}" if rec.error else ""))
             if rec.state == "failed":
-                rec.state, rec.error = "available", None   # an explicit pin retries a failed version
+                rec.to(State.AVAILABLE)   # an explicit pin retries a failed version
         persisted = True
         try:
             if version is None:
@@ -185,7 +230,7 @@ class Registry:
             for v, rec in recs.items():
                 if v not in on_disk and rec.state != "removed":
                     log.warning("model %s version %d: its directory is gone", model, v)
-                    rec.state, rec.error = "removed", "directory removed"
+                    rec.to(State.REMOVED, "directory removed")
         for rec in new:
             log.info("model %s version %d appeared (%s)", rec.model, rec.version, rec.path)
         return new
@@ -196,14 +241,14 @@ class Registry:
             if model is None or m == model:
                 for rec in recs.values():
                     if rec.state == "refused":
-                        rec.state, rec.error = "available", None
+                        rec.to(State.AVAILABLE)
         self.next_scan = 0.0
         return self.scan()
 
     # -- validation (a child process) ---------------------------------------------
 
     def validate(self, rec, nice=0):
-        rec.state, rec.error = "validating", None
+        rec.to(State.VALIDATING)
         rec.proc = subprocess.Popen([sys.executable, "-m", "jizhi.validate", str(rec.path), "--name", rec.model,
                                      "--version", str(rec.version)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -255,13 +300,14 @@ class Registry:
         rec.validation = report
         rec.timings_ms["validation"] = round(took_s * 1000, 1)
         if error is None:
-            rec.state = "valid"
+            rec.to(State.VALID)
             log.info("model %s version %d: valid (validated in %.0f ms)", rec.model, rec.version, took_s * 1000)
         else:
             self.reject(rec, error)
 
-    def reject(self, rec, error, state="rejected"):
-        rec.state, rec.error = state, error
+    def reject(self, rec, error, state=State.REJECTED):
+        rec.to(state, error)
+        state = rec.state.value
         log.error("model %s version %d %s: %s", rec.model, rec.version, state, error)
 
     def stop(self):

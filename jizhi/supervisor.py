@@ -33,7 +33,7 @@ from jizhi.bundle import Bundle
 from jizhi.errors import (EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE, BundleError,
                           ConfigError, PipelineError)
 from jizhi.pipeline import compile_pipeline, read_pipeline
-from jizhi.registry import Registry
+from jizhi.registry import Registry, State
 
 log = logging.getLogger("jizhi.supervisor")
 
@@ -195,7 +195,8 @@ class Supervisor:
         self.write_run()
         for name, plan in plans.items():
             rec = self.registry.records[plan["model"]][plan["version"]]
-            rec.state, rec.loaded_wall = "serving", time.time()
+            rec.to(State.SERVING)
+            rec.loaded_wall = time.time()
         py = sys.executable
         self.children[("broker",)] = Child(("broker",), [py, "-m", "jizhi.broker", "--plan", str(self.plan_path)])
         for name, plan in plans.items():
@@ -224,7 +225,7 @@ class Supervisor:
             except BundleError as e:
                 self.registry.reject(rec, str(e))
                 continue
-            rec.state = "valid"
+            rec.to(State.VALID)
             log.info("bundle verified: %s", rec.path)
             return v
 
@@ -718,7 +719,7 @@ class Supervisor:
             self.registry.reject(rec, f"expected memory {expected >> 20} MiB ({n_workers} workers x "
                                       f"{per_worker >> 20} MiB measured by validation, plus arenas) with "
                                       f"{used >> 20} MiB in use passes models.memory_budget_mb = {budget >> 20}",
-                                 state="refused")
+                                 state=State.REFUSED)
             return
         bank = 1 if 0 in banks else 0
         ld = Loaded(pipeline, plan, bank, self.create_arenas(pipeline, plan), "loading")
@@ -728,7 +729,8 @@ class Supervisor:
         self.write_run()
         self.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": pipeline, "version": rec.version,
                                           "plan": plan, "segments": ld.segments, "warmup": ld.warmup})])
-        rec.state = "loading"
+        if rec.state == State.VALID:     # (another pipeline of the same model may have it loaded already)
+            rec.to(State.LOADING)
         rec.t_load = time.monotonic()
         log.info("pipeline %s: loading %s version %d beside the serving one (bank %d, %d workers at nice +%d, "
                  "expected %d MiB)", pipeline, rec.model, rec.version, bank, n_workers,
@@ -780,13 +782,17 @@ class Supervisor:
         if old is not None:
             old.state = "draining"
             orec = self.registry.records[old.model].get(old.version)
-            if orec is not None and orec.state == "serving":
-                orec.state = "draining"
+            if orec is not None and orec.state == "serving" and not any(
+                    o.version == old.version and o.state == "active"
+                    for banks in self.loaded.values() for o in banks.values() if o is not old):
+                orec.to(State.DRAINING)
         ld.state = "active"
         self.run["pipelines"][ld.pipeline] = ld.plan
         self.write_run()
         self.tell_broker(protocol.encode_simple(protocol.T_ACTIVATE, pipeline=ld.pipeline, version=ld.version))
-        rec.state, rec.error, rec.loaded_wall = "serving", None, time.time()
+        if rec.state != State.SERVING:
+            rec.to(State.SERVING)
+            rec.loaded_wall = time.time()
         rec.timings_ms["switch"] = round((time.monotonic() - t0) * 1000, 2)
         # A version new in this run: from its rename; one served again (pin, fallback): from the decision.
         start = rec.renamed_wall if "detection" in rec.timings_ms else getattr(rec, "t_wanted_wall", rec.renamed_wall)
@@ -806,7 +812,7 @@ class Supervisor:
         ld.state = "failed"
         rec = self.registry.records[ld.model].get(ld.version)
         if rec is not None:
-            self.registry.reject(rec, reason, state="failed")
+            self.registry.reject(rec, reason, state=State.FAILED)
             rec.validation = None
         self.write_run()
         self.tell_broker(protocol.encode_simple(protocol.T_VERSION_FAIL, pipeline=ld.pipeline, version=ld.version,
@@ -830,7 +836,7 @@ class Supervisor:
         if rec is not None and ld.state == "stopping":
             still = any(o.version == ld.version for banks in self.loaded.values() for o in banks.values())
             if not still:
-                rec.state = "standby"
+                rec.to(State.STANDBY)
                 rec.validation = None     # validated again before it serves again
         log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned)",
                  ld.pipeline, ld.version)

@@ -285,3 +285,48 @@ def test_jizhictl_record_saves_live_traffic_as_a_trace_bench_replays(launch_priv
     assert bench.returncode == 0, bench.stdout + bench.stderr
     assert "pass" in bench.stdout
     assert log_lines(server, "recording stopped")
+
+
+def test_six_model_switches_leave_fds_threads_mappings_and_dev_shm_flat(launch_private, models, demo_trace, capsys):
+    from daemon_helpers import broker_pid, open_fds, thread_count
+    server = launch_private.start()
+    publish(stage_version(models, models / "demo" / "1", 2, seed=12), models)
+    sup = server.proc.pid
+
+    def resources():
+        broker = broker_pid(server)
+        with open(f"/proc/{broker}/maps") as f:
+            mapped = sorted({line.split()[-1] for line in f if "/dev/shm/jizhi." in line})
+        return {"supervisor fds": open_fds(sup), "supervisor threads": thread_count(sup),
+                "broker fds": open_fds(broker), "broker threads": thread_count(broker),
+                "broker shm mappings": len(mapped), "segments": len(server.segments()),
+                "workers": len(worker_versions(server))}
+
+    def switch_to(version, pin):
+        if pin:
+            jizhictl_ok("pin", "demo", "1", run_dir=server.run_dir)
+        else:
+            jizhictl_ok("unpin", "demo", run_dir=server.run_dir)
+        wait_state(server, version, ("serving",))
+        wait_until(lambda: set(worker_versions(server).values()) == {version}, 20,
+                   what=f"only version {version}'s workers")
+        wait_until(lambda: version_state(server, 3 - version)["state"] == "standby", 10, what="the release")
+        with server.client() as c:
+            user, items, recall = demo_trace[version]
+            assert c.score(user, items, recall, top_k=5)["model_versions"] == {"demo": version}
+
+    wait_state(server, 2, ("serving",))
+    switch_to(1, pin=True)      # warm up every path once, then measure
+    switch_to(2, pin=False)
+    baseline = wait_until(lambda: (lambda r: r if r["workers"] == 2 else None)(resources()), 10, what="two workers")
+    for i in range(6):
+        switch_to(1 if i % 2 == 0 else 2, pin=i % 2 == 0)
+    try:
+        wait_until(lambda: resources() == baseline, 10, what="resources to settle")
+    except AssertionError:
+        pass   # the assertion below shows the difference
+    after = resources()
+    with capsys.disabled():
+        print(f"\nafter 6 more model switches: {after} (baseline {baseline})")
+    assert after == baseline
+    assert "illegal version state transition" not in server.log_text()

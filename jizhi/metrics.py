@@ -9,12 +9,14 @@ HTTP thread, which must not touch the loop's sockets), and /proc (RSS per
 process). Latencies are *histograms* (they aggregate across nodes), with
 buckets from 50 us to 100 ms.
 """
+import collections
 import logging
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
 from jizhi.errors import CODES
+from jizhi.registry import State
 from jizhi.stats import BANKS, BUCKETS_US, C_EVENTS, rss_bytes
 
 log = logging.getLogger("jizhi.metrics")
@@ -94,6 +96,21 @@ class Collector:
         up = GaugeMetricFamily("jizhi_ready", "1 when every stage has a ready worker")
         up.add_metric([], 1 if info.get("ready") else 0)
         yield up
+        # Read from the HTTP thread while the supervisor loop changes them: iterate over copies.
+        serving = GaugeMetricFamily("jizhi_serving_version", "Model version new requests are pinned to",
+                                    labels=["pipeline", "model"])
+        for pname, banks in list(sup.loaded.items()):
+            for ld in list(banks.values()):
+                if ld.state == "active":
+                    serving.add_metric([pname, ld.model], ld.version)
+        yield serving
+        states = GaugeMetricFamily("jizhi_model_versions", "Model versions on disk by state (jizhictl models)",
+                                   labels=["model", "state"])
+        for model, recs in list(sup.registry.records.items()):
+            counts = collections.Counter(r.state.value for r in list(recs.values()))
+            for st in State:
+                states.add_metric([model, st.value], counts.get(st.value, 0))
+        yield states
 
 
 def serve(sup, listen):

@@ -454,6 +454,9 @@ def test_the_prometheus_endpoint_has_stage_histograms_request_counts_queues_pool
     assert sorted(rss) == ["broker", "demo/scorer/0", "demo/scorer/1", "supervisor"]
     assert all(v > 1 << 20 for v in rss.values())
     assert samples[("jizhi_ready", ())] == 1
+    assert samples[("jizhi_serving_version", (("model", "demo"), ("pipeline", "demo")))] == 1
+    assert samples[("jizhi_model_versions", (("model", "demo"), ("state", "serving")))] == 1
+    assert samples[("jizhi_model_versions", (("model", "demo"), ("state", "rejected")))] == 0
 
 
 def test_ten_reloads_and_three_scale_cycles_leave_the_supervisors_fds_threads_and_dev_shm_flat(ctl_server):

@@ -7,14 +7,16 @@ demo.toml: fused, pool 2). Versions are made by ``jizhi.demo.stage_version``
 documentation tells operators to do.
 """
 import json
+import os
 import shutil
+import signal
 import time
 
 import numpy as np
 import pytest
 
 from conftest import Launcher, assert_topk, wait_until, write_text
-from daemon_helpers import Load, jizhictl, jizhictl_ok, log_lines
+from daemon_helpers import Load, broker_pid, jizhictl, jizhictl_ok, log_lines
 from jizhi.demo import publish, stage_version
 from jizhi.reference import ReferenceScorer
 
@@ -258,6 +260,17 @@ def test_pin_rolls_back_survives_a_restart_and_unpin_returns_to_latest(launch_pr
     with server.client() as c:
         user, items, recall = demo_trace[1]
         assert c.score(user, items, recall, top_k=5)["model_versions"] == {"demo": 1}
+    # A broker that dies after a switch comes back serving the version the supervisor serves.
+    os.kill(broker_pid(server), signal.SIGKILL)
+    def broker_back():
+        try:
+            return server.info()["ready"]
+        except TimeoutError:
+            return False
+    wait_until(broker_back, 30, what="a new broker")
+    with server.client() as c:
+        user, items, recall = demo_trace[2]
+        assert c.score(user, items, recall, top_k=5)["model_versions"] == {"demo": 1}
     jizhictl_ok("unpin", "demo", run_dir=server.run_dir)
     wait_state(server, 2, ("serving",))
     assert not (models / "demo" / ".pinned").exists()
@@ -288,7 +301,7 @@ def test_jizhictl_record_saves_live_traffic_as_a_trace_bench_replays(launch_priv
 
 
 def test_six_model_switches_leave_fds_threads_mappings_and_dev_shm_flat(launch_private, models, demo_trace, capsys):
-    from daemon_helpers import broker_pid, open_fds, thread_count
+    from daemon_helpers import open_fds, thread_count
     server = launch_private.start()
     publish(stage_version(models, models / "demo" / "1", 2, seed=12), models)
     sup = server.proc.pid

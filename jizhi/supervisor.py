@@ -33,6 +33,7 @@ from jizhi.bundle import Bundle
 from jizhi.errors import (EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE, BundleError,
                           ConfigError, PipelineError)
 from jizhi.pipeline import compile_pipeline, read_pipeline
+from jizhi.loader import LIVE, Loader, LoadRefused, arenas_bytes
 from jizhi.registry import Registry, State
 
 log = logging.getLogger("jizhi.supervisor")
@@ -74,34 +75,6 @@ class Child:
     @property
     def is_worker(self):
         return len(self.key) == 4
-
-
-class Loaded:
-    """A model version loaded (or loading) in one pipeline: its plan, arenas and bank of workers.
-
-    Two banks per pipeline make the double buffer: the serving version's
-    workers in one, a new version's beside them in the other.
-    """
-
-    def __init__(self, pipeline, plan, bank, segments, state):
-        self.pipeline = pipeline
-        self.plan = plan
-        self.version = plan["version"]
-        self.model = plan["model"]
-        self.bank = bank
-        self.segments = segments
-        self.state = state          # loading | warming | active | draining | stopping | failed
-        self.t_spawn = time.monotonic()
-        self.deaths = 0
-        self.warmup = None
-
-    def entry(self):
-        e = {"plan": self.plan, "segments": self.segments, "bank": self.bank,
-             "state": {"loading": "loading", "warming": "loading", "active": "active",
-                       "failed": "failed"}.get(self.state, "draining")}
-        if self.warmup is not None:
-            e["warmup"] = self.warmup
-        return e
 
 
 class Supervisor:
@@ -162,15 +135,16 @@ class Supervisor:
         if stale:
             log.warning("removed %d shared-memory segments left by a previous run of instance %s",
                         len(stale), self.instance)
-        need = sum(self.arenas_bytes(plan) for plan in plans.values())
+        need = sum(arenas_bytes(self.settings, plan) for plan in plans.values())
         st = os.statvfs(arena.SHM_DIR)
         if 2 * need > st.f_bavail * st.f_frsize:
             raise SystemExit(f"jizhid: the arenas need {need >> 20} MiB in /dev/shm (twice that during a model "
                              f"reload), only {(st.f_bavail * st.f_frsize) >> 20} MiB free (lower limits.max_in_flight "
                              "or limits.max_candidates)")
-        self.loaded = {name: {} for name in plans}     # pipeline -> {bank: Loaded}
+        self.loaded = {name: {} for name in plans}     # pipeline -> {bank: Loader}
         for name, plan in plans.items():
-            self.loaded[name][0] = Loaded(name, plan, 0, self.create_arenas(name, plan), "active")
+            ld = self.loaded[name][0] = Loader(name, self.registry.records[plan["model"]][plan["version"]], 0, "active")
+            ld.load(self, self.docs[name], plan=plan, announce=False)
         ring = max([f.max_len for plan in plans.values() for f in Bundle(plan["version_dir"]).user_fields
                     if f.kind == "history"] or [1])
         cap = self.settings["overlay.capacity_users"]
@@ -229,24 +203,6 @@ class Supervisor:
             log.info("bundle verified: %s", rec.path)
             return v
 
-    def arenas_bytes(self, plan):
-        slots, maxc = self.settings["limits.max_in_flight"], self.settings["limits.max_candidates"]
-        return sum(arena.arena_bytes(spec, slots, maxc) for spec in plan["arenas"].values())
-
-    def create_arenas(self, pipeline, plan):
-        slots, maxc = self.settings["limits.max_in_flight"], self.settings["limits.max_candidates"]
-        segs = {}
-        for col, spec in plan["arenas"].items():
-            seg = arena.segment_name(self.instance, self.run_id, f"{pipeline}.v{plan['version']}", col)
-            arena.create(seg, arena.arena_bytes(spec, slots, maxc))
-            segs[col] = seg
-        self.segments[(pipeline, plan["version"])] = segs
-        return segs
-
-    def release_arenas(self, pipeline, version):
-        n = sum(arena.unlink(seg) for seg in self.segments.pop((pipeline, version), {}).values())
-        log.info("pipeline %s: version %d's %d shared-memory arenas removed", pipeline, version, n)
-
     def write_run(self):
         """The plan file every child reads: settings, sockets and every loaded version (atomically replaced)."""
         self.run["versions"] = {p: {str(ld.version): ld.entry() for ld in banks.values()}
@@ -275,7 +231,7 @@ class Supervisor:
         key = (loaded.pipeline, group, wid, loaded.bank)
         argv = [sys.executable, "-m", "jizhi.workers.run", "--plan", str(self.plan_path),
                 "--pipeline", loaded.pipeline, "--group", group, "--wid", str(wid), "--version", str(loaded.version)]
-        if loaded.state in ("loading", "warming"):
+        if loaded.state == "loading":
             # A new version loads beside serving workers: at lower CPU priority until it serves.
             argv += ["--nice", str(self.settings["models.load_nice"])]
         self.children[key] = Child(key, argv, loaded.version)
@@ -610,7 +566,7 @@ class Supervisor:
         ld = self.loaded[child.key[0]].get(child.key[3])
         if ld is None or ld.version != child.version:
             return
-        if ld.state in ("loading", "warming"):
+        if ld.state == "loading":
             ld.deaths += 1
             if ld.deaths >= self.settings["models.load_attempts"]:
                 self.fail_version(ld, f"its workers died while loading ({ld.deaths}x, last: {how})")
@@ -626,7 +582,7 @@ class Supervisor:
             return
         for pipeline, banks in self.loaded.items():
             for bank, ld in banks.items():
-                keep = ld.state in ("loading", "warming", "active", "draining")
+                keep = ld.state in LIVE
                 for group in ld.plan["groups"]:
                     n = self.desired[(pipeline, group)] if keep else 0
                     for wid in range(n):
@@ -672,16 +628,16 @@ class Supervisor:
             self.next_files_check = now + 1.0
             for banks in self.loaded.values():
                 for ld in list(banks.values()):
-                    if ld.state in ("loading", "warming", "active", "draining"):
+                    if ld.state in LIVE:
                         broken = Bundle.changed_files(ld.plan["version_dir"])
                         if broken:
                             self.fail_version(ld, f"its files changed under it: {broken}")
         for pipeline, banks in self.loaded.items():
             model = self.docs[pipeline]["model"]
-            loading = [ld for ld in banks.values() if ld.state in ("loading", "warming")]
+            loading = [ld for ld in banks.values() if ld.state == "loading"]
             limit = self.settings["workers.boot_timeout_s"] + 60
             for ld in loading:
-                if now - ld.t_spawn > limit:
+                if now - ld.t_start > limit:
                     self.fail_version(ld, f"not ready and warm within {limit:g} s")
             if loading:
                 continue
@@ -703,52 +659,19 @@ class Supervisor:
             self.load_version(pipeline, rec)
 
     def load_version(self, pipeline, rec):
-        """Start a validated version's workers in the free bank (they warm up, then the broker says WARM)."""
+        """Start loading a validated version in the pipeline's free bank (its workers warm up; the broker says WARM)."""
         banks = self.loaded[pipeline]
+        ld = Loader(pipeline, rec, 1 if 0 in banks else 0)
         try:
-            plan = compile_pipeline(self.docs[pipeline], self.models_dir, pinned_version=rec.version)
-        except PipelineError as e:
-            self.registry.reject(rec, f"pipeline {pipeline} cannot use it: {e}")
+            ld.load(self, self.docs[pipeline])
+        except LoadRefused as e:
+            self.registry.reject(rec, str(e), state=State(e.state))
             return
-        budget = self.settings["models.memory_budget_mb"] << 20
-        n_workers = sum(self.desired[(pipeline, g)] for g in plan["groups"])
-        per_worker = int(rec.validation.get("peak_rss_bytes") or 0)
-        expected = n_workers * per_worker + self.arenas_bytes(plan)
-        used = self.memory_in_use()
-        if budget and used + expected > budget:
-            self.registry.reject(rec, f"expected memory {expected >> 20} MiB ({n_workers} workers x "
-                                      f"{per_worker >> 20} MiB measured by validation, plus arenas) with "
-                                      f"{used >> 20} MiB in use passes models.memory_budget_mb = {budget >> 20}",
-                                 state=State.REFUSED)
-            return
-        bank = 1 if 0 in banks else 0
-        ld = Loaded(pipeline, plan, bank, self.create_arenas(pipeline, plan), "loading")
-        ld.warmup = self.warmup_ids(rec.path)
-        ld.expected_bytes = expected
-        banks[bank] = ld
+        banks[ld.bank] = ld
         self.write_run()
-        self.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": pipeline, "version": rec.version,
-                                          "plan": plan, "segments": ld.segments, "warmup": ld.warmup})])
         if rec.state == State.VALID:     # (another pipeline of the same model may have it loaded already)
             rec.to(State.LOADING)
         rec.t_load = time.monotonic()
-        log.info("pipeline %s: loading %s version %d beside the serving one (bank %d, %d workers at nice +%d, "
-                 "expected %d MiB)", pipeline, rec.model, rec.version, bank, n_workers,
-                 self.settings["models.load_nice"], expected >> 20)
-
-    @staticmethod
-    def warmup_ids(path):
-        """A few user and item ids of a bundle, for a warm-up when no traffic was recorded yet (read, not mapped)."""
-        import numpy as np
-        try:
-            users = np.load(Path(path) / "profiles" / "users" / "ids.npy")
-            items = np.load(Path(path) / "profiles" / "items" / "ids.npy")
-        except (OSError, ValueError):
-            return None
-        u = users[np.linspace(0, users.shape[0] - 1, min(8, users.shape[0])).astype(np.int64)]
-        i = items[np.linspace(0, items.shape[0] - 1, min(8 * 100, items.shape[0])).astype(np.int64)]
-        return {"users": np.ascontiguousarray(u, dtype=np.uint64).tobytes(),
-                "items": np.ascontiguousarray(i, dtype=np.uint64).tobytes()}
 
     def memory_in_use(self):
         pids = [os.getpid()] + [c.pid for c in self.children.values() if c.pid]
@@ -761,7 +684,7 @@ class Supervisor:
         return None
 
     def on_warm(self, msg):
-        ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), ("loading", "warming"))
+        ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), ("loading",))
         if ld is None:
             return
         rec = self.registry.records[ld.model][ld.version]
@@ -830,16 +753,13 @@ class Supervisor:
         """A version's workers are gone: remove its arenas and tell the broker to forget it."""
         del self.loaded[ld.pipeline][ld.bank]
         self.write_run()
-        self.tell_broker(protocol.encode_simple(protocol.T_VERSION_DROP, pipeline=ld.pipeline, version=ld.version))
-        self.release_arenas(ld.pipeline, ld.version)
+        ld.unload(self)
         rec = self.registry.records[ld.model].get(ld.version)
         if rec is not None and ld.state == "stopping":
             still = any(o.version == ld.version for banks in self.loaded.values() for o in banks.values())
             if not still:
                 rec.to(State.STANDBY)
                 rec.validation = None     # validated again before it serves again
-        log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned)",
-                 ld.pipeline, ld.version)
 
     def retire(self, child):
         """Stop a worker without dropping a request: the broker sends it nothing new, then STOP."""

@@ -1,0 +1,139 @@
+"""The loader: one model version loaded (or loading) in one pipeline.
+
+Hot reload is source -> loader -> manager (STYLE.md, 9): the registry
+(``jizhi/registry.py``) is the source (which versions are on disk and valid,
+which one each policy wants); a ``Loader`` is one version in one pipeline; the
+supervisor is the manager (``Supervisor.converge_models``): it creates a
+loader for the version a policy wants, switches to it only when its workers
+are warm, and unloads the previous one once its last request is answered. It
+never unloads the serving version before another serves.
+
+A loader's constructor only records what it loads. ``load()`` compiles the
+pipeline against the version's bundle, checks the memory budget, creates the
+version's arenas and tells the broker (the supervisor's ``manage()`` then
+starts its workers in the loader's *bank*: each pipeline has two banks of
+workers, the serving version's and a new one's, the double buffer).
+``unload()`` removes the arenas and tells the broker to forget the version,
+after its workers exited (which returned their memory).
+
+Runs in the supervisor process only.
+"""
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jizhi import arena, protocol
+from jizhi.errors import PipelineError
+from jizhi.pipeline import compile_pipeline
+
+log = logging.getLogger("jizhi.supervisor")
+
+# Loader states (the manager's view of one version in one pipeline):
+# loading -> active -> draining -> stopping -> (unloaded); loading|active|draining -> failed -> (unloaded).
+LIVE = ("loading", "active", "draining")          # its workers are kept at the pool size
+BROKER_STATE = {"loading": "loading", "active": "active", "failed": "failed"}   # else "draining"
+
+
+class LoadRefused(Exception):
+    """The version cannot be loaded in this pipeline: ``state`` (rejected or refused) and the reason."""
+
+    def __init__(self, state, reason):
+        super().__init__(reason)
+        self.state = state
+
+
+class Loader:
+    def __init__(self, pipeline, record, bank, state="loading"):
+        self.pipeline = pipeline
+        self.record = record
+        self.model = record.model
+        self.version = record.version
+        self.bank = bank
+        self.state = state
+        self.plan = None
+        self.segments = None
+        self.warmup = None          # a few ids of the bundle, for a warm-up when no traffic was recorded
+        self.expected_bytes = 0
+        self.deaths = 0             # worker deaths while loading
+        self.t_start = time.monotonic()
+
+    def load(self, sup, doc, plan=None, announce=True):
+        """Compile, check the budget, create the arenas and (``announce``) tell the broker.
+
+        ``plan``: already compiled (at start). Raises LoadRefused.
+        """
+        if plan is None:
+            try:
+                plan = compile_pipeline(doc, sup.models_dir, pinned_version=self.version)
+            except PipelineError as e:
+                raise LoadRefused("rejected", f"pipeline {self.pipeline} cannot use it: {e}")
+        budget = sup.settings["models.memory_budget_mb"] << 20
+        if announce:
+            n_workers = sum(sup.desired[(self.pipeline, g)] for g in plan["groups"])
+            per_worker = int((self.record.validation or {}).get("peak_rss_bytes") or 0)
+            self.expected_bytes = n_workers * per_worker + arenas_bytes(sup.settings, plan)
+            used = sup.memory_in_use()
+            if budget and used + self.expected_bytes > budget:
+                raise LoadRefused("refused", f"expected memory {self.expected_bytes >> 20} MiB ({n_workers} workers "
+                                             f"x {per_worker >> 20} MiB measured by validation, plus arenas) with "
+                                             f"{used >> 20} MiB in use passes models.memory_budget_mb = {budget >> 20}")
+            self.warmup = warmup_ids(self.record.path)
+        self.plan = plan
+        self.segments = create_arenas(sup, self.pipeline, plan)
+        if announce:
+            sup.write_run()
+            sup.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": self.pipeline,
+                                             "version": self.version, "plan": plan, "segments": self.segments,
+                                             "warmup": self.warmup})])
+            log.info("pipeline %s: loading %s version %d beside the serving one (bank %d, workers at nice +%d, "
+                     "expected %d MiB)", self.pipeline, self.model, self.version, self.bank,
+                     sup.settings["models.load_nice"], self.expected_bytes >> 20)
+
+    def unload(self, sup):
+        """After its workers exited: the broker forgets the version, its arenas are unlinked."""
+        sup.tell_broker(protocol.encode_simple(protocol.T_VERSION_DROP, pipeline=self.pipeline, version=self.version))
+        n = sum(arena.unlink(seg) for seg in sup.segments.pop((self.pipeline, self.version), {}).values())
+        log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned; %d arenas removed)",
+                 self.pipeline, self.version, n)
+
+    def entry(self):
+        """What the plan file says of this version (children and a restarted broker read it)."""
+        e = {"plan": self.plan, "segments": self.segments, "bank": self.bank,
+             "state": BROKER_STATE.get(self.state, "draining")}
+        if self.warmup is not None:
+            e["warmup"] = self.warmup
+        return e
+
+
+def arenas_bytes(settings, plan):
+    slots, maxc = settings["limits.max_in_flight"], settings["limits.max_candidates"]
+    return sum(arena.arena_bytes(spec, slots, maxc) for spec in plan["arenas"].values())
+
+
+def create_arenas(sup, pipeline, plan):
+    slots, maxc = sup.settings["limits.max_in_flight"], sup.settings["limits.max_candidates"]
+    segs = {}
+    for col, spec in plan["arenas"].items():
+        seg = arena.segment_name(sup.instance, sup.run_id, f"{pipeline}.v{plan['version']}", col)
+        arena.create(seg, arena.arena_bytes(spec, slots, maxc))
+        segs[col] = seg
+    sup.segments[(pipeline, plan["version"])] = segs
+    return segs
+
+
+def warmup_ids(path):
+    """A few user and item ids of a bundle, for a warm-up when no traffic was recorded yet.
+
+    Read, not memory-mapped: a truncated file is an exception here, never a SIGBUS in the supervisor.
+    """
+    try:
+        users = np.load(Path(path) / "profiles" / "users" / "ids.npy")
+        items = np.load(Path(path) / "profiles" / "items" / "ids.npy")
+    except (OSError, ValueError):
+        return None
+    u = users[np.linspace(0, users.shape[0] - 1, min(8, users.shape[0])).astype(np.int64)]
+    i = items[np.linspace(0, items.shape[0] - 1, min(8 * 100, items.shape[0])).astype(np.int64)]
+    return {"users": np.ascontiguousarray(u, dtype=np.uint64).tobytes(),
+            "items": np.ascontiguousarray(i, dtype=np.uint64).tobytes()}

@@ -203,6 +203,8 @@ def _add_bench():
     except ImportError:  # pragma: no cover - bench is part of the package
         return
     cli.add_command(bench_command, "bench")
+    from jizhi.reloadbench import bench_reload_command
+    cli.add_command(bench_reload_command, "bench-reload")
 
 
 
@@ -291,6 +293,20 @@ def _stats_table(info):
     return "\n".join(lines)
 
 
+def _ratio(r):
+    return "-" if r is None else f"{100 * r:.1f}%"
+
+
+def _storage_lines(info):
+    """Hot-tier hit ratio per pipeline: since start and over the last minute."""
+    lines = []
+    for pname, c in info.get("cube", {}).items():
+        last = c.get("last_minute") or {}
+        lines.append(f"{pname}: cube lookups {c['lookups']:,}  hot tier {_ratio(c['hot_ratio'])} since start, "
+                     f"{_ratio(last.get('hot_ratio'))} last minute ({last.get('lookups', 0):,} lookups)")
+    return "\n".join(lines)
+
+
 def _versions_lines(info):
     """Model versions loaded per pipeline, and versions that are not served and why."""
     lines = []
@@ -310,7 +326,8 @@ def _versions_lines(info):
 def stats(run_dir, instance, as_json):
     """Per pipeline: ok/s, pairs/s, latency p50/p99/p99.9; per stage: pool size, queue, events/s, wait and service p50/p99; errors by code."""
     info = _control(run_dir, instance, "stats")
-    click.echo(json.dumps(info, indent=2) if as_json else _stats_table(info) + "\n" + _versions_lines(info))
+    click.echo(json.dumps(info, indent=2) if as_json else
+               "\n".join([_stats_table(info), _storage_lines(info), _versions_lines(info)]))
 
 
 @cli.command()
@@ -492,6 +509,7 @@ def top(run_dir, instance, interval, count):
             click.clear() if sys.stdout.isatty() else None
             click.echo(time.strftime("%H:%M:%S ") + _stats_table(info))
             click.echo(_breakdown(info))
+            click.echo(_storage_lines(info))
             i += 1
             if count and i >= count:
                 break

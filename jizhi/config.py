@@ -104,6 +104,9 @@ SETTINGS = [
             "is refused with the figures (0: no budget)."),
     Setting("models.load_attempts", int, 2, _positive,
             "Deaths of a new version's workers before it serves, after which that version is marked failed."),
+    Setting("cube.hot_tier_mb", int, 512, _nonneg,
+            "Shared-memory hot tier per loaded model version: the whole cube when it fits in this many MiB, "
+            "else the keys that fit (0: no hot tier, every lookup reads LMDB)."),
     Setting("workers.drain_timeout_s", float, 10.0, _positive,
             "SIGTERM: how long in-flight requests may take to finish before workers are stopped."),
 ]

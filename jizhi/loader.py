@@ -18,13 +18,16 @@ after its workers exited (which returned their memory).
 
 Runs in the supervisor process only.
 """
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from jizhi import arena, protocol
+from jizhi.cube.hot import CTL_WORDS
 from jizhi.errors import PipelineError
 from jizhi.pipeline import compile_pipeline
 
@@ -58,6 +61,62 @@ class Loader:
         self.expected_bytes = 0
         self.deaths = 0             # worker deaths while loading
         self.t_start = time.monotonic()
+        self.hot = None             # {control, table}: the hot tier's segments (cube/hot.py), when it has one
+        self.hot_proc = None        # the builder while it runs
+        self.hot_done = False       # built, failed, or none to build
+        self.hot_report = None
+        self.warm_msg = None        # the broker's WARM, held until the hot tier is built
+
+    def start_hot_build(self, sup, generation=1):
+        """Start the builder child that fills generation ``generation`` of the hot tier (niced)."""
+        import subprocess
+        import sys
+        bundle_cube = Path(self.plan["version_dir"]) / "cube"
+        seg = self.hot["table"].format(generation=generation)
+        sup.segments[(self.pipeline, self.version)][f"hot.g{generation}"] = seg
+        self.hot_generation = generation
+        self.hot_proc = subprocess.Popen(
+            [sys.executable, "-m", "jizhi.cube.hot", "build", "--segment", seg, "--cube", str(bundle_cube),
+             "--dim", str(self.record_dim()), "--generation", str(generation),
+             "--budget-bytes", str(sup.settings["cube.hot_tier_mb"] << 20)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env())
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.hot_proc.pid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + sup.settings["models.load_nice"]))
+        except OSError:
+            pass
+        self.hot_started = time.monotonic()
+
+    def record_dim(self):
+        from jizhi.bundle import Bundle
+        return Bundle(self.plan["version_dir"]).dim
+
+    def poll_hot_build(self, sup):
+        """True when the build finished (either way); publishes the table on success."""
+        rc = self.hot_proc.poll()
+        if rc is None:
+            return False
+        out = self.hot_proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
+        self.hot_proc.stdout.close()
+        self.hot_proc = None
+        self.hot_done = True
+        took_ms = round((time.monotonic() - self.hot_started) * 1000, 1)
+        try:
+            report = json.loads(out[-1]) if rc == 0 and out else None
+        except ValueError:
+            report = None
+        if report is None:
+            how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+            log.error("pipeline %s: version %d's hot tier was not built (%s); it reads the LMDB cube only",
+                      self.pipeline, self.version, how)
+            return True
+        from jizhi.cube.hot import Control
+        ctl = Control(self.hot["control"], writable=True)
+        ctl.publish(self.hot_generation, report["keys"], report["capacity"])
+        self.hot_report = dict(report, took_ms=took_ms)
+        log.info("pipeline %s: version %d's hot tier: %d of %d cube keys, %d MiB, built in %.0f ms",
+                 self.pipeline, self.version, report["keys"], report["cube_keys"], report["bytes"] >> 20, took_ms)
+        return True
 
     def load(self, sup, doc, plan=None, announce=True):
         """Compile, check the budget, create the arenas and (``announce``) tell the broker.
@@ -82,6 +141,12 @@ class Loader:
             self.warmup = warmup_ids(self.record.path)
         self.plan = plan
         self.segments = create_arenas(sup, self.pipeline, plan)
+        if sup.settings["cube.hot_tier_mb"] and any(
+                st["processor"] == "cube_accessor" for st in plan["stages"].values()):
+            prefix = arena.segment_name(sup.instance, sup.run_id, f"{self.pipeline}.v{self.version}", "hot")
+            arena.create(prefix + ".ctl", CTL_WORDS * 8)
+            sup.segments[(self.pipeline, self.version)]["hot.ctl"] = prefix + ".ctl"
+            self.hot = {"control": prefix + ".ctl", "table": prefix + ".g{generation}"}
         if announce:
             sup.write_run()
             sup.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": self.pipeline,
@@ -91,8 +156,16 @@ class Loader:
                      "expected %d MiB)", self.pipeline, self.model, self.version, self.bank,
                      sup.settings["models.load_nice"], self.expected_bytes >> 20)
 
+    def stop_hot_build(self):
+        if self.hot_proc is not None:
+            self.hot_proc.kill()
+            self.hot_proc.wait()
+            self.hot_proc.stdout.close()
+            self.hot_proc = None
+
     def unload(self, sup):
         """After its workers exited: the broker forgets the version, its arenas are unlinked."""
+        self.stop_hot_build()
         sup.tell_broker(protocol.encode_simple(protocol.T_VERSION_DROP, pipeline=self.pipeline, version=self.version))
         n = sum(arena.unlink(seg) for seg in sup.segments.pop((self.pipeline, self.version), {}).values())
         log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned; %d arenas removed)",
@@ -100,7 +173,7 @@ class Loader:
 
     def entry(self):
         """What the plan file says of this version (children and a restarted broker read it)."""
-        e = {"plan": self.plan, "segments": self.segments, "bank": self.bank,
+        e = {"plan": self.plan, "segments": self.segments, "bank": self.bank, "hot": self.hot,
              "state": BROKER_STATE.get(self.state, "draining")}
         if self.warmup is not None:
             e["warmup"] = self.warmup

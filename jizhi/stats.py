@@ -27,7 +27,7 @@ BUCKETS_US = np.array([50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000
 NB = BUCKETS_US.shape[0]
 MAX_STAGES = 8
 # Per-row counters (int64): index -> meaning
-C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS = range(5)
+C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS, C_LOOKUPS, C_HOT_HITS, C_HOT_GEN = range(8)
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
 N_COUNTERS = 8
 

@@ -15,6 +15,7 @@ SIGTERM drains (the broker stops admitting and answers what it holds, within
 ``workers.drain_timeout_s``), stops the children, unlinks every segment and
 socket file it made and exits 0.
 """
+import collections
 import logging
 import os
 import signal
@@ -96,6 +97,8 @@ class Supervisor:
         self.ready_logged = False
         self.segments = {}
         self.next_files_check = 0.0
+        self.cube_base = {}             # pipeline -> (lookups, hot hits) of workers that exited
+        self.cube_samples = collections.deque(maxlen=16)   # (time, cube_totals()) every 5 s: the last minute
 
     # -- start --------------------------------------------------------------
 
@@ -236,14 +239,23 @@ class Supervisor:
             argv += ["--nice", str(self.settings["models.load_nice"])]
         self.children[key] = Child(key, argv, loaded.version)
 
-    def spawn(self, child):
+    @staticmethod
+    def child_env():
         # One compute thread per process: pools of processes share the cores,
         # not thread pools inside each (onnxruntime sets its own to 1).
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   JIZHI_BASE_NICE=str(os.getpriority(os.PRIO_PROCESS, 0)))
+        return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                    JIZHI_BASE_NICE=str(os.getpriority(os.PRIO_PROCESS, 0)))
+
+    def spawn(self, child):
+        env = self.child_env()
         row = self.worker_row(child.key)
         if row is not None:
             self.stats_shm.heartbeat[row] = 0.0   # not beating until its loop starts
+            # The new process zeroes its row: keep what the previous one counted.
+            look, hits = self.cube_base.get(child.key[0], (0, 0))
+            c = self.stats_shm.counters[row]
+            self.cube_base[child.key[0]] = (look + int(c[stats_mod.C_LOOKUPS]), hits + int(c[stats_mod.C_HOT_HITS]))
+            c[stats_mod.C_LOOKUPS] = c[stats_mod.C_HOT_HITS] = 0
         child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, env=env)
         child.started = time.monotonic()
         child.kill_at = None
@@ -334,6 +346,7 @@ class Supervisor:
             self.murder()
             self.converge_models()
             self.manage()
+            self.sample_cube(time.monotonic())
             now = time.monotonic()
             if watchdog_s and now - last_watchdog >= watchdog_s:
                 # From the loop itself: a stuck supervisor stops pinging and systemd restarts it.
@@ -425,7 +438,43 @@ class Supervisor:
         info = self.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
         if info is None:
             raise control.ControlError("the broker did not answer (is it restarting?)")
-        return dict(info["info"], models=self.registry.summary())
+        return dict(info["info"], models=self.registry.summary(), cube=self.cube_figures())
+
+    # -- cube figures: hot-tier hit ratio per pipeline ----------------------------
+
+    def cube_totals(self):
+        """{pipeline: (unique keys looked up, hot-tier hits)} since start: live rows plus what exited workers did."""
+        rows = self.stats_spec["map"]
+        n = stats_mod.BANKS * self.settings["workers.max_pool"]
+        c = self.stats_shm.counters
+        out = {}
+        for pname, plan in self.run["pipelines"].items():
+            base = self.cube_base.get(pname, (0, 0))
+            look, hits = base
+            for g in plan["groups"]:
+                r = rows[f"{pname}/{g}"]
+                look += int(c[r:r + n, stats_mod.C_LOOKUPS].sum())
+                hits += int(c[r:r + n, stats_mod.C_HOT_HITS].sum())
+            out[pname] = (look, hits)
+        return out
+
+    def sample_cube(self, now):
+        if now - (self.cube_samples[-1][0] if self.cube_samples else 0.0) >= 5.0:
+            self.cube_samples.append((now, self.cube_totals()))
+
+    def cube_figures(self):
+        now = time.monotonic()
+        totals = self.cube_totals()
+        old = next(((t, v) for t, v in self.cube_samples if now - t <= 65.0), None)
+        out = {}
+        for p, (look, hits) in totals.items():
+            fig = {"lookups": look, "hot_hits": hits, "hot_ratio": round(hits / look, 4) if look else None}
+            if old is not None and p in old[1]:
+                dl, dh = look - old[1][p][0], hits - old[1][p][1]
+                fig["last_minute"] = {"lookups": dl, "hot_hits": dh, "hot_ratio": round(dh / dl, 4) if dl else None,
+                                      "seconds": round(now - old[0], 1)}
+            out[p] = fig
+        return out
 
     def models(self):
         return self.registry.summary()
@@ -623,6 +672,14 @@ class Supervisor:
         reg.scan()
         reg.poll_validations()
         now = time.monotonic()
+        for banks in self.loaded.values():
+            for ld in list(banks.values()):
+                # The hot tier of a version is built by a child while its workers start.
+                if ld.hot is not None and not ld.hot_done and ld.state in LIVE:
+                    if ld.hot_proc is None:
+                        ld.start_hot_build(self)
+                    elif ld.poll_hot_build(self) and ld.warm_msg is not None:
+                        self.on_warm(ld.warm_msg)
         if now >= self.next_files_check:
             # A file of a loaded version truncated, replaced or deleted: fail it before its workers hit SIGBUS.
             self.next_files_check = now + 1.0
@@ -690,6 +747,9 @@ class Supervisor:
         rec = self.registry.records[ld.model][ld.version]
         if not msg.get("ok"):
             self.fail_version(ld, f"warm-up: {msg.get('error')}")
+            return
+        if ld.hot is not None and not ld.hot_done:
+            ld.warm_msg = msg       # switched in once its hot tier is built too
             return
         boot = msg.get("boot") or {}
         now = time.monotonic()
@@ -804,6 +864,9 @@ class Supervisor:
                 p.kill()
                 p.wait()
         self.registry.stop()
+        for banks in self.loaded.values():
+            for ld in banks.values():
+                ld.stop_hot_build()
         self.ctl.close(0)
         self.control.close(0)
         if self.metrics_server is not None:

@@ -1,4 +1,4 @@
-"""cube_accessor: signatures -> pooled embeddings from the LMDB cube.
+"""cube_accessor: signatures -> pooled embeddings from the hot tier and the LMDB cube.
 
 One deduplicated batch read per micro-batch: the user bags of every request
 and the item bags of every candidate are pooled together
@@ -8,8 +8,10 @@ read the default vector and are counted as ``missing_signatures``.
 """
 import numpy as np
 
+from jizhi.cube.hot import TieredStore
 from jizhi.cube.pooling import pool_blocks
 from jizhi.cube.store import open_cube
+from jizhi.stats import C_HOT_GEN, C_HOT_HITS, C_LOOKUPS
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 
@@ -27,11 +29,21 @@ class CubeAccessor(Stage):
 
     def setup(self, config, bundle):
         self.dim = bundle.dim
-        self.cube = open_cube(bundle.cube_path, bundle.dim)
+        # The version's shared-memory hot tier in front of the LMDB cube (when the supervisor built one).
+        self.store = TieredStore(open_cube(bundle.cube_path, bundle.dim), config.get("_hot"))
+        self.store.refresh()
+
+    def batch_boundary(self):
+        self.store.refresh()
+
+    def report(self, counters):
+        counters[C_LOOKUPS] = self.store.lookups
+        counters[C_HOT_HITS] = self.store.hot_hits
+        counters[C_HOT_GEN] = self.store.generation
 
     def process(self, batch):
         (user_emb, item_emb), (umiss, imiss), _ = pool_blocks(
-            self.cube, [(batch["user_sigs"], batch["user_lens"]),
+            self.store, [(batch["user_sigs"], batch["user_lens"]),
                         (batch["item_sigs"], batch["item_lens"])], self.dim)
         missing = umiss + np.add.reduceat(imiss, batch.offsets[:-1])
         batch.count("missing_signatures", missing)

@@ -103,7 +103,7 @@ class Worker:
             cls = load_class(st["class"])
             proc = cls()
             # Keys the runtime adds for built-ins start with "_" (the overlay's segment).
-            config = dict(st["config"], _overlay=run.get("overlay"))
+            config = dict(st["config"], _overlay=run.get("overlay"), _hot=entry.get("hot"))
             try:
                 proc.setup(config, bundle)
             except Exception as e:
@@ -121,6 +121,9 @@ class Worker:
         self.max_rss = self.settings.get("workers.max_rss_mb", 0) * 2 ** 20
         self.events = 0
         self.boot = {}
+        # Optional stage hooks (user stages need not subclass Stage).
+        self.boundary_hooks = [p.batch_boundary for _, p, _ in self.stages if hasattr(p, "batch_boundary")]
+        self.report_hooks = [p.report for _, p, _ in self.stages if hasattr(p, "report")]
         self.reads = self.group["reads"]
         self.writes = self.group["writes"]
         self.running = True
@@ -152,6 +155,8 @@ class Worker:
             log.exception("malformed event of %d requests", len(live))
             return results + [[s, INTERNAL, f"malformed event: {type(e).__name__}: {e}", {}] for s in slots], svc
         try:
+            for hook in self.boundary_hooks:
+                hook()   # the place to pick up a new hot-tier generation
             for si, (sname, proc, st) in enumerate(self.stages):
                 t0 = time.perf_counter()
                 out = proc.process(batch)
@@ -165,6 +170,9 @@ class Worker:
                     cols[name] = arr
             for c in self.writes:
                 self.arenas.write(c, slots, offsets, cols[c])
+            if self.stats is not None:
+                for hook in self.report_hooks:
+                    hook(self.stats.counters[self.row])
         except Exception as e:
             log.exception("stage failed on an event of %d requests", len(live))
             msg = f"stage failed: {type(e).__name__}: {e}"

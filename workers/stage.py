@@ -106,3 +106,9 @@ class Stage:
     def process(self, batch):
         """Compute the declared outputs for ``batch``; return {name: array}."""
         raise NotImplementedError
+
+    def batch_boundary(self):
+        """Optional: called before each micro-batch (pick up a new hot-tier generation, ...)."""
+
+    def report(self, counters):
+        """Optional: write this stage's counters into the worker's stats row (jizhi/stats.py, C_*)."""

@@ -1,0 +1,308 @@
+"""The hot tier: a shared-memory open-addressing table of signatures and their vectors.
+
+Every ``cube_accessor`` worker of a model version reads it with one
+Numba-compiled batch lookup per micro-batch, in front of the LMDB cube
+(``TieredStore``): a hit costs a hash probe and a 128-byte copy instead of
+a B+tree walk. A table is *never written while readers use it*: each build
+is a new segment (a new *generation*), filled by a builder process
+(``python -m jizhi.cube.hot build ...``, started by the supervisor: reading
+the cube's memory map can SIGBUS if its file was truncated, which must not
+kill the supervisor), then published through the version's small control
+segment. Readers look at the control segment at each batch boundary and
+switch; the supervisor unlinks an old generation once every reader reports
+(in its stats row) that it moved on.
+
+Sizing: ``cube.hot_tier_mb``. The default budget holds the whole demo cube,
+so every lookup hits; when a cube is larger, the hottest keys that fit are
+chosen from the key frequencies workers sample (LFU).
+
+Segment layouts (little-endian):
+
+* table ``jizhi.<instance>.<run>.hot.<pipeline>.v<version>.g<generation>``:
+  header int64[8] (magic, capacity, dim, n_keys, has_zero, generation, 0, 0),
+  keys uint64[capacity] (0 = empty slot), vectors float32[capacity + 1, dim]
+  (row ``capacity`` holds signature 0's vector when ``has_zero``).
+* control ``jizhi.<instance>.<run>.hot.<pipeline>.v<version>.ctl``: int64[8]
+  (generation, n_keys, capacity, built_at_ms, 0...). Written only by the
+  supervisor; generation 0 = no table yet.
+"""
+import argparse
+import json
+import mmap
+import os
+import sys
+import time
+
+import numpy as np
+from numba import njit
+
+from jizhi.arena import SHM_DIR
+
+MAGIC = 0x4A5A484F54  # "JZHOT"
+HEADER_WORDS = 8
+CTL_WORDS = 8
+MAX_LOAD = 0.5        # keys per slot at most: short probe chains
+
+
+def capacity_for(n_keys):
+    """Slots for ``n_keys`` (a power of two, load factor <= MAX_LOAD)."""
+    c = 16
+    while c * MAX_LOAD < n_keys:
+        c *= 2
+    return c
+
+
+def table_bytes(capacity, dim):
+    return HEADER_WORDS * 8 + capacity * 8 + (capacity + 1) * dim * 4
+
+
+def keys_for_budget(budget_bytes, dim):
+    """How many keys a table of at most ``budget_bytes`` holds."""
+    n = max(0, budget_bytes // (2 * 8 + 2 * dim * 4) - 1)
+    while n > 0 and table_bytes(capacity_for(n), dim) > budget_bytes:
+        n = int(n * 0.95)
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _slot(key, mask):
+    # splitmix64 finaliser: signatures are hashes already, but cheap insurance against structure.
+    x = key
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0x7FB5D329728EA185)
+    x ^= x >> np.uint64(27)
+    return x & mask
+
+
+@njit(cache=True, nogil=True)
+def _insert(keys, vectors, tkeys, tvals):
+    mask = np.uint64(tkeys.shape[0] - 1)
+    zero = tkeys.shape[0]
+    has_zero = 0
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        if k == 0:
+            tvals[zero, :] = vectors[i, :]
+            has_zero = 1
+            continue
+        s = _slot(k, mask)
+        while tkeys[s] != 0 and tkeys[s] != k:
+            s = (s + np.uint64(1)) & mask
+        tkeys[s] = k
+        tvals[s, :] = vectors[i, :]
+    return has_zero
+
+
+@njit(cache=True, nogil=True)
+def _lookup(keys, tkeys, tvals, has_zero, out, found):
+    """out[i] = vector of keys[i] where present (found[i] = True); others untouched. Returns hits."""
+    mask = np.uint64(tkeys.shape[0] - 1)
+    zero = tkeys.shape[0]
+    hits = 0
+    D = tvals.shape[1]
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        if k == 0:
+            if has_zero:
+                for d in range(D):
+                    out[i, d] = tvals[zero, d]
+                found[i] = True
+                hits += 1
+            continue
+        s = _slot(k, mask)
+        while True:
+            t = tkeys[s]
+            if t == k:
+                for d in range(D):
+                    out[i, d] = tvals[s, d]
+                found[i] = True
+                hits += 1
+                break
+            if t == 0:
+                break
+            s = (s + np.uint64(1)) & mask
+    return hits
+
+
+def _map(name, writable):
+    fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+    finally:
+        os.close(fd)
+
+
+def _views(mm):
+    header = np.ndarray((HEADER_WORDS,), dtype=np.int64, buffer=mm)
+    if int(header[0]) != MAGIC:
+        raise ValueError("not a hot-tier table (bad magic)")
+    capacity, dim = int(header[1]), int(header[2])
+    keys = np.ndarray((capacity,), dtype=np.uint64, buffer=mm, offset=HEADER_WORDS * 8)
+    vals = np.ndarray((capacity + 1, dim), dtype=np.float32, buffer=mm, offset=HEADER_WORDS * 8 + capacity * 8)
+    return header, keys, vals
+
+
+class HotTable:
+    """One generation of a hot tier, mapped read-only."""
+
+    def __init__(self, name):
+        self.name = name
+        self.mm = _map(name, writable=False)
+        self.header, self.keys, self.vals = _views(self.mm)
+        self.capacity = int(self.header[1])
+        self.dim = int(self.header[2])
+        self.n_keys = int(self.header[3])
+        self.has_zero = int(self.header[4])
+        self.generation = int(self.header[5])
+
+    def lookup_into(self, keys, out, found):
+        return _lookup(keys, self.keys, self.vals, self.has_zero, out, found)
+
+
+def fill(name, keys, vectors, generation):
+    """Builder side: write ``keys``/``vectors`` into the (created, zeroed) table segment ``name``."""
+    mm = _map(name, writable=True)
+    try:
+        n = keys.shape[0]
+        capacity = capacity_for(n)
+        dim = vectors.shape[1]
+        if len(mm) < table_bytes(capacity, dim):
+            raise ValueError(f"segment {name} has {len(mm)} bytes, {table_bytes(capacity, dim)} needed")
+        header = np.ndarray((HEADER_WORDS,), dtype=np.int64, buffer=mm)
+        header[1], header[2], header[3], header[5] = capacity, dim, n, generation
+        header[0] = MAGIC
+        _, tkeys, tvals = _views(mm)
+        header[4] = _insert(np.ascontiguousarray(keys, dtype=np.uint64),
+                            np.ascontiguousarray(vectors, dtype=np.float32), tkeys, tvals)
+        del header, tkeys, tvals
+    finally:
+        mm.close()
+
+
+class Control:
+    """The control segment of one version's hot tier: which generation to read."""
+
+    def __init__(self, name, writable=False):
+        self.name = name
+        self.mm = _map(name, writable)
+        self.words = np.ndarray((CTL_WORDS,), dtype=np.int64, buffer=self.mm)
+
+    @property
+    def generation(self):
+        return int(self.words[0])
+
+    def publish(self, generation, n_keys, capacity):
+        self.words[1], self.words[2], self.words[3] = n_keys, capacity, int(time.monotonic() * 1000)
+        self.words[0] = generation   # last: a reader that sees it sees a complete table
+
+
+class TieredStore:
+    """The cube as a stage reads it: the hot tier first, the LMDB cube for the rest.
+
+    ``spec``: {"control": segment, "table": name pattern with {generation}} or None
+    (no hot tier). ``refresh()`` runs at batch boundaries: a new generation is
+    attached and the old one dropped. Counts hits per level for the stats row.
+    """
+
+    def __init__(self, cube, spec):
+        self.cube = cube
+        self.dim = cube.dim
+        self.spec = spec
+        self.control = None
+        self.table = None
+        self.hot_hits = 0
+        self.cube_reads = 0
+        self.lookups = 0
+
+    @property
+    def generation(self):
+        return self.table.generation if self.table is not None else 0
+
+    def refresh(self):
+        if self.spec is None:
+            return
+        if self.control is None:
+            try:
+                self.control = Control(self.spec["control"])
+            except FileNotFoundError:
+                return
+        gen = self.control.generation
+        if gen and gen != self.generation:
+            try:
+                table = HotTable(self.spec["table"].format(generation=gen))
+            except (FileNotFoundError, ValueError):
+                return     # not there (yet, or already replaced): keep what we have
+            self.table = table
+
+    def lookup(self, keys):
+        """``(vectors float32[K, dim], found bool[K])`` of sorted unique ``keys``."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        k = keys.shape[0]
+        self.lookups += k
+        if self.table is None:
+            self.cube_reads += k
+            return self.cube.lookup(keys)
+        out = np.zeros((k, self.dim), dtype=np.float32)
+        found = np.zeros(k, dtype=bool)
+        hits = self.table.lookup_into(keys, out, found)
+        self.hot_hits += hits
+        if hits < k:
+            miss = np.flatnonzero(~found)
+            self.cube_reads += miss.shape[0]
+            v, f = self.cube.lookup(keys[miss])
+            out[miss] = v
+            found[miss] = f
+        return out, found
+
+
+def build_main(argv=None):
+    """``python -m jizhi.cube.hot build``: fill a table segment from a cube (all keys, or the listed ones)."""
+    ap = argparse.ArgumentParser(prog="python -m jizhi.cube.hot",
+                                 description="Fill a hot-tier segment from an LMDB cube (started by jizhid).")
+    ap.add_argument("command", choices=["build"])
+    ap.add_argument("--segment", required=True, help="the table segment to create (named by the supervisor, "
+                                                       "which unlinks it)")
+    ap.add_argument("--cube", required=True, help="the cube directory (LMDB)")
+    ap.add_argument("--dim", type=int, required=True)
+    ap.add_argument("--generation", type=int, required=True)
+    ap.add_argument("--budget-bytes", type=int, required=True, help="the table's size limit (cube.hot_tier_mb)")
+    ap.add_argument("--keys", help=".npy of the keys to hold, hottest first (default: the cube's keys, "
+                                   "when they all fit)")
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    from jizhi.cube.store import open_cube
+    cube = open_cube(args.cube, args.dim)
+    max_keys = keys_for_budget(args.budget_bytes, args.dim)
+    keys = np.load(args.keys) if args.keys else cube_keys(cube)
+    total = keys.shape[0]
+    keys = np.unique(keys[:max_keys].astype(np.uint64))
+    vectors, found = cube.lookup(keys)
+    keys, vectors = keys[found], vectors[found]
+    from jizhi import arena
+    capacity = capacity_for(keys.shape[0])
+    arena.create(args.segment, table_bytes(capacity, args.dim))
+    fill(args.segment, keys, vectors, args.generation)
+    print(json.dumps({"keys": int(keys.shape[0]), "cube_keys": int(total), "capacity": capacity,
+                      "bytes": table_bytes(capacity, args.dim),
+                      "build_ms": round((time.monotonic() - t0) * 1000, 1)}))
+    return 0
+
+
+def cube_keys(cube):
+    """Every key of a cube, from one read-only cursor pass (the builder's, not the hot path)."""
+    with cube.env.begin(buffers=True) as txn:
+        raw = b"".join(bytes(k) for k in txn.cursor().iternext(keys=True, values=False))
+    return np.frombuffer(raw, dtype="<u8").copy()
+
+
+# Compile at import, not in the first request.
+_tk = np.zeros(16, np.uint64)
+_tv = np.zeros((17, 2), np.float32)
+_insert(np.array([3], np.uint64), np.ones((1, 2), np.float32), _tk, _tv)
+_lookup(np.array([3, 5], np.uint64), _tk, _tv, 0, np.zeros((2, 2), np.float32), np.zeros(2, np.bool_))
+del _tk, _tv
+
+if __name__ == "__main__":
+    sys.exit(build_main())

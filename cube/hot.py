@@ -42,6 +42,7 @@ MAGIC = 0x4A5A484F54  # "JZHOT"
 HEADER_WORDS = 8
 CTL_WORDS = 8
 MAX_LOAD = 0.5        # keys per slot at most: short probe chains
+SAMPLE_PER_BATCH = 64  # keys a worker samples per micro-batch for the LFU counts
 
 
 def capacity_for(n_keys):
@@ -215,6 +216,25 @@ class TieredStore:
         self.hot_hits = 0
         self.cube_reads = 0
         self.lookups = 0
+        self.ring = None            # the worker's key-sample ring (jizhi/stats.py: keys, keys_pos)
+        self.ring_pos = None
+
+    def attach_sampler(self, ring, pos):
+        """Write up to SAMPLE_PER_BATCH of each batch's keys into ``ring`` (this worker's row only)."""
+        self.ring, self.ring_pos = ring, pos
+
+    def sample(self, keys):
+        k = keys.shape[0]
+        if self.ring is None or k == 0:
+            return
+        step = max(1, k // SAMPLE_PER_BATCH)
+        s = keys[(self.lookups // 7) % step::step][:SAMPLE_PER_BATCH]   # a moving offset: every key gets its turn
+        n, size = s.shape[0], self.ring.shape[0]
+        p = int(self.ring_pos[0]) % size
+        first = min(n, size - p)
+        self.ring[p:p + first] = s[:first]
+        self.ring[:n - first] = s[first:]
+        self.ring_pos[0] += n
 
     @property
     def generation(self):
@@ -240,6 +260,7 @@ class TieredStore:
         """``(vectors float32[K, dim], found bool[K])`` of sorted unique ``keys``."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         k = keys.shape[0]
+        self.sample(keys)
         self.lookups += k
         if self.table is None:
             self.cube_reads += k
@@ -255,6 +276,42 @@ class TieredStore:
             out[miss] = v
             found[miss] = f
         return out, found
+
+
+class KeyCounts:
+    """LFU input, in the supervisor: decayed counts of the keys workers sampled (a sample, not every lookup).
+
+    ``add(keys)`` counts a batch of sampled keys; ``decay()`` halves every
+    count (recent popularity wins) and forgets the coldest beyond ``limit``
+    keys; ``top(n)`` is the hottest keys first.
+    """
+
+    def __init__(self, limit):
+        self.limit = int(limit)
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.counts = np.zeros(0, dtype=np.float64)
+        self.seen = 0
+
+    def add(self, keys):
+        if keys.shape[0] == 0:
+            return
+        self.seen += keys.shape[0]
+        u, n = np.unique(keys, return_counts=True)
+        k = np.union1d(self.keys, u)
+        c = np.zeros(k.shape[0])
+        c[np.searchsorted(k, self.keys)] = self.counts
+        c[np.searchsorted(k, u)] += n
+        self.keys, self.counts = k, c
+
+    def decay(self):
+        self.counts *= 0.5
+        if self.keys.shape[0] > self.limit:
+            keep = np.sort(np.argpartition(-self.counts, self.limit)[:self.limit])
+            self.keys, self.counts = self.keys[keep], self.counts[keep]
+
+    def top(self, n):
+        order = np.argsort(-self.counts, kind="stable")[:n]
+        return self.keys[order]
 
 
 def build_main(argv=None):

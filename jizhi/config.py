@@ -107,6 +107,8 @@ SETTINGS = [
     Setting("cube.hot_tier_mb", int, 512, _nonneg,
             "Shared-memory hot tier per loaded model version: the whole cube when it fits in this many MiB, "
             "else the keys that fit (0: no hot tier, every lookup reads LMDB)."),
+    Setting("cube.hot_rebuild_s", float, 60.0, _positive,
+            "When the hot tier holds only part of a cube: rebuild it from the most used keys (sampled) this often."),
     Setting("workers.drain_timeout_s", float, 10.0, _positive,
             "SIGTERM: how long in-flight requests may take to finish before workers are stopped."),
 ]

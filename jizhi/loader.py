@@ -63,60 +63,15 @@ class Loader:
         self.t_start = time.monotonic()
         self.hot = None             # {control, table}: the hot tier's segments (cube/hot.py), when it has one
         self.hot_proc = None        # the builder while it runs
-        self.hot_done = False       # built, failed, or none to build
+        self.hot_done = False       # the first build finished (built or failed)
         self.hot_report = None
+        self.hot_published = 0      # the generation readers are told to read (0: none yet)
+        self.hot_building = 0
+        self.hot_keys_path = None
+        self.hot_retired = []       # replaced generations, unlinked once no reader holds them
+        self.hot_counts = None      # KeyCounts of sampled lookups (LFU), when the tier holds part of the cube
+        self.hot_next_rebuild = 0.0
         self.warm_msg = None        # the broker's WARM, held until the hot tier is built
-
-    def start_hot_build(self, sup, generation=1):
-        """Start the builder child that fills generation ``generation`` of the hot tier (niced)."""
-        import subprocess
-        import sys
-        bundle_cube = Path(self.plan["version_dir"]) / "cube"
-        seg = self.hot["table"].format(generation=generation)
-        sup.segments[(self.pipeline, self.version)][f"hot.g{generation}"] = seg
-        self.hot_generation = generation
-        self.hot_proc = subprocess.Popen(
-            [sys.executable, "-m", "jizhi.cube.hot", "build", "--segment", seg, "--cube", str(bundle_cube),
-             "--dim", str(self.record_dim()), "--generation", str(generation),
-             "--budget-bytes", str(sup.settings["cube.hot_tier_mb"] << 20)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env())
-        try:
-            os.setpriority(os.PRIO_PROCESS, self.hot_proc.pid,
-                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + sup.settings["models.load_nice"]))
-        except OSError:
-            pass
-        self.hot_started = time.monotonic()
-
-    def record_dim(self):
-        from jizhi.bundle import Bundle
-        return Bundle(self.plan["version_dir"]).dim
-
-    def poll_hot_build(self, sup):
-        """True when the build finished (either way); publishes the table on success."""
-        rc = self.hot_proc.poll()
-        if rc is None:
-            return False
-        out = self.hot_proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
-        self.hot_proc.stdout.close()
-        self.hot_proc = None
-        self.hot_done = True
-        took_ms = round((time.monotonic() - self.hot_started) * 1000, 1)
-        try:
-            report = json.loads(out[-1]) if rc == 0 and out else None
-        except ValueError:
-            report = None
-        if report is None:
-            how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-            log.error("pipeline %s: version %d's hot tier was not built (%s); it reads the LMDB cube only",
-                      self.pipeline, self.version, how)
-            return True
-        from jizhi.cube.hot import Control
-        ctl = Control(self.hot["control"], writable=True)
-        ctl.publish(self.hot_generation, report["keys"], report["capacity"])
-        self.hot_report = dict(report, took_ms=took_ms)
-        log.info("pipeline %s: version %d's hot tier: %d of %d cube keys, %d MiB, built in %.0f ms",
-                 self.pipeline, self.version, report["keys"], report["cube_keys"], report["bytes"] >> 20, took_ms)
-        return True
 
     def load(self, sup, doc, plan=None, announce=True):
         """Compile, check the budget, create the arenas and (``announce``) tell the broker.
@@ -156,12 +111,94 @@ class Loader:
                      "expected %d MiB)", self.pipeline, self.model, self.version, self.bank,
                      sup.settings["models.load_nice"], self.expected_bytes >> 20)
 
+    # -- its hot tier (cube/hot.py) ------------------------------------------------
+    # Generations: ``hot_published`` is what readers are told to read; a build fills
+    # ``hot_published + 1`` in a new segment; the replaced one is unlinked once no live
+    # reader of this version reports it (``release_tables``).
+
+    def start_hot_build(self, sup, keys_path=None):
+        """Start the builder child of the next generation (niced): all cube keys, or ``keys_path`` (hottest first)."""
+        import subprocess
+        import sys
+        from jizhi.bundle import Bundle
+        gen = self.hot_published + 1
+        seg = self.hot["table"].format(generation=gen)
+        sup.segments[(self.pipeline, self.version)][f"hot.g{gen}"] = seg
+        argv = [sys.executable, "-m", "jizhi.cube.hot", "build", "--segment", seg,
+                "--cube", str(Path(self.plan["version_dir"]) / "cube"),
+                "--dim", str(Bundle(self.plan["version_dir"]).dim), "--generation", str(gen),
+                "--budget-bytes", str(sup.settings["cube.hot_tier_mb"] << 20)]
+        if keys_path is not None:
+            argv += ["--keys", str(keys_path)]
+        self.hot_building, self.hot_keys_path = gen, keys_path
+        self.hot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env())
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.hot_proc.pid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + sup.settings["models.load_nice"]))
+        except OSError:
+            pass
+        self.hot_started = time.monotonic()
+
+    def poll_hot_build(self, sup):
+        """True when a build finished (either way); publishes the new generation on success."""
+        rc = self.hot_proc.poll()
+        if rc is None:
+            return False
+        out = self.hot_proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
+        self.hot_proc.stdout.close()
+        self.hot_proc = None
+        self.hot_done = True
+        gen = self.hot_building
+        if self.hot_keys_path is not None:
+            Path(self.hot_keys_path).unlink(missing_ok=True)
+        took_ms = round((time.monotonic() - self.hot_started) * 1000, 1)
+        try:
+            report = json.loads(out[-1]) if rc == 0 and out else None
+        except ValueError:
+            report = None
+        if report is None:
+            how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+            seg = sup.segments[(self.pipeline, self.version)].pop(f"hot.g{gen}", None)
+            if seg:
+                arena.unlink(seg)
+            log.error("pipeline %s: version %d's hot tier generation %d was not built (%s); %s", self.pipeline,
+                      self.version, gen, how, "it keeps the previous one" if self.hot_published else
+                      "it reads the LMDB cube only")
+            return True
+        from jizhi.cube.hot import Control
+        Control(self.hot["control"], writable=True).publish(gen, report["keys"], report["capacity"])
+        if self.hot_published:
+            self.hot_retired.append(self.hot_published)
+            report["cube_keys"] = self.hot_report["cube_keys"]   # (an LFU build saw only its key list)
+        self.hot_published = gen
+        self.hot_report = dict(report, took_ms=took_ms, generation=gen)
+        log.info("pipeline %s: version %d's hot tier generation %d: %d of %d cube keys%s, %d MiB, built in %.0f ms",
+                 self.pipeline, self.version, gen, report["keys"], report["cube_keys"],
+                 " (the most used)" if self.hot_keys_path else "", report["bytes"] >> 20, took_ms)
+        return True
+
+    def hot_partial(self):
+        """True when the hot tier holds only part of the cube (then LFU rebuilds pay)."""
+        return self.hot_report is not None and self.hot_report["keys"] < self.hot_report["cube_keys"]
+
+    def release_tables(self, sup, reader_generations):
+        """Unlink replaced generations no live reader of this version still reads."""
+        for gen in list(self.hot_retired):
+            if gen not in reader_generations:
+                self.hot_retired.remove(gen)
+                seg = sup.segments[(self.pipeline, self.version)].pop(f"hot.g{gen}", None)
+                if seg and arena.unlink(seg):
+                    log.info("pipeline %s: version %d's hot tier generation %d removed (no reader left)",
+                             self.pipeline, self.version, gen)
+
     def stop_hot_build(self):
         if self.hot_proc is not None:
             self.hot_proc.kill()
             self.hot_proc.wait()
             self.hot_proc.stdout.close()
             self.hot_proc = None
+        if self.hot_keys_path is not None:
+            Path(self.hot_keys_path).unlink(missing_ok=True)
 
     def unload(self, sup):
         """After its workers exited: the broker forgets the version, its arenas are unlinked."""

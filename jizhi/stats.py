@@ -28,6 +28,7 @@ NB = BUCKETS_US.shape[0]
 MAX_STAGES = 8
 # Per-row counters (int64): index -> meaning
 C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS, C_LOOKUPS, C_HOT_HITS, C_HOT_GEN = range(8)
+KEY_RING = 4096   # sampled keys kept per worker row (the supervisor reads them every cube.hot_rebuild_s)
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
 N_COUNTERS = 8
 
@@ -38,7 +39,10 @@ def layout(rows):
              ("counters", np.int64, (rows, N_COUNTERS)),
              ("errors", np.int64, (rows, len(CODES))),
              ("hist", np.int64, (rows, MAX_STAGES, NB)),
-             ("sum_us", np.int64, (rows, MAX_STAGES))]
+             ("sum_us", np.int64, (rows, MAX_STAGES)),
+             # cube_accessor workers: a ring of sampled looked-up keys (the hot tier's LFU input)
+             ("keys", np.uint64, (rows, KEY_RING)),
+             ("keys_pos", np.int64, (rows,))]
     out, off = [], 0
     for name, dt, shape in parts:
         out.append((name, dt, shape, off))

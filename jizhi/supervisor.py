@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import zmq
 
 from jizhi import arena, control, notify, overlay, protocol
@@ -672,14 +673,7 @@ class Supervisor:
         reg.scan()
         reg.poll_validations()
         now = time.monotonic()
-        for banks in self.loaded.values():
-            for ld in list(banks.values()):
-                # The hot tier of a version is built by a child while its workers start.
-                if ld.hot is not None and not ld.hot_done and ld.state in LIVE:
-                    if ld.hot_proc is None:
-                        ld.start_hot_build(self)
-                    elif ld.poll_hot_build(self) and ld.warm_msg is not None:
-                        self.on_warm(ld.warm_msg)
+        self.manage_hot_tiers(now)
         if now >= self.next_files_check:
             # A file of a loaded version truncated, replaced or deleted: fail it before its workers hit SIGBUS.
             self.next_files_check = now + 1.0
@@ -714,6 +708,67 @@ class Supervisor:
                 reg.validate(rec, self.settings["models.load_nice"])
                 continue
             self.load_version(pipeline, rec)
+
+    def manage_hot_tiers(self, now):
+        """Build each live version's hot tier (first: while its workers start); when it holds only part of
+        the cube, count the keys workers sample and rebuild it from the most used every cube.hot_rebuild_s;
+        unlink replaced generations once no live reader holds them."""
+        for banks in self.loaded.values():
+            for ld in list(banks.values()):
+                if ld.hot is None or ld.state not in LIVE:
+                    continue
+                if ld.hot_proc is not None:
+                    first = not ld.hot_done
+                    if ld.poll_hot_build(self) and first and ld.warm_msg is not None:
+                        self.on_warm(ld.warm_msg)
+                elif not ld.hot_done:
+                    ld.start_hot_build(self)
+                elif ld.hot_partial():
+                    self.count_hot_keys(ld)
+                    if now >= ld.hot_next_rebuild:
+                        ld.hot_next_rebuild = now + self.settings["cube.hot_rebuild_s"]
+                        if ld.hot_counts is not None and ld.hot_counts.seen:
+                            path = self.run_dir / f"hot-{ld.pipeline}-v{ld.version}-g{ld.hot_published + 1}.npy"
+                            np.save(path, ld.hot_counts.top(ld.hot_report["keys"]))
+                            ld.hot_counts.decay()
+                            ld.start_hot_build(self, keys_path=path)
+                if ld.hot_retired:
+                    ld.release_tables(self, self.hot_readers(ld))
+
+    def hot_rows(self, ld):
+        """Stats rows of the live workers of ``ld``'s bank that run a cube_accessor."""
+        pool = self.settings["workers.max_pool"]
+        rows = []
+        for g, group in ld.plan["groups"].items():
+            if not any(ld.plan["stages"][s]["processor"] == "cube_accessor" for s in group["stages"]):
+                continue
+            base = self.stats_spec["map"][f"{ld.pipeline}/{g}"] + ld.bank * pool
+            for wid in range(pool):
+                child = self.children.get((ld.pipeline, g, wid, ld.bank))
+                if child is not None and child.proc is not None and child.proc.poll() is None:
+                    rows.append(base + wid)
+        return rows
+
+    def hot_readers(self, ld):
+        return {int(self.stats_shm.counters[r, stats_mod.C_HOT_GEN]) for r in self.hot_rows(ld)}
+
+    def count_hot_keys(self, ld):
+        """Fold the keys sampled since the last call (each worker's ring) into the version's LFU counts."""
+        from jizhi.cube.hot import KeyCounts
+        if ld.hot_counts is None:
+            ld.hot_counts = KeyCounts(limit=4 * ld.hot_report["keys"])
+            ld.hot_ring_seen = {}
+        ring = stats_mod.KEY_RING
+        for r in self.hot_rows(ld):
+            pos = int(self.stats_shm.keys_pos[r])
+            last = ld.hot_ring_seen.get(r, 0)
+            if pos < last:
+                last = 0        # a new worker process started this row again
+            new = min(pos - last, ring)
+            if new > 0:
+                idx = (np.arange(pos - new, pos) % ring)
+                ld.hot_counts.add(self.stats_shm.keys[r, idx].copy())
+            ld.hot_ring_seen[r] = pos
 
     def load_version(self, pipeline, rec):
         """Start loading a validated version in the pipeline's free bank (its workers warm up; the broker says WARM)."""
@@ -889,5 +944,7 @@ class Supervisor:
                 (self.run_dir / f).unlink()
             except FileNotFoundError:
                 pass
+        for f in self.run_dir.glob("hot-*.npy"):    # LFU key lists of hot-tier builds
+            f.unlink(missing_ok=True)
         log.info("removed %d shared-memory segments", n)
 

@@ -33,6 +33,9 @@ class CubeAccessor(Stage):
         self.store = TieredStore(open_cube(bundle.cube_path, bundle.dim), config.get("_hot"))
         self.store.refresh()
 
+    def attach_sampler(self, ring, pos):
+        self.store.attach_sampler(ring, pos)
+
     def batch_boundary(self):
         self.store.refresh()
 

@@ -117,6 +117,11 @@ class Worker:
         # Two banks of rows per group: the serving version's workers and a loading one's.
         self.row = (run["stats"]["map"][f"{pipeline}/{group}"] + entry["bank"] * self.settings["workers.max_pool"]
                     + wid) if self.stats else None
+        if self.stats is not None:
+            self.stats.keys_pos[self.row] = 0
+            for _, proc, _ in self.stages:
+                if hasattr(proc, "attach_sampler"):
+                    proc.attach_sampler(self.stats.keys[self.row], self.stats.keys_pos[self.row:self.row + 1])
         self.max_events = self.settings.get("workers.max_events", 0)
         self.max_rss = self.settings.get("workers.max_rss_mb", 0) * 2 ** 20
         self.events = 0

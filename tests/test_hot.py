@@ -1,0 +1,162 @@
+"""The hot tier: a shared-memory table in front of the LMDB cube, rebuilt from sampled key counts.
+
+Unit tests build real tables in /dev/shm (names ``jizhi.test-hot-<pid>...``,
+removed at the end); daemon tests run jizhid with a small hot tier that is
+rebuilt every second under load.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import Launcher, assert_topk, wait_until
+from daemon_helpers import Load, jizhictl_ok, log_lines
+from jizhi import arena
+from jizhi.cube import hot
+from jizhi.cube.build import write_cube
+from jizhi.cube.store import Cube
+
+
+@pytest.fixture
+def segs():
+    names = []
+    yield names
+    for n in names:
+        arena.unlink(n)
+
+
+def _cube(tmp_path, count=5000, dim=8, with_zero=True):
+    rng = np.random.default_rng(count)
+    keys = np.unique(rng.integers(1, 2 ** 64, count, dtype=np.uint64, endpoint=False))
+    if with_zero:
+        keys = np.concatenate([np.zeros(1, np.uint64), keys])
+    vecs = rng.standard_normal((keys.shape[0], dim)).astype(np.float32)
+    write_cube(tmp_path / "cube", keys, vecs)
+    return Cube(tmp_path / "cube", dim), keys, vecs
+
+
+def _build(segs, cube_dir, dim, budget, generation=1, keys_path=None):
+    seg = f"jizhi.test-hot-{os.getpid()}-{len(segs)}.g{generation}"
+    segs.append(seg)
+    argv = [sys.executable, "-m", "jizhi.cube.hot", "build", "--segment", seg, "--cube", str(cube_dir),
+            "--dim", str(dim), "--generation", str(generation), "--budget-bytes", str(budget)]
+    if keys_path:
+        argv += ["--keys", str(keys_path)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return seg, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_table_of_the_whole_cube_answers_exactly_what_lmdb_answers(tmp_path, segs):
+    cube, keys, vecs = _cube(tmp_path)
+    seg, report = _build(segs, tmp_path / "cube", 8, 64 << 20)
+    assert report["keys"] == report["cube_keys"] == keys.shape[0]
+    table = hot.HotTable(seg)
+    rng = np.random.default_rng(1)
+    probes = np.unique(np.concatenate([np.zeros(1, np.uint64), keys[rng.integers(0, keys.shape[0], 2000)],
+                                       rng.integers(1, 2 ** 64, 500, dtype=np.uint64, endpoint=False)]))
+    out = np.zeros((probes.shape[0], 8), np.float32)
+    found = np.zeros(probes.shape[0], bool)
+    hits = table.lookup_into(probes, out, found)
+    want, want_found = cube.lookup(probes)
+    assert np.array_equal(found, want_found) and hits == int(want_found.sum())
+    assert np.array_equal(out, want)          # signature 0 included; misses stay zero (the default vector)
+    assert found[0] and probes[0] == 0
+
+
+def test_a_budget_holds_the_keys_that_fit_and_the_tiered_store_reads_the_rest_from_lmdb(tmp_path, segs):
+    cube, keys, vecs = _cube(tmp_path, count=20_000, with_zero=False)
+    budget = 64 << 10
+    seg, report = _build(segs, tmp_path / "cube", 8, budget)
+    assert 0 < report["keys"] < keys.shape[0] and report["bytes"] <= budget
+    ctl = f"jizhi.test-hot-{os.getpid()}-ctl"
+    segs.append(ctl)
+    arena.create(ctl, hot.CTL_WORDS * 8)
+    store = hot.TieredStore(cube, {"control": ctl, "table": seg.rsplit(".g", 1)[0] + ".g{generation}"})
+    store.refresh()
+    assert store.table is None                  # nothing published yet: LMDB only
+    hot.Control(ctl, writable=True).publish(1, report["keys"], report["capacity"])
+    store.refresh()
+    assert store.generation == 1
+    probes = np.unique(keys[::7])
+    got, found = store.lookup(probes)
+    want, want_found = cube.lookup(probes)
+    assert np.array_equal(got, want) and np.array_equal(found, want_found)
+    assert 0 < store.hot_hits < probes.shape[0] and store.lookups == probes.shape[0]
+
+
+def test_key_counts_keep_the_most_used_keys_first_and_decay(tmp_path):
+    counts = hot.KeyCounts(limit=3)
+    counts.add(np.array([5, 5, 5, 7, 9, 9], np.uint64))
+    counts.add(np.array([9, 11, 5], np.uint64))
+    assert list(counts.top(3)) == [5, 9, 7] or list(counts.top(3)) == [5, 9, 11]
+    assert counts.top(1)[0] == 5
+    counts.decay()
+    assert counts.keys.shape[0] == 3 and counts.counts.max() == 2.0
+    counts.add(np.array([13] * 10, np.uint64))
+    assert counts.top(1)[0] == 13
+
+
+@pytest.fixture
+def launch_hot(tmp_path_factory, demo_models):
+    launcher = Launcher(tmp_path_factory, demo_models)
+    yield launcher
+    launcher.close()
+
+
+def test_a_small_hot_tier_rebuilt_from_sampled_counts_under_load_keeps_scores_identical(
+        launch_hot, demo_trace, trace_scores, capsys):
+    server = launch_hot.start(config_text="[cube]\nhot_tier_mb = 1\nhot_rebuild_s = 1.0\n")
+    with Load(server.endpoint, demo_trace, pipeline="default", clients=2, rate=40, deadline_ms=5000) as load:
+        wait_until(lambda: log_lines(server, "hot tier generation 3:"), 60, what="two rebuilds from sampled counts")
+        wait_until(lambda: log_lines(server, "hot tier generation 2 removed"), 30, what="a replaced table removed")
+    records = load.snapshot()
+    assert load.outcomes(records) == {"ok": len(records)}
+    for r in records:       # every answer, before, during and after each swap, is the reference's top-10
+        user, items, _ = demo_trace[r["q"]]
+        assert_topk(r["reply"], items, trace_scores[r["q"]], 10)
+    stats = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["demo"]
+    first = log_lines(server, "hot tier generation 1:")[0]
+    assert "of 117560 cube keys" in first and "(the most used)" in log_lines(server, "hot tier generation 2:")[0]
+    with capsys.disabled():
+        print(f"\n1 MiB hot tier (rebuilt every 1 s): {stats['hot_hits']:,} of {stats['lookups']:,} lookups hit "
+              f"({stats['hot_ratio']:.1%}); {len(records)} requests, scores identical to the reference")
+    assert stats["hot_hits"] > 0
+    live = [s for s in server.segments() if ".hot.g" in s]
+    assert 1 <= len(live) <= 2, live
+
+
+def test_the_default_hot_tier_holds_the_whole_demo_cube_and_a_killed_worker_leaves_nothing_behind(
+        launch_hot, demo_trace, trace_scores):
+    server = launch_hot.start()
+    wait_until(lambda: log_lines(server, "hot tier generation 1: 117560 of 117560 cube keys"), 60,
+               what="the hot tier")
+    with server.client() as c:
+        for q in range(4):
+            user, items, recall = demo_trace[q]
+            assert_topk(c.score(user, items, recall, top_k=10, deadline_ms=5000), items, trace_scores[q], 10)
+    # Two batches after the publication every worker reads the table.
+    stats = wait_until(lambda: (lambda s: s if s["hot_hits"] else None)(
+        json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["demo"]), 10,
+        what="hot-tier hits")
+    with server.client() as c:
+        for q in range(4, 8):
+            user, items, recall = demo_trace[q]
+            c.score(user, items, recall, top_k=10, deadline_ms=5000)
+    stats = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["demo"]
+    assert stats["hot_ratio"] > 0.5
+    with Load(server.endpoint, demo_trace, pipeline="default", clients=2, rate=40, deadline_ms=5000,
+              retry=True) as load:
+        time.sleep(0.5)
+        victim = next(iter(server.workers()))
+        os.kill(victim, 9)          # mid-read of the hot tier, most likely
+        wait_until(lambda: len(server.workers()) == 2 and victim not in server.workers(), 30,
+                   what="a replacement worker")
+        time.sleep(0.5)
+    assert server.stop() == 0
+    assert server.segments() == []   # (the launcher checks /dev/shm again)
+    del load

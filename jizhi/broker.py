@@ -233,6 +233,8 @@ class Broker:
         self.record_dropped = 0
         self.record_fetched_at = 0.0
         self.overlay = Overlay.attach(run.get("overlay"))
+        from jizhi.qcache import QueryCache
+        self.qcache = QueryCache.attach(run.get("qcache"))   # the broker is its epoch table's one writer
         self.seen_feedback = collections.OrderedDict()
         self.feedback_dedup = s["limits.feedback_dedup"]
         self.feedback_events = 0
@@ -336,7 +338,8 @@ class Broker:
             req.rid, model_versions=req.gen.versions, shed_ratio=0.0,
             unknown_items=req.counts.get("unknown_items", 0), timings_us=req.timings,
             item_ids=np.array(ids), scores=np.array(out_scores),
-            extra={"missing_signatures": req.counts.get("missing_signatures", 0)})
+            extra={"missing_signatures": req.counts.get("missing_signatures", 0),
+                   "cached": req.counts.get("cached", 0)})
         self.answered += 1
         self.reply(req.envelope, frames)
         self.release_if_idle(req)
@@ -397,6 +400,9 @@ class Broker:
             self.seen_feedback[idem] = True
             if len(self.seen_feedback) > self.feedback_dedup:
                 self.seen_feedback.popitem(last=False)
+        if self.qcache is not None:
+            # Before the acknowledgement: every request admitted after it misses this user's cached scores.
+            self.qcache.bump_epoch(m["user"])
         applied = self.overlay is not None and self.overlay.append(m["user"], m["item"])
         if not applied:
             self.overlay_full += 1

@@ -109,6 +109,11 @@ SETTINGS = [
             "else the keys that fit (0: no hot tier, every lookup reads LMDB)."),
     Setting("cube.hot_rebuild_s", float, 60.0, _positive,
             "When the hot tier holds only part of a cube: rebuild it from the most used keys (sampled) this often."),
+    Setting("qcache.entries", int, 1 << 20, _positive,
+            "Query cache capacity (user-item scores) when a pipeline has a query_cache stage; split into one "
+            "region per writer (the ranker's wids), least recently stored replaced first."),
+    Setting("qcache.window_s", float, 120.0, _positive,
+            "A cached score is reused for this long after it was computed."),
     Setting("workers.drain_timeout_s", float, 10.0, _positive,
             "SIGTERM: how long in-flight requests may take to finish before workers are stopped."),
 ]

@@ -35,6 +35,7 @@ BUILTINS = {
     "cube_accessor": "jizhi.workers.cube_accessor:CubeAccessor",
     "model_inference": "jizhi.workers.model_inference:ModelInference",
     "ranker": "jizhi.workers.ranker:Ranker",
+    "query_cache": "jizhi.workers.query_cache:QueryCache",
     "legacy_scorer": "jizhi.workers.legacy:LegacyScorer",
 }
 SINK_OUTPUTS = tuple(o.name for o in SINK_STAGE_OUTPUTS)

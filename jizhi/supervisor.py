@@ -158,6 +158,7 @@ class Supervisor:
         self.overlay = {"segment": seg, "capacity": cap, "ring": ring}
         log.info("created %d shared-memory arenas (%d MiB virtual)",
                  sum(len(s) for s in self.segments.values()), need >> 20)
+        self.qcache = self.create_qcache(plans)
         rows, nrows = stats_mod.row_map(plans, self.settings["workers.max_pool"])
         seg = f"{arena.PREFIX}{self.instance}.{self.run_id}.stats"
         arena.create(seg, stats_mod.segment_bytes(nrows))
@@ -167,7 +168,7 @@ class Supervisor:
         self.backend = f"ipc://{self.run_dir}/backend.ipc"
         self.run = {"instance": self.instance, "run_id": self.run_id, "settings": self.settings,
                     "frontend": self.settings["server.frontend"], "backend": self.backend,
-                    "pipelines": plans, "overlay": self.overlay, "stats": self.stats_spec,
+                    "pipelines": plans, "overlay": self.overlay, "stats": self.stats_spec, "qcache": self.qcache,
                     "default_pipeline": next(iter(plans))}
         self.plan_path = self.run_dir / "plan.msgpack"
         self.write_run()
@@ -180,6 +181,26 @@ class Supervisor:
         for name, plan in plans.items():
             for g, group in plan["groups"].items():
                 self.desired[(name, g)] = group["pool"]
+
+    def create_qcache(self, plans):
+        """The query cache segment, when a pipeline has a query_cache stage: one region per ranker wid."""
+        from jizhi import qcache
+        uses = [p for p in plans.values() if any(st["processor"] == "query_cache" for st in p["stages"].values())]
+        if not uses:
+            return None
+        writers = max(g["pool"] for p in uses for g in p["groups"].values()
+                      if any(p["stages"][s]["processor"] == "ranker" for s in g["stages"]))
+        ways = qcache.DEFAULT_WAYS
+        per = max(ways, self.settings["qcache.entries"] // max(1, writers))
+        slots = ways
+        while slots * 2 <= per:
+            slots *= 2
+        seg = f"{arena.PREFIX}{self.instance}.{self.run_id}.qcache"
+        spec = qcache.init(seg, writers, slots, ways=ways, window_ms=int(self.settings["qcache.window_s"] * 1000))
+        self.segments["_qcache"] = {"qcache": seg}
+        log.info("query cache: %d regions x %d entries (%d MiB), window %.0f s", writers, slots,
+                 qcache.segment_bytes(writers, slots, spec["epoch_buckets"]) >> 20, self.settings["qcache.window_s"])
+        return spec
 
     def boot_version(self, model):
         """The version a model starts with: its policy's target, checked (sizes, sha256) here.

@@ -17,17 +17,39 @@ SINK_OUTPUTS = (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDID
 
 class Ranker(Stage):
     name = "ranker"
+    sees_all_candidates = True   # candidates dropped earlier (query-cache hits) rejoin here
 
     @classmethod
     def inputs(cls, config):
-        return ("score", "keep?")
+        return ("score", "keep?", "item_ids", "qc_hit?", "qc_score?", "qc_epoch?")
 
     @classmethod
     def outputs(cls, config, bundle):
         return SINK_OUTPUTS
 
+    def setup(self, config, bundle):
+        from jizhi.qcache import QueryCache
+        from jizhi.workers.query_cache import version_key
+        self.cache = QueryCache.attach(config.get("_qcache"))
+        self.writer = config.get("_wid", 0)
+        if self.cache is not None and self.writer >= self.cache.writers:
+            self.cache = None    # more workers than the cache has regions: this one only reads
+        self.key = version_key(config.get("_pipeline"), bundle.name, bundle.version) if bundle else 0
+
     def process(self, batch):
-        return rank(batch, batch["score"], batch.columns.get("keep"))
+        score, keep = batch["score"], batch.columns.get("keep")
+        hit = batch.columns.get("qc_hit")
+        if hit is not None:
+            # Cached scores rejoin; what was computed here is stored under the epochs read before computing it.
+            fresh = ~hit & np.isfinite(score)
+            if keep is not None:
+                fresh &= keep
+                keep = keep | hit
+            if self.cache is not None and fresh.any():
+                self.cache.store(self.writer, batch.users, batch.offsets, batch["item_ids"], score,
+                                 self.key, batch["qc_epoch"], mask=fresh)
+            score = np.where(hit, batch["qc_score"], score)
+        return rank(batch, score, keep)
 
 
 def rank(batch, score, keep):

@@ -103,7 +103,8 @@ class Worker:
             cls = load_class(st["class"])
             proc = cls()
             # Keys the runtime adds for built-ins start with "_" (the overlay's segment).
-            config = dict(st["config"], _overlay=run.get("overlay"), _hot=entry.get("hot"))
+            config = dict(st["config"], _overlay=run.get("overlay"), _hot=entry.get("hot"),
+                          _qcache=run.get("qcache"), _wid=wid, _pipeline=pipeline)
             try:
                 proc.setup(config, bundle)
             except Exception as e:
@@ -130,12 +131,16 @@ class Worker:
         self.boundary_hooks = [p.batch_boundary for _, p, _ in self.stages if hasattr(p, "batch_boundary")]
         self.report_hooks = [p.report for _, p, _ in self.stages if hasattr(p, "report")]
         self.reads = self.group["reads"]
+        # Per-candidate or per-request, of every column (to narrow and widen batches: workers/stage.py, Selection).
+        self.scope_of = {n: spec["scope"] for n, spec in self.plan["arenas"].items()}
+        for st in self.plan["stages"].values():
+            self.scope_of.update({n: spec["scope"] for n, spec in st["outputs"].items()})
         self.writes = self.group["writes"]
         self.running = True
 
     def process_event(self, rows):
         """Run the group's stages on one event; return (results, service_us)."""
-        from jizhi.workers.stage import Batch
+        from jizhi.workers.stage import Batch, Selection
         now = time.monotonic()
         results, live = [], []
         for r in rows:
@@ -162,9 +167,15 @@ class Worker:
         try:
             for hook in self.boundary_hooks:
                 hook()   # the place to pick up a new hot-tier generation
+            narrow = Selection(batch, self.scope_of)
             for si, (sname, proc, st) in enumerate(self.stages):
+                if getattr(proc, "sees_all_candidates", False):
+                    narrow.widen()
                 t0 = time.perf_counter()
-                out = proc.process(batch)
+                if narrow.empty:
+                    out = self.empty_outputs(st, batch)   # every candidate was dropped before this stage
+                else:
+                    out = proc.process(batch)
                 svc[sname] = us = int((time.perf_counter() - t0) * 1e6)
                 if self.stats is not None:
                     self.stats.observe(self.row, si, us)
@@ -173,6 +184,9 @@ class Worker:
                     if arr is None:
                         raise RuntimeError(f"stage {sname} did not return its output {name!r}")
                     cols[name] = arr
+                if out.get("_select") is not None:
+                    narrow.select(out["_select"])
+            narrow.widen()
             for c in self.writes:
                 self.arenas.write(c, slots, offsets, cols[c])
             if self.stats is not None:
@@ -186,6 +200,14 @@ class Worker:
             code, msg = batch.failed.get(i, (None, None))
             results.append([s, code, msg, {k: int(v[i]) for k, v in batch.counts.items()}])
         return results, svc
+
+    @staticmethod
+    def empty_outputs(st, batch):
+        out = {}
+        for name, spec in st["outputs"].items():
+            lead = (0,) if spec["scope"] == "candidate" else (batch.n_requests,)
+            out[name] = np.zeros(lead + tuple(spec["shape"]), dtype=spec["dtype"])
+        return out
 
     def should_recycle(self):
         if self.max_events and self.events >= self.max_events:

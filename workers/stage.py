@@ -112,3 +112,72 @@ class Stage:
 
     def report(self, counters):
         """Optional: write this stage's counters into the worker's stats row (jizhi/stats.py, C_*)."""
+
+
+class Selection:
+    """Candidates a stage dropped for the rest of its group (the query cache's hits, a cascade).
+
+    A stage drops candidates by returning ``_select``: int64 indices (ascending)
+    of the current batch's candidates that go on. The worker runtime then
+    narrows every per-candidate column and the offsets, so later stages of the
+    same worker never compute the dropped ones. A stage with
+    ``sees_all_candidates = True`` (the ranker: dropped and cached candidates
+    rejoin there) and the group's writes to shared memory see every candidate
+    again: columns computed on the narrowed batch are widened with NaN (floats),
+    0 or False where a candidate was dropped.
+    """
+
+    def __init__(self, batch, scope_of):
+        self.batch = batch
+        self.scope_of = scope_of
+        self.full_offsets = batch.offsets
+        self.n = batch.n_candidates
+        self.sel = None            # indices into the full candidates, or None: all of them
+        self.full = {}             # full-size versions of the columns that existed when narrowing
+
+    def _candidate(self, name):
+        return self.scope_of.get(name) == CANDIDATE
+
+    def _widen(self, name, arr):
+        if self.sel is None:
+            return arr
+        base = self.full.get(name)
+        if base is None:
+            arr = np.asarray(arr)
+            base = np.zeros((self.n,) + arr.shape[1:], dtype=arr.dtype)
+            if arr.dtype.kind == "f":
+                base[...] = np.nan
+        else:
+            base = base.copy()
+        base[self.sel] = arr
+        return base
+
+    @property
+    def empty(self):
+        return self.sel is not None and self.sel.shape[0] == 0
+
+    def select(self, idx):
+        cols = self.batch.columns
+        for name in list(cols):
+            if self._candidate(name):
+                self.full[name] = self._widen(name, cols[name])
+        idx = np.asarray(idx, dtype=np.int64)
+        self.sel = idx if self.sel is None else self.sel[idx]
+        for name, full in self.full.items():
+            cols[name] = full[self.sel]
+        r = self.batch.n_requests
+        req = np.repeat(np.arange(r, dtype=np.int64), np.diff(self.full_offsets))
+        offsets = np.zeros(r + 1, dtype=np.int64)
+        np.cumsum(np.bincount(req[self.sel], minlength=r), out=offsets[1:])
+        self.batch.offsets = offsets
+
+    def widen(self):
+        if self.sel is None:
+            return
+        cols = self.batch.columns
+        for name in list(cols):
+            if self._candidate(name):
+                cols[name] = self._widen(name, cols[name])
+        self.sel = None
+        self.full = {}
+        self.batch.offsets = self.full_offsets

@@ -1,0 +1,69 @@
+"""The query cache in a running jizhid (pipeline demo_cached): hits skip the work, feedback and the window end them."""
+import time
+
+import numpy as np
+import pytest
+
+from conftest import assert_topk
+
+CONFIG = "[qcache]\nwindow_s = 2.0\n"
+
+
+@pytest.fixture(scope="module")
+def server(launch_module):
+    return launch_module.start(pipelines=("demo_cached", "demo"), config_text=CONFIG)
+
+
+def _score(c, user, items, recall=None, pipeline="demo_cached"):
+    return c.score(user, items, recall, pipeline=pipeline, top_k=10, deadline_ms=10_000)
+
+
+def test_a_repeated_request_is_answered_from_the_cache_with_the_same_scores(server, demo_trace, trace_scores):
+    user, items, recall = demo_trace[0]
+    with server.client() as c:
+        first = _score(c, user, items, recall)
+        second = _score(c, user, items, recall)
+        # Half the candidates again plus others: the cached half rejoins the computed half at the ranker.
+        other = np.setdiff1d(demo_trace[1][1], items)[:150]
+        mixed = np.concatenate([items[:150], other])
+        third = _score(c, user, mixed)
+    assert first["cached"] == 0 and second["cached"] == items.shape[0]
+    assert third["cached"] == 150
+    assert_topk(first, items, trace_scores[0], 10)
+    assert_topk(second, items, trace_scores[0], 10)
+    # The work was skipped, not only the DNN: no profile read, hashing, lookup or inference ran for the hits.
+    t1, t2 = first["timings_us"], second["timings_us"]
+    assert t2["cube"] < t1["cube"] and t2["dnn"] < t1["dnn"] and t2["reader"] < t1["reader"]
+
+
+def test_feedback_invalidates_exactly_that_users_scores_and_the_next_score_changes(server, demo_trace):
+    (u1, items1, r1), (u2, items2, r2) = demo_trace[2], demo_trace[3]
+    with server.client() as c:
+        before1 = c.score(u1, items1, r1, pipeline="demo_cached", ret="all", deadline_ms=10_000)
+        _score(c, u2, items2, r2)
+        assert _score(c, u1, items1, r1)["cached"] == items1.shape[0]
+        c.feedback(u1, int(items1[0]), "click")
+        after1 = c.score(u1, items1, r1, pipeline="demo_cached", ret="all", deadline_ms=10_000)
+        still2 = _score(c, u2, items2, r2)
+    assert after1["cached"] == 0                       # every request admitted after the ack misses u1's entries
+    assert still2["cached"] == items2.shape[0]         # u2's stay
+    # The click went into u1's recent behaviour (the overlay), so u1's scores really changed.
+    assert not np.allclose(after1.scores, before1.scores)
+
+
+def test_a_cached_score_expires_after_the_window(server, demo_trace):
+    user, items, recall = demo_trace[4]
+    with server.client() as c:
+        _score(c, user, items, recall)
+        assert _score(c, user, items, recall)["cached"] == items.shape[0]
+        time.sleep(2.3)                                # qcache.window_s = 2
+        assert _score(c, user, items, recall)["cached"] == 0
+
+
+def test_the_plain_pipeline_of_the_same_server_never_reads_the_cache(server, demo_trace, trace_scores):
+    user, items, recall = demo_trace[5]
+    with server.client() as c:
+        _score(c, user, items, recall)
+        r = _score(c, user, items, recall, pipeline="demo")
+    assert r["cached"] == 0
+    assert_topk(r, items, trace_scores[5], 10)

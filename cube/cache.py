@@ -1,0 +1,142 @@
+"""The disk-level cube cache, and the lookup through every storage level.
+
+When the cube is behind a remote backend (cube/remote.py), a local LMDB
+environment keeps about 1% of its keys, the most used (LFU), so most lookups
+that miss the shared-memory hot tier still avoid a round trip::
+
+    hot tier (shared memory, cube/hot.py)  ->  disk cache (local LMDB, this module)  ->  remote backend
+
+``Levels`` asks each level in turn for the keys the previous ones lacked and
+counts hits per level. The disk cache is *written while it is read*, so,
+unlike a bundle's cube, it is opened with LMDB's locking: exactly one writer
+process (``DiskCache``, the cache manager) and readers in the workers
+(``DiskCacheReader``: one read transaction per batch, which sees one
+committed state, never a half-written one).
+"""
+import lmdb
+import numpy as np
+
+DEFAULT_MAP_BYTES = 1 << 30
+
+
+def _getmulti(env, keys, dim):
+    """``(vectors, found)`` of sorted unique ``keys`` in one read transaction (liblmdb)."""
+    k = keys.shape[0]
+    out = np.zeros((k, dim), dtype=np.float32)
+    found = np.zeros(k, dtype=bool)
+    if k == 0:
+        return out, found
+    # LMDB orders keys by their little-endian bytes: walk them in that order.
+    bo = np.argsort(keys.byteswap(), kind="stable")
+    raw = np.ascontiguousarray(keys[bo], dtype="<u8").tobytes()
+    with env.begin(buffers=False) as txn:
+        pairs = txn.cursor().getmulti([raw[i:i + 8] for i in range(0, 8 * k, 8)])
+    if pairs:
+        got = np.frombuffer(b"".join(p[0] for p in pairs), dtype="<u8")
+        idx = np.searchsorted(keys, got)
+        out[idx] = np.frombuffer(b"".join(p[1] for p in pairs), dtype="<f4").reshape(-1, dim)
+        found[idx] = True
+    return out, found
+
+
+class DiskCacheReader:
+    """A worker's read-only view of a disk cache another process writes (LMDB with locking)."""
+
+    def __init__(self, path, dim, max_readers=256):
+        self.dim = int(dim)
+        self.env = lmdb.open(str(path), readonly=True, lock=True, subdir=True, max_readers=max_readers,
+                             readahead=False)
+
+    def lookup(self, keys):
+        return _getmulti(self.env, np.ascontiguousarray(keys, dtype=np.uint64), self.dim)
+
+    def close(self):
+        self.env.close()
+
+
+class DiskCache:
+    """The one writer of a disk cache: holds at most ``capacity`` keys, the most used first."""
+
+    def __init__(self, path, dim, capacity, map_bytes=DEFAULT_MAP_BYTES):
+        self.dim = int(dim)
+        self.capacity = int(capacity)
+        self.env = lmdb.open(str(path), map_size=map_bytes, subdir=True, lock=True, max_readers=256,
+                             readahead=False)
+
+    def keys(self):
+        with self.env.begin(buffers=True) as txn:
+            raw = b"".join(bytes(k) for k in txn.cursor().iternext(keys=True, values=False))
+        return np.sort(np.frombuffer(raw, dtype="<u8").astype(np.uint64))
+
+    def lookup(self, keys):
+        return _getmulti(self.env, np.ascontiguousarray(keys, dtype=np.uint64), self.dim)
+
+    def update(self, hottest, backend):
+        """Make the cache hold the first ``capacity`` of ``hottest`` (keys, most used first).
+
+        Fetches what it lacks from ``backend`` in one batch and drops what fell
+        out, in one write transaction. Returns ``(added, dropped)``.
+        """
+        want = np.unique(np.asarray(hottest, dtype=np.uint64)[:self.capacity])
+        have = self.keys()
+        add = np.setdiff1d(want, have, assume_unique=True)
+        drop = np.setdiff1d(have, want, assume_unique=True)
+        vectors, found = backend.lookup(add) if add.shape[0] else (np.zeros((0, self.dim), np.float32),
+                                                                   np.zeros(0, bool))
+        with self.env.begin(write=True) as txn:
+            for k in drop:
+                txn.delete(int(k).to_bytes(8, "little"))
+            for k, v in zip(add[found], vectors[found]):
+                txn.put(int(k).to_bytes(8, "little"), np.ascontiguousarray(v, dtype="<f4").tobytes())
+        return int(found.sum()), int(drop.shape[0])
+
+    def close(self):
+        self.env.close()
+
+
+class HotLevel:
+    """The hot tier as a level (``lookup`` like every other level)."""
+
+    def __init__(self, table, dim):
+        self.table = table
+        self.dim = dim
+
+    def lookup(self, keys):
+        out = np.zeros((keys.shape[0], self.dim), dtype=np.float32)
+        found = np.zeros(keys.shape[0], dtype=bool)
+        self.table.lookup_into(keys, out, found)
+        return out, found
+
+
+class Levels:
+    """Storage levels, fastest first: each is asked only for what the ones before it lacked.
+
+    ``hits[name]`` counts the keys each level answered; ``missing`` the keys no
+    level had (they read the default vector, zeros).
+    """
+
+    def __init__(self, levels, dim):
+        self.levels = list(levels)      # [(name, store)]
+        self.dim = int(dim)
+        self.hits = {name: 0 for name, _ in self.levels}
+        self.lookups = 0
+        self.missing = 0
+
+    def lookup(self, keys):
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        k = keys.shape[0]
+        self.lookups += k
+        out = np.zeros((k, self.dim), dtype=np.float32)
+        found = np.zeros(k, dtype=bool)
+        todo = np.arange(k)
+        for name, store in self.levels:
+            if todo.shape[0] == 0:
+                break
+            v, f = store.lookup(keys[todo])
+            got = todo[f]
+            out[got] = v[f]
+            found[got] = True
+            self.hits[name] += int(got.shape[0])
+            todo = todo[~f]
+        self.missing += int(todo.shape[0])
+        return out, found

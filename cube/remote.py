@@ -1,0 +1,63 @@
+"""Cube backends that are not a local, immutable LMDB file: the interface and a slow local one.
+
+A remote backend answers batch lookups of sorted unique signatures:
+``lookup(keys uint64[K]) -> (vectors float32[K, dim], found bool[K])``,
+missing keys reading the default vector (zeros). Every round trip costs
+latency, so the levels above it (cube/cache.py: the local disk cache, and the
+shared-memory hot tier) exist to avoid calling it. A later backend speaks to
+Redis Cluster; ``SlowLocal`` stands in for it in tests and benchmarks: a
+local LMDB cube behind a deliberate delay per call and per key.
+
+URLs (``open_backend``):
+
+* ``slow+file:///path/to/cube?delay_ms=2&per_key_us=0.5`` -- ``SlowLocal``.
+"""
+import time
+from urllib.parse import parse_qs, urlparse
+
+
+class Backend:
+    """The interface. ``calls`` and ``keys_read`` count round trips and keys asked for."""
+
+    dim = 0
+
+    def __init__(self):
+        self.calls = 0
+        self.keys_read = 0
+
+    def lookup(self, keys):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class SlowLocal(Backend):
+    """A local LMDB cube read through liblmdb, ``delay_ms`` per call plus ``per_key_us`` per key."""
+
+    def __init__(self, path, dim, delay_ms=2.0, per_key_us=0.0):
+        super().__init__()
+        from jizhi.cube.store import Cube
+        self.cube = Cube(path, dim, reader="liblmdb")
+        self.dim = int(dim)
+        self.delay_s = float(delay_ms) / 1000.0
+        self.per_key_s = float(per_key_us) / 1e6
+
+    def lookup(self, keys):
+        self.calls += 1
+        self.keys_read += int(keys.shape[0])
+        time.sleep(self.delay_s + self.per_key_s * keys.shape[0])
+        return self.cube.lookup(keys)
+
+    def close(self):
+        self.cube.close()
+
+
+def open_backend(url, dim):
+    """A backend from its URL (see the module docstring). Raises ValueError for an unknown scheme."""
+    u = urlparse(url)
+    q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    if u.scheme == "slow+file":
+        return SlowLocal(u.path, dim, delay_ms=float(q.get("delay_ms", 2.0)),
+                         per_key_us=float(q.get("per_key_us", 0.0)))
+    raise ValueError(f"unknown cube backend {url!r} (known: slow+file://PATH?delay_ms=..&per_key_us=..)")

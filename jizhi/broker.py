@@ -179,6 +179,9 @@ class PipelineState:
         self.preds = {g: len(self.groups[g]["prev"]) for g in self.groups}
         self.stage_names = {g: self.groups[g]["stages"] for g in self.groups}
         self.slots = settings["limits.max_in_flight"]
+        self.has_qcache = any(st["processor"] == "query_cache" for st in plan["stages"].values())
+        self.qc_candidates = 0      # candidates of answered requests, and how many the query cache answered
+        self.qc_hits = 0
 
     def add(self, gen):
         self.gens[gen.vkey] = gen
@@ -330,6 +333,9 @@ class Broker:
             ids = a["item_ids"][req.slot, :n][order]
             out_scores = scores[order]
         req.timings["total"] = total_us = int((time.monotonic() - req.t_recv) * 1e6)
+        if pipe.has_qcache:
+            pipe.qc_candidates += n
+            pipe.qc_hits += req.counts.get("cached", 0)
         if self.stats is not None:
             self.stats.observe(pipe.row, 0, total_us)
             self.stats.counters[pipe.row, C_REQUESTS] += 1
@@ -953,6 +959,8 @@ class Broker:
                            "versions": versions, "ready": p.ready(),
                            "in_flight": p.in_flight(), "slots": p.slots, "groups": groups,
                            "requests": p.requests.snapshot()}
+            if p.has_qcache:
+                pipes[name]["query_cache"] = {"candidates": p.qc_candidates, "hits": p.qc_hits}
         return {"ready": all(p.ready() for p in self.pipes.values()), "pipelines": pipes,
                 "default_pipeline": self.default_pipeline, "answered": self.answered,
                 "errors": dict(self.errors), "malformed": self.malformed, "draining": self.draining,

@@ -465,7 +465,10 @@ class Supervisor:
     # -- cube figures: hot-tier hit ratio per pipeline ----------------------------
 
     def cube_totals(self):
-        """{pipeline: (unique keys looked up, hot-tier hits)} since start: live rows plus what exited workers did."""
+        """{pipeline: (unique keys looked up, hot-tier hits, candidates, query-cache hits)} since start.
+
+        Cube figures: live stats rows plus what exited workers did; query cache: the broker's counts.
+        """
         rows = self.stats_spec["map"]
         n = stats_mod.BANKS * self.settings["workers.max_pool"]
         c = self.stats_shm.counters
@@ -477,7 +480,8 @@ class Supervisor:
                 r = rows[f"{pname}/{g}"]
                 look += int(c[r:r + n, stats_mod.C_LOOKUPS].sum())
                 hits += int(c[r:r + n, stats_mod.C_HOT_HITS].sum())
-            out[pname] = (look, hits)
+            qc = ((self.last_broker_info or {}).get("pipelines", {}).get(pname) or {}).get("query_cache") or {}
+            out[pname] = (look, hits, qc.get("candidates", 0), qc.get("hits", 0))
         return out
 
     def sample_cube(self, now):
@@ -489,11 +493,16 @@ class Supervisor:
         totals = self.cube_totals()
         old = next(((t, v) for t, v in self.cube_samples if now - t <= 65.0), None)
         out = {}
-        for p, (look, hits) in totals.items():
-            fig = {"lookups": look, "hot_hits": hits, "hot_ratio": round(hits / look, 4) if look else None}
+
+        def ratio(a, b):
+            return round(a / b, 4) if b else None
+        for p, (look, hits, cand, qhits) in totals.items():
+            fig = {"lookups": look, "hot_hits": hits, "hot_ratio": ratio(hits, look),
+                   "qcache_candidates": cand, "qcache_hits": qhits, "qcache_ratio": ratio(qhits, cand)}
             if old is not None and p in old[1]:
-                dl, dh = look - old[1][p][0], hits - old[1][p][1]
-                fig["last_minute"] = {"lookups": dl, "hot_hits": dh, "hot_ratio": round(dh / dl, 4) if dl else None,
+                dl, dh, dc, dq = (a - b for a, b in zip((look, hits, cand, qhits), old[1][p]))
+                fig["last_minute"] = {"lookups": dl, "hot_hits": dh, "hot_ratio": ratio(dh, dl),
+                                      "qcache_candidates": dc, "qcache_hits": dq, "qcache_ratio": ratio(dq, dc),
                                       "seconds": round(now - old[0], 1)}
             out[p] = fig
         return out

@@ -67,3 +67,12 @@ def test_the_plain_pipeline_of_the_same_server_never_reads_the_cache(server, dem
         r = _score(c, user, items, recall, pipeline="demo")
     assert r["cached"] == 0
     assert_topk(r, items, trace_scores[5], 10)
+
+
+def test_stats_report_the_query_cache_hit_ratio(server):
+    import json
+    from daemon_helpers import jizhictl_ok
+    fig = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["demo_cached"]
+    assert fig["qcache_candidates"] > 0 and 0 < fig["qcache_hits"] < fig["qcache_candidates"]
+    assert fig["qcache_ratio"] == round(fig["qcache_hits"] / fig["qcache_candidates"], 4)
+    assert "query cache" in jizhictl_ok("stats", run_dir=server.run_dir)

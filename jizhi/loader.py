@@ -88,10 +88,15 @@ class Loader:
             n_workers = sum(sup.desired[(self.pipeline, g)] for g in plan["groups"])
             per_worker = int((self.record.validation or {}).get("peak_rss_bytes") or 0)
             self.expected_bytes = n_workers * per_worker + arenas_bytes(sup.settings, plan)
+            if sup.settings["cube.hot_tier_mb"]:
+                # The hot tier: at most its budget; about twice the cube's bytes at load factor 0.5.
+                cube_bytes = int((self.record.validation or {}).get("cube_bytes") or 0)
+                self.expected_bytes += min(sup.settings["cube.hot_tier_mb"] << 20, 2 * cube_bytes)
             used = sup.memory_in_use()
             if budget and used + self.expected_bytes > budget:
                 raise LoadRefused("refused", f"expected memory {self.expected_bytes >> 20} MiB ({n_workers} workers "
-                                             f"x {per_worker >> 20} MiB measured by validation, plus arenas) with "
+                                             f"x {per_worker >> 20} MiB measured by validation, plus arenas and "
+                                             f"the hot tier) with "
                                              f"{used >> 20} MiB in use passes models.memory_budget_mb = {budget >> 20}")
             self.warmup = warmup_ids(self.record.path)
         self.plan = plan

@@ -18,17 +18,7 @@ serve() {   # serve NAME HOT_TIER_MB PIPELINES
         --frontend $EP --pipelines "$3" --run-dir "$W/caches/run-$1" > "$W/caches/$1.log" 2>&1 < /dev/null &
     JIZHID=$!
     trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
-    $PY -c "
-import sys, time
-from jizhi.client import Client
-end = time.monotonic() + 180
-while time.monotonic() < end:
-    try:
-        with Client('$EP', timeout_s=1) as c:
-            if c.info().get('ready'): sys.exit(0)
-    except TimeoutError: pass
-    time.sleep(0.3)
-sys.exit('jizhid not ready')"
+    $PY -m jizhi.client --wait-ready $EP
     # The hot tier is built by a child after start: wait for it (or for nothing to build).
     for _ in $(seq 120); do grep -q "hot tier generation 1" "$W/caches/$1.log" && break; [ "$2" = 0 ] && break; sleep 0.5; done
 }

@@ -103,3 +103,29 @@ class Client:
 
     def info(self):
         return self.request("info").header
+
+
+def wait_ready(endpoint, timeout_s=180.0):
+    """Poll ``info`` until the server says it is ready; True, or False after ``timeout_s``."""
+    import time
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            with Client(endpoint, timeout_s=1.0) as c:
+                if c.info().get("ready"):
+                    return True
+        except TimeoutError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m jizhi.client",
+                                 description="Wait until a jizhid answers ready (for scripts).")
+    ap.add_argument("--wait-ready", metavar="ENDPOINT", required=True)
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds (default 180)")
+    a = ap.parse_args()
+    sys.exit(0 if wait_ready(a.wait_ready, a.timeout) else f"jizhid at {a.wait_ready} not ready in {a.timeout:g} s")

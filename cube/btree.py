@@ -4,7 +4,10 @@ Why: liblmdb through py-lmdb costs ~1-2 us per key on our machines (a
 Python tuple per key, a bytes object per key and per value), and a
 500-candidate request needs about two thousand distinct keys. LMDB's data
 file *is* a B+tree of fixed pages in a memory map, so a Numba kernel can
-walk it directly: ~0.1-0.3 us per key, no Python object per key.
+walk it directly: no Python object per key, about 0.7-0.9 us per key on
+the demo cube (1.1-1.5 M keys/s per core; liblmdb 0.85 M; the shared-memory
+hot tier in front of it, cube/hot.py, about 25 M: docs/benchmarks.md,
+"Storage micro-benchmarks").
 
 This reads LMDB's on-disk format version 1 (liblmdb 0.9, ``MDB_DATA_VERSION``
 1; magic 0xBEEFC0DE), main database only, default byte-wise key order, no

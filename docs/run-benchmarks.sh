@@ -48,6 +48,20 @@ $PY -m jizhi.bench --ceiling --bundle "$W/demo/models/demo/1" --trace "$W/trace.
 $PY -m jizhi.bench --ceiling --batch 4 --bundle "$W/demo/models/demo/1" --trace "$W/trace.npz" --duration 20 \
     --max-other-cores 0.3 --json "$W/ceiling_b4.json" | tee -a "$W/ceiling.txt"
 
+# 5. Hot reload under load: a jizhid serving only `demo` from a private copy of version 1 (new versions are
+#    published into it), three new versions one after another at half the fused plan's maximum of step 3.
+RATE=$($PY -c "import json; r = [x for x in json.load(open('$W/bench.json'))['runs'] if x['pipeline'] == 'demo'][0]; print(r['max']['offered_rps'] / 2)")
+rm -rf "$W/reload/models" && mkdir -p "$W/reload/models/demo" && cp -r "$W/demo/models/demo/1" "$W/reload/models/demo/1"
+printf '[metrics]\nlisten = ""\n' > "$W/reload/jizhi.toml"
+setsid .venv/bin/jizhid --config "$W/reload/jizhi.toml" --models "$W/reload/models" --instance benchreload \
+    --frontend $EP --pipelines demo --run-dir "$W/reload/run" > "$W/reload/jizhid.log" 2>&1 < /dev/null &
+JIZHID=$!
+trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
+$PY -m jizhi.client --wait-ready $EP
+$PY -m jizhi.reloadbench --endpoint $EP --run-dir "$W/reload/run" --models "$W/reload/models" --trace "$W/trace.npz" \
+    --rate "$RATE" --reloads 3 --max-other-cores 0.3 --json "$W/reload.json" --quiet | tee "$W/reload.txt"
+kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
+
 echo "end $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)"
-pgrep -af -- "--run-dir $W/run( |$)|$W/run/plan|jizhi-microbench" || echo "no jizhi process of this run left"
-ls /dev/shm | grep -E "^jizhi\.(bench|mb[0-9]+p)" || echo "no /dev/shm segment of this run left"
+pgrep -af -- "--run-dir $W/(reload/)?run( |$)|$W/(reload/)?run/plan|jizhi-microbench" || echo "no jizhi process of this run left"
+ls /dev/shm | grep -E "^jizhi\.(bench|benchreload|mb[0-9]+p)" || echo "no /dev/shm segment of this run left"

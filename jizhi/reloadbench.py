@@ -42,18 +42,30 @@ costs 5-8 ms of CPU per jizhi process on the 2-core benchmark machine, so
 PSS every 100 ms would take 0.3-0.5 cores from the server being measured;
 the default reads it every 0.5 s (the double buffer lasts seconds). The
 sampler's own CPU is reported. Processes are labelled by role: supervisor,
-broker, ``workers vN``, ``validate vN``.
+broker, ``workers vN``, ``validate vN``, ``hot tier build``.
 
 Report: steady and switch-window p50/p99 (all reloads pooled, and per
-reload, split into loading = rename to serving, draining = serving to
-released, and the second after the release), the ratio of switch p99 to
-steady p99, errors and lost requests, the server's timeline per reload
+reload, split by the server's own timeline into validating = rename to
+valid, starting = the new workers' start and setup (and the hot tier's
+build) to ready, warm-up = to serving, draining = serving to released, and
+the second after the release), the ratio of switch p99 to steady p99 (and
+to the p99 of every request outside the switch windows, a reference with
+more samples), errors and lost requests, where the time of each window's
+slowest 1 % went (queue wait, service, the rest of the broker, outside
+the broker), the workers' nice values, the server's timeline per reload
 (``jizhictl models`` timings_ms) with the measured rename to the first
 answer by the new version (the reply's ``model_versions``), the CPU of each
-role in each switch window, and memory: the baseline (median over the
-steady window), the peak in each switch window and peak extra = peak -
-baseline, and the median after the release. ``--json FILE`` (``-``: stdout)
-writes all of it, with a per-0.5-s latency timeline.
+role in each switch window and in its validating and starting phases (and
+this process's, and the other load's), and memory: the baseline (median
+over the steady window), the peak in each switch window and peak extra =
+peak - baseline, and the median after the release.
+
+A shared machine: ``--max-other-cores`` waits (at most ``--settle-s``)
+for other processes to use fewer cores before the load starts and before
+each later publish, and every window reports the other load it ran with;
+the run also waits until jizhid runs no loading work of its own (the boot
+version's hot tier is built after jizhid reports ready). ``--json FILE``
+(``-``: stdout) writes all of it, with a per-0.5-s latency timeline.
 """
 import collections
 import json
@@ -169,10 +181,25 @@ class MemorySampler(threading.Thread):
                 r = f"workers v{arg('--version')}"
             elif "jizhi.validate" in args:
                 r = f"validate v{arg('--version')}"
+            elif "jizhi.cube.hot" in args:
+                r = "hot tier build"
+            elif "-m" in args:
+                r = arg("-m")
             else:
-                r = "other"
+                # Forked by the supervisor, not yet exec'd (it still shows jizhid's command line): ask again
+                # next time, the pid and start time stay the same across exec.
+                return "starting"
             self.roles[key] = r
         return r
+
+    def roles_now(self):
+        """The roles of the processes in the tree now."""
+        out = set()
+        for pid in process_tree(self.root):
+            stat = _read_text(f"/proc/{pid}/stat")
+            if stat is not None:
+                out.add(self.role(pid, stat[stat.rindex(")") + 2:].split()[19]))
+        return out
 
     def shm_bytes(self):
         total = 0
@@ -262,6 +289,13 @@ class MemorySampler(threading.Thread):
         for p in (s["procs"].values() if s else []):
             out[p[0]].append(p[6])
         return {r: sorted(v) for r, v in sorted(out.items())}
+
+    def own_cores(self, a, b):
+        """Cores this benchmark process (load generator and sampler) used in [a, b]."""
+        s = [x for x in self.samples if a <= x["t"] <= b]
+        if len(s) < 2:
+            return None
+        return round((s[-1]["self_cpu_s"] - s[0]["self_cpu_s"]) / max(s[-1]["t"] - s[0]["t"], 1e-9), 2)
 
     def cpu_by_role(self, a, b):
         """CPU seconds per role within [a, b] (a process's CPU after its last sample is not seen)."""
@@ -454,7 +488,6 @@ class ReloadDriver(threading.Thread):
         self.max_other_cores = max_other_cores
         self.settle_s = settle_s
         self.reloads = []
-        self.published = set()
         self.error = None
         self.cancel = threading.Event()
 
@@ -505,7 +538,6 @@ class ReloadDriver(threading.Thread):
             self.loop.phase = f"reload {n}: v{old} -> v{version} published"
             publish(staged, self.models_dir)
             t_rename = time.monotonic()
-            self.published.add(version)
             rec = {"reload": n, "from": old, "to": version, "t_rename": t_rename, "t_rename_wall": time.time(),
                    "quiet_wait_s": waited,
                    "t_serving_seen": None, "t_released": None, "states_seen": []}
@@ -665,6 +697,13 @@ def analyse(loop, sampler, driver, conditions):
                 "warming": latency_stats(loop, t_ready, t_serving),
                 "draining": latency_stats(loop, t_serving, r["t_released"]),
                 "released": latency_stats(loop, r["t_released"], b)}
+            for ph in out["phases"].values():
+                lo, hi = t0 + ph["from_s"], t0 + ph["to_s"]
+                if hi - lo >= 0.3:   # shorter than a few samples says nothing about CPU
+                    ph["cpu_cores_by_role"] = {role: round(c / (hi - lo), 2) for role, c in
+                                               sorted(sampler.cpu_by_role(lo, hi).items())}
+                    ph["cpu_cores_by_role"]["(bench)"] = sampler.own_cores(lo, hi)
+                    ph["cpu_cores_by_role"]["(other)"] = sampler.other_cores(lo, hi)
             out["timeline_ms"] = {
                 "server": server.get("timings_ms"),
                 "rename_to_serving": round((t_serving - a) * 1000, 1),
@@ -708,6 +747,16 @@ def analyse(loop, sampler, driver, conditions):
     ratio = None
     if switch and switch["p99_ms"] and steady["p99_ms"]:
         ratio = round(switch["p99_ms"] / steady["p99_ms"], 3)
+    # A second reference with more samples: every request after the warm-up outside the switch windows
+    # (steady, the gaps between reloads, after): on a noisy machine 20 s of steady state is one draw.
+    outside = (due >= steady_a) & (due < loop.stop_at) & ~pooled & (loop.status == 1)
+    lat_out = (loop.done_at[outside] - due[outside]) * 1000.0
+    elsewhere = None
+    if lat_out.shape[0]:
+        p = np.percentile(lat_out, [50, 99])
+        elsewhere = {"requests": int(lat_out.shape[0]), "p50_ms": round(float(p[0]), 2),
+                     "p99_ms": round(float(p[1]), 2),
+                     "p99_ratio": round(switch["p99_ms"] / float(p[1]), 3) if switch and switch["p99_ms"] else None}
     for r in reloads:
         w = r["window"]
         r["p99_ratio"] = round(w["p99_ms"] / steady["p99_ms"], 3) if w["p99_ms"] and steady["p99_ms"] else None
@@ -720,7 +769,7 @@ def analyse(loop, sampler, driver, conditions):
     st_all = loop.status[loop.status != 4]
     return {
         **conditions,
-        "steady": steady, "switch": switch, "after": after, "reloads": reloads,
+        "steady": steady, "switch": switch, "after": after, "outside_switch_windows": elsewhere, "reloads": reloads,
         "p99_ratio": ratio, "target_ratio": 1.5, "target_met": bool(ratio is not None and ratio <= 1.5),
         "requests": int(st_all.shape[0]), "errors": dict(loop.codes), "lost": int((st_all == 3).sum()),
         "memory": {"baseline": steady_mem,
@@ -762,7 +811,7 @@ def print_report(r, out):
     for x in r["reloads"]:
         row(f"reload {x['reload']}: v{x['from']} -> v{x['to']} switch window", x["window"])
         for ph, label in (("validating", "validating (rename -> valid)"),
-                          ("starting", "new workers start (-> ready)"), ("warming", "warm-up (-> serving)"),
+                          ("starting", "new workers start (-> ready)"), ("warming", "warm-up, hot tier (-> serving)"),
                           ("draining", "draining (serving -> released)"), ("released", "released + 1 s")):
             if x.get("phases"):
                 row("    " + label, x["phases"][ph])
@@ -775,6 +824,10 @@ def print_report(r, out):
     out(f"  switch p99 / steady p99 = {_f(ratio, 2)} (target <= 1.5: {'met' if r['target_met'] else 'MISSED'}); "
         f"per reload: {', '.join(_f(x['p99_ratio'], 2) for x in r['reloads'])}; "
         f"errors {sum(r['errors'].values())} {r['errors'] or ''} lost {r['lost']} of {r['requests']} requests")
+    e = r.get("outside_switch_windows")
+    if e:
+        out(f"  every request outside the switch windows (steady, gaps, after; {e['requests']}): p50 {_f(e['p50_ms'])} "
+            f"p99 {_f(e['p99_ms'])} ms; switch p99 / that p99 = {_f(e['p99_ratio'], 2)}")
     out("")
     out("the slowest 1 % of each window: mean ms in the broker (admission to answer: queue wait + service + "
         "the rest), and outside it (generator, sockets)")
@@ -831,9 +884,14 @@ def print_report(r, out):
         if pk.get("pss_by_role_mib"):
             out("    PSS at the peak by process: " + ", ".join(f"{k} {v:.0f}" for k, v in pk["pss_by_role_mib"].items()))
     out("")
-    out("CPU in each switch window (cores), by process:")
+    out("CPU in each switch window (cores), by process; and in its validating and starting phases:")
     for x in r["reloads"]:
         out(f"  reload {x['reload']}: " + ", ".join(f"{k} {v:.2f}" for k, v in x["cpu_cores_by_role"].items()))
+        for ph in ("validating", "starting"):
+            c = (x.get("phases") or {}).get(ph, {}).get("cpu_cores_by_role")
+            if c:
+                out(f"    {ph} (total {sum(v or 0 for v in c.values()):.2f}): "
+                    + ", ".join(f"{k} {_f(v, 2)}" for k, v in c.items()))
     smp = r["sampler"]
     out(f"sampler: {smp['samples']} samples, {smp['pss_samples']} with PSS, its own CPU {smp['cpu_s']} s "
         f"({_f(smp['cpu_cores'], 3)} cores)")
@@ -990,6 +1048,20 @@ def bench_reload_command(endpoint, run_dir, models_dir, pipeline, trace_path, bu
         expected = rate * (WARMUP_S + steady_s + reloads * (10.0 + RELEASE_TAIL_S + gap_s) + after_s)
         if expected > len(trace):
             note(f"note: the trace has {len(trace)} requests; about {expected:.0f} will be sent, so requests repeat")
+        # The steady window must not hold the boot's own loading work (the hot tier of the serving
+        # version is built by a child after jizhid reports ready): wait until only the supervisor, the
+        # broker and the serving version's workers run.
+        idle_by = time.monotonic() + 120.0
+        probe = MemorySampler(sup_pid, instance)
+        while True:
+            extra = probe.roles_now() - {"supervisor", "broker", f"workers v{serving['version']}"}
+            if not extra:
+                break
+            if time.monotonic() > idle_by:
+                raise click.ClickException(f"jizhid still runs {', '.join(sorted(extra))} after 120 s; "
+                                           "start when it has finished loading")
+            note(f"waiting for jizhid to finish its own loading work ({', '.join(sorted(extra))})")
+            time.sleep(2.0)
         quiet_wait = None
         if max_other_cores is not None:
             quiet_wait = wait_for_quiet(max_other_cores, settle_s, ServerCpu(run_dir), note)

@@ -155,6 +155,7 @@ class Generation:
         self.warm = None                # the warm-up's progress, once started
         self.idle_sent = False
         self.boot = {}                  # the slowest worker's {start_ms, load_ms}
+        self.pool = None                # {group: workers} the supervisor starts for it
 
     def in_flight(self):
         return self.slots - len(self.free)
@@ -193,6 +194,11 @@ class PipelineState:
 
     def has_workers(self, vkey):
         return all(self.workers.get((g, vkey)) for g in self.groups)
+
+    def has_pool(self, gen):
+        """Every worker the supervisor starts for ``gen`` has joined (a warm-up must warm all of them)."""
+        pool = gen.pool or {}
+        return all(len(self.workers.get((g, gen.vkey), ())) >= pool.get(g, 1) for g in self.groups)
 
     def ready(self):
         return self.serving() is not None and self.has_workers(self.active)
@@ -511,6 +517,7 @@ class Broker:
         if pipe is None:
             return
         gen = Generation(msg["plan"], msg["segments"], self.settings, "loading", msg.get("warmup"))
+        gen.pool = msg.get("pool")
         old = pipe.gens.get(gen.vkey)
         if old is not None and old.in_flight():
             log.warning("version %s of %s added again while it holds requests; keeping the old one",
@@ -518,7 +525,7 @@ class Broker:
             return
         pipe.add(gen)
         log.info("pipeline %s: version %s added (loading; waiting for its workers)", pipe.name, gen.versions)
-        if pipe.has_workers(gen.vkey):
+        if pipe.has_pool(gen):
             self.start_warmup(pipe, gen)
 
     def start_warmup(self, pipe, gen):
@@ -826,8 +833,14 @@ class Broker:
         pipe.workers[(w.group, w.vkey)].append(w)
         log.info("worker joined: pipeline=%s group=%s wid=%s pid=%s versions=%s",
                  pipe.name, w.group, w.wid, w.pid, dict(w.vkey))
-        if gen.state == "loading" and pipe.has_workers(gen.vkey):
+        if gen.state == "loading" and pipe.has_pool(gen):
             self.start_warmup(pipe, gen)
+        elif gen.state == "active":
+            # Joined a version that serves already (a restart, a scale-up): serve at normal priority.
+            try:
+                self.back.send_multipart([ident] + protocol.encode_simple(protocol.T_PRIORITY))
+            except zmq.ZMQError:
+                pass
         self.dispatch(pipe, w.group, w.vkey)
 
     def retire_worker(self, w):

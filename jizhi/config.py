@@ -97,6 +97,10 @@ SETTINGS = [
             "Recent requests kept for warm-ups (memory: about this many x 6 bytes x candidates)."),
     Setting("models.load_nice", int, 10, lambda v: None if 0 <= v <= 19 else "must be 0..19",
             "Nice increment of a new version's workers while they load and warm up, so serving ones keep the CPU."),
+    Setting("models.load_cores", str, "auto", lambda v: None if v == "auto" or all(
+                c.strip().isdigit() for c in v.split(",") if c.strip()) else 'must be "auto", "" or a list like "1" or "2,3"',
+            "Cores a new version's loading work runs on until it serves (validation, hot-tier builds, its workers), "
+            "so serving workers keep the others. auto: the last core when there are two or more; \"\": no pinning."),
     Setting("models.validate_timeout_s", float, 120.0, _positive,
             "A new version's validation (files, ONNX, cube, smoke inference; a child process) must finish within this."),
     Setting("models.memory_budget_mb", int, 0, _nonneg,

@@ -20,7 +20,6 @@ Runs in the supervisor process only.
 """
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -111,7 +110,8 @@ class Loader:
             sup.write_run()
             sup.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": self.pipeline,
                                              "version": self.version, "plan": plan, "segments": self.segments,
-                                             "warmup": self.warmup})])
+                                             "warmup": self.warmup,
+                                             "pool": {g: sup.desired[(self.pipeline, g)] for g in plan["groups"]}})])
             log.info("pipeline %s: loading %s version %d beside the serving one (bank %d, workers at nice +%d, "
                      "expected %d MiB)", self.pipeline, self.model, self.version, self.bank,
                      sup.settings["models.load_nice"], self.expected_bytes >> 20)
@@ -137,11 +137,7 @@ class Loader:
             argv += ["--keys", str(keys_path)]
         self.hot_building, self.hot_keys_path = gen, keys_path
         self.hot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env())
-        try:
-            os.setpriority(os.PRIO_PROCESS, self.hot_proc.pid,
-                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + sup.settings["models.load_nice"]))
-        except OSError:
-            pass
+        sup.as_loader(self.hot_proc.pid)
         self.hot_started = time.monotonic()
 
     def poll_hot_build(self, sup):

@@ -247,18 +247,15 @@ class Registry:
 
     # -- validation (a child process) ---------------------------------------------
 
-    def validate(self, rec, nice=0):
+    def validate(self, rec, as_loader=None):
         rec.to(State.VALIDATING)
         rec.proc = subprocess.Popen([sys.executable, "-m", "jizhi.validate", str(rec.path), "--name", rec.model,
                                      "--version", str(rec.version)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
         rec.proc_started = time.monotonic()
-        if nice:
-            try:
-                os.setpriority(os.PRIO_PROCESS, rec.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
-            except OSError:
-                pass
+        if as_loader is not None:
+            as_loader(rec.proc.pid)    # lower priority, the loading cores
         log.info("model %s version %d: validating (pid %d)", rec.model, rec.version, rec.proc.pid)
 
     def poll_validations(self):

@@ -259,6 +259,8 @@ class Supervisor:
         if loaded.state == "loading":
             # A new version loads beside serving workers: at lower CPU priority until it serves.
             argv += ["--nice", str(self.settings["models.load_nice"])]
+            if self.load_cores():
+                argv += ["--load-cores", ",".join(map(str, self.load_cores()))]
         self.children[key] = Child(key, argv, loaded.version)
 
     @staticmethod
@@ -680,12 +682,17 @@ class Supervisor:
                         len(k) == 4 and k[0] == pipeline and k[3] == bank for k in self.children):
                     self.unload(ld)
         now = time.monotonic()
+        starting = self.loading_banks_starting()
         for key, child in list(self.children.items()):
             if child.proc is None:
                 if child.retiring:
                     del self.children[key]
                 elif now >= child.not_before:
+                    if child.is_worker and (key[0], key[3]) in starting:
+                        continue    # a loading version's workers start one after another (less CPU at once)
                     self.spawn(child)
+                    if child.is_worker and (key[0], key[3]) in self.loading_banks():
+                        starting.add((key[0], key[3]))
             elif child.quick_deaths and now - child.started >= YOUNG_S:
                 if child.quick_deaths >= RESTART_BUDGET:
                     log.info("%s is up again for %.0f s: no longer degraded", child.name, YOUNG_S)
@@ -735,9 +742,27 @@ class Supervisor:
             if rec.validation is None or not rec.validation.get("ok"):
                 rec.timings_ms = {k: v for k, v in rec.timings_ms.items() if k == "detection"}
                 rec.t_wanted_wall = time.time()
-                reg.validate(rec, self.settings["models.load_nice"])
+                reg.validate(rec, self.as_loader)
                 continue
             self.load_version(pipeline, rec)
+
+    def load_cores(self):
+        """Cores the loading work (validation, hot-tier builds, a new version's workers) is confined to."""
+        cores = self.settings["models.load_cores"]
+        if cores == "auto":
+            cpus = sorted(os.sched_getaffinity(0))
+            return [cpus[-1]] if len(cpus) > 1 else []
+        return [int(c) for c in cores.split(",") if c.strip()]
+
+    def as_loader(self, pid):
+        """A loading child: lower CPU priority and (models.load_cores) one core, so serving keeps the rest."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.settings["models.load_nice"]))
+            if self.load_cores():
+                os.sched_setaffinity(pid, self.load_cores())
+        except OSError:
+            pass
 
     def manage_hot_tiers(self, now):
         """Build each live version's hot tier (first: while its workers start); when it holds only part of
@@ -905,6 +930,19 @@ class Supervisor:
             if not still:
                 rec.to(State.STANDBY)
                 rec.validation = None     # validated again before it serves again
+
+    def loading_banks(self):
+        return {(p, ld.bank) for p, banks in self.loaded.items() for ld in banks.values() if ld.state == "loading"}
+
+    def loading_banks_starting(self):
+        """Banks of loading versions with a worker started but not yet in its work loop (no heartbeat yet)."""
+        out = set()
+        for (p, bank) in self.loading_banks():
+            for key, child in self.children.items():
+                if child.is_worker and (key[0], key[3]) == (p, bank) and child.proc is not None \
+                        and child.proc.poll() is None and self.stats_shm.heartbeat[self.worker_row(key)] == 0.0:
+                    out.add((p, bank))
+        return out
 
     def retire(self, child):
         """Stop a worker without dropping a request: the broker sends it nothing new, then STOP."""

@@ -48,8 +48,17 @@ def lower_priority(nice):
         os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
 
 
-def restore_priority():
-    """Serving now: every thread back to the parent's nice value (needs CAP_SYS_NICE to lower it)."""
+def restore_priority(cores=None):
+    """Serving now: every thread on its group's cores (or all) and back to the parent's nice value.
+
+    Lowering nice needs CAP_SYS_NICE (the systemd unit grants it); without it the worker serves niced.
+    """
+    try:
+        allowed = cores or sorted(os.sched_getaffinity(os.getppid()))
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), allowed)
+    except OSError:
+        pass
     target = int(os.environ.get("JIZHI_BASE_NICE", "0"))
     if os.getpriority(os.PRIO_PROCESS, 0) == target:
         return
@@ -276,7 +285,7 @@ class Worker:
                 elif msg["t"] == protocol.T_STOP:
                     break
                 elif msg["t"] == protocol.T_PRIORITY:
-                    restore_priority()
+                    restore_priority(self.group.get("cores") or None)
                 elif msg["t"] == protocol.T_RESYNC:
                     log.info("the broker restarted; registering again")
                     sock.send_multipart(ready)
@@ -297,8 +306,12 @@ def main(argv=None):
     ap.add_argument("--version", type=int, required=True, help="the model version this worker serves")
     ap.add_argument("--nice", type=int, default=0,
                     help="load at this much lower CPU priority (a new version beside serving ones)")
+    ap.add_argument("--load-cores", default="",
+                    help="while loading, run on these cores only (comma-separated), until the version serves")
     args = ap.parse_args(argv)
     lower_priority(args.nice)
+    if args.load_cores:
+        os.sched_setaffinity(0, [int(c) for c in args.load_cores.split(",")])
     logs.setup(f"jizhi.worker[{args.pipeline}/{args.group}/{args.wid}]")
     die_with_parent()
 

@@ -22,17 +22,7 @@ setsid .venv/bin/jizhid --models "$W/demo/models" --instance bench --frontend $E
     --pipelines demo,demo_unfused,legacy --run-dir "$W/run" > "$W/jizhid.log" 2>&1 < /dev/null &
 JIZHID=$!
 trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
-$PY -c "
-import sys, time
-from jizhi.client import Client
-end = time.monotonic() + 180
-while time.monotonic() < end:
-    try:
-        with Client('$EP', timeout_s=1) as c:
-            if c.info().get('ready'): sys.exit(0)
-    except TimeoutError: pass
-    time.sleep(0.3)
-sys.exit('jizhid not ready')"
+$PY -m jizhi.client --wait-ready $EP
 
 # 3. Max rate at p99 <= 50 ms, zero errors, 20 s points, per pipeline, with CPU accounting.
 $PY -m jizhi.bench --endpoint $EP --trace "$W/trace.npz" --pipeline demo,demo_unfused,legacy \

@@ -13,6 +13,8 @@ process (``DiskCache``, the cache manager) and readers in the workers
 (``DiskCacheReader``: one read transaction per batch, which sees one
 committed state, never a half-written one).
 """
+import os
+
 import lmdb
 import numpy as np
 
@@ -140,3 +142,80 @@ class Levels:
             todo = todo[~f]
         self.missing += int(todo.shape[0])
         return out, found
+
+
+class LazyDiskCache:
+    """A worker's disk-cache level: all misses until the cache manager has created the environment."""
+
+    def __init__(self, path, dim):
+        self.path = str(path)
+        self.dim = int(dim)
+        self.reader = None
+
+    def lookup(self, keys):
+        if self.reader is None and os.path.exists(os.path.join(self.path, "lock.mdb")):
+            try:
+                self.reader = DiskCacheReader(self.path, self.dim)
+            except lmdb.Error:
+                self.reader = None
+        if self.reader is None:
+            return np.zeros((keys.shape[0], self.dim), np.float32), np.zeros(keys.shape[0], bool)
+        return self.reader.lookup(keys)
+
+
+def manage_main(argv=None):
+    """``python -m jizhi.cube.cache``: the disk cache's one writer (started and stopped by jizhid).
+
+    Every ``--interval-s`` it folds the keys the version's cube_accessor
+    workers sampled (their stats rows' rings) into decayed counts and makes the
+    cache hold the ``--capacity`` most used, fetching what it lacks from the
+    remote backend in one batch.
+    """
+    import argparse
+    import signal
+    import sys
+    import time
+
+    from jizhi.cube.hot import KeyCounts
+    from jizhi.cube.remote import open_backend
+    from jizhi.stats import KEY_RING, Stats
+    ap = argparse.ArgumentParser(prog="python -m jizhi.cube.cache", description=manage_main.__doc__.split("\n")[0])
+    ap.add_argument("--env", required=True, help="the cache's LMDB directory (created)")
+    ap.add_argument("--remote", required=True, help="the backend URL (cube/remote.py)")
+    ap.add_argument("--dim", type=int, required=True)
+    ap.add_argument("--capacity", type=int, required=True, help="keys the cache holds at most")
+    ap.add_argument("--stats-segment", required=True)
+    ap.add_argument("--stats-rows", type=int, required=True, help="rows of the stats segment")
+    ap.add_argument("--rows", required=True, help="comma-separated stats rows of the version's workers")
+    ap.add_argument("--interval-s", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    running = [True]
+    signal.signal(signal.SIGTERM, lambda s, f: running.__setitem__(0, False))
+    os.makedirs(args.env, exist_ok=True)
+    cache = DiskCache(args.env, args.dim, args.capacity)
+    backend = open_backend(args.remote, args.dim)
+    stats = Stats.attach({"segment": args.stats_segment, "rows": args.stats_rows})
+    rows = [int(r) for r in args.rows.split(",") if r]
+    counts = KeyCounts(limit=4 * args.capacity)
+    seen = {}
+    while running[0]:
+        time.sleep(args.interval_s)
+        for r in rows:
+            pos = int(stats.keys_pos[r])
+            last = seen.get(r, 0) if pos >= seen.get(r, 0) else 0
+            new = min(pos - last, KEY_RING)
+            if new > 0:
+                counts.add(stats.keys[r, np.arange(pos - new, pos) % KEY_RING].copy())
+            seen[r] = pos
+        if counts.seen:
+            added, dropped = cache.update(counts.top(args.capacity), backend)
+            counts.decay()
+            if added or dropped:
+                print(f"disk cache {args.env}: +{added} -{dropped} keys", file=sys.stderr, flush=True)
+    cache.close()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(manage_main())

@@ -327,13 +327,21 @@ def build_main(argv=None):
     ap.add_argument("--budget-bytes", type=int, required=True, help="the table's size limit (cube.hot_tier_mb)")
     ap.add_argument("--keys", help=".npy of the keys to hold, hottest first (default: the cube's keys, "
                                    "when they all fit)")
+    ap.add_argument("--remote", help="read vectors from this backend (cube/remote.py) instead of --cube; "
+                                     "without --keys the table starts empty (a remote cube is not listed)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
-    from jizhi.cube.store import open_cube
-    cube = open_cube(args.cube, args.dim)
     max_keys = keys_for_budget(args.budget_bytes, args.dim)
-    keys = np.load(args.keys) if args.keys else cube_keys(cube)
-    total = keys.shape[0]
+    if args.remote:
+        from jizhi.cube.remote import open_backend
+        cube = open_backend(args.remote, args.dim)
+        keys = np.load(args.keys) if args.keys else np.zeros(0, np.uint64)
+        total = -1      # unknown: the tier holds part of it, rebuilt from the most used keys
+    else:
+        from jizhi.cube.store import open_cube
+        cube = open_cube(args.cube, args.dim)
+        keys = np.load(args.keys) if args.keys else cube_keys(cube)
+        total = keys.shape[0]
     keys = np.unique(keys[:max_keys].astype(np.uint64))
     vectors, found = cube.lookup(keys)
     keys, vectors = keys[found], vectors[found]

@@ -304,6 +304,9 @@ def _storage_lines(info):
         last = c.get("last_minute") or {}
         lines.append(f"{pname}: cube lookups {c['lookups']:,}  hot tier {_ratio(c['hot_ratio'])} since start, "
                      f"{_ratio(last.get('hot_ratio'))} last minute ({last.get('lookups', 0):,} lookups)")
+        if c.get("remote_keys") is not None:
+            lines.append(f"{pname}: below the hot tier: disk cache {_ratio(c['disk_ratio'])}, remote cube "
+                         f"{_ratio(c['remote_ratio'])} of the lookups since start")
         if c.get("qcache_candidates"):
             lines.append(f"{pname}: query cache {_ratio(c['qcache_ratio'])} of {c['qcache_candidates']:,} candidates "
                          f"since start, {_ratio(last.get('qcache_ratio'))} last minute")

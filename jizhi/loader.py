@@ -71,6 +71,10 @@ class Loader:
         self.hot_counts = None      # KeyCounts of sampled lookups (LFU), when the tier holds part of the cube
         self.hot_next_rebuild = 0.0
         self.warm_msg = None        # the broker's WARM, held until the hot tier is built
+        self.remote = None          # the cube's backend URL when it is not local (cube/remote.py)
+        self.disk_cache = None      # its disk cache's directory, and the cache manager child
+        self.disk_capacity = 0
+        self.disk_proc = None
 
     def load(self, sup, doc, plan=None, announce=True):
         """Compile, check the budget, create the arenas and (``announce``) tell the broker.
@@ -100,6 +104,12 @@ class Loader:
             self.warmup = warmup_ids(self.record.path)
         self.plan = plan
         self.segments = create_arenas(sup, self.pipeline, plan)
+        cube_cfg = next((st["config"] for st in plan["stages"].values() if st["processor"] == "cube_accessor"), {})
+        if cube_cfg.get("remote"):
+            # A cube behind a backend: a disk cache (its manager is this version's child) in front of it.
+            self.remote = cube_cfg["remote"].format(cube=Path(plan["version_dir"]) / "cube")
+            self.disk_capacity = int(cube_cfg.get("disk_cache_keys", 10_000))
+            self.disk_cache = str(sup.run_dir / f"disk-{self.pipeline}-v{self.version}")
         if sup.settings["cube.hot_tier_mb"] and any(
                 st["processor"] == "cube_accessor" for st in plan["stages"].values()):
             prefix = arena.segment_name(sup.instance, sup.run_id, f"{self.pipeline}.v{self.version}", "hot")
@@ -135,6 +145,8 @@ class Loader:
                 "--budget-bytes", str(sup.settings["cube.hot_tier_mb"] << 20)]
         if keys_path is not None:
             argv += ["--keys", str(keys_path)]
+        if self.remote is not None:
+            argv += ["--remote", self.remote]
         self.hot_building, self.hot_keys_path = gen, keys_path
         self.hot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env())
         sup.as_loader(self.hot_proc.pid)
@@ -180,7 +192,8 @@ class Loader:
 
     def hot_partial(self):
         """True when the hot tier holds only part of the cube (then LFU rebuilds pay)."""
-        return self.hot_report is not None and self.hot_report["keys"] < self.hot_report["cube_keys"]
+        r = self.hot_report
+        return r is not None and (r["cube_keys"] < 0 or r["keys"] < r["cube_keys"])
 
     def release_tables(self, sup, reader_generations):
         """Unlink replaced generations no live reader of this version still reads."""
@@ -201,9 +214,36 @@ class Loader:
         if self.hot_keys_path is not None:
             Path(self.hot_keys_path).unlink(missing_ok=True)
 
+    def start_disk_manager(self, sup, rows):
+        """The disk cache's one writer (``python -m jizhi.cube.cache``), fed by ``rows``' key samples."""
+        import subprocess
+        import sys
+        from jizhi.bundle import Bundle
+        self.disk_proc = subprocess.Popen(
+            [sys.executable, "-m", "jizhi.cube.cache", "--env", self.disk_cache, "--remote", self.remote,
+             "--dim", str(Bundle(self.plan["version_dir"]).dim), "--capacity", str(self.disk_capacity),
+             "--stats-segment", sup.stats_spec["segment"], "--stats-rows", str(sup.stats_spec["rows"]),
+             "--rows", ",".join(map(str, rows))], stdin=subprocess.DEVNULL, env=sup.child_env())
+        log.info("pipeline %s: version %d's disk cache manager pid=%d (%s, %d keys)", self.pipeline, self.version,
+                 self.disk_proc.pid, self.disk_cache, self.disk_capacity)
+
+    def stop_disk_manager(self):
+        if self.disk_proc is not None:
+            self.disk_proc.terminate()
+            try:
+                self.disk_proc.wait(5)
+            except Exception:
+                self.disk_proc.kill()
+                self.disk_proc.wait()
+            self.disk_proc = None
+        if self.disk_cache is not None:
+            import shutil
+            shutil.rmtree(self.disk_cache, ignore_errors=True)
+
     def unload(self, sup):
         """After its workers exited: the broker forgets the version, its arenas are unlinked."""
         self.stop_hot_build()
+        self.stop_disk_manager()
         sup.tell_broker(protocol.encode_simple(protocol.T_VERSION_DROP, pipeline=self.pipeline, version=self.version))
         n = sum(arena.unlink(seg) for seg in sup.segments.pop((self.pipeline, self.version), {}).values())
         log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned; %d arenas removed)",
@@ -212,6 +252,7 @@ class Loader:
     def entry(self):
         """What the plan file says of this version (children and a restarted broker read it)."""
         e = {"plan": self.plan, "segments": self.segments, "bank": self.bank, "hot": self.hot,
+             "disk_cache": self.disk_cache,
              "state": BROKER_STATE.get(self.state, "draining")}
         if self.warmup is not None:
             e["warmup"] = self.warmup

@@ -27,10 +27,10 @@ BUCKETS_US = np.array([50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000
 NB = BUCKETS_US.shape[0]
 MAX_STAGES = 8
 # Per-row counters (int64): index -> meaning
-C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS, C_LOOKUPS, C_HOT_HITS, C_HOT_GEN = range(8)
+C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS, C_LOOKUPS, C_HOT_HITS, C_HOT_GEN, C_DISK_HITS, C_REMOTE_KEYS = range(10)
 KEY_RING = 4096   # sampled keys kept per worker row (the supervisor reads them every cube.hot_rebuild_s)
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
-N_COUNTERS = 8
+N_COUNTERS = 12
 
 
 def layout(rows):

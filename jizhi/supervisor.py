@@ -276,10 +276,11 @@ class Supervisor:
         if row is not None:
             self.stats_shm.heartbeat[row] = 0.0   # not beating until its loop starts
             # The new process zeroes its row: keep what the previous one counted.
-            look, hits = self.cube_base.get(child.key[0], (0, 0))
+            kept = (stats_mod.C_LOOKUPS, stats_mod.C_HOT_HITS, stats_mod.C_DISK_HITS, stats_mod.C_REMOTE_KEYS)
             c = self.stats_shm.counters[row]
-            self.cube_base[child.key[0]] = (look + int(c[stats_mod.C_LOOKUPS]), hits + int(c[stats_mod.C_HOT_HITS]))
-            c[stats_mod.C_LOOKUPS] = c[stats_mod.C_HOT_HITS] = 0
+            base = self.cube_base.get(child.key[0], (0, 0, 0, 0))
+            self.cube_base[child.key[0]] = tuple(b + int(c[k]) for b, k in zip(base, kept))
+            c[list(kept)] = 0
         child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, env=env)
         child.started = time.monotonic()
         child.kill_at = None
@@ -476,14 +477,16 @@ class Supervisor:
         c = self.stats_shm.counters
         out = {}
         for pname, plan in self.run["pipelines"].items():
-            base = self.cube_base.get(pname, (0, 0))
-            look, hits = base
+            base = self.cube_base.get(pname, (0, 0, 0, 0))
+            look, hits, disk, remote = base
             for g in plan["groups"]:
                 r = rows[f"{pname}/{g}"]
                 look += int(c[r:r + n, stats_mod.C_LOOKUPS].sum())
                 hits += int(c[r:r + n, stats_mod.C_HOT_HITS].sum())
+                disk += int(c[r:r + n, stats_mod.C_DISK_HITS].sum())
+                remote += int(c[r:r + n, stats_mod.C_REMOTE_KEYS].sum())
             qc = ((self.last_broker_info or {}).get("pipelines", {}).get(pname) or {}).get("query_cache") or {}
-            out[pname] = (look, hits, qc.get("candidates", 0), qc.get("hits", 0))
+            out[pname] = (look, hits, qc.get("candidates", 0), qc.get("hits", 0), disk, remote)
         return out
 
     def sample_cube(self, now):
@@ -498,9 +501,12 @@ class Supervisor:
 
         def ratio(a, b):
             return round(a / b, 4) if b else None
-        for p, (look, hits, cand, qhits) in totals.items():
+        for p, (look, hits, cand, qhits, disk, remote) in totals.items():
             fig = {"lookups": look, "hot_hits": hits, "hot_ratio": ratio(hits, look),
                    "qcache_candidates": cand, "qcache_hits": qhits, "qcache_ratio": ratio(qhits, cand)}
+            if disk or remote:
+                fig.update(disk_hits=disk, disk_ratio=ratio(disk, look), remote_keys=remote,
+                           remote_ratio=ratio(remote, look))
             if old is not None and p in old[1]:
                 dl, dh, dc, dq = (a - b for a, b in zip((look, hits, cand, qhits), old[1][p]))
                 fig["last_minute"] = {"lookups": dl, "hot_hits": dh, "hot_ratio": ratio(dh, dl),
@@ -770,7 +776,17 @@ class Supervisor:
         unlink replaced generations once no live reader holds them."""
         for banks in self.loaded.values():
             for ld in list(banks.values()):
-                if ld.hot is None or ld.state not in LIVE:
+                if ld.state not in LIVE:
+                    continue
+                if ld.remote is not None and (ld.disk_proc is None or ld.disk_proc.poll() is not None):
+                    if ld.disk_proc is not None:
+                        log.warning("pipeline %s: version %d's disk cache manager exited (code %s); restarting it",
+                                    ld.pipeline, ld.version, ld.disk_proc.returncode)
+                    pool = self.settings["workers.max_pool"]
+                    rows = [self.stats_spec["map"][f"{ld.pipeline}/{g}"] + ld.bank * pool + w
+                            for g in ld.plan["groups"] for w in range(pool)]
+                    ld.start_disk_manager(self, rows)
+                if ld.hot is None:
                     continue
                 if ld.hot_proc is not None:
                     first = not ld.hot_done
@@ -784,11 +800,17 @@ class Supervisor:
                         ld.hot_next_rebuild = now + self.settings["cube.hot_rebuild_s"]
                         if ld.hot_counts is not None and ld.hot_counts.seen:
                             path = self.run_dir / f"hot-{ld.pipeline}-v{ld.version}-g{ld.hot_published + 1}.npy"
-                            np.save(path, ld.hot_counts.top(ld.hot_report["keys"]))
+                            np.save(path, ld.hot_counts.top(self.hot_keys(ld)))
                             ld.hot_counts.decay()
                             ld.start_hot_build(self, keys_path=path)
                 if ld.hot_retired:
                     ld.release_tables(self, self.hot_readers(ld))
+
+    def hot_keys(self, ld):
+        """Keys the version's hot tier can hold (its budget)."""
+        from jizhi.bundle import Bundle
+        from jizhi.cube.hot import keys_for_budget
+        return max(1, keys_for_budget(self.settings["cube.hot_tier_mb"] << 20, Bundle(ld.plan["version_dir"]).dim))
 
     def hot_rows(self, ld):
         """Stats rows of the live workers of ``ld``'s bank that run a cube_accessor."""
@@ -811,7 +833,7 @@ class Supervisor:
         """Fold the keys sampled since the last call (each worker's ring) into the version's LFU counts."""
         from jizhi.cube.hot import KeyCounts
         if ld.hot_counts is None:
-            ld.hot_counts = KeyCounts(limit=4 * ld.hot_report["keys"])
+            ld.hot_counts = KeyCounts(limit=4 * self.hot_keys(ld))
             ld.hot_ring_seen = {}
         ring = stats_mod.KEY_RING
         for r in self.hot_rows(ld):
@@ -990,6 +1012,7 @@ class Supervisor:
         for banks in self.loaded.values():
             for ld in banks.values():
                 ld.stop_hot_build()
+                ld.stop_disk_manager()
         self.ctl.close(0)
         self.control.close(0)
         if self.metrics_server is not None:
@@ -1014,5 +1037,8 @@ class Supervisor:
                 pass
         for f in self.run_dir.glob("hot-*.npy"):    # LFU key lists of hot-tier builds
             f.unlink(missing_ok=True)
+        import shutil
+        for d in self.run_dir.glob("disk-*"):       # disk caches of remote cubes
+            shutil.rmtree(d, ignore_errors=True)
         log.info("removed %d shared-memory segments", n)
 

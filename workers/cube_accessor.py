@@ -11,7 +11,7 @@ import numpy as np
 from jizhi.cube.hot import TieredStore
 from jizhi.cube.pooling import pool_blocks
 from jizhi.cube.store import open_cube
-from jizhi.stats import C_HOT_GEN, C_HOT_HITS, C_LOOKUPS
+from jizhi.stats import C_DISK_HITS, C_HOT_GEN, C_HOT_HITS, C_LOOKUPS, C_REMOTE_KEYS
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 
@@ -29,8 +29,20 @@ class CubeAccessor(Stage):
 
     def setup(self, config, bundle):
         self.dim = bundle.dim
-        # The version's shared-memory hot tier in front of the LMDB cube (when the supervisor built one).
-        self.store = TieredStore(open_cube(bundle.cube_path, bundle.dim), config.get("_hot"))
+        self.levels = None
+        if config.get("remote"):
+            # A cube behind a backend (stage option remote = URL, "{cube}" = the bundle's cube/):
+            # the local disk cache (written by jizhid's cache manager) in front of it.
+            from jizhi.cube.cache import LazyDiskCache, Levels
+            from jizhi.cube.remote import open_backend
+            backend = open_backend(config["remote"].format(cube=bundle.cube_path), bundle.dim)
+            self.levels = Levels([("disk", LazyDiskCache(config["_disk_cache"], bundle.dim)),
+                                  ("remote", backend)], bundle.dim)
+            lower = self.levels
+        else:
+            lower = open_cube(bundle.cube_path, bundle.dim)
+        # The version's shared-memory hot tier in front of it all (when the supervisor built one).
+        self.store = TieredStore(lower, config.get("_hot"))
         self.store.refresh()
 
     def attach_sampler(self, ring, pos):
@@ -43,6 +55,9 @@ class CubeAccessor(Stage):
         counters[C_LOOKUPS] = self.store.lookups
         counters[C_HOT_HITS] = self.store.hot_hits
         counters[C_HOT_GEN] = self.store.generation
+        if self.levels is not None:
+            counters[C_DISK_HITS] = self.levels.hits["disk"]
+            counters[C_REMOTE_KEYS] = self.levels.hits["remote"] + self.levels.missing
 
     def process(self, batch):
         (user_emb, item_emb), (umiss, imiss), _ = pool_blocks(

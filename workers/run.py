@@ -113,7 +113,8 @@ class Worker:
             proc = cls()
             # Keys the runtime adds for built-ins start with "_" (the overlay's segment).
             config = dict(st["config"], _overlay=run.get("overlay"), _hot=entry.get("hot"),
-                          _qcache=run.get("qcache"), _wid=wid, _pipeline=pipeline)
+                          _qcache=run.get("qcache"), _wid=wid, _pipeline=pipeline,
+                          _disk_cache=entry.get("disk_cache"))
             try:
                 proc.setup(config, bundle)
             except Exception as e:

@@ -301,6 +301,21 @@ def check_trace_length(trace, rate, duration_s, allow_repeat):
             f"trace (--bundle DIR --requests {need}) or pass --allow-repeat.")
 
 
+def drain_replies(sock):
+    """Every reply waiting on a DEALER ``sock`` (non-blocking): ``(request id, header)``; malformed ones skipped."""
+    while True:
+        try:
+            rep = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            h = msgpack.unpackb(rep[1], raw=False, strict_map_key=False)
+            rid = int(h["id"])
+        except Exception:
+            continue
+        yield rid, h
+
+
 class LoadGenerator:
     """Open-loop Poisson load on one pipeline of a jizhid, one point at a time.
 
@@ -431,16 +446,7 @@ class LoadGenerator:
                 timeout = min(timeout, max(0, math.ceil((t0 - now) * 1000)))
             if poller.poll(timeout):
                 rnow = time.monotonic()
-                while True:
-                    try:
-                        rep = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        h = msgpack.unpackb(rep[1], raw=False, strict_map_key=False)
-                        rid = int(h["id"])
-                    except Exception:
-                        continue
+                for rid, h in drain_replies(sock):
                     if rid >> ID_BITS != self.point_no:
                         continue  # a late reply of an earlier point
                     i = rid & ((1 << ID_BITS) - 1)

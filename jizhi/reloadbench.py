@@ -78,12 +78,11 @@ import time
 from pathlib import Path
 
 import click
-import msgpack
 import numpy as np
 import zmq
 
 from jizhi import protocol
-from jizhi.bench import machine_busy_s
+from jizhi.bench import drain_replies, machine_busy_s
 
 WARMUP_S = 3.0               # load before the steady window, not counted
 RELEASE_TAIL_S = 1.0         # the switch window ends this long after the release
@@ -409,16 +408,7 @@ class OpenLoop:
                 timeout = 20
             if poller.poll(timeout):
                 rnow = time.monotonic()
-                while True:
-                    try:
-                        rep = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        h = msgpack.unpackb(rep[1], raw=False, strict_map_key=False)
-                        rid = int(h["id"])
-                    except Exception:
-                        continue
+                for rid, h in drain_replies(sock):
                     if rid & ~mask != self.id_base:
                         continue
                     i = rid & mask

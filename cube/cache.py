@@ -18,27 +18,9 @@ import os
 import lmdb
 import numpy as np
 
+from jizhi.cube.store import getmulti
+
 DEFAULT_MAP_BYTES = 1 << 30
-
-
-def _getmulti(env, keys, dim):
-    """``(vectors, found)`` of sorted unique ``keys`` in one read transaction (liblmdb)."""
-    k = keys.shape[0]
-    out = np.zeros((k, dim), dtype=np.float32)
-    found = np.zeros(k, dtype=bool)
-    if k == 0:
-        return out, found
-    # LMDB orders keys by their little-endian bytes: walk them in that order.
-    bo = np.argsort(keys.byteswap(), kind="stable")
-    raw = np.ascontiguousarray(keys[bo], dtype="<u8").tobytes()
-    with env.begin(buffers=False) as txn:
-        pairs = txn.cursor().getmulti([raw[i:i + 8] for i in range(0, 8 * k, 8)])
-    if pairs:
-        got = np.frombuffer(b"".join(p[0] for p in pairs), dtype="<u8")
-        idx = np.searchsorted(keys, got)
-        out[idx] = np.frombuffer(b"".join(p[1] for p in pairs), dtype="<f4").reshape(-1, dim)
-        found[idx] = True
-    return out, found
 
 
 class DiskCacheReader:
@@ -50,7 +32,7 @@ class DiskCacheReader:
                              readahead=False)
 
     def lookup(self, keys):
-        return _getmulti(self.env, np.ascontiguousarray(keys, dtype=np.uint64), self.dim)
+        return getmulti(self.env, np.ascontiguousarray(keys, dtype=np.uint64), self.dim)
 
     def close(self):
         self.env.close()
@@ -71,7 +53,7 @@ class DiskCache:
         return np.sort(np.frombuffer(raw, dtype="<u8").astype(np.uint64))
 
     def lookup(self, keys):
-        return _getmulti(self.env, np.ascontiguousarray(keys, dtype=np.uint64), self.dim)
+        return getmulti(self.env, np.ascontiguousarray(keys, dtype=np.uint64), self.dim)
 
     def update(self, hottest, backend):
         """Make the cache hold the first ``capacity`` of ``hottest`` (keys, most used first).

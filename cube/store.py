@@ -74,35 +74,38 @@ class Cube:
         not in the cube reads the default vector (zeros).
         """
         keys = np.ascontiguousarray(keys, dtype="<u8")
-        k = keys.shape[0]
-        out = np.zeros((k, self.dim), dtype=np.float32)
-        found = np.zeros(k, dtype=bool)
-        if k == 0:
-            return out, found
-        if self.btree is not None:
+        if self.btree is not None and keys.shape[0]:
             return self.btree.lookup(keys)
-        # liblmdb: one cursor pass in the tree's byte order (memcmp of the
-        # little-endian bytes, i.e. the byte-swapped value order).
-        bo = np.argsort(keys.byteswap(), kind="stable")
-        keys = keys[bo]
-        raw = keys.tobytes()
-        key_list = [raw[i:i + 8] for i in range(0, 8 * k, 8)]
-        with self.env.begin(buffers=False) as txn:
-            pairs = txn.cursor().getmulti(key_list)
-        if not pairs:
-            return out, found
-        if len(pairs) == k:
-            idx = bo
-        else:
-            got = np.frombuffer(b"".join(p[0] for p in pairs), dtype="<u8")
-            idx = bo[np.searchsorted(keys.byteswap(), got.byteswap())]
-        vals = np.frombuffer(b"".join(p[1] for p in pairs), dtype="<f4").reshape(-1, self.dim)
-        out[idx] = vals
-        found[idx] = True
-        return out, found
+        return getmulti(self.env, keys, self.dim)
 
     def close(self):
         self.env.close()
+
+
+def getmulti(env, keys, dim):
+    """``(vectors float32[K, dim], found bool[K])`` of sorted unique ``keys`` through liblmdb.
+
+    One read transaction, one cursor pass in the tree's byte order (memcmp of
+    the little-endian bytes, i.e. the byte-swapped value order). Used for a
+    cube the Numba reader refused and for the disk cache (cube/cache.py),
+    which another process writes while it is read.
+    """
+    keys = np.ascontiguousarray(keys, dtype="<u8")
+    k = keys.shape[0]
+    out = np.zeros((k, dim), dtype=np.float32)
+    found = np.zeros(k, dtype=bool)
+    if k == 0:
+        return out, found
+    bo = np.argsort(keys.byteswap(), kind="stable")
+    raw = keys[bo].tobytes()
+    with env.begin(buffers=False) as txn:
+        pairs = txn.cursor().getmulti([raw[i:i + 8] for i in range(0, 8 * k, 8)])
+    if pairs:
+        got = np.frombuffer(b"".join(p[0] for p in pairs), dtype="<u8")
+        idx = np.searchsorted(keys, got)
+        out[idx] = np.frombuffer(b"".join(p[1] for p in pairs), dtype="<f4").reshape(-1, dim)
+        found[idx] = True
+    return out, found
 
 
 def open_cube(path, dim):

@@ -160,7 +160,7 @@ def manage_main(argv=None):
 
     from jizhi.cube.hot import KeyCounts
     from jizhi.cube.remote import open_backend
-    from jizhi.stats import KEY_RING, Stats
+    from jizhi.stats import Stats
     ap = argparse.ArgumentParser(prog="python -m jizhi.cube.cache", description=manage_main.__doc__.split("\n")[0])
     ap.add_argument("--env", required=True, help="the cache's LMDB directory (created)")
     ap.add_argument("--remote", required=True, help="the backend URL (cube/remote.py)")
@@ -183,12 +183,8 @@ def manage_main(argv=None):
     while running[0]:
         time.sleep(args.interval_s)
         for r in rows:
-            pos = int(stats.keys_pos[r])
-            last = seen.get(r, 0) if pos >= seen.get(r, 0) else 0
-            new = min(pos - last, KEY_RING)
-            if new > 0:
-                counts.add(stats.keys[r, np.arange(pos - new, pos) % KEY_RING].copy())
-            seen[r] = pos
+            keys, seen[r] = stats.sampled_keys(r, seen.get(r, 0))
+            counts.add(keys)
         if counts.seen:
             added, dropped = cache.update(counts.top(args.capacity), backend)
             counts.decay()

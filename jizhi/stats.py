@@ -83,6 +83,17 @@ class Stats:
     def attach(cls, spec):
         return cls(spec["segment"], spec["rows"]) if spec else None
 
+    def sampled_keys(self, row, last_pos):
+        """The keys ``row``'s worker sampled since its ring position ``last_pos``, and the position now.
+
+        Readers of the rings (the hot tier's LFU counts, a disk cache's manager) keep ``last_pos`` per row.
+        """
+        pos = int(self.keys_pos[row])
+        if pos < last_pos:
+            last_pos = 0        # a new worker process started the row again
+        new = min(pos - last_pos, KEY_RING)
+        return self.keys[row, np.arange(pos - new, pos) % KEY_RING].copy(), pos
+
     def observe(self, row, stage_index, us):
         """Add one observation of ``us`` microseconds to a row's histogram ``stage_index``."""
         b = int(np.searchsorted(BUCKETS_US, us))

@@ -835,17 +835,9 @@ class Supervisor:
         if ld.hot_counts is None:
             ld.hot_counts = KeyCounts(limit=4 * self.hot_keys(ld))
             ld.hot_ring_seen = {}
-        ring = stats_mod.KEY_RING
         for r in self.hot_rows(ld):
-            pos = int(self.stats_shm.keys_pos[r])
-            last = ld.hot_ring_seen.get(r, 0)
-            if pos < last:
-                last = 0        # a new worker process started this row again
-            new = min(pos - last, ring)
-            if new > 0:
-                idx = (np.arange(pos - new, pos) % ring)
-                ld.hot_counts.add(self.stats_shm.keys[r, idx].copy())
-            ld.hot_ring_seen[r] = pos
+            keys, ld.hot_ring_seen[r] = self.stats_shm.sampled_keys(r, ld.hot_ring_seen.get(r, 0))
+            ld.hot_counts.add(keys)
 
     def load_version(self, pipeline, rec):
         """Start loading a validated version in the pipeline's free bank (its workers warm up; the broker says WARM)."""

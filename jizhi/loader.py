@@ -18,7 +18,6 @@ after its workers exited (which returned their memory).
 
 Runs in the supervisor process only.
 """
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from jizhi import arena, protocol
 from jizhi.cube.hot import CTL_WORDS
 from jizhi.errors import PipelineError
+from jizhi.registry import child_report
 from jizhi.pipeline import compile_pipeline
 
 log = logging.getLogger("jizhi.supervisor")
@@ -157,20 +157,16 @@ class Loader:
         rc = self.hot_proc.poll()
         if rc is None:
             return False
-        out = self.hot_proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
-        self.hot_proc.stdout.close()
+        report, how = child_report(self.hot_proc, rc)
         self.hot_proc = None
         self.hot_done = True
         gen = self.hot_building
         if self.hot_keys_path is not None:
             Path(self.hot_keys_path).unlink(missing_ok=True)
         took_ms = round((time.monotonic() - self.hot_started) * 1000, 1)
-        try:
-            report = json.loads(out[-1]) if rc == 0 and out else None
-        except ValueError:
+        if rc != 0:
             report = None
         if report is None:
-            how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
             seg = sup.segments[(self.pipeline, self.version)].pop(f"hot.g{gen}", None)
             if seg:
                 arena.unlink(seg)

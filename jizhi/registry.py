@@ -84,6 +84,20 @@ TRANSITIONS = {
 NOT_SERVABLE = (S.REJECTED, S.REFUSED, S.FAILED, S.REMOVED)
 
 
+def child_report(proc, rc):
+    """The JSON report a finished child (validator, hot-tier builder) printed last, and how it ended.
+
+    Returns ``(report or None, how)``; closes the child's stdout.
+    """
+    out = proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
+    proc.stdout.close()
+    try:
+        report = json.loads(out[-1]) if out else None
+    except ValueError:
+        report = None
+    return report, (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
+
+
 class VersionRecord:
     def __init__(self, model, version, path):
         self.model = model
@@ -276,14 +290,8 @@ class Registry:
                                                 "(models.validate_timeout_s)", took)
                         done.append(rec)
                     continue
-                out = rec.proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
-                report = None
-                try:
-                    report = json.loads(out[-1]) if out else None
-                except ValueError:
-                    pass
+                report, how = child_report(rec.proc, rc)
                 if report is None:
-                    how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
                     self._finish(rec, None, f"the validation process crashed ({how})", took)
                 else:
                     self._finish(rec, report, None if report.get("ok") else
@@ -292,7 +300,8 @@ class Registry:
         return done
 
     def _finish(self, rec, report, error, took_s):
-        rec.proc.stdout.close()
+        if not rec.proc.stdout.closed:
+            rec.proc.stdout.close()
         rec.proc = None
         rec.validation = report
         rec.timings_ms["validation"] = round(took_s * 1000, 1)

@@ -100,16 +100,11 @@ class Bundle:
             _checked(h.hexdigest() == entry["sha256"], f"{self.path}: {entry['path']} sha256 differs from the manifest")
         return True
 
-    @staticmethod
-    def changed_files(path):
-        """Cheap check after a worker died: the first listed file that is missing or not the manifest's size."""
-        try:
-            b = Bundle(path)
-        except BundleError as e:
-            return str(e)
-        for entry in b.files:
+    def changed_files(self):
+        """Cheap (stat only): the first listed file now missing or not the size this manifest says, or None."""
+        for entry in self.files:
             try:
-                size = os.stat(b.path / entry["path"]).st_size
+                size = os.stat(self.path / entry["path"]).st_size
             except FileNotFoundError:
                 return f"{entry['path']} was deleted"
             if size != entry["size"]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from jizhi import arena, protocol
 from jizhi.cube.hot import CTL_WORDS
+from jizhi.bundle import Bundle
 from jizhi.errors import PipelineError
 from jizhi.registry import child_report
 from jizhi.pipeline import compile_pipeline
@@ -103,6 +104,7 @@ class Loader:
                                              f"{used >> 20} MiB in use passes models.memory_budget_mb = {budget >> 20}")
             self.warmup = warmup_ids(self.record.path)
         self.plan = plan
+        self.bundle = Bundle(plan["version_dir"])   # its manifest as loaded: files, sizes, dim
         self.segments = create_arenas(sup, self.pipeline, plan)
         cube_cfg = next((st["config"] for st in plan["stages"].values() if st["processor"] == "cube_accessor"), {})
         if cube_cfg.get("remote"):
@@ -135,13 +137,12 @@ class Loader:
         """Start the builder child of the next generation (niced): all cube keys, or ``keys_path`` (hottest first)."""
         import subprocess
         import sys
-        from jizhi.bundle import Bundle
         gen = self.hot_published + 1
         seg = self.hot["table"].format(generation=gen)
         sup.segments[(self.pipeline, self.version)][f"hot.g{gen}"] = seg
         argv = [sys.executable, "-m", "jizhi.cube.hot", "build", "--segment", seg,
                 "--cube", str(Path(self.plan["version_dir"]) / "cube"),
-                "--dim", str(Bundle(self.plan["version_dir"]).dim), "--generation", str(gen),
+                "--dim", str(self.bundle.dim), "--generation", str(gen),
                 "--budget-bytes", str(sup.settings["cube.hot_tier_mb"] << 20)]
         if keys_path is not None:
             argv += ["--keys", str(keys_path)]
@@ -214,10 +215,9 @@ class Loader:
         """The disk cache's one writer (``python -m jizhi.cube.cache``), fed by ``rows``' key samples."""
         import subprocess
         import sys
-        from jizhi.bundle import Bundle
         self.disk_proc = subprocess.Popen(
             [sys.executable, "-m", "jizhi.cube.cache", "--env", self.disk_cache, "--remote", self.remote,
-             "--dim", str(Bundle(self.plan["version_dir"]).dim), "--capacity", str(self.disk_capacity),
+             "--dim", str(self.bundle.dim), "--capacity", str(self.disk_capacity),
              "--stats-segment", sup.stats_spec["segment"], "--stats-rows", str(sup.stats_spec["rows"]),
              "--rows", ",".join(map(str, rows))], stdin=subprocess.DEVNULL, env=sup.child_env())
         log.info("pipeline %s: version %d's disk cache manager pid=%d (%s, %d keys)", self.pipeline, self.version,

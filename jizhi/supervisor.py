@@ -659,7 +659,7 @@ class Supervisor:
             if ld.deaths >= self.settings["models.load_attempts"]:
                 self.fail_version(ld, f"its workers died while loading ({ld.deaths}x, last: {how})")
         elif ld.state in ("active", "draining"):
-            broken = Bundle.changed_files(ld.plan["version_dir"])
+            broken = ld.bundle.changed_files()
             if rc == -signal.SIGBUS or broken:
                 self.fail_version(ld, f"a worker was {how}" + (f"; {broken}" if broken else
                                                               " (a mapped file was truncated?)"))
@@ -723,7 +723,7 @@ class Supervisor:
             for banks in self.loaded.values():
                 for ld in list(banks.values()):
                     if ld.state in LIVE:
-                        broken = Bundle.changed_files(ld.plan["version_dir"])
+                        broken = ld.bundle.changed_files()
                         if broken:
                             self.fail_version(ld, f"its files changed under it: {broken}")
         for pipeline, banks in self.loaded.items():
@@ -808,9 +808,8 @@ class Supervisor:
 
     def hot_keys(self, ld):
         """Keys the version's hot tier can hold (its budget)."""
-        from jizhi.bundle import Bundle
         from jizhi.cube.hot import keys_for_budget
-        return max(1, keys_for_budget(self.settings["cube.hot_tier_mb"] << 20, Bundle(ld.plan["version_dir"]).dim))
+        return max(1, keys_for_budget(self.settings["cube.hot_tier_mb"] << 20, ld.bundle.dim))
 
     def hot_rows(self, ld):
         """Stats rows of the live workers of ``ld``'s bank that run a cube_accessor."""

@@ -78,11 +78,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def demo_pipeline_text(name, on_unknown="default", fused=True, pool=1, batch=4):
-    """The demo DAG as pipeline TOML text (fused into one group, or one group per stage)."""
+def demo_pipeline_text(name, on_unknown="default", fused=True, pool=1, batch=4, processors=None, options=None):
+    """The demo DAG as pipeline TOML text (fused into one group, or one group per stage).
+
+    ``processors``: {stage: processor} replacing the built-in one; ``options``: {stage: [TOML lines]}.
+    """
+    processors, options = processors or {}, options or {}
     lines = [f'name = "{name}"', 'model = "demo"', 'version = "latest"', f'on_unknown = "{on_unknown}"', ""]
     for i, (stage, processor) in enumerate(DEMO_STAGES):
-        lines += ["[[stage]]", f'name = "{stage}"', f'processor = "{processor}"']
+        lines += ["[[stage]]", f'name = "{stage}"', f'processor = "{processors.get(stage, processor)}"']
+        lines += options.get(stage, [])
         if i + 1 < len(DEMO_STAGES):
             lines.append(f'next = ["{DEMO_STAGES[i + 1][0]}"]')
         if not fused:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import Launcher, assert_topk, wait_until, write_text
+from conftest import Launcher, assert_topk, demo_pipeline_text, wait_until, write_text
 from daemon_helpers import Load, broker_pid, jizhictl, jizhictl_ok, log_lines
 from jizhi.demo import publish, stage_version
 from jizhi.reference import ReferenceScorer
@@ -181,41 +181,9 @@ def test_a_version_whose_workers_crash_while_loading_never_touches_the_serving_o
         launch_private, models, demo_trace, tmp_path):
     # The demo DAG, fused, with a sink that aborts in setup for version 2 (validation runs the
     # built-in stages, so version 2 passes it and then crashes its own workers).
-    pipeline = write_text(tmp_path / "crashy.toml", """
-name = "crashy"
-model = "demo"
-
-[[stage]]
-name = "reader"
-processor = "data_reader"
-next = ["features"]
-
-[[stage]]
-name = "features"
-processor = "feature_processor"
-next = ["cube"]
-
-[[stage]]
-name = "cube"
-processor = "cube_accessor"
-next = ["dnn"]
-
-[[stage]]
-name = "dnn"
-processor = "model_inference"
-next = ["rank"]
-
-[[stage]]
-name = "rank"
-processor = "tests.stages:CrashOnVersions"
-crash_versions = [2]
-
-[[fuse]]
-name = "scorer"
-stages = ["reader", "features", "cube", "dnn", "rank"]
-pool = 2
-batch = 8
-""")
+    pipeline = write_text(tmp_path / "crashy.toml", demo_pipeline_text(
+        "crashy", pool=2, batch=8, processors={"rank": "tests.stages:CrashOnVersions"},
+        options={"rank": ["crash_versions = [2]"]}))
     server = launch_private.start(pipelines=(str(pipeline),))
     v1 = models / "demo" / "1"
     serving_pids = set(worker_versions(server))

@@ -1,23 +1,15 @@
 """A cube behind a (deliberately slow) backend in a running jizhid: hot tier -> disk cache -> remote."""
 import json
 
-from conftest import DEMO_STAGES, assert_topk, wait_until, write_text
+from conftest import assert_topk, demo_pipeline_text, wait_until, write_text
 from daemon_helpers import Load, jizhictl_ok, log_lines
 
 
 def remote_pipeline(tmp_path):
-    lines = ['name = "remote"', 'model = "demo"', ""]
-    for i, (stage, processor) in enumerate(DEMO_STAGES):
-        lines += ["[[stage]]", f'name = "{stage}"', f'processor = "{processor}"']
-        if i + 1 < len(DEMO_STAGES):
-            lines.append(f'next = ["{DEMO_STAGES[i + 1][0]}"]')
-        if processor == "cube_accessor":
-            # The bundle's own cube, read as if it were remote: 1 ms per round trip.
-            lines += ['remote = "slow+file://{cube}?delay_ms=1"', "disk_cache_keys = 3000"]
-        lines.append("")
-    names = ", ".join(f'"{s}"' for s, _ in DEMO_STAGES)
-    lines += ["[[fuse]]", 'name = "scorer"', f"stages = [{names}]", "pool = 2", "batch = 8", ""]
-    return write_text(tmp_path / "remote.toml", "\n".join(lines))
+    # The bundle's own cube, read as if it were remote: 1 ms per round trip.
+    return write_text(tmp_path / "remote.toml", demo_pipeline_text(
+        "remote", pool=2, batch=8,
+        options={"cube": ['remote = "slow+file://{cube}?delay_ms=1"', "disk_cache_keys = 3000"]}))
 
 
 def test_three_levels_answer_a_remote_cube_with_the_reference_scores_and_count_their_hits(

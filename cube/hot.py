@@ -214,7 +214,6 @@ class TieredStore:
         self.control = None
         self.table = None
         self.hot_hits = 0
-        self.cube_reads = 0
         self.lookups = 0
         self.ring = None            # the worker's key-sample ring (jizhi/stats.py: keys, keys_pos)
         self.ring_pos = None
@@ -263,7 +262,6 @@ class TieredStore:
         self.sample(keys)
         self.lookups += k
         if self.table is None:
-            self.cube_reads += k
             return self.cube.lookup(keys)
         out = np.zeros((k, self.dim), dtype=np.float32)
         found = np.zeros(k, dtype=bool)
@@ -271,7 +269,6 @@ class TieredStore:
         self.hot_hits += hits
         if hits < k:
             miss = np.flatnonzero(~found)
-            self.cube_reads += miss.shape[0]
             v, f = self.cube.lookup(keys[miss])
             out[miss] = v
             found[miss] = f

@@ -181,20 +181,6 @@ def measure(fn, batches, duration_s, repeats, warmup_s):
 
 # --- the run ------------------------------------------------------------------------
 
-def _hot_table(keys, vectors):
-    """A hot-tier table of all of ``keys`` in a fresh segment, mapped and already unlinked."""
-    from jizhi import arena
-    from jizhi.cube import hot
-    name = f"{arena.PREFIX}cube-bench-{os.getpid()}.hot.g1"
-    capacity = hot.capacity_for(keys.shape[0])
-    arena.create(name, hot.table_bytes(capacity, vectors.shape[1]))
-    try:
-        hot.fill(name, keys, vectors, 1)
-        return hot.HotTable(name)
-    finally:
-        arena.unlink(name)   # the mapping stays valid; nothing is left in /dev/shm whatever happens next
-
-
 def run(cube=None, bundle=None, batch=4096, duration_s=3.0, repeats=5, draw="trace", trace_path=None,
         requests=500, seed=1, log=None):
     """One storage micro-benchmark run; returns the result dict (``format_report`` prints it).
@@ -239,7 +225,8 @@ def run(cube=None, bundle=None, batch=4096, duration_s=3.0, repeats=5, draw="tra
         r = measure(fn, batches, duration_s, repeats, warmup_s=min(1.0, max(0.1, duration_s / 5)))
         rows.append(dict(name=name, label=label, agrees=agrees, **r))
 
-    table = _hot_table(all_keys, vectors)
+    from jizhi.cube.hot import private_table
+    table = private_table(all_keys, vectors)   # mapped, its segment already unlinked
 
     def hot_lookup(k):
         out = np.zeros((k.shape[0], dim), dtype=np.float32)

@@ -125,6 +125,87 @@ def _lookup(keys, tkeys, tvals, has_zero, out, found):
     return hits
 
 
+@njit(cache=True, nogil=True)
+def _probe(k, tkeys, has_zero, mask):
+    """Row of ``k`` in the table, -1 when absent."""
+    if k == 0:
+        return tkeys.shape[0] if has_zero else -1
+    s = _slot(k, mask)
+    while True:
+        t = tkeys[s]
+        if t == k:
+            return np.int64(s)
+        if t == 0:
+            return -1
+        s = (s + np.uint64(1)) & mask
+
+
+@njit(cache=True, nogil=True)
+def _pool_hot(sigs, lens, sums, tkeys, tvals, has_zero, out, miss_at, miss_keys, sample, step, phase):
+    """Pool the bags of one block straight from the table (no dedup, no gather).
+
+    sigs [R, F, L], lens [R, F], sums [F] (sum pooling, else mean), out [R, F, D].
+    A bag's misses are left for the caller: their flat bag index r * F + f in
+    ``miss_at`` and key in ``miss_keys``; the bag's hits are already scaled by
+    1 / len for mean pooling. Every ``step``-th key from ``phase`` on goes into
+    ``sample`` (the LFU input; a moving phase gives every position its turn).
+    Returns (keys probed, hits, misses, keys sampled).
+    """
+    R, F = lens.shape
+    D = out.shape[2]
+    mask = np.uint64(tkeys.shape[0] - 1)
+    acc = np.zeros(D, dtype=np.float32)
+    total, hits, nm, ns = 0, 0, 0, 0
+    countdown = phase % step     # keys until the next sample (no division per key)
+    for r in range(R):
+        for f in range(F):
+            n = lens[r, f]
+            acc[:] = 0.0
+            for j in range(n):
+                k = sigs[r, f, j]
+                if countdown == 0:
+                    if ns < sample.shape[0]:
+                        sample[ns] = k
+                        ns += 1
+                    countdown = step
+                countdown -= 1
+                total += 1
+                row = _probe(k, tkeys, has_zero, mask)
+                if row < 0:
+                    miss_at[nm] = r * F + f
+                    miss_keys[nm] = k
+                    nm += 1
+                    continue
+                hits += 1
+                v = tvals[row]
+                for d in range(D):
+                    acc[d] += v[d]
+            o = out[r, f]
+            scale = np.float32(1.0)
+            if n > 0 and not sums[f]:
+                scale = np.float32(1.0) / np.float32(n)
+            for d in range(D):
+                o[d] = acc[d] * scale
+    return total, hits, nm, ns
+
+
+@njit(cache=True, nogil=True)
+def _add_misses(miss_at, inv, vectors, found, lens, sums, out, missing):
+    """Add the slower levels' vectors of a block's misses to their bags; count absent keys per row."""
+    F = lens.shape[1]
+    D = out.shape[2]
+    for m in range(miss_at.shape[0]):
+        b = miss_at[m]
+        r, f = b // F, b % F
+        v = inv[m]
+        if not found[v]:
+            missing[r] += 1
+            continue
+        scale = np.float32(1.0) if sums[f] else np.float32(1.0) / np.float32(lens[r, f])
+        for d in range(D):
+            out[r, f, d] += vectors[v, d] * scale
+
+
 def _map(name, writable):
     fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
     try:
@@ -161,6 +242,10 @@ class HotTable:
     def lookup_into(self, keys, out, found):
         return _lookup(keys, self.keys, self.vals, self.has_zero, out, found)
 
+    def pool_into(self, sigs, lens, sums, out, miss_at, miss_keys, sample, step, phase):
+        return _pool_hot(sigs, lens, sums, self.keys, self.vals, self.has_zero, out, miss_at, miss_keys,
+                         sample, step, phase)
+
 
 def fill(name, keys, vectors, generation):
     """Builder side: write ``keys``/``vectors`` into the (created, zeroed) table segment ``name``."""
@@ -180,6 +265,19 @@ def fill(name, keys, vectors, generation):
         del header, tkeys, tvals
     finally:
         mm.close()
+
+
+def private_table(keys, vectors):
+    """A table of all of ``keys`` in a fresh segment, mapped and already unlinked: this process's
+    own (the storage micro-benchmark, the ceiling); nothing is left in /dev/shm whatever happens next."""
+    from jizhi import arena
+    name = f"{arena.PREFIX}private-{os.getpid()}-{time.monotonic_ns()}.hot.g1"
+    arena.create(name, table_bytes(capacity_for(keys.shape[0]), vectors.shape[1]))
+    try:
+        fill(name, keys, vectors, 1)
+        return HotTable(name)
+    finally:
+        arena.unlink(name)
 
 
 class Control:
@@ -204,7 +302,10 @@ class TieredStore:
 
     ``spec``: {"control": segment, "table": name pattern with {generation}} or None
     (no hot tier). ``refresh()`` runs at batch boundaries: a new generation is
-    attached and the old one dropped. Counts hits per level for the stats row.
+    attached and the old one dropped. Counts the keys read (``lookups``) and
+    the hot tier's hits for the stats row: the hot tier probes every signature
+    of a batch, the levels below read each of its misses once per batch
+    (deduplicated), so ``lookups`` = hot hits + keys read below.
     """
 
     def __init__(self, cube, spec):
@@ -254,6 +355,45 @@ class TieredStore:
             except (FileNotFoundError, ValueError):
                 return     # not there (yet, or already replaced): keep what we have
             self.table = table
+
+    def pool_ready(self):
+        """True when a hot table is attached: ``pool`` then serves the batch (cube/pooling.py)."""
+        return self.table is not None
+
+    def pool(self, blocks, sums):
+        """``pool_blocks`` through the hot table: every signature is probed where it lies, and
+        only the misses (deduplicated) go to the slower levels. Returns ``(pooled, missing)``."""
+        pooled, missing, misses = [], [], []
+        sample = np.zeros(SAMPLE_PER_BATCH, dtype=np.uint64)
+        for (sigs, lens), sm in zip(blocks, sums):
+            lens = np.ascontiguousarray(lens, dtype=np.int32)
+            sigs = np.ascontiguousarray(sigs, dtype=np.uint64)
+            sm = np.ascontiguousarray(sm, dtype=np.bool_)
+            r, f = lens.shape
+            n = int(lens.sum())
+            out = np.empty((r, f, self.dim), dtype=np.float32)
+            miss_at = np.empty(n, dtype=np.int64)
+            miss_keys = np.empty(n, dtype=np.uint64)
+            step = max(1, n // SAMPLE_PER_BATCH)
+            _, hits, nm, ns = self.table.pool_into(sigs, lens, sm, out, miss_at, miss_keys, sample, step,
+                                                       (self.lookups // 7) % step)
+            self.sample(sample[:ns])
+            self.lookups += hits      # the misses count once each below, when the levels read them
+            self.hot_hits += hits
+            pooled.append(out)
+            missing.append(np.zeros(r, dtype=np.int64))
+            misses.append((miss_at[:nm], miss_keys[:nm], lens, sm))
+        if any(m[0].shape[0] for m in misses):
+            # One deduplicated read of every block's misses from the levels below.
+            uniq, inv = np.unique(np.concatenate([m[1] for m in misses]), return_inverse=True)
+            vectors, found = self.cube.lookup(uniq)
+            self.lookups += uniq.shape[0]
+            inv = inv.astype(np.int64, copy=False).reshape(-1)
+            p = 0
+            for (at, _, lens, sm), out, miss in zip(misses, pooled, missing):
+                _add_misses(at, inv[p:p + at.shape[0]], vectors, found, lens, sm, out, miss)
+                p += at.shape[0]
+        return pooled, missing
 
     def lookup(self, keys):
         """``(vectors float32[K, dim], found bool[K])`` of sorted unique ``keys``."""
@@ -364,6 +504,10 @@ _tk = np.zeros(16, np.uint64)
 _tv = np.zeros((17, 2), np.float32)
 _insert(np.array([3], np.uint64), np.ones((1, 2), np.float32), _tk, _tv)
 _lookup(np.array([3, 5], np.uint64), _tk, _tv, 0, np.zeros((2, 2), np.float32), np.zeros(2, np.bool_))
+_pool_hot(np.array([[[3, 5]]], np.uint64), np.array([[2]], np.int32), np.zeros(1, np.bool_), _tk, _tv, 0,
+          np.zeros((1, 1, 2), np.float32), np.zeros(2, np.int64), np.zeros(2, np.uint64), np.zeros(2, np.uint64), 1, 0)
+_add_misses(np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones((1, 2), np.float32), np.ones(1, np.bool_),
+            np.ones((1, 1), np.int32), np.zeros(1, np.bool_), np.zeros((1, 1, 2), np.float32), np.zeros(1, np.int64))
 del _tk, _tv
 
 if __name__ == "__main__":

@@ -620,17 +620,21 @@ class CeilingScorer:
     """The demo pipeline's five stage processors, back to back in one process,
     reading RAM instead of LMDB and memory maps. Each processor is set up as a
     worker sets it up, then its stores are swapped: the profiles' columns
-    for in-RAM copies, the LMDB cube for a ``RamTable`` of the whole cube. The
+    for in-RAM copies, the cube for a hot-tier table of the whole cube (the
+    fastest store jizhi has, cube/hot.py), private to this process. The
     ``process`` code is the fused worker's."""
 
     def __init__(self, version_dir):
         from jizhi.bundle import Bundle
+        from jizhi.cube.hot import private_table
         from jizhi.cube.table import RamTable
+        from jizhi.cube.build import read_all
         from jizhi.pipeline import load_class
         bundle = Bundle(version_dir)
         # Read the whole cube before cube_accessor opens it: LMDB forbids one
         # environment open twice in a process.
-        table = RamTable.from_cube(bundle.cube_path)
+        keys, vectors = read_all(bundle.cube_path)
+        table = private_table(keys, vectors)     # mapped, its segment already unlinked
         config = {"on_unknown": "default"}
         self.stages = []
         for name, proc in (("reader", "data_reader"), ("features", "feature_processor"), ("cube", "cube_accessor"),
@@ -641,8 +645,8 @@ class CeilingScorer:
         reader, cube = self.stages[0][1], self.stages[2][1]
         _in_ram(reader.users)
         _in_ram(reader.items)
-        cube.cube.close()
-        cube.cube = table
+        cube.store.table = table
+        cube.store.cube = RamTable(keys, vectors)   # what the table lacks (signatures absent from the cube)
 
     def score(self, users, offsets, items, recall, top_k, stage_us):
         from jizhi.workers.stage import Batch

@@ -19,6 +19,7 @@ from jizhi.errors import BundleError
 
 FORMAT = 1
 KINDS = ("onehot", "multihot", "history")
+POOLINGS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Field:
     kind: str
     max_len: int
     hash_id: int  # the field id its signatures are hashed with (shares=...)
+    pooling: str = "mean"   # mean | sum
 
 
 def _checked(cond, message):
@@ -69,18 +71,24 @@ class Bundle:
         for f in raw_fields:
             _checked(f.get("kind") in KINDS, f"{mpath}: field {f.get('name')!r} kind must be one of {KINDS}")
             _checked(f.get("side") in ("user", "item"), f"{mpath}: field {f.get('name')!r} side must be user or item")
+            _checked(f.get("pooling", "mean") in POOLINGS,
+                     f"{mpath}: field {f.get('name')!r} pooling must be one of {POOLINGS}")
             ids[f["name"]] = int(f["id"])
         fields = []
         for f in raw_fields:
             share = f.get("shares")
             _checked(share is None or share in ids, f"{mpath}: field {f['name']!r} shares unknown field {share!r}")
             fields.append(Field(f["name"], int(f["id"]), f["side"], f["kind"],
-                                int(f.get("max_len", 1)), ids[share] if share else int(f["id"])))
+                                int(f.get("max_len", 1)), ids[share] if share else int(f["id"]),
+                                f.get("pooling", "mean")))
         self.user_fields = [f for f in fields if f.side == "user"]
         self.item_fields = [f for f in fields if f.side == "item"]
         self.user_len = max([f.max_len for f in self.user_fields] or [1])
         self.item_len = max([f.max_len for f in self.item_fields] or [1])
         self.user_hash_ids = np.array([f.hash_id for f in self.user_fields], dtype=np.int64)
+        # Per field of each side: True where the bag's vectors are summed, not averaged.
+        self.user_sums = np.array([f.pooling == "sum" for f in self.user_fields], dtype=np.bool_)
+        self.item_sums = np.array([f.pooling == "sum" for f in self.item_fields], dtype=np.bool_)
         self.files = m.get("files", [])
 
     def verify(self):

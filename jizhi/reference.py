@@ -21,7 +21,8 @@ What a score is, spelled out (docs/formats.md gives the files):
 * a signature reads its cube vector, or zeros when it is missing from the
   cube (``default_vector = "zeros"``);
 * mean pooling: the sum of the bag's vectors divided by the bag length
-  (missing signatures count), an empty bag pools to zeros;
+  (missing signatures count), an empty bag pools to zeros; a field with
+  ``pooling = "sum"``: the sum;
 * ``dense.onnx`` maps ``dense``, ``user_emb``, ``item_emb``, ``user_index``
   to ``score``.
 """
@@ -55,7 +56,7 @@ class ReferenceScorer:
         fields = self.manifest["fields"]
         ids_by_name = {f["name"]: int(f["id"]) for f in fields}
         for f in fields:
-            if f.get("pooling", "mean") != "mean":
+            if f.get("pooling", "mean") not in ("mean", "sum"):
                 raise ValueError(f"field {f['name']}: unsupported pooling {f['pooling']!r}")
         self.fields = {
             side: [dict(f, hash_id=ids_by_name[f["shares"]] if "shares" in f else int(f["id"]))
@@ -138,7 +139,11 @@ class ReferenceScorer:
             valid = np.arange(values.shape[1]) < lens[:, None]
             vectors = np.zeros(values.shape + (self.dim,), dtype=np.float32)
             vectors[valid] = self._vectors(sign(field["hash_id"], values[valid], self.hash_seed))
-            out[:, column, :] = vectors.sum(axis=1) / np.maximum(lens, 1).astype(np.float32)[:, None]
+            total = vectors.sum(axis=1)
+            if field.get("pooling", "mean") == "sum":
+                out[:, column, :] = total
+            else:
+                out[:, column, :] = total / np.maximum(lens, 1).astype(np.float32)[:, None]
         return out
 
     def score_requests(self, users, offsets, items):

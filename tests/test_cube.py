@@ -67,10 +67,13 @@ def test_pooling_is_the_mean_of_found_vectors_with_missing_ones_reading_zeros():
     table = RamTable(keys, vecs)
     sigs = np.array([[[10, 20, 0], [30, 99, 0], [0, 0, 0]]], np.uint64)   # one row, three bags
     lens = np.array([[2, 2, 0]], np.int32)
-    (pooled,), (missing,), uniq = pool_blocks(table, [(sigs, lens)], 2)
+    (pooled,), (missing,) = pool_blocks(table, [(sigs, lens)], 2)
     assert pooled.tolist() == [[[1.5, 2.5], [1.5, 4.5], [0.0, 0.0]]]
     assert missing.tolist() == [1]
-    assert uniq == 4
+    # pooling = "sum" for the second field only
+    (pooled,), (missing,) = pool_blocks(table, [(sigs, lens)], 2, [np.array([False, True, False])])
+    assert pooled.tolist() == [[[1.5, 2.5], [3.0, 9.0], [0.0, 0.0]]]
+    assert missing.tolist() == [1]
 
 
 def test_the_overlay_keeps_the_last_items_per_user_in_order(tmp_path):

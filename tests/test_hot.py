@@ -89,6 +89,53 @@ def test_a_budget_holds_the_keys_that_fit_and_the_tiered_store_reads_the_rest_fr
     assert 0 < store.hot_hits < probes.shape[0] and store.lookups == probes.shape[0]
 
 
+def test_pooling_through_a_partial_hot_tier_equals_pooling_the_deduplicated_lmdb_reads(tmp_path, segs):
+    # The tiered store pools by itself (probe per signature, misses deduplicated to LMDB): same
+    # pooled vectors and missing counts as the dedup path straight from LMDB, for mean and sum bags.
+    from jizhi.cube.pooling import pool_blocks
+    cube, keys, vecs = _cube(tmp_path, count=20_000, with_zero=False)
+    seg, report = _build(segs, tmp_path / "cube", 8, 64 << 10)     # holds part of the cube
+    store = hot.TieredStore(cube, None)
+    store.table = hot.HotTable(seg)
+    rng = np.random.default_rng(3)
+    absent = rng.integers(1, 2 ** 64, 50, dtype=np.uint64, endpoint=False)
+    pool = np.concatenate([keys, absent])
+    blocks, sums = [], []
+    for rows, fields, bag in ((3, 2, 4), (200, 5, 6)):
+        lens = rng.integers(0, bag + 1, (rows, fields)).astype(np.int32)
+        sigs = pool[rng.integers(0, pool.shape[0], (rows, fields, bag))]
+        sigs[np.arange(bag) >= lens[..., None]] = 0              # padding past each bag
+        blocks.append((sigs, lens))
+        sums.append(rng.random(fields) < 0.5)
+    got, got_missing = pool_blocks(store, blocks, 8, sums)
+    want, want_missing = pool_blocks(cube, blocks, 8, sums)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_missing, want_missing):
+        assert np.array_equal(g, w)
+    assert sum(int(m.sum()) for m in got_missing) > 0
+    assert 0 < store.hot_hits < store.lookups
+
+
+def test_the_ceiling_scores_what_the_reference_scores(demo_bundle, demo_trace, reference):
+    # jizhictl bench --ceiling: the fused stages in one process over a private hot table of the whole cube.
+    from collections import defaultdict
+    from jizhi.bench import CeilingScorer
+    scorer = CeilingScorer(demo_bundle)
+    before = set(os.listdir("/dev/shm"))
+    q = np.arange(3)
+    offsets = np.concatenate([[0], np.cumsum([len(demo_trace[i][1]) for i in q])]).astype(np.int64)
+    items = np.concatenate([demo_trace[i][1] for i in q])
+    recall = np.concatenate([demo_trace[i][2] for i in q])
+    users = np.array([demo_trace[i][0] for i in q], np.uint64)
+    batch = scorer.score(users, offsets, items, recall, 10, defaultdict(float))
+    for i in q:
+        want, _ = reference.score(*demo_trace[i][:2])
+        np.testing.assert_allclose(batch["score"][offsets[i]:offsets[i + 1]], want, rtol=1e-5, atol=1e-6)
+    assert scorer.stages[2][1].store.hot_hits > 0
+    assert not [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("jizhi.private")]
+
+
 def test_key_counts_keep_the_most_used_keys_first_and_decay(tmp_path):
     counts = hot.KeyCounts(limit=3)
     counts.add(np.array([5, 5, 5, 7, 9, 9], np.uint64))

@@ -1,9 +1,11 @@
 """cube_accessor: signatures -> pooled embeddings from the hot tier and the LMDB cube.
 
-One deduplicated batch read per micro-batch: the user bags of every request
-and the item bags of every candidate are pooled together
-(cube/pooling.py), so a signature shared by many candidates (a category, a
-popular item in histories) is read once. Signatures missing from the cube
+One batch read per micro-batch: the user bags of every request and the item
+bags of every candidate are pooled together (cube/pooling.py). Reads from
+LMDB (or a remote cube) are deduplicated, so a signature shared by many
+candidates (a category, a popular item in histories) is read once; the
+shared-memory hot tier is probed for every signature where it lies, which
+costs less than the sort deduplication needs. Signatures missing from the cube
 read the default vector and are counted as ``missing_signatures``.
 """
 import numpy as np
@@ -29,6 +31,7 @@ class CubeAccessor(Stage):
 
     def setup(self, config, bundle):
         self.dim = bundle.dim
+        self.sums = [bundle.user_sums, bundle.item_sums]
         self.levels = None
         if config.get("remote"):
             # A cube behind a backend (stage option remote = URL, "{cube}" = the bundle's cube/):
@@ -60,9 +63,9 @@ class CubeAccessor(Stage):
             counters[C_REMOTE_KEYS] = self.levels.hits["remote"] + self.levels.missing
 
     def process(self, batch):
-        (user_emb, item_emb), (umiss, imiss), _ = pool_blocks(
+        (user_emb, item_emb), (umiss, imiss) = pool_blocks(
             self.store, [(batch["user_sigs"], batch["user_lens"]),
-                        (batch["item_sigs"], batch["item_lens"])], self.dim)
+                        (batch["item_sigs"], batch["item_lens"])], self.dim, self.sums)
         missing = umiss + np.add.reduceat(imiss, batch.offsets[:-1])
         batch.count("missing_signatures", missing)
         return {"user_emb": user_emb, "item_emb": item_emb}

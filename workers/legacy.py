@@ -54,7 +54,8 @@ class LegacyScorer(Stage):
             usigs = sign_padded(b.user_hash_ids, values, lens, b.hash_seed)
             irows, iknown = self.items.rows(items)
             isigs, ilens = self.items.item_signatures(irows, iknown)
-            (uemb, iemb), (um, im), _ = pool_blocks(self.cube, [(usigs, lens), (isigs, ilens)], b.dim)
+            (uemb, iemb), (um, im) = pool_blocks(self.cube, [(usigs, lens), (isigs, ilens)], b.dim,
+                                                 [b.user_sums, b.item_sums])
             s, = self.session.run([b.onnx_output], {
                 "dense": dense, "user_emb": uemb, "item_emb": iemb,
                 "user_index": np.arange(p, dtype=np.int64)})

@@ -210,6 +210,98 @@ def _add_bench():
 
 
 
+# -- import: an ONNX model with its embedding tables -> a bundle version (offline) ----
+
+@cli.command("import")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--fields", "fields_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="FIELDS.toml: which graph inputs are the dense features and each sparse field's ids.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="The bundle version directory to write, <models>/<name>/<version> (must not exist).")
+@click.option("--name", default=None, help="Model name in the manifest [default: MODEL's file stem].")
+@click.option("--version", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Version in the manifest (jizhid wants it to match the directory name).")
+@click.option("--profiles", "profiles_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Copy these profiles (a directory holding users/ and items/ in the bundle format) "
+                   "instead of generating random ones.")
+@click.option("--users", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Users to generate (without --profiles).")
+@click.option("--items", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Items to generate (without --profiles).")
+@click.option("--seed", default=1, show_default=True, help="Seed of the generated profiles and of the check's pairs.")
+@click.option("--hash-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The signature hash's seed (manifest hash_seed).")
+@click.option("--check-pairs", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Random (user, item) pairs scored by jizhi and by the original model.")
+def import_command(model, fields_path, out_dir, name, version, profiles_dir, users, items, seed, hash_seed,
+                   check_pairs):
+    """Import MODEL.onnx, a DLRM-style model holding its embedding tables, as a bundle version.
+
+    Every table (an initializer read by a Gather on axis 0, pooled by
+    ReduceSum/ReduceMean over the bag axis, or by the Loop torch.onnx.export
+    writes for nn.EmbeddingBag with mode sum or mean) moves into the LMDB
+    cube: row v under the signature of raw value v + 1 (raw value 0 means
+    missing). The graph is rewritten to take jizhi's inputs (dense,
+    user_emb, item_emb, user_index) and return score [P]. Profiles are
+    generated (or copied with --profiles). Then random pairs are scored by
+    jizhi's own stages and by the original model on the same ids; the
+    version is renamed into place only when every score agrees within
+    1e-5 + 1e-5 * |original|. Weights in an external data file next to
+    MODEL are read. docs/formats.md, "Importing a model", has the details.
+
+    \b
+    FIELDS.toml, for example:
+      output = "prob"            # the score output (default: the only output)
+      [dense]                    # optional; the dense features are per user
+      input = "dense_x"          # float32 [B, N]
+      [[fields]]                 # one per sparse field, in column order
+      name = "u_cat"             # file names in profiles/ use it
+      side = "user"              # user | item
+      kind = "onehot"            # onehot | multihot | history
+      input = "u_cat"            # padded ids: int64 [B] or [B, max_len]
+      [[fields]]
+      name = "u_tags"
+      side = "user"
+      kind = "multihot"
+      max_len = 5
+      input = "u_tags"           # int64 [B, 5]
+      padding_idx = 0            # short bags are padded with row 0 (a zero row)
+      [[fields]]
+      name = "i_tags"
+      side = "item"
+      kind = "multihot"
+      max_len = 8
+      indices = "tags_indices"   # EmbeddingBag: flat ids [N]
+      offsets = "tags_offsets"   # bag starts [B] (or [B+1], include_last_offset)
+    (optional per field: id = N, the field id hashed into signatures;
+    default its position in the file)
+
+    \b
+    Example:
+      jizhictl import dlrm.onnx --fields fields.toml --out models/dlrm/1
+
+    Exit codes: 0 imported and checked; 2 usage error, or refused (the
+    message names the FIELDS.toml entry, the graph input or the node and
+    op type), or the check failed. A refused or failed import writes
+    nothing to --out.
+    """
+    import os
+
+    from jizhi.errors import BundleError
+    from jizhi.importer import import_model
+    if os.path.lexists(out_dir):
+        raise click.BadParameter(f"{out_dir} exists already (a version is written into a new directory)",
+                                 param_hint="--out")
+    try:
+        import_model(model, fields_path, out_dir, name=name, version=version, users=users, items=items, seed=seed,
+                     hash_seed=hash_seed, profiles=profiles_dir, check_pairs=check_pairs,
+                     log=click.echo)
+    except (BundleError, FileExistsError) as e:
+        refused = click.ClickException(str(e))
+        refused.exit_code = 2
+        raise refused
+
+
 def main(argv=None):
     return cli.main(args=argv, prog_name="jizhictl")
 

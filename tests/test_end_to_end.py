@@ -3,16 +3,20 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import assert_topk
+from conftest import assert_topk, demo_pipeline_text, write_text
 from jizhi import protocol
 
-PIPELINES = ("demo", "demo_unfused", "legacy")
+# demo runs its dense graph through the structured-features pass (the default), demo_per_pair the
+# naive per-pair form of the same graph (structured = "off"), legacy one sample per pair.
+PIPELINES = ("demo", "demo_unfused", "legacy", "demo_per_pair")
 REQUESTS = (0, 1, 2, 3, 4, 5)
 
 
 @pytest.fixture(scope="module")
-def server(launch_module):
-    return launch_module.start(pipelines=PIPELINES)
+def server(launch_module, tmp_path_factory):
+    per_pair = tmp_path_factory.mktemp("pipelines") / "demo_per_pair.toml"
+    write_text(per_pair, demo_pipeline_text("demo_per_pair", options={"dnn": ['structured = "off"']}))
+    return launch_module.start(pipelines=list(PIPELINES[:-1]) + [per_pair])
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,14 @@ def test_a_join_missing_a_predecessor_is_refused_naming_the_reader_and_the_produ
         "(a join is missing an edge)")
 
 
+def test_an_unknown_structured_features_mode_is_refused_naming_the_stage(demo_models):
+    p = demo_dag()
+    next(s for s in p.doc["stage"] if s["processor"] == "model_inference")["structured"] = "maybe"
+    message = compile_error(p.doc, demo_models)
+    assert "structured must be one of on, off, as_is" in message and "'maybe'" in message
+    assert "dnn" in message or "model_inference" in message
+
+
 def test_a_next_stage_that_is_not_defined_is_refused(demo_models):
     doc = demo_dag(edges={"cube": ["dnn", "shedder"]}).doc
     assert compile_error(doc, demo_models) == "stage 'cube': next stage 'shedder' is not defined"

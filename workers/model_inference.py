@@ -2,12 +2,26 @@
 
 One ``InferenceSession.run`` per micro-batch: the graph takes U users (dense
 features and pooled user embeddings) and P candidates with a candidate ->
-user index, so the user tower runs once per request, not once per pair
-(RecServe's structured features). The session uses one intra-op and one
-inter-op thread and does not spin, so worker processes, not threads, share
-the cores.
+user index. The session uses one intra-op and one inter-op thread and does
+not spin, so worker processes, not threads, share the cores.
+
+Structured features (RecServe), stage option ``structured``:
+
+* ``"on"`` (default): the bundle's graph goes through ``jizhi.structured.structure``
+  when the worker loads it: the part that depends only on the user runs on U
+  rows (once per request) and is gathered per pair only where it meets item
+  tensors; a first layer over a concatenation of user and item tensors, and
+  DLRM's pairwise dot interactions, are split into a user part computed once
+  and per-pair parts. Same scores (tests/test_structured.py).
+* ``"off"``: the naive per-pair form (``unstructure``): every user tensor is
+  gathered per pair at the start and all of the network runs on P rows, as a
+  generic serving system would run it. For comparison.
+* ``"as_is"``: the bundle's graph untouched.
 """
+import logging
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from jizhi.workers.stage import CANDIDATE, Output, Stage
@@ -25,9 +39,30 @@ def session_options():
     return so
 
 
+STRUCTURED = ("on", "off", "as_is")
+
+
 def open_session(path):
     return ort.InferenceSession(str(path), sess_options=session_options(),
                                 providers=["CPUExecutionProvider"])
+
+
+def structured_mode(config):
+    mode = config.get("structured", "on")
+    if mode not in STRUCTURED:
+        raise ValueError(f"structured must be one of {', '.join(STRUCTURED)}, got {mode!r}")
+    return mode
+
+
+def load_model(path, mode):
+    """The dense graph as this worker runs it (module docstring), and the pass's report (or None)."""
+    from jizhi.structured import structure, unstructure
+    if mode == "as_is":
+        return onnx.load(str(path)), None
+    model = onnx.load(str(path))
+    if mode == "off":
+        return unstructure(model), None
+    return structure(model)
 
 
 class ModelInference(Stage):
@@ -39,10 +74,23 @@ class ModelInference(Stage):
 
     @classmethod
     def outputs(cls, config, bundle):
+        structured_mode(config)     # a bad value fails the pipeline's compile, naming the stage
         return (Output("score", CANDIDATE, "float32"),)
 
     def setup(self, config, bundle):
-        self.session = open_session(bundle.onnx_path)
+        mode = structured_mode(config)
+        model, self.structure_report = load_model(bundle.onnx_path, mode)
+        r = self.structure_report
+        if r is not None:
+            logging.getLogger("jizhi.worker").info(
+                "structured features on: %d nodes moved to user rows, %d layers and %d interactions split, "
+                "MatMul FLOPs per pair at 500 candidates %.0f -> %.0f%s", len(r.moved_nodes), len(r.split_layers),
+                len(r.split_interactions), r.flops_before.at(500), r.flops_after.at(500),
+                f" ({r.note})" if r.note else "")
+        else:
+            logging.getLogger("jizhi.worker").info("structured features %s", mode)
+        self.session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(),
+                                            providers=["CPUExecutionProvider"])
         self.output = bundle.onnx_output
 
     def process(self, batch):

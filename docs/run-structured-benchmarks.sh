@@ -1,0 +1,57 @@
+#!/bin/bash
+# docs/benchmarks.md, "Structured features on against off, and against LEGACY" (issue 6): max pairs/s at
+# p99 <= 50 ms with N = 100, 500 and 1000 candidates per request, one jizhid per N serving
+#   demo             the fused plan, structured features on (the default, workers/model_inference.py)
+#   demo_per_pair    the same plan with the dense stage's structured = "off" (the naive per-pair graph)
+#   legacy           one monolithic stage, one request at a time, one sample per pair
+#   demo_cached      (N = 500 only) structured features, the hot tier and the query cache
+# one pipeline after another in one run. ~25-30 min on 2 cores.
+set -euo pipefail
+cd "${JIZHI_SRC:-$(dirname "$0")/..}"
+PY=.venv/bin/python
+W=${BENCH_DIR:-/tmp/jizhi-bench}
+EP=tcp://127.0.0.1:5597
+mkdir -p "$W/structured"
+echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg) commit $(git rev-parse --short HEAD)"
+[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.demo import init_demo; init_demo('$W/demo')"
+sed -e 's/^name = "demo"/name = "demo_per_pair"/' -e '/^processor = "model_inference"/a structured = "off"' \
+    etc/pipelines/demo.toml > "$W/structured/demo_per_pair.toml"
+grep -q 'structured = "off"' "$W/structured/demo_per_pair.toml"
+
+for N in 100 500 1000; do
+    T="$W/structured/trace$N.npz"
+    [ -f "$T" ] || $PY -c "from jizhi.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$T', requests=20000, candidates=$N)"
+    PIPES=demo,demo_per_pair,legacy
+    [ $N = 500 ] && PIPES=$PIPES,demo_cached
+    printf '[metrics]\nlisten = ""\n' > "$W/structured/jizhi.toml"
+    setsid .venv/bin/jizhid --config "$W/structured/jizhi.toml" --models "$W/demo/models" --instance struct$N \
+        --frontend $EP --pipelines "demo,$W/structured/demo_per_pair.toml,legacy,demo_cached" \
+        --run-dir "$W/structured/run$N" > "$W/structured/jizhid$N.log" 2>&1 < /dev/null &
+    JIZHID=$!
+    trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
+    $PY -m jizhi.client --wait-ready $EP
+    for _ in $(seq 120); do grep -q "hot tier generation 1" "$W/structured/jizhid$N.log" && break; sleep 0.5; done
+    $PY -m jizhi.bench --endpoint $EP --trace "$T" --pipeline $PIPES --find-max --start-rate 25 \
+        --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$W/structured/run$N" --max-other-cores 0.3 \
+        --json "$W/structured/n$N.json" --quiet | tee "$W/structured/n$N.txt"
+    kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
+done
+
+$PY - "$W/structured" <<'PYEOF'
+import json, sys
+d = sys.argv[1]
+for n in (100, 500, 1000):
+    runs = {r["pipeline"]: r["max"] for r in json.load(open(f"{d}/n{n}.json"))["runs"]}
+    best = {p: m["goodput_pairs_s"] for p, m in runs.items()}
+    line = ", ".join(f"{p} {v:,.0f}" for p, v in best.items())
+    print(f"N={n}: max pairs/s at p99 <= 50 ms: {line}")
+    on, off, legacy = best.get("demo"), best.get("demo_per_pair"), best.get("legacy")
+    if on and off:
+        print(f"  structured on / off: {on / off:.2f}x")
+    if on and legacy:
+        print(f"  demo / legacy: {on / legacy:.2f}x")
+    if best.get("demo_cached") and legacy:
+        print(f"  demo_cached / legacy: {best['demo_cached'] / legacy:.2f}x")
+PYEOF
+echo "end $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)"
+ls /dev/shm | grep -E "^jizhi\.struct" || echo "no /dev/shm segment of this run left"

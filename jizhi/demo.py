@@ -341,18 +341,24 @@ def _dense_model(weights, f_user, f_item, sigmoid=True):
         logit = "prob"
     nodes.append(helper.make_node("Squeeze", [logit, "axis1"], ["score"]))
 
+    return bundle_model(nodes, initializers, "jizhi_demo_dlrm", "jizhi.demo", DENSE_FEATURES, f_user, f_item, DIM)
+
+
+def bundle_model(nodes, initializers, graph_name, producer, dense_features, f_user, f_item, dim):
+    """A checked ModelProto of ``nodes`` with a bundle's inputs (dense, user_emb, item_emb,
+    user_index) and output (score [P]), docs/formats.md."""
     graph = helper.make_graph(
-        nodes, "jizhi_demo_dlrm",
+        nodes, graph_name,
         inputs=[
-            helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["U", DENSE_FEATURES]),
-            helper.make_tensor_value_info("user_emb", TensorProto.FLOAT, ["U", f_user, DIM]),
-            helper.make_tensor_value_info("item_emb", TensorProto.FLOAT, ["P", f_item, DIM]),
+            helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["U", dense_features]),
+            helper.make_tensor_value_info("user_emb", TensorProto.FLOAT, ["U", f_user, dim]),
+            helper.make_tensor_value_info("item_emb", TensorProto.FLOAT, ["P", f_item, dim]),
             helper.make_tensor_value_info("user_index", TensorProto.INT64, ["P"]),
         ],
         outputs=[helper.make_tensor_value_info("score", TensorProto.FLOAT, ["P"])],
         initializer=initializers,
     )
-    model = helper.make_model(graph, producer_name="jizhi.demo", producer_version="1",
+    model = helper.make_model(graph, producer_name=producer, producer_version="1",
                               opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
     model.ir_version = ONNX_IR_VERSION
     onnx.checker.check_model(model)

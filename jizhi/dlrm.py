@@ -29,10 +29,9 @@ fan_out)), b ~ N(0, 1/fan_out); each layer draws from its own stream
 import math
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from jizhi.demo import ONNX_IR_VERSION, ONNX_OPSET
+from jizhi.demo import bundle_model
 
 DENSE_FEATURES = 13
 BOTTOM = (512, 256)   # hidden widths; the last bottom layer outputs ``dim``
@@ -122,19 +121,5 @@ def build(seed, dim=64, n_user_fields=8, n_item_fields=8, *, sigmoid=True):
         logit = "prob"
     nodes.append(helper.make_node("Squeeze", [logit, "axis1"], ["score"]))
 
-    graph = helper.make_graph(
-        nodes, "jizhi_dlrm",
-        inputs=[
-            helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["U", DENSE_FEATURES]),
-            helper.make_tensor_value_info("user_emb", TensorProto.FLOAT, ["U", n_user_fields, dim]),
-            helper.make_tensor_value_info("item_emb", TensorProto.FLOAT, ["P", n_item_fields, dim]),
-            helper.make_tensor_value_info("user_index", TensorProto.INT64, ["P"]),
-        ],
-        outputs=[helper.make_tensor_value_info("score", TensorProto.FLOAT, ["P"])],
-        initializer=initializers,
-    )
-    model = helper.make_model(graph, producer_name="jizhi.dlrm", producer_version="1",
-                              opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
-    model.ir_version = ONNX_IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return bundle_model(nodes, initializers, "jizhi_dlrm", "jizhi.dlrm", DENSE_FEATURES, n_user_fields,
+                        n_item_fields, dim)

@@ -47,7 +47,7 @@ from onnx import TensorProto, helper, numpy_helper
 from jizhi.bundle import FORMAT, KINDS, Bundle
 from jizhi.cube.build import Table, TableError, build_cube
 from jizhi.cube.signature import sign, sign_padded
-from jizhi.demo import _distinct_ids, _file_entries, _Progress, _save, _toml_value, _write_text
+from jizhi.demo import _distinct_ids, _file_entries, _Progress, _save, _save_field, _toml_value, _write_text
 from jizhi.errors import BundleError
 from jizhi.pipeline import load_class
 from jizhi.workers.stage import Batch
@@ -1011,14 +1011,6 @@ def _raw_values(rng, lookup, n):
         rows = rng.integers(0, rows_total - 1, size=n)
         rows += rows >= p
     return rows.astype(np.int64) + 1
-
-
-def _save_field(directory, field, data):
-    if field.kind == "onehot":
-        _save(directory, field.name, data)
-    else:
-        _save(directory, field.name + ".values", data[0])
-        _save(directory, field.name + ".offsets", data[1])
 
 
 def _generate_profiles(version_dir, analysis, users, items, seed):

@@ -47,8 +47,11 @@ A slot is six words (48 bytes; with 4 or 8 ways a set starts on a cache line)::
 
 The set of (user, item) is a hash of the pair (not of the version, so the
 entries of two versions of one pair compete in one set). A set holds ``ways``
-entries; a store refreshes the entry of the same (user, item, version) in
-place, else takes an empty (check fails) way, else the oldest by store time.
+entries; a store takes a never-written way (ways fill in order), else
+refreshes the entry of the same (user, item, version) in place, else takes
+the way stored longest ago. The kernels compute every candidate's set first
+and prefetch the sets ``AHEAD`` candidates on, so the DRAM misses of a batch
+overlap instead of queueing one after another.
 Readers never write, so a hit does not refresh an entry: "LRU" here is
 "least recently stored", which the time window makes the same thing in
 practice (an entry older than the window is worthless anyway).
@@ -93,7 +96,10 @@ import os
 import time
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from jizhi import arena
 
@@ -120,6 +126,7 @@ _S27 = np.uint64(27)
 _S30 = np.uint64(30)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
+AHEAD = 8          # candidates the kernels prefetch ahead (a set's DRAM misses overlap the work on earlier ones)
 
 
 def _align64(n):
@@ -202,6 +209,29 @@ def init(path_or_name, writers, slots_per_writer, ways=DEFAULT_WAYS,
 # Kernels
 
 
+@intrinsic
+def _prefetch(typingctx, flat, index):
+    """Hint the CPU to fetch the cache line holding ``flat[index]`` (LLVM's prefetch; never faults)."""
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aty, ary, [args[1]])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])   # read, keep, data cache
+        return context.get_dummy_value()
+    return types.void(flat, index), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_set(flat, set_words, s):
+    # A set is ways x 6 words (192 bytes with 4 ways): every cache line of it.
+    base = s * set_words
+    for w in range(0, set_words, 8):
+        _prefetch(flat, base + w)
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _mix(x):
     x ^= x >> _S30
@@ -271,13 +301,21 @@ def _lookup(slots, epochs, users, offsets, items, version, now_ms, window_ms, sc
     W, n_sets, ways = slots.shape[0], slots.shape[1], slots.shape[2]
     set_mask = np.uint64(n_sets - 1)
     bucket_mask = np.uint64(epochs.shape[0] - 1)
+    set_words = ways * slots.shape[3]
+    flat = slots.reshape(-1)
+    sets = np.empty(items.shape[0], dtype=np.int64)
+    _sets(users, offsets, items, n_sets, sets)
+    n = items.shape[0]
     torn = 0
     for r in range(users.shape[0]):
         user = users[r]
         want_ve = version | (np.uint64(epochs[_bucket_of(user, bucket_mask)]) << _S32)
         for i in range(offsets[r], offsets[r + 1]):
+            if i + AHEAD < n:
+                for w in range(W):
+                    _prefetch_set(flat, set_words, w * n_sets + sets[i + AHEAD])
             item = items[i]
-            s = _set_of(user, item, set_mask)
+            s = sets[i]
             hit[i] = False
             score_bits[i] = 0
             found = False
@@ -311,37 +349,43 @@ def _lookup(slots, epochs, users, offsets, items, version, now_ms, window_ms, sc
 
 @njit(cache=True, nogil=True)
 def _store(region, users, offsets, items, score_bits, version, epochs_in, now_ms, mask, use_mask):
-    # region [sets, ways, 6]: this writer's own, so its reads of it are stable.
+    # region [sets, ways, 6]: this writer's own, so its reads of it are stable. The victim: a
+    # never-written way (check word 0), else the entry of the same (user, item, version), else the
+    # way stored longest ago (a time in the future can only be a store a killed predecessor left
+    # half-done: reused first). No check word is computed to choose, only the stored entry's,
+    # which is what readers verify.
     n_sets, ways = region.shape[0], region.shape[1]
     set_mask = np.uint64(n_sets - 1)
+    set_words = ways * region.shape[2]
+    flat = region.reshape(-1)
+    sets = np.empty(items.shape[0], dtype=np.int64)
+    _sets(users, offsets, items, n_sets, sets)
+    n = items.shape[0]
     t = np.uint64(now_ms)
     stored = 0
     for r in range(users.shape[0]):
         user = users[r]
         ve = version | (np.uint64(epochs_in[r]) << _S32)
         for i in range(offsets[r], offsets[r + 1]):
+            if i + AHEAD < n:
+                _prefetch_set(flat, set_words, sets[i + AHEAD])
             if use_mask and not mask[i]:
                 continue
             item = items[i]
-            s = _set_of(user, item, set_mask)
-            victim = -1
-            victim_empty = False
-            oldest = np.uint64(0)
+            s = sets[i]
+            victim = 0
+            oldest = ~np.uint64(0)
             for k in range(ways):
-                w0 = region[s, k, 0]
-                w1 = region[s, k, 1]
-                w2 = region[s, k, 2]
-                w3 = region[s, k, 3]
-                w4 = region[s, k, 4]
-                if region[s, k, 5] != _check(w0, w1, w2, w3, w4):
-                    if not victim_empty:
-                        victim, victim_empty = k, True
-                    continue
-                if w0 == user and w1 == item and (w2 & _LOW32) == version:
+                if region[s, k, 5] == 0:
+                    victim = k  # never written (ways fill in order, so every later one is empty too)
+                    break
+                if region[s, k, 0] == user and region[s, k, 1] == item and (region[s, k, 2] & _LOW32) == version:
                     victim = k  # the same entry: refresh it in place
                     break
-                if not victim_empty and (victim < 0 or w4 < oldest):
-                    victim, oldest = k, w4
+                w4 = region[s, k, 4]
+                age = w4 if w4 <= t else np.uint64(0)
+                if age < oldest:
+                    victim, oldest = k, age
             w3 = np.uint64(score_bits[i])
             region[s, victim, 0] = user
             region[s, victim, 1] = item

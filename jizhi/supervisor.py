@@ -197,6 +197,9 @@ class Supervisor:
             slots *= 2
         seg = f"{arena.PREFIX}{self.instance}.{self.run_id}.qcache"
         spec = qcache.init(seg, writers, slots, ways=ways, window_ms=int(self.settings["qcache.window_s"] * 1000))
+        spec.update(min_hit_ratio=self.settings["qcache.min_hit_ratio"],
+                    sample_users=self.settings["qcache.sample_users"],
+                    eval_candidates=self.settings["qcache.eval_candidates"])
         self.segments["_qcache"] = {"qcache": seg}
         log.info("query cache: %d regions x %d entries (%d MiB), window %.0f s", writers, slots,
                  qcache.segment_bytes(writers, slots, spec["epoch_buckets"]) >> 20, self.settings["qcache.window_s"])

@@ -1,5 +1,6 @@
 """The query cache in a running jizhid (pipeline demo_cached): hits skip the work, feedback and the window end them."""
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,3 +77,33 @@ def test_stats_report_the_query_cache_hit_ratio(server):
     assert fig["qcache_candidates"] > 0 and 0 < fig["qcache_hits"] < fig["qcache_candidates"]
     assert fig["qcache_ratio"] == round(fig["qcache_hits"] / fig["qcache_candidates"], 4)
     assert "query cache" in jizhictl_ok("stats", run_dir=server.run_dir)
+
+
+def test_a_cache_that_rarely_hits_is_bypassed_for_all_but_a_sample_of_users(launch, tmp_path, demo_trace, trace_scores):
+    # qcache.min_hit_ratio: after 500 looked-up candidates without a hit the worker bypasses the
+    # cache; then only the sampled users (1 in 4 here) are looked up and stored, the others neither.
+    from jizhi.workers.query_cache import Bypass
+    text = (Path(__file__).parent.parent / "etc" / "pipelines" / "demo_cached.toml").read_text()
+    text = text.replace('name = "demo_cached"', 'name = "cached1"').replace("pool = 2", "pool = 1")
+    (tmp_path / "cached1.toml").write_text(text)
+    server = launch.start(pipelines=[tmp_path / "cached1.toml"],
+                          config_text="[qcache]\nmin_hit_ratio = 0.9\neval_candidates = 500\nsample_users = 4\n")
+    sampler = Bypass(sample_users=4)
+    sampler.on = False
+    with server.client() as c:
+        for q in (0, 1):                                  # 2 x 300 candidates, no hit: bypassed from here on
+            _score(c, *demo_trace[q], pipeline="cached1")
+        users = [q for q in range(2, len(demo_trace)) if demo_trace[q][0] not in (demo_trace[0][0], demo_trace[1][0])]
+        on = {q: bool(sampler.users_on(np.array([demo_trace[q][0]], np.uint64))[0]) for q in users}
+        sampled = [q for q in users if on[q]][:2]
+        others = [q for q in users if not on[q]][:2]
+        assert len(sampled) == 2 and len(others) == 2
+        for q in sampled + others:
+            _score(c, *demo_trace[q], pipeline="cached1")
+        again = {q: _score(c, *demo_trace[q], pipeline="cached1") for q in sampled + others}
+    assert "query cache bypassed" in server.log_text()
+    for q in sampled:
+        assert again[q]["cached"] == demo_trace[q][1].shape[0]      # still looked up and stored
+    for q in others:
+        assert again[q]["cached"] == 0                              # neither looked up nor stored
+        assert_topk(again[q], demo_trace[q][1], trace_scores[q], 10)

@@ -12,7 +12,17 @@ that user's old entries.
 The savings need the stages it saves in the same worker (a fused group, as in
 the default plan); in an unfused plan the dropped candidates are widened back
 when the group writes its columns, and later groups compute them anyway.
+
+A cache that rarely hits costs more than it saves (a lookup and a store touch
+a random slot of a table larger than the CPU caches for every candidate).
+Each worker measures the hit ratio over ``qcache.eval_candidates`` looked-up
+candidates; below ``qcache.min_hit_ratio`` it *bypasses* the cache: only 1 in
+``qcache.sample_users`` users (by a hash of the user) is looked up and stored,
+which keeps the measurement going, and the rest skip both. Back above the
+ratio, every user uses it again. ``qc_on`` tells the ranker which requests to
+store.
 """
+import logging
 import zlib
 
 import numpy as np
@@ -26,6 +36,46 @@ def version_key(pipeline, model, version):
     return zlib.crc32(f"{pipeline}/{model}/{version}".encode())
 
 
+log = logging.getLogger("jizhi.worker")
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class Bypass:
+    """This worker's decision to use the query cache for every user or for a sample (module docstring)."""
+
+    def __init__(self, min_hit_ratio=0.0, sample_users=16, eval_candidates=200_000):
+        self.min_hit_ratio = float(min_hit_ratio)
+        self.sample_users = np.uint64(max(1, int(sample_users)))
+        self.eval_candidates = int(eval_candidates)
+        self.on = True
+        self.looked = 0
+        self.hits = 0
+
+    def users_on(self, users):
+        """bool [R]: the requests that use the cache."""
+        if self.on:
+            return np.ones(users.shape[0], dtype=bool)
+        return ((users * _GOLDEN) >> np.uint64(40)) % self.sample_users == 0
+
+    def observe(self, looked, hits):
+        self.looked += looked
+        self.hits += hits
+        if self.min_hit_ratio <= 0 or self.looked < self.eval_candidates:
+            return
+        ratio = self.hits / self.looked
+        on = ratio >= self.min_hit_ratio
+        if on != self.on:
+            if on:
+                log.info("query cache on again: hit ratio %.1f%% over the last %d candidates of sampled users "
+                         ">= qcache.min_hit_ratio %.0f%%", 100 * ratio, self.looked, 100 * self.min_hit_ratio)
+            else:
+                log.info("query cache bypassed: hit ratio %.1f%% over the last %d candidates < qcache.min_hit_ratio "
+                         "%.0f%% (it would cost more than it saves); 1 in %d users still uses it", 100 * ratio,
+                         self.looked, 100 * self.min_hit_ratio, self.sample_users)
+        self.on = on
+        self.looked = self.hits = 0
+
+
 class QueryCache(Stage):
     name = "query_cache"
 
@@ -36,20 +86,34 @@ class QueryCache(Stage):
     @classmethod
     def outputs(cls, config, bundle):
         return (Output("qc_hit", CANDIDATE, "bool"), Output("qc_score", CANDIDATE, "float32"),
-                Output("qc_epoch", REQUEST, "uint32"))
+                Output("qc_epoch", REQUEST, "uint32"), Output("qc_on", REQUEST, "bool"))
 
     def setup(self, config, bundle):
-        self.cache = Cache.attach(config.get("_qcache"))
+        spec = config.get("_qcache") or {}
+        self.cache = Cache.attach(spec)
         self.key = version_key(config.get("_pipeline"), bundle.name, bundle.version)
+        self.bypass = Bypass(spec.get("min_hit_ratio", 0.0), spec.get("sample_users", 16),
+                             spec.get("eval_candidates", 200_000))
 
     def process(self, batch):
         users, offsets, items = batch.users, batch.offsets, batch["item_ids"]
+        n = items.shape[0]
         if self.cache is None:
-            n = items.shape[0]
             return {"qc_hit": np.zeros(n, bool), "qc_score": np.zeros(n, np.float32),
-                    "qc_epoch": np.zeros(batch.n_requests, np.uint32)}
+                    "qc_epoch": np.zeros(batch.n_requests, np.uint32), "qc_on": np.zeros(batch.n_requests, bool)}
         epochs = self.cache.epochs_of(users)     # before anything is computed: feedback from now on wins
-        scores, hit = self.cache.lookup(users, offsets, items, self.key)
-        batch.count("cached", np.add.reduceat(hit.astype(np.int64), offsets[:-1]) if items.shape[0] else
+        on = self.bypass.users_on(users)
+        if on.all():
+            scores, hit = self.cache.lookup(users, offsets, items, self.key)
+        else:
+            scores, hit = np.zeros(n, np.float32), np.zeros(n, bool)
+            if on.any():
+                # The sampled requests' candidates (a loop over requests, not candidates).
+                rows = np.flatnonzero(on)
+                idx = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows])
+                sub = np.concatenate([[0], np.cumsum(np.diff(offsets)[rows])]).astype(np.int64)
+                scores[idx], hit[idx] = self.cache.lookup(users[rows], sub, items[idx], self.key)
+        self.bypass.observe(int(np.diff(offsets)[on].sum()), int(hit.sum()))
+        batch.count("cached", np.add.reduceat(hit.astype(np.int64), offsets[:-1]) if n else
                     np.zeros(batch.n_requests, np.int64))
-        return {"qc_hit": hit, "qc_score": scores, "qc_epoch": epochs, "_select": np.flatnonzero(~hit)}
+        return {"qc_hit": hit, "qc_score": scores, "qc_epoch": epochs, "qc_on": on, "_select": np.flatnonzero(~hit)}

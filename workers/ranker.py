@@ -21,7 +21,7 @@ class Ranker(Stage):
 
     @classmethod
     def inputs(cls, config):
-        return ("score", "keep?", "item_ids", "qc_hit?", "qc_score?", "qc_epoch?")
+        return ("score", "keep?", "item_ids", "qc_hit?", "qc_score?", "qc_epoch?", "qc_on?")
 
     @classmethod
     def outputs(cls, config, bundle):
@@ -42,6 +42,9 @@ class Ranker(Stage):
         if hit is not None:
             # Cached scores rejoin; what was computed here is stored under the epochs read before computing it.
             fresh = ~hit & np.isfinite(score)
+            on = batch.columns.get("qc_on")
+            if on is not None and not on.all():
+                fresh &= np.repeat(on, np.diff(batch.offsets))    # requests bypassing the cache store nothing
             if keep is not None:
                 fresh &= keep
                 keep = keep | hit

@@ -2,7 +2,8 @@
 # docs/benchmarks.md, "Structured features on against off, and against LEGACY" (issue 6): max pairs/s at
 # p99 <= 50 ms with N = 100, 500 and 1000 candidates per request, one jizhid per N serving
 #   demo             the fused plan, structured features on (the default, workers/model_inference.py)
-#   demo_per_pair    the same plan with the dense stage's structured = "off" (the naive per-pair graph)
+#   demo_per_pair    the same plan with structured = false: every stage per pair (the user's features read,
+#                    hashed, looked up and fed to the network once per candidate; the naive per-pair graph)
 #   legacy           one monolithic stage, one request at a time, one sample per pair
 #   demo_cached      (N = 500 only) structured features, the hot tier and the query cache
 # one pipeline after another in one run. ~25-30 min on 2 cores.
@@ -14,11 +15,11 @@ EP=tcp://127.0.0.1:5597
 mkdir -p "$W/structured"
 echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg) commit $(git rev-parse --short HEAD)"
 [ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.demo import init_demo; init_demo('$W/demo')"
-sed -e 's/^name = "demo"/name = "demo_per_pair"/' -e '/^processor = "model_inference"/a structured = "off"' \
+sed -e 's/^name = "demo"/name = "demo_per_pair"/' -e '/^on_unknown/a structured = false' \
     etc/pipelines/demo.toml > "$W/structured/demo_per_pair.toml"
-grep -q 'structured = "off"' "$W/structured/demo_per_pair.toml"
+grep -q '^structured = false' "$W/structured/demo_per_pair.toml"
 
-for N in 100 500 1000; do
+for N in ${NS:-100 500 1000}; do     # NS="500" for one N
     T="$W/structured/trace$N.npz"
     [ -f "$T" ] || $PY -c "from jizhi.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$T', requests=20000, candidates=$N)"
     PIPES=demo,demo_per_pair,legacy
@@ -40,7 +41,10 @@ done
 $PY - "$W/structured" <<'PYEOF'
 import json, sys
 d = sys.argv[1]
+import os
 for n in (100, 500, 1000):
+    if not os.path.exists(f"{d}/n{n}.json"):
+        continue
     runs = {r["pipeline"]: r["max"] for r in json.load(open(f"{d}/n{n}.json"))["runs"]}
     best = {p: m["goodput_pairs_s"] for p, m in runs.items()}
     line = ", ".join(f"{p} {v:,.0f}" for p, v in best.items())

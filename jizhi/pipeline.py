@@ -113,6 +113,11 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
     on_unknown = doc.get("on_unknown", "default")
     if on_unknown not in ON_UNKNOWN:
         raise PipelineError(f"pipeline {name!r}: on_unknown must be one of {', '.join(ON_UNKNOWN)}")
+    # structured = false: every stage works per pair (the user's features read, hashed, looked up and
+    # fed to the network once per candidate), as a generic serving system does. For comparison.
+    structured = doc.get("structured", True)
+    if not isinstance(structured, bool):
+        raise PipelineError(f"pipeline {name!r}: structured must be true or false, got {structured!r}")
 
     # The model bundle every stage reads (a stage may name it; it must be this one).
     try:
@@ -142,6 +147,9 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
         config = {k: v for k, v in s.items()
                   if k not in ("name", "processor", "next", "pool", "batch", "batch_wait_ms", "cores")}
         config.setdefault("on_unknown", on_unknown)
+        config.setdefault("per_pair", not structured)
+        if proc == "model_inference":
+            config.setdefault("structured", "on" if structured else "off")
         nxt = s.get("next", [])
         if isinstance(nxt, str):
             nxt = [nxt]
@@ -255,6 +263,20 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
             "groups": groups, "group_order": gtopo,
             "sources": [g for g in gtopo if not groups[g]["prev"]],
             "sink": group_of[sinks[0]], "arenas": arenas}
+
+
+def bytes_per_request(plan, candidates):
+    """Bytes of tensors one request of ``candidates`` moves: ``{"written": every stage output,
+    "shared": the arenas (request inputs, columns read across processes, the sink's outputs)}``.
+    Per-request columns count once, per-candidate ones ``candidates`` times."""
+    import numpy as np
+
+    def size(col):
+        rows = candidates if col["scope"] == "candidate" else 1
+        return rows * int(np.prod(col["shape"], dtype=np.int64)) * np.dtype(col["dtype"]).itemsize
+
+    written = sum(size(c) for st in plan["stages"].values() for c in st["outputs"].values())
+    return {"written": int(written), "shared": int(sum(size(c) for c in plan["arenas"].values()))}
 
 
 def _toposort(nodes, succ, what):

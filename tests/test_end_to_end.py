@@ -1,4 +1,6 @@
 """jizhid on the demo bundle, over a real socket, against the reference scorer."""
+import os
+
 import numpy as np
 import pytest
 import zmq
@@ -6,17 +8,34 @@ import zmq
 from conftest import assert_topk, demo_pipeline_text, write_text
 from jizhi import protocol
 
-# demo runs its dense graph through the structured-features pass (the default), demo_per_pair the
-# naive per-pair form of the same graph (structured = "off"), legacy one sample per pair.
-PIPELINES = ("demo", "demo_unfused", "legacy", "demo_per_pair")
+# demo runs its dense graph through the structured-features pass (the default); demo_per_pair (pipeline
+# structured = false, unfused) moves the user's columns per pair through every stage and runs the naive
+# per-pair graph; legacy scores one sample per pair; demo_pinned is a session group (its workers pinned
+# to core 0, two intra-op threads) running the per-pair graph on per-request columns (dnn structured = "off").
+PIPELINES = ("demo", "demo_unfused", "legacy", "demo_per_pair", "demo_pinned")
 REQUESTS = (0, 1, 2, 3, 4, 5)
 
 
 @pytest.fixture(scope="module")
 def server(launch_module, tmp_path_factory):
-    per_pair = tmp_path_factory.mktemp("pipelines") / "demo_per_pair.toml"
-    write_text(per_pair, demo_pipeline_text("demo_per_pair", options={"dnn": ['structured = "off"']}))
-    return launch_module.start(pipelines=list(PIPELINES[:-1]) + [per_pair])
+    d = tmp_path_factory.mktemp("pipelines")
+    per_pair = demo_pipeline_text("demo_per_pair", fused=False)
+    write_text(d / "demo_per_pair.toml", per_pair.replace('on_unknown = "default"', 'on_unknown = "default"\nstructured = false'))
+    write_text(d / "demo_pinned.toml", demo_pipeline_text(
+        "demo_pinned", options={"dnn": ["intra_op_threads = 2", 'structured = "off"']}) + "cores = [0]\n")
+    return launch_module.start(pipelines=list(PIPELINES[:3]) + [d / "demo_per_pair.toml", d / "demo_pinned.toml"])
+
+
+def test_a_session_group_runs_its_workers_on_its_cores_only(server, client, demo_trace):
+    user, items, recall = demo_trace[0]
+    assert client.score(user, items, recall, pipeline="demo_pinned", deadline_ms=30_000)["status"] == "ok"
+    pinned = server.workers("demo_pinned")
+    assert pinned
+    for pid in pinned:
+        threads = os.listdir(f"/proc/{pid}/task")
+        assert {frozenset(os.sched_getaffinity(int(t))) for t in threads} == {frozenset({0})}
+    others = server.workers("demo")
+    assert others and all(os.sched_getaffinity(pid) == os.sched_getaffinity(0) for pid in others)
 
 
 @pytest.fixture(scope="module")

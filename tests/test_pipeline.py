@@ -81,6 +81,24 @@ def test_an_unknown_structured_features_mode_is_refused_naming_the_stage(demo_mo
     assert "dnn" in message or "model_inference" in message
 
 
+def test_structured_false_moves_the_users_columns_per_pair_and_more_bytes(demo_models):
+    from jizhi.pipeline import bytes_per_request
+    on = compile_pipeline(demo_dag().doc, demo_models)
+    doc = demo_dag().doc
+    doc["structured"] = False
+    off = compile_pipeline(doc, demo_models)
+    for col in ("dense", "user_values", "user_sigs", "user_emb"):
+        producer = next(st for st in off["stages"].values() if col in st["outputs"])
+        assert producer["outputs"][col]["scope"] == "candidate"
+        assert next(st for st in on["stages"].values() if col in st["outputs"])["outputs"][col]["scope"] == "request"
+    dnn = next(st for st in off["stages"].values() if st["processor"] == "model_inference")
+    assert dnn["config"]["structured"] == "off" and dnn["config"]["per_pair"] is True
+    b_on, b_off = bytes_per_request(on, 500), bytes_per_request(off, 500)
+    assert b_off["written"] > b_on["written"] and b_off["shared"] > b_on["shared"]
+    doc["structured"] = "no"
+    assert "structured must be true or false" in compile_error(doc, demo_models)
+
+
 def test_a_next_stage_that_is_not_defined_is_refused(demo_models):
     doc = demo_dag(edges={"cube": ["dnn", "shedder"]}).doc
     assert compile_error(doc, demo_models) == "stage 'cube': next stage 'shedder' is not defined"

@@ -26,7 +26,8 @@ class CubeAccessor(Stage):
 
     @classmethod
     def outputs(cls, config, bundle):
-        return (Output("user_emb", REQUEST, "float32", (len(bundle.user_fields), bundle.dim)),
+        return (Output("user_emb", CANDIDATE if config.get("per_pair") else REQUEST, "float32",
+                       (len(bundle.user_fields), bundle.dim)),
                 Output("item_emb", CANDIDATE, "float32", (len(bundle.item_fields), bundle.dim)))
 
     def setup(self, config, bundle):

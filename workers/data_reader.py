@@ -35,22 +35,28 @@ class DataReader(Stage):
     def outputs(cls, config, bundle):
         fu, lu = len(bundle.user_fields), bundle.user_len
         fi, li = len(bundle.item_fields), bundle.item_len
-        return (Output("dense", REQUEST, "float32", (bundle.dense_features,)),
-                Output("user_values", REQUEST, "int64", (fu, lu)),
-                Output("user_lens", REQUEST, "int32", (fu,)),
+        user = CANDIDATE if config.get("per_pair") else REQUEST   # pipeline structured = false: per pair
+        return (Output("dense", user, "float32", (bundle.dense_features,)),
+                Output("user_values", user, "int64", (fu, lu)),
+                Output("user_lens", user, "int32", (fu,)),
                 Output("item_sigs", CANDIDATE, "uint64", (fi, li)),
                 Output("item_lens", CANDIDATE, "int32", (fi,)),
                 Output("keep", CANDIDATE, "bool"))
 
     def setup(self, config, bundle):
         self.on_unknown = config.get("on_unknown", "default")
+        self.per_pair = bool(config.get("per_pair"))
         self.users = Profiles(bundle, "user")
         self.items = Profiles(bundle, "item")
         self.overlay = Overlay.attach(config.get("_overlay"))
 
     def process(self, batch):
         urows, uknown = self.users.rows(batch.users)
-        dense, values, lens = self.users.user_features(urows, uknown, batch.users, self.overlay)
+        users = batch.users
+        if self.per_pair:
+            pair = batch.candidate_request()
+            urows, uknown, users = urows[pair], uknown[pair], users[pair]
+        dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
         irows, iknown = self.items.rows(batch["item_ids"])
         sigs, ilens = self.items.item_signatures(irows, iknown)
         unknown = np.add.reduceat((~iknown).astype(np.int64), batch.offsets[:-1]) \

@@ -5,7 +5,7 @@ padded [R, F, L] block of the batch at once. Item signatures are
 precomputed per bundle version and pass through untouched.
 """
 from jizhi.cube.signature import sign_padded
-from jizhi.workers.stage import REQUEST, Output, Stage
+from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 
 class FeatureProcessor(Stage):
@@ -17,7 +17,8 @@ class FeatureProcessor(Stage):
 
     @classmethod
     def outputs(cls, config, bundle):
-        return (Output("user_sigs", REQUEST, "uint64", (len(bundle.user_fields), bundle.user_len)),)
+        return (Output("user_sigs", CANDIDATE if config.get("per_pair") else REQUEST, "uint64",
+                       (len(bundle.user_fields), bundle.user_len)),)
 
     def setup(self, config, bundle):
         self.hash_ids = bundle.user_hash_ids

@@ -2,12 +2,16 @@
 
 One ``InferenceSession.run`` per micro-batch: the graph takes U users (dense
 features and pooled user embeddings) and P candidates with a candidate ->
-user index. The session uses one intra-op and one inter-op thread and does
-not spin, so worker processes, not threads, share the cores.
+user index. The session uses one intra-op thread (stage option
+``intra_op_threads``) and one inter-op thread and does not spin, so worker
+processes, not threads, share the cores; a stage's or fused group's
+``cores = [...]`` pins its workers to a core set (a *session group*: pools of
+different models do not fight over cores).
 
-Structured features (RecServe), stage option ``structured``:
+Structured features (RecServe), stage option ``structured`` (default: from
+the pipeline's ``structured = true|false``):
 
-* ``"on"`` (default): the bundle's graph goes through ``jizhi.structured.structure``
+* ``"on"`` (pipeline default): the bundle's graph goes through ``jizhi.structured.structure``
   when the worker loads it: the part that depends only on the user runs on U
   rows (once per request) and is gathered per pair only where it meets item
   tensors; a first layer over a concatenation of user and item tensors, and
@@ -17,6 +21,11 @@ Structured features (RecServe), stage option ``structured``:
   gathered per pair at the start and all of the network runs on P rows, as a
   generic serving system would run it. For comparison.
 * ``"as_is"``: the bundle's graph untouched.
+
+A pipeline with ``structured = false`` also makes the data reader, the
+feature processor and the cube accessor work per pair (user columns of P
+rows: each candidate carries its user's features); this stage then feeds
+``user_index = 0..P-1``.
 """
 import logging
 
@@ -27,10 +36,11 @@ import onnxruntime as ort
 from jizhi.workers.stage import CANDIDATE, Output, Stage
 
 
-def session_options():
-    """SessionOptions for a worker process: one thread, no spinning."""
+def session_options(threads=1):
+    """SessionOptions for a worker process: ``threads`` intra-op threads (default one: processes,
+    not threads, share the cores), no spinning."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -45,6 +55,13 @@ STRUCTURED = ("on", "off", "as_is")
 def open_session(path):
     return ort.InferenceSession(str(path), sess_options=session_options(),
                                 providers=["CPUExecutionProvider"])
+
+
+def intra_op_threads(config):
+    threads = config.get("intra_op_threads", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+        raise ValueError(f"intra_op_threads must be an integer from 1 to 64, got {threads!r}")
+    return threads
 
 
 def structured_mode(config):
@@ -75,6 +92,7 @@ class ModelInference(Stage):
     @classmethod
     def outputs(cls, config, bundle):
         structured_mode(config)     # a bad value fails the pipeline's compile, naming the stage
+        intra_op_threads(config)
         return (Output("score", CANDIDATE, "float32"),)
 
     def setup(self, config, bundle):
@@ -89,15 +107,19 @@ class ModelInference(Stage):
                 f" ({r.note})" if r.note else "")
         else:
             logging.getLogger("jizhi.worker").info("structured features %s", mode)
-        self.session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(),
+        self.session = ort.InferenceSession(model.SerializeToString(),
+                                            sess_options=session_options(intra_op_threads(config)),
                                             providers=["CPUExecutionProvider"])
         self.output = bundle.onnx_output
+        self.per_pair = bool(config.get("per_pair"))
 
     def process(self, batch):
         score, = self.session.run([self.output], {
             "dense": np.ascontiguousarray(batch["dense"], dtype=np.float32),
             "user_emb": np.ascontiguousarray(batch["user_emb"], dtype=np.float32),
             "item_emb": np.ascontiguousarray(batch["item_emb"], dtype=np.float32),
-            "user_index": batch.candidate_request(),
+            # User rows per request, or per pair (pipeline structured = false: one row per candidate).
+            "user_index": np.arange(batch.n_candidates, dtype=np.int64) if self.per_pair
+            else batch.candidate_request(),
         })
         return {"score": score.reshape(-1)}

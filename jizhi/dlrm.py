@@ -41,7 +41,7 @@ and both builders give the same layers for the same seed.
 importer into ``OUT_DIR/models/dlrm/1``, writes a request trace
 ``OUT_DIR/trace.npz`` (``jizhi.demo.generate_trace``) and two pipeline
 files, ``OUT_DIR/dlrm.toml`` (structured features on) and
-``OUT_DIR/dlrm_per_pair.toml`` (``structured = "off"``).
+``OUT_DIR/dlrm_per_pair.toml`` (``structured = false``: every stage per pair).
 """
 import argparse
 import dataclasses
@@ -299,24 +299,22 @@ def fields_toml(fields, output="prob"):
 
 # --- make: model.onnx + fields.toml -> an imported bundle, a trace, pipelines -------------
 
-def pipeline_text(name, structured=None, pool=2, batch=8, batch_wait_ms=3):
+def pipeline_text(name, structured=True, pool=2, batch=8, batch_wait_ms=3):
     """A pipeline file for the imported DLRM, fused like etc/pipelines/demo.toml.
 
-    ``structured``: the model_inference stage's ``structured`` option
-    (workers/model_inference.py), or None for its default ("on").
+    ``structured``: the pipeline's ``structured`` (False: every stage per pair, jizhi/pipeline.py).
     """
     lines = [
         "# The imported DLRM (python -m jizhi.dlrm make), fused like etc/pipelines/demo.toml;",
-        "# structured features " + (f'{structured} (structured = "{structured}")' if structured
-                                    else "on (model_inference's default)") + ".",
-        f'name = "{name}"', f'model = "{MODEL_NAME}"', 'version = "latest"', 'on_unknown = "default"', "",
+        "# structured features " + ("on (the default)." if structured else
+                                    "off: every stage works per pair, for comparison."),
+        f'name = "{name}"', f'model = "{MODEL_NAME}"', 'version = "latest"', 'on_unknown = "default"',
+        *([] if structured else ["structured = false"]), "",
     ]
     stages = (("reader", "data_reader"), ("features", "feature_processor"), ("cube", "cube_accessor"),
               ("dnn", "model_inference"), ("rank", "ranker"))
     for i, (stage, processor) in enumerate(stages):
         lines += ["[[stage]]", f'name = "{stage}"', f'processor = "{processor}"']
-        if processor == "model_inference" and structured:
-            lines.append(f'structured = "{structured}"')
         if i + 1 < len(stages):
             lines.append(f'next = ["{stages[i + 1][0]}"]')
         lines.append("")
@@ -376,7 +374,7 @@ def make(out_dir, *, seed=0, dim=64, n_user_fields=8, n_item_fields=8, vocab=Non
         generate_trace(version_dir, trace_path, requests=trace_requests, candidates=candidates, spearman=spearman,
                        seed=seed, progress=progress)
     pipelines = []
-    for name, structured in ((MODEL_NAME, None), (MODEL_NAME + "_per_pair", "off")):
+    for name, structured in ((MODEL_NAME, True), (MODEL_NAME + "_per_pair", False)):
         pipelines.append(os.path.join(out_dir, name + ".toml"))
         _write_text(pipelines[-1], pipeline_text(name, structured, pool=pool))
     return Made(model_path, fields_path, models_dir, version_dir, trace_path, tuple(pipelines))

@@ -6,7 +6,7 @@
 #                    hashed, looked up and fed to the network once per candidate; the naive per-pair graph)
 #   legacy           one monolithic stage, one request at a time, one sample per pair
 #   demo_cached      (N = 500 only) structured features, the hot tier and the query cache
-# one pipeline after another in one run. ~25-30 min on 2 cores.
+# one pipeline after another in one run; then the DLRM (on / off) at N = 500. ~35-40 min on 2 cores.
 set -euo pipefail
 cd "${JIZHI_SRC:-$(dirname "$0")/..}"
 PY=.venv/bin/python
@@ -38,6 +38,22 @@ for N in ${NS:-100 500 1000}; do     # NS="500" for one N
     kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
 done
 
+# The DLRM-shaped model without a user tower (jizhi/dlrm.py: 13 dense features, 16 fields of dim 64, dot
+# interaction, top MLP 256-128-1), imported with jizhictl import's code path, at N = 500.
+D="$W/structured/dlrm"
+[ -d "$D/models/dlrm/1" ] || $PY -m jizhi.dlrm make "$D" --trace-requests 20000 --candidates 500 --quiet
+setsid .venv/bin/jizhid --config "$W/structured/jizhi.toml" --models "$D/models" --instance structdlrm \
+    --frontend $EP --pipelines "$D/dlrm.toml,$D/dlrm_per_pair.toml" \
+    --run-dir "$W/structured/rundlrm" > "$W/structured/jizhiddlrm.log" 2>&1 < /dev/null &
+JIZHID=$!
+trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
+$PY -m jizhi.client --wait-ready $EP
+for _ in $(seq 120); do grep -q "hot tier generation 1" "$W/structured/jizhiddlrm.log" && break; sleep 0.5; done
+$PY -m jizhi.bench --endpoint $EP --trace "$D/trace.npz" --pipeline dlrm,dlrm_per_pair --find-max --start-rate 25 \
+    --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$W/structured/rundlrm" --max-other-cores 0.3 \
+    --json "$W/structured/dlrm.json" --quiet | tee "$W/structured/dlrm.txt"
+kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
+
 $PY - "$W/structured" <<'PYEOF'
 import json, sys
 d = sys.argv[1]
@@ -56,6 +72,10 @@ for n in (100, 500, 1000):
         print(f"  demo / legacy: {on / legacy:.2f}x")
     if best.get("demo_cached") and legacy:
         print(f"  demo_cached / legacy: {best['demo_cached'] / legacy:.2f}x")
+if os.path.exists(f"{d}/dlrm.json"):
+    best = {r["pipeline"]: r["max"]["goodput_pairs_s"] for r in json.load(open(f"{d}/dlrm.json"))["runs"]}
+    print(f"DLRM, N=500: dlrm {best['dlrm']:,.0f}, dlrm_per_pair {best['dlrm_per_pair']:,.0f} pairs/s: "
+          f"structured on / off {best['dlrm'] / best['dlrm_per_pair']:.2f}x")
 PYEOF
 echo "end $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)"
 ls /dev/shm | grep -E "^jizhi\.struct" || echo "no /dev/shm segment of this run left"

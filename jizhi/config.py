@@ -118,12 +118,13 @@ SETTINGS = [
             "region per writer (the ranker's wids), least recently stored replaced first."),
     Setting("qcache.window_s", float, 120.0, _positive,
             "A cached score is reused for this long after it was computed."),
-    Setting("qcache.min_hit_ratio", float, 0.15, lambda v: None if 0.0 <= v <= 1.0 else "must be from 0 to 1",
+    Setting("qcache.min_hit_ratio", float, 0.05, lambda v: None if 0.0 <= v <= 1.0 else "must be from 0 to 1",
             "Below this hit ratio (over the last qcache.eval_candidates looked up) the query cache costs more "
             "than it saves: a worker then looks up and stores only 1 in qcache.sample_users users (so it keeps "
             "measuring) until the ratio is back. 0: always on."),
-    Setting("qcache.sample_users", int, 16, _positive,
-            "While the query cache is bypassed, 1 in this many users (by a hash of the user) still uses it."),
+    Setting("qcache.sample_users", int, 16, lambda v: None if v >= 1 and v & (v - 1) == 0 else "must be a power of two",
+            "While the query cache is bypassed, 1 in this many users (by a hash of the user) still uses it, "
+            "with 1 / this many of the table (so their hit ratio estimates the cache's in full use)."),
     Setting("qcache.eval_candidates", int, 200_000, _positive,
             "How many looked-up candidates a worker's hit ratio is measured over before it decides again."),
     Setting("workers.drain_timeout_s", float, 10.0, _positive,

@@ -294,7 +294,7 @@ def _sets(users, offsets, items, n_sets, out):
 
 
 @njit(cache=True, nogil=True)
-def _lookup(slots, epochs, users, offsets, items, version, now_ms, window_ms, score_bits, hit):
+def _lookup(slots, epochs, users, offsets, items, version, now_ms, window_ms, score_bits, hit, share):
     # slots [W, sets, ways, 6]; score_bits uint32 [N] (a float32 view); hit bool [N].
     # Returns the number of slots whose key matched but whose check did not
     # (torn by a concurrent store, or left half-written by a killed writer).
@@ -304,7 +304,7 @@ def _lookup(slots, epochs, users, offsets, items, version, now_ms, window_ms, sc
     set_words = ways * slots.shape[3]
     flat = slots.reshape(-1)
     sets = np.empty(items.shape[0], dtype=np.int64)
-    _sets(users, offsets, items, n_sets, sets)
+    _sets(users, offsets, items, n_sets // share, sets)
     n = items.shape[0]
     torn = 0
     for r in range(users.shape[0]):
@@ -348,7 +348,7 @@ def _lookup(slots, epochs, users, offsets, items, version, now_ms, window_ms, sc
 
 
 @njit(cache=True, nogil=True)
-def _store(region, users, offsets, items, score_bits, version, epochs_in, now_ms, mask, use_mask):
+def _store(region, users, offsets, items, score_bits, version, epochs_in, now_ms, mask, use_mask, share):
     # region [sets, ways, 6]: this writer's own, so its reads of it are stable. The victim: a
     # never-written way (check word 0), else the entry of the same (user, item, version), else the
     # way stored longest ago (a time in the future can only be a store a killed predecessor left
@@ -359,7 +359,7 @@ def _store(region, users, offsets, items, score_bits, version, epochs_in, now_ms
     set_words = ways * region.shape[2]
     flat = region.reshape(-1)
     sets = np.empty(items.shape[0], dtype=np.int64)
-    _sets(users, offsets, items, n_sets, sets)
+    _sets(users, offsets, items, n_sets // share, sets)
     n = items.shape[0]
     t = np.uint64(now_ms)
     stored = 0
@@ -514,8 +514,18 @@ class QueryCache:
     def bump_epoch(self, user):
         self.bump_epochs(np.array([user], dtype=np.uint64))
 
-    def lookup(self, users, offsets, items, version, now_ms=None):
+    def _share(self, share):
+        share = int(share)
+        if share < 1 or share & (share - 1) or share > self.sets:
+            raise ValueError(f"query cache: share must be a power of two from 1 to {self.sets}, got {share}")
+        return share
+
+    def lookup(self, users, offsets, items, version, now_ms=None, share=1):
         """Cached scores of a batch: ``(scores float32 [N], hit bool [N])``.
+
+        ``share``: use only the first 1/share of each region's sets (a sample
+        of users gets its share of the table: workers/query_cache.py); a
+        store and a lookup of an entry must use the same share.
 
         ``users`` uint64 [R], ``offsets`` int64 [R+1] (CSR over requests),
         ``items`` uint64 [N]. A hit has the exact score stored for (user,
@@ -529,10 +539,10 @@ class QueryCache:
         bits = np.empty(items.shape[0], dtype=np.uint32)
         hit = np.empty(items.shape[0], dtype=np.bool_)
         self.torn += _lookup(self.slots, self.epochs, users, offsets, items, _version(version),
-                             np.int64(now_ms), np.int64(self.window_ms), bits, hit)
+                             np.int64(now_ms), np.int64(self.window_ms), bits, hit, self._share(share))
         return bits.view(np.float32), hit
 
-    def store(self, writer, users, offsets, items, scores, version, epochs, now_ms=None, mask=None):
+    def store(self, writer, users, offsets, items, scores, version, epochs, now_ms=None, mask=None, share=1):
         """Writer ``writer`` only: store computed scores into its own region.
 
         ``epochs`` uint32 [R] are the epochs ``epochs_of`` returned at the
@@ -559,7 +569,7 @@ class QueryCache:
         if now_ms is None:
             now_ms = self.now_ms()
         return int(_store(self.slots[writer], users, offsets, items, scores.view(np.uint32),
-                          _version(version), epochs, np.int64(now_ms), mask, use_mask))
+                          _version(version), epochs, np.int64(now_ms), mask, use_mask, self._share(share)))
 
     def epoch_bucket(self, users):
         """Epoch-table index (int64 [R]) of each user: for tests and diagnostics."""
@@ -597,7 +607,7 @@ _epochs_of(_ep, _us, np.empty(1, np.uint32))
 _bump(_ep, _us)
 _buckets(_us, 1, np.empty(1, np.int64))
 _sets(_us, _of, _us, 1, np.empty(1, np.int64))
-_store(_sl[0], _us, _of, _us, np.zeros(1, np.uint32), np.uint64(0), _ep, np.int64(0), _NO_MASK, False)
-_lookup(_sl, _ep, _us, _of, _us, np.uint64(0), np.int64(0), np.int64(1), np.empty(1, np.uint32), np.empty(1, np.bool_))
+_store(_sl[0], _us, _of, _us, np.zeros(1, np.uint32), np.uint64(0), _ep, np.int64(0), _NO_MASK, False, 1)
+_lookup(_sl, _ep, _us, _of, _us, np.uint64(0), np.int64(0), np.int64(1), np.empty(1, np.uint32), np.empty(1, np.bool_), 1)
 _stats(_sl, np.int64(0), np.int64(1), np.zeros(1, np.int64), np.zeros(1, np.int64))
 del _sl, _ep, _us, _of

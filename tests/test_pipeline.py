@@ -99,6 +99,34 @@ def test_structured_false_moves_the_users_columns_per_pair_and_more_bytes(demo_m
     assert "structured must be true or false" in compile_error(doc, demo_models)
 
 
+@pytest.mark.parametrize("per_pair", [False, True])
+def test_a_batch_of_several_requests_scores_the_reference_per_request_and_per_pair(
+        demo_bundle, demo_trace, trace_scores, per_pair):
+    # The stage processors in one process, as a fused worker runs them, on a micro-batch of 3 requests:
+    # per pair (pipeline structured = false) every user column has a row per candidate.
+    from jizhi.bundle import Bundle
+    from jizhi.pipeline import load_class
+    from jizhi.workers.stage import Batch
+    bundle = Bundle(demo_bundle)
+    config = {"on_unknown": "default", "per_pair": per_pair, "structured": "off" if per_pair else "on"}
+    stages = []
+    for proc in ("data_reader", "feature_processor", "cube_accessor", "model_inference", "ranker"):
+        st = load_class(proc)()
+        st.setup(dict(config), bundle)
+        stages.append(st)
+    q = [0, 1, 2]
+    offsets = np.concatenate([[0], np.cumsum([len(demo_trace[i][1]) for i in q])]).astype(np.int64)
+    batch = Batch(np.array([demo_trace[i][0] for i in q], np.uint64), np.full(3, 10, np.int64), np.zeros(3, bool),
+                  np.full(3, np.inf), offsets, {"item_ids": np.concatenate([demo_trace[i][1] for i in q]),
+                                                "recall_scores": np.concatenate([demo_trace[i][2] for i in q])})
+    for st in stages:
+        batch.columns.update(st.process(batch))
+    assert batch["user_emb"].shape[0] == (offsets[-1] if per_pair else 3)
+    for i in q:
+        np.testing.assert_allclose(batch["score"][offsets[i]:offsets[i + 1]], trace_scores[i], rtol=0, atol=1e-5)
+    assert batch.counts["missing_signatures"].shape == (3,)
+
+
 def test_a_next_stage_that_is_not_defined_is_refused(demo_models):
     doc = demo_dag(edges={"cube": ["dnn", "shedder"]}).doc
     assert compile_error(doc, demo_models) == "stage 'cube': next stage 'shedder' is not defined"

@@ -339,6 +339,22 @@ def test_a_reader_of_version_2_never_gets_a_version_1_score_while_a_writer_alter
     assert (v2["violations"], v2["other_version"], v1["violations"], v1["other_version"]) == (0, 0, 0, 0)
 
 
+def test_a_share_confines_entries_to_that_part_of_the_sets_and_round_trips(make_cache):
+    # A bypassed worker's sampled users use 1/share of the table (workers/query_cache.py).
+    cache, _ = make_cache(writers=1, slots=1 << 16, ways=4)       # 2,048 sets x 4 ways in 1/8: room for 400
+    users = np.array([5, 6], np.uint64)
+    offsets = np.array([0, 200, 400], np.int64)
+    items = np.arange(1, 401, dtype=np.uint64)
+    scores = expected_scores(np.repeat(users, 200), items, 3)
+    assert cache.store(0, users, offsets, items, scores, 3, cache.epochs_of(users), now_ms=0, share=8) == 400
+    got, hit = cache.lookup(users, offsets, items, 3, now_ms=1, share=8)
+    assert hit.all() and np.array_equal(got, scores)
+    used = np.flatnonzero(cache.slots[0, :, :, 5].any(axis=1))        # sets holding a written way
+    assert used.max() < cache.sets // 8
+    with pytest.raises(ValueError, match="power of two"):
+        cache.lookup(users, offsets, items, 3, share=3)
+
+
 def test_lookup_rate_of_a_500_candidate_request_on_one_core(make_cache, capsys):
     cache, _ = make_cache(writers=2, slots=1 << 14, ways=4, epoch_buckets=1 << 16)
     rng = np.random.default_rng(0)
@@ -366,7 +382,7 @@ def test_lookup_rate_of_a_500_candidate_request_on_one_core(make_cache, capsys):
     bits = np.empty(500, np.uint32)
     hitbuf = np.empty(500, np.bool_)
     kernel = rate(lambda: qcache._lookup(cache.slots, cache.epochs, users, offsets, items, np.uint64(1),
-                                         np.int64(now), np.int64(cache.window_ms), bits, hitbuf))
+                                         np.int64(now), np.int64(cache.window_ms), bits, hitbuf, 1))
     call = rate(lambda: cache.lookup(users, offsets, items, 1, now_ms=now))
     with capsys.disabled():
         print(f"\nqcache lookup, 500 candidates (half hits), 2 regions x 4 ways: "

@@ -33,6 +33,7 @@ class CubeAccessor(Stage):
     def setup(self, config, bundle):
         self.dim = bundle.dim
         self.sums = [bundle.user_sums, bundle.item_sums]
+        self.per_pair = bool(config.get("per_pair"))
         self.levels = None
         if config.get("remote"):
             # A cube behind a backend (stage option remote = URL, "{cube}" = the bundle's cube/):
@@ -67,6 +68,8 @@ class CubeAccessor(Stage):
         (user_emb, item_emb), (umiss, imiss) = pool_blocks(
             self.store, [(batch["user_sigs"], batch["user_lens"]),
                         (batch["item_sigs"], batch["item_lens"])], self.dim, self.sums)
+        if self.per_pair:
+            umiss = umiss[batch.offsets[:-1]]     # the user's row is repeated per pair: count it once
         missing = umiss + np.add.reduceat(imiss, batch.offsets[:-1])
         batch.count("missing_signatures", missing)
         return {"user_emb": user_emb, "item_emb": item_emb}

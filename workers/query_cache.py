@@ -18,9 +18,14 @@ a random slot of a table larger than the CPU caches for every candidate).
 Each worker measures the hit ratio over ``qcache.eval_candidates`` looked-up
 candidates; below ``qcache.min_hit_ratio`` it *bypasses* the cache: only 1 in
 ``qcache.sample_users`` users (by a hash of the user) is looked up and stored,
-which keeps the measurement going, and the rest skip both. Back above the
-ratio, every user uses it again. ``qc_on`` tells the ranker which requests to
-store.
+which keeps the measurement going, and the rest skip both. The sampled users
+use only their share (1 / sample_users) of the table's sets: with all of it,
+they would keep 16 times the history per user that the cache holds in full
+use (it is bounded by its size, not its window, at high rates), and the
+estimate would be 10x too high (measured: 20-27 % sampled against 2-3 % in
+full use), so the cache would switch on and off. Back above the ratio, every
+user uses all of the table again. ``qc_share`` tells the ranker which
+requests to store and with which share (0: none).
 """
 import logging
 import zlib
@@ -50,6 +55,11 @@ class Bypass:
         self.on = True
         self.looked = 0
         self.hits = 0
+
+    @property
+    def share(self):
+        """The part of the table the requests that use the cache use (1: all; sample_users: bypassed)."""
+        return 1 if self.on else int(self.sample_users)
 
     def users_on(self, users):
         """bool [R]: the requests that use the cache."""
@@ -86,7 +96,7 @@ class QueryCache(Stage):
     @classmethod
     def outputs(cls, config, bundle):
         return (Output("qc_hit", CANDIDATE, "bool"), Output("qc_score", CANDIDATE, "float32"),
-                Output("qc_epoch", REQUEST, "uint32"), Output("qc_on", REQUEST, "bool"))
+                Output("qc_epoch", REQUEST, "uint32"), Output("qc_share", REQUEST, "int32"))
 
     def setup(self, config, bundle):
         spec = config.get("_qcache") or {}
@@ -100,11 +110,12 @@ class QueryCache(Stage):
         n = items.shape[0]
         if self.cache is None:
             return {"qc_hit": np.zeros(n, bool), "qc_score": np.zeros(n, np.float32),
-                    "qc_epoch": np.zeros(batch.n_requests, np.uint32), "qc_on": np.zeros(batch.n_requests, bool)}
+                    "qc_epoch": np.zeros(batch.n_requests, np.uint32), "qc_share": np.zeros(batch.n_requests, np.int32)}
         epochs = self.cache.epochs_of(users)     # before anything is computed: feedback from now on wins
         on = self.bypass.users_on(users)
+        share = self.bypass.share
         if on.all():
-            scores, hit = self.cache.lookup(users, offsets, items, self.key)
+            scores, hit = self.cache.lookup(users, offsets, items, self.key, share=share)
         else:
             scores, hit = np.zeros(n, np.float32), np.zeros(n, bool)
             if on.any():
@@ -112,8 +123,9 @@ class QueryCache(Stage):
                 rows = np.flatnonzero(on)
                 idx = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows])
                 sub = np.concatenate([[0], np.cumsum(np.diff(offsets)[rows])]).astype(np.int64)
-                scores[idx], hit[idx] = self.cache.lookup(users[rows], sub, items[idx], self.key)
+                scores[idx], hit[idx] = self.cache.lookup(users[rows], sub, items[idx], self.key, share=share)
         self.bypass.observe(int(np.diff(offsets)[on].sum()), int(hit.sum()))
         batch.count("cached", np.add.reduceat(hit.astype(np.int64), offsets[:-1]) if n else
                     np.zeros(batch.n_requests, np.int64))
-        return {"qc_hit": hit, "qc_score": scores, "qc_epoch": epochs, "qc_on": on, "_select": np.flatnonzero(~hit)}
+        return {"qc_hit": hit, "qc_score": scores, "qc_epoch": epochs,
+                "qc_share": np.where(on, share, 0).astype(np.int32), "_select": np.flatnonzero(~hit)}

@@ -21,7 +21,7 @@ class Ranker(Stage):
 
     @classmethod
     def inputs(cls, config):
-        return ("score", "keep?", "item_ids", "qc_hit?", "qc_score?", "qc_epoch?", "qc_on?")
+        return ("score", "keep?", "item_ids", "qc_hit?", "qc_score?", "qc_epoch?", "qc_share?")
 
     @classmethod
     def outputs(cls, config, bundle):
@@ -42,15 +42,17 @@ class Ranker(Stage):
         if hit is not None:
             # Cached scores rejoin; what was computed here is stored under the epochs read before computing it.
             fresh = ~hit & np.isfinite(score)
-            on = batch.columns.get("qc_on")
-            if on is not None and not on.all():
-                fresh &= np.repeat(on, np.diff(batch.offsets))    # requests bypassing the cache store nothing
+            share = batch.columns.get("qc_share")
+            if share is None:
+                share = np.ones(batch.n_requests, np.int32)
+            fresh &= np.repeat(share > 0, np.diff(batch.offsets))    # requests bypassing the cache store nothing
             if keep is not None:
                 fresh &= keep
                 keep = keep | hit
             if self.cache is not None and fresh.any():
+                # One share per batch (the query_cache stage decides it per batch).
                 self.cache.store(self.writer, batch.users, batch.offsets, batch["item_ids"], score,
-                                 self.key, batch["qc_epoch"], mask=fresh)
+                                 self.key, batch["qc_epoch"], mask=fresh, share=int(share.max()))
             score = np.where(hit, batch["qc_score"], score)
         return rank(batch, score, keep)
 

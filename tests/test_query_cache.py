@@ -80,8 +80,9 @@ def test_stats_report_the_query_cache_hit_ratio(server):
 
 
 def test_a_cache_that_rarely_hits_is_bypassed_for_all_but_a_sample_of_users(launch, tmp_path, demo_trace, trace_scores):
-    # qcache.min_hit_ratio: after 500 looked-up candidates without a hit the worker bypasses the
-    # cache; then only the sampled users (1 in 4 here) are looked up and stored, the others neither.
+    # qcache.min_hit_ratio: after 2,000 candidates that warm the cache (4 x eval_candidates), 500
+    # looked-up candidates without a hit make the worker bypass it; then only the sampled users
+    # (1 in 4 here) are looked up and stored, the others neither.
     from jizhi.workers.query_cache import Bypass
     text = (Path(__file__).parent.parent / "etc" / "pipelines" / "demo_cached.toml").read_text()
     text = text.replace('name = "demo_cached"', 'name = "cached1"').replace("pool = 2", "pool = 1")
@@ -91,9 +92,11 @@ def test_a_cache_that_rarely_hits_is_bypassed_for_all_but_a_sample_of_users(laun
     sampler = Bypass(sample_users=4)
     sampler.on = False
     with server.client() as c:
-        for q in (0, 1):                                  # 2 x 300 candidates, no hit: bypassed from here on
+        first = range(9)                                  # 9 x 300 candidates, no hit: bypassed from here on
+        for q in first:
             _score(c, *demo_trace[q], pipeline="cached1")
-        users = [q for q in range(2, len(demo_trace)) if demo_trace[q][0] not in (demo_trace[0][0], demo_trace[1][0])]
+        seen = {demo_trace[q][0] for q in first}
+        users = [q for q in range(9, len(demo_trace)) if demo_trace[q][0] not in seen]
         on = {q: bool(sampler.users_on(np.array([demo_trace[q][0]], np.uint64))[0]) for q in users}
         sampled = [q for q in users if on[q]][:2]
         others = [q for q in users if not on[q]][:2]

@@ -24,8 +24,12 @@ they would keep 16 times the history per user that the cache holds in full
 use (it is bounded by its size, not its window, at high rates), and the
 estimate would be 10x too high (measured: 20-27 % sampled against 2-3 % in
 full use), so the cache would switch on and off. Back above the ratio, every
-user uses all of the table again. ``qc_share`` tells the ranker which
-requests to store and with which share (0: none).
+user uses all of the table again. After each switch the part of the table
+now in use starts cold (the two uses hash to different sets), so the
+candidates looked up first only warm it and are not judged: as many as the
+table holds (its share of them while bypassed), at most 4 x
+``qcache.eval_candidates``. ``qc_share`` tells
+the ranker which requests to store and with which share (0: none).
 """
 import logging
 import zlib
@@ -48,11 +52,13 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 class Bypass:
     """This worker's decision to use the query cache for every user or for a sample (module docstring)."""
 
-    def __init__(self, min_hit_ratio=0.0, sample_users=16, eval_candidates=200_000):
+    def __init__(self, min_hit_ratio=0.0, sample_users=16, eval_candidates=200_000, capacity=0):
         self.min_hit_ratio = float(min_hit_ratio)
         self.sample_users = np.uint64(max(1, int(sample_users)))
         self.eval_candidates = int(eval_candidates)
+        self.warmup = min(int(capacity), 4 * self.eval_candidates)   # candidates that warm the table in full use
         self.on = True
+        self.warming = self.warmup             # candidates to look up before the next judgement
         self.looked = 0
         self.hits = 0
 
@@ -68,6 +74,9 @@ class Bypass:
         return ((users * _GOLDEN) >> np.uint64(40)) % self.sample_users == 0
 
     def observe(self, looked, hits):
+        if self.warming > 0:
+            self.warming -= looked
+            return
         self.looked += looked
         self.hits += hits
         if self.min_hit_ratio <= 0 or self.looked < self.eval_candidates:
@@ -82,6 +91,8 @@ class Bypass:
                 log.info("query cache bypassed: hit ratio %.1f%% over the last %d candidates < qcache.min_hit_ratio "
                          "%.0f%% (it would cost more than it saves); 1 in %d users still uses it", 100 * ratio,
                          self.looked, 100 * self.min_hit_ratio, self.sample_users)
+        if on != self.on:
+            self.warming = self.warmup if on else self.warmup // int(self.sample_users)
         self.on = on
         self.looked = self.hits = 0
 
@@ -103,7 +114,8 @@ class QueryCache(Stage):
         self.cache = Cache.attach(spec)
         self.key = version_key(config.get("_pipeline"), bundle.name, bundle.version)
         self.bypass = Bypass(spec.get("min_hit_ratio", 0.0), spec.get("sample_users", 16),
-                             spec.get("eval_candidates", 200_000))
+                             spec.get("eval_candidates", 200_000),
+                             self.cache.writers * self.cache.slots_per_writer if self.cache else 0)
 
     def process(self, batch):
         users, offsets, items = batch.users, batch.offsets, batch["item_ids"]

@@ -110,3 +110,20 @@ def test_a_cache_that_rarely_hits_is_bypassed_for_all_but_a_sample_of_users(laun
     for q in others:
         assert again[q]["cached"] == 0                              # neither looked up nor stored
         assert_topk(again[q], demo_trace[q][1], trace_scores[q], 10)
+
+
+def test_the_bypass_judges_after_warming_and_comes_back_on_at_twice_the_threshold():
+    from jizhi.workers.query_cache import Bypass
+    b = Bypass(min_hit_ratio=0.1, sample_users=4, eval_candidates=100, capacity=1000)
+    b.observe(400, 0)                 # warming: min(capacity, 4 x eval) = 400 candidates are not judged
+    assert b.on
+    b.observe(100, 5)                 # 5 % < 10 %: bypassed
+    assert not b.on and b.share == 4
+    b.observe(100, 50)                # the sample's part of the table warms first (400 / 4)
+    b.observe(100, 15)                # 15 %: above the threshold, under twice it
+    assert not b.on
+    b.observe(100, 25)                # 25 % >= 20 %: on again
+    assert b.on and b.share == 1
+    b.observe(400, 0)                 # warming again
+    b.observe(100, 11)                # 11 % keeps it on
+    assert b.on

@@ -29,7 +29,8 @@ now in use starts cold (the two uses hash to different sets), so the
 candidates looked up first only warm it and are not judged: as many as the
 table holds (its share of them while bypassed), at most 4 x
 ``qcache.eval_candidates``. ``qc_share`` tells
-the ranker which requests to store and with which share (0: none).
+the ranker which requests to store and with which share (0: none). It
+comes back on at twice ``qcache.min_hit_ratio`` (hysteresis).
 """
 import logging
 import zlib
@@ -82,11 +83,13 @@ class Bypass:
         if self.min_hit_ratio <= 0 or self.looked < self.eval_candidates:
             return
         ratio = self.hits / self.looked
-        on = ratio >= self.min_hit_ratio
+        # Hysteresis: back on only at twice the ratio that keeps it on (near the threshold the
+        # sampled estimate and the full use's figure straddle it).
+        on = ratio >= self.min_hit_ratio * (1 if self.on else 2)
         if on != self.on:
             if on:
                 log.info("query cache on again: hit ratio %.1f%% over the last %d candidates of sampled users "
-                         ">= qcache.min_hit_ratio %.0f%%", 100 * ratio, self.looked, 100 * self.min_hit_ratio)
+                         ">= 2 x qcache.min_hit_ratio %.0f%%", 100 * ratio, self.looked, 100 * self.min_hit_ratio)
             else:
                 log.info("query cache bypassed: hit ratio %.1f%% over the last %d candidates < qcache.min_hit_ratio "
                          "%.0f%% (it would cost more than it saves); 1 in %d users still uses it", 100 * ratio,

@@ -143,4 +143,5 @@ class QueryCache(Stage):
         batch.count("cached", np.add.reduceat(hit.astype(np.int64), offsets[:-1]) if n else
                     np.zeros(batch.n_requests, np.int64))
         return {"qc_hit": hit, "qc_score": scores, "qc_epoch": epochs,
-                "qc_share": np.where(on, share, 0).astype(np.int32), "_select": np.flatnonzero(~hit)}
+                "qc_share": np.where(on, share, 0).astype(np.int32),
+                "_select": np.flatnonzero(~hit) if hit.any() else None}   # no hit: nothing to narrow

@@ -13,7 +13,7 @@ echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)"
 [ -f "$W/trace.npz" ] || $PY -c "from jizhi.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$W/trace.npz', requests=30000, candidates=500)"
 
 serve() {   # serve NAME HOT_TIER_MB PIPELINES
-    printf '[metrics]\nlisten = ""\n[cube]\nhot_tier_mb = %s\n' "$2" > "$W/caches/$1.toml"
+    printf '[metrics]\nlisten = ""\n[cube]\nhot_tier_mb = %s\n%b' "$2" "${EXTRA:-}" > "$W/caches/$1.toml"
     setsid .venv/bin/jizhid --config "$W/caches/$1.toml" --models "$W/demo/models" --instance cache$1 \
         --frontend $EP --pipelines "$3" --run-dir "$W/caches/run-$1" > "$W/caches/$1.log" 2>&1 < /dev/null &
     JIZHID=$!
@@ -34,18 +34,24 @@ run() {     # run NAME PIPELINES
 
 # ROUNDS rounds (default 2), the three configurations alternating, so a slow spell of the shared
 # machine does not land on one configuration only; the summary quotes each round and the median.
+# ONLY="hot both" measures some of them; EXTRA='[qcache]\nmin_hit_ratio = 0\n' is appended to every config.
 ROUNDS=${ROUNDS:-2}
+ONLY=${ONLY:-off hot both}
 for R in $(seq "$ROUNDS"); do
-    serve off$R 0 demo;             run off$R demo             # LMDB only, no query cache
-    serve hot$R 512 demo;           run hot$R demo             # the hot tier holds the whole cube
-    serve both$R 512 demo_cached;   run both$R demo_cached     # hot tier + query cache (120 s window)
+    for C in $ONLY; do
+        case $C in
+            off)  serve off$R 0 demo;             run off$R demo ;;          # LMDB only, no query cache
+            hot)  serve hot$R 512 demo;           run hot$R demo ;;          # the hot tier holds the whole cube
+            both) serve both$R 512 demo_cached;   run both$R demo_cached ;;  # hot tier + query cache (120 s window)
+        esac
+    done
 done
 
-$PY - "$W/caches" "$ROUNDS" <<'PYEOF'
+$PY - "$W/caches" "$ROUNDS" "$ONLY" <<'PYEOF'
 import json, statistics, sys
-d, rounds = sys.argv[1], int(sys.argv[2])
+d, rounds, only = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 med = {}
-for name in ("off", "hot", "both"):
+for name in only:
     rates = []
     for r in range(1, rounds + 1):
         m = json.load(open(f"{d}/{name}{r}.json"))["runs"][0]["max"]
@@ -57,7 +63,8 @@ for name in ("off", "hot", "both"):
               f"{cube.get('qcache_ratio')}; mean stage us {m.get('timings_us')}")
     med[name] = statistics.median(rates)
 for name in ("hot", "both"):
-    print(f"{name} / off: {med[name] / med['off']:.2f}x pairs/s (medians of {rounds} rounds)")
+    if name in med and "off" in med:
+        print(f"{name} / off: {med[name] / med['off']:.2f}x pairs/s (medians of {rounds} rounds)")
 PYEOF
 echo "end $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)"
 ls /dev/shm | grep -E "^jizhi\.cache(off|hot|both)[0-9]*\." || echo "no /dev/shm segment of this run left"

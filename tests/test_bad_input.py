@@ -254,12 +254,13 @@ def test_more_requests_than_max_in_flight_are_overloaded_with_a_retry_hint(impat
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(impatient.endpoint)
     sent = 20
+    # Encoded first, then sent back to back: 20 arrive while the first 2 (max_in_flight) are computed.
+    messages = [[b""] + protocol.encode_request(
+        id=i, pipeline="impatient", user=demo_trace[i % 8][0], item_ids=demo_trace[i % 8][1],
+        recall_scores=demo_trace[i % 8][2], ret="all", deadline_ms=30_000) for i in range(sent)]
     try:
-        for i in range(sent):
-            user, items, recall = demo_trace[i % 8]
-            dealer.send_multipart([b""] + protocol.encode_request(
-                id=i, pipeline="impatient", user=user, item_ids=items, recall_scores=recall, ret="all",
-                deadline_ms=30_000))
+        for m in messages:
+            dealer.send_multipart(m)
         replies = []
         for _ in range(sent):
             assert dealer.poll(30_000), "a request got no answer"

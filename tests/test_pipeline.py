@@ -127,6 +127,36 @@ def test_a_batch_of_several_requests_scores_the_reference_per_request_and_per_pa
     assert batch.counts["missing_signatures"].shape == (3,)
 
 
+@pytest.mark.parametrize("per_pair", [False, True])
+def test_a_request_left_without_candidates_in_a_narrowed_batch_counts_zero(demo_bundle, demo_trace, per_pair):
+    # The query cache drops every candidate of some requests (all hits): the stages after it see
+    # requests with no candidate, the last one included, and must count 0 for them.
+    from jizhi.bundle import Bundle
+    from jizhi.pipeline import load_class
+    from jizhi.workers.stage import CANDIDATE, Batch, Selection
+    bundle = Bundle(demo_bundle)
+    config = {"on_unknown": "default", "per_pair": per_pair, "structured": "off" if per_pair else "on"}
+    stages = []
+    for proc in ("data_reader", "feature_processor", "cube_accessor", "model_inference"):
+        st = load_class(proc)()
+        st.setup(dict(config), bundle)
+        stages.append(st)
+    q = [0, 1, 2]
+    offsets = np.concatenate([[0], np.cumsum([len(demo_trace[i][1]) for i in q])]).astype(np.int64)
+    items = np.concatenate([demo_trace[i][1] for i in q])
+    items[offsets[1]] = np.uint64(2 ** 63 + 5)      # an unknown item in request 1
+    batch = Batch(np.array([demo_trace[i][0] for i in q], np.uint64), np.full(3, 10, np.int64), np.zeros(3, bool),
+                  np.full(3, np.inf), offsets, {"item_ids": items,
+                                                "recall_scores": np.concatenate([demo_trace[i][2] for i in q])})
+    Selection(batch, {"item_ids": CANDIDATE, "recall_scores": CANDIDATE}).select(
+        np.arange(offsets[1], offsets[1] + 7))       # request 1 keeps 7 candidates, requests 0 and 2 none
+    for st in stages:
+        batch.columns.update(st.process(batch))
+    assert batch.counts["unknown_items"].tolist() == [0, 1, 0]
+    assert batch.counts["missing_signatures"][[0, 2]].tolist() == [0, 0]
+    assert batch["score"].shape == (7,)
+
+
 def test_a_next_stage_that_is_not_defined_is_refused(demo_models):
     doc = demo_dag(edges={"cube": ["dnn", "shedder"]}).doc
     assert compile_error(doc, demo_models) == "stage 'cube': next stage 'shedder' is not defined"

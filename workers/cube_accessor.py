@@ -69,7 +69,9 @@ class CubeAccessor(Stage):
             self.store, [(batch["user_sigs"], batch["user_lens"]),
                         (batch["item_sigs"], batch["item_lens"])], self.dim, self.sums)
         if self.per_pair:
-            umiss = umiss[batch.offsets[:-1]]     # the user's row is repeated per pair: count it once
-        missing = umiss + np.add.reduceat(imiss, batch.offsets[:-1])
+            # The user's row is repeated per pair: count it once (0 for a request left without candidates).
+            first = np.minimum(batch.offsets[:-1], max(umiss.shape[0] - 1, 0))
+            umiss = np.where(np.diff(batch.offsets) > 0, umiss[first] if umiss.shape[0] else 0, 0)
+        missing = umiss + batch.per_request_sum(imiss)
         batch.count("missing_signatures", missing)
         return {"user_emb": user_emb, "item_emb": item_emb}

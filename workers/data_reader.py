@@ -59,9 +59,7 @@ class DataReader(Stage):
         dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
         irows, iknown = self.items.rows(batch["item_ids"])
         sigs, ilens = self.items.item_signatures(irows, iknown)
-        unknown = np.add.reduceat((~iknown).astype(np.int64), batch.offsets[:-1]) \
-            if batch.n_candidates else np.zeros(batch.n_requests, np.int64)
-        # reduceat of an empty request repeats the next value: requests are never empty.
+        unknown = batch.per_request_sum(~iknown)
         batch.count("unknown_items", unknown)
         keep = iknown if self.on_unknown == "drop" else np.ones_like(iknown)
         if self.on_unknown == "reject":

@@ -140,8 +140,7 @@ class QueryCache(Stage):
                 sub = np.concatenate([[0], np.cumsum(np.diff(offsets)[rows])]).astype(np.int64)
                 scores[idx], hit[idx] = self.cache.lookup(users[rows], sub, items[idx], self.key, share=share)
         self.bypass.observe(int(np.diff(offsets)[on].sum()), int(hit.sum()))
-        batch.count("cached", np.add.reduceat(hit.astype(np.int64), offsets[:-1]) if n else
-                    np.zeros(batch.n_requests, np.int64))
+        batch.count("cached", batch.per_request_sum(hit))
         return {"qc_hit": hit, "qc_score": scores, "qc_epoch": epochs,
                 "qc_share": np.where(on, share, 0).astype(np.int32),
                 "_select": np.flatnonzero(~hit) if hit.any() else None}   # no hit: nothing to narrow

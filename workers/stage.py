@@ -70,6 +70,14 @@ class Batch:
         """int64[P]: the request index of every candidate."""
         return np.repeat(np.arange(self.n_requests, dtype=np.int64), np.diff(self.offsets))
 
+    def per_request_sum(self, values):
+        """int64[R]: the sum of per-candidate ``values`` over each request's candidates. A request
+        may have none (the query cache dropped them all): its sum is 0 (``np.add.reduceat`` would
+        repeat the next request's first value, or fail at the end)."""
+        c = np.zeros(self.n_candidates + 1, dtype=np.int64)
+        np.cumsum(values, out=c[1:])
+        return c[self.offsets[1:]] - c[self.offsets[:-1]]
+
     def __getitem__(self, name):
         return self.columns[name]
 

@@ -95,37 +95,6 @@ def _insert(keys, vectors, tkeys, tvals):
 
 
 @njit(cache=True, nogil=True)
-def _lookup(keys, tkeys, tvals, has_zero, out, found):
-    """out[i] = vector of keys[i] where present (found[i] = True); others untouched. Returns hits."""
-    mask = np.uint64(tkeys.shape[0] - 1)
-    zero = tkeys.shape[0]
-    hits = 0
-    D = tvals.shape[1]
-    for i in range(keys.shape[0]):
-        k = keys[i]
-        if k == 0:
-            if has_zero:
-                for d in range(D):
-                    out[i, d] = tvals[zero, d]
-                found[i] = True
-                hits += 1
-            continue
-        s = _slot(k, mask)
-        while True:
-            t = tkeys[s]
-            if t == k:
-                for d in range(D):
-                    out[i, d] = tvals[s, d]
-                found[i] = True
-                hits += 1
-                break
-            if t == 0:
-                break
-            s = (s + np.uint64(1)) & mask
-    return hits
-
-
-@njit(cache=True, nogil=True)
 def _probe(k, tkeys, has_zero, mask):
     """Row of ``k`` in the table, -1 when absent."""
     if k == 0:
@@ -138,6 +107,23 @@ def _probe(k, tkeys, has_zero, mask):
         if t == 0:
             return -1
         s = (s + np.uint64(1)) & mask
+
+
+@njit(cache=True, nogil=True)
+def _lookup(keys, tkeys, tvals, has_zero, out, found):
+    """out[i] = vector of keys[i] where present (found[i] = True); others untouched. Returns hits."""
+    mask = np.uint64(tkeys.shape[0] - 1)
+    hits = 0
+    D = tvals.shape[1]
+    for i in range(keys.shape[0]):
+        row = _probe(keys[i], tkeys, has_zero, mask)
+        if row < 0:
+            continue
+        for d in range(D):
+            out[i, d] = tvals[row, d]
+        found[i] = True
+        hits += 1
+    return hits
 
 
 @njit(cache=True, nogil=True)

@@ -19,6 +19,21 @@ sed -e 's/^name = "demo"/name = "demo_per_pair"/' -e '/^on_unknown/a structured 
     etc/pipelines/demo.toml > "$W/structured/demo_per_pair.toml"
 grep -q '^structured = false' "$W/structured/demo_per_pair.toml"
 
+printf '[metrics]\nlisten = ""\n' > "$W/structured/jizhi.toml"
+
+measure() {     # measure NAME MODELS PIPELINE_FILES BENCH_PIPELINES TRACE: one jizhid, find-max per pipeline
+    setsid .venv/bin/jizhid --config "$W/structured/jizhi.toml" --models "$2" --instance struct$1 \
+        --frontend $EP --pipelines "$3" --run-dir "$W/structured/run$1" > "$W/structured/jizhid$1.log" 2>&1 < /dev/null &
+    JIZHID=$!
+    trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
+    $PY -m jizhi.client --wait-ready $EP
+    for _ in $(seq 120); do grep -q "hot tier generation 1" "$W/structured/jizhid$1.log" && break; sleep 0.5; done
+    $PY -m jizhi.bench --endpoint $EP --trace "$5" --pipeline "$4" --find-max --start-rate 25 \
+        --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$W/structured/run$1" --max-other-cores 0.3 \
+        --json "$W/structured/$1.json" --quiet | tee "$W/structured/$1.txt"
+    kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
+}
+
 for N in ${NS:-100 500 1000}; do     # NS="500" for one N
     T="$W/structured/trace$N.npz"
     Q=$(( 4000000 / N ))     # enough requests for the fastest pipeline's 20 s points without a repeat
@@ -26,35 +41,14 @@ for N in ${NS:-100 500 1000}; do     # NS="500" for one N
     [ -f "$T" ] || $PY -c "from jizhi.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$T', requests=$Q, candidates=$N)"
     PIPES=demo,demo_per_pair,legacy
     [ $N = 500 ] && PIPES=$PIPES,demo_cached
-    printf '[metrics]\nlisten = ""\n' > "$W/structured/jizhi.toml"
-    setsid .venv/bin/jizhid --config "$W/structured/jizhi.toml" --models "$W/demo/models" --instance struct$N \
-        --frontend $EP --pipelines "demo,$W/structured/demo_per_pair.toml,legacy,demo_cached" \
-        --run-dir "$W/structured/run$N" > "$W/structured/jizhid$N.log" 2>&1 < /dev/null &
-    JIZHID=$!
-    trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
-    $PY -m jizhi.client --wait-ready $EP
-    for _ in $(seq 120); do grep -q "hot tier generation 1" "$W/structured/jizhid$N.log" && break; sleep 0.5; done
-    $PY -m jizhi.bench --endpoint $EP --trace "$T" --pipeline $PIPES --find-max --start-rate 25 \
-        --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$W/structured/run$N" --max-other-cores 0.3 \
-        --json "$W/structured/n$N.json" --quiet | tee "$W/structured/n$N.txt"
-    kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
+    measure n$N "$W/demo/models" "demo,$W/structured/demo_per_pair.toml,legacy,demo_cached" $PIPES "$T"
 done
 
 # The DLRM-shaped model without a user tower (jizhi/dlrm.py: 13 dense features, 16 fields of dim 64, dot
 # interaction, top MLP 256-128-1), imported with jizhictl import's code path, at N = 500.
 D="$W/structured/dlrm"
 [ -d "$D/models/dlrm/1" ] || $PY -m jizhi.dlrm make "$D" --trace-requests 20000 --candidates 500 --quiet
-setsid .venv/bin/jizhid --config "$W/structured/jizhi.toml" --models "$D/models" --instance structdlrm \
-    --frontend $EP --pipelines "$D/dlrm.toml,$D/dlrm_per_pair.toml" \
-    --run-dir "$W/structured/rundlrm" > "$W/structured/jizhiddlrm.log" 2>&1 < /dev/null &
-JIZHID=$!
-trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
-$PY -m jizhi.client --wait-ready $EP
-for _ in $(seq 120); do grep -q "hot tier generation 1" "$W/structured/jizhiddlrm.log" && break; sleep 0.5; done
-$PY -m jizhi.bench --endpoint $EP --trace "$D/trace.npz" --pipeline dlrm,dlrm_per_pair --find-max --start-rate 25 \
-    --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$W/structured/rundlrm" --max-other-cores 0.3 \
-    --json "$W/structured/dlrm.json" --quiet | tee "$W/structured/dlrm.txt"
-kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
+measure dlrm "$D/models" "$D/dlrm.toml,$D/dlrm_per_pair.toml" dlrm,dlrm_per_pair "$D/trace.npz"
 
 $PY - "$W/structured" <<'PYEOF'
 import json, sys

@@ -136,6 +136,49 @@ def find_version(models_dir, name, version=None):
     return base / str(version)
 
 
+# --- writing a version (jizhi.demo, jizhi.importer) --------------------------------
+
+def save_array(directory, name, array):
+    os.makedirs(directory, exist_ok=True)
+    np.save(os.path.join(directory, name + ".npy"), np.ascontiguousarray(array), allow_pickle=False)
+
+
+def save_field(directory, field, data):
+    if field.kind == "onehot":
+        save_array(directory, field.name, data)
+    else:
+        save_array(directory, field.name + ".values", data[0])
+        save_array(directory, field.name + ".offsets", data[1])
+
+
+def toml_value(value):
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(int(value))
+
+
+def file_entries(version_dir):
+    """(path relative to ``version_dir``, size, sha256) of every file but the manifest, sorted."""
+    entries = []
+    for root, _, names in os.walk(version_dir):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, version_dir).replace(os.sep, "/")
+            if rel == "manifest.toml":
+                continue
+            digest = hashlib.sha256()
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            entries.append((rel, os.path.getsize(full), digest.hexdigest()))
+    return sorted(entries)
+
+
+def write_text(path, text):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
 @njit(cache=True, nogil=True)
 def _gather_ragged(values, offsets, rows, known, L, out_vals, out_lens, col):
     # Take the last min(len, L) values of each row (history: newest last).

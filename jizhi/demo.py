@@ -30,7 +30,6 @@ Every random draw comes from its own stream ``default_rng([seed, stream,
 arguments give byte-identical bundle files.
 """
 import dataclasses
-import hashlib
 import math
 import os
 import shutil
@@ -42,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from jizhi.bundle import file_entries, save_array, save_field, toml_value, write_text
 from jizhi.cube.build import read_all, write_cube
 from jizhi.cube.signature import sign, sign_padded
 
@@ -214,19 +214,6 @@ def _field_values(seed, field, rows, item_ids, popularity_cdf, popularity_order)
     return _ragged(lens, _zipf_draw(rng, _zipf_cdf(field.vocab, _ZIPF_MULTIHOT), total) + 1)
 
 
-def _save(directory, name, array):
-    os.makedirs(directory, exist_ok=True)
-    np.save(os.path.join(directory, name + ".npy"), np.ascontiguousarray(array), allow_pickle=False)
-
-
-def _save_field(directory, field, data):
-    if field.kind == "onehot":
-        _save(directory, field.name, data)
-    else:
-        _save(directory, field.name + ".values", data[0])
-        _save(directory, field.name + ".offsets", data[1])
-
-
 def _item_signatures(fields, data, items):
     """``sigs`` uint64 [I, F_item, L] and ``sig_lens`` int32 [I, F_item] from raw values."""
     width = max(f.max_len for f in fields)
@@ -395,17 +382,11 @@ def _calibrate(seed, version_dir, weights, user_ids, item_ids):
 
 # --- manifest ---------------------------------------------------------------
 
-def _toml_value(value):
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return str(int(value))
-
-
 def _manifest_text(fields, files, name=NAME, version=VERSION):
     """manifest.toml contents; ``files`` is a list of (path, size, sha256)."""
     lines = [
         "format = 1",
-        f"name = {_toml_value(name)}",
+        f"name = {toml_value(name)}",
         f"version = {int(version)}",
         f"dim = {DIM}",
         f"hash_seed = {HASH_SEED}",
@@ -420,37 +401,15 @@ def _manifest_text(fields, files, name=NAME, version=VERSION):
     ]
     for f in fields:
         lines += ["", "[[fields]]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in
+        lines += [f"{key} = {toml_value(value)}" for key, value in
                   (("name", f.name), ("id", f.id), ("side", f.side), ("kind", f.kind),
                    ("max_len", f.max_len), ("vocab", f.vocab), ("pooling", "mean"))]
         if f.shares is not None:
-            lines.append(f"shares = {_toml_value(f.shares)}")
+            lines.append(f"shares = {toml_value(f.shares)}")
     for path, size, digest in files:
-        lines += ["", "[[files]]", f"path = {_toml_value(path)}", f"size = {size}",
-                  f"sha256 = {_toml_value(digest)}"]
+        lines += ["", "[[files]]", f"path = {toml_value(path)}", f"size = {size}",
+                  f"sha256 = {toml_value(digest)}"]
     return "\n".join(lines) + "\n"
-
-
-def _file_entries(version_dir):
-    """(path relative to ``version_dir``, size, sha256) of every file but the manifest, sorted."""
-    entries = []
-    for root, _, names in os.walk(version_dir):
-        for name in names:
-            full = os.path.join(root, name)
-            rel = os.path.relpath(full, version_dir).replace(os.sep, "/")
-            if rel == "manifest.toml":
-                continue
-            digest = hashlib.sha256()
-            with open(full, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            entries.append((rel, os.path.getsize(full), digest.hexdigest()))
-    return sorted(entries)
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
 
 
 def init_demo(out_dir, seed=7, users=10_000, items=100_000, progress=True):
@@ -485,23 +444,23 @@ def init_demo(out_dir, seed=7, users=10_000, items=100_000, progress=True):
     popularity_order = _popularity_order(item_ids)
     user_dir = os.path.join(partial, "profiles", "users")
     item_dir = os.path.join(partial, "profiles", "items")
-    _save(user_dir, "ids", user_ids)
-    _save(user_dir, "dense", _rng(seed, _S_USERS, 1).standard_normal((users, DENSE_FEATURES), dtype=np.float32))
-    _save(item_dir, "ids", item_ids)
+    save_array(user_dir, "ids", user_ids)
+    save_array(user_dir, "dense", _rng(seed, _S_USERS, 1).standard_normal((users, DENSE_FEATURES), dtype=np.float32))
+    save_array(item_dir, "ids", item_ids)
     bar.advance(note="ids")
 
     item_data = {}
     for field in fields:
         rows = users if field.side == "user" else items
         data = _field_values(seed, field, rows, item_ids, popularity_cdf, popularity_order)
-        _save_field(user_dir if field.side == "user" else item_dir, field, data)
+        save_field(user_dir if field.side == "user" else item_dir, field, data)
         if field.side == "item":
             item_data[field.name] = data
         bar.advance(note=field.name)
 
     sigs, sig_lens = _item_signatures(item_fields, item_data, items)
-    _save(item_dir, "sigs", sigs)
-    _save(item_dir, "sig_lens", sig_lens)
+    save_array(item_dir, "sigs", sigs)
+    save_array(item_dir, "sig_lens", sig_lens)
     del sigs, sig_lens, item_data
     bar.advance(note="sigs")
 
@@ -513,13 +472,13 @@ def init_demo(out_dir, seed=7, users=10_000, items=100_000, progress=True):
     weights = _dense_weights(seed)
     onnx_path = os.path.join(partial, "dense.onnx")
     onnx.save(_dense_model(weights, len(user_fields), len(item_fields), sigmoid=False), onnx_path)
-    _write_text(os.path.join(partial, "manifest.toml"), _manifest_text(fields, []))
+    write_text(os.path.join(partial, "manifest.toml"), _manifest_text(fields, []))
     weights = _calibrate(seed, partial, weights, user_ids, item_ids)
     onnx.save(_dense_model(weights, len(user_fields), len(item_fields), sigmoid=True), onnx_path)
     os.remove(os.path.join(partial, "manifest.toml"))
     bar.advance(note="dense.onnx")
 
-    _write_text(os.path.join(partial, "manifest.toml"), _manifest_text(fields, _file_entries(partial)))
+    write_text(os.path.join(partial, "manifest.toml"), _manifest_text(fields, file_entries(partial)))
     os.rename(partial, version_dir)
     bar.advance(note="manifest")
     bar.close()
@@ -674,7 +633,7 @@ def _fill_staged(staged, source, manifest, fields, version, seed, fault):
         item_ids = np.load(os.path.join(staged, "profiles", "items", "ids.npy"))
         weights = _dense_weights(seed)
         onnx.save(_dense_model(weights, f_user, f_item, sigmoid=False), onnx_path)
-        _write_text(manifest_path, _manifest_text(fields, [], name, version))
+        write_text(manifest_path, _manifest_text(fields, [], name, version))
         weights = _calibrate(seed, staged, weights, user_ids, item_ids)
         onnx.save(_dense_model(weights, f_user, f_item, sigmoid=True), onnx_path)
         os.remove(manifest_path)
@@ -693,7 +652,7 @@ def _fill_staged(staged, source, manifest, fields, version, seed, fault):
         write_cube(cube_dir, keys, vectors[:, :_WRONG_DIM])
         rewritten.add("cube/data.mdb")
 
-    entries = _file_entries(staged)
+    entries = file_entries(staged)
     # Recomputing [[files]] must not launder a damaged source into a consistent version.
     expected = {e["path"]: (e["size"], e["sha256"]) for e in manifest["files"]}
     if sorted(expected) != [path for path, _, _ in entries]:
@@ -701,7 +660,7 @@ def _fill_staged(staged, source, manifest, fields, version, seed, fault):
     for path, size, digest in entries:
         if path not in rewritten and expected[path] != (size, digest):
             raise ValueError(f"{source}: {path} differs from its manifest entry; not staging a damaged version")
-    _write_text(manifest_path, _manifest_text(fields, entries, name, version))
+    write_text(manifest_path, _manifest_text(fields, entries, name, version))
     if fault == "corrupt":
         _flip_bytes_in_the_middle(onnx_path)
 

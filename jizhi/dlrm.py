@@ -351,7 +351,8 @@ def make(out_dir, *, seed=0, dim=64, n_user_fields=8, n_item_fields=8, vocab=Non
     (``pool`` workers each). Raises FileExistsError when the version exists,
     BundleError when the import fails (it then leaves no version).
     """
-    from jizhi.demo import _write_text, generate_trace
+    from jizhi.bundle import write_text
+    from jizhi.demo import generate_trace
     from jizhi.importer import import_model
 
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -365,7 +366,7 @@ def make(out_dir, *, seed=0, dim=64, n_user_fields=8, n_item_fields=8, vocab=Non
     fields_path = os.path.join(out_dir, "fields.toml")
     onnx.save(model, model_path)
     del model
-    _write_text(fields_path, fields_text)
+    write_text(fields_path, fields_text)
     import_model(model_path, fields_path, version_dir, name=MODEL_NAME, version=1, users=users, items=items,
                  seed=seed, check_pairs=check_pairs, progress=progress, log=log)
     trace_path = None
@@ -376,7 +377,7 @@ def make(out_dir, *, seed=0, dim=64, n_user_fields=8, n_item_fields=8, vocab=Non
     pipelines = []
     for name, structured in ((MODEL_NAME, True), (MODEL_NAME + "_per_pair", False)):
         pipelines.append(os.path.join(out_dir, name + ".toml"))
-        _write_text(pipelines[-1], pipeline_text(name, structured, pool=pool))
+        write_text(pipelines[-1], pipeline_text(name, structured, pool=pool))
     return Made(model_path, fields_path, models_dir, version_dir, trace_path, tuple(pipelines))
 
 

@@ -44,10 +44,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from jizhi.bundle import FORMAT, KINDS, Bundle
+from jizhi.bundle import FORMAT, KINDS, Bundle, file_entries, save_array, save_field, toml_value, write_text
 from jizhi.cube.build import Table, TableError, build_cube
 from jizhi.cube.signature import sign, sign_padded
-from jizhi.demo import _distinct_ids, _file_entries, _Progress, _save, _save_field, _toml_value, _write_text
+from jizhi.demo import _distinct_ids, _Progress
 from jizhi.errors import BundleError
 from jizhi.pipeline import load_class
 from jizhi.workers.stage import Batch
@@ -1017,10 +1017,10 @@ def _generate_profiles(version_dir, analysis, users, items, seed):
     """Random valid profiles: ``users`` users and ``items`` items, deterministic in ``seed``."""
     for side, count, stream in (("user", users, _S_USERS), ("item", items, _S_ITEMS)):
         directory = os.path.join(version_dir, "profiles", side + "s")
-        _save(directory, "ids", _distinct_ids(np.random.default_rng([seed, stream]), count))
+        save_array(directory, "ids", _distinct_ids(np.random.default_rng([seed, stream]), count))
         if side == "user":
             dense = np.random.default_rng([seed, _S_DENSE]).standard_normal((count, analysis.dense_features))
-            _save(directory, "dense", dense.astype(np.float32))
+            save_array(directory, "dense", dense.astype(np.float32))
         for lk in analysis.lookups:
             if lk.field.side != side:
                 continue
@@ -1031,12 +1031,12 @@ def _generate_profiles(version_dir, analysis, users, items, seed):
                 values = _raw_values(rng, lk, count)
                 if shortest == 0:
                     values[rng.random(count) < MISSING_ONEHOT] = 0
-                _save_field(directory, f, values)
+                save_field(directory, f, values)
             else:
                 lens = rng.integers(shortest, f.max_len + 1, size=count)
                 offsets = np.zeros(count + 1, dtype=np.int64)
                 np.cumsum(lens, out=offsets[1:])
-                _save_field(directory, f, (_raw_values(rng, lk, int(offsets[-1])), offsets))
+                save_field(directory, f, (_raw_values(rng, lk, int(offsets[-1])), offsets))
 
 
 def _load_npy(path):
@@ -1145,8 +1145,8 @@ def _write_item_signatures(version_dir, analysis, hash_ids, hash_seed):
         values[:, column, :lk.field.max_len] = v
         lens[:, column] = n
     ids = np.array([hash_ids[lk.field.name] for lk in item], dtype=np.int64)
-    _save(directory, "sigs", sign_padded(ids, values, lens, hash_seed))
-    _save(directory, "sig_lens", lens)
+    save_array(directory, "sigs", sign_padded(ids, values, lens, hash_seed))
+    save_array(directory, "sig_lens", lens)
 
 
 def _write_cube(version_dir, analysis, hash_seed, progress):
@@ -1173,7 +1173,7 @@ def _manifest_text(name, version, analysis, hash_seed, source, files):
     lines = [
         f"# written by jizhictl import from {os.path.basename(source)}",
         f"format = {FORMAT}",
-        f"name = {_toml_value(name)}",
+        f"name = {toml_value(name)}",
         f"version = {int(version)}",
         f"dim = {analysis.dim}",
         f"hash_seed = {int(hash_seed)}",
@@ -1184,7 +1184,7 @@ def _manifest_text(name, version, analysis, hash_seed, source, files):
         "",
         "[onnx]",
         'file = "dense.onnx"',
-        f"output = {_toml_value(SCORE)}",
+        f"output = {toml_value(SCORE)}",
     ]
     owners = _owners(analysis.lookups)
     for lk in _ordered(analysis.lookups):
@@ -1192,14 +1192,14 @@ def _manifest_text(name, version, analysis, hash_seed, source, files):
         # A bag of at most one value pools the same by sum or mean: "mean" reads everywhere.
         pooling = "mean" if f.max_len == 1 else lk.pooling
         lines += ["", "[[fields]]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in
+        lines += [f"{key} = {toml_value(value)}" for key, value in
                   (("name", f.name), ("id", f.id), ("side", f.side), ("kind", f.kind), ("max_len", f.max_len),
                    ("vocab", lk.vectors.shape[0]), ("pooling", pooling))]
         owner = owners[lk.table]
         if owner is not lk:
-            lines.append(f"shares = {_toml_value(owner.field.name)}")
+            lines.append(f"shares = {toml_value(owner.field.name)}")
     for path, size, digest in files:
-        lines += ["", "[[files]]", f"path = {_toml_value(path)}", f"size = {size}", f"sha256 = {_toml_value(digest)}"]
+        lines += ["", "[[files]]", f"path = {toml_value(path)}", f"size = {size}", f"sha256 = {toml_value(digest)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -1404,8 +1404,8 @@ def import_model(model_path, fields_path, out_dir, *, name=None, version=1, user
             + (f"(from {profiles})" if profiles is not None else f"(generated, seed {seed})"))
         keys = _write_cube(partial, analysis, hash_seed, progress)
         log(f"cube: {keys} signatures from {len(owners)} tables (raw value = row + 1)")
-        _write_text(os.path.join(partial, "manifest.toml"),
-                    _manifest_text(name, version, analysis, hash_seed, model_path, _file_entries(partial)))
+        write_text(os.path.join(partial, "manifest.toml"),
+                    _manifest_text(name, version, analysis, hash_seed, model_path, file_entries(partial)))
         result = check(partial, analysis, session, check_pairs, seed, progress)
         log(result.line())
         if not result.ok:

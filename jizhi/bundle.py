@@ -60,6 +60,9 @@ class Bundle:
         self.dim = int(m.get("dim", 0))
         _checked(self.dim > 0, f"{mpath}: dim must be > 0")
         self.hash_seed = int(m.get("hash_seed", 0))
+        # A head bundle is dense only: it is served on another (base) model's cube and profiles.
+        self.head = m.get("head", False)
+        _checked(isinstance(self.head, bool), f"{mpath}: head must be true or false, got {self.head!r}")
         self.dense_features = int(m.get("dense", {}).get("user_features", 0))
         onnx = m.get("onnx", {})
         self.onnx_path = self.path / onnx.get("file", "dense.onnx")
@@ -118,6 +121,35 @@ class Bundle:
             if size != entry["size"]:
                 return f"{entry['path']} has {size} bytes, the manifest says {entry['size']}"
         return None
+
+
+def same_features(base, head):
+    """None when ``head`` (a Bundle) can be served on ``base``'s features, else the first difference.
+
+    A head's graph takes the ``dense``, ``user_emb`` and ``item_emb`` that the base's
+    reader, feature and cube stages compute, so everything those depend on must be
+    the same: ``dim``, ``hash_seed``, ``[dense] user_features``, the number of user
+    and of item fields, and per field in column order (``user_fields`` then
+    ``item_fields``) its name, id, side, kind, max_len, hash id (``shares``) and
+    pooling. Reads only the two manifests (both already parsed); any process may call it.
+    """
+    where = f"base {base.name} version {base.version}, head {head.name} version {head.version}"
+    for what, b, h in (("dim", base.dim, head.dim), ("hash_seed", base.hash_seed, head.hash_seed),
+                       ("[dense] user_features", base.dense_features, head.dense_features),
+                       ("the number of user fields", len(base.user_fields), len(head.user_fields)),
+                       ("the number of item fields", len(base.item_fields), len(head.item_fields))):
+        if b != h:
+            return f"{what} is {b} in the base, {h} in the head ({where})"
+    for side, base_fields, head_fields in (("user", base.user_fields, head.user_fields),
+                                           ("item", base.item_fields, head.item_fields)):
+        for column, (b, h) in enumerate(zip(base_fields, head_fields)):
+            for attribute in ("name", "id", "side", "kind", "max_len", "hash_id", "pooling"):
+                bv, hv = getattr(b, attribute), getattr(h, attribute)
+                if bv != hv:
+                    what = "hash id (the id of the field it shares)" if attribute == "hash_id" else attribute
+                    return (f"field {b.name!r} ({side} field {column}): {what} is {bv!r} in the base, "
+                            f"{hv!r} in the head ({where})")
+    return None
 
 
 def find_version(models_dir, name, version=None):

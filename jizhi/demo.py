@@ -7,6 +7,8 @@ of requests against such a bundle. ``stage_version`` and ``publish`` make
 further versions of a demo bundle (other dense weights, or deliberately bad
 ones for tests) and drop them into the watch directory the way a model
 pipeline should: copy into ``<models>/.incoming/``, then one rename.
+``write_head`` (and ``python -m jizhi.demo head``) writes a head bundle: a
+dense graph of its own served on the demo's features (docs/formats.md).
 
 The demo model is a small DLRM: 13 dense user features; user fields
 ``u_cat0..5`` (onehot), ``u_multi0..1`` (multihot, up to 5 values) and
@@ -29,6 +31,8 @@ Every random draw comes from its own stream ``default_rng([seed, stream,
 ...])``, so changing one size does not reshuffle unrelated parts. The same
 arguments give byte-identical bundle files.
 """
+import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -41,9 +45,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jizhi.bundle import file_entries, save_array, save_field, toml_value, write_text
+from jizhi.bundle import Bundle, file_entries, find_version, save_array, save_field, toml_value, write_text
 from jizhi.cube.build import read_all, write_cube
 from jizhi.cube.signature import sign, sign_padded
+from jizhi.errors import BundleError
 
 NAME = "demo"
 VERSION = 1
@@ -259,24 +264,29 @@ def _cube_entries(seed, fields, item_ids):
 
 # --- dense.onnx ---------------------------------------------------------------
 
-# (name, fan_in, fan_out, followed by ReLU)
-_LAYERS = (
-    ("bottom0", DENSE_FEATURES, 64, True),
-    ("bottom1", 64, 32, True),
-    ("tower0", 32 + 9 * DIM, 256, True),
-    ("tower1", 256, 128, True),
-    ("tower2", 128, DIM, False),
-    ("top0", DIM + 8 * DIM + 8, 256, True),
-    ("top1", 256, 128, True),
-    ("top2", 128, 1, False),
-)
+def _layers(hidden, dense_features=DENSE_FEATURES, f_user=9, f_item=8, dim=DIM):
+    """The dense graph's layers, (name, fan_in, fan_out, followed by ReLU), in
+    order: bottom MLP, user tower, then a top MLP of widths ``hidden`` and
+    the final one-unit layer ``top<len(hidden)>``."""
+    layers = [("bottom0", dense_features, 64, True),
+              ("bottom1", 64, 32, True),
+              ("tower0", 32 + f_user * dim, 256, True),
+              ("tower1", 256, 128, True),
+              ("tower2", 128, dim, False)]
+    widths = (dim + f_item * dim + f_item,) + tuple(hidden)
+    layers += [(f"top{i}", fan_in, fan_out, True) for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:]))]
+    layers.append((f"top{len(hidden)}", widths[-1], 1, False))
+    return tuple(layers)
 
 
-def _dense_weights(seed):
+_LAYERS = _layers((256, 128))
+
+
+def _dense_weights(seed, layers=_LAYERS):
     """Weights ``{layer: (W float32 [in, out], b float32 [out])}``: He-normal
     before a ReLU, Glorot-normal on the linear outputs, zero biases."""
     weights = {}
-    for index, (name, fan_in, fan_out, relu) in enumerate(_LAYERS):
+    for index, (name, fan_in, fan_out, relu) in enumerate(layers):
         rng = _rng(seed, _S_ONNX, index)
         std = math.sqrt(2.0 / fan_in) if relu else math.sqrt(2.0 / (fan_in + fan_out))
         w = (rng.standard_normal((fan_in, fan_out)) * std).astype(np.float32)
@@ -284,12 +294,14 @@ def _dense_weights(seed):
     return weights
 
 
-def _dense_model(weights, f_user, f_item, sigmoid=True):
+def _dense_model(weights, f_user, f_item, sigmoid=True, layers=_LAYERS, dense_features=DENSE_FEATURES,
+                 dim=DIM, graph_name="jizhi_demo_dlrm"):
     """The ONNX model: bottom MLP, user tower, gathered per pair, dot
     interactions with each item field, top MLP, sigmoid.
 
     With ``sigmoid=False`` the output ``score`` is the pre-sigmoid logit
-    (used only to calibrate the final layer).
+    (used only to calibrate the final layer). ``layers`` (``_layers``) and
+    ``weights`` (``_dense_weights`` of the same layers) must agree.
     """
     nodes, initializers = [], []
 
@@ -305,7 +317,7 @@ def _dense_model(weights, f_user, f_item, sigmoid=True):
         return name + ".out"
 
     def mlp(x, group):
-        for name, _, _, relu in _LAYERS:
+        for name, _, _, relu in layers:
             if name.rstrip("0123456789") == group:
                 x = dense_layer(x, name, relu)
         return x
@@ -328,7 +340,7 @@ def _dense_model(weights, f_user, f_item, sigmoid=True):
         logit = "prob"
     nodes.append(helper.make_node("Squeeze", [logit, "axis1"], ["score"]))
 
-    return bundle_model(nodes, initializers, "jizhi_demo_dlrm", "jizhi.demo", DENSE_FEATURES, f_user, f_item, DIM)
+    return bundle_model(nodes, initializers, graph_name, "jizhi.demo", dense_features, f_user, f_item, dim)
 
 
 def bundle_model(nodes, initializers, graph_name, producer, dense_features, f_user, f_item, dim):
@@ -352,12 +364,15 @@ def bundle_model(nodes, initializers, graph_name, producer, dense_features, f_us
     return model
 
 
-def _calibrate(seed, version_dir, weights, user_ids, item_ids):
-    """Rescale the final layer so pre-sigmoid logits over sampled (user,
-    popular items) pairs have mean ``_LOGIT_MEAN`` and std ``_LOGIT_STD``.
+def _calibrate(seed, version_dir, weights, user_ids, item_ids, dense=None, last="top2",
+               logit_mean=_LOGIT_MEAN, logit_std=_LOGIT_STD):
+    """Rescale the final layer ``last`` so pre-sigmoid logits over sampled
+    (user, popular items) pairs have mean ``logit_mean`` and std ``logit_std``.
 
     ``version_dir`` must hold the profiles, the cube, a logit-output
-    ``dense.onnx`` and a manifest (without files) already. Returns the new
+    ``dense.onnx`` and a manifest (without files) already; or, with
+    ``dense`` (a head's directory holding the logit-output graph and a
+    manifest), the profiles and cube the head is scored on. Returns the new
     weights.
     """
     from jizhi.reference import ReferenceScorer
@@ -370,13 +385,13 @@ def _calibrate(seed, version_dir, weights, user_ids, item_ids):
     items = np.concatenate([item_ids[order[_zipf_draw_distinct(rng, cdf, per_request)]]
                             for _ in range(_CALIBRATION_USERS)])
     offsets = np.arange(_CALIBRATION_USERS + 1, dtype=np.int64) * per_request
-    logits, _ = ReferenceScorer(version_dir).score_requests(users, offsets, items)
+    logits, _ = ReferenceScorer(version_dir, dense=dense).score_requests(users, offsets, items)
     logits = logits.astype(np.float64)
-    scale = _LOGIT_STD / max(float(logits.std()), 1e-12)
-    shift = _LOGIT_MEAN - scale * float(logits.mean())
-    w, b = weights["top2"]
+    scale = logit_std / max(float(logits.std()), 1e-12)
+    shift = logit_mean - scale * float(logits.mean())
+    w, b = weights[last]
     calibrated = dict(weights)
-    calibrated["top2"] = ((w * scale).astype(np.float32), (b * scale + shift).astype(np.float32))
+    calibrated[last] = ((w * scale).astype(np.float32), (b * scale + shift).astype(np.float32))
     return calibrated
 
 
@@ -739,3 +754,182 @@ def publish(staged_path, models_dir):
         raise FileExistsError(final)
     os.rename(staged_path, final)
     return final
+
+
+# --- head bundles (dense only) ------------------------------------------------
+
+#: Top MLP widths of a head like the demo's own (``hidden`` of ``write_head``).
+HEAD_HIDDEN = (256, 128)
+# A head's logits over sampled pairs: spread enough to rank, far from saturating the sigmoid.
+_HEAD_LOGIT_STD = 1.0
+
+
+def _head_manifest_text(base_manifest, name, version, files):
+    """manifest.toml of a head bundle: the base's dim, hash_seed, default_vector,
+    [dense] and [[fields]] (every key copied), ``head = true``, its own graph and files."""
+    lines = [
+        "format = 1",
+        f"name = {toml_value(name)}",
+        f"version = {int(version)}",
+        "head = true",
+        f"dim = {int(base_manifest['dim'])}",
+        f"hash_seed = {int(base_manifest.get('hash_seed', 0))}",
+        f"default_vector = {toml_value(base_manifest.get('default_vector', 'zeros'))}",
+        "",
+        "[dense]",
+        f"user_features = {int(base_manifest.get('dense', {}).get('user_features', 0))}",
+        "",
+        "[onnx]",
+        'file = "dense.onnx"',
+        'output = "score"',
+    ]
+    for f in base_manifest["fields"]:
+        lines += ["", "[[fields]]"]
+        for key, value in f.items():
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError(f"field {f.get('name')!r}: cannot copy {key} = {value!r} (strings and integers only)")
+            lines.append(f"{key} = {toml_value(value)}")
+    for path, size, digest in files:
+        lines += ["", "[[files]]", f"path = {toml_value(path)}", f"size = {size}",
+                  f"sha256 = {toml_value(digest)}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_head(models_dir, name, version=1, base=None, hidden=HEAD_HIDDEN, seed=11, progress=False):
+    """Write the head bundle ``<models_dir>/<name>/<version>/`` for ``base``'s features; return its path.
+
+    Runs offline (tests, benchmarks of multi-model pipelines). A head bundle
+    (docs/formats.md, "Head bundles") is a dense graph only: ``manifest.toml``
+    (``head = true``, the base's dim, hash_seed, [dense] and [[fields]]) and
+    ``dense.onnx``, no cube and no profiles; a pipeline serves it on its
+    base model's features (``[[stage]] processor = "model_inference"``,
+    ``model = "<name>"``). ``base`` is a full bundle's version directory
+    (default: the newest version of ``demo`` in ``models_dir``).
+
+    The graph is the demo's (``_dense_model``: bottom MLP, user tower, dot
+    interactions with each item field, top MLP, sigmoid) with a top MLP of
+    widths ``hidden`` (``(32,)`` light, ``(512, 256, 128)`` heavy) and
+    weights from ``seed``; its final layer is rescaled so the logits over
+    pairs sampled from the base's profiles (scored by the ReferenceScorer)
+    have std ``_HEAD_LOGIT_STD``, which keeps the sigmoid away from 0 and 1.
+    Deterministic: the same base and arguments give byte-identical files.
+
+    Assembled in the hidden sibling ``.<version>.partial`` with the manifest
+    written last, then renamed into place, like ``init_demo``. Raises
+    FileExistsError when the version exists, ValueError for bad arguments
+    (a name that is not a plain directory name or is the base's, empty or
+    non-positive widths), BundleError for a base that is not a full bundle.
+    """
+    models_dir = os.fspath(models_dir)
+    if not isinstance(name, str) or not name or name.startswith(".") or os.sep in name or name in (".", ".."):
+        raise ValueError(f"head name {name!r} is not a plain directory name")
+    version = int(version)
+    if version < 1:
+        raise ValueError(f"version {version} is not a positive integer")
+    hidden = tuple(hidden)
+    if not hidden or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in hidden):
+        raise ValueError(f"hidden must be one or more positive layer widths, got {hidden!r}")
+    base = os.fspath(base) if base is not None else os.fspath(find_version(models_dir, NAME))
+    base_bundle = Bundle(base)
+    if base_bundle.head:
+        raise BundleError(f"{base} is a head bundle: a head's base must have the cube and profiles")
+    if name == base_bundle.name:
+        raise ValueError(f"head name {name!r} is the base model's: a head is a model of its own")
+    with open(os.path.join(base, "manifest.toml"), "rb") as f:
+        base_manifest = tomllib.load(f)
+
+    model_dir = os.path.join(models_dir, name)
+    version_dir = os.path.join(model_dir, str(version))
+    if os.path.lexists(version_dir):
+        raise FileExistsError(version_dir)
+    partial = os.path.join(model_dir, f".{version}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    bar = _Progress(f"head {name}", 3, progress)
+    try:
+        f_user, f_item = len(base_bundle.user_fields), len(base_bundle.item_fields)
+        layers = _layers(hidden, base_bundle.dense_features, f_user, f_item, base_bundle.dim)
+        shape = {"layers": layers, "dense_features": base_bundle.dense_features, "dim": base_bundle.dim,
+                 "graph_name": "jizhi_demo_head"}
+        weights = _dense_weights(seed, layers)
+        onnx_path = os.path.join(partial, "dense.onnx")
+        manifest_path = os.path.join(partial, "manifest.toml")
+        onnx.save(_dense_model(weights, f_user, f_item, sigmoid=False, **shape), onnx_path)
+        write_text(manifest_path, _head_manifest_text(base_manifest, name, version, []))
+        bar.advance(note="dense.onnx")
+        user_ids = np.load(os.path.join(base, "profiles", "users", "ids.npy"), allow_pickle=False)
+        item_ids = np.load(os.path.join(base, "profiles", "items", "ids.npy"), allow_pickle=False)
+        weights = _calibrate(seed, base, weights, user_ids, item_ids, dense=partial,
+                             last=layers[-1][0], logit_std=_HEAD_LOGIT_STD)
+        onnx.save(_dense_model(weights, f_user, f_item, sigmoid=True, **shape), onnx_path)
+        os.remove(manifest_path)
+        bar.advance(note="calibrated")
+        write_text(manifest_path, _head_manifest_text(base_manifest, name, version, file_entries(partial)))
+        os.rename(partial, version_dir)
+        bar.advance(note="manifest")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(model_dir)     # only when empty: a model directory of no version
+        raise
+    finally:
+        bar.close()
+    return version_dir
+
+
+# --- python -m jizhi.demo -----------------------------------------------------
+
+def _widths(text):
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated layer widths, e.g. 256,128")
+    if any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: layer widths must be positive")
+    return widths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jizhi.demo", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    h = commands.add_parser(
+        "head", help="write a head bundle (dense only) on the demo's features",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a head bundle MODELS/NAME/VERSION: a model that is only a dense graph\n"
+                    "(manifest.toml with head = true, and dense.onnx), with no cube and no profiles\n"
+                    "of its own. A pipeline serves it on its base model's features: the base's\n"
+                    "reader, feature and cube stages compute the pooled embeddings once, and a\n"
+                    "model_inference stage naming the head (model = \"NAME\", output = \"NAME\") runs\n"
+                    "its graph; the head is versioned and reloaded on its own. Its dim, hash_seed,\n"
+                    "[dense] and [[fields]] are copied from the base, which they must equal.\n\n"
+                    "The graph is the demo's (bottom MLP, user tower, dot interactions, top MLP,\n"
+                    "sigmoid) with top MLP widths --hidden and weights from --seed, its last layer\n"
+                    "scaled so logits over pairs of the base's profiles have std 1.")
+    h.add_argument("--models", required=True, metavar="DIR", help="the models directory jizhid watches")
+    h.add_argument("--name", required=True, help="the head's model name (a directory of MODELS)")
+    h.add_argument("--version", type=int, default=1, help="the head's version (default 1)")
+    h.add_argument("--base", metavar="DIR", default=None,
+                   help="the base model's version directory (default: the newest MODELS/demo/<version>)")
+    h.add_argument("--hidden", type=_widths, default=HEAD_HIDDEN, metavar="W,W,...",
+                   help="top MLP layer widths: 32 is light, 512,256,128 heavy (default 256,128, the demo's)")
+    h.add_argument("--seed", type=int, default=11, help="the dense weights' seed (default 11)")
+    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    try:
+        path = write_head(args.models, args.name, version=args.version, base=args.base, hidden=args.hidden,
+                          seed=args.seed, progress=not args.quiet)
+    except FileExistsError as e:
+        print(f"python -m jizhi.demo head: {e} exists already (choose another --version)", file=sys.stderr)
+        return 2
+    except (BundleError, ValueError) as e:
+        print(f"python -m jizhi.demo head: {e}", file=sys.stderr)
+        return 2
+    print(f"head: {path}")
+    print(f'a pipeline on its base serves it with a stage:\n  [[stage]]\n  processor = "model_inference"\n'
+          f'  model = "{args.name}"\n  output = "{args.name}"')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

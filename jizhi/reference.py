@@ -24,7 +24,8 @@ What a score is, spelled out (docs/formats.md gives the files):
   (missing signatures count), an empty bag pools to zeros; a field with
   ``pooling = "sum"``: the sum;
 * ``dense.onnx`` maps ``dense``, ``user_emb``, ``item_emb``, ``user_index``
-  to ``score``.
+  to ``score``; with a head bundle (``dense=``), the head's graph does,
+  on the base version's features.
 """
 import os
 import tomllib
@@ -32,8 +33,10 @@ import tomllib
 import numpy as np
 import onnxruntime as ort
 
+from jizhi.bundle import Bundle, same_features
 from jizhi.cube.build import read_all
 from jizhi.cube.signature import sign
+from jizhi.errors import BundleError
 
 
 class ReferenceScorer:
@@ -43,12 +46,24 @@ class ReferenceScorer:
     The constructor loads everything (profiles, the whole cube, an
     onnxruntime session with one intra-op and one inter-op thread, so results
     are reproducible run to run). Not thread-safe.
+
+    ``dense``, when given, is a head bundle's version directory (manifest
+    ``head = true``): the features, the cube and the profiles still come from
+    ``version_dir`` and the graph from the head's onnx file, as a pipeline
+    serves the head on its base model. Raises BundleError when ``dense`` is
+    not a head, ``version_dir`` is one, or their features differ
+    (``jizhi.bundle.same_features``).
     """
 
-    def __init__(self, version_dir):
+    def __init__(self, version_dir, dense=None):
         self.version_dir = os.fspath(version_dir)
         with open(os.path.join(self.version_dir, "manifest.toml"), "rb") as f:
             self.manifest = tomllib.load(f)
+        onnx_path = os.path.join(self.version_dir, self.manifest["onnx"]["file"])
+        self.output = self.manifest["onnx"]["output"]
+        if dense is not None:
+            # Checked before the profiles and the cube are read: a mismatch fails fast.
+            onnx_path, self.output = self._head_graph(os.fspath(dense))
         self.dim = int(self.manifest["dim"])
         self.hash_seed = int(self.manifest["hash_seed"])
         if self.manifest.get("default_vector", "zeros") != "zeros":
@@ -70,10 +85,20 @@ class ReferenceScorer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            os.path.join(self.version_dir, self.manifest["onnx"]["file"]),
-            sess_options=options, providers=["CPUExecutionProvider"])
-        self.output = self.manifest["onnx"]["output"]
+        self.session = ort.InferenceSession(onnx_path, sess_options=options, providers=["CPUExecutionProvider"])
+
+    def _head_graph(self, head_dir):
+        """(onnx path, output name) of the head bundle at ``head_dir``, checked against this base."""
+        base, head = Bundle(self.version_dir), Bundle(head_dir)
+        if base.head:
+            raise BundleError(f"{base.path} is a head bundle (no cube or profiles): the features must come "
+                              "from a full bundle")
+        if not head.head:
+            raise BundleError(f"{head.path}: not a head bundle (its manifest lacks head = true)")
+        why = same_features(base, head)
+        if why is not None:
+            raise BundleError(f"{head.path}: cannot be scored on the features of {base.path}: {why}")
+        return os.fspath(head.onnx_path), head.onnx_output
 
     def _load_profile(self, side):
         directory = os.path.join(self.version_dir, "profiles", side + "s")

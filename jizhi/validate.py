@@ -23,6 +23,15 @@ The checks run in this order, each timed, and stop at the first failure:
 ``smoke``     the real stage classes, chained as a fused worker runs them,
               score a few requests: every score is finite.
 
+A head bundle (manifest ``head = true``, docs/formats.md) is a dense graph
+served on another model's features: it has no cube and no profiles, so its
+``files`` check requires only the graph (and refuses listed ``cube/`` or
+``profiles/`` files), ``cube`` and ``profiles`` are skipped, and ``smoke``
+runs ``ModelInference`` alone on random pooled embeddings of the manifest's
+shapes. Whether its features are its base's is the pipeline's check
+(``jizhi.bundle.same_features``), not this one's: a version is validated
+without knowing the pipelines that will serve it.
+
 Nothing here writes to the version directory. Importing this module
 imports numba, lmdb and onnxruntime (the stages'): the supervisor runs it as
 a child and does not import it, and so the checks' timings exclude imports.
@@ -48,11 +57,16 @@ from jizhi.workers.ranker import Ranker
 from jizhi.workers.stage import REQUEST, Batch
 
 CHECKS = ("manifest", "files", "onnx", "cube", "profiles", "smoke")
+# Checks a head bundle skips: it has no cube and no profiles of its own.
+HEAD_SKIPS = ("cube", "profiles")
 SMOKE_STAGES = (DataReader, FeatureProcessor, CubeAccessor, ModelInference, Ranker)
 
 # Smoke requests: users x items drawn evenly from the profiles.
 SMOKE_USERS = 2
 SMOKE_ITEMS = 32
+# A head's smoke batch: random pooled embeddings, about the demo cube's scale.
+SMOKE_SEED = 0
+SMOKE_EMBEDDING_STD = 0.1
 # Cube entries sampled besides the first and the last (spread over the key space).
 CUBE_SAMPLE = 8
 
@@ -115,6 +129,8 @@ def _check_tensor(kind, arg, want_type, want_shape):
 
 def _required_files(bundle):
     """Paths the workers map, which the manifest must therefore list."""
+    if bundle.head:
+        return [bundle.manifest.get("onnx", {}).get("file", "dense.onnx")]
     required = [bundle.manifest.get("onnx", {}).get("file", "dense.onnx"), "cube/data.mdb",
                 "profiles/users/ids.npy", "profiles/users/dense.npy",
                 "profiles/items/ids.npy", "profiles/items/sigs.npy", "profiles/items/sig_lens.npy"]
@@ -158,6 +174,11 @@ class _Checks:
         missing = [p for p in _required_files(b) if p not in listed]
         if missing:
             _fail(f"{b.path}: the manifest does not list {', '.join(missing)} (it must list every file a worker maps)")
+        if b.head:
+            own = [p for p in listed if p.startswith(("cube/", "profiles/"))]
+            if own:
+                _fail(f"{b.path}: a head bundle has no cube or profiles (it is served on its base model's), "
+                      f"the manifest lists {', '.join(own)}")
         onnx_file = os.path.relpath(b.onnx_path, b.path).replace(os.sep, "/")
         self.sizes = {"files_bytes": sum(listed.values()),
                       "cube_bytes": sum(s for p, s in listed.items() if p.startswith("cube/")),
@@ -255,7 +276,33 @@ class _Checks:
                 if p.sig_lens.min() < 0 or p.sig_lens.max() > b.item_len:
                     _fail(f"{where}/sig_lens.npy has bag lengths outside 0..{b.item_len}")
 
+    def skipped(self):
+        """The checks of CHECKS that do not apply to this bundle (known once the manifest is read)."""
+        return HEAD_SKIPS if self.bundle is not None and self.bundle.head else ()
+
+    def _run_stage(self, cls, config, batch, r, p):
+        """Set up ``cls`` on this bundle, run it on ``batch``, check its declared outputs, add them."""
+        b = self.bundle
+        stage = cls()
+        try:
+            stage.setup(dict(config), b)
+            out = stage.process(batch)
+        except Exception as e:
+            _fail(f"stage {cls.name}: {type(e).__name__}: {e}")
+        for o in cls.outputs(config, b):
+            arr = out.get(o.name)
+            want = ((r if o.scope == REQUEST else p),) + tuple(o.shape)
+            if arr is None:
+                _fail(f"stage {cls.name} did not return its output {o.name!r}")
+            if arr.dtype != np.dtype(o.dtype) or arr.shape != want:
+                _fail(f"stage {cls.name}: output {o.name!r} is {arr.dtype} {arr.shape}, "
+                      f"declared {o.dtype} {want}")
+        batch.columns.update(out)
+
     def smoke(self):
+        if self.bundle.head:
+            self._smoke_head()
+            return
         b = self.bundle
         user_ids, item_ids = (Profiles(b, side).ids for side in ("user", "item"))
         users = user_ids[np.unique(np.linspace(0, user_ids.shape[0] - 1, SMOKE_USERS).astype(np.int64))]
@@ -269,21 +316,7 @@ class _Checks:
                        "recall_scores": np.full(p, 0.5, dtype=np.float32)})
         config = {"on_unknown": "default", "_overlay": None}
         for cls in SMOKE_STAGES:
-            stage = cls()
-            try:
-                stage.setup(dict(config), b)
-                out = stage.process(batch)
-            except Exception as e:
-                _fail(f"stage {cls.name}: {type(e).__name__}: {e}")
-            for o in cls.outputs(config, b):
-                arr = out.get(o.name)
-                want = ((r if o.scope == REQUEST else p),) + tuple(o.shape)
-                if arr is None:
-                    _fail(f"stage {cls.name} did not return its output {o.name!r}")
-                if arr.dtype != np.dtype(o.dtype) or arr.shape != want:
-                    _fail(f"stage {cls.name}: output {o.name!r} is {arr.dtype} {arr.shape}, "
-                          f"declared {o.dtype} {want}")
-            batch.columns.update(out)
+            self._run_stage(cls, config, batch, r, p)
         if batch.failed:
             i, (code, message) = next(iter(batch.failed.items()))
             _fail(f"smoke request {i} failed: {code}: {message}")
@@ -297,6 +330,33 @@ class _Checks:
             if not np.array_equal(np.sort(order[offsets[i]:offsets[i + 1]]), np.arange(n)):
                 _fail(f"smoke request {i}: the ranker's order is not a permutation of its {n} candidates")
 
+    def _smoke_head(self):
+        # A head has no profiles or cube to read: ModelInference alone scores
+        # random pooled embeddings of the manifest's shapes (deterministic, so a
+        # rejection reproduces).
+        b = self.bundle
+        r, n = SMOKE_USERS, SMOKE_ITEMS
+        p = r * n
+        rng = np.random.default_rng(SMOKE_SEED)
+        offsets = np.arange(r + 1, dtype=np.int64) * n
+        batch = Batch(np.arange(1, r + 1, dtype=np.uint64), np.full(r, n, dtype=np.int64),
+                      np.zeros(r, dtype=bool), np.full(r, np.inf), offsets,
+                      {"item_ids": np.tile(np.arange(1, n + 1, dtype=np.uint64), r),
+                       "recall_scores": np.full(p, 0.5, dtype=np.float32),
+                       "dense": rng.standard_normal((r, b.dense_features), dtype=np.float32),
+                       "user_emb": rng.standard_normal((r, len(b.user_fields), b.dim), dtype=np.float32)
+                       * np.float32(SMOKE_EMBEDDING_STD),
+                       "item_emb": rng.standard_normal((p, len(b.item_fields), b.dim), dtype=np.float32)
+                       * np.float32(SMOKE_EMBEDDING_STD)})
+        config = {"structured": "on"}
+        self._run_stage(ModelInference, config, batch, r, p)
+        score = batch[ModelInference.outputs(config, b)[0].name]
+        bad = int((~np.isfinite(score)).sum())
+        if bad:
+            onnx_file = os.path.relpath(b.onnx_path, b.path)
+            _fail(f"{bad} of {p} smoke scores are not finite (NaN or inf); "
+                  f"{onnx_file} on {r} users x {n} items of random pooled embeddings (a head bundle)")
+
 
 def validate(version_dir, name=None, version=None):
     """Validate the bundle version at ``version_dir`` in this process; return a JSON-able dict.
@@ -308,6 +368,9 @@ def validate(version_dir, name=None, version=None):
     * ``ok`` (bool), ``check`` (the failed check or None), ``error`` (its
       message or None; an unexpected exception reads ``TypeName: message``);
     * ``timings_ms``: {check: milliseconds} of every check that ran;
+    * ``skipped``: the checks that did not run because they do not apply
+      (a head bundle: ``HEAD_SKIPS``, cube and profiles), in CHECKS order;
+      checks after a failure are in neither;
     * ``peak_rss_bytes``: this process's peak resident set at the end (after
       a smoke run: the imports, the session and the mapped pages it touched;
       VmHWM, see ``_peak_rss_bytes``);
@@ -320,8 +383,11 @@ def validate(version_dir, name=None, version=None):
     nothing; never call it in the supervisor itself.
     """
     checks = _Checks(os.fspath(version_dir), name, version)
-    result = {"ok": True, "check": None, "error": None, "timings_ms": {}}
+    result = {"ok": True, "check": None, "error": None, "timings_ms": {}, "skipped": []}
     for check in CHECKS:
+        if check in checks.skipped():
+            result["skipped"].append(check)
+            continue
         t0 = time.perf_counter()
         try:
             getattr(checks, check)()
@@ -344,8 +410,10 @@ def main(argv=None):
         prog="python -m jizhi.validate",
         description="Validate a model bundle version before it is served: manifest, listed files "
                     "(size and sha256), the ONNX graph's inputs and output, the cube, the profiles, "
-                    "and a smoke run of the stages on a few requests. Prints one JSON line "
-                    "(ok, check, error, timings_ms, peak_rss_bytes, files_bytes, cube_bytes, onnx_bytes) "
+                    "and a smoke run of the stages on a few requests (a head bundle, head = true, has no cube "
+                    "or profiles: those checks are skipped and the smoke run is model_inference alone). "
+                    "Prints one JSON line "
+                    "(ok, check, error, timings_ms, skipped, peak_rss_bytes, files_bytes, cube_bytes, onnx_bytes) "
                     "and exits 0 when the version is accepted, 1 when it is rejected, 2 on bad arguments.")
     parser.add_argument("version_dir", metavar="VERSION_DIR", help="the version directory, <models>/<name>/<version>")
     parser.add_argument("--name", help="the model name the manifest must carry (the directory's parent's name)")

@@ -54,7 +54,8 @@ MAX_CRASHES = 2  # worker deaths a request may witness before it is answered INT
 
 class Request:
     __slots__ = ("crashes", "rid", "envelope", "pipe", "gen", "slot", "n", "deadline", "user", "top_k", "ret_all",
-                 "vkey", "pending", "held", "answered", "t_recv", "t_enq", "timings", "counts", "warm")
+                 "vkey", "pending", "held", "answered", "t_recv", "t_enq", "timings", "counts", "warm", "ab",
+                 "frontier", "heads")
 
 
 class GroupStats:
@@ -69,6 +70,7 @@ class GroupStats:
         self.svc_us = np.zeros(RING, dtype=np.int64)
         self.n_wait = 0
         self.n_svc = 0
+        self.svc_ewma_us = 0.0      # service time of one event, smoothed (the critical path's estimate)
 
     def add_wait(self, us):
         self.wait_us[self.n_wait % RING] = us
@@ -77,6 +79,7 @@ class GroupStats:
     def add_svc(self, us):
         self.svc_us[self.n_svc % RING] = us
         self.n_svc += 1
+        self.svc_ewma_us = us if self.n_svc == 1 else 0.9 * self.svc_ewma_us + 0.1 * us
 
     @staticmethod
     def _pct(ring, n):
@@ -144,7 +147,7 @@ class Generation:
     def __init__(self, plan, segments, settings, state, warmup=None):
         self.plan = plan
         self.version = plan["version"]
-        self.versions = {plan["model"]: plan["version"]}
+        self.versions = plan.get("versions") or {plan["model"]: plan["version"]}
         self.vkey = tuple(sorted(self.versions.items()))
         self.slots = settings["limits.max_in_flight"]
         self.arenas = Arenas(plan, segments, self.slots, settings["limits.max_candidates"])
@@ -183,6 +186,57 @@ class PipelineState:
         self.has_qcache = any(st["processor"] == "query_cache" for st in plan["stages"].values())
         self.qc_candidates = 0      # candidates of answered requests, and how many the query cache answered
         self.qc_hits = 0
+        # A/B dispatch (workers/ab_dispatch.py): groups the broker routes itself, and the A/B group of
+        # every group in a branch; per A/B group figures.
+        self.routers = {}
+        self.ab_stats = {}
+        self.set_routes({g: grp["router"] for g, grp in self.groups.items() if grp.get("router")})
+        self.branch = {g: tuple(grp["branch"]) for g, grp in self.groups.items() if grp.get("branch")}
+        self.worker_groups = [g for g in self.groups if g not in self.routers]
+        # Head scores a reply can carry (heads: true): the combiners' inputs that cross processes.
+        self.head_columns = [c for st in plan["stages"].values() if st["processor"] == "combiner"
+                             for c in st["inputs"] if c in plan["arenas"]]
+        self.critical_path = settings.get("broker.dispatch") == "critical_path"
+        self.rem_s = {g: 0.0 for g in self.groups}       # remaining critical path from a group's start, seconds
+        self.rem_at = 0.0
+
+    def remaining(self, now):
+        """Each group's remaining critical path (its service time plus the longest path after it),
+        from the measured service times; refreshed at most every 100 ms."""
+        if now - self.rem_at < 0.1:
+            return self.rem_s
+        self.rem_at = now
+        for g in reversed(self.plan["group_order"]):
+            after = max((self.rem_s[n] for n in self.groups[g]["next"]), default=0.0)
+            self.rem_s[g] = self.stats[g].svc_ewma_us / 1e6 + after
+        return self.rem_s
+
+    def order(self, chan, group, now):
+        """Critical-path-first: reorder a queue so the events whose delay delays their request come
+        first, least slack first; a branch whose request still waits on a slower branch (its float:
+        the request's remaining critical path minus this branch's) comes after them, least float first."""
+        rem = self.remaining(now)
+        mine = rem[group]
+
+        def key(req):
+            longest = max((rem[f] for f in req.frontier), default=mine)
+            slack = req.deadline - now - longest
+            floating = longest - mine
+            waits_anyway = floating > 0.5 * self.stats[group].svc_ewma_us / 1e6
+            return (waits_anyway, floating if waits_anyway else slack)
+
+        ordered = sorted(chan, key=key)
+        chan.clear()
+        chan.extend(ordered)
+
+    def set_routes(self, configs):
+        """(Re)configure the A/B routers: ``{router group: its stage config}`` (a reload changes fractions)."""
+        from jizhi.workers.ab_dispatch import Router
+        for g, config in configs.items():
+            self.routers[g] = r = Router(config)
+            stats = self.ab_stats.setdefault(g, {})
+            for name in r.names:
+                stats.setdefault(name, {"requests": RequestStats(), "errors": collections.Counter()})
 
     def add(self, gen):
         self.gens[gen.vkey] = gen
@@ -193,12 +247,12 @@ class PipelineState:
         return gen if gen is not None and gen.state == "active" else None
 
     def has_workers(self, vkey):
-        return all(self.workers.get((g, vkey)) for g in self.groups)
+        return all(self.workers.get((g, vkey)) for g in self.worker_groups)
 
     def has_pool(self, gen):
         """Every worker the supervisor starts for ``gen`` has joined (a warm-up must warm all of them)."""
         pool = gen.pool or {}
-        return all(len(self.workers.get((g, gen.vkey), ())) >= pool.get(g, 1) for g in self.groups)
+        return all(len(self.workers.get((g, gen.vkey), ())) >= pool.get(g, 1) for g in self.worker_groups)
 
     def ready(self):
         return self.serving() is not None and self.has_workers(self.active)
@@ -315,6 +369,8 @@ class Broker:
             self.warm_result(req, f"{code}: {message}")
         else:
             self.reply_error(req.envelope, req.rid, code, message, retry_after_ms, req.pipe)
+            for router, name in req.ab.items():
+                req.pipe.ab_stats[router][name]["errors"][code] += 1
         self.release_if_idle(req)
 
     def answer_ok(self, req):
@@ -330,6 +386,7 @@ class Broker:
             self.warm_result(req, f"{bad} of {n} scores not finite" if bad else None)
             self.release_if_idle(req)
             return
+        order = None
         if req.ret_all:
             ids = a["item_ids"][req.slot, :n]
             out_scores = scores
@@ -338,6 +395,11 @@ class Broker:
             order = a["order"][req.slot, :k]
             ids = a["item_ids"][req.slot, :n][order]
             out_scores = scores[order]
+        more = None
+        if req.heads and pipe.head_columns:
+            # Each head's scores of the same items (the combiner's inputs, in shared memory).
+            more = {f"head:{c}": (a[c][req.slot, :n] if order is None else a[c][req.slot, :n][order]).copy()
+                    for c in pipe.head_columns if c in a}
         req.timings["total"] = total_us = int((time.monotonic() - req.t_recv) * 1e6)
         if pipe.has_qcache:
             pipe.qc_candidates += n
@@ -345,13 +407,18 @@ class Broker:
         if self.stats is not None:
             self.stats.observe(pipe.row, 0, total_us)
             self.stats.counters[pipe.row, C_REQUESTS] += 1
-        pipe.requests.add(total_us, int(n - np.count_nonzero(np.isnan(scores))))   # pairs that got a score
+        pairs = int(n - np.count_nonzero(np.isnan(scores)))     # pairs that got a score
+        pipe.requests.add(total_us, pairs)
+        extra = {"missing_signatures": req.counts.get("missing_signatures", 0), "cached": req.counts.get("cached", 0)}
+        if req.ab:
+            for router, name in req.ab.items():
+                pipe.ab_stats[router][name]["requests"].add(total_us, pairs)
+            # The A/B group (one dispatch), or {dispatch stage: group} when the pipeline has several.
+            extra["ab_group"] = next(iter(req.ab.values())) if len(req.ab) == 1 else dict(req.ab)
         frames = protocol.encode_ok(
             req.rid, model_versions=req.gen.versions, shed_ratio=0.0,
             unknown_items=req.counts.get("unknown_items", 0), timings_us=req.timings,
-            item_ids=np.array(ids), scores=np.array(out_scores),
-            extra={"missing_signatures": req.counts.get("missing_signatures", 0),
-                   "cached": req.counts.get("cached", 0)})
+            item_ids=np.array(ids), scores=np.array(out_scores), extra=extra, more=more)
         self.answered += 1
         self.reply(req.envelope, frames)
         self.release_if_idle(req)
@@ -456,6 +523,7 @@ class Broker:
         deadline = t_recv + (dl / 1000.0 if dl is not None else self.default_deadline_s)
         req = self.enqueue(pipe, gen, envelope, m["id"], m["user"], items, rs, m["top_k"], m["ret"] == "all",
                            deadline, t_recv)
+        req.heads = m.get("heads", False)
         self.admitted += 1
         if self.admitted % self.sample_every == 0:
             self.ring.append((name, req.user, np.array(items), None if rs is None else np.array(rs), req.top_k))
@@ -486,6 +554,9 @@ class Broker:
         req.t_enq = t_recv
         req.timings = {}
         req.counts = {}
+        req.ab = {}
+        req.frontier = set()
+        req.heads = False
         a = gen.arenas.cols
         a["item_ids"][slot, :n] = items
         if rs is not None:
@@ -493,10 +564,35 @@ class Broker:
         else:
             a["recall_scores"][slot, :n] = 0.0
         heapq.heappush(self.deadlines, (req.deadline, next(self.seq), req))
+        touched = set()
         for g in pipe.sources:
-            pipe.channels[(g, req.vkey)].append(req)
+            self.arrive(pipe, req, g, touched)
+        for g in touched:
             self.dispatch(pipe, g, req.vkey)
         return req
+
+    def arrive(self, pipe, req, group, touched):
+        """``req`` has every input of ``group``: queue it there, or pass the group here: route it (an
+        A/B dispatch) or skip it (a branch of another A/B group)."""
+        branch = pipe.branch.get(group)
+        if branch is not None and req.ab.get(branch[0]) != branch[1]:
+            self.advance(pipe, req, group, touched)
+            return
+        router = pipe.routers.get(group)
+        if router is not None:
+            req.ab[group] = router.names[router.route(req.user)]
+            self.advance(pipe, req, group, touched)
+            return
+        pipe.channels[(group, req.vkey)].append(req)
+        req.frontier.add(group)
+        touched.add(group)
+
+    def advance(self, pipe, req, group, touched):
+        """``group`` is done with ``req``: the groups after it whose inputs are all there receive it."""
+        for nxt in pipe.groups[group]["next"]:
+            req.pending[nxt] -= 1
+            if req.pending[nxt] == 0:
+                self.arrive(pipe, req, nxt, touched)
 
     def record(self, name, user, items, rs, top_k, t_recv):
         if len(self.recording) >= RECORD_MAX:
@@ -691,6 +787,8 @@ class Broker:
         wait_s = pipe.groups[group].get("batch_wait_ms", 0.0) / 1000.0
         stats = pipe.stats[group]
         now = time.monotonic()
+        if pipe.critical_path and len(chan) > 1:
+            pipe.order(chan, group, now)
         while chan:
             w = min(workers, key=lambda x: len(x.inflight))
             if len(w.inflight) >= w.window:
@@ -799,6 +897,12 @@ class Broker:
             self.on_version_drop(msg)
         elif t == protocol.T_RECORD:
             self.on_record(ident, msg)
+        elif t == protocol.T_ROUTES:
+            pipe = self.pipes.get(msg.get("pipeline"))
+            if pipe is not None:
+                pipe.set_routes(msg["routes"])
+                log.info("pipeline %s: A/B fractions now %s", pipe.name,
+                         {g: {n: f for n, f, _ in r.groups} for g, r in pipe.routers.items()})
         elif t == protocol.T_STOP:
             self.running = False
 
@@ -911,6 +1015,7 @@ class Broker:
             if req is None:
                 continue
             req.held -= 1
+            req.frontier.discard(group)
             if req.answered:
                 self.release_if_idle(req)
                 continue
@@ -925,11 +1030,7 @@ class Broker:
                 self.answer_ok(req)
                 continue
             req.t_enq = now
-            for nxt in pipe.groups[group]["next"]:
-                req.pending[nxt] -= 1
-                if req.pending[nxt] == 0:
-                    pipe.channels[(nxt, req.vkey)].append(req)
-                    touched.add(nxt)
+            self.advance(pipe, req, group, touched)
         for req in by_slot.values():  # a worker that forgot a request: never leave it hanging
             req.held -= 1
             self.answer_error(req, INTERNAL, f"worker of {group} returned no result")
@@ -965,15 +1066,24 @@ class Broker:
                                  queue=sum(len(p.channels.get((g, k), ())) for k in p.gens),
                                  stages=p.groups[g]["stages"])
             serving = p.serving()
-            versions = {str(gen.version): {"state": gen.state, "in_flight": gen.in_flight(),
+            versions = {str(gen.version): {"state": gen.state, "in_flight": gen.in_flight(), "models": gen.versions,
                                            "workers": sum(len(p.workers.get((g, k), ())) for g in p.groups)}
                         for k, gen in p.gens.items()}
             pipes[name] = {"model": p.plan["model"], "version": serving.version if serving else None,
+                           "model_versions": serving.versions if serving else None,
                            "versions": versions, "ready": p.ready(),
                            "in_flight": p.in_flight(), "slots": p.slots, "groups": groups,
                            "requests": p.requests.snapshot()}
             if p.has_qcache:
                 pipes[name]["query_cache"] = {"candidates": p.qc_candidates, "hits": p.qc_hits}
+            if p.routers:
+                pipes[name]["ab"] = {
+                    g: {"fractions": {n: f for n, f, _ in r.groups},
+                        "groups": {n: dict(p.ab_stats[g][n]["requests"].snapshot(),
+                                           errors=dict(p.ab_stats[g][n]["errors"]),
+                                           branch=[x for x, b in p.branch.items() if b == (g, n)])
+                                   for n in r.names}}
+                    for g, r in p.routers.items()}
         return {"ready": all(p.ready() for p in self.pipes.values()), "pipelines": pipes,
                 "default_pipeline": self.default_pipeline, "answered": self.answered,
                 "errors": dict(self.errors), "malformed": self.malformed, "draining": self.draining,

@@ -92,6 +92,42 @@ def demo_init(directory, seed, users, items, trace_requests, candidates, spearma
         click.echo(f"trace: {out}")
 
 
+@demo.command("head")
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--hidden", default="256,128", show_default=True,
+              help="Widths of the head's top MLP, comma-separated: 64 is light, 512,256,128 heavy.")
+@click.option("--seed", type=int, default=11, show_default=True, help="Its weights are deterministic from this seed.")
+def demo_head(models_dir, name, version, hidden, seed):
+    """Write a head bundle MODELS_DIR/NAME/VERSION on the demo's features.
+
+    A head is a dense-only model version (manifest `head = true`: dense.onnx,
+    no cube, no profiles) that a pipeline serves on the demo's features and
+    cube: a model_inference stage with `model = "NAME"`. The multi-objective,
+    cascade and A/B example pipelines (etc/pipelines/multi_objective.toml,
+    cascade.toml, ab.toml) use heads named ctr, cvr and dwell:
+
+    \b
+      jizhictl demo head MODELS ctr --hidden 64
+      jizhictl demo head MODELS cvr --hidden 256,128
+      jizhictl demo head MODELS dwell --hidden 512,256,128
+    """
+    from jizhi.demo import write_head
+    from jizhi.errors import BundleError
+    try:
+        widths = tuple(int(x) for x in hidden.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{hidden!r} is not comma-separated widths, e.g. 256,128", param_hint="--hidden")
+    try:
+        vdir = write_head(models_dir, name, version=version, hidden=widths, seed=seed, progress=True)
+    except FileExistsError as e:
+        raise click.ClickException(f"{e} exists already (a version is written once; choose another --version)")
+    except (ValueError, BundleError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"head bundle: {vdir}")
+
+
 @demo.command("trace")
 @click.argument("version_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
@@ -405,11 +441,29 @@ def _storage_lines(info):
     return "\n".join(lines)
 
 
+def _ab_lines(info):
+    """Per A/B group of every ab_dispatch stage: its fraction, answers, ok/s, pairs/s, latency, errors."""
+    lines = []
+    for pname, p in info["pipelines"].items():
+        for stage, ab in (p.get("ab") or {}).items():
+            lines.append(f"{pname}/{stage} A/B groups: {'group':<12} {'fraction':>8} {'ok':>8} {'ok/s':>7} "
+                         f"{'pairs/s':>9} {'p50':>8} {'p99':>8}  errors  (stages)")
+            for g, x in ab["groups"].items():
+                lat = x["latency_us"]
+                errors = ", ".join(f"{c} {n}" for c, n in x["errors"].items()) or "-"
+                lines.append(f"{'':<{len(pname) + len(stage) + 13}} {g:<12} {ab['fractions'][g]:>8.3f} {x['ok']:>8} "
+                             f"{x['ok_per_s']:>7} {x['pairs_per_s']:>9} {_fmt_us(lat['p50']):>8} "
+                             f"{_fmt_us(lat['p99']):>8}  {errors}  ({', '.join(x['branch'])})")
+    return "\n".join(lines)
+
+
 def _versions_lines(info):
     """Model versions loaded per pipeline, and versions that are not served and why."""
     lines = []
     for pname, p in info["pipelines"].items():
         vs = ", ".join(f"{v} {x['state']} ({x['in_flight']} in flight)" for v, x in p.get("versions", {}).items())
+        if len(p.get("model_versions") or {}) > 1:
+            vs += "; serving " + ", ".join(f"{m} {v}" for m, v in p["model_versions"].items())
         lines.append(f"{pname}: model {p['model']} versions: {vs}")
     for name, m in info.get("models", {}).items():
         for v in m["versions"]:
@@ -422,10 +476,11 @@ def _versions_lines(info):
 @_run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(run_dir, instance, as_json):
-    """Per pipeline: ok/s, pairs/s, latency p50/p99/p99.9; per stage: pool size, queue, events/s, wait and service p50/p99; errors by code."""
+    """Per pipeline: ok/s, pairs/s, latency p50/p99/p99.9; per stage: pool size, queue, events/s, wait and service p50/p99; errors by code; per A/B group: its fraction, answers, latency and errors."""
     info = _control(run_dir, instance, "stats")
     click.echo(json.dumps(info, indent=2) if as_json else
-               "\n".join([_stats_table(info), _storage_lines(info), _versions_lines(info)]))
+               "\n".join(x for x in (_stats_table(info), _storage_lines(info), _ab_lines(info), _versions_lines(info))
+                         if x))
 
 
 @cli.command()

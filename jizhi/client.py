@@ -22,6 +22,8 @@ class Reply:
         self.header = header
         self.item_ids = arrays.get("item_ids")
         self.scores = arrays.get("scores")
+        # heads=True in a multi-objective pipeline: each head's scores of the same items, by head.
+        self.heads = {k[len("head:"):]: v for k, v in arrays.items() if k.startswith("head:")}
 
     def __getitem__(self, key):
         return self.header[key]
@@ -85,11 +87,12 @@ class Client:
         return Reply(header, arrays)
 
     def score(self, user, item_ids, recall_scores=None, *, pipeline="default", top_k=10, ret="topk",
-              deadline_ms=None, context=None, check=True):
-        """Score one request. Raises RequestError on an error reply when ``check``."""
+              deadline_ms=None, context=None, check=True, heads=False):
+        """Score one request. Raises RequestError on an error reply when ``check``. ``heads``: also
+        each head's scores of the returned items (``Reply.heads``) in a multi-objective pipeline."""
         r = self.request("score", user=user, item_ids=np.asarray(item_ids, dtype=np.uint64),
                          recall_scores=recall_scores, pipeline=pipeline, top_k=top_k, ret=ret,
-                         deadline_ms=deadline_ms, context=context)
+                         deadline_ms=deadline_ms, context=context, heads=heads)
         if check and not r.ok:
             raise RequestError(r["code"], r["message"], r.get("retry_after_ms"))
         return r

@@ -65,6 +65,10 @@ SETTINGS = [
             "Users whose recent behaviour (from feedback) the online overlay holds; feedback for more is dropped and counted."),
     Setting("limits.feedback_dedup", int, 100_000, _positive,
             "Idempotency ids of feedback remembered to drop duplicates."),
+    Setting("broker.dispatch", str, "fifo", lambda v: None if v in ("fifo", "critical_path") else "fifo or critical_path",
+            "Order of each stage's queue: fifo (arrival), or critical_path: least slack first, where slack is the "
+            "deadline minus the request's remaining critical path through the DAG (measured service times), and a "
+            "branch whose request waits on a slower branch anyway yields to ones it does not (docs/architecture.md)."),
     Setting("workers.prefetch", int, 2, _positive,
             "Events a worker may hold at once (credits): >1 hides the broker's wake-up latency."),
     Setting("workers.heartbeat_interval_s", float, 1.0, _positive,

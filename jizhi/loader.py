@@ -48,11 +48,22 @@ class LoadRefused(Exception):
 
 
 class Loader:
-    def __init__(self, pipeline, record, bank, state="loading"):
+    """One version set of a pipeline's models, loaded in one bank.
+
+    A pipeline serves one model, or several (heads on its features, workers/combiner.py): then
+    ``records`` holds every model's version record and ``record`` is the one whose new version
+    started this load (blamed when the load fails). ``version`` labels this load's workers, arenas
+    and routing: the model's version for a single-model pipeline, else ``generation`` (the
+    supervisor numbers a pipeline's version sets).
+    """
+
+    def __init__(self, pipeline, record, bank, state="loading", records=None, generation=None):
         self.pipeline = pipeline
         self.record = record
+        self.records = dict(records or {record.model: record})
         self.model = record.model
-        self.version = record.version
+        self.versions = {m: r.version for m, r in self.records.items()}
+        self.version = record.version if generation is None else generation
         self.bank = bank
         self.state = state
         self.plan = None
@@ -84,17 +95,17 @@ class Loader:
         """
         if plan is None:
             try:
-                plan = compile_pipeline(doc, sup.models_dir, pinned_version=self.version)
+                plan = compile_pipeline(doc, sup.models_dir, versions=self.versions, generation=self.version)
             except PipelineError as e:
                 raise LoadRefused("rejected", f"pipeline {self.pipeline} cannot use it: {e}")
         budget = sup.settings["models.memory_budget_mb"] << 20
         if announce:
             n_workers = sum(sup.desired[(self.pipeline, g)] for g in plan["groups"])
-            per_worker = int((self.record.validation or {}).get("peak_rss_bytes") or 0)
+            per_worker = max(int((r.validation or {}).get("peak_rss_bytes") or 0) for r in self.records.values())
             self.expected_bytes = n_workers * per_worker + arenas_bytes(sup.settings, plan)
             if sup.settings["cube.hot_tier_mb"]:
                 # The hot tier: at most its budget; about twice the cube's bytes at load factor 0.5.
-                cube_bytes = int((self.record.validation or {}).get("cube_bytes") or 0)
+                cube_bytes = int((self.records[plan["model"]].validation or {}).get("cube_bytes") or 0)
                 self.expected_bytes += min(sup.settings["cube.hot_tier_mb"] << 20, 2 * cube_bytes)
             used = sup.memory_in_use()
             if budget and used + self.expected_bytes > budget:
@@ -102,9 +113,10 @@ class Loader:
                                              f"x {per_worker >> 20} MiB measured by validation, plus arenas and "
                                              f"the hot tier) with "
                                              f"{used >> 20} MiB in use passes models.memory_budget_mb = {budget >> 20}")
-            self.warmup = warmup_ids(self.record.path)
+            self.warmup = warmup_ids(self.records[plan["model"]].path)
         self.plan = plan
         self.bundle = Bundle(plan["version_dir"])   # its manifest as loaded: files, sizes, dim
+        self.bundles = {m: Bundle(d) for m, d in plan.get("version_dirs", {plan["model"]: plan["version_dir"]}).items()}
         self.segments = create_arenas(sup, self.pipeline, plan)
         cube_cfg = next((st["config"] for st in plan["stages"].values() if st["processor"] == "cube_accessor"), {})
         if cube_cfg.get("remote"):
@@ -124,8 +136,8 @@ class Loader:
                                              "version": self.version, "plan": plan, "segments": self.segments,
                                              "warmup": self.warmup,
                                              "pool": {g: sup.desired[(self.pipeline, g)] for g in plan["groups"]}})])
-            log.info("pipeline %s: loading %s version %d beside the serving one (bank %d, workers at nice +%d, "
-                     "expected %d MiB)", self.pipeline, self.model, self.version, self.bank,
+            log.info("pipeline %s: loading %s beside the serving one (bank %d, workers at nice +%d, "
+                     "expected %d MiB)", self.pipeline, self.describe(), self.bank,
                      sup.settings["models.load_nice"], self.expected_bytes >> 20)
 
     # -- its hot tier (cube/hot.py) ------------------------------------------------
@@ -244,6 +256,20 @@ class Loader:
         n = sum(arena.unlink(seg) for seg in sup.segments.pop((self.pipeline, self.version), {}).values())
         log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned; %d arenas removed)",
                  self.pipeline, self.version, n)
+
+    def changed_files(self):
+        """(model, what changed) for the first bundle of this load whose files changed, else (None, None)."""
+        for m, b in self.bundles.items():
+            broken = b.changed_files()
+            if broken:
+                return m, broken
+        return None, None
+
+    def describe(self):
+        """``demo version 3``, or ``demo 1, ctr 2 (generation 4)`` for a multi-model pipeline."""
+        if len(self.records) == 1:
+            return f"{self.model} version {self.version}"
+        return ", ".join(f"{m} {v}" for m, v in self.versions.items()) + f" (generation {self.version})"
 
     def entry(self):
         """What the plan file says of this version (children and a restarted broker read it)."""

@@ -22,7 +22,7 @@ import importlib
 import tomllib
 from pathlib import Path
 
-from jizhi.bundle import Bundle, find_version
+from jizhi.bundle import Bundle, find_version, same_features
 from jizhi.config import etc_dir
 from jizhi.errors import BundleError, PipelineError
 from jizhi.workers.data_reader import ON_UNKNOWN
@@ -37,6 +37,9 @@ BUILTINS = {
     "ranker": "jizhi.workers.ranker:Ranker",
     "query_cache": "jizhi.workers.query_cache:QueryCache",
     "legacy_scorer": "jizhi.workers.legacy:LegacyScorer",
+    "combiner": "jizhi.workers.combiner:Combiner",
+    "cascade": "jizhi.workers.combiner:Cascade",
+    "ab_dispatch": "jizhi.workers.ab_dispatch:AbDispatch",
 }
 SINK_OUTPUTS = tuple(o.name for o in SINK_STAGE_OUTPUTS)
 
@@ -101,8 +104,48 @@ def _wait(stage, value):
     return float(value)
 
 
-def compile_pipeline(doc, models_dir, pinned_version=None):
-    """Check a pipeline document and return its plan (see module docstring)."""
+def pipeline_models(doc):
+    """The models a pipeline document serves: ``{model: pinned version or None (latest)}``, the
+    pipeline's own model (``model``, ``version``) first, then the heads its stages name
+    (``model = "ctr"``, optional ``version = N`` on the stage). Raises PipelineError."""
+    name = doc.get("name")
+    base = doc.get("model")
+    if not isinstance(base, str) or not base:
+        raise PipelineError(f"pipeline {name!r} names no model")
+    out = {}
+
+    def add(model, version, where):
+        if version != "latest" and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+            raise PipelineError(f"{where}: version must be \"latest\" or a positive integer, got {version!r}")
+        pinned = None if version == "latest" else version
+        if out.get(model, pinned) != pinned:
+            raise PipelineError(f"{where}: model {model} is pinned to two versions in one pipeline")
+        out[model] = pinned
+
+    add(base, doc.get("version", "latest"), f"pipeline {name!r}")
+    for s in doc.get("stage", []):
+        model = s.get("model", base)
+        if model == base:
+            continue
+        if not isinstance(model, str) or not model:
+            raise PipelineError(f"stage {s.get('name')!r}: model must be a model name, got {model!r}")
+        if s.get("processor") != "model_inference":
+            raise PipelineError(f"stage {s.get('name')!r} names model {model!r}: only a model_inference stage can "
+                                f"serve another model than the pipeline's ({base!r}); the reader, features and "
+                                "cube stages are the pipeline model's")
+        add(model, s.get("version", "latest"), f"stage {s.get('name')!r}")
+    return out
+
+
+def compile_pipeline(doc, models_dir, pinned_version=None, versions=None, generation=None):
+    """Check a pipeline document and return its plan (see module docstring).
+
+    ``versions``: ``{model: version}`` to compile against (every model of ``pipeline_models``; a
+    model missing from it takes its policy's version: the pinned one or the newest on disk).
+    ``pinned_version`` is the pipeline model's version (the single-model form of ``versions``).
+    ``generation``: the label this plan's workers, arenas and routing are keyed by (default: the
+    pipeline model's version; the supervisor numbers the version sets of a multi-model pipeline).
+    """
     name = doc.get("name")
     if not isinstance(name, str) or not name:
         raise PipelineError("pipeline has no name")
@@ -119,14 +162,32 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
     if not isinstance(structured, bool):
         raise PipelineError(f"pipeline {name!r}: structured must be true or false, got {structured!r}")
 
-    # The model bundle every stage reads (a stage may name it; it must be this one).
-    try:
-        version = pinned_version if pinned_version is not None else \
-            (None if doc.get("version", "latest") == "latest" else int(doc["version"]))
-        vdir = find_version(models_dir, model, version)
-        bundle = Bundle(vdir)
-    except (BundleError, ValueError) as e:
-        raise PipelineError(f"pipeline {name!r}: model {model!r}: {e}")
+    # The model bundles: the pipeline's own (reader, features, cube) and the heads stages name.
+    policies = pipeline_models(doc)
+    versions = dict(versions or {})
+    if pinned_version is not None:
+        versions.setdefault(model, pinned_version)
+    bundles = {}
+    for m, pinned in policies.items():
+        try:
+            v = versions.get(m, pinned)
+            bundles[m] = Bundle(find_version(models_dir, m, v))
+        except (BundleError, ValueError) as e:
+            if m == model:
+                raise PipelineError(f"pipeline {name!r}: model {m!r}: {e}")
+            stage = next(st.get("name") for st in stages_in if st.get("model") == m)
+            raise PipelineError(f"stage {stage!r} names model {m!r}, which the model directory cannot serve: {e}")
+    bundle = bundles[model]
+    if bundle.head:
+        raise PipelineError(f"pipeline {name!r}: model {model!r} is a head bundle (dense only); a pipeline's "
+                            "model must have the cube and profiles its heads share")
+    for m, b in bundles.items():
+        if m != model:
+            why = same_features(bundle, b)
+            if why is not None:
+                raise PipelineError(f"pipeline {name!r}: model {m!r} cannot be served on {model!r}'s "
+                                    f"features: {why}")
+    vdir = bundle.path
 
     stages, order_in = {}, []
     for s in stages_in:
@@ -135,8 +196,7 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
             raise PipelineError(f"pipeline {name!r}: a stage has no name")
         if sname in stages:
             raise PipelineError(f"stage {sname!r} is defined twice")
-        if s.get("model", model) != model:
-            raise PipelineError(f"stage {sname!r} names model {s['model']!r}, which the pipeline's bundle ({model!r}) lacks")
+        smodel = s.get("model", model)
         proc = s.get("processor")
         try:
             cls = load_class(proc) if isinstance(proc, str) else None
@@ -145,7 +205,7 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
         if cls is None:
             raise PipelineError(f"stage {sname!r}: processor must be a name or module:Class")
         config = {k: v for k, v in s.items()
-                  if k not in ("name", "processor", "next", "pool", "batch", "batch_wait_ms", "cores")}
+                  if k not in ("name", "processor", "next", "pool", "batch", "batch_wait_ms", "cores", "version")}
         config.setdefault("on_unknown", on_unknown)
         config.setdefault("per_pair", not structured)
         if proc == "model_inference":
@@ -158,7 +218,7 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
                          "prev": [], "pool": _int(sname, "pool", s.get("pool", 1)),
                          "batch": _int(sname, "batch", s.get("batch", 8)),
                          "batch_wait_ms": _wait(sname, s.get("batch_wait_ms", 0)),
-                         "cores": list(s.get("cores", [])), "_cls": cls}
+                         "cores": list(s.get("cores", [])), "_cls": cls, "_bundle": bundles[smodel]}
         order_in.append(sname)
     for sname, st in stages.items():
         for n in st["next"]:
@@ -175,18 +235,26 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
     for s in topo:
         for p in stages[s]["prev"]:
             ancestors[s] |= ancestors[p] | {p}
-    producer = {}
+    branch_of = _branches(stages, topo)
+    producers = {}
     for s in topo:
         st = stages[s]
         try:
-            outs = list(st["_cls"].outputs(st["config"], bundle))
+            outs = list(st["_cls"].outputs(st["config"], st["_bundle"]))
         except Exception as e:
             raise PipelineError(f"stage {s!r}: processor {st['processor']!r} cannot declare its outputs: {e}")
         st["outputs"] = {o.name: {"scope": o.scope, "dtype": o.dtype, "shape": list(o.shape)} for o in outs}
         for o in outs:
-            if o.name in producer or o.name in REQUEST_INPUTS:
-                raise PipelineError(f"stage {s!r}: output {o.name!r} is already produced by {producer.get(o.name, 'the request')!r}")
-            producer[o.name] = s
+            if o.name in REQUEST_INPUTS:
+                raise PipelineError(f"stage {s!r}: output {o.name!r} is already produced by the request")
+            for other in producers.get(o.name, ()):
+                # Two A/B groups' branches may write the same column (a request runs one of them).
+                a, b = branch_of.get(other), branch_of.get(s)
+                if a is None or b is None or a[0] != b[0] or a[1] == b[1] \
+                        or stages[other]["outputs"][o.name] != st["outputs"][o.name]:
+                    raise PipelineError(f"stage {s!r}: output {o.name!r} is already produced by {other!r}")
+            producers.setdefault(o.name, []).append(s)
+    producer = {col: ps[0] for col, ps in producers.items()}
     for s in topo:
         st = stages[s]
         inputs = []
@@ -195,7 +263,7 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
             col = raw.rstrip("?")
             if col in REQUEST_INPUTS:
                 inputs.append(col)
-            elif col in producer and producer[col] in ancestors[s]:
+            elif col in producer and any(p in ancestors[s] for p in producers[col]):
                 inputs.append(col)
             elif col in producer and not optional:
                 raise PipelineError(f"stage {s!r} reads {col!r}, produced by {producer[col]!r}, which is not one of its predecessors (a join is missing an edge)")
@@ -203,7 +271,7 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
                 raise PipelineError(f"stage {s!r} reads {col!r}, which no stage produces")
         st["inputs"] = inputs
     for col in SINK_OUTPUTS:
-        if producer.get(col) != sinks[0]:
+        if producers.get(col) != [sinks[0]]:
             raise PipelineError(f"stage {sinks[0]!r} ends the pipeline but does not output {col!r} (use ranker)")
 
     # Groups: fused chains from [[fuse]], every other stage alone.
@@ -231,6 +299,30 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
             groups[s] = {"name": s, "stages": [s], "pool": st["pool"], "batch": st["batch"],
                          "batch_wait_ms": st["batch_wait_ms"],
                          "cores": st["cores"]}
+    for s in topo:
+        if stages[s]["processor"] == "cascade":
+            for n in stages[s]["next"]:
+                if group_of[n] != group_of[s] and stages[n]["processor"] != "ranker":
+                    raise PipelineError(f"stage {n!r} follows the cascade {s!r} but runs in another worker kind: "
+                                        f"fuse it into {group_of[s]!r} (the pruned batch exists only inside "
+                                        "one worker)")
+    for g in groups.values():
+        routers = [s for s in g["stages"] if stages[s]["processor"] == "ab_dispatch"]
+        if routers and len(g["stages"]) > 1:
+            raise PipelineError(f"stage {routers[0]!r} (ab_dispatch) runs in the broker: it cannot be fused "
+                                f"into {g['name']!r}")
+        labels = {branch_of.get(s) for s in g["stages"]}
+        if len(labels) > 1:
+            raise PipelineError(f"group {g['name']!r} fuses stages of different A/B branches "
+                                f"({', '.join(sorted(str(x[1]) if x else 'shared' for x in labels))})")
+        label = labels.pop()
+        g["branch"] = list(label) if label else None         # [router group, A/B group] or None: every request
+        if routers:
+            g["router"] = stages[routers[0]]["config"]
+            g["pool"] = 0                                     # no worker: the broker routes
+    for g in groups.values():
+        if g["branch"]:
+            g["branch"][0] = group_of[g["branch"][0]]
     for g in groups.values():
         g["next"] = sorted({group_of[n] for s in g["stages"] for n in stages[s]["next"]} - {g["name"]})
         g["prev"] = sorted({group_of[p] for s in g["stages"] for p in stages[s]["prev"]} - {g["name"]})
@@ -257,12 +349,58 @@ def compile_pipeline(doc, models_dir, pinned_version=None):
         g["writes"] = [c for s in g["stages"] for c in stages[s]["outputs"] if c in arenas]
 
     for st in stages.values():
-        del st["_cls"]
-    return {"name": name, "model": model, "version": bundle.version, "version_dir": str(vdir),
+        del st["_cls"], st["_bundle"]
+    return {"name": name, "model": model,
+            "version": bundle.version if generation is None else generation, "version_dir": str(vdir),
+            "versions": {m: b.version for m, b in bundles.items()},
+            "version_dirs": {m: str(b.path) for m, b in bundles.items()},
             "on_unknown": on_unknown, "stages": stages, "stage_order": topo,
             "groups": groups, "group_order": gtopo,
             "sources": [g for g in gtopo if not groups[g]["prev"]],
             "sink": group_of[sinks[0]], "arenas": arenas}
+
+
+def _branches(stages, topo):
+    """``{stage: (ab_dispatch stage, A/B group)}`` for the stages only one A/B group's requests run.
+
+    The stages a group's head reaches belong to it; those every group reaches (the ranker, a
+    join) belong to all. A stage some groups reach and others not, or A/B dispatch inside a
+    branch, is refused."""
+    from jizhi.workers.ab_dispatch import parse_groups
+    out = {}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo += stages[n]["next"]
+        return seen
+
+    for r in topo:
+        if stages[r]["processor"] != "ab_dispatch":
+            continue
+        try:
+            groups = parse_groups(stages[r]["config"])
+        except ValueError as e:
+            raise PipelineError(f"stage {r!r}: {e}")
+        heads = [h for _, _, h in groups]
+        if sorted(heads) != sorted(stages[r]["next"]) or len(set(heads)) != len(heads):
+            raise PipelineError(f"stage {r!r}: next must list each group's first stage once "
+                                f"(groups start at {', '.join(heads)}; next is {', '.join(stages[r]['next'])})")
+        reached = {g: reach(h) for g, _, h in groups}
+        for s in set().union(*reached.values()):
+            by = [g for g in reached if s in reached[g]]
+            if len(by) == len(reached):
+                continue
+            if len(by) > 1:
+                raise PipelineError(f"stage {s!r} is reached by A/B groups {', '.join(by)} of {r!r} but not by "
+                                    "the others: a branch must be one group's, or every group's")
+            if s in out or stages[s]["processor"] == "ab_dispatch":
+                raise PipelineError(f"stage {s!r}: A/B dispatch inside an A/B branch is not supported")
+            out[s] = (r, by[0])
+    return out
 
 
 def bytes_per_request(plan, candidates):

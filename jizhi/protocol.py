@@ -58,6 +58,7 @@ T_VERSION_IDLE = "vidle"  # broker -> supervisor: a draining version answered it
 T_VERSION_FAIL = "vfail"  # supervisor -> broker: {pipeline, version, reason}: answer its requests, forget it
 T_VERSION_DROP = "vdrop"  # supervisor -> broker: forget {pipeline, version} (its arenas are gone)
 T_PRIORITY = "prio"       # broker -> worker: you serve now: back to normal CPU priority
+T_ROUTES = "routes"       # supervisor -> broker: {pipeline, routes: {group: ab_dispatch config}} (a reload)
 T_RECORD = "record"       # supervisor -> broker -> supervisor: {op: start|fetch|stop} live traffic
 
 
@@ -213,7 +214,7 @@ def _decode_feedback(header, req):
 
 def encode_request(op="score", *, id=None, pipeline="default", user=None, item_ids=None,
                    recall_scores=None, context=None, top_k=10, ret="topk", deadline_ms=None,
-                   item=None, event=None, idempotency_id=None):
+                   item=None, event=None, idempotency_id=None, heads=False):
     """Client side: the frames of a request (header, then array frames)."""
     header = {"v": VERSION, "op": op, "id": id}
     frames = []
@@ -234,6 +235,8 @@ def encode_request(op="score", *, id=None, pipeline="default", user=None, item_i
         header["return"] = ret
         if deadline_ms is not None:
             header["deadline_ms"] = deadline_ms
+        if heads:
+            header["heads"] = True
     return [packb(header)] + frames
 
 
@@ -242,15 +245,19 @@ def encode_request(op="score", *, id=None, pipeline="default", user=None, item_i
 
 
 def encode_ok(rid, *, model_versions, shed_ratio, unknown_items, timings_us, item_ids, scores,
-              extra=None):
+              extra=None, more=None):
+    """``more``: further float32 arrays ``{name: array}`` (each head's scores, ``heads: true``)."""
     header = {"v": VERSION, "status": "ok", "id": rid, "model_versions": model_versions,
               "shed_ratio": shed_ratio, "unknown_items": unknown_items, "timings_us": timings_us,
               "arrays": [{"name": "item_ids", "dtype": "uint64", "shape": [int(item_ids.shape[0])]},
                          {"name": "scores", "dtype": "float32", "shape": [int(scores.shape[0])]}]}
     if extra:
         header.update(extra)
+    more = more or {}
+    for name, a in more.items():
+        header["arrays"].append({"name": name, "dtype": "float32", "shape": [int(a.shape[0])]})
     return [packb(header), np.ascontiguousarray(item_ids, dtype="<u8"),
-            np.ascontiguousarray(scores, dtype="<f4")]
+            np.ascontiguousarray(scores, dtype="<f4")] + [np.ascontiguousarray(a, dtype="<f4") for a in more.values()]
 
 
 def encode_info(rid, info):

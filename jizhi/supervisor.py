@@ -34,7 +34,7 @@ from jizhi import stats as stats_mod
 from jizhi.bundle import Bundle
 from jizhi.errors import (EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE, BundleError,
                           ConfigError, PipelineError)
-from jizhi.pipeline import compile_pipeline, read_pipeline
+from jizhi.pipeline import compile_pipeline, pipeline_models, read_pipeline
 from jizhi.loader import LIVE, Loader, LoadRefused, arenas_bytes
 from jizhi.registry import Registry, State
 
@@ -79,6 +79,10 @@ class Child:
         return len(self.key) == 4
 
 
+def doc_stage(doc, name):
+    return next((st for st in doc.get("stage", []) if st.get("name") == name), {})
+
+
 class Supervisor:
     def __init__(self, settings, models_dir, pipelines, config_path=None, overrides=None):
         self.settings = settings
@@ -86,6 +90,8 @@ class Supervisor:
         self.overrides = overrides or {}
         self.t_start = time.monotonic()
         self.desired = {}
+        self.models_of = {}             # pipeline -> its models (the pipeline's own first, then heads)
+        self.generations = {}           # pipeline -> the last version-set label of a multi-model pipeline
         self.last_broker_info = None
         self.models_dir = str(models_dir)
         self.pipeline_names = pipelines
@@ -108,16 +114,12 @@ class Supervisor:
         docs, policies = [], {}
         for p in self.pipeline_names:
             doc = read_pipeline(p)
-            name, model, version = doc.get("name"), doc.get("model"), doc.get("version", "latest")
-            if not isinstance(model, str) or not model:
-                raise PipelineError(f"pipeline {name!r} names no model")
-            if version != "latest" and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
-                raise PipelineError(f"pipeline {name!r}: version must be \"latest\" or a positive integer, "
-                                    f"got {version!r}")
-            pinned = None if version == "latest" else version
-            if policies.get(model, pinned) != pinned:
-                raise PipelineError(f"pipeline {name!r}: model {model} is pinned to different versions by two pipelines")
-            policies[model] = pinned
+            name = doc.get("name")
+            for model, pinned in pipeline_models(doc).items():
+                if policies.get(model, pinned) != pinned:
+                    raise PipelineError(f"pipeline {name!r}: model {model} is pinned to different versions by "
+                                        "two pipelines")
+                policies[model] = pinned
             docs.append(doc)
         if not Path(self.models_dir).is_dir():
             raise BundleError(f"the model directory {self.models_dir} does not exist")
@@ -126,7 +128,10 @@ class Supervisor:
         boot = {m: self.boot_version(m) for m in policies}
         plans, self.docs = {}, {}
         for doc in docs:
-            plan = compile_pipeline(doc, self.models_dir, pinned_version=boot[doc["model"]])
+            models = list(pipeline_models(doc))
+            self.models_of[doc["name"]] = models
+            plan = compile_pipeline(doc, self.models_dir, versions={m: boot[m] for m in models},
+                                    generation=self.next_generation(doc["name"]))
             plans[plan["name"]] = plan
             self.docs[plan["name"]] = doc
             for g, group in plan["groups"].items():
@@ -147,7 +152,9 @@ class Supervisor:
                              "or limits.max_candidates)")
         self.loaded = {name: {} for name in plans}     # pipeline -> {bank: Loader}
         for name, plan in plans.items():
-            ld = self.loaded[name][0] = Loader(name, self.registry.records[plan["model"]][plan["version"]], 0, "active")
+            records = {m: self.registry.records[m][v] for m, v in plan["versions"].items()}
+            ld = self.loaded[name][0] = Loader(name, records[plan["model"]], 0, "active", records=records,
+                                               generation=plan["version"])
             ld.load(self, self.docs[name], plan=plan, announce=False)
         ring = max([f.max_len for plan in plans.values() for f in Bundle(plan["version_dir"]).user_fields
                     if f.kind == "history"] or [1])
@@ -173,9 +180,10 @@ class Supervisor:
         self.plan_path = self.run_dir / "plan.msgpack"
         self.write_run()
         for name, plan in plans.items():
-            rec = self.registry.records[plan["model"]][plan["version"]]
-            rec.to(State.SERVING)
-            rec.loaded_wall = time.time()
+            for m, v in plan["versions"].items():
+                rec = self.registry.records[m][v]
+                rec.to(State.SERVING)
+                rec.loaded_wall = time.time()
         py = sys.executable
         self.children[("broker",)] = Child(("broker",), [py, "-m", "jizhi.broker", "--plan", str(self.plan_path)])
         for name, plan in plans.items():
@@ -453,7 +461,7 @@ class Supervisor:
         for banks in self.loaded.values():
             for ld in banks.values():
                 if ld.state == "active":
-                    serving[ld.model] = ld.version
+                    serving.update(ld.versions)
         problems = [f"{m} {r['version']}: {r['state']}: {r['error']}" for m, e in self.registry.summary().items()
                     for r in e["versions"] if r["state"] in ("rejected", "refused", "failed")]
         return {"instance": self.instance, "pid": os.getpid(), "uptime_s": round(now - self.t_start, 1),
@@ -563,11 +571,13 @@ class Supervisor:
         new = self.registry.rescan(model)
         try:
             settings = config_mod.load(self.config_path, self.overrides)
-            plans = {}
+            plans, docs = {}, {}
             for p in settings["server.pipelines"]:
                 doc = read_pipeline(p)
+                docs[doc.get("name")] = doc
                 active = self.find_serving(doc.get("name"))
-                plan = compile_pipeline(doc, self.models_dir, pinned_version=active)
+                plan = compile_pipeline(doc, self.models_dir, versions=active.versions if active else None,
+                                        generation=active.version if active else None)
                 plans[plan["name"]] = plan
         except (ConfigError, PipelineError, BundleError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
@@ -581,6 +591,13 @@ class Supervisor:
                 if (name, g) in self.desired and self.desired[(name, g)] != group["pool"]:
                     self.set_pool(name, g, group["pool"])
                     applied.append(f"{name}/{g} pool={group['pool']}")
+            routes = {g: group["router"] for g, group in plan["groups"].items()
+                      if group.get("router") and self.run["pipelines"][name]["groups"].get(g, {}).get("router")
+                      not in (None, group["router"])}
+            if routes:
+                self.set_routes(name, routes, docs[name])
+                applied += [f"{name}/{g} A/B fractions " + ", ".join(f"{x['name']}={x['fraction']:g}" for x in r["groups"])
+                            for g, r in routes.items()]
         for k, v in settings.items():
             if v != self.settings.get(k) and k != "server.run_dir":
                 needs_restart.append(k)
@@ -589,11 +606,34 @@ class Supervisor:
         return {"applied": applied, "needs_restart": needs_restart,
                 "new_versions": [f"{r.model} {r.version}" for r in new]}
 
+    def set_routes(self, pipeline, routes, doc):
+        """New A/B fractions (``{router stage: config}``): the broker routes by them from now on; the
+        plans (a restarted broker, the next model version) say them too."""
+        for sname, config in routes.items():
+            for st in self.docs[pipeline]["stage"]:
+                if st.get("name") == sname:
+                    st.update({k: v for k, v in doc_stage(doc, sname).items() if k in ("groups", "salt")})
+            plans = [self.run["pipelines"][pipeline]] + [ld.plan for ld in self.loaded[pipeline].values()]
+            for plan in plans:
+                plan["groups"][sname]["router"] = config
+                plan["stages"][sname]["config"] = config
+        self.write_run()
+        self.tell_broker([protocol.packb({"t": protocol.T_ROUTES, "pipeline": pipeline, "routes": routes})])
+
     def find_serving(self, pipeline):
+        """The pipeline's serving Loader, or None."""
         for ld in self.loaded.get(pipeline, {}).values():
             if ld.state == "active":
-                return ld.version
+                return ld
         return None
+
+    def next_generation(self, pipeline):
+        """The label of a multi-model pipeline's next version set (None: a single model, labelled by its
+        version)."""
+        if len(self.models_of[pipeline]) == 1:
+            return None
+        self.generations[pipeline] = self.generations.get(pipeline, 0) + 1
+        return self.generations[pipeline]
 
     def handle_sigterm(self):
         self.stopping = True
@@ -662,10 +702,10 @@ class Supervisor:
             if ld.deaths >= self.settings["models.load_attempts"]:
                 self.fail_version(ld, f"its workers died while loading ({ld.deaths}x, last: {how})")
         elif ld.state in ("active", "draining"):
-            broken = ld.bundle.changed_files()
+            model, broken = ld.changed_files()
             if rc == -signal.SIGBUS or broken:
                 self.fail_version(ld, f"a worker was {how}" + (f"; {broken}" if broken else
-                                                              " (a mapped file was truncated?)"))
+                                                              " (a mapped file was truncated?)"), model)
 
     def manage(self):
         """Converge every version's pools to their desired size; restart what died (after its backoff)."""
@@ -726,11 +766,10 @@ class Supervisor:
             for banks in self.loaded.values():
                 for ld in list(banks.values()):
                     if ld.state in LIVE:
-                        broken = ld.bundle.changed_files()
+                        model, broken = ld.changed_files()
                         if broken:
-                            self.fail_version(ld, f"its files changed under it: {broken}")
+                            self.fail_version(ld, f"its files changed under it: {broken}", model)
         for pipeline, banks in self.loaded.items():
-            model = self.docs[pipeline]["model"]
             loading = [ld for ld in banks.values() if ld.state == "loading"]
             limit = self.settings["workers.boot_timeout_s"] + 60
             for ld in loading:
@@ -739,21 +778,37 @@ class Supervisor:
             if loading:
                 continue
             active = next((ld for ld in banks.values() if ld.state == "active"), None)
-            target = reg.target(model)
-            if target is None and active is None:
-                failed = [ld.version for ld in banks.values()]
-                target = reg.fallback(model, min(failed)) if failed else None
-            if target is None or (active is not None and target == active.version) or len(banks) >= 2:
+            # The version each model's policy wants; a model with none keeps what serves (a multi-model
+            # pipeline: one head's failed version does not stop the others), or falls back.
+            want = {}
+            for model in self.models_of[pipeline]:
+                target = reg.target(model)
+                if target is None and active is not None:
+                    target = active.versions.get(model)
+                if target is None:
+                    failed = [ld.versions[model] for ld in banks.values() if model in ld.versions]
+                    target = reg.fallback(model, min(failed)) if failed else None
+                want[model] = target
+            if None in want.values() or (active is not None and want == active.versions) or len(banks) >= 2:
                 continue    # nothing to do, or the previous version is still being released
-            rec = reg.records[model][target]
-            if rec.state == "validating":
+            records = {m: reg.records[m][v] for m, v in want.items()}
+            waiting = False
+            for rec in records.values():
+                if active is not None and rec is active.records.get(rec.model):
+                    continue    # serving here already
+                if rec.state == "validating":
+                    waiting = True
+                elif rec.validation is None or not rec.validation.get("ok"):
+                    rec.timings_ms = {k: v for k, v in rec.timings_ms.items() if k == "detection"}
+                    rec.t_wanted_wall = time.time()
+                    reg.validate(rec, self.as_loader)
+                    waiting = True
+            if waiting:
                 continue
-            if rec.validation is None or not rec.validation.get("ok"):
-                rec.timings_ms = {k: v for k, v in rec.timings_ms.items() if k == "detection"}
-                rec.t_wanted_wall = time.time()
-                reg.validate(rec, self.as_loader)
-                continue
-            self.load_version(pipeline, rec)
+            # The load is blamed on (and timed for) the first model whose version changes.
+            lead = next((r for m, r in records.items() if active is None or active.versions.get(m) != r.version),
+                        records[self.models_of[pipeline][0]])
+            self.load_version(pipeline, lead, records)
 
     def load_cores(self):
         """Cores the loading work (validation, hot-tier builds, a new version's workers) is confined to."""
@@ -841,10 +896,12 @@ class Supervisor:
             keys, ld.hot_ring_seen[r] = self.stats_shm.sampled_keys(r, ld.hot_ring_seen.get(r, 0))
             ld.hot_counts.add(keys)
 
-    def load_version(self, pipeline, rec):
-        """Start loading a validated version in the pipeline's free bank (its workers warm up; the broker says WARM)."""
+    def load_version(self, pipeline, rec, records=None):
+        """Start loading a validated version (a multi-model pipeline: the version set ``records``, ``rec``
+        the model that changed) in the pipeline's free bank (its workers warm up; the broker says WARM)."""
         banks = self.loaded[pipeline]
-        ld = Loader(pipeline, rec, 1 if 0 in banks else 0)
+        ld = Loader(pipeline, rec, 1 if 0 in banks else 0, records=records,
+                    generation=self.next_generation(pipeline))
         try:
             ld.load(self, self.docs[pipeline])
         except LoadRefused as e:
@@ -852,8 +909,9 @@ class Supervisor:
             return
         banks[ld.bank] = ld
         self.write_run()
-        if rec.state == State.VALID:     # (another pipeline of the same model may have it loaded already)
-            rec.to(State.LOADING)
+        for r in ld.records.values():
+            if r.state == State.VALID:     # (another pipeline of the same model may have it loaded already)
+                r.to(State.LOADING)
         rec.t_load = time.monotonic()
 
     def memory_in_use(self):
@@ -870,7 +928,7 @@ class Supervisor:
         ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), ("loading",))
         if ld is None:
             return
-        rec = self.registry.records[ld.model][ld.version]
+        rec = ld.record
         if not msg.get("ok"):
             self.fail_version(ld, f"warm-up: {msg.get('error')}")
             return
@@ -890,36 +948,39 @@ class Supervisor:
         t0 = time.monotonic()
         if old is not None:
             old.state = "draining"
-            orec = self.registry.records[old.model].get(old.version)
-            if orec is not None and orec.state == "serving" and not any(
-                    o.version == old.version and o.state == "active"
-                    for banks in self.loaded.values() for o in banks.values() if o is not old):
-                orec.to(State.DRAINING)
+            for orec in old.records.values():
+                if orec.state == "serving" and not any(
+                        orec in o.records.values() and o.state == "active"
+                        for banks in self.loaded.values() for o in banks.values() if o is not old) \
+                        and orec not in ld.records.values():
+                    orec.to(State.DRAINING)
         ld.state = "active"
         self.run["pipelines"][ld.pipeline] = ld.plan
         self.write_run()
         self.tell_broker(protocol.encode_simple(protocol.T_ACTIVATE, pipeline=ld.pipeline, version=ld.version))
-        if rec.state != State.SERVING:
-            rec.to(State.SERVING)
-            rec.loaded_wall = time.time()
+        for r in ld.records.values():
+            if r.state != State.SERVING:
+                r.to(State.SERVING)
+                r.loaded_wall = time.time()
         rec.timings_ms["switch"] = round((time.monotonic() - t0) * 1000, 2)
         # A version new in this run: from its rename; one served again (pin, fallback): from the decision.
         start = rec.renamed_wall if "detection" in rec.timings_ms else getattr(rec, "t_wanted_wall", rec.renamed_wall)
         rec.timings_ms["total"] = round((rec.loaded_wall - start) * 1000, 1)
-        log.info("pipeline %s: now serving %s version %d%s (rename to switch %.1f s: %s)", ld.pipeline, ld.model,
-                 ld.version, f"; version {old.version} drains" if old else "", rec.timings_ms["total"] / 1000,
+        log.info("pipeline %s: now serving %s%s (rename to switch %.1f s: %s)", ld.pipeline, ld.describe(),
+                 f"; {old.describe()} drains" if old else "", rec.timings_ms["total"] / 1000,
                  ", ".join(f"{k} {v:.0f} ms" for k, v in rec.timings_ms.items() if v is not None and k != "total"))
-        notify.notify(f"STATUS=serving {ld.model} version {ld.version}")
+        notify.notify(f"STATUS=serving {ld.describe()}")
 
     def on_version_idle(self, msg):
         ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), ("draining",))
         if ld is not None:
             ld.state = "stopping"      # manage() retires its workers; unload() follows when they are gone
 
-    def fail_version(self, ld, reason):
+    def fail_version(self, ld, reason, model=None):
+        """``model``: the model whose files broke (default: the one whose new version this load brought)."""
         was = ld.state
         ld.state = "failed"
-        rec = self.registry.records[ld.model].get(ld.version)
+        rec = ld.records.get(model, ld.record)
         if rec is not None:
             self.registry.reject(rec, reason, state=State.FAILED)
             rec.validation = None
@@ -929,7 +990,7 @@ class Supervisor:
         if was == "active":
             log.error("pipeline %s: serving version %d failed; falling back to the previous good version",
                       ld.pipeline, ld.version)
-            notify.notify(f"STATUS=degraded: {ld.model} version {ld.version} failed ({reason}); falling back")
+            notify.notify(f"STATUS=degraded: {ld.describe()} failed ({reason}); falling back")
         for child in self.children.values():
             if child.is_worker and child.key[0] == ld.pipeline and child.key[3] == ld.bank:
                 child.retiring = True
@@ -940,9 +1001,8 @@ class Supervisor:
         del self.loaded[ld.pipeline][ld.bank]
         self.write_run()
         ld.unload(self)
-        rec = self.registry.records[ld.model].get(ld.version)
-        if rec is not None and ld.state == "stopping":
-            still = any(o.version == ld.version for banks in self.loaded.values() for o in banks.values())
+        for rec in ld.records.values() if ld.state == "stopping" else ():
+            still = any(rec in o.records.values() for banks in self.loaded.values() for o in banks.values())
             if not still:
                 rec.to(State.STANDBY)
                 rec.validation = None     # validated again before it serves again

@@ -166,7 +166,7 @@ def test_a_stage_naming_a_model_the_bundle_lacks_is_refused(demo_models):
     doc = demo_dag().doc
     doc["stage"][3]["model"] = "ctr_v2"
     assert compile_error(doc, demo_models) == \
-        "stage 'dnn' names model 'ctr_v2', which the pipeline's bundle ('demo') lacks"
+        f"stage 'dnn' names model 'ctr_v2', which the model directory cannot serve: model 'ctr_v2' not found in {demo_models}"
 
 
 def test_a_missing_model_is_refused_naming_the_pipeline_and_the_model(demo_models):

@@ -22,6 +22,12 @@ the pipeline's ``structured = true|false``):
   generic serving system would run it. For comparison.
 * ``"as_is"``: the bundle's graph untouched.
 
+Several models in one pipeline: a stage option ``model = "ctr"`` runs that
+model's graph (a head bundle on the pipeline model's features, versioned on
+its own) and ``output = "ctr"`` names the column its scores go to, which a
+``combiner`` (weighted heads) or a ``cascade`` (a light model prunes for a
+heavy one) reads (workers/combiner.py).
+
 A pipeline with ``structured = false`` also makes the data reader, the
 feature processor and the cube accessor work per pair (user columns of P
 rows: each candidate carries its user's features); this stage then feeds
@@ -71,6 +77,15 @@ def structured_mode(config):
     return mode
 
 
+def output_column(config):
+    """The column the scores go to: ``score`` (what the ranker reads), or a head's own name
+    (``output = "ctr"``) that a combiner or a cascade reads."""
+    column = config.get("output", "score")
+    if not isinstance(column, str) or not column.isidentifier():
+        raise ValueError(f"output must be a column name (letters, digits, _), got {column!r}")
+    return column
+
+
 def load_model(path, mode):
     """The dense graph as this worker runs it (module docstring), and the pass's report (or None)."""
     from jizhi.structured import structure, unstructure
@@ -93,7 +108,7 @@ class ModelInference(Stage):
     def outputs(cls, config, bundle):
         structured_mode(config)     # a bad value fails the pipeline's compile, naming the stage
         intra_op_threads(config)
-        return (Output("score", CANDIDATE, "float32"),)
+        return (Output(output_column(config), CANDIDATE, "float32"),)
 
     def setup(self, config, bundle):
         mode = structured_mode(config)
@@ -112,6 +127,7 @@ class ModelInference(Stage):
                                             providers=["CPUExecutionProvider"])
         self.output = bundle.onnx_output
         self.per_pair = bool(config.get("per_pair"))
+        self.column = output_column(config)
 
     def process(self, batch):
         score, = self.session.run([self.output], {
@@ -122,4 +138,4 @@ class ModelInference(Stage):
             "user_index": np.arange(batch.n_candidates, dtype=np.int64) if self.per_pair
             else batch.candidate_request(),
         })
-        return {"score": score.reshape(-1)}
+        return {self.column: score.reshape(-1)}

@@ -104,8 +104,10 @@ class Worker:
         self.group = self.plan["groups"][group]
         self.wid = wid
         self.settings = run["settings"]
-        bundle = Bundle(self.plan["version_dir"])
-        self.versions = {self.plan["model"]: self.plan["version"]}
+        # The pipeline model's bundle, and a head's for a stage naming another model (``model = "ctr"``).
+        dirs = self.plan.get("version_dirs") or {self.plan["model"]: self.plan["version_dir"]}
+        bundles = {m: Bundle(d) for m, d in dirs.items()}
+        self.versions = self.plan.get("versions") or {self.plan["model"]: self.plan["version"]}
         self.stages = []
         for sname in self.group["stages"]:
             st = self.plan["stages"][sname]
@@ -114,9 +116,9 @@ class Worker:
             # Keys the runtime adds for built-ins start with "_" (the overlay's segment).
             config = dict(st["config"], _overlay=run.get("overlay"), _hot=entry.get("hot"),
                           _qcache=run.get("qcache"), _wid=wid, _pipeline=pipeline,
-                          _disk_cache=entry.get("disk_cache"))
+                          _disk_cache=entry.get("disk_cache"), _versions=self.versions)
             try:
-                proc.setup(config, bundle)
+                proc.setup(config, bundles[st["config"].get("model", self.plan["model"])])
             except Exception as e:
                 code = EXIT_CUBE_OPEN_FAILURE if "lmdb" in type(e).__module__ else EXIT_MODEL_LOAD_FAILURE
                 log.error("stage %s setup failed: %s", sname, e)

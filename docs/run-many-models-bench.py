@@ -11,7 +11,8 @@ What it does (every figure from one run, on a quiet machine: nothing else runnin
    ``jizhi.demo.write_head``.
 2. Two daemons run side by side (the idle one costs nothing measurable):
    * ONE: pipeline ``mo``: reader, features, cube fused (``front``, pool 2, batch 8, wait 3 ms), the
-     three heads each its own worker kind (pool 1), ``combine`` + ``rank`` fused (pool 1);
+     three heads each its own worker kind (pool 1), ``combine`` + ``rank`` fused (pool 1); and
+     ``mo_fused``: the same DAG fused into one worker kind (pool 2, batch 8, wait 3 ms);
    * THREE: pipelines ``h_ctr``, ``h_cvr``, ``h_dwell``: each the demo pipeline fused into one worker
      kind (pool 1) whose model_inference runs that head.
    The same user requests (the trace, N candidates each) at the same rate: ONE gets one request per
@@ -69,8 +70,8 @@ next = {next}
 """
 
 
-def multi_objective():
-    text = FRONT.format(name="mo", next=json.dumps(list(HEADS)))
+def multi_objective(fused=False):
+    text = FRONT.format(name="mo_fused" if fused else "mo", next=json.dumps(list(HEADS)))
     for h in HEADS:
         text += f'\n[[stage]]\nname = "{h}"\nprocessor = "model_inference"\nmodel = "{h}"\noutput = "{h}"\nnext = ["combine"]\n'
     text += """
@@ -83,7 +84,17 @@ next = ["rank"]
 [[stage]]
 name = "rank"
 processor = "ranker"
-
+"""
+    if fused:
+        return text + f"""
+[[fuse]]
+name = "scorer"
+stages = ["reader", "features", "cube", {", ".join(f'"{h}"' for h in HEADS)}, "combine", "rank"]
+pool = 2
+batch = 8
+batch_wait_ms = 3
+"""
+    return text + """
 [[fuse]]
 name = "front"
 stages = ["reader", "features", "cube"]
@@ -95,7 +106,6 @@ batch_wait_ms = 3
 name = "merge"
 stages = ["combine", "rank"]
 """
-    return text
 
 
 def single(head):
@@ -266,6 +276,8 @@ def main():
             write_head(models, h, hidden=hidden, seed=31 + len(h))
     paths = {"mo": work / "mo.toml"}
     paths["mo"].write_text(multi_objective())
+    paths["mo_fused"] = work / "mo_fused.toml"
+    paths["mo_fused"].write_text(multi_objective(fused=True))
     for h in HEADS:
         paths[f"h_{h}"] = work / f"h_{h}.toml"
         paths[f"h_{h}"].write_text(single(h))
@@ -278,12 +290,14 @@ def main():
     try:
         if "three" in only:
             one = Daemon(work, "one", 5611, [paths["mo"]])
+            fused = Daemon(work, "fused", 5615, [paths["mo_fused"]])
             three = Daemon(work, "three", 5612, [paths[f"h_{h}"] for h in HEADS])
-            daemons += [one, three]
+            daemons += [one, fused, three]
             rows = []
             for rate in [float(x) for x in a.rates.split(",")]:
                 for rnd in range(a.rounds):
                     for label, d, pipes in (("one pipeline", one, ["mo"]),
+                                            ("one, fused", fused, ["mo_fused"]),
                                             ("three pipelines", three, [f"h_{h}" for h in HEADS])):
                         r = run_point(d, pipes, trace, rate, a.duration, a.warmup, seed=rnd * 100 + int(rate))
                         r.update(setup=label, round=rnd)
@@ -291,7 +305,7 @@ def main():
                         log(f"{label:<16} {rate:5g}/s round {rnd}: CPU {r['cpu_s_per_1000']:7.2f} s/1000 req, "
                             f"p50 {r['p50_ms']:6.1f} p99 {r['p99_ms']:6.1f} ms, errors {r['errors']} lost {r['lost']}")
             results["one_vs_three"] = rows
-            for d in (one, three):
+            for d in (one, fused, three):
                 d.stop()
                 daemons.remove(d)
         if "cpf" in only:
@@ -322,7 +336,7 @@ def summarize(results, log):
         log("\nOne multi-objective pipeline against three pipelines (medians over rounds):")
         log(f"{'rate':>6} {'setup':<16} {'CPU s/1000 req':>14} {'p50 ms':>7} {'p99 ms':>7}  errors")
         for rate in sorted({r["rate"] for r in results["one_vs_three"]}):
-            for setup in ("one pipeline", "three pipelines"):
+            for setup in ("one pipeline", "one, fused", "three pipelines"):
                 rs = [r for r in results["one_vs_three"] if r["rate"] == rate and r["setup"] == setup]
                 log(f"{rate:6g} {setup:<16} {med([r['cpu_s_per_1000'] for r in rs]):14.2f} "
                     f"{med([r['p50_ms'] for r in rs]):7.1f} {med([r['p99_ms'] for r in rs]):7.1f}  "

@@ -71,6 +71,7 @@ class GroupStats:
         self.n_wait = 0
         self.n_svc = 0
         self.svc_ewma_us = 0.0      # service time of one event, smoothed (the critical path's estimate)
+        self.busy_us = 0            # service time of every event so far (the autoscaler's utilisation)
 
     def add_wait(self, us):
         self.wait_us[self.n_wait % RING] = us
@@ -79,6 +80,7 @@ class GroupStats:
     def add_svc(self, us):
         self.svc_us[self.n_svc % RING] = us
         self.n_svc += 1
+        self.busy_us += us
         self.svc_ewma_us = us if self.n_svc == 1 else 0.9 * self.svc_ewma_us + 0.1 * us
 
     @staticmethod
@@ -107,13 +109,25 @@ class RequestStats:
         self.ok = 0
         self.pairs = 0
         self.lat_us = np.zeros(RING, dtype=np.int64)
+        self.t_ans = np.zeros(RING, dtype=np.float64)      # when each of the ring's answers went out
+        self.shed = 0              # candidates the shedder cut, and candidates, of recent answers
+        self.cands = 0
         self._mark = (time.monotonic(), 0, 0)
         self.rates = (0.0, 0.0)
 
     def add(self, total_us, pairs):
         self.lat_us[self.ok % RING] = total_us
+        self.t_ans[self.ok % RING] = time.monotonic()
         self.ok += 1
         self.pairs += pairs
+
+    def recent_p99_ms(self, window_s=2.0):
+        """p99 of the answers of the last ``window_s`` seconds (None: none), for the load controller."""
+        n = min(self.ok, RING)
+        recent = self.t_ans[:n] >= time.monotonic() - window_s
+        if not recent.any():
+            return None
+        return float(np.percentile(self.lat_us[:n][recent], 99)) / 1000.0
 
     def snapshot(self):
         t0, ok0, pairs0 = self._mark
@@ -193,6 +207,7 @@ class PipelineState:
         self.set_routes({g: grp["router"] for g, grp in self.groups.items() if grp.get("router")})
         self.branch = {g: tuple(grp["branch"]) for g, grp in self.groups.items() if grp.get("branch")}
         self.worker_groups = [g for g in self.groups if g not in self.routers]
+        self.shedding = None        # {mode, quota, policy} from the supervisor, when a shedder runs here
         # Head scores a reply can carry (heads: true): the combiners' inputs that cross processes.
         self.head_columns = [c for st in plan["stages"].values() if st["processor"] == "combiner"
                              for c in st["inputs"] if c in plan["arenas"]]
@@ -409,6 +424,9 @@ class Broker:
             self.stats.counters[pipe.row, C_REQUESTS] += 1
         pairs = int(n - np.count_nonzero(np.isnan(scores)))     # pairs that got a score
         pipe.requests.add(total_us, pairs)
+        if pipe.shedding is not None:
+            pipe.requests.shed = 0.98 * pipe.requests.shed + 0.02 * req.counts.get("shed", 0)
+            pipe.requests.cands = 0.98 * pipe.requests.cands + 0.02 * n
         extra = {"missing_signatures": req.counts.get("missing_signatures", 0), "cached": req.counts.get("cached", 0)}
         if req.ab:
             for router, name in req.ab.items():
@@ -416,7 +434,7 @@ class Broker:
             # The A/B group (one dispatch), or {dispatch stage: group} when the pipeline has several.
             extra["ab_group"] = next(iter(req.ab.values())) if len(req.ab) == 1 else dict(req.ab)
         frames = protocol.encode_ok(
-            req.rid, model_versions=req.gen.versions, shed_ratio=0.0,
+            req.rid, model_versions=req.gen.versions, shed_ratio=round(req.counts.get("shed", 0) / n, 4) if n else 0.0,
             unknown_items=req.counts.get("unknown_items", 0), timings_us=req.timings,
             item_ids=np.array(ids), scores=np.array(out_scores), extra=extra, more=more)
         self.answered += 1
@@ -885,6 +903,18 @@ class Broker:
                 self.back.send_multipart([ident] + protocol.encode_simple(protocol.T_RESYNC))
             except zmq.ZMQError:
                 pass
+        elif t == protocol.T_LOAD:
+            load = {name: {"p99_ms": p.requests.recent_p99_ms(), "in_flight": p.in_flight(),
+                           "queued": sum(len(c) for c in p.channels.values()),
+                           "groups": {g: {"busy_us": p.stats[g].busy_us, "queue": len(p.channels.get((g, p.active), ())),
+                                          "workers": len(p.workers.get((g, p.active), ()))}
+                                      for g in p.worker_groups}}
+                    for name, p in self.pipes.items()}
+            self.back.send_multipart([ident, protocol.packb({"t": protocol.T_LOAD, "load": load})])
+        elif t == protocol.T_SHED:
+            pipe = self.pipes.get(msg.get("pipeline"))
+            if pipe is not None:
+                pipe.shedding = {k: msg[k] for k in ("mode", "quota", "policy")}
         elif t == protocol.T_INFO:
             self.back.send_multipart([ident, protocol.packb({"t": protocol.T_INFO, "info": self.info()})])
         elif t == protocol.T_VERSION_ADD:
@@ -1076,6 +1106,9 @@ class Broker:
                            "requests": p.requests.snapshot()}
             if p.has_qcache:
                 pipes[name]["query_cache"] = {"candidates": p.qc_candidates, "hits": p.qc_hits}
+            if p.shedding is not None:
+                pipes[name]["shedding"] = dict(p.shedding, shed_ratio_recent=round(
+                    p.requests.shed / p.requests.cands, 4) if p.requests.cands else 0.0)
             if p.routers:
                 pipes[name]["ab"] = {
                     g: {"fractions": {n: f for n, f, _ in r.groups},

@@ -6,6 +6,7 @@ daemon answered with an error. Starts fast: numba and onnxruntime are
 imported only by the commands that compute (demo, bench --ceiling).
 """
 import json
+import os
 import sys
 
 import click
@@ -663,12 +664,26 @@ def top(run_dir, instance, interval, count):
             click.echo(time.strftime("%H:%M:%S ") + _stats_table(info))
             click.echo(_breakdown(info))
             click.echo(_storage_lines(info))
+            shed_lines = _shed_info_lines(info)
+            if shed_lines:
+                click.echo(shed_lines)
             i += 1
             if count and i >= count:
                 break
             time.sleep(interval)
     except KeyboardInterrupt:
         pass
+
+
+def _shed_info_lines(info):
+    """Shedding per pipeline with a shedder: mode, quota, the share of candidates shed lately."""
+    lines = []
+    for pname, p in info["pipelines"].items():
+        sh = p.get("shedding")
+        if sh:
+            lines.append(f"{pname}: shedding {sh['mode']}, quota {sh['quota']:.3f}, policy {sh['policy']}, "
+                         f"shed {100 * sh.get('shed_ratio_recent', 0.0):.1f} % of candidates in the last seconds")
+    return "\n".join(lines)
 
 
 def _breakdown(info):
@@ -683,6 +698,110 @@ def _breakdown(info):
     return "\n".join(lines)
 
 
+
+
+# -- shed: load shedding (jizhi/shedding.py) ----------------------------------
+
+@cli.group()
+def shed():
+    """Load shedding: the controller's quota, the pruning policy, and training a learned policy.
+
+    A pipeline whose first stage is a `shedder` (etc/pipelines/demo_shed.toml)
+    keeps only each request's best candidates by recall score when the server
+    is overloaded. In mode `auto` the supervisor's controller sets the quota
+    (mean fraction kept) from the live p99 against shed.slo_ms; `set` fixes it
+    by hand; `off` keeps every candidate.
+    """
+
+
+def _shed_lines(r):
+    lines = []
+    for p, x in r.items():
+        p99 = "-" if x.get("p99_ms") is None else f"{x['p99_ms']:.1f} ms"
+        lines.append(f"{p}: mode {x['mode']}, quota {x['quota']:.3f} (keeps {100 * x['quota']:.1f} % of candidates "
+                     f"on average), policy {x['policy']}, p99 {p99} (SLO {x['slo_ms']:g} ms), "
+                     f"{x['in_flight']} in flight")
+    return "\n".join(lines) or "no pipeline has a shedder stage"
+
+
+@shed.command("status")
+@_run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def shed_status(run_dir, instance, as_json):
+    """Mode, quota, policy, the recent p99 and requests in flight, per pipeline with a shedder."""
+    r = _control(run_dir, instance, "shed", {"op": "status"})
+    click.echo(json.dumps(r, indent=2) if as_json else _shed_lines(r))
+
+
+@shed.command("auto")
+@_run_dir_option
+@click.option("--pipeline", default=None, help="Pipeline (default: every pipeline with a shedder).")
+def shed_auto(run_dir, instance, pipeline):
+    """Let the load controller set the quota from the live p99 (the default mode)."""
+    click.echo(_shed_lines(_control(run_dir, instance, "shed", {"op": "auto", "pipeline": pipeline})))
+
+
+@shed.command("off")
+@_run_dir_option
+@click.option("--pipeline", default=None, help="Pipeline (default: every pipeline with a shedder).")
+def shed_off(run_dir, instance, pipeline):
+    """Keep every candidate, whatever the load."""
+    click.echo(_shed_lines(_control(run_dir, instance, "shed", {"op": "off", "pipeline": pipeline})))
+
+
+@shed.command("set")
+@_run_dir_option
+@click.option("--quota", type=float, default=None,
+              help="Fix the mean fraction of candidates kept (0-1]; the controller stops until `shed auto`.")
+@click.option("--policy", default=None,
+              help="`rule` (every request keeps the quota) or a policy file from `jizhictl shed train`.")
+@click.option("--pipeline", default=None, help="Pipeline (default: every pipeline with a shedder).")
+def shed_set(run_dir, instance, quota, policy, pipeline):
+    """Set the quota by hand, or the pruning policy (both take effect at the workers' next batch)."""
+    if quota is None and policy is None:
+        raise click.UsageError("give --quota, --policy or both")
+    args = {"op": "set", "quota": quota, "pipeline": pipeline}
+    if policy is not None:
+        args["policy"] = policy if policy == "rule" else os.path.abspath(policy)
+    click.echo(_shed_lines(_control(run_dir, instance, "shed", args)))
+
+
+@shed.command("train")
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="A recorded trace (jizhictl record, or jizhictl demo trace).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), required=True,
+              help="The model version that scores it offline.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The policy file to write (JSON).")
+@click.option("--top-k", default=10, show_default=True, help="The top-K whose quality the policy protects.")
+def shed_train(trace_path, bundle, out, top_k):
+    """Fit the learned pruning policy on a trace, scored fully offline.
+
+    For every request: the smallest cutoff (its best candidates by recall
+    score) that keeps its whole model top-K; a small model learns that need
+    from the request's recall-score statistics. Prints the quality (top-K
+    overlap) of the rule and of the learned policy at the same mean fraction
+    kept, on the trace and on a held-out quarter of it. Use it with
+    `jizhictl shed set --policy FILE` or shed.policy_file.
+    """
+    from jizhi.bench import Trace, resolve_bundle
+    from jizhi.shedding import save_policy, train
+    trace = Trace(trace_path)
+    bar = {"last": 0}
+
+    def progress(done, total):
+        if done - bar["last"] >= total / 20 or done == total:
+            bar["last"] = done
+            click.echo(f"\rscoring the trace offline: {done}/{total} requests", nl=done == total, err=True)
+
+    doc, report = train(trace, resolve_bundle(bundle), top_k=top_k, progress=progress)
+    save_policy(doc, out)
+    click.echo(f"policy: {out} (held-out R^2 of the log need {report['held_out_r2_log_need']}; "
+               f"a request needs {100 * report['mean_needed_fraction']:.1f} % of its candidates on average, "
+               f"median {100 * report['median_needed_fraction']:.1f} %)")
+    click.echo(f"{'quota':>6} {'subset':<9} {'rule kept':>9} {'overlap':>8} {'learned kept':>12} {'overlap':>8}")
+    for q in report["quality"]:
+        click.echo(f"{q['quota']:6.2f} {q['subset']:<9} {q['rule']['kept']:9.3f} {q['rule']['overlap']:8.4f} "
+                   f"{q['learned']['kept']:12.3f} {q['learned']['overlap']:8.4f}")
 
 
 @cli.group()
@@ -1002,3 +1121,11 @@ def cube_bench(cube_dir, bundle, batch, duration_s, repeats, key_draw, trace_pat
 
 
 _add_bench()
+
+
+def _add_tune():
+    from jizhi.tune import tune_command     # click and the standard library only: jizhictl starts fast
+    cli.add_command(tune_command)
+
+
+_add_tune()

@@ -182,7 +182,25 @@ class Record(Command):
         return sup.record(args["op"])
 
 
-COMMANDS = {c.name: c for c in (Status, Stats, Scale, Drain, Resume, Reload, Models, Pin, Unpin, Record)}
+class Shed(Command):
+    """Load shedding of a pipeline with a shedder stage: op status | auto | set (quota, policy) | off."""
+    name = "shed"
+
+    def validate(self, args):
+        op = args.get("op")
+        if op not in ("status", "auto", "set", "off"):
+            raise ControlError("shed: op must be status, auto, set or off")
+        quota = args.get("quota")
+        if quota is not None and (not isinstance(quota, (int, float)) or isinstance(quota, bool)
+                                  or not 0 < quota <= 1):
+            raise ControlError("shed set: the quota (mean fraction of candidates kept) must be in (0, 1]")
+        return args
+
+    def execute(self, sup, args):
+        return sup.shed_command(args)
+
+
+COMMANDS = {c.name: c for c in (Status, Stats, Scale, Drain, Resume, Reload, Models, Pin, Unpin, Record, Shed)}
 
 
 def handle(sup, request):

@@ -40,6 +40,7 @@ BUILTINS = {
     "combiner": "jizhi.workers.combiner:Combiner",
     "cascade": "jizhi.workers.combiner:Cascade",
     "ab_dispatch": "jizhi.workers.ab_dispatch:AbDispatch",
+    "shedder": "jizhi.workers.shedder:Shedder",
 }
 SINK_OUTPUTS = tuple(o.name for o in SINK_STAGE_OUTPUTS)
 
@@ -300,10 +301,10 @@ def compile_pipeline(doc, models_dir, pinned_version=None, versions=None, genera
                          "batch_wait_ms": st["batch_wait_ms"],
                          "cores": st["cores"]}
     for s in topo:
-        if stages[s]["processor"] == "cascade":
+        if getattr(stages[s]["_cls"], "narrows", False):     # a cascade, a shedder
             for n in stages[s]["next"]:
                 if group_of[n] != group_of[s] and stages[n]["processor"] != "ranker":
-                    raise PipelineError(f"stage {n!r} follows the cascade {s!r} but runs in another worker kind: "
+                    raise PipelineError(f"stage {n!r} follows the {stages[s]['processor']} {s!r} but runs in another worker kind: "
                                         f"fuse it into {group_of[s]!r} (the pruned batch exists only inside "
                                         "one worker)")
     for g in groups.values():

@@ -59,6 +59,8 @@ T_VERSION_FAIL = "vfail"  # supervisor -> broker: {pipeline, version, reason}: a
 T_VERSION_DROP = "vdrop"  # supervisor -> broker: forget {pipeline, version} (its arenas are gone)
 T_PRIORITY = "prio"       # broker -> worker: you serve now: back to normal CPU priority
 T_ROUTES = "routes"       # supervisor -> broker: {pipeline, routes: {group: ab_dispatch config}} (a reload)
+T_LOAD = "load"           # supervisor -> broker -> supervisor: recent p99 and requests in flight per pipeline
+T_SHED = "shed"           # supervisor -> broker: {pipeline, mode, quota, policy} (reported by info)
 T_RECORD = "record"       # supervisor -> broker -> supervisor: {op: start|fetch|stop} live traffic
 
 

@@ -166,6 +166,18 @@ class Supervisor:
         log.info("created %d shared-memory arenas (%d MiB virtual)",
                  sum(len(s) for s in self.segments.values()), need >> 20)
         self.qcache = self.create_qcache(plans)
+        self.shed = self.create_shedding(plans)
+        self.autoscalers = {}
+        if self.settings["autoscale.enabled"]:
+            from jizhi.autoscale import Autoscaler
+            for name, plan in plans.items():
+                kinds = [g for g, grp in plan["groups"].items() if grp["pool"] > 0]
+                budget = self.settings["autoscale.budget"] or sum(plan["groups"][g]["pool"] for g in kinds)
+                self.autoscalers[name] = Autoscaler(kinds, budget, high=self.settings["autoscale.high"],
+                                                    sustain=self.settings["autoscale.sustain"],
+                                                    cooldown_s=self.settings["autoscale.cooldown_s"])
+                log.info("autoscaling pipeline %s: %d workers over %s", name, budget, ", ".join(kinds))
+        self.next_load = 0.0
         rows, nrows = stats_mod.row_map(plans, self.settings["workers.max_pool"])
         seg = f"{arena.PREFIX}{self.instance}.{self.run_id}.stats"
         arena.create(seg, stats_mod.segment_bytes(nrows))
@@ -176,6 +188,7 @@ class Supervisor:
         self.run = {"instance": self.instance, "run_id": self.run_id, "settings": self.settings,
                     "frontend": self.settings["server.frontend"], "backend": self.backend,
                     "pipelines": plans, "overlay": self.overlay, "stats": self.stats_spec, "qcache": self.qcache,
+                    "shed": {p: {"control": s["segment"], "policy": s["policy_path"]} for p, s in self.shed.items()},
                     "default_pipeline": next(iter(plans))}
         self.plan_path = self.run_dir / "plan.msgpack"
         self.write_run()
@@ -212,6 +225,107 @@ class Supervisor:
         log.info("query cache: %d regions x %d entries (%d MiB), window %.0f s", writers, slots,
                  qcache.segment_bytes(writers, slots, spec["epoch_buckets"]) >> 20, self.settings["qcache.window_s"])
         return spec
+
+    def create_shedding(self, plans):
+        """A shedding control segment per pipeline with a shedder stage (jizhi/shedding.py), and its
+        load controller; the policy file named by shed.policy_file is checked and copied into the run
+        directory (workers read it there)."""
+        from jizhi import shedding
+        out = {}
+        for name, plan in plans.items():
+            if not any(st["processor"] == "shedder" for st in plan["stages"].values()):
+                continue
+            seg = f"{arena.PREFIX}{self.instance}.{self.run_id}.{name}.shed"
+            st = {"segment": seg, "control": shedding.Control(seg, writable=True, create=True),
+                  "policy_path": str(self.run_dir / f"shed-{name}.json"), "policy": "rule", "policy_gen": 0,
+                  "mode": self.settings["shed.mode"], "quota": 1.0, "p99_ms": None, "in_flight": 0,
+                  "controller": shedding.Controller(self.settings["shed.slo_ms"], high=self.settings["shed.high"],
+                                                    low=self.settings["shed.low"])}
+            self.segments[f"_shed.{name}"] = {"shed": seg}
+            out[name] = st
+            if self.settings["shed.policy_file"]:
+                self.set_shed_policy(st, self.settings["shed.policy_file"])
+            self.publish_shed(name, st)
+        self.next_shed = 0.0
+        return out
+
+    def set_shed_policy(self, st, source):
+        """``rule``, or a policy file (checked, then copied where the workers read it)."""
+        from jizhi import shedding
+        if source == "rule":
+            st["policy"] = "rule"
+        else:
+            try:
+                policy = shedding.load_policy(source)
+            except (OSError, ValueError, KeyError) as e:
+                raise control.ControlError(f"shedding policy {source}: {e}")
+            shedding.save_policy(policy.doc if hasattr(policy, "doc") else {"policy": "rule"}, st["policy_path"])
+            st["policy"] = f"{policy.name} ({source})"
+        st["policy_gen"] += 1
+
+    def publish_shed(self, name, st):
+        st["control"].publish(st["mode"], st["quota"], st["policy_gen"] if st["policy"] != "rule" else 0,
+                              st["in_flight"], st["p99_ms"] or 0.0)
+        msg = {"t": protocol.T_SHED, "pipeline": name, "mode": st["mode"], "quota": round(st["quota"], 4),
+               "policy": st["policy"]}
+        if getattr(self, "ctl", None) is not None:      # (at start, the first T_LOAD reply tells the broker)
+            self.tell_broker([protocol.packb(msg)])
+
+    def on_load(self, load):
+        """The broker's recent figures: the load controller of every pipeline in mode auto, the autoscalers."""
+        now = time.monotonic()
+        for name, scaler in self.autoscalers.items():
+            fig = (load.get(name) or {}).get("groups")
+            if not fig or self.stopping:
+                continue
+            pools = {g: self.desired[(name, g)] for g in scaler.groups}
+            changes, why = scaler.update(now, fig, pools)
+            if changes:
+                log.info("autoscale %s: %s: %s", name, why,
+                         ", ".join(f"{g} {pools[g]} -> {n}" for g, n in changes.items()))
+                for g, n in sorted(changes.items(), key=lambda x: x[1] - pools[x[0]]):   # retire first
+                    self.set_pool(name, g, n)
+        if now < getattr(self, "next_shed", 0.0):
+            return
+        self.next_shed = now + self.settings["shed.period_s"] - 0.01
+        for name, st in self.shed.items():
+            fig = load.get(name) or {}
+            st["p99_ms"], st["in_flight"] = fig.get("p99_ms"), fig.get("in_flight", 0)
+            if st["mode"] == "auto":
+                before = st["quota"]
+                st["quota"] = st["controller"].update(st["p99_ms"], st["in_flight"],
+                                                      self.settings["limits.max_in_flight"])
+                if abs(st["quota"] - before) > 1e-9:
+                    log.info("pipeline %s: shedding quota %.3f -> %.3f (recent p99 %s ms, %d in flight)", name,
+                             before, st["quota"], "-" if st["p99_ms"] is None else f"{st['p99_ms']:.1f}",
+                             st["in_flight"])
+            self.publish_shed(name, st)
+
+    def shed_command(self, args):
+        """``jizhictl shed``: status | auto | off | set (quota, policy), for one pipeline or all."""
+        names = [args["pipeline"]] if args.get("pipeline") else list(self.shed)
+        for n in names:
+            if n not in self.shed:
+                raise control.ControlError(f"pipeline {n!r} has no shedder stage (with one: {', '.join(self.shed) or 'none'})")
+        op = args["op"]
+        for n in names if op != "status" else ():
+            st = self.shed[n]
+            if op == "auto":
+                st["mode"] = "auto"
+                st["controller"].quota = st["quota"]
+            elif op == "off":
+                st["mode"], st["quota"] = "off", 1.0
+            else:
+                if args.get("policy"):
+                    self.set_shed_policy(st, args["policy"])
+                if args.get("quota") is not None:
+                    st["mode"], st["quota"] = "manual", float(args["quota"])
+            log.info("pipeline %s: shedding %s, quota %.3f, policy %s (jizhictl shed %s)", n, st["mode"], st["quota"],
+                     st["policy"], op)
+            self.publish_shed(n, st)
+        return {n: {"mode": self.shed[n]["mode"], "quota": self.shed[n]["quota"], "policy": self.shed[n]["policy"],
+                    "p99_ms": self.shed[n]["p99_ms"], "in_flight": self.shed[n]["in_flight"],
+                    "slo_ms": self.settings["shed.slo_ms"]} for n in names}
 
     def boot_version(self, model):
         """The version a model starts with: its policy's target, checked (sizes, sha256) here.
@@ -388,6 +502,10 @@ class Supervisor:
                 # From the loop itself: a stuck supervisor stops pinging and systemd restarts it.
                 notify.notify("WATCHDOG=1")
                 last_watchdog = now
+            if (self.shed or self.autoscalers) and now >= self.next_load:
+                self.next_load = now + min(self.settings["shed.period_s"] if self.shed else 1e9,
+                                           self.settings["autoscale.period_s"] if self.autoscalers else 1e9)
+                self.tell_broker(protocol.encode_simple(protocol.T_LOAD))
             if now - last_info > (1.0 if self.ready_logged else 0.2):
                 # The broker's figures, cached for the metrics endpoint and readiness.
                 last_info = now
@@ -405,6 +523,8 @@ class Supervisor:
             self.on_warm(msg)
         elif t == protocol.T_VERSION_IDLE:
             self.on_version_idle(msg)
+        elif t == protocol.T_LOAD:
+            self.on_load(msg["load"])
         if msg.get("t") == protocol.T_INFO:
             self.last_broker_info = msg["info"]
         if msg.get("t") == protocol.T_INFO and msg["info"]["ready"] and not self.ready_logged:

@@ -98,6 +98,7 @@ def _keep(config):
 
 class Cascade(Stage):
     name = "cascade"
+    narrows = True      # the stages after it must run in its worker (the compiler checks)
 
     @classmethod
     def inputs(cls, config):
@@ -124,6 +125,8 @@ def select_top(offsets, score, keep=None, ratio=None):
     order = np.lexsort((-key, req))              # by request, best first within each request
     rank = np.empty(order.shape[0], dtype=np.int64)
     rank[order] = np.arange(order.shape[0], dtype=np.int64) - offsets[:-1][req[order]]
-    limit = np.full(n.shape[0], keep, dtype=np.int64) if keep is not None else \
-        np.ceil(n * float(ratio)).astype(np.int64)
+    if keep is not None:     # one count for every request, or one per request
+        limit = np.broadcast_to(np.asarray(keep, dtype=np.int64), n.shape)
+    else:
+        limit = np.ceil(n * float(ratio)).astype(np.int64)
     return np.flatnonzero(rank < limit[req])

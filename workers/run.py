@@ -116,6 +116,7 @@ class Worker:
             # Keys the runtime adds for built-ins start with "_" (the overlay's segment).
             config = dict(st["config"], _overlay=run.get("overlay"), _hot=entry.get("hot"),
                           _qcache=run.get("qcache"), _wid=wid, _pipeline=pipeline,
+                          _shed=(run.get("shed") or {}).get(pipeline),
                           _disk_cache=entry.get("disk_cache"), _versions=self.versions)
             try:
                 proc.setup(config, bundles[st["config"].get("model", self.plan["model"])])

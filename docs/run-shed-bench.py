@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Load shedding under overload (issue 7): p99, answers, cutoff and top-10 quality at 1.5x, 2x
+and 3x the maximum sustainable rate, for recall-score correlations 0.8 and 0.5, rule against
+learned policy; and a diurnal run with its timeline plot.
+
+    .venv/bin/python docs/run-shed-bench.py [--duration 15] [--xs 1.5,2,3] [--spearman 0.8,0.5]
+
+Every figure from one run on a quiet machine:
+
+1. The demo bundle (--base) served by ``etc/pipelines/demo_shed.toml`` (a shedder fused in front
+   of the demo stages, pool 2), shed.slo_ms = --slo-ms.
+2. Traces (made once under --work): for each Spearman correlation, an evaluation trace and a
+   training trace (another seed); ``jizhi.shedding.train`` fits a learned policy on the training
+   trace (its offline report: rule against learned at the same mean kept fraction).
+3. The maximum sustainable rate with shedding off (``jizhictl shed off``): the highest constant
+   rate with p99 <= SLO and every request answered (doubling, then bisection to 5 %), on the 0.8
+   evaluation trace.
+4. Shedding on (``jizhictl shed auto``), per correlation and policy, at each multiple of that
+   rate: --warmup s (the controller settles) then --duration s measured. Per point: p99, the share
+   of requests answered OK, the mean shed ratio (the cutoff: 1 - fraction kept), and the mean
+   overlap of each reply's top-10 with the top-10 of the same request scored in full by the
+   reference scorer (offline, exact).
+5. A diurnal run (peak --diurnal-x x max, trough 1/10 of the peak, one period of --period s) with
+   the learned 0.8 policy: the per-second timeline (JSON) and a PNG (load, cut, p99, pools).
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from jizhi.bench import Trace                                             # noqa: E402
+from jizhi.client import wait_ready                                       # noqa: E402
+from jizhi.demo import generate_trace                                     # noqa: E402
+from jizhi.reference import ReferenceScorer                               # noqa: E402
+from jizhi.shedbench import arrivals, plot_timeline, rate_fn, run_timeline, timeline_series   # noqa: E402
+from jizhi.shedding import save_policy, train                             # noqa: E402
+
+JIZHICTL = str(Path(sys.executable).parent / "jizhictl")
+
+
+class Daemon:
+    def __init__(self, work, port, models, pipeline, config):
+        self.run_dir = work / "run-shed"
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        cfg = self.run_dir / "jizhi.toml"
+        cfg.write_text('[metrics]\nlisten = ""\n' + config)
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.log = open(self.run_dir / "jizhid.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "jizhid"), "--models", str(models), "--instance", "shedbench",
+             "--frontend", self.endpoint, "--pipelines", pipeline, "--run-dir", str(self.run_dir), "--config", str(cfg)],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
+        if not wait_ready(self.endpoint, timeout_s=180):
+            raise SystemExit(f"jizhid did not become ready; see {self.run_dir / 'jizhid.log'}")
+        time.sleep(3.0)
+
+    def ctl(self, *args):
+        out = subprocess.run([JIZHICTL, *args, "--run-dir", str(self.run_dir)], capture_output=True, text=True,
+                             timeout=60)
+        if out.returncode:
+            raise SystemExit(f"jizhictl {' '.join(args)}: {out.stderr}")
+        return out.stdout
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+class Truth:
+    """Reference top-10 of trace rows, scored in full offline (cached per row)."""
+
+    def __init__(self, ref, trace, k=10):
+        self.ref, self.trace, self.k, self.top = ref, trace, k, {}
+
+    def fill(self, rows):
+        todo = sorted(set(int(r) for r in rows) - set(self.top))
+        for s in range(0, len(todo), 64):
+            chunk = np.array(todo[s:s + 64])
+            t = self.trace
+            items = np.concatenate([t.items[t.offsets[r]:t.offsets[r + 1]] for r in chunk])
+            offs = np.concatenate([[0], np.cumsum(t.counts[chunk])])
+            scores, _ = self.ref.score_requests(t.users[chunk], offs, items)
+            for j, r in enumerate(chunk):
+                s_, ids = scores[offs[j]:offs[j + 1]], items[offs[j]:offs[j + 1]]
+                k = min(self.k, s_.shape[0])
+                self.top[int(r)] = set(ids[np.argpartition(-s_, k - 1)[:k]].tolist())
+
+    def overlap(self, rows, ids, ok):
+        self.fill(rows[ok])
+        return np.array([len(self.top[int(r)].intersection(i.tolist())) / self.k
+                         for r, i, o in zip(rows, ids, ok) if o])
+
+
+def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, seed=0):
+    times = arrivals(rate_fn("constant", rate), warmup_s + duration_s, seed=seed)
+    res = run_timeline(d.endpoint, trace, "demo_shed", times, first_row=first_row)
+    meas = res["due"] >= warmup_s
+    st, lat = res["status"][meas], res["latency_ms"][meas]
+    ok = st == "ok"
+    out = {"rate": round(rate, 1), "requests": int(meas.sum()),
+           "answered_share": round(float(ok.mean()), 4) if meas.any() else None,
+           "errors": {c: int((st == c).sum()) for c in set(st.tolist()) if c != "ok"},
+           "p50_ms": round(float(np.percentile(lat[ok], 50)), 1) if ok.any() else None,
+           "p99_ms": round(float(np.percentile(lat[ok], 99)), 1) if ok.any() else None,
+           "shed_ratio": round(float(np.nanmean(res["shed_ratio"][meas][ok])), 4) if ok.any() else None}
+    out["pass"] = bool(ok.all() and out["p99_ms"] is not None and out["p99_ms"] <= slo_ms)
+    if truth is not None:
+        ids = [i for i, m in zip(res["ids"], meas) if m]
+        ov = truth.overlap(res["rows"][meas], ids, ok)
+        out["top10_overlap"] = round(float(ov.mean()), 4) if ov.shape[0] else None
+    return out, first_row + times.shape[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/jzb/shed")
+    ap.add_argument("--base", default="/tmp/jzb/demo/models/demo/1", help="The demo version directory.")
+    ap.add_argument("--slo-ms", type=float, default=50.0)
+    ap.add_argument("--duration", type=float, default=15.0, help="Measured seconds per point.")
+    ap.add_argument("--warmup", type=float, default=6.0, help="Seconds of the same load before each point.")
+    ap.add_argument("--xs", default="1.5,2,3", help="Multiples of the maximum sustainable rate.")
+    ap.add_argument("--spearman", default="0.8,0.5")
+    ap.add_argument("--policies", default="rule,learned")
+    ap.add_argument("--requests", type=int, default=40000, help="Requests in each evaluation trace.")
+    ap.add_argument("--train-requests", type=int, default=3000)
+    ap.add_argument("--diurnal-x", type=float, default=2.0, help="Peak of the diurnal run, x max (0: no run).")
+    ap.add_argument("--period", type=float, default=120.0, help="Seconds of the diurnal run (one day).")
+    ap.add_argument("--max-rate", type=float, default=None, help="Skip the search: the max sustainable rate.")
+    ap.add_argument("--out", default="/tmp/jzb/shed/results.json")
+    ap.add_argument("--plot", default=str(REPO / "docs" / "img" / "diurnal-shedding.png"))
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = lambda s: print(s, flush=True)   # noqa: E731
+    models = work / "models"
+    if not (models / "demo" / "1").exists():
+        shutil.copytree(a.base, models / "demo" / "1", copy_function=os.link)
+    vdir = models / "demo" / "1"
+    traces, policies, reports = {}, {}, {}
+    for sp in [float(x) for x in a.spearman.split(",")]:
+        ev, tr = work / f"eval-{sp}.npz", work / f"train-{sp}.npz"
+        if not ev.exists():
+            log(f"trace spearman {sp}: {a.requests} requests")
+            generate_trace(str(vdir), ev, requests=a.requests, candidates=500, spearman=sp, seed=11, progress=False)
+        if not tr.exists():
+            generate_trace(str(vdir), tr, requests=a.train_requests, candidates=500, spearman=sp, seed=12,
+                           progress=False)
+        traces[sp] = Trace(ev)
+        pol = work / f"policy-{sp}.json"
+        doc, report = train(Trace(tr), vdir, quotas=(0.2, 0.3, 0.4, 0.5))
+        save_policy(doc, pol)
+        policies[sp], reports[sp] = pol, report
+        log(f"policy {sp}: held-out R2 {report['held_out_r2_log_need']}, offline quality at equal kept fraction:")
+        for q in report["quality"]:
+            log(f"  quota {q['quota']:.2f} {q['subset']:<8} rule kept {q['rule']['kept']:.3f} overlap "
+                f"{q['rule']['overlap']:.4f} | learned kept {q['learned']['kept']:.3f} overlap {q['learned']['overlap']:.4f}")
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
+               "cores": os.cpu_count(), "argv": sys.argv[1:], "slo_ms": a.slo_ms, "offline": reports, "points": []}
+    ref = ReferenceScorer(vdir)
+    d = Daemon(work, 5621, models, str(REPO / "etc" / "pipelines" / "demo_shed.toml"),
+               f'[shed]\nslo_ms = {a.slo_ms}\nmode = "auto"\n')
+    try:
+        first = traces[0.8] if 0.8 in traces else next(iter(traces.values()))
+        row = 0
+        if a.max_rate:
+            best = a.max_rate
+        else:
+            d.ctl("shed", "off")
+            lo, hi, rate = None, None, 100.0
+            while hi is None:
+                r, row = point(d, first, rate, a.duration, 3.0, row, a.slo_ms, seed=int(rate))
+                log(f"max search {rate:g}/s (shedding off): p99 {r['p99_ms']} answered {r['answered_share']} {r['errors']}")
+                if r["pass"]:
+                    lo, rate = rate, rate * 2
+                else:
+                    hi = rate
+                if lo is None and rate < 10:
+                    break
+            while lo is not None and hi - lo > 0.05 * lo:
+                rate = (lo + hi) / 2
+                r, row = point(d, first, rate, a.duration, 3.0, row, a.slo_ms, seed=int(rate))
+                log(f"max search {rate:g}/s (shedding off): p99 {r['p99_ms']} answered {r['answered_share']} {r['errors']}")
+                lo, hi = (rate, hi) if r["pass"] else (lo, rate)
+            best = lo or 0.0
+        results["max_rate"] = best
+        log(f"max sustainable rate, shedding off: {best:g} requests/s")
+        d.ctl("shed", "auto")
+        for sp, trace in traces.items():
+            truth = Truth(ref, trace)
+            for pol in a.policies.split(","):
+                d.ctl("shed", "set", "--policy", "rule" if pol == "rule" else str(policies[sp]))
+                d.ctl("shed", "auto")
+                for x in [float(v) for v in a.xs.split(",")]:
+                    r, row = point(d, trace, x * best, a.duration, a.warmup, row, a.slo_ms, truth, seed=int(x * 10))
+                    r.update(x=x, spearman=sp, policy=pol)
+                    results["points"].append(r)
+                    log(f"spearman {sp} {pol:<7} {x:g}x ({r['rate']:g}/s): p99 {r['p99_ms']} ms, answered "
+                        f"{r['answered_share']}, shed {r['shed_ratio']}, top-10 overlap {r['top10_overlap']} {r['errors']}")
+        if a.diurnal_x:
+            sp = 0.8 if 0.8 in traces else next(iter(traces))
+            d.ctl("shed", "set", "--policy", str(policies[sp]))
+            d.ctl("shed", "auto")
+            fn = rate_fn("diurnal", a.diurnal_x * best, trough_ratio=10.0, period_s=a.period)
+            times = arrivals(fn, a.period, seed=7)
+            log(f"diurnal: peak {a.diurnal_x * best:.0f}/s, trough {a.diurnal_x * best / 10:.0f}/s, {a.period:g} s")
+            res = run_timeline(d.endpoint, traces[sp], "demo_shed", times, first_row=row)
+            series = timeline_series(res, "demo_shed", a.slo_ms)
+            results["diurnal"] = series
+            Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
+            plot_timeline(series, a.plot, f"demo_shed, diurnal load (peak {a.diurnal_x:g}x max), learned policy")
+            log(f"diurnal plot: {a.plot}; answered {sum(series['answered_rps'])} of {sum(series['offered_rps'])}")
+    finally:
+        d.stop()
+        Path(a.out).write_text(json.dumps(results, indent=1, default=str))
+    log(f"results: {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Traffic shapes and timelines: ``jizhictl bench --shape`` and the shedding benchmark.
+
+A *shape* is an offered rate over time, compressed into minutes:
+
+* ``constant``: ``--peak-rate`` all along;
+* ``diurnal``: a day's swing, trough to peak and back: rate(t) = peak x (r + (1 - r) x
+  (1 - cos(2 pi t / period)) / 2), r = 1 / ``--trough-ratio`` (the JIZHI paper's traffic swings
+  up to 100x);
+* ``step``: ``--base-rate`` with a step to ``--peak-rate`` between ``--step-at`` and
+  ``--step-at + --step-s`` seconds (an overload that starts and ends at once).
+
+Arrivals are a non-homogeneous Poisson process (per 100 ms bin a Poisson count at the bin's
+rate, uniform times within the bin); latency is measured from each request's intended send time.
+``run_timeline`` sends the trace's requests (in order, wrapping) over one DEALER socket, keeps
+every reply's status, latency, ``shed_ratio`` and returned ids, and once a second asks the
+server's ``info`` for its pools and shedding state. ``timeline_series`` folds it into per-second
+series (offered and answered rates, p99, shed ratio, quota, pool sizes); ``plot_timeline`` draws
+them (PNG, needs matplotlib: ``pip install 'jizhi[plot]'``).
+"""
+import collections
+import math
+import time
+
+import numpy as np
+import zmq
+
+from jizhi import protocol
+
+SHAPES = ("constant", "diurnal", "step")
+BIN_S = 0.1
+
+
+def rate_fn(shape, peak, trough_ratio=10.0, period_s=120.0, base=None, step_at=10.0, step_s=20.0):
+    """rate(t) in requests/s for t seconds from the start (see the module docstring)."""
+    if shape == "constant":
+        return lambda t: peak
+    if shape == "diurnal":
+        r = 1.0 / trough_ratio
+        return lambda t: peak * (r + (1.0 - r) * (1.0 - math.cos(2.0 * math.pi * t / period_s)) / 2.0)
+    if shape == "step":
+        low = base if base is not None else peak / 3.0
+        return lambda t: peak if step_at <= t < step_at + step_s else low
+    raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+
+
+def arrivals(fn, duration_s, seed=0):
+    """Sorted arrival times in [0, duration_s) of a Poisson process with rate ``fn(t)``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(int(math.ceil(duration_s / BIN_S))):
+        t = b * BIN_S
+        n = rng.poisson(max(0.0, fn(t + BIN_S / 2)) * BIN_S)
+        out.append(np.sort(rng.uniform(t, min(t + BIN_S, duration_s), n)))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def run_timeline(endpoint, trace, pipeline, times, *, deadline_ms=1000, top_k=10, first_row=0, progress=None,
+                 info_every_s=1.0):
+    """Send request ``first_row + i`` (wrapping over the trace) at ``times[i]`` seconds from now.
+
+    Returns ``{"rows", "due", "latency_ms", "status" (ok|code|lost), "shed_ratio", "ids" (the
+    returned item ids of each OK reply), "info": [(t, info)]}``; every request is answered or counted lost (no reply within
+    its deadline + 1 s)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(endpoint)
+    probe = ctx.socket(zmq.DEALER)
+    probe.setsockopt(zmq.LINGER, 0)
+    probe.connect(endpoint)
+    m = times.shape[0]
+    rows = (first_row + np.arange(m)) % len(trace)
+    status = np.array([""] * m, dtype=object)
+    lat = np.full(m, np.nan)
+    shed = np.full(m, np.nan)
+    ids = [None] * m
+    infos = []
+    t0 = time.monotonic() + 0.2
+    due = t0 + times
+    k, pending, next_info, info_pending = 0, 0, t0, False
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(probe, zmq.POLLIN)
+    lost_after = deadline_ms / 1000.0 + 1.0
+    last_progress = 0.0
+    while True:
+        now = time.monotonic()
+        while k < m and due[k] <= now:
+            r = rows[k]
+            a, b = trace.offsets[r], trace.offsets[r + 1]
+            sock.send_multipart([b""] + protocol.encode_request(
+                "score", id=k, pipeline=pipeline, user=int(trace.users[r]), item_ids=trace.items[a:b],
+                recall_scores=trace.recall[a:b], top_k=top_k, deadline_ms=deadline_ms))
+            k += 1
+            pending += 1
+        if now >= next_info and not info_pending:
+            probe.send_multipart([b""] + protocol.encode_request("info", id=-1))
+            info_pending, next_info = True, now + info_every_s
+        if k == m and pending <= 0:
+            break
+        if k == m and now > due[-1] + lost_after:
+            status[(status == "")] = "lost"
+            break
+        timeout = 20 if k == m else max(0, min(20, math.ceil((due[k] - now) * 1000)))
+        for s, _ in poller.poll(timeout):
+            if s is probe:
+                fr = probe.recv_multipart()
+                infos.append((time.monotonic() - t0, protocol.unpackb(fr[1])))
+                info_pending = False
+                continue
+            while True:
+                try:
+                    fr = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                h, arrays = protocol.decode_reply(fr[1:])
+                rid = h.get("id")
+                if not isinstance(rid, int) or not 0 <= rid < m or status[rid] != "":
+                    continue
+                pending -= 1
+                lat[rid] = (time.monotonic() - due[rid]) * 1000.0
+                if h.get("status") == "ok":
+                    status[rid] = "ok"
+                    shed[rid] = float(h.get("shed_ratio") or 0.0)
+                    ids[rid] = np.array(arrays["item_ids"])
+                else:
+                    status[rid] = h.get("code", "?")
+        if progress and now - last_progress > 0.5:
+            last_progress = now
+            progress(k, m, now - t0)
+    sock.close(0)
+    probe.close(0)
+    return {"rows": rows, "due": due - t0, "latency_ms": lat, "status": status, "shed_ratio": shed,
+            "ids": ids, "info": infos}
+
+
+def timeline_series(result, pipeline, slo_ms):
+    """Per-second series: t, offered/s, answered/s, errors/s, p99 ms, mean shed ratio, quota, pools."""
+    due, lat, st, shed = result["due"], result["latency_ms"], result["status"], result["shed_ratio"]
+    end = int(math.ceil(due.max())) if due.shape[0] else 0
+    sec = np.floor(due).astype(np.int64)
+    out = collections.defaultdict(list)
+    for s in range(end):
+        m = sec == s
+        ok = m & (st == "ok")
+        out["t"].append(s)
+        out["offered_rps"].append(int(m.sum()))
+        out["answered_rps"].append(int(ok.sum()))
+        out["errors"].append(int((m & (st != "ok")).sum()))
+        out["p99_ms"].append(round(float(np.percentile(lat[ok], 99)), 1) if ok.any() else None)
+        out["shed_ratio"].append(round(float(np.nanmean(shed[ok])), 4) if ok.any() else None)
+    quota_t, quota, pools_t, pools = [], [], [], []
+    for t, info in result["info"]:
+        p = (info.get("pipelines") or {}).get(pipeline) or {}
+        sh = p.get("shedding") or {}
+        if "quota" in sh:
+            quota_t.append(round(t, 2))
+            quota.append(sh["quota"])
+        pools_t.append(round(t, 2))
+        pools.append({g: x["workers"] for g, x in (p.get("groups") or {}).items()})
+    out["quota_t"], out["quota"], out["pools_t"], out["pools"] = quota_t, quota, pools_t, pools
+    out["slo_ms"] = slo_ms
+    return dict(out)
+
+
+def plot_timeline(series, path, title):
+    """A PNG of the series: load, cut (1 - quota) and shed ratio, p99 against the SLO, pool sizes."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'jizhi[plot]'")
+    fig, ax = plt.subplots(4, 1, figsize=(9, 9), sharex=True)
+    t = series["t"]
+    ax[0].plot(t, series["offered_rps"], label="offered req/s")
+    ax[0].plot(t, series["answered_rps"], label="answered req/s")
+    ax[0].set_ylabel("load")
+    ax[0].legend(loc="upper left")
+    ax[1].plot(series["quota_t"], [1 - q for q in series["quota"]], label="controller's cut (1 - quota)")
+    ax[1].plot(t, [x if x is not None else np.nan for x in series["shed_ratio"]], label="shed ratio (replies)")
+    ax[1].set_ylabel("cutoff")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend(loc="upper left")
+    ax[2].plot(t, [x if x is not None else np.nan for x in series["p99_ms"]], label="p99 per second")
+    ax[2].axhline(series["slo_ms"], color="red", linestyle="--", label="SLO")
+    ax[2].set_ylabel("ms")
+    ax[2].legend(loc="upper left")
+    groups = sorted({g for p in series["pools"] for g in p})
+    for g in groups:
+        ax[3].step(series["pools_t"], [p.get(g, 0) for p in series["pools"]], where="post", label=g)
+    ax[3].set_ylabel("workers")
+    ax[3].set_xlabel("seconds")
+    if groups:
+        ax[3].legend(loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

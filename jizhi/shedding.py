@@ -1,0 +1,290 @@
+"""Load shedding: the pruning policies, their training, the load controller and the control segment.
+
+When the server is overloaded the ``shedder`` stage (workers/shedder.py), first in a pipeline,
+keeps only each request's best candidates by recall score, so the cut ones cost nothing
+downstream (JIZHI, KDD 2021, section 6.2). Three parts decide how many:
+
+* the **load controller** (``Controller``, run by the supervisor every ``shed.period_s``) turns the
+  broker's live figures (p99 over the last seconds, queued requests) into a *quota*: the mean
+  fraction of candidates to keep. It raises the cut fast when p99 passes ``shed.high`` x the SLO,
+  releases it slowly when p99 is under ``shed.low`` x the SLO, and holds it in between, so a
+  steady load gives a steady cut;
+* the **policy** turns the quota into a per-request cutoff. ``rule``: every request keeps the
+  quota. ``learned``: a small model predicts from the request's recall scores (the JIZHI paper's
+  table 7 features: mean, standard deviation, max, min and the top-vs-median gap of the recall
+  scores, and the candidate count) how much of its list the request needs to keep its top-K,
+  and the quota is shared in proportion: a request whose tail is clearly weak is cut more, a
+  close call less, at the same mean (the worker keeps a running mean of the predicted needs).
+  The previous cutoff and the queue enter through the quota, which the controller sets from
+  them;
+* the **control segment** (``Control``): a few float64 words per pipeline in shared memory, one
+  writer (the supervisor), read by every shedder at each batch: the generation, the mode, the
+  quota, the policy's generation.
+
+``train(trace, version_dir)`` (``jizhictl shed train``) scores a recorded trace fully offline
+with the reference scorer, finds for every request the smallest cutoff (by recall order) that
+keeps its whole model top-K, and fits the need model on the features (ridge regression on the
+log of the needed fraction). The policy is a small JSON file.
+"""
+import json
+import math
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jizhi import arena
+
+MODES = ("off", "auto", "manual")
+POLICIES = ("rule", "learned")
+FEATURES = ("bias", "rs_mean", "rs_std", "rs_max", "rs_min", "rs_gap", "log_n")
+MIN_KEEP = 0.02            # no request is cut below this fraction of its candidates (nor below top_k)
+
+# Control segment words.
+W_GEN, W_MODE, W_QUOTA, W_POLICY_GEN, W_QUEUE, W_P99 = range(6)
+WORDS = 8
+
+
+def recall_features(offsets, rs):
+    """float64 [R, len(FEATURES)]: per request, from its recall scores (vectorised over the batch)."""
+    n = np.diff(offsets).astype(np.float64)
+    r = n.shape[0]
+    out = np.zeros((r, len(FEATURES)), dtype=np.float64)
+    out[:, 0] = 1.0
+    if rs.shape[0] == 0:
+        return out
+    x = rs.astype(np.float64)
+    c1 = np.concatenate([[0.0], np.cumsum(x)])
+    c2 = np.concatenate([[0.0], np.cumsum(x * x)])
+    safe = np.maximum(n, 1.0)
+    mean = (c1[offsets[1:]] - c1[offsets[:-1]]) / safe
+    var = np.maximum((c2[offsets[1:]] - c2[offsets[:-1]]) / safe - mean * mean, 0.0)
+    nonempty = n > 0
+    starts = offsets[:-1][nonempty]
+    mx = np.full(r, 0.0)
+    mn = np.full(r, 0.0)
+    mx[nonempty] = np.maximum.reduceat(x, starts)
+    mn[nonempty] = np.minimum.reduceat(x, starts)
+    std = np.sqrt(var)
+    out[:, 1] = mean
+    out[:, 2] = std
+    out[:, 3] = mx
+    out[:, 4] = mn
+    out[:, 5] = (mx - mean) / np.maximum(std, 1e-6)     # how far the best stands out
+    out[:, 6] = np.log(safe)
+    return out
+
+
+def keep_counts(offsets, keep_fraction, top_k):
+    """int64 [R]: candidates each request keeps: ``ceil(fraction x n)``, at least ``top_k`` and
+    ``MIN_KEEP`` of them, at most all."""
+    n = np.diff(offsets)
+    want = np.ceil(np.asarray(keep_fraction, dtype=np.float64) * n).astype(np.int64)
+    floor = np.maximum(np.minimum(np.asarray(top_k, dtype=np.int64), n), np.ceil(MIN_KEEP * n).astype(np.int64))
+    return np.clip(want, floor, n)
+
+
+class RulePolicy:
+    name = "rule"
+
+    def keep_fractions(self, quota, features):
+        return np.full(features.shape[0], quota, dtype=np.float64)
+
+
+class LearnedPolicy:
+    """``need(features)``: the predicted fraction of its candidates a request must keep for its
+    top-K; the quota is shared among requests in proportion to it (module docstring)."""
+    name = "learned"
+
+    def __init__(self, doc):
+        if doc.get("policy") != "learned" or doc.get("features") != list(FEATURES):
+            raise ValueError("not a learned shedding policy of this version (features differ)")
+        self.weights = np.asarray(doc["weights"], dtype=np.float64)
+        self.mean_need = float(doc.get("mean_need", 0.5))   # running mean, seeded from training
+        self.doc = doc
+
+    def need(self, features):
+        return np.clip(np.exp(features @ self.weights), MIN_KEEP, 1.0)
+
+    def keep_fractions(self, quota, features):
+        need = self.need(features)
+        if need.shape[0]:
+            self.mean_need = 0.98 * self.mean_need + 0.02 * float(need.mean())
+        return np.clip(quota * need / max(self.mean_need, 1e-6), MIN_KEEP, 1.0)
+
+
+def load_policy(path):
+    """The policy in a JSON file (``jizhictl shed train`` writes it), or the rule without one."""
+    if not path:
+        return RulePolicy()
+    with open(path) as f:
+        doc = json.load(f)
+    return LearnedPolicy(doc) if doc.get("policy") == "learned" else RulePolicy()
+
+
+# --- training -------------------------------------------------------------------------------
+
+def needed_counts(offsets, recall, scores, top_k):
+    """int64 [R]: for each request, the smallest number of its best candidates by recall score that
+    holds its whole top-``top_k`` by model score (a loop over requests; offline only)."""
+    out = np.zeros(offsets.shape[0] - 1, dtype=np.int64)
+    for i in range(out.shape[0]):
+        a, b = offsets[i], offsets[i + 1]
+        n = b - a
+        k = min(top_k, n)
+        if k == 0:
+            continue
+        by_recall = np.argsort(-recall[a:b], kind="stable")
+        rank = np.empty(n, dtype=np.int64)
+        rank[by_recall] = np.arange(n)
+        top = np.argpartition(-scores[a:b], k - 1)[:k]
+        out[i] = int(rank[top].max()) + 1
+    return out
+
+
+def overlap_at(offsets, recall, scores, keep, top_k):
+    """float64 [R]: overlap of the top-``top_k`` (by model score) of each request's ``keep`` best
+    candidates by recall with its full top-``top_k``."""
+    out = np.zeros(offsets.shape[0] - 1, dtype=np.float64)
+    for i in range(out.shape[0]):
+        a, b = offsets[i], offsets[i + 1]
+        n = b - a
+        k = min(top_k, n)
+        if k == 0:
+            out[i] = 1.0
+            continue
+        kept = np.argsort(-recall[a:b], kind="stable")[:keep[i]]
+        full = set(np.argpartition(-scores[a:b], k - 1)[:k].tolist())
+        s = scores[a:b][kept]
+        kk = min(k, kept.shape[0])
+        mine = kept[np.argpartition(-s, kk - 1)[:kk]] if kk else kept[:0]
+        out[i] = len(full.intersection(mine.tolist())) / k
+    return out
+
+
+def train(trace, version_dir, top_k=10, ridge=1e-3, quotas=(0.2, 0.3, 0.5), progress=None):
+    """Fit the learned policy on a trace (``jizhi.bench.Trace``) scored offline by the reference
+    scorer of ``version_dir``. Returns ``(policy doc, report)``; the report compares the rule and
+    the learned policy at the same mean keep fractions (``quotas``) on the trace itself and on a
+    held-out quarter (the fit sees the other three quarters)."""
+    from jizhi.reference import ReferenceScorer
+    ref = ReferenceScorer(version_dir)
+    q = len(trace)
+    scores = np.empty(trace.items.shape[0], dtype=np.float32)
+    chunk = 64
+    for s in range(0, q, chunk):
+        e = min(q, s + chunk)
+        a, b = trace.offsets[s], trace.offsets[e]
+        scores[a:b], _ = ref.score_requests(trace.users[s:e], trace.offsets[s:e + 1] - a, trace.items[a:b])
+        if progress:
+            progress(e, q)
+    need = needed_counts(trace.offsets, trace.recall, scores, top_k)
+    n = np.diff(trace.offsets)
+    frac = np.clip(need / np.maximum(n, 1), MIN_KEEP, 1.0)
+    feats = recall_features(trace.offsets, trace.recall)
+    held = np.arange(q) % 4 == 3
+    fit = ~held
+    y = np.log(frac)
+    x = feats[fit]
+    w = np.linalg.solve(x.T @ x + ridge * fit.sum() * np.eye(x.shape[1]), x.T @ y[fit])
+    pred = feats @ w
+    r2 = 1.0 - float(((y[held] - pred[held]) ** 2).mean() / max(y[held].var(), 1e-12))
+    doc = {"policy": "learned", "features": list(FEATURES), "weights": w.tolist(), "top_k": top_k,
+           "mean_need": float(np.clip(np.exp(pred), MIN_KEEP, 1).mean()),
+           "trained_on": {"trace": getattr(trace, "path", None), "requests": int(q), "bundle": os.fspath(version_dir)}}
+    report = {"requests": int(q), "mean_needed_fraction": float(frac.mean()),
+              "median_needed_fraction": float(np.median(frac)), "held_out_r2_log_need": round(r2, 3),
+              "quality": []}
+    learned = LearnedPolicy(dict(doc))
+    for quota in quotas:
+        for subset, mask in (("all", np.ones(q, bool)), ("held_out", held)):
+            offs = np.concatenate([[0], np.cumsum(n[mask])])
+            sel = np.concatenate([np.arange(trace.offsets[i], trace.offsets[i + 1]) for i in np.flatnonzero(mask)])
+            rec, sco, f = trace.recall[sel], scores[sel], feats[mask]
+            rule_keep = keep_counts(offs, np.full(mask.sum(), quota), top_k)
+            lf = np.clip(quota * learned.need(f) / learned.need(f).mean(), MIN_KEEP, 1.0)
+            learned_keep = keep_counts(offs, lf, top_k)
+            report["quality"].append({
+                "quota": quota, "subset": subset,
+                "rule": {"kept": round(float(rule_keep.sum() / offs[-1]), 4),
+                         "overlap": round(float(overlap_at(offs, rec, sco, rule_keep, top_k).mean()), 4)},
+                "learned": {"kept": round(float(learned_keep.sum() / offs[-1]), 4),
+                            "overlap": round(float(overlap_at(offs, rec, sco, learned_keep, top_k).mean()), 4)}})
+    return doc, report
+
+
+def save_policy(doc, path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+# --- the load controller ---------------------------------------------------------------------
+
+class Controller:
+    """The quota (mean fraction of candidates kept) from the live p99 and queue (module docstring).
+
+    ``update(p99_ms, queued, in_flight_limit)`` once per period: above ``high`` x SLO the cut grows
+    in proportion to the overshoot (at least ``step``); under ``low`` x SLO with a short queue it is
+    released by ``step``; in between it holds. A queue over half the in-flight slots counts as
+    over the SLO (the p99 of answers lags a queue that is building)."""
+
+    def __init__(self, slo_ms, high=0.8, low=0.5, step=0.03, min_quota=0.05):
+        self.slo_ms = slo_ms
+        self.high, self.low, self.step, self.min_quota = high, low, step, min_quota
+        self.quota = 1.0
+
+    def update(self, p99_ms, queued, in_flight_limit):
+        hi, lo = self.high * self.slo_ms, self.low * self.slo_ms
+        over = p99_ms is not None and p99_ms > hi
+        if queued > in_flight_limit / 2:
+            over = True
+            p99_ms = max(p99_ms or 0.0, 1.5 * hi)
+        if over:
+            cut = max(self.step, min(0.3, 0.5 * (p99_ms / hi - 1.0)))
+            self.quota = max(self.min_quota, self.quota * (1.0 - cut))
+        elif (p99_ms is None or p99_ms < lo) and queued <= in_flight_limit / 8:
+            self.quota = min(1.0, self.quota + self.step)
+        return self.quota
+
+
+# --- the control segment ------------------------------------------------------------------------
+
+class Control:
+    """The shedding control words of one pipeline (one writer: the supervisor)."""
+
+    def __init__(self, name, writable=False, create=False):
+        if create:
+            arena.create(name, WORDS * 8)
+        self.name = name
+        fd = os.open(arena.SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            self.mm = mmap.mmap(fd, WORDS * 8, mmap.MAP_SHARED,
+                                mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+        finally:
+            os.close(fd)
+        self.words = np.ndarray((WORDS,), dtype=np.float64, buffer=self.mm)
+
+    def publish(self, mode, quota, policy_gen, queue=0.0, p99=0.0):
+        w = self.words
+        w[W_MODE] = MODES.index(mode)
+        w[W_QUOTA] = quota
+        w[W_POLICY_GEN] = policy_gen
+        w[W_QUEUE] = queue
+        w[W_P99] = p99
+        w[W_GEN] = w[W_GEN] + 1
+
+    def read(self):
+        w = self.words.copy()
+        return {"generation": int(w[W_GEN]), "mode": MODES[int(w[W_MODE])], "quota": float(w[W_QUOTA]),
+                "policy_generation": int(w[W_POLICY_GEN]), "queue": float(w[W_QUEUE]), "p99_ms": float(w[W_P99])}
+
+    def close(self):
+        self.words = None
+        self.mm.close()
+
+
+def quota_is_full(q):
+    return q >= 1.0 - 1e-9 or math.isnan(q)

@@ -1,0 +1,86 @@
+"""Pool autoscaling: the decision logic, and a real daemon moving a worker to its bottleneck."""
+from conftest import wait_until, write_text
+from daemon_helpers import Load
+from jizhi.autoscale import Autoscaler
+
+
+def figures(busy, workers, queue=None):
+    return {g: {"busy_us": b, "workers": workers[g], "queue": (queue or {}).get(g, 0)} for g, b in busy.items()}
+
+
+def test_a_move_needs_sustained_evidence_and_then_waits_for_the_cooldown():
+    a = Autoscaler(["front", "back"], budget=3, high=0.85, sustain=3, cooldown_s=10)
+    pools = {"front": 2, "back": 1}
+    busy = {"front": 0.0, "back": 0.0}
+    assert a.update(0.0, figures(busy, pools), pools) == ({}, None)      # the first call only records
+    moves = []
+    for t in range(1, 6):
+        busy = {"front": busy["front"] + 0.4e6, "back": busy["back"] + 0.98e6}   # front 0.2/worker, back 0.98
+        moves.append(a.update(float(t), figures(busy, pools), pools)[0])
+    assert moves[:2] == [{}, {}] and moves[2] == {"back": 2, "front": 1}
+    assert moves[3:] == [{}, {}]                 # cooldown
+    assert a.last_util["back"] > 0.95
+
+
+def test_a_budget_with_room_grows_the_bottleneck_and_a_busy_donor_gives_nothing():
+    a = Autoscaler(["front", "back"], budget=4, sustain=1, cooldown_s=0)
+    pools = {"front": 2, "back": 1}
+    a.update(0.0, figures({"front": 0, "back": 0}, pools), pools)
+    changes, why = a.update(1.0, figures({"front": 0.2e6, "back": 0.99e6}, pools), pools)
+    assert changes == {"back": 2} and "budget has room" in why
+    full = Autoscaler(["front", "back"], budget=3, sustain=1, cooldown_s=0)
+    full.update(0.0, figures({"front": 0, "back": 0}, pools), pools)
+    # front at 0.6 per worker would be at 1.2 with one worker: it keeps both.
+    assert full.update(1.0, figures({"front": 1.2e6, "back": 0.99e6}, pools), pools) == ({}, None)
+
+
+def test_the_daemon_moves_a_worker_to_the_slow_kind_and_keeps_serving(launch, demo_trace, tmp_path):
+    text = f'''name = "two"
+model = "demo"
+
+[[stage]]
+name = "reader"
+processor = "data_reader"
+next = ["features"]
+
+[[stage]]
+name = "features"
+processor = "feature_processor"
+next = ["cube"]
+
+[[stage]]
+name = "cube"
+processor = "cube_accessor"
+next = ["dnn"]
+
+[[stage]]
+name = "dnn"
+processor = "model_inference"
+next = ["rank"]
+
+[[stage]]
+name = "rank"
+processor = "tests.stages:SleepyRanker"
+sleep_s = 0.03
+
+[[fuse]]
+name = "front"
+stages = ["reader", "features", "cube", "dnn"]
+pool = 2
+
+[[fuse]]
+name = "back"
+stages = ["rank"]
+pool = 1
+batch = 1
+'''
+    path = write_text(tmp_path / "two.toml", text)
+    server = launch.start(pipelines=(str(path),), config_text=(
+        "[autoscale]\nenabled = true\nperiod_s = 0.3\nsustain = 2\ncooldown_s = 3.0\n"))
+    with Load(server.endpoint, demo_trace, pipeline="two", clients=4) as load:
+        wait_until(lambda: server.pool_sizes() == {("two", "front"): 1, ("two", "back"): 2}, 60,
+                   what="a worker to move from front to back")
+        n = load.count_ok()
+        wait_until(lambda: load.count_ok() >= n + 20, 30, what="answers after the move")
+    assert {r["outcome"] for r in load.snapshot()} == {"ok"}
+    assert "autoscale two: back is the bottleneck" in server.log_text()

@@ -1,0 +1,87 @@
+"""Load shedding in a real daemon: the shedder keeps each request's best candidates by recall score,
+the controller cuts under overload and releases afterwards, `jizhictl shed` drives it."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, assert_topk, wait_until
+from daemon_helpers import Load, jizhictl, jizhictl_ok
+
+PIPELINE = str(REPO / "etc" / "pipelines" / "demo_shed.toml")
+
+
+def shed_status(server):
+    return json.loads(jizhictl_ok("shed", "status", "--json", run_dir=server.run_dir))["demo_shed"]
+
+
+def test_a_fixed_quota_keeps_each_requests_best_by_recall_and_off_keeps_all(launch, reference, demo_trace):
+    server = launch.start(pipelines=(PIPELINE,), config_text='[shed]\nmode = "off"\n')
+    c = server.client()
+    user, items, rs = demo_trace[0]
+    full = c.score(user, items, rs, pipeline="demo_shed", ret="all")
+    assert full["shed_ratio"] == 0.0 and not np.isnan(full.scores).any()
+
+    out = jizhictl_ok("shed", "set", "--quota", "0.2", run_dir=server.run_dir)
+    assert "mode manual, quota 0.200" in out
+    for q in range(4):
+        user, items, rs = demo_trace[q]
+        r = c.score(user, items, rs, pipeline="demo_shed", ret="all")
+        n = items.shape[0]
+        keep = int(np.ceil(0.2 * n))
+        kept = np.flatnonzero(~np.isnan(r.scores))
+        np.testing.assert_array_equal(np.sort(kept), np.sort(np.argsort(-rs, kind="stable")[:keep]))
+        assert r["shed_ratio"] == pytest.approx((n - keep) / n, abs=1e-4)
+        want = np.full(n, np.nan, np.float32)
+        want[kept] = reference.score(user, items)[0][kept]
+        np.testing.assert_allclose(r.scores[kept], want[kept], atol=1e-5)
+        assert_topk(c.score(user, items, rs, pipeline="demo_shed", top_k=10), items, want, 10)
+
+    jizhictl_ok("shed", "off", run_dir=server.run_dir)
+    r = c.score(*demo_trace[0], pipeline="demo_shed", ret="all")
+    assert r["shed_ratio"] == 0.0 and not np.isnan(r.scores).any()
+    assert shed_status(server)["mode"] == "off"
+
+
+def test_the_controller_cuts_under_overload_and_releases_when_the_load_ends(launch, demo_trace):
+    # An SLO the demo cannot meet under a closed-loop load of 6 clients: the controller must cut.
+    server = launch.start(pipelines=(PIPELINE,),
+                          config_text="[shed]\nslo_ms = 4.0\nperiod_s = 0.1\n")
+    with Load(server.endpoint, demo_trace, pipeline="demo_shed", clients=6) as load:
+        wait_until(lambda: shed_status(server)["quota"] < 0.7, 30, what="the controller to cut")
+        wait_until(lambda: server.info()["pipelines"]["demo_shed"]["shedding"]["shed_ratio_recent"] > 0.1, 30,
+                   what="replies to say candidates were shed")
+    recs = load.snapshot()
+    assert {r["outcome"] for r in recs} == {"ok"}
+    assert max(r["reply"]["shed_ratio"] for r in recs) > 0.2
+    wait_until(lambda: shed_status(server)["quota"] == 1.0, 30, what="the cut to be released after the load")
+    log = server.log_text()
+    assert "pipeline demo_shed: shedding quota" in log
+
+
+def test_a_learned_policy_is_loaded_and_bad_commands_are_refused(launch, demo_bundle, demo_trace, tmp_path):
+    path = tmp_path / "t.npz"
+    np.savez(path, users=demo_trace.users, offsets=demo_trace.offsets, items=demo_trace.items,
+             recall_scores=demo_trace.recall_scores)
+    # In a child: LMDB refuses a second environment on a cube this test process may hold open.
+    out = jizhictl_ok("shed", "train", "--trace", str(path), "--bundle", demo_bundle, "--out",
+                      str(tmp_path / "policy.json"))
+    assert "policy: " in out and "held_out" in out
+    server = launch.start(pipelines=(PIPELINE, "demo"))
+    out = jizhictl_ok("shed", "set", "--policy", str(tmp_path / "policy.json"), "--quota", "0.3",
+                      run_dir=server.run_dir)
+    assert "policy learned" in out
+    c = server.client()
+    shed = []
+    for q in range(len(demo_trace)):
+        r = c.score(*demo_trace[q], pipeline="demo_shed", ret="all")
+        shed.append(r["shed_ratio"])
+    # The learned policy shares the quota unevenly between requests, around the mean.
+    assert len(set(shed)) > 1 and 0.5 < float(np.mean(shed)) < 0.85
+    assert "demo_shed" in server.log_text() and "shedding policy now learned" in server.log_text()
+    bad = jizhictl("shed", "set", "--quota", "0", run_dir=server.run_dir)
+    assert bad.returncode != 0 and "must be in (0, 1]" in bad.stderr
+    bad = jizhictl("shed", "auto", "--pipeline", "demo", run_dir=server.run_dir)
+    assert bad.returncode != 0 and "pipeline 'demo' has no shedder stage" in bad.stderr
+    bad = jizhictl("shed", "set", "--policy", str(tmp_path / "missing.json"), run_dir=server.run_dir)
+    assert bad.returncode != 0 and "missing.json" in bad.stderr

@@ -134,12 +134,17 @@ def demo_head(models_dir, name, version, hidden, seed):
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--requests", default=2000, show_default=True)
 @click.option("--candidates", default=500, show_default=True)
-@click.option("--spearman", default=0.8, show_default=True)
+@click.option("--spearman", default=0.8, show_default=True,
+              help="Mean Spearman correlation of recall scores with the model's scores, per request.")
+@click.option("--spread", default=0.0, show_default=True,
+              help="Requests differ: each its own correlation in SPEARMAN +- SPREAD, visible in the spread of its "
+                   "recall scores (for the learned shedding policy).")
 @click.option("--seed", default=1, show_default=True)
-def demo_trace(version_dir, out, requests, candidates, spearman, seed):
+def demo_trace(version_dir, out, requests, candidates, spearman, spread, seed):
     """Write a request trace (OUT, .npz) for the bundle at VERSION_DIR."""
     from jizhi.demo import generate_trace
-    generate_trace(version_dir, out, requests=requests, candidates=candidates, spearman=spearman, seed=seed)
+    generate_trace(version_dir, out, requests=requests, candidates=candidates, spearman=spearman, seed=seed,
+                   spread=spread)
     click.echo(f"trace: {out}")
 
 

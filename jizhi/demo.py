@@ -509,7 +509,7 @@ def _normal_scores(n):
 
 
 def generate_trace(bundle_dir, path, requests=2000, candidates=500, spearman=0.8, seed=1,
-                   progress=True, batch_requests=64):
+                   progress=True, batch_requests=64, spread=0.0):
     """Write a request trace against the bundle version ``bundle_dir`` to ``path``.
 
     ``bundle_dir`` is a version directory (holding ``manifest.toml``).
@@ -520,7 +520,15 @@ def generate_trace(bundle_dir, path, requests=2000, candidates=500, spearman=0.8
     normal scores of the reference ranks, mixed with independent normal
     noise at correlation ``rho = 2 sin(pi * spearman / 6)``, through a
     sigmoid; so the per-request Spearman correlation between recall and
-    model scores is ``spearman`` on average. Deterministic in ``seed`` and
+    model scores is ``spearman`` on average.
+
+    ``spread`` > 0 makes requests differ: each draws its own Spearman
+    correlation uniformly in ``spearman +- spread`` (within [0, 0.98]), and its
+    recall scores are signal plus noise of a fixed level (``z = s x normal
+    score + noise``, ``s = rho / sqrt(1 - rho^2)``), so a request whose recall
+    agrees more with the model also has more spread-out recall scores, as a
+    recall model's confident requests do (the shedding benchmark's
+    heterogeneous trace). ``spread = 0`` is the form above. Deterministic in ``seed`` and
     the bundle. Saves the arrays and scalars of docs/formats.md (``Trace``)
     with ``np.savez`` (the zip's timestamps make the file bytes, not the
     arrays, differ between runs).
@@ -557,13 +565,20 @@ def generate_trace(bundle_dir, path, requests=2000, candidates=500, spearman=0.8
         by_score = np.lexsort((rng.random(hi - lo), scores, request))
         ranks = np.empty(hi - lo, dtype=np.int64)
         ranks[by_score] = np.tile(np.arange(candidates), q)
-        z = rho * normal[ranks] + math.sqrt(max(1.0 - rho * rho, 0.0)) * rng.standard_normal(hi - lo)
+        if spread > 0:
+            sp = np.clip(spearman + rng.uniform(-spread, spread, q), 0.0, 0.98)
+            r_i = 2.0 * np.sin(np.pi * sp / 6.0)
+            signal = np.repeat(r_i / np.sqrt(1.0 - r_i * r_i), candidates)
+            z = signal * normal[ranks] + rng.standard_normal(hi - lo)
+        else:
+            z = rho * normal[ranks] + math.sqrt(max(1.0 - rho * rho, 0.0)) * rng.standard_normal(hi - lo)
         recall[lo:hi] = 1.0 / (1.0 + np.exp(-z))
         bar.advance(q)
     bar.close()
     with open(path, "wb") as f:
         np.savez(f, users=users, offsets=offsets, items=items, recall_scores=recall,
-                 seed=np.int64(seed), candidates=np.int64(candidates), spearman=np.float64(spearman))
+                 seed=np.int64(seed), candidates=np.int64(candidates), spearman=np.float64(spearman),
+                 spread=np.float64(spread))
 
 
 # --- further versions (hot reload) -------------------------------------------

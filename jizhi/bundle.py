@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from jizhi.errors import BundleError
+from jizhi.tomlw import toml_value  # noqa: F401 (the writers below and their callers use it)
 
 FORMAT = 1
 KINDS = ("onehot", "multihot", "history")
@@ -181,12 +182,6 @@ def save_field(directory, field, data):
     else:
         save_array(directory, field.name + ".values", data[0])
         save_array(directory, field.name + ".offsets", data[1])
-
-
-def toml_value(value):
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return str(int(value))
 
 
 def file_entries(version_dir):

@@ -62,6 +62,17 @@ class Pipeline:
                                  "batch_wait_ms": batch_wait_ms})
         return self
 
+    def front(self, next):
+        """The usual first stages: data_reader -> feature_processor -> cube_accessor -> ``next``."""
+        return (self.stage("reader", "data_reader", next=["features"])
+                .stage("features", "feature_processor", next=["cube"])
+                .stage("cube", "cube_accessor", next=next))
+
+    def toml(self):
+        """The document as a pipeline file's text (etc/pipelines/*.toml)."""
+        from jizhi.tomlw import toml_text
+        return toml_text({k: v for k, v in self.doc.items() if v != []})
+
 
 def load_class(path):
     """Import a processor class from a built-in name or ``module:Class``."""

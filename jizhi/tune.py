@@ -83,6 +83,8 @@ from pathlib import Path
 
 import click
 
+from jizhi.tomlw import toml_key, toml_text, toml_value
+
 BATCH_VALUES = (1, 2, 4, 8, 16, 32)
 BATCH_WAIT_MS = (0.0, 5.0)
 HOT_TIER_MB_VALUES = (0, 64, 256, 1024)
@@ -287,52 +289,6 @@ def search_space(plan, settings, cores, arena_default=0):
 
 # ----------------------------------------------------------------------------
 # Overlay files: TOML out
-
-
-def _toml_key(k):
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
-
-
-def _toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)   # JSON's escapes are TOML basic-string escapes
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise ValueError(f"cannot write {v!r} ({type(v).__name__}) as TOML")
-
-
-def toml_text(doc, header=""):
-    """``doc`` (a dict as tomllib reads it) as TOML text: top-level values,
-    then ``[tables]``, then ``[[arrays of tables]]`` (a pipeline's stage and
-    fuse entries); deeper structure is written inline."""
-    lines = [f"# {h}" if h else "#" for h in header.splitlines()] if header else []
-    if lines:
-        lines.append("")
-    tables = {k: v for k, v in doc.items() if isinstance(v, dict)}
-    arrays = {k: v for k, v in doc.items()
-              if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
-    for k, v in doc.items():
-        if k not in tables and k not in arrays:
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    for k, t in tables.items():
-        lines += ["", f"[{_toml_key(k)}]"] + [f"{_toml_key(kk)} = {_toml_value(vv)}" for kk, vv in t.items()]
-    for k, entries in arrays.items():
-        for e in entries:
-            lines += ["", f"[[{_toml_key(k)}]]"] + [f"{_toml_key(kk)} = {_toml_value(vv)}" for kk, vv in e.items()]
-    text = "\n".join(lines).lstrip("\n") + "\n"
-    return re.sub(r"\n{3,}", "\n\n", text)     # one blank line between blocks
 
 
 def pipeline_doc_with(doc, space, point):

@@ -2,6 +2,7 @@
 from conftest import wait_until, write_text
 from daemon_helpers import Load
 from jizhi.autoscale import Autoscaler
+from jizhi.pipeline import Pipeline
 
 
 def figures(busy, workers, queue=None):
@@ -35,45 +36,12 @@ def test_a_budget_with_room_grows_the_bottleneck_and_a_busy_donor_gives_nothing(
 
 
 def test_the_daemon_moves_a_worker_to_the_slow_kind_and_keeps_serving(launch, demo_trace, tmp_path):
-    text = f'''name = "two"
-model = "demo"
-
-[[stage]]
-name = "reader"
-processor = "data_reader"
-next = ["features"]
-
-[[stage]]
-name = "features"
-processor = "feature_processor"
-next = ["cube"]
-
-[[stage]]
-name = "cube"
-processor = "cube_accessor"
-next = ["dnn"]
-
-[[stage]]
-name = "dnn"
-processor = "model_inference"
-next = ["rank"]
-
-[[stage]]
-name = "rank"
-processor = "tests.stages:SleepyRanker"
-sleep_s = 0.03
-
-[[fuse]]
-name = "front"
-stages = ["reader", "features", "cube", "dnn"]
-pool = 2
-
-[[fuse]]
-name = "back"
-stages = ["rank"]
-pool = 1
-batch = 1
-'''
+    # The ranker sleeps 30 ms a request: "back" is the bottleneck, "front" can spare a worker.
+    text = (Pipeline("two", model="demo").front(next=["dnn"])
+            .stage("dnn", "model_inference", next=["rank"])
+            .stage("rank", "tests.stages:SleepyRanker", sleep_s=0.03)
+            .fuse("front", ["reader", "features", "cube", "dnn"], pool=2)
+            .fuse("back", ["rank"], pool=1, batch=1)).toml()
     path = write_text(tmp_path / "two.toml", text)
     server = launch.start(pipelines=(str(path),), config_text=(
         "[autoscale]\nenabled = true\nperiod_s = 0.3\nsustain = 2\ncooldown_s = 3.0\n"))

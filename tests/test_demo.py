@@ -216,7 +216,7 @@ def test_unknown_items_are_counted_and_score_like_an_item_with_empty_bags(scorer
 
 
 def test_the_trace_has_the_documented_arrays(trace, scorer):
-    assert sorted(trace) == ["candidates", "items", "offsets", "recall_scores", "seed", "spearman", "users"]
+    assert sorted(trace) == ["candidates", "items", "offsets", "recall_scores", "seed", "spearman", "spread", "users"]
     assert trace["users"].dtype == np.uint64 and trace["users"].shape == (TRACE_REQUESTS,)
     assert trace["offsets"].dtype == np.int64 and trace["offsets"].shape == (TRACE_REQUESTS + 1,)
     assert np.array_equal(trace["offsets"], np.arange(TRACE_REQUESTS + 1) * TRACE_CANDIDATES)

@@ -4,6 +4,7 @@ Real daemons on a private model directory: the demo (version 1, hard links of th
 bundle) and head bundles written by ``jizhi.demo.write_head`` on its features. Expected scores come
 from ``ReferenceScorer(demo, dense=head)``, the per-pair reference of each head.
 """
+import copy
 import os
 import shutil
 
@@ -14,116 +15,43 @@ from conftest import Launcher, assert_topk, positions, wait_until, write_text
 from daemon_helpers import Load, jizhictl_ok
 from jizhi.demo import write_head
 from jizhi.errors import PipelineError
-from jizhi.pipeline import compile_pipeline
+from jizhi.pipeline import Pipeline, compile_pipeline
 from jizhi.reference import ReferenceScorer
 from jizhi.workers.ab_dispatch import Router
 from jizhi.workers.combiner import select_top
 
-FRONT = '''
-[[stage]]
-name = "reader"
-processor = "data_reader"
-next = ["features"]
-
-[[stage]]
-name = "features"
-processor = "feature_processor"
-next = ["cube"]
-
-[[stage]]
-name = "cube"
-processor = "cube_accessor"
-next = {next}
-'''
+def multi_objective():
+    """Two heads in parallel (each its own worker kind) after the shared front, combined."""
+    return (Pipeline("mo", model="demo").front(next=["ctr", "cvr"])
+            .stage("ctr", "model_inference", next=["combine"], model="ctr", output="ctr")
+            .stage("cvr", "model_inference", next=["combine"], model="cvr", output="cvr")
+            .stage("combine", "combiner", next=["rank"], heads={"ctr": 1.0, "cvr": 0.5})
+            .stage("rank", "ranker")
+            .fuse("front", ["reader", "features", "cube"], batch=4)
+            .fuse("merge", ["combine", "rank"]))
 
 
-def pipeline(name, after_cube, body, fuse_front=True):
-    text = f'name = "{name}"\nmodel = "demo"\n' + FRONT.format(next=after_cube) + body
-    if fuse_front:
-        text += '\n[[fuse]]\nname = "front"\nstages = ["reader", "features", "cube"]\nbatch = 4\n'
-    return text
-
-
-MULTI_OBJECTIVE = pipeline("mo", '["ctr", "cvr"]', '''
-[[stage]]
-name = "ctr"
-processor = "model_inference"
-model = "ctr"
-output = "ctr"
-next = ["combine"]
-
-[[stage]]
-name = "cvr"
-processor = "model_inference"
-model = "cvr"
-output = "cvr"
-next = ["combine"]
-
-[[stage]]
-name = "combine"
-processor = "combiner"
-heads = { ctr = 1.0, cvr = 0.5 }
-next = ["rank"]
-
-[[stage]]
-name = "rank"
-processor = "ranker"
-
-[[fuse]]
-name = "merge"
-stages = ["combine", "rank"]
-''')
-
-CASCADE = pipeline("cascade", '["light"]', '''
-[[stage]]
-name = "light"
-processor = "model_inference"
-model = "ctr"
-output = "light"
-next = ["prune"]
-
-[[stage]]
-name = "prune"
-processor = "cascade"
-by = "light"
-keep = 20
-next = ["dnn"]
-
-[[stage]]
-name = "dnn"
-processor = "model_inference"
-next = ["rank"]
-
-[[stage]]
-name = "rank"
-processor = "ranker"
-
-[[fuse]]
-name = "scorer"
-stages = ["reader", "features", "cube", "light", "prune", "dnn", "rank"]
-''', fuse_front=False)
+def cascade():
+    """The light head prunes to 20 candidates per request for the demo model, all in one worker."""
+    return (Pipeline("cascade", model="demo").front(next=["light"])
+            .stage("light", "model_inference", next=["prune"], model="ctr", output="light")
+            .stage("prune", "cascade", next=["dnn"], by="light", keep=20)
+            .stage("dnn", "model_inference", next=["rank"])
+            .stage("rank", "ranker")
+            .fuse("scorer", ["reader", "features", "cube", "light", "prune", "dnn", "rank"]))
 
 
 def ab_pipeline(fractions, salt="exp-1"):
-    groups = ", ".join(f'{{ name = "{g}", fraction = {f}, next = "dnn_{g}" }}' for g, f in fractions.items())
-    body = f'''
-[[stage]]
-name = "ab"
-processor = "ab_dispatch"
-salt = "{salt}"
-groups = [{groups}]
-next = [{", ".join(f'"dnn_{g}"' for g in fractions)}]
-'''
+    """Three A/B groups: the demo model, the ctr head, the cvr head."""
+    p = (Pipeline("ab", model="demo").front(next=["ab"])
+         .stage("ab", "ab_dispatch", next=[f"dnn_{g}" for g in fractions], salt=salt,
+                groups=[{"name": g, "fraction": f, "next": f"dnn_{g}"} for g, f in fractions.items()]))
     for g, model in zip(fractions, ("demo", "ctr", "cvr")):
-        body += f'''
-[[stage]]
-name = "dnn_{g}"
-processor = "model_inference"
-model = "{model}"
-next = ["rank"]
-'''
-    body += '\n[[stage]]\nname = "rank"\nprocessor = "ranker"\n'
-    return pipeline("ab", '["ab"]', body)
+        p.stage(f"dnn_{g}", "model_inference", next=["rank"], model=model)
+    return p.stage("rank", "ranker").fuse("front", ["reader", "features", "cube"], batch=4)
+
+
+MULTI_OBJECTIVE, CASCADE = multi_objective().toml(), cascade().toml()
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +82,8 @@ def launch_many(tmp_path_factory, models):
     launcher.close()
 
 
-def doc_of(text, tmp_path, name="p"):
-    import tomllib
-    return tomllib.loads(text)
+def doc_of(pipeline):
+    return copy.deepcopy(pipeline.doc)
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +91,7 @@ def doc_of(text, tmp_path, name="p"):
 
 
 def test_a_multi_objective_plan_names_every_models_version(models):
-    plan = compile_pipeline(doc_of(MULTI_OBJECTIVE, None), models)
+    plan = compile_pipeline(doc_of(multi_objective()), models)
     assert plan["versions"] == {"demo": 1, "ctr": 1, "cvr": 1}
     assert plan["stages"]["ctr"]["config"]["model"] == "ctr"
     assert plan["stages"]["ctr"]["outputs"] == {"ctr": {"scope": "candidate", "dtype": "float32", "shape": []}}
@@ -181,11 +108,11 @@ def test_a_head_whose_features_differ_is_refused_naming_the_difference(models, t
     manifest.unlink()
     manifest.write_text(text)
     with pytest.raises(PipelineError, match=r"model 'ctr' cannot be served on 'demo''s features: dim"):
-        compile_pipeline(doc_of(MULTI_OBJECTIVE, None), bad)
+        compile_pipeline(doc_of(multi_objective()), bad)
 
 
 def test_a_head_cannot_be_a_pipelines_own_model(models):
-    doc = doc_of(MULTI_OBJECTIVE, None)
+    doc = doc_of(multi_objective())
     doc["model"] = "ctr"
     for st in doc["stage"]:
         st.pop("model", None)
@@ -194,21 +121,21 @@ def test_a_head_cannot_be_a_pipelines_own_model(models):
 
 
 def test_only_model_inference_may_name_another_model(models):
-    doc = doc_of(MULTI_OBJECTIVE, None)
+    doc = doc_of(multi_objective())
     doc["stage"][2]["model"] = "ctr"
     with pytest.raises(PipelineError, match="stage 'cube' names model 'ctr': only a model_inference stage"):
         compile_pipeline(doc, models)
 
 
 def test_a_stage_after_a_cascade_in_another_worker_is_refused(models):
-    doc = doc_of(CASCADE, None)
+    doc = doc_of(cascade())
     doc["fuse"][0]["stages"].remove("dnn")
     with pytest.raises(PipelineError, match="stage 'dnn' follows the cascade 'prune' but runs in another worker"):
         compile_pipeline(doc, models)
 
 
 def test_a_combiner_without_heads_is_refused(models):
-    doc = doc_of(MULTI_OBJECTIVE, None)
+    doc = doc_of(multi_objective())
     doc["stage"][5]["heads"] = {}
     with pytest.raises(PipelineError, match="combiner needs heads"):
         compile_pipeline(doc, models)
@@ -224,14 +151,14 @@ def test_a_combiner_without_heads_is_refused(models):
      "fuses stages of different A/B branches"),
 ])
 def test_a_bad_ab_dispatch_is_refused_with_its_reason(models, edit, message):
-    doc = doc_of(ab_pipeline({"a": 0.5, "b": 0.3, "c": 0.2}), None)
+    doc = doc_of(ab_pipeline({"a": 0.5, "b": 0.3, "c": 0.2}))
     edit(doc)
     with pytest.raises(PipelineError, match=message):
         compile_pipeline(doc, models)
 
 
 def test_ab_branches_may_write_the_same_column_and_the_router_has_no_worker(models):
-    plan = compile_pipeline(doc_of(ab_pipeline({"a": 0.5, "b": 0.3, "c": 0.2}), None), models)
+    plan = compile_pipeline(doc_of(ab_pipeline({"a": 0.5, "b": 0.3, "c": 0.2})), models)
     assert plan["groups"]["ab"]["pool"] == 0 and plan["groups"]["ab"]["router"]["salt"] == "exp-1"
     assert plan["groups"]["dnn_b"]["branch"] == ["ab", "b"]
     assert plan["groups"]["rank"]["branch"] is None
@@ -345,7 +272,7 @@ def test_a_cascade_scores_only_the_light_models_best_with_the_heavy_model(launch
 def test_ab_groups_route_by_user_stay_across_requests_and_reloads_and_split_stats(
         launch_many, refs, demo_trace, tmp_path):
     fractions = {"a": 0.5, "b": 0.3, "c": 0.2}
-    path = write_text(tmp_path / "ab.toml", ab_pipeline(fractions))
+    path = write_text(tmp_path / "ab.toml", ab_pipeline(fractions).toml())
     server = launch_many.start(pipelines=(str(path),))
     c = server.client()
     model_of = {"a": "demo", "b": "ctr", "c": "cvr"}
@@ -371,7 +298,7 @@ def test_ab_groups_route_by_user_stay_across_requests_and_reloads_and_split_stat
 
     # A reload with other fractions: users move only as the new intervals say; unchanged ones stay.
     new = {"a": 0.2, "b": 0.3, "c": 0.5}
-    write_text(path, ab_pipeline(new))
+    write_text(path, ab_pipeline(new).toml())
     out = jizhictl_ok("reload", run_dir=server.run_dir)
     assert "A/B fractions a=0.2, b=0.3, c=0.5" in out
     router2 = Router({"salt": "exp-1", "groups": [{"name": g, "fraction": f, "next": "-"} for g, f in new.items()]})

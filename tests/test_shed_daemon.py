@@ -51,6 +51,8 @@ def test_the_controller_cuts_under_overload_and_releases_when_the_load_ends(laun
         wait_until(lambda: shed_status(server)["quota"] < 0.7, 30, what="the controller to cut")
         wait_until(lambda: server.info()["pipelines"]["demo_shed"]["shedding"]["shed_ratio_recent"] > 0.1, 30,
                    what="replies to say candidates were shed")
+        top = jizhictl_ok("top", "--count", "1", run_dir=server.run_dir)
+        assert "demo_shed: shedding auto, quota 0." in top and "policy rule" in top
     recs = load.snapshot()
     assert {r["outcome"] for r in recs} == {"ok"}
     assert max(r["reply"]["shed_ratio"] for r in recs) > 0.2

@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Pool autoscaling after a shift in the load mix (issue 7): the sustainable rate with the autoscaler
+against the best static allocation for the new mix.
+
+    .venv/bin/python docs/run-autoscale-bench.py [--duration 8] [--budget 5]
+
+Setup: the models of docs/run-many-models-bench.py (the demo and its heads; run that first, or
+this makes them), an A/B pipeline whose groups run a light head (``ctr``, top MLP 64) and a heavy
+one (``dwell``, 512-256-128) on the shared front (reader, features, cube): worker kinds ``front``,
+``dnn_a``, ``dnn_b``, ``rank``. The mix shifts from 90 % light / 10 % heavy to 10 % / 90 % by a
+config reload (``jizhictl reload`` with new fractions), as when a test group ramps up.
+
+1. Static (autoscale off): for each allocation of --budget workers (every kind >= 1, rank 1) the
+   maximum sustainable rate of the new mix (p99 <= --slo-ms, no error; doubling then bisection),
+   pools set with ``jizhictl scale``. The best of them is the reference; the allocation that was
+   best for the old mix is among them (what a static deployment keeps after the shift).
+2. Autoscaled: a daemon with ``autoscale.enabled`` starts with the old mix's best allocation,
+   serves the old mix under load, the mix shifts, the autoscaler moves workers (its log lines
+   are kept), then the maximum sustainable rate of the new mix is measured the same way.
+
+Success (the issue's): the autoscaled rate within 10 % of the best static one.
+"""
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+spec = importlib.util.spec_from_file_location("mm", REPO / "docs" / "run-many-models-bench.py")
+mm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mm)
+
+from jizhi.bench import Trace                  # noqa: E402
+from jizhi.client import Client                # noqa: E402
+
+JIZHICTL = str(Path(sys.executable).parent / "jizhictl")
+KINDS = ("front", "dnn_a", "dnn_b", "rank")
+
+
+def pipeline(fractions, pools):
+    a, b = fractions
+    return f'''name = "mix"
+model = "demo"
+
+[[stage]]
+name = "reader"
+processor = "data_reader"
+next = ["features"]
+
+[[stage]]
+name = "features"
+processor = "feature_processor"
+next = ["cube"]
+
+[[stage]]
+name = "cube"
+processor = "cube_accessor"
+next = ["ab"]
+
+[[stage]]
+name = "ab"
+processor = "ab_dispatch"
+salt = "mix"
+groups = [{{ name = "a", fraction = {a}, next = "dnn_a" }}, {{ name = "b", fraction = {b}, next = "dnn_b" }}]
+next = ["dnn_a", "dnn_b"]
+
+[[stage]]
+name = "dnn_a"
+processor = "model_inference"
+model = "ctr"
+next = ["rank"]
+pool = {pools["dnn_a"]}
+batch = 8
+
+[[stage]]
+name = "dnn_b"
+processor = "model_inference"
+model = "dwell"
+next = ["rank"]
+pool = {pools["dnn_b"]}
+batch = 8
+
+[[stage]]
+name = "rank"
+processor = "ranker"
+pool = {pools["rank"]}
+batch = 8
+
+[[fuse]]
+name = "front"
+stages = ["reader", "features", "cube"]
+pool = {pools["front"]}
+batch = 8
+batch_wait_ms = 2
+'''
+
+
+def ctl(d, *args):
+    out = subprocess.run([JIZHICTL, *args, "--run-dir", str(d.run_dir)], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise SystemExit(f"jizhictl {' '.join(args)}: {out.stderr}")
+    return out.stdout
+
+
+def pools_now(d):
+    with Client(d.endpoint, timeout_s=5) as c:
+        info = c.info()["pipelines"]["mix"]["groups"]
+    return {g: info[g]["workers"] for g in KINDS}
+
+
+def set_pools(d, pools):
+    for g, n in pools.items():
+        ctl(d, "scale", g, str(n), "--pipeline", "mix")
+    end = time.monotonic() + 60
+    while pools_now(d) != pools and time.monotonic() < end:
+        time.sleep(0.5)
+    time.sleep(2)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/jzb/many")
+    ap.add_argument("--base", default="/tmp/jzb/demo/models/demo/1")
+    ap.add_argument("--trace", default="/tmp/jzb/trace30k.npz")
+    ap.add_argument("--budget", type=int, default=5)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--slo-ms", type=float, default=50.0)
+    ap.add_argument("--out", default="/tmp/jzb/many/autoscale.json")
+    ap.add_argument("--start", default=None,
+                    help="The autoscaled daemon's first allocation, front,dnn_a,dnn_b,rank (default: the old mix's best).")
+    ap.add_argument("--static-from", default=None,
+                    help="Take the static figures from this earlier results file instead of measuring them.")
+    a = ap.parse_args()
+    work = Path(a.work)
+    log = lambda s: print(s, flush=True)   # noqa: E731
+    models = work / "models"
+    if not (models / "dwell" / "1").exists():
+        sys.argv = [sys.argv[0], "--only", "none", "--work", str(work), "--base", a.base]
+        mm.main()
+    trace = Trace(a.trace)
+    old, new = (0.9, 0.1), (0.1, 0.9)
+    allocs = []
+    for f, x, y in itertools.product(range(1, a.budget), repeat=3):
+        if f + x + y + 1 == a.budget:
+            allocs.append({"front": f, "dnn_a": x, "dnn_b": y, "rank": 1})
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
+               "cores": os.cpu_count(), "argv": sys.argv[1:], "budget": a.budget, "static": {}, "static_old": {}}
+
+    def capacity(d, label, start=40.0):
+        return mm.find_capacity(d, ["mix"], trace, a.slo_ms, start, a.duration, a.warmup,
+                                lambda s: log(f"  {label}: {s.strip()}"))
+
+    # 1. Static allocations, autoscale off: the old mix's best, then every allocation on the new mix.
+    path = work / "mix.toml"
+    path.write_text(pipeline(old, allocs[0]))
+    if a.static_from:
+        earlier = json.loads(Path(a.static_from).read_text())
+        results["static"], results["static_old"] = earlier["static"], earlier["static_old"]
+        results["static_from"] = a.static_from
+        allocs = []
+    d = mm.Daemon(work, "static", 5631, [path]) if allocs else None
+    try:
+        for al in allocs:
+            set_pools(d, al)
+            key = ",".join(str(al[g]) for g in KINDS)
+            results["static_old"][key] = capacity(d, f"old mix {key}")
+            log(f"old mix, static {key}: {results['static_old'][key]:g} req/s")
+        if allocs:
+            path.write_text(pipeline(new, allocs[0]))
+            ctl(d, "reload")
+        for al in allocs:
+            set_pools(d, al)
+            key = ",".join(str(al[g]) for g in KINDS)
+            results["static"][key] = capacity(d, f"new mix {key}")
+            log(f"new mix, static {key}: {results['static'][key]:g} req/s")
+    finally:
+        if d is not None:
+            d.stop()
+    best_old = max(results["static_old"], key=results["static_old"].get)
+    best_new = max(results["static"], key=results["static"].get)
+    log(f"best static for the old mix: {best_old}; for the new mix: {best_new} ({results['static'][best_new]:g} req/s); "
+        f"the old mix's best on the new mix: {results['static'][best_old]:g} req/s")
+
+    # 2. Autoscaled: start at the old mix's best allocation, shift the mix under load, let it move, measure.
+    start = dict(zip(KINDS, map(int, (a.start or best_old).split(","))))
+    results["autoscaled_start"] = start
+    path.write_text(pipeline(old, start))
+    d = mm.Daemon(work, "auto", 5632, [path],
+                  f"[autoscale]\nenabled = true\nbudget = {a.budget}\nperiod_s = 1.0\nsustain = 3\ncooldown_s = 8\n")
+    try:
+        rate = 0.6 * results["static_old"][best_old]
+        mm.run_point(d, ["mix"], trace, rate, 10, 2, seed=1)
+        log(f"autoscaled, old mix at {rate:g}/s: pools {pools_now(d)}")
+        path.write_text(pipeline(new, start))
+        ctl(d, "reload")
+        t0 = time.monotonic()
+        timeline = []
+        rate_new = 0.7 * results["static"][best_new]
+        for i in range(6):
+            r = mm.run_point(d, ["mix"], trace, rate_new, 8, 1, seed=10 + i)
+            timeline.append({"t_s": round(time.monotonic() - t0, 1), "pools": pools_now(d), "p99_ms": r["p99_ms"],
+                             "errors": r["errors"]})
+            log(f"  after the shift {timeline[-1]}")
+        results["autoscaled_timeline"] = timeline
+        results["autoscaled_pools"] = pools_now(d)
+        results["autoscaled"] = capacity(d, "new mix, autoscaled", start=results["static"][best_new] / 2)
+        results["autoscaled_pools_after"] = pools_now(d)
+        results["autoscale_log"] = [line for line in (d.run_dir / "jizhid.log").read_text().splitlines()
+                                    if "autoscale" in line]
+    finally:
+        d.stop()
+    ratio = results["autoscaled"] / results["static"][best_new]
+    results["ratio_to_best_static"] = round(ratio, 3)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    log(f"\nnew mix: best static {best_new} {results['static'][best_new]:g} req/s; the old mix's best kept "
+        f"{results['static'][best_old]:g}; autoscaled {results['autoscaled']:g} req/s (pools "
+        f"{results['autoscaled_pools']}) = {100 * ratio:.0f} % of the best static")
+    log(f"results: {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -247,6 +247,8 @@ def _add_bench():
     cli.add_command(bench_command, "bench")
     from jizhi.reloadbench import bench_reload_command
     cli.add_command(bench_reload_command, "bench-reload")
+    from jizhi.shedbench import shape_command
+    cli.add_command(shape_command, "bench-shape")
 
 
 

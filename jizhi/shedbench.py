@@ -199,3 +199,88 @@ def plot_timeline(series, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _command():
+    import json
+
+    import click
+
+    @click.command("bench-shape")
+    @click.option("--endpoint", default="tcp://127.0.0.1:5555", show_default=True, help="jizhid's frontend.")
+    @click.option("--pipeline", default="default", show_default=True)
+    @click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False), required=True,
+                  help="The requests to send, in order (wrapping).")
+    @click.option("--shape", type=click.Choice(SHAPES), default="diurnal", show_default=True)
+    @click.option("--peak-rate", type=click.FloatRange(min=0.1), required=True, help="Requests/s at the peak.")
+    @click.option("--trough-ratio", type=click.FloatRange(min=1.0), default=10.0, show_default=True,
+                  help="diurnal: peak / trough.")
+    @click.option("--period", type=click.FloatRange(min=1.0), default=120.0, show_default=True,
+                  help="diurnal: seconds of one compressed day.")
+    @click.option("--base-rate", type=click.FloatRange(min=0.0), default=None,
+                  help="step: requests/s outside the step [default: peak / 3].")
+    @click.option("--step-at", type=click.FloatRange(min=0.0), default=10.0, show_default=True)
+    @click.option("--step-s", type=click.FloatRange(min=0.1), default=20.0, show_default=True)
+    @click.option("--duration", type=click.FloatRange(min=1.0), default=None,
+                  help="Seconds [default: one period for diurnal, step-at + 2 x step-s for step, 60 for constant].")
+    @click.option("--slo-ms", type=float, default=50.0, show_default=True, help="Drawn on the plot; counted per second.")
+    @click.option("--deadline-ms", type=float, default=1000.0, show_default=True)
+    @click.option("--seed", default=0, show_default=True)
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                  help="Write the per-second series here.")
+    @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+                  help="Draw load, cut, p99 and pool sizes over time (PNG; needs pip install 'jizhi[plot]').")
+    def shape_command(endpoint, pipeline, trace_path, shape, peak_rate, trough_ratio, period, base_rate, step_at,
+                      step_s, duration, slo_ms, deadline_ms, seed, json_path, plot_path):
+        """Offer a traffic shape to a running jizhid and record what it did, second by second.
+
+        Shapes (compressed into minutes): diurnal (trough to peak and back over
+        --period), step (--base-rate with a step to --peak-rate from --step-at
+        for --step-s), constant. Open loop, Poisson arrivals; latency from each
+        request's intended send time. Prints a line per 5 s: offered and
+        answered requests/s, errors, p99, the shed ratio of replies and the
+        shedding quota and pool sizes from the server's info; --json keeps
+        the per-second series and --plot draws them.
+
+        \b
+          jizhictl bench-shape --trace trace.npz --pipeline demo_shed --peak-rate 1400 --plot day.png
+          jizhictl bench-shape --trace trace.npz --shape step --base-rate 300 --peak-rate 1500
+        """
+        from jizhi.bench import Trace
+        trace = Trace(trace_path)
+        if duration is None:
+            duration = {"diurnal": period, "step": step_at + 2 * step_s, "constant": 60.0}[shape]
+        fn = rate_fn(shape, peak_rate, trough_ratio=trough_ratio, period_s=period, base=base_rate,
+                     step_at=step_at, step_s=step_s)
+        times = arrivals(fn, duration, seed=seed)
+        click.echo(f"{shape}: {times.shape[0]} requests over {duration:g} s to {pipeline} at {endpoint}", err=True)
+        res = run_timeline(endpoint, trace, pipeline, times, deadline_ms=deadline_ms)
+        name = pipeline
+        if pipeline == "default" and res["info"]:
+            name = res["info"][-1][1].get("default_pipeline", pipeline)
+        series = timeline_series(res, name, slo_ms)
+        click.echo(f"{'t s':>5} {'offered/s':>9} {'answered/s':>10} {'errors':>6} {'p99 ms':>7} {'shed':>6} {'quota':>6}  pools")
+        for i in range(0, len(series["t"]), 5):
+            sl = slice(i, i + 5)
+            p99 = [x for x in series["p99_ms"][sl] if x is not None]
+            shed_r = [x for x in series["shed_ratio"][sl] if x is not None]
+            q = [v for t, v in zip(series["quota_t"], series["quota"]) if i <= t < i + 5]
+            pools = next((p for t, p in zip(series["pools_t"], series["pools"]) if t >= i), {})
+            click.echo(f"{i:>5} {sum(series['offered_rps'][sl]) / 5:>9.0f} {sum(series['answered_rps'][sl]) / 5:>10.0f} "
+                       f"{sum(series['errors'][sl]):>6} {max(p99) if p99 else float('nan'):>7.1f} "
+                       f"{(sum(shed_r) / len(shed_r)) if shed_r else 0.0:>6.3f} "
+                       f"{(sum(q) / len(q)) if q else float('nan'):>6.3f}  "
+                       + " ".join(f"{g}={n}" for g, n in pools.items()))
+        total, ok = sum(series["offered_rps"]), sum(series["answered_rps"])
+        click.echo(f"answered {ok} of {total} requests ({100 * ok / max(total, 1):.2f} %)")
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(series, f, indent=1)
+        if plot_path:
+            plot_timeline(series, plot_path, f"{name}: {shape} load, peak {peak_rate:g} req/s")
+            click.echo(f"plot: {plot_path}", err=True)
+
+    return shape_command
+
+
+shape_command = _command()

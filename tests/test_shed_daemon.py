@@ -87,3 +87,20 @@ def test_a_learned_policy_is_loaded_and_bad_commands_are_refused(launch, demo_bu
     assert bad.returncode != 0 and "pipeline 'demo' has no shedder stage" in bad.stderr
     bad = jizhictl("shed", "set", "--policy", str(tmp_path / "missing.json"), run_dir=server.run_dir)
     assert bad.returncode != 0 and "missing.json" in bad.stderr
+
+
+def test_bench_shape_offers_a_step_and_records_it_per_second(launch, demo_trace, tmp_path):
+    server = launch.start(pipelines=(PIPELINE,))
+    trace = tmp_path / "t.npz"
+    np.savez(trace, users=demo_trace.users, offsets=demo_trace.offsets, items=demo_trace.items,
+             recall_scores=demo_trace.recall_scores)
+    out = jizhictl_ok("bench-shape", "--endpoint", server.endpoint, "--pipeline", "demo_shed", "--trace", str(trace),
+                      "--shape", "step", "--base-rate", "10", "--peak-rate", "60", "--step-at", "2", "--step-s", "2",
+                      "--duration", "6", "--json", str(tmp_path / "s.json"))
+    series = json.loads((tmp_path / "s.json").read_text())
+    assert len(series["t"]) == 6 and series["slo_ms"] == 50.0
+    offered = series["offered_rps"]
+    assert min(offered[2:4]) > 2 * max(offered[:2] + offered[4:])      # the step is there
+    assert sum(series["answered_rps"]) == sum(offered) and "answered" in out
+    assert series["quota"] and all(0 < q <= 1 for q in series["quota"])
+    assert series["pools"][-1] == {"scorer": 2}

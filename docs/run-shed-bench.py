@@ -148,6 +148,7 @@ def main():
     ap.add_argument("--period", type=float, default=120.0, help="Seconds of the diurnal run (one day).")
     ap.add_argument("--max-rate", type=float, default=None, help="Skip the search: the max sustainable rate.")
     ap.add_argument("--out", default="/tmp/jzb/shed/results.json")
+    ap.add_argument("--shed-low", type=float, default=None, help="shed.low for the daemon (default: the setting's).")
     ap.add_argument("--plot", default=str(REPO / "docs" / "img" / "diurnal-shedding.png"))
     a = ap.parse_args()
     work = Path(a.work)
@@ -182,7 +183,7 @@ def main():
                "cores": os.cpu_count(), "argv": sys.argv[1:], "slo_ms": a.slo_ms, "offline": reports, "points": []}
     ref = ReferenceScorer(vdir)
     d = Daemon(work, 5621, models, str(REPO / "etc" / "pipelines" / "demo_shed.toml"),
-               f'[shed]\nslo_ms = {a.slo_ms}\nmode = "auto"\n')
+               f'[shed]\nslo_ms = {a.slo_ms}\nmode = "auto"\n' + (f"low = {a.shed_low}\n" if a.shed_low else ""))
     try:
         first = traces["0.8"] if "0.8" in traces else next(iter(traces.values()))
         row = 0

@@ -139,7 +139,7 @@ SETTINGS = [
             "The p99 latency the load controller keeps requests under, in milliseconds."),
     Setting("shed.high", float, 0.8, lambda v: None if 0 < v <= 1 else "in (0, 1]",
             "The controller cuts more while the recent p99 is over this fraction of shed.slo_ms."),
-    Setting("shed.low", float, 0.5, lambda v: None if 0 < v < 1 else "in (0, 1)",
+    Setting("shed.low", float, 0.65, lambda v: None if 0 < v < 1 else "in (0, 1)",
             "The controller releases the cut while the recent p99 is under this fraction of shed.slo_ms "
             "(between shed.low and shed.high it holds: no oscillation under a steady load)."),
     Setting("shed.period_s", float, 0.5, _positive,

@@ -231,7 +231,7 @@ class Controller:
     released by ``step``; in between it holds. A queue over half the in-flight slots counts as
     over the SLO (the p99 of answers lags a queue that is building)."""
 
-    def __init__(self, slo_ms, high=0.8, low=0.5, step=0.03, min_quota=0.05):
+    def __init__(self, slo_ms, high=0.8, low=0.65, step=0.03, min_quota=0.05):
         self.slo_ms = slo_ms
         self.high, self.low, self.step, self.min_quota = high, low, step, min_quota
         self.quota = 1.0

@@ -26,12 +26,10 @@ import itertools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -42,7 +40,6 @@ spec.loader.exec_module(mm)
 from jizhi.bench import Trace                  # noqa: E402
 from jizhi.client import Client                # noqa: E402
 
-JIZHICTL = str(Path(sys.executable).parent / "jizhictl")
 KINDS = ("front", "dnn_a", "dnn_b", "rank")
 
 
@@ -104,13 +101,6 @@ batch_wait_ms = 2
 '''
 
 
-def ctl(d, *args):
-    out = subprocess.run([JIZHICTL, *args, "--run-dir", str(d.run_dir)], capture_output=True, text=True, timeout=60)
-    if out.returncode:
-        raise SystemExit(f"jizhictl {' '.join(args)}: {out.stderr}")
-    return out.stdout
-
-
 def pools_now(d):
     with Client(d.endpoint, timeout_s=5) as c:
         info = c.info()["pipelines"]["mix"]["groups"]
@@ -119,7 +109,7 @@ def pools_now(d):
 
 def set_pools(d, pools):
     for g, n in pools.items():
-        ctl(d, "scale", g, str(n), "--pipeline", "mix")
+        d.ctl("scale", g, str(n), "--pipeline", "mix")
     end = time.monotonic() + 60
     while pools_now(d) != pools and time.monotonic() < end:
         time.sleep(0.5)
@@ -177,7 +167,7 @@ def main():
             log(f"old mix, static {key}: {results['static_old'][key]:g} req/s")
         if allocs:
             path.write_text(pipeline(new, allocs[0]))
-            ctl(d, "reload")
+            d.ctl("reload")
         for al in allocs:
             set_pools(d, al)
             key = ",".join(str(al[g]) for g in KINDS)
@@ -202,7 +192,7 @@ def main():
         mm.run_point(d, ["mix"], trace, rate, 10, 2, seed=1)
         log(f"autoscaled, old mix at {rate:g}/s: pools {pools_now(d)}")
         path.write_text(pipeline(new, start))
-        ctl(d, "reload")
+        d.ctl("reload")
         t0 = time.monotonic()
         timeline = []
         rate_new = 0.7 * results["static"][best_new]

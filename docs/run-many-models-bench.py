@@ -146,9 +146,18 @@ class Daemon:
              "--frontend", self.endpoint, "--pipelines", ",".join(str(p) for p in pipelines),
              "--run-dir", str(self.run_dir), "--config", str(cfg)],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        wait_ready(self.endpoint, timeout_s=180)
+        if not wait_ready(self.endpoint, timeout_s=180):
+            raise SystemExit(f"jizhid did not become ready; see {self.run_dir / 'jizhid.log'}")
         time.sleep(3.0)      # every pool full, hot tier built
         self.cpu = ServerCpu(self.run_dir)
+
+    def ctl(self, *args):
+        """Run ``jizhictl ARGS --run-dir`` against this daemon; its output (exits on an error)."""
+        out = subprocess.run([str(Path(sys.executable).parent / "jizhictl"), *args, "--run-dir", str(self.run_dir)],
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode:
+            raise SystemExit(f"jizhictl {' '.join(args)}: {out.stderr}")
+        return out.stdout
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

@@ -30,8 +30,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,50 +39,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import importlib.util  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("mm", REPO / "docs" / "run-many-models-bench.py")
+mm = importlib.util.module_from_spec(spec)     # its Daemon: start a jizhid, jizhictl against it, stop it
+spec.loader.exec_module(mm)
+
 from jizhi.bench import Trace                                             # noqa: E402
-from jizhi.client import wait_ready                                       # noqa: E402
 from jizhi.demo import generate_trace                                     # noqa: E402
 from jizhi.reference import ReferenceScorer                               # noqa: E402
 from jizhi.shedbench import arrivals, plot_timeline, rate_fn, run_timeline, timeline_series   # noqa: E402
 from jizhi.shedding import save_policy, train                             # noqa: E402
-
-JIZHICTL = str(Path(sys.executable).parent / "jizhictl")
-
-
-class Daemon:
-    def __init__(self, work, port, models, pipeline, config):
-        self.run_dir = work / "run-shed"
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        self.run_dir.mkdir(parents=True)
-        cfg = self.run_dir / "jizhi.toml"
-        cfg.write_text('[metrics]\nlisten = ""\n' + config)
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.log = open(self.run_dir / "jizhid.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "jizhid"), "--models", str(models), "--instance", "shedbench",
-             "--frontend", self.endpoint, "--pipelines", pipeline, "--run-dir", str(self.run_dir), "--config", str(cfg)],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
-        if not wait_ready(self.endpoint, timeout_s=180):
-            raise SystemExit(f"jizhid did not become ready; see {self.run_dir / 'jizhid.log'}")
-        time.sleep(3.0)
-
-    def ctl(self, *args):
-        out = subprocess.run([JIZHICTL, *args, "--run-dir", str(self.run_dir)], capture_output=True, text=True,
-                             timeout=60)
-        if out.returncode:
-            raise SystemExit(f"jizhictl {' '.join(args)}: {out.stderr}")
-        return out.stdout
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
-
 
 class Truth:
     """Reference top-10 of trace rows, scored in full offline (cached per row)."""
@@ -182,8 +147,8 @@ def main():
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
                "cores": os.cpu_count(), "argv": sys.argv[1:], "slo_ms": a.slo_ms, "offline": reports, "points": []}
     ref = ReferenceScorer(vdir)
-    d = Daemon(work, 5621, models, str(REPO / "etc" / "pipelines" / "demo_shed.toml"),
-               f'[shed]\nslo_ms = {a.slo_ms}\nmode = "auto"\n' + (f"low = {a.shed_low}\n" if a.shed_low else ""))
+    d = mm.Daemon(work, "shed", 5621, [REPO / "etc" / "pipelines" / "demo_shed.toml"],
+                  f'[shed]\nslo_ms = {a.slo_ms}\nmode = "auto"\n' + (f"low = {a.shed_low}\n" if a.shed_low else ""))
     try:
         first = traces["0.8"] if "0.8" in traces else next(iter(traces.values()))
         row = 0

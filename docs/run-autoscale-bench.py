@@ -38,67 +38,23 @@ mm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mm)
 
 from jizhi.bench import Trace                  # noqa: E402
+from jizhi.pipeline import Pipeline            # noqa: E402
 from jizhi.client import Client                # noqa: E402
 
 KINDS = ("front", "dnn_a", "dnn_b", "rank")
 
 
 def pipeline(fractions, pools):
-    a, b = fractions
-    return f'''name = "mix"
-model = "demo"
-
-[[stage]]
-name = "reader"
-processor = "data_reader"
-next = ["features"]
-
-[[stage]]
-name = "features"
-processor = "feature_processor"
-next = ["cube"]
-
-[[stage]]
-name = "cube"
-processor = "cube_accessor"
-next = ["ab"]
-
-[[stage]]
-name = "ab"
-processor = "ab_dispatch"
-salt = "mix"
-groups = [{{ name = "a", fraction = {a}, next = "dnn_a" }}, {{ name = "b", fraction = {b}, next = "dnn_b" }}]
-next = ["dnn_a", "dnn_b"]
-
-[[stage]]
-name = "dnn_a"
-processor = "model_inference"
-model = "ctr"
-next = ["rank"]
-pool = {pools["dnn_a"]}
-batch = 8
-
-[[stage]]
-name = "dnn_b"
-processor = "model_inference"
-model = "dwell"
-next = ["rank"]
-pool = {pools["dnn_b"]}
-batch = 8
-
-[[stage]]
-name = "rank"
-processor = "ranker"
-pool = {pools["rank"]}
-batch = 8
-
-[[fuse]]
-name = "front"
-stages = ["reader", "features", "cube"]
-pool = {pools["front"]}
-batch = 8
-batch_wait_ms = 2
-'''
+    """The A/B pipeline: group a the light head, b the heavy one, on the shared front; ``pools``
+    per worker kind."""
+    (a, b) = fractions
+    return (Pipeline("mix", model="demo").front(next=["ab"])
+            .stage("ab", "ab_dispatch", next=["dnn_a", "dnn_b"], salt="mix",
+                   groups=[{"name": "a", "fraction": a, "next": "dnn_a"}, {"name": "b", "fraction": b, "next": "dnn_b"}])
+            .stage("dnn_a", "model_inference", next=["rank"], pool=pools["dnn_a"], model="ctr")
+            .stage("dnn_b", "model_inference", next=["rank"], pool=pools["dnn_b"], model="dwell")
+            .stage("rank", "ranker", pool=pools["rank"])
+            .fuse("front", ["reader", "features", "cube"], pool=pools["front"], batch=8, batch_wait_ms=2)).toml()
 
 
 def pools_now(d):

@@ -48,87 +48,32 @@ from jizhi import protocol                                          # noqa: E402
 from jizhi.bench import ServerCpu, Trace                            # noqa: E402
 from jizhi.client import wait_ready                                 # noqa: E402
 from jizhi.demo import write_head                                   # noqa: E402
+from jizhi.pipeline import Pipeline                                 # noqa: E402
 
 HEADS = {"ctr": (64,), "cvr": (256, 128), "dwell": (512, 256, 128)}
-FRONT = """name = "{name}"
-model = "demo"
-
-[[stage]]
-name = "reader"
-processor = "data_reader"
-next = ["features"]
-
-[[stage]]
-name = "features"
-processor = "feature_processor"
-next = ["cube"]
-
-[[stage]]
-name = "cube"
-processor = "cube_accessor"
-next = {next}
-"""
 
 
 def multi_objective(fused=False):
-    text = FRONT.format(name="mo_fused" if fused else "mo", next=json.dumps(list(HEADS)))
+    """The three heads after one shared front and combined: each head its own worker kind, or
+    (``fused``) everything in one."""
+    p = Pipeline("mo_fused" if fused else "mo", model="demo").front(next=list(HEADS))
     for h in HEADS:
-        text += f'\n[[stage]]\nname = "{h}"\nprocessor = "model_inference"\nmodel = "{h}"\noutput = "{h}"\nnext = ["combine"]\n'
-    text += """
-[[stage]]
-name = "combine"
-processor = "combiner"
-heads = { ctr = 1.0, cvr = 0.5, dwell = 0.2 }
-next = ["rank"]
-
-[[stage]]
-name = "rank"
-processor = "ranker"
-"""
+        p.stage(h, "model_inference", next=["combine"], model=h, output=h)
+    p.stage("combine", "combiner", next=["rank"], heads={"ctr": 1.0, "cvr": 0.5, "dwell": 0.2})
+    p.stage("rank", "ranker")
     if fused:
-        return text + f"""
-[[fuse]]
-name = "scorer"
-stages = ["reader", "features", "cube", {", ".join(f'"{h}"' for h in HEADS)}, "combine", "rank"]
-pool = 2
-batch = 8
-batch_wait_ms = 3
-"""
-    return text + """
-[[fuse]]
-name = "front"
-stages = ["reader", "features", "cube"]
-pool = 2
-batch = 8
-batch_wait_ms = 3
-
-[[fuse]]
-name = "merge"
-stages = ["combine", "rank"]
-"""
+        return p.fuse("scorer", ["reader", "features", "cube", *HEADS, "combine", "rank"], pool=2, batch=8,
+                      batch_wait_ms=3).toml()
+    return (p.fuse("front", ["reader", "features", "cube"], pool=2, batch=8, batch_wait_ms=3)
+            .fuse("merge", ["combine", "rank"])).toml()
 
 
 def single(head):
-    text = FRONT.format(name=f"h_{head}", next='["dnn"]')
-    text += f"""
-[[stage]]
-name = "dnn"
-processor = "model_inference"
-model = "{head}"
-next = ["rank"]
-
-[[stage]]
-name = "rank"
-processor = "ranker"
-
-[[fuse]]
-name = "scorer"
-stages = ["reader", "features", "cube", "dnn", "rank"]
-pool = 1
-batch = 8
-batch_wait_ms = 3
-"""
-    return text
+    """The demo pipeline, fused, its model_inference serving one head."""
+    return (Pipeline(f"h_{head}", model="demo").front(next=["dnn"])
+            .stage("dnn", "model_inference", next=["rank"], model=head)
+            .stage("rank", "ranker")
+            .fuse("scorer", ["reader", "features", "cube", "dnn", "rank"], pool=1, batch=8, batch_wait_ms=3)).toml()
 
 
 class Daemon:

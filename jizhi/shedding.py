@@ -27,7 +27,6 @@ keeps its whole model top-K, and fits the need model on the features (ridge regr
 log of the needed fraction). The policy is a small JSON file.
 """
 import json
-import math
 import mmap
 import os
 from pathlib import Path
@@ -284,7 +283,3 @@ class Control:
     def close(self):
         self.words = None
         self.mm.close()
-
-
-def quota_is_full(q):
-    return q >= 1.0 - 1e-9 or math.isnan(q)

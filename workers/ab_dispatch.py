@@ -33,7 +33,7 @@ import numpy as np
 
 from jizhi.workers.stage import Stage
 
-_M64 = (1 << 64) - 1
+_M64 = (1 << 64) - 1      # salt_key's 64 bits
 
 
 def parse_groups(config):
@@ -68,18 +68,9 @@ def salt_key(salt):
     return (zlib.crc32(salt.encode()) << 32 | zlib.crc32(salt.encode()[::-1] + b"\x01")) & _M64
 
 
-def unit_hash(user, key):
-    """The user's place in [0, 1): splitmix64 of (user xor key), the top 53 bits."""
-    z = (int(user) ^ key) & _M64
-    z = (z + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    z ^= z >> 31
-    return (z >> 11) / float(1 << 53)
-
-
 def unit_hash_array(users, key):
-    """``unit_hash`` over a uint64 array (numpy wraps modulo 2**64 as the scalar form masks)."""
+    """Each user's place in [0, 1): splitmix64 of (user xor key), the top 53 bits (uint64 arithmetic
+    wraps modulo 2**64, as splitmix64 wants)."""
     with np.errstate(over="ignore"):
         z = users.astype(np.uint64) ^ np.uint64(key)
         z = z + np.uint64(0x9E3779B97F4A7C15)
@@ -100,7 +91,7 @@ class Router:
         self.bounds[-1] = 1.0 + 1e-12       # every hash < 1 lands in a group despite rounding
 
     def route(self, user):
-        return int(np.searchsorted(self.bounds, unit_hash(user, self.key), side="right"))
+        return int(self.route_array(np.array([user], dtype=np.uint64))[0])
 
     def route_array(self, users):
         return np.searchsorted(self.bounds, unit_hash_array(users, self.key), side="right")

@@ -41,12 +41,10 @@ from jizhi.qcache import QueryCache as Cache
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 
-def version_key(pipeline, model, version, versions=None):
-    """The cache's uint32 version field: scores of another pipeline, model or version never match.
-    ``versions``: every model's version in a multi-model pipeline (a new head version is a new key)."""
-    if versions and len(versions) > 1:
-        version = ",".join(f"{m}={v}" for m, v in sorted(versions.items()))
-    return zlib.crc32(f"{pipeline}/{model}/{version}".encode())
+def version_key(pipeline, versions):
+    """The cache's uint32 version field: scores of another pipeline or version set ``{model: version}``
+    never match (in a multi-model pipeline a new version of any head is a new key)."""
+    return zlib.crc32((pipeline or "").encode() + b"/" + ",".join(f"{m}={v}" for m, v in sorted(versions.items())).encode())
 
 
 log = logging.getLogger("jizhi.worker")
@@ -118,7 +116,7 @@ class QueryCache(Stage):
     def setup(self, config, bundle):
         spec = config.get("_qcache") or {}
         self.cache = Cache.attach(spec)
-        self.key = version_key(config.get("_pipeline"), bundle.name, bundle.version, config.get("_versions"))
+        self.key = version_key(config.get("_pipeline"), config.get("_versions") or {bundle.name: bundle.version})
         self.bypass = Bypass(spec.get("min_hit_ratio", 0.0), spec.get("sample_users", 16),
                              spec.get("eval_candidates", 200_000),
                              self.cache.writers * self.cache.slots_per_writer if self.cache else 0)

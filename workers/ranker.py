@@ -34,8 +34,8 @@ class Ranker(Stage):
         self.writer = config.get("_wid", 0)
         if self.cache is not None and self.writer >= self.cache.writers:
             self.cache = None    # more workers than the cache has regions: this one only reads
-        self.key = version_key(config.get("_pipeline"), bundle.name, bundle.version,
-                                config.get("_versions")) if bundle else 0
+        self.key = version_key(config.get("_pipeline"),
+                                config.get("_versions") or {bundle.name: bundle.version}) if bundle else 0
 
     def process(self, batch):
         score, keep = batch["score"], batch.columns.get("keep")

@@ -1,29 +1,88 @@
-"""A Python client: ``jizhi.client.Client`` (ZeroMQ REQ, Lazy Pirate).
+"""A Python client: ``jizhi.client.Client`` (ZeroMQ REQ, Lazy Pirate), for one jizhid node or several.
 
 Nothing in the protocol needs Python on the other side (README, "Wire
 protocol"); this is a convenience. A REQ socket that timed out is stuck, so
 on a timeout the client closes it (LINGER 0) and opens a new one before the
-next request, and raises ``TimeoutError``; retrying is the caller's choice
-(only OVERLOADED and DEADLINE_EXCEEDED are retriable).
+next request.
+
+One endpoint (the default): one attempt per request; a timeout raises
+``TimeoutError`` and an error reply is returned (``score`` raises
+``RequestError``); retrying is the caller's choice (only OVERLOADED and
+DEADLINE_EXCEEDED are retriable; a draining server answers OVERLOADED).
+
+Several endpoints (``Client("tcp://a:5555,tcp://b:5555")`` or a list), the
+scale-out of DESIGN.md: one REQ socket per node, each opened on first use.
+
+* **Spreading**: round-robin over the nodes that are not marked down; when
+  every node is marked down, the one whose mark ends first (the least
+  recently failed) is tried, so a request is always sent somewhere.
+* **Retrying**: an attempt waits ``timeout_s`` at most. On a timeout the
+  node's socket is closed (Lazy Pirate), the node is marked down for
+  ``backoff_s``, doubled on each further timeout in a row up to 16 x
+  ``backoff_s``, and the same request goes at once to the next node not
+  tried yet for it. A retriable error reply (``retry_codes``, by default
+  ``jizhi.errors.RETRIABLE``) marks the node down for its ``retry_after_ms``
+  (or ``backoff_s``) and is retried the same way. At most ``attempts``
+  attempts (default: one per node) and, with ``budget_s``, no new attempt
+  after ``budget_s`` seconds from the first send, an attempt's wait cut to
+  what is left. Out of budget: the last retriable error reply if any
+  attempt got one, else ``TimeoutError`` naming every endpoint tried. An
+  answer clears the node's mark. The node whose mark expired is probed by
+  the next request sent to it; if it is still dead that request pays one
+  ``timeout_s`` before its retry.
+* **Counters** (``stats()``): per endpoint, attempts sent, replies
+  (answered), timeouts, retries (attempts that were a retry of a request
+  first sent elsewhere or earlier) and retried error replies; per client,
+  logical requests and how many gave up.
+
+A ``score`` retried on another node is harmless (scoring changes nothing).
+A ``feedback`` always carries an ``idempotency_id`` (a random one when the
+caller gives none): a node drops a duplicate within its dedup window, so a
+retry never applies an event twice on one node. Nodes share no state,
+though: when the first node applied the event but its answer was lost, the
+retry applies it on a second node as well (once per node). Feedback also
+reaches only the node that answered: the other nodes' overlays and query
+caches do not see it.
+
+Not thread-safe: one ``Client`` per thread (REQ sockets and counters are
+per client).
 """
 import itertools
+import time
+import uuid
 
 import numpy as np
 import zmq
 
 from jizhi import protocol
-from jizhi.errors import RequestError
+from jizhi.errors import RETRIABLE, RequestError
+
+BACKOFF_MAX_FACTOR = 16   # a node that keeps timing out is probed every 16 x backoff_s at most
+
+
+def split_endpoints(endpoint):
+    """``"tcp://a,tcp://b"`` or ``["tcp://a", "tcp://b"]`` -> ``["tcp://a", "tcp://b"]`` (blanks dropped)."""
+    parts = endpoint.split(",") if isinstance(endpoint, str) else list(endpoint)
+    out = [p.strip() for p in parts if p and p.strip()]
+    if not out:
+        raise ValueError(f"no endpoint in {endpoint!r}")
+    return out
 
 
 class Reply:
-    """A decoded reply: ``header`` (dict), ``item_ids`` and ``scores`` (arrays)."""
+    """A decoded reply: ``header`` (dict), ``item_ids`` and ``scores`` (arrays).
 
-    def __init__(self, header, arrays):
+    ``endpoint``: the node that answered; ``attempts``: attempts this request took.
+    """
+
+    def __init__(self, header, arrays, endpoint=None, attempts=1):
         self.header = header
         self.item_ids = arrays.get("item_ids")
         self.scores = arrays.get("scores")
         # heads=True in a multi-objective pipeline: each head's scores of the same items, by head.
         self.heads = {k[len("head:"):]: v for k, v in arrays.items() if k.startswith("head:")}
+        self.endpoint = endpoint
+        self.attempts = attempts
 
     def __getitem__(self, key):
         return self.header[key]
@@ -36,11 +95,42 @@ class Reply:
         return self.header.get("status") == "ok"
 
 
+class Node:
+    """One endpoint of a client: its REQ socket (None until used or after a timeout), its down mark, its counters."""
+
+    COUNTERS = ("sent", "answered", "timeouts", "retries", "errors_retried")
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+        self.sock = None
+        self.down_until = 0.0     # time.monotonic(); the node is skipped while this is in the future
+        self.timeouts_in_row = 0
+        self.sent = self.answered = self.timeouts = self.retries = self.errors_retried = 0
+
+    def mark_down(self, now, seconds):
+        self.down_until = max(self.down_until, now + seconds)
+
+    def stats(self, now):
+        return dict({k: getattr(self, k) for k in self.COUNTERS}, down=self.down_until > now)
+
+
 class Client:
     def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=5.0, context=None,
-                 server_key=None, client_key=None):
-        """``server_key``: the server's public key file; ``client_key``: our secret key file (CURVE)."""
-        self.endpoint = endpoint
+                 server_key=None, client_key=None, *, attempts=None, budget_s=None, backoff_s=1.0,
+                 retry_codes=RETRIABLE):
+        """``endpoint``: one, a comma-separated string or a list (the module docstring).
+
+        ``timeout_s``: the wait of one attempt; ``attempts``: most attempts per
+        request (default: the number of endpoints, so one for one endpoint);
+        ``budget_s``: no new attempt after this many seconds (default: no
+        bound but ``attempts``); ``backoff_s``: how long a node that timed out
+        is skipped at first; ``retry_codes``: error codes retried on another
+        node. ``server_key``: the server's public key file; ``client_key``: our
+        secret key file (CURVE; the same server key for every node).
+        """
+        self.endpoints = split_endpoints(endpoint)
+        self.endpoint = ",".join(self.endpoints)
+        self.nodes = [Node(e) for e in self.endpoints]
         self.curve = None
         if server_key or client_key:
             from zmq.auth import load_certificate
@@ -48,23 +138,38 @@ class Client:
             public, secret = load_certificate(client_key)
             self.curve = (server_public, public, secret)
         self.timeout_ms = int(timeout_s * 1000)
+        self.attempts = max(1, attempts if attempts is not None else len(self.nodes))
+        self.budget_s = budget_s
+        self.backoff_s = backoff_s
+        self.retry_codes = frozenset(retry_codes or ())
         self.ctx = context or zmq.Context.instance()
-        self.sock = None
         self.ids = itertools.count(1)
+        self._next = 0                 # round-robin position
+        self.requests = 0              # logical requests (call()s)
+        self.gave_up = 0               # ... that ran out of attempts or budget without an answer
+        self.last_endpoint = None      # the node that answered the last call
+        self.last_attempts = 0
 
-    def _socket(self):
-        if self.sock is None:
-            self.sock = self.ctx.socket(zmq.REQ)
-            self.sock.setsockopt(zmq.LINGER, 0)
+    # -- sockets --------------------------------------------------------------
+
+    def _socket(self, node):
+        if node.sock is None:
+            node.sock = self.ctx.socket(zmq.REQ)
+            node.sock.setsockopt(zmq.LINGER, 0)
             if self.curve:
-                self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = self.curve
-            self.sock.connect(self.endpoint)
-        return self.sock
+                node.sock.curve_serverkey, node.sock.curve_publickey, node.sock.curve_secretkey = self.curve
+            node.sock.connect(node.endpoint)
+        return node.sock
+
+    @staticmethod
+    def _close_node(node):
+        if node.sock is not None:
+            node.sock.close(0)
+            node.sock = None
 
     def close(self):
-        if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
+        for node in self.nodes:
+            self._close_node(node)
 
     def __enter__(self):
         return self
@@ -72,19 +177,92 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
+    # -- routing --------------------------------------------------------------
+
+    def _pick(self, tried, now):
+        """The next node for an attempt: round-robin among the untried nodes that are up; else an untried
+        one whose down mark ends first; else (every node tried) the same order over all of them."""
+        n = len(self.nodes)
+        best_i, best_key = 0, None
+        for k in range(n):
+            i = (self._next + k) % n
+            node = self.nodes[i]
+            down = node.down_until > now
+            key = (node in tried, down, node.down_until if down else 0.0)
+            if best_key is None or key < best_key:
+                best_i, best_key = i, key
+        self._next = (best_i + 1) % n
+        return self.nodes[best_i]
+
     def call(self, frames):
-        """Send raw frames, return the reply's frames (for tests and other tools)."""
-        sock = self._socket()
-        sock.send_multipart(frames)
-        if not sock.poll(self.timeout_ms):
-            self.close()  # Lazy Pirate: a REQ socket that timed out cannot be reused
+        """Send raw frames, return the reply's frames (for tests and other tools), retrying as the module
+        docstring says. Raises ``TimeoutError`` when no attempt got an answer."""
+        self.requests += 1
+        t0 = time.monotonic()
+        end = t0 + self.budget_s if self.budget_s is not None else None
+        tried = []
+        error_reply = None
+        for attempt in range(self.attempts):
+            now = time.monotonic()
+            wait_ms = self.timeout_ms
+            if end is not None:
+                if attempt and now >= end:
+                    break
+                wait_ms = max(1, min(wait_ms, int((end - now) * 1000)))
+            node = self._pick(tried, now)
+            if attempt:
+                node.retries += 1
+            tried.append(node)
+            sock = self._socket(node)
+            sock.send_multipart(frames)
+            node.sent += 1
+            if not sock.poll(wait_ms):
+                node.timeouts += 1
+                node.timeouts_in_row += 1
+                self._close_node(node)   # Lazy Pirate: a REQ socket that timed out cannot be reused
+                node.mark_down(time.monotonic(), self.backoff_s * min(
+                    2 ** (node.timeouts_in_row - 1), BACKOFF_MAX_FACTOR))
+                continue
+            reply = sock.recv_multipart()
+            node.answered += 1
+            node.timeouts_in_row = 0
+            if self.retry_codes and attempt + 1 < self.attempts:
+                code, retry_after_ms = _error_code(reply)
+                if code in self.retry_codes and (end is None or time.monotonic() < end):
+                    node.errors_retried += 1
+                    error_reply = reply
+                    node.mark_down(time.monotonic(),
+                                   retry_after_ms / 1000.0 if retry_after_ms else self.backoff_s)
+                    continue
+            node.down_until = 0.0
+            self.last_endpoint, self.last_attempts = node.endpoint, attempt + 1
+            return reply
+        self.gave_up += 1
+        self.last_endpoint, self.last_attempts = None, len(tried)
+        if error_reply is not None:
+            return error_reply
+        if len(self.nodes) == 1 and len(tried) == 1:
             raise TimeoutError(f"no reply from {self.endpoint} within {self.timeout_ms} ms")
-        return sock.recv_multipart()
+        counts = {}
+        for node in tried:
+            counts[node.endpoint] = counts.get(node.endpoint, 0) + 1
+        raise TimeoutError(f"no reply in {len(tried)} attempts over {time.monotonic() - t0:.2f} s "
+                           f"(at most {self.timeout_ms} ms each) from "
+                           + ", ".join(f"{e} ({n}x)" for e, n in counts.items()))
+
+    def stats(self):
+        """``{"requests", "gave_up", "endpoints": {endpoint: {sent, answered, timeouts, retries,
+        errors_retried, down}}}``: counters since this client was made."""
+        now = time.monotonic()
+        return {"requests": self.requests, "gave_up": self.gave_up,
+                "endpoints": {node.endpoint: node.stats(now) for node in self.nodes}}
+
+    # -- requests -------------------------------------------------------------
 
     def request(self, op="score", **fields):
         fields.setdefault("id", next(self.ids))
         header, arrays = protocol.decode_reply(self.call(protocol.encode_request(op, **fields)))
-        return Reply(header, arrays)
+        return Reply(header, arrays, self.last_endpoint, self.last_attempts)
 
     def score(self, user, item_ids, recall_scores=None, *, pipeline="default", top_k=10, ret="topk",
               deadline_ms=None, context=None, check=True, heads=False):
@@ -98,7 +276,12 @@ class Client:
         return r
 
     def feedback(self, user, item, event="click", idempotency_id=None):
-        """Report that ``user`` acted on ``item``; the user's next scores see it."""
+        """Report that ``user`` acted on ``item``; the next scores of the node that answered see it.
+
+        Without ``idempotency_id`` a random one is sent, so a retry is never applied twice on one node
+        (it may be applied once on each of two nodes: the module docstring)."""
+        if idempotency_id is None:
+            idempotency_id = uuid.uuid4().hex
         return self.request("feedback", user=user, item=item, event=event, idempotency_id=idempotency_id)
 
     def ping(self):
@@ -108,19 +291,33 @@ class Client:
         return self.request("info").header
 
 
+def _error_code(frames):
+    """(code, retry_after_ms) of an error reply; (None, None) for anything else."""
+    try:
+        h = protocol.unpackb(frames[0])
+    except Exception:
+        return None, None
+    if not isinstance(h, dict) or h.get("status") != "error":
+        return None, None
+    return h.get("code"), h.get("retry_after_ms")
+
+
 def wait_ready(endpoint, timeout_s=180.0):
-    """Poll ``info`` until the server says it is ready; True, or False after ``timeout_s``."""
-    import time
+    """Poll ``info`` until the server (every one of several endpoints) says it is ready; True, or False after
+    ``timeout_s``."""
     end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            with Client(endpoint, timeout_s=1.0) as c:
-                if c.info().get("ready"):
-                    return True
-        except TimeoutError:
-            pass
-        time.sleep(0.3)
-    return False
+    for one in split_endpoints(endpoint):
+        while True:
+            try:
+                with Client(one, timeout_s=1.0) as c:
+                    if c.info().get("ready"):
+                        break
+            except TimeoutError:
+                pass
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.3)
+    return True
 
 
 if __name__ == "__main__":
@@ -128,7 +325,8 @@ if __name__ == "__main__":
     import sys
     ap = argparse.ArgumentParser(prog="python -m jizhi.client",
                                  description="Wait until a jizhid answers ready (for scripts).")
-    ap.add_argument("--wait-ready", metavar="ENDPOINT", required=True)
+    ap.add_argument("--wait-ready", metavar="ENDPOINT", required=True,
+                    help="an endpoint, or several comma-separated (every one must be ready)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds (default 180)")
     a = ap.parse_args()
     sys.exit(0 if wait_ready(a.wait_ready, a.timeout) else f"jizhid at {a.wait_ready} not ready in {a.timeout:g} s")

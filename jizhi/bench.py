@@ -4,7 +4,10 @@ Runs in its own process (the operator's shell), never inside jizhid. Two
 modes:
 
 * **load** (default): replays a request trace (docs/formats.md, "Trace")
-  against a running jizhid over one ZeroMQ DEALER socket, open loop: the
+  against a running jizhid over one ZeroMQ DEALER socket, open loop (several
+  comma-separated endpoints: the socket connects to each and ZeroMQ spreads
+  the requests round-robin over the nodes connected; nothing is retried, a
+  request sent to a node that dies is counted lost): the
   arrivals of a point are a Poisson process at the offered rate (a fixed
   number ``rate x duration`` of arrival times drawn uniformly over the
   window and sorted, i.e. a Poisson process conditioned on its count), all
@@ -345,7 +348,15 @@ class LoadGenerator:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.connect(endpoint)
+        endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
+        # Several nodes: queue only on connected ones, so a dead node takes no more requests (and a send
+        # with every node gone fails at once instead of blocking).
+        self.send_flags = 0
+        if len(endpoints) > 1:
+            self.sock.setsockopt(zmq.IMMEDIATE, 1)
+            self.send_flags = zmq.NOBLOCK
+        for e in endpoints:
+            self.sock.connect(e)
 
     def close(self):
         self.sock.close(0)
@@ -431,10 +442,13 @@ class LoadGenerator:
         while True:
             now = time.monotonic()
             while k < limit and due[k] <= now:
-                sock.send_multipart(frames[k], copy=True)
                 sent_at[k] = now
+                try:
+                    sock.send_multipart(frames[k], flags=self.send_flags, copy=True)
+                    pending += 1
+                except zmq.Again:
+                    status[k] = 3     # several nodes and none connected: lost
                 k += 1
-                pending += 1
             if cpu_before is None and now >= t0:
                 cpu_before = self.cpu.snapshot() if self.cpu else {}
                 gen_before = self_cpu_s()
@@ -871,7 +885,9 @@ def print_ceiling(c, out=print):
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--endpoint", default="tcp://127.0.0.1:5555", show_default=True, help="jizhid's client endpoint.")
+@click.option("--endpoint", default="tcp://127.0.0.1:5555", show_default=True,
+              help="jizhid's client endpoint; several comma-separated: requests spread round-robin over the "
+                   "nodes connected, no retry (a request sent to a node that dies counts as lost).")
 @click.option("--pipeline", default="default", show_default=True,
               help="Pipeline to load; a comma-separated list runs each in turn.")
 @click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
@@ -988,21 +1004,25 @@ def _load(endpoint, pipeline, trace_path, rate, rates, find_max_flag, start_rate
             raise click.BadParameter("rates must be positive numbers", param_hint="--rates")
         for r in todo:
             check_trace_length(trace, r, duration_s, allow_repeat)
-    try:
-        with Client(endpoint, timeout_s=5.0) as c:
-            info = c.info()
-    except TimeoutError:
-        click.echo(f"jizhictl bench: no answer from {endpoint} within 5 s: is jizhid running, and is this its "
-                   f"frontend (server.frontend)?", err=True)
-        sys.exit(1)
+    infos = {}
+    for one in (e.strip() for e in endpoint.split(",") if e.strip()):
+        try:
+            with Client(one, timeout_s=5.0) as c:
+                infos[one] = c.info()
+        except TimeoutError:
+            click.echo(f"jizhictl bench: no answer from {one} within 5 s: is jizhid running, and is this its "
+                       f"frontend (server.frontend)?", err=True)
+            sys.exit(1)
     names = []
     for name in (p.strip() for p in pipeline.split(",") if p.strip()):
-        # "default" is resolved here so the CPU of its groups is attributed to it.
-        real = info["default_pipeline"] if name == "default" else name
-        if real not in info["pipelines"]:
-            raise click.UsageError(f"pipeline {name!r} is not served by {endpoint} (served: {', '.join(info['pipelines'])})")
+        for one, info in infos.items():
+            # "default" is resolved here so the CPU of its groups is attributed to it.
+            real = info["default_pipeline"] if name == "default" else name
+            if real not in info["pipelines"]:
+                raise click.UsageError(f"pipeline {name!r} is not served by {one} "
+                                       f"(served: {', '.join(info['pipelines'])})")
         names.append(real)
-    if not info.get("ready"):
+    if not all(info.get("ready") for info in infos.values()):
         click.echo("warning: jizhid says it is not ready yet (some pool has no worker)", err=True)
     server_cpu = None
     if cpu:

@@ -161,20 +161,26 @@ def _unreachable(endpoint, e):
 
 
 @cli.command()
-@click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True)
+@click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True,
+              help="jizhid's client endpoint; several comma-separated: the info of each, by endpoint.")
 @click.option("--timeout", "timeout_s", default=5.0, show_default=True, help="Seconds to wait for the answer.")
 def info(endpoint, timeout_s):
     """Print the server's state: pipelines, workers per group, queues, counters (JSON)."""
-    with _client(endpoint, timeout_s) as c:
-        try:
-            h = c.info()
-        except TimeoutError as e:
-            _unreachable(endpoint, e)
-    click.echo(json.dumps(h, indent=2, default=str))
+    from jizhi.client import split_endpoints
+    out = {}
+    for one in split_endpoints(endpoint):
+        with _client(one, timeout_s) as c:
+            try:
+                out[one] = c.info()
+            except TimeoutError as e:
+                _unreachable(one, e)
+    click.echo(json.dumps(out if len(out) > 1 else out[one], indent=2, default=str))
 
 
 @cli.command()
-@click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True)
+@click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True,
+              help="jizhid's client endpoint; several comma-separated: sent to one, and tried on the next "
+                   "when one does not answer within --timeout or answers OVERLOADED / DEADLINE_EXCEEDED.")
 @click.option("--pipeline", default="default", show_default=True)
 @click.option("--user", type=int, default=None, help="User id (default: the first user of the trace or bundle).")
 @click.option("--items", "items_csv", default=None, help="Comma-separated candidate item ids.")
@@ -186,7 +192,8 @@ def info(endpoint, timeout_s):
 @click.option("--top-k", default=10, show_default=True)
 @click.option("--all", "ret_all", is_flag=True, help="Return every candidate's score in request order.")
 @click.option("--deadline-ms", type=float, default=None)
-@click.option("--timeout", "timeout_s", default=5.0, show_default=True)
+@click.option("--timeout", "timeout_s", default=5.0, show_default=True,
+              help="Seconds to wait for each attempt's answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, top_k, ret_all, deadline_ms,
           timeout_s, as_json):
@@ -229,7 +236,8 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
         click.echo(json.dumps(out, indent=2, default=str))
     elif r.ok:
         click.echo(f"pipeline {pipeline}  user {user}  candidates {len(items)}  model_versions {r['model_versions']}  "
-                   f"unknown_items {r['unknown_items']}  missing_signatures {r.get('missing_signatures', 0)}")
+                   f"unknown_items {r['unknown_items']}  missing_signatures {r.get('missing_signatures', 0)}"
+                   + (f"  answered by {r.endpoint} (attempt {r.attempts})" if "," in endpoint else ""))
         click.echo(f"{'rank':>4}  {'item_id':>20}  score")
         for i, (iid, s) in enumerate(zip(r.item_ids, r.scores)):
             click.echo(f"{i + 1:>4}  {int(iid):>20}  {s:.6f}")

@@ -11,6 +11,8 @@ local LMDB cube behind a deliberate delay per call and per key.
 URLs (``open_backend``):
 
 * ``slow+file:///path/to/cube?delay_ms=2&per_key_us=0.5`` -- ``SlowLocal``.
+* ``redis://HOST:PORT[,HOST:PORT...]/NAME/VERSION?timeout_ms=50`` -- a cube
+  pushed to Redis Cluster (cube/redis.py, ``jizhictl cube push``).
 """
 import time
 from urllib.parse import parse_qs, urlparse
@@ -53,6 +55,11 @@ class SlowLocal(Backend):
         self.cube.close()
 
 
+def remote_url(template, bundle):
+    """A stage's ``remote`` option with ``{cube}`` (the bundle's cube/), ``{name}`` and ``{version}`` filled in."""
+    return template.format(cube=bundle.cube_path, name=bundle.name, version=bundle.version)
+
+
 def open_backend(url, dim):
     """A backend from its URL (see the module docstring). Raises ValueError for an unknown scheme."""
     u = urlparse(url)
@@ -60,4 +67,8 @@ def open_backend(url, dim):
     if u.scheme == "slow+file":
         return SlowLocal(u.path, dim, delay_ms=float(q.get("delay_ms", 2.0)),
                          per_key_us=float(q.get("per_key_us", 0.0)))
-    raise ValueError(f"unknown cube backend {url!r} (known: slow+file://PATH?delay_ms=..&per_key_us=..)")
+    if u.scheme == "redis":
+        from jizhi.cube.redis import RedisCube
+        return RedisCube(url, dim)
+    raise ValueError(f"unknown cube backend {url!r} (known: slow+file://PATH?delay_ms=..&per_key_us=.., "
+                     f"redis://HOST:PORT[,HOST:PORT]/NAME/VERSION)")

@@ -451,6 +451,9 @@ def _storage_lines(info):
         if c.get("remote_keys") is not None:
             lines.append(f"{pname}: below the hot tier: disk cache {_ratio(c['disk_ratio'])}, remote cube "
                          f"{_ratio(c['remote_ratio'])} of the lookups since start")
+            if c.get("remote_round_trips") or c.get("remote_degraded"):
+                lines.append(f"{pname}: remote cube round trips {c['remote_round_trips']:,}, keys degraded to the "
+                             f"default vector {c['remote_degraded']:,} (no shard answered)")
         if c.get("qcache_candidates"):
             lines.append(f"{pname}: query cache {_ratio(c['qcache_ratio'])} of {c['qcache_candidates']:,} candidates "
                          f"since start, {_ratio(last.get('qcache_ratio'))} last minute")
@@ -1058,6 +1061,91 @@ def cube_info(cube_dir_or_bundle, run_dir, instance, as_json):
         click.echo(f"  pipeline {pname} (model {c['model']}): {c['lookups']:,} lookups, {c['hot_hits']:,} hot hits "
                    f"({_ratio(c['hot_ratio'])}) since start; last minute {_ratio(last.get('hot_ratio'))} "
                    f"of {last.get('lookups', 0):,} lookups")
+
+
+@cube.command("push")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--redis", "url", required=True, metavar="URL",
+              help="The cluster: redis://HOST:PORT[,HOST:PORT...] (any nodes; the rest are discovered).")
+@click.option("--strategy", type=click.Choice(["key", "table", "model"]), default=None,
+              help="Table mapping: key (every table over every shard), table (whole tables bin-packed onto "
+                   "shards by size), model (a bundle's tables together on one shard). Default: the manifest's "
+                   "cube_mapping, else key.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def cube_push(bundles, url, strategy, quiet):
+    """Load the cubes of BUNDLE version directories into a Redis Cluster.
+
+    Keys are written with pipelined MSETs, one pipeline per master; each
+    bundle's layout record goes last, so jizhid never reads a half-pushed
+    cube. Serve it with the cube_accessor option
+    remote = "redis://HOST:PORT,.../{name}/{version}" (docs/formats.md,
+    "A cube on Redis Cluster"). Pushing again overwrites the vectors; keys of
+    an earlier push with another strategy stay until the cluster is flushed.
+    Exit codes: 0 pushed; 2 a bad bundle or URL; 1 the cluster refused or
+    did not answer.
+    """
+    import tomllib
+    from jizhi.bundle import Bundle, BundleError
+    from jizhi.cube import redis as R
+    try:
+        bs = [Bundle(b) for b in bundles]
+        if strategy is None:
+            with open(bs[0].path / "manifest.toml", "rb") as f:
+                strategy = tomllib.load(f).get("cube_mapping", "key")
+        R.parse_url(url)
+    except (BundleError, ValueError, OSError) as e:
+        raise click.UsageError(str(e))
+    import time
+    t0 = time.monotonic()
+    bar = {"last": -1}
+
+    def progress(done, total):
+        pct = 100 * done // max(total, 1)
+        if not quiet and pct != bar["last"]:
+            bar["last"] = pct
+            click.echo(f"\rpushing [{'#' * (pct // 4)}{'.' * (25 - pct // 4)}] {done:,}/{total:,} keys",
+                       nl=done >= total, err=True)
+    try:
+        docs = R.push(bs, url, strategy, progress=progress)
+    except (OSError, RuntimeError, R.RedisError) as e:
+        click.echo(f"jizhictl cube push: {e}", err=True)
+        sys.exit(1)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    for d in docs:
+        click.echo(f"pushed {d['namespace']}: {d['keys']:,} keys, dim {d['dim']}, strategy {d['strategy']}, "
+                   f"{len(d['units'])} unit(s) in {time.monotonic() - t0:.1f} s")
+
+
+@cube.command("layout")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--redis", "url", required=True, metavar="URL", help="The cluster: redis://HOST:PORT[,HOST:PORT...].")
+@click.option("--json", "as_json", is_flag=True, help="Print the layout record as JSON.")
+def cube_layout(bundle, url, as_json):
+    """Print where each table of a pushed BUNDLE lives and the shard round trips per lookup batch.
+
+    Reads the layout record `jizhictl cube push` wrote and the cluster's
+    current slot map (after a failover the promoted replica is named).
+    Exit codes: 0; 1 not pushed or the cluster did not answer; 2 a bad bundle.
+    """
+    from jizhi.bundle import Bundle, BundleError
+    from jizhi.cube import redis as R
+    try:
+        b = Bundle(bundle)
+        doc, cluster = R.read_layout(url, b.name, b.version)
+    except (BundleError, ValueError) as e:
+        raise click.UsageError(str(e))
+    except (OSError, R.RedisError) as e:
+        click.echo(f"jizhictl cube layout: {e}", err=True)
+        sys.exit(1)
+    if doc is None:
+        click.echo(f"jizhictl cube layout: {b.name} {b.version} is not in the cluster (jizhictl cube push)", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    for line in R.describe(doc, cluster):
+        click.echo(line)
 
 
 @cube.command("get")

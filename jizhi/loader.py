@@ -26,6 +26,7 @@ import numpy as np
 
 from jizhi import arena, protocol
 from jizhi.cube.hot import CTL_WORDS
+from jizhi.cube.remote import remote_url
 from jizhi.bundle import Bundle
 from jizhi.errors import PipelineError
 from jizhi.registry import child_report
@@ -121,7 +122,7 @@ class Loader:
         cube_cfg = next((st["config"] for st in plan["stages"].values() if st["processor"] == "cube_accessor"), {})
         if cube_cfg.get("remote"):
             # A cube behind a backend: a disk cache (its manager is this version's child) in front of it.
-            self.remote = cube_cfg["remote"].format(cube=Path(plan["version_dir"]) / "cube")
+            self.remote = remote_url(cube_cfg["remote"], self.bundle)
             self.disk_capacity = int(cube_cfg.get("disk_cache_keys", 10_000))
             self.disk_cache = str(sup.run_dir / f"disk-{self.pipeline}-v{self.version}")
         if sup.settings["cube.hot_tier_mb"] and any(

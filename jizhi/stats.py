@@ -28,6 +28,8 @@ NB = BUCKETS_US.shape[0]
 MAX_STAGES = 8
 # Per-row counters (int64): index -> meaning
 C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS, C_LOOKUPS, C_HOT_HITS, C_HOT_GEN, C_DISK_HITS, C_REMOTE_KEYS = range(10)
+# a remote cube's keys no shard answered (they read the default vector), and its round trips (one per shard per batch)
+C_REMOTE_DEGRADED, C_REMOTE_TRIPS = 10, 11
 KEY_RING = 4096   # sampled keys kept per worker row (the supervisor reads them every cube.hot_rebuild_s)
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
 N_COUNTERS = 12

@@ -401,9 +401,10 @@ class Supervisor:
         if row is not None:
             self.stats_shm.heartbeat[row] = 0.0   # not beating until its loop starts
             # The new process zeroes its row: keep what the previous one counted.
-            kept = (stats_mod.C_LOOKUPS, stats_mod.C_HOT_HITS, stats_mod.C_DISK_HITS, stats_mod.C_REMOTE_KEYS)
+            kept = (stats_mod.C_LOOKUPS, stats_mod.C_HOT_HITS, stats_mod.C_DISK_HITS, stats_mod.C_REMOTE_KEYS,
+                    stats_mod.C_REMOTE_DEGRADED, stats_mod.C_REMOTE_TRIPS)
             c = self.stats_shm.counters[row]
-            base = self.cube_base.get(child.key[0], (0, 0, 0, 0))
+            base = self.cube_base.get(child.key[0], (0,) * len(kept))
             self.cube_base[child.key[0]] = tuple(b + int(c[k]) for b, k in zip(base, kept))
             c[list(kept)] = 0
         child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, env=env)
@@ -608,16 +609,18 @@ class Supervisor:
         c = self.stats_shm.counters
         out = {}
         for pname, plan in self.run["pipelines"].items():
-            base = self.cube_base.get(pname, (0, 0, 0, 0))
-            look, hits, disk, remote = base
+            base = self.cube_base.get(pname, (0,) * 6)
+            look, hits, disk, remote, degraded, trips = base
             for g in plan["groups"]:
                 r = rows[f"{pname}/{g}"]
                 look += int(c[r:r + n, stats_mod.C_LOOKUPS].sum())
                 hits += int(c[r:r + n, stats_mod.C_HOT_HITS].sum())
                 disk += int(c[r:r + n, stats_mod.C_DISK_HITS].sum())
                 remote += int(c[r:r + n, stats_mod.C_REMOTE_KEYS].sum())
+                degraded += int(c[r:r + n, stats_mod.C_REMOTE_DEGRADED].sum())
+                trips += int(c[r:r + n, stats_mod.C_REMOTE_TRIPS].sum())
             qc = ((self.last_broker_info or {}).get("pipelines", {}).get(pname) or {}).get("query_cache") or {}
-            out[pname] = (look, hits, qc.get("candidates", 0), qc.get("hits", 0), disk, remote)
+            out[pname] = (look, hits, qc.get("candidates", 0), qc.get("hits", 0), disk, remote, degraded, trips)
         return out
 
     def sample_cube(self, now):
@@ -632,12 +635,12 @@ class Supervisor:
 
         def ratio(a, b):
             return round(a / b, 4) if b else None
-        for p, (look, hits, cand, qhits, disk, remote) in totals.items():
+        for p, (look, hits, cand, qhits, disk, remote, degraded, trips) in totals.items():
             fig = {"lookups": look, "hot_hits": hits, "hot_ratio": ratio(hits, look),
                    "qcache_candidates": cand, "qcache_hits": qhits, "qcache_ratio": ratio(qhits, cand)}
             if disk or remote:
                 fig.update(disk_hits=disk, disk_ratio=ratio(disk, look), remote_keys=remote,
-                           remote_ratio=ratio(remote, look))
+                           remote_ratio=ratio(remote, look), remote_degraded=degraded, remote_round_trips=trips)
             if old is not None and p in old[1]:
                 dl, dh, dc, dq = (a - b for a, b in zip((look, hits, cand, qhits), old[1][p]))
                 fig["last_minute"] = {"lookups": dl, "hot_hits": dh, "hot_ratio": ratio(dh, dl),

@@ -36,6 +36,25 @@ def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path, source, name):
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
 
 
+def test_the_redis_cluster_units_pass_systemd_analyze_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package: systemd)")
+    redis = shutil.which("redis-server")
+    if redis is None:
+        pytest.skip("redis-server is not installed (Debian package: redis-server)")
+    tool = Path(JIZHID).parent / "jizhi-redis-cluster"
+    names = []
+    for source, name in (("jizhi-redis@.service", "jizhi-redis@7000.service"),
+                         ("jizhi-redis-cluster.service", "jizhi-redis-cluster.service"),
+                         ("jizhi-redis-cluster.target", "jizhi-redis-cluster.target")):
+        text = (UNITS / source).read_text().replace("/usr/bin/redis-server ", f"{redis} ")
+        (tmp_path / name).write_text(text.replace("/usr/local/bin/jizhi-redis-cluster ", f"{tool} "))
+        names.append(str(tmp_path / name))
+    r = subprocess.run([analyze, "verify", *names], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
 def test_systemd_analyze_verify_would_report_a_broken_unit(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

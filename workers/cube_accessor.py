@@ -13,7 +13,8 @@ import numpy as np
 from jizhi.cube.hot import TieredStore
 from jizhi.cube.pooling import pool_blocks
 from jizhi.cube.store import open_cube
-from jizhi.stats import C_DISK_HITS, C_HOT_GEN, C_HOT_HITS, C_LOOKUPS, C_REMOTE_KEYS
+from jizhi.stats import (C_DISK_HITS, C_HOT_GEN, C_HOT_HITS, C_LOOKUPS, C_REMOTE_DEGRADED, C_REMOTE_KEYS,
+                         C_REMOTE_TRIPS)
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 
@@ -39,10 +40,10 @@ class CubeAccessor(Stage):
             # A cube behind a backend (stage option remote = URL, "{cube}" = the bundle's cube/):
             # the local disk cache (written by jizhid's cache manager) in front of it.
             from jizhi.cube.cache import LazyDiskCache, Levels
-            from jizhi.cube.remote import open_backend
-            backend = open_backend(config["remote"].format(cube=bundle.cube_path), bundle.dim)
+            from jizhi.cube.remote import open_backend, remote_url
+            self.backend = open_backend(remote_url(config["remote"], bundle), bundle.dim)
             self.levels = Levels([("disk", LazyDiskCache(config["_disk_cache"], bundle.dim)),
-                                  ("remote", backend)], bundle.dim)
+                                  ("remote", self.backend)], bundle.dim)
             lower = self.levels
         else:
             lower = open_cube(bundle.cube_path, bundle.dim)
@@ -63,6 +64,8 @@ class CubeAccessor(Stage):
         if self.levels is not None:
             counters[C_DISK_HITS] = self.levels.hits["disk"]
             counters[C_REMOTE_KEYS] = self.levels.hits["remote"] + self.levels.missing
+            counters[C_REMOTE_DEGRADED] = getattr(self.backend, "degraded", 0)
+            counters[C_REMOTE_TRIPS] = getattr(self.backend, "round_trips", self.backend.calls)
 
     def process(self, batch):
         (user_emb, item_emb), (umiss, imiss) = pool_blocks(

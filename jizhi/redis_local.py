@@ -1,0 +1,285 @@
+"""A local Redis Cluster for development and tests: ``jizhi-redis-cluster`` (bin/).
+
+Debian's ``redis-server`` (or Valkey's, which speaks the same protocol), 3
+masters with 1 replica each by default, on loopback ports ``base_port ..
+base_port + 5``, each node in its own directory under ``DIR`` (its
+``redis.conf``, ``nodes.conf``, log and pid file)::
+
+    jizhi-redis-cluster init  DIR [--base-port 7000] [--masters 3] [--replicas 1]
+    jizhi-redis-cluster start DIR      # start the nodes, join them into one cluster (once), wait for "ok"
+    jizhi-redis-cluster status DIR
+    jizhi-redis-cluster stop DIR
+
+``init`` only writes the node configurations; the systemd units in
+``etc/systemd/`` (``jizhi-redis@.service`` per node, one-shot
+``jizhi-redis-cluster.service`` to join them) run the same nodes under
+systemd. Nothing listens on anything but 127.0.0.1. Persistence is off
+(``save ""``, ``appendonly no``): the cube is pushed again after a restart of
+the whole cluster, while a single node restarted rejoins from its replica.
+
+The tests use ``LocalCluster`` directly (start, stop, kill a master, wait for
+the failover).
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONF = """# written by jizhi-redis-cluster init; one node of a local cluster
+port {port}
+bind 127.0.0.1
+protected-mode yes
+cluster-enabled yes
+cluster-config-file nodes.conf
+cluster-node-timeout {node_timeout_ms}
+cluster-require-full-coverage no
+cluster-allow-reads-when-down no
+dir {dir}
+logfile {dir}/redis.log
+pidfile {dir}/redis.pid
+save ""
+appendonly no
+maxmemory-policy noeviction
+"""
+
+
+def server_binary():
+    """The redis-server (or valkey-server) on PATH, else None."""
+    for name in ("redis-server", "valkey-server"):
+        path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+        if path:
+            return path
+    return None
+
+
+def cli_binary():
+    for name in ("redis-cli", "valkey-cli"):
+        path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+        if path:
+            return path
+    return None
+
+
+def command(port, *args, timeout_s=2.0, host="127.0.0.1"):
+    """One command to one node; the decoded reply (cube/redis.py's small RESP reader)."""
+    from jizhi.cube.redis import call
+    return call(host, port, list(args), timeout_s=timeout_s)
+
+
+class LocalCluster:
+    """``masters`` x (1 + ``replicas``) redis-server processes on 127.0.0.1, one directory each."""
+
+    def __init__(self, root, base_port=7000, masters=3, replicas=1, node_timeout_ms=2000):
+        self.root = Path(root)
+        self.base_port = int(base_port)
+        self.masters = int(masters)
+        self.replicas = int(replicas)
+        self.node_timeout_ms = int(node_timeout_ms)
+        meta = self.root / "cluster.json"
+        if meta.exists():
+            m = json.loads(meta.read_text())
+            self.base_port, self.masters, self.replicas = m["base_port"], m["masters"], m["replicas"]
+            self.node_timeout_ms = m["node_timeout_ms"]
+
+    @property
+    def ports(self):
+        return [self.base_port + i for i in range(self.masters * (1 + self.replicas))]
+
+    @property
+    def url(self):
+        """The seed list a jizhi cube URL starts with: ``redis://127.0.0.1:P1,127.0.0.1:P2,...``."""
+        return "redis://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def node_dir(self, port):
+        return self.root / str(port)
+
+    def init(self):
+        if server_binary() is None:
+            raise RuntimeError("redis-server not found: install Debian's redis-server (apt-get install redis-server)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "cluster.json").write_text(json.dumps(
+            {"base_port": self.base_port, "masters": self.masters, "replicas": self.replicas,
+             "node_timeout_ms": self.node_timeout_ms}))
+        for port in self.ports:
+            d = self.node_dir(port)
+            d.mkdir(exist_ok=True)
+            (d / "redis.conf").write_text(CONF.format(port=port, dir=d.resolve(),
+                                                      node_timeout_ms=self.node_timeout_ms))
+
+    def pid(self, port):
+        try:
+            pid = int((self.node_dir(port) / "redis.pid").read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def alive(self, port):
+        try:
+            return command(port, "PING", timeout_s=0.5) == "PONG"
+        except OSError:
+            return False
+
+    def start_node(self, port):
+        if self.alive(port):
+            return
+        d = self.node_dir(port)
+        subprocess.run([server_binary(), str(d / "redis.conf"), "--daemonize", "yes"], check=True,
+                       stdout=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while not self.alive(port):
+            if time.monotonic() > end:
+                raise RuntimeError(f"redis-server on port {port} did not answer in 10 s; see {d / 'redis.log'}")
+            time.sleep(0.05)
+
+    def start(self, timeout_s=60.0):
+        """Start every node; join them into a cluster the first time; wait until the cluster says ok."""
+        if not (self.root / "cluster.json").exists():
+            self.init()
+        for port in self.ports:
+            self.start_node(port)
+        info = self.cluster_info(self.ports[0])
+        if info.get("cluster_known_nodes", "1") == "1" and info.get("cluster_slots_assigned", "0") == "0":
+            self.create()
+        self.wait_ok(timeout_s)
+
+    def create(self):
+        """Join the nodes: ``redis-cli --cluster create`` (masters first, then their replicas)."""
+        cli = cli_binary()
+        if cli is None:
+            raise RuntimeError("redis-cli not found (Debian's redis-tools)")
+        args = [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                "--cluster-replicas", str(self.replicas), "--cluster-yes"]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout[-800:]} {r.stderr[-800:]}")
+
+    def cluster_info(self, port):
+        text = command(port, "CLUSTER", "INFO")
+        text = text.decode() if isinstance(text, bytes) else text
+        return dict(line.split(":", 1) for line in text.split("\r\n") if ":" in line)
+
+    def wait_ok(self, timeout_s=60.0, ports=None):
+        """Until every live node (of ``ports``) reports cluster_state:ok with all slots served."""
+        end = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < end:
+            try:
+                infos = [self.cluster_info(p) for p in (ports or self.ports) if self.pid(p)]
+                if infos and all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384"
+                                 for i in infos):
+                    # and every node agrees which masters serve the slots
+                    if len({str(self.masters_of(p)) for p in (ports or self.ports) if self.pid(p)}) == 1:
+                        return
+                last = infos
+            except OSError as e:
+                last = e
+            time.sleep(0.1)
+        raise TimeoutError(f"cluster under {self.root} not ok in {timeout_s:g} s: {last}")
+
+    def masters_of(self, port):
+        """Sorted ports of the masters serving slots, as ``port`` sees them."""
+        from jizhi.cube.redis import slot_map
+        _, nodes = slot_map(command(port, "CLUSTER", "SLOTS"))
+        return sorted(p for _, p in nodes)
+
+    def kill(self, port, sig=signal.SIGKILL):
+        pid = self.pid(port)
+        if pid:
+            os.kill(pid, sig)
+            end = time.monotonic() + 5
+            while sig == signal.SIGKILL and time.monotonic() < end:
+                try:
+                    os.kill(pid, 0)
+                except OSError:
+                    break
+                time.sleep(0.02)
+        return pid
+
+    def stop(self):
+        """SIGTERM every node, then SIGKILL what is left after 5 s."""
+        pids = [p for p in (self.pid(port) for port in self.ports) if p]
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except OSError:
+                pass
+        end = time.monotonic() + 5
+        for p in pids:
+            while time.monotonic() < end:
+                try:
+                    os.kill(p, 0)
+                except OSError:
+                    break
+                time.sleep(0.02)
+            else:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def status(self):
+        out = []
+        for port in self.ports:
+            state = "down"
+            if self.alive(port):
+                role = command(port, "ROLE")[0]
+                role = role.decode() if isinstance(role, bytes) else role
+                state = f"{role} {self.cluster_info(port).get('cluster_state')}"
+            out.append((port, self.pid(port), state))
+        return out
+
+
+def free_port_block(n, start=17000, end=30000):
+    """A base port with ``n`` free ports and their cluster-bus ports (+10000) free on 127.0.0.1."""
+    def free(p):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+                return True
+            except OSError:
+                return False
+    for base in range(start + (os.getpid() % 500) * 8, end, 16):
+        if all(free(p) and free(p + 10000) for p in range(base, base + n)):
+            return base
+    raise RuntimeError("no free block of loopback ports for a local Redis Cluster")
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(prog="jizhi-redis-cluster", description=__doc__.split("\n\n")[0])
+    ap.add_argument("action", choices=("init", "start", "stop", "status"))
+    ap.add_argument("dir", help="the cluster's directory (one sub-directory per node)")
+    ap.add_argument("--base-port", type=int, default=7000, help="first node's port (default 7000)")
+    ap.add_argument("--masters", type=int, default=3)
+    ap.add_argument("--replicas", type=int, default=1, help="replicas per master")
+    ap.add_argument("--node-timeout-ms", type=int, default=2000,
+                    help="cluster-node-timeout: how long a master may be silent before its replica takes over")
+    a = ap.parse_args(argv)
+    c = LocalCluster(a.dir, a.base_port, a.masters, a.replicas, a.node_timeout_ms)
+    try:
+        if a.action == "init":
+            c.init()
+            print(f"wrote {len(c.ports)} node configurations under {c.root} (ports {c.ports[0]}-{c.ports[-1]})")
+        elif a.action == "start":
+            c.start()
+            print(f"cluster ok: {c.url}")
+        elif a.action == "stop":
+            c.stop()
+            print("stopped")
+        else:
+            for port, pid, state in c.status():
+                print(f"{port} pid={pid or '-'} {state}")
+    except (RuntimeError, TimeoutError, OSError) as e:
+        print(f"jizhi-redis-cluster: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

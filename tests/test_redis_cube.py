@@ -1,0 +1,274 @@
+"""A cube on a real Redis Cluster (3 masters, 1 replica each, on loopback), started by these tests.
+
+Needs Debian's redis-server; .ci/run installs it and sets JIZHI_REQUIRE_REDIS=1,
+so there a missing server fails instead of skipping.
+"""
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import assert_topk, demo_pipeline_text, wait_until, write_text
+from daemon_helpers import Load, jizhictl, jizhictl_ok
+from jizhi.bundle import Bundle
+from jizhi.cube import redis as R
+from jizhi.cube.build import read_all
+from jizhi.cube.signature import sign
+from jizhi.redis_local import LocalCluster, free_port_block, server_binary
+
+if server_binary() is None:
+    if os.environ.get("JIZHI_REQUIRE_REDIS"):
+        raise RuntimeError("JIZHI_REQUIRE_REDIS is set but redis-server is not installed")
+    pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("redis"), base_port=free_port_block(6), node_timeout_ms=1000)
+    c.start(timeout_s=60)
+    yield c
+    c.stop()
+    assert not any(c.pid(p) for p in c.ports)
+
+
+@pytest.fixture(scope="module")
+def cube(demo_bundle):
+    keys, vectors = read_all(Bundle(demo_bundle).cube_path)
+    return keys, vectors
+
+
+def expected(cube, q):
+    keys, vectors = cube
+    pos = np.minimum(np.searchsorted(keys, q), keys.shape[0] - 1)
+    found = keys[pos] == q
+    out = np.where(found[:, None], vectors[pos], 0.0).astype(np.float32)
+    return out, found
+
+
+def sample(cube, n=3000, absent=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.unique(np.concatenate([rng.choice(cube[0], n), rng.integers(1, 2 ** 63, absent, dtype=np.uint64)]))
+
+
+# --- pieces, without a cluster -------------------------------------------------
+
+
+def test_the_table_of_a_signature_is_found_by_inverting_the_hash(demo_bundle):
+    tables = R.bundle_tables(Bundle(demo_bundle))
+    names = [t[0] for t in tables]
+    assert "u_hist" not in names                  # a history shares i_id's table
+    for i, (name, fid, vocab) in enumerate(tables):
+        if name == "i_id":
+            continue
+        got = R.table_of(sign(fid, np.arange(1, vocab + 1)), tables, 0)
+        assert (got == i).all(), name
+    # entity ids (any int64) claim no bounded table: they are the rest
+    ids = np.random.default_rng(1).integers(10 ** 9, 2 ** 62, 1000)
+    assert (R.table_of(sign(10, ids), tables, 0) == len(tables)).all()
+
+
+def test_key_slots_agree_with_redis_rules():
+    assert R.keyslot(b"123456789") == 0x31C3 % 16384       # the CRC16 check value
+    assert R.keyslot(b"{user1000}.following") == R.keyslot(b"user1000")
+    assert R.keyslot(b"{}x") == R.crc16(b"{}x") % 16384      # an empty tag hashes the whole key
+    keyb = np.frombuffer(b"{}jz:a:1:" + bytes(range(8)) + b"{}jz:a:1:" + b"\x7b\x7d" * 4, dtype=np.uint8).reshape(2, -1)
+    slots = np.empty(2, dtype=np.int32)
+    R._slots(keyb.copy(), R.CRC_TABLE, slots)
+    assert list(slots) == [R.keyslot(bytes(k)) for k in keyb]
+
+
+def test_mget_replies_parse_the_same_in_any_chunking():
+    rng = np.random.default_rng(3)
+    k, rb = 40, 8
+    vals = rng.integers(0, 256, (k, rb), dtype=np.uint8)
+    present = rng.random(k) > 0.3
+    starts = np.array([0, 1, 5, 5 + 20, 26, 40], dtype=np.int64)
+    order = rng.permutation(k).astype(np.int64)
+    parts = []
+    for g in range(len(starts) - 1):
+        if g == 2:
+            parts.append(b"-MOVED 1234 127.0.0.1:7001\r\n")
+            continue
+        parts.append(b"*%d\r\n" % (starts[g + 1] - starts[g]))
+        for e in range(starts[g], starts[g + 1]):
+            key = order[e]
+            parts.append(b"$%d\r\n%s\r\n" % (rb, vals[key].tobytes()) if present[key] else b"$-1\r\n")
+    reply = np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
+    for chunk in (1, 7, 64, reply.shape[0]):
+        rows, found, status = np.zeros((k, rb), np.uint8), np.zeros(k, bool), np.zeros(k, np.uint8)
+        state = np.array([0, 0, -1], np.int64)
+        for n in range(chunk, reply.shape[0] + chunk, chunk):
+            assert R._parse_mget(reply, min(n, reply.shape[0]), state, starts, order, rows, found, status)
+        assert state[1] == len(starts) - 1
+        moved = order[starts[2]:starts[3]]
+        assert (status[moved] == 2).all()
+        rest = np.setdiff1d(np.arange(k), moved)
+        assert (status[rest] == 1).all()
+        assert (found[rest] == present[rest]).all() and not found[moved].any()
+        assert np.array_equal(rows[rest][present[rest]], vals[rest][present[rest]])
+
+
+# --- against the cluster --------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", R.STRATEGIES)
+def test_every_strategy_reads_back_exactly_the_local_cube(cluster, demo_bundle, cube, strategy):
+    b = Bundle(demo_bundle)
+    r = jizhictl("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", strategy)
+    assert r.returncode == 0, r.stderr
+    assert "117,560 keys" in r.stdout or "keys" in r.stdout
+    doc = json.loads(jizhictl_ok("cube", "layout", demo_bundle, "--redis", cluster.url, "--json"))
+    assert doc["strategy"] == strategy and doc["keys"] == cube[0].shape[0]
+    assert sum(t["keys"] for t in doc["tables"]) == cube[0].shape[0]
+    text = jizhictl_ok("cube", "layout", demo_bundle, "--redis", cluster.url)
+    trips = {"key": "round trips per lookup batch: 3", "table": "at most 3", "model": "at most 1"}[strategy]
+    assert trips in text
+    backend = R.RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=2000)
+    q = sample(cube)
+    vectors, found = backend.lookup(q)
+    want, want_found = expected(cube, q)
+    assert np.array_equal(found, want_found) and np.array_equal(vectors, want)
+    assert backend.degraded == 0
+    # one pipeline per master holding keys of the batch
+    assert backend.round_trips == (1 if strategy == "model" else 3)
+    backend.close()
+
+
+def test_a_cube_not_pushed_is_a_clear_error_and_a_bad_url_too(cluster):
+    with pytest.raises(LookupError, match="jizhictl cube push"):
+        R.RedisCube(f"{cluster.url}/nosuch/3", 32)
+    with pytest.raises(ValueError, match="NAME/VERSION"):
+        R.RedisCube(cluster.url, 32)
+    r = jizhictl("cube", "push", "/nonexistent-bundle", "--redis", cluster.url)
+    assert r.returncode == 2
+
+
+def test_a_frozen_shard_costs_one_budget_then_its_keys_degrade_and_recover(cluster, demo_bundle, cube):
+    b = Bundle(demo_bundle)
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "key")
+    backend = R.RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=100, retry_ms=300)
+    q = sample(cube, seed=5)
+    want, want_found = expected(cube, q)
+    master = cluster.masters_of(cluster.ports[0])[0]
+    pid = cluster.pid(master)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        v, f = backend.lookup(q)
+        took = time.monotonic() - t0
+        assert took < 2.0                       # bounded by the budget (100 ms), never a hang
+        assert 0 < backend.degraded < q.shape[0]
+        ok = f | ~want_found
+        assert f.sum() > 0 and np.array_equal(v[f], want[f])            # other shards still answer
+        assert not f[~ok].any() and (v[~f] == 0).all()                   # degraded keys read zeros
+        t0 = time.monotonic()
+        backend.lookup(q)                        # the frozen master is marked down: no second wait
+        assert time.monotonic() - t0 < took + 0.05
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(0.4)
+    wait_until(lambda: backend.lookup(q)[1].sum() == want_found.sum(), 20, interval_s=0.2,
+               what="the thawed master's keys")
+    v, f = backend.lookup(q)
+    assert np.array_equal(v, want)
+    assert backend.errors
+    backend.close()
+
+
+def remote_pipeline(tmp_path, url, timeout_ms=200):
+    return write_text(tmp_path / "redis.toml", demo_pipeline_text(
+        "redis", pool=1, batch=8,
+        options={"cube": [f'remote = "{url}/{{name}}/{{version}}?timeout_ms={timeout_ms}&retry_ms=200"',
+                          "disk_cache_keys = 2000"]}))
+
+
+def test_jizhid_scores_through_the_redis_cube_equal_the_local_cube_and_survive_a_master_kill(
+        cluster, launch, demo_bundle, demo_trace, trace_scores, tmp_path, capsys):
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "table")
+    server = launch.start(pipelines=(str(remote_pipeline(tmp_path, cluster.url)),),
+                          config_text="[cube]\nhot_tier_mb = 1\nhot_rebuild_s = 1.0\n")
+    # 1. same scores as the reference (the local cube), every level counted
+    with Load(server.endpoint, demo_trace, pipeline="default", clients=2, rate=30, deadline_ms=10_000) as load:
+        def remote_read():
+            c = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["redis"]
+            return c if c.get("remote_keys") and c.get("remote_round_trips") else None
+        wait_until(remote_read, 60, interval_s=0.5, what="reads from the Redis cube")
+    records = load.snapshot()
+    assert load.outcomes(records) == {"ok": len(records)}
+    for r in records:
+        user, items, _ = demo_trace[r["q"]]
+        assert_topk(r["reply"], items, trace_scores[r["q"]], 10)
+    # 2. kill -9 the master holding i_id (most of the remote reads) under load: requests keep being
+    # answered (degraded while the replica takes over), then the scores are exact again
+    doc = json.loads(jizhictl_ok("cube", "layout", demo_bundle, "--redis", cluster.url, "--json"))
+    unit = doc["units"][next(t["unit"] for t in doc["tables"] if t["name"] == "i_id")]
+    owner, nodes = R.slot_map(R.call("127.0.0.1", cluster.ports[0], ["CLUSTER", "SLOTS"]))
+    victim = nodes[owner[unit["slot"]]][1]
+    with Load(server.endpoint, demo_trace, pipeline="default", clients=2, rate=30, deadline_ms=10_000) as load:
+        time.sleep(1.0)
+        cluster.kill(victim)
+        wait_until(lambda: victim not in cluster.masters_of(next(p for p in cluster.ports if p != victim)),
+                   30, interval_s=0.2, what="the replica's promotion")
+        time.sleep(2.0)
+        t_after = time.monotonic()
+        time.sleep(2.0)
+    records = load.snapshot()
+    assert load.outcomes(records) == {"ok": len(records)}          # nothing lost, nothing refused
+    stats = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["redis"]
+    assert stats["remote_degraded"] > 0
+    late = [r for r in records if r["t_send"] > t_after]
+    assert late
+    for r in late:
+        user, items, _ = demo_trace[r["q"]]
+        assert_topk(r["reply"], items, trace_scores[r["q"]], 10)
+    with capsys.disabled():
+        print(f"\nredis cube: master {victim} killed; {len(records)} requests answered, "
+              f"{stats['remote_degraded']:,} keys degraded during the failover, exact after it")
+    assert server.stop() == 0
+    cluster.start_node(victim)                 # it rejoins as a replica
+    cluster.wait_ok(30)
+
+
+def test_a_stopped_cluster_degrades_the_scores_and_they_recover_when_it_returns(
+        cluster, launch, demo_bundle, demo_trace, trace_scores, tmp_path):
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "key")
+    server = launch.start(pipelines=(str(remote_pipeline(tmp_path, cluster.url, timeout_ms=100)),),
+                          config_text="[cube]\nhot_tier_mb = 1\nhot_rebuild_s = 1.0\n")
+    pids = [cluster.pid(p) for p in cluster.ports]
+    with server.client(timeout_s=10) as c:
+        user, items, _ = demo_trace[0]
+        c.score(user, items, pipeline="default", deadline_ms=5000)
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            answered = []
+            for q in range(1, 9):
+                user, items, _ = demo_trace[q]
+                r = c.score(user, items, pipeline="default", deadline_ms=5000)
+                answered.append(r.ok)
+            assert all(answered)
+            assert time.monotonic() - t0 < 8 * 1.5          # each request bounded, no hang
+            stats = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["redis"]
+            assert stats["remote_degraded"] > 0
+        finally:
+            for p in pids:
+                os.kill(p, signal.SIGCONT)
+        cluster.wait_ok(30)
+
+        def exact():
+            degraded = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["redis"][
+                "remote_degraded"]
+            user, items, _ = demo_trace[10]
+            r = c.score(user, items, pipeline="default", deadline_ms=5000)
+            again = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["redis"][
+                "remote_degraded"]
+            return r if again == degraded else None
+        wait_until(exact, 30, interval_s=0.5, what="lookups without degradation")
+        for q in range(11, 16):
+            user, items, _ = demo_trace[q]
+            assert_topk(c.score(user, items, pipeline="default", deadline_ms=5000), items, trace_scores[q], 10)
+    assert server.stop() == 0

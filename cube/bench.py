@@ -58,6 +58,12 @@ def trace_lookups(version_dir, trace_path=None, requests=500, candidates=500, se
     cube_accessor would pool, deduplicated within the request. Returns
     ``(keys uint64 [L], requests)``: the requests' key sets concatenated.
     """
+    sets = request_key_sets(version_dir, trace_path, requests, candidates, seed, log)
+    return np.concatenate(sets), len(sets)
+
+
+def request_key_sets(version_dir, trace_path=None, requests=500, candidates=500, seed=1, log=None, limit=None):
+    """Per request of the trace (the first ``limit``), its sorted distinct signatures (see ``trace_lookups``)."""
     from jizhi.bundle import Bundle
     from jizhi.cube.pooling import valid_signatures
     from jizhi.workers.data_reader import DataReader
@@ -86,7 +92,7 @@ def trace_lookups(version_dir, trace_path=None, requests=500, candidates=500, se
     reader.setup({"on_unknown": "default"}, bundle)
     features.setup({}, bundle)
     out = []
-    for r in range(users.shape[0]):
+    for r in range(users.shape[0] if limit is None else min(limit, users.shape[0])):
         a, b = offsets[r], offsets[r + 1]
         batch = Batch(users[r:r + 1], np.full(1, 10, np.int64), np.zeros(1, bool), np.full(1, np.inf),
                       np.array([0, b - a], np.int64), {"item_ids": items[a:b]})
@@ -95,7 +101,7 @@ def trace_lookups(version_dir, trace_path=None, requests=500, candidates=500, se
         sigs = np.concatenate([valid_signatures(batch["user_sigs"], batch["user_lens"]),
                                valid_signatures(batch["item_sigs"], batch["item_lens"])])
         out.append(np.unique(sigs))
-    return np.concatenate(out), users.shape[0]
+    return out
 
 
 def skew(lookups, cube_keys, requests):

@@ -175,7 +175,7 @@ def manage_main(argv=None):
     signal.signal(signal.SIGTERM, lambda s, f: running.__setitem__(0, False))
     os.makedirs(args.env, exist_ok=True)
     cache = DiskCache(args.env, args.dim, args.capacity)
-    backend = open_backend(args.remote, args.dim)
+    backend = open_backend(args.remote, args.dim, background=True)
     stats = Stats.attach({"segment": args.stats_segment, "rows": args.stats_rows})
     rows = [int(r) for r in args.rows.split(",") if r]
     counts = KeyCounts(limit=4 * args.capacity)

@@ -457,7 +457,7 @@ def build_main(argv=None):
     max_keys = keys_for_budget(args.budget_bytes, args.dim)
     if args.remote:
         from jizhi.cube.remote import open_backend
-        cube = open_backend(args.remote, args.dim)
+        cube = open_backend(args.remote, args.dim, background=True)
         keys = np.load(args.keys) if args.keys else np.zeros(0, np.uint64)
         total = -1      # unknown: the tier holds part of it, rebuilt from the most used keys
     else:

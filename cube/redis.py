@@ -64,6 +64,11 @@ from jizhi.cube.remote import Backend
 log = logging.getLogger("jizhi.cube.redis")
 
 SLOTS = 16384
+MAX_KEYS_PER_LOOKUP = 65_536
+# Redis runs one command at a time: a MGET of tens of thousands of keys would hold a shard (and every
+# request waiting on it) for tens of milliseconds, so a command carries at most this many keys; the
+# commands of a pipeline interleave with other clients'.
+MAX_KEYS_PER_COMMAND = 1024
 STRATEGIES = ("key", "table", "model")
 FORMAT = 1
 
@@ -619,11 +624,26 @@ def _grown(arr, n):
     return arr if arr.shape[0] >= n else np.empty(max(n, 2 * arr.shape[0]), dtype=np.uint8)
 
 
+def command_starts(s, per_command=MAX_KEYS_PER_COMMAND):
+    """Boundaries of the MGETs of keys sorted by slot ``s``: a new command at every slot change
+    and every ``per_command`` keys within a slot. int64 [C + 1]."""
+    n = s.shape[0]
+    first = np.concatenate(([0], np.flatnonzero(np.diff(s)) + 1)).astype(np.int64)
+    run = np.repeat(first, np.diff(np.concatenate((first, [n]))))          # each key's slot-run start
+    rank = np.arange(n, dtype=np.int64) - run
+    cuts = np.flatnonzero(rank % per_command == 0)
+    return np.concatenate((cuts, [n])).astype(np.int64)
+
+
 class RedisCube(Backend):
     """The cube of one pushed bundle, read from Redis Cluster (see the module docstring)."""
 
-    def __init__(self, url, dim=None, timeout_ms=None, retry_ms=None, refresh_ms=None):
+    def __init__(self, url, dim=None, timeout_ms=None, retry_ms=None, refresh_ms=None, background=False):
+        """``background``: a hot-tier builder's or disk-cache manager's reader: big batches go in
+        pieces of 8,192 keys with a 5 ms pause between them, so they never crowd out requests."""
         super().__init__()
+        self.piece = 8192 if background else MAX_KEYS_PER_LOOKUP
+        self.pause_s = 0.005 if background else 0.0
         seeds, name, version, opts = parse_url(url)
         if name is None:
             raise ValueError(f"{url!r}: name the pushed bundle: redis://HOST:PORT/NAME/VERSION")
@@ -694,8 +714,19 @@ class RedisCube(Backend):
     # -- reads --
 
     def lookup(self, keys):
-        t0 = time.thread_time_ns()
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        if keys.shape[0] <= self.piece:
+            return self._lookup(keys)
+        # a big batch (hot-tier build, disk cache fill): in bounded pieces
+        parts = []
+        for i in range(0, keys.shape[0], self.piece):
+            if i and self.pause_s:
+                time.sleep(self.pause_s)
+            parts.append(self._lookup(keys[i:i + self.piece]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _lookup(self, keys):
+        t0 = time.thread_time_ns()
         k = keys.shape[0]
         self.calls += 1
         self.keys_read += k
@@ -752,8 +783,7 @@ class RedisCube(Backend):
             if now < node.down_until:
                 status[keys_of] = 3
                 continue
-            s = slots[keys_of]
-            starts = np.concatenate(([0], np.flatnonzero(np.diff(s)) + 1, [keys_of.shape[0]])).astype(np.int64)
+            starts = command_starts(slots[keys_of])
             if not self._send(node, keyb, keys_of, starts, deadline):
                 status[keys_of] = 3
                 continue
@@ -889,13 +919,7 @@ def push(bundles, url, strategy="key", progress=None, chunk_keys=20_000, per_com
             order = np.lexsort((slots, owner))
             for m in np.unique(owner):
                 sel = order[owner[order] == m]
-                s = slots[sel]
-                cuts = np.flatnonzero(np.diff(s)) + 1
-                starts = [0]
-                for a, z in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [sel.shape[0]]))):
-                    starts.extend(range(int(a) + per_command, int(z), per_command))
-                    starts.append(int(z))
-                starts = np.array(sorted(set(starts)), dtype=np.int64)
+                starts = command_starts(slots[sel], per_command)
                 kl = keyb.shape[1]
                 buf = np.empty(sel.shape[0] * (kl + vals.shape[1] + 24) + starts.shape[0] * 32, dtype=np.uint8)
                 n = _encode(keyb, vals[part], sel, starts, np.frombuffer(b"$%d\r\n" % kl, dtype=np.uint8),

@@ -60,8 +60,16 @@ def remote_url(template, bundle):
     return template.format(cube=bundle.cube_path, name=bundle.name, version=bundle.version)
 
 
-def open_backend(url, dim):
-    """A backend from its URL (see the module docstring). Raises ValueError for an unknown scheme."""
+BACKGROUND_TIMEOUT_MS = 30_000
+
+
+def open_backend(url, dim, background=False):
+    """A backend from its URL (see the module docstring). Raises ValueError for an unknown scheme.
+
+    ``background``: for the hot-tier builder and the disk-cache manager, whose batches are large
+    and wait for no request: a Redis lookup gets ``BACKGROUND_TIMEOUT_MS`` instead of the URL's
+    ``timeout_ms`` (a request's budget).
+    """
     u = urlparse(url)
     q = {k: v[-1] for k, v in parse_qs(u.query).items()}
     if u.scheme == "slow+file":
@@ -69,6 +77,6 @@ def open_backend(url, dim):
                          per_key_us=float(q.get("per_key_us", 0.0)))
     if u.scheme == "redis":
         from jizhi.cube.redis import RedisCube
-        return RedisCube(url, dim)
+        return RedisCube(url, dim, timeout_ms=BACKGROUND_TIMEOUT_MS if background else None, background=background)
     raise ValueError(f"unknown cube backend {url!r} (known: slow+file://PATH?delay_ms=..&per_key_us=.., "
                      f"redis://HOST:PORT[,HOST:PORT]/NAME/VERSION)")

@@ -5,7 +5,8 @@
 
 Needs Debian's redis-server and, for the baseline, redis-py (``pip install -e '.[redis-baseline]'``).
 Everything runs on this machine: a local Redis Cluster of 3 masters with 1 replica each
-(jizhi.redis_local, loopback ports --base-port..+5, node timeout 2 s) and one jizhid at a time.
+(jizhi.redis_local, loopback ports --base-port..+5, node timeout 2 s; with --netns each node a
+separate host in its own network namespace behind a veth link) and one jizhid at a time.
 
 1. Client CPU per request: the distinct signatures of each of the first --client-requests trace
    requests (the real reader and feature stages; ~2,000 keys a request) read straight from the
@@ -113,7 +114,7 @@ def client_cpu(cluster, bundle, sets, strategies):
                "jizhi_wall_ms": round(1000 * statistics.median(wall), 3),
                "round_trips_per_request": float(np.mean(trips))}
         if RedisCluster is not None:
-            rc = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in cluster.ports],
+            rc = RedisCluster(startup_nodes=[ClusterNode(cluster.host(p), p) for p in cluster.ports],
                               decode_responses=False)
             layout = cube.layout
             rkeys = []
@@ -185,6 +186,8 @@ def main():
     ap.add_argument("--trace", default="/tmp/jzb/trace30k.npz")
     ap.add_argument("--work", default="/tmp/jzb/redis-bench")
     ap.add_argument("--base-port", type=int, default=7200, help="the cluster's first port")
+    ap.add_argument("--netns", action="store_true", help="run every Redis node as a separate host (its own "
+                    "network namespace and veth link; root)")
     ap.add_argument("--port", type=int, default=5641, help="jizhid's frontend port")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=float, default=20.0)
@@ -209,13 +212,13 @@ def main():
     settings = args.settings.split(",")
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
               "cpus": os.cpu_count(), "args": vars(args)}
-    cluster = LocalCluster(work / "cluster", base_port=args.base_port, node_timeout_ms=2000)
+    cluster = LocalCluster(work / "cluster", base_port=args.base_port, node_timeout_ms=2000, netns=args.netns)
     cluster.start()
     try:
         log(f"cluster up: {cluster.url}")
         sets = request_key_sets(str(version), args.trace, limit=args.client_requests)
         result["client"] = client_cpu(cluster, bundle, sets, strategies)
-        url = f"redis://127.0.0.1:{args.base_port},127.0.0.1:{args.base_port + 1}/{{name}}/{{version}}?timeout_ms=50"
+        url = f"{cluster.url}/{{name}}/{{version}}?timeout_ms=50"
         result["capacity"], result["points"] = {}, []
         seed = 1
         given = dict((k, float(v)) for k, v in (x.split("=") for x in args.capacity.split(",") if x))

@@ -13,9 +13,16 @@ base_port + 5``, each node in its own directory under ``DIR`` (its
 ``init`` only writes the node configurations; the systemd units in
 ``etc/systemd/`` (``jizhi-redis@.service`` per node, one-shot
 ``jizhi-redis-cluster.service`` to join them) run the same nodes under
-systemd. Nothing listens on anything but 127.0.0.1. Persistence is off
+systemd. Nothing listens on anything but 127.0.0.1 (or, with ``--netns``, the
+nodes' own private addresses). Persistence is off
 (``save ""``, ``appendonly no``): the cube is pushed again after a restart of
 the whole cluster, while a single node restarted rejoins from its replica.
+
+With ``--netns`` (root, iproute2) every node runs as a separate host: its own
+network namespace with a veth link to a bridge in the caller's namespace,
+address ``10.231.<K>.<10 + i>`` (K from the base port), so node-to-node and
+client-to-node traffic crosses a real network stack and link, not loopback.
+``stop`` removes the namespaces and the bridge.
 
 The tests use ``LocalCluster`` directly (start, stop, kill a master, wait for
 the failover).
@@ -32,8 +39,8 @@ from pathlib import Path
 
 CONF = """# written by jizhi-redis-cluster init; one node of a local cluster
 port {port}
-bind 127.0.0.1
-protected-mode yes
+bind {host}
+protected-mode {protected}
 cluster-enabled yes
 cluster-config-file nodes.conf
 cluster-node-timeout {node_timeout_ms}
@@ -65,6 +72,9 @@ def cli_binary():
     return None
 
 
+from jizhi.cube.redis import RedisError  # noqa: E402
+
+
 def command(port, *args, timeout_s=2.0, host="127.0.0.1"):
     """One command to one node; the decoded reply (cube/redis.py's small RESP reader)."""
     from jizhi.cube.redis import call
@@ -72,19 +82,68 @@ def command(port, *args, timeout_s=2.0, host="127.0.0.1"):
 
 
 class LocalCluster:
-    """``masters`` x (1 + ``replicas``) redis-server processes on 127.0.0.1, one directory each."""
+    """``masters`` x (1 + ``replicas``) redis-server processes on 127.0.0.1 (or separate namespaces), one directory each."""
 
-    def __init__(self, root, base_port=7000, masters=3, replicas=1, node_timeout_ms=2000):
+    def __init__(self, root, base_port=7000, masters=3, replicas=1, node_timeout_ms=2000, netns=False):
         self.root = Path(root)
         self.base_port = int(base_port)
         self.masters = int(masters)
         self.replicas = int(replicas)
         self.node_timeout_ms = int(node_timeout_ms)
+        self.netns = bool(netns)
         meta = self.root / "cluster.json"
         if meta.exists():
             m = json.loads(meta.read_text())
             self.base_port, self.masters, self.replicas = m["base_port"], m["masters"], m["replicas"]
-            self.node_timeout_ms = m["node_timeout_ms"]
+            self.node_timeout_ms, self.netns = m["node_timeout_ms"], m.get("netns", False)
+
+    # -- hosts: loopback, or one network namespace per node --
+
+    @property
+    def _net(self):
+        return self.base_port % 250 + 1
+
+    def host(self, port):
+        if not self.netns:
+            return "127.0.0.1"
+        return f"10.231.{self._net}.{10 + port - self.base_port}"
+
+    def _ns(self, port):
+        return f"jzr{self._net}n{port - self.base_port}"
+
+    def _bridge(self):
+        return f"jzbr{self._net}"
+
+    def _ip(self, *args, ns=None, check=True):
+        cmd = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if check and r.returncode:
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+        return r
+
+    def _make_hosts(self):
+        """The bridge and one namespace + veth per node (idempotent)."""
+        br = self._bridge()
+        if self._ip("link", "show", br, check=False).returncode:
+            self._ip("link", "add", br, "type", "bridge")
+            self._ip("addr", "add", f"10.231.{self._net}.1/24", "dev", br)
+            self._ip("link", "set", br, "up")
+        for port in self.ports:
+            ns, veth = self._ns(port), f"jzv{self._net}n{port - self.base_port}"
+            if self._ip("link", "show", veth, check=False).returncode == 0:
+                continue
+            self._ip("netns", "add", ns, check=False)
+            self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self._ip("link", "set", veth, "master", br)
+            self._ip("link", "set", veth, "up")
+            self._ip("addr", "add", f"{self.host(port)}/24", "dev", "eth0", ns=ns)
+            self._ip("link", "set", "eth0", "up", ns=ns)
+            self._ip("link", "set", "lo", "up", ns=ns)
+
+    def _remove_hosts(self):
+        for port in self.ports:
+            self._ip("netns", "del", self._ns(port), check=False)
+        self._ip("link", "del", self._bridge(), check=False)
 
     @property
     def ports(self):
@@ -92,8 +151,8 @@ class LocalCluster:
 
     @property
     def url(self):
-        """The seed list a jizhi cube URL starts with: ``redis://127.0.0.1:P1,127.0.0.1:P2,...``."""
-        return "redis://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        """The seed list a jizhi cube URL starts with: ``redis://HOST1:P1,HOST2:P2,...``."""
+        return "redis://" + ",".join(f"{self.host(p)}:{p}" for p in self.ports)
 
     def node_dir(self, port):
         return self.root / str(port)
@@ -104,11 +163,14 @@ class LocalCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "cluster.json").write_text(json.dumps(
             {"base_port": self.base_port, "masters": self.masters, "replicas": self.replicas,
-             "node_timeout_ms": self.node_timeout_ms}))
+             "node_timeout_ms": self.node_timeout_ms, "netns": self.netns}))
         for port in self.ports:
             d = self.node_dir(port)
             d.mkdir(exist_ok=True)
-            (d / "redis.conf").write_text(CONF.format(port=port, dir=d.resolve(),
+            # protected mode refuses every client not on loopback: off only for the namespaced hosts,
+            # whose addresses exist only on this machine's private bridge
+            (d / "redis.conf").write_text(CONF.format(port=port, dir=d.resolve(), host=self.host(port),
+                                                      protected="no" if self.netns else "yes",
                                                       node_timeout_ms=self.node_timeout_ms))
 
     def pid(self, port):
@@ -121,16 +183,19 @@ class LocalCluster:
 
     def alive(self, port):
         try:
-            return command(port, "PING", timeout_s=0.5) == "PONG"
-        except OSError:
+            return command(port, "PING", timeout_s=0.5, host=self.host(port)) == "PONG"
+        except (OSError, RedisError):
             return False
 
     def start_node(self, port):
         if self.alive(port):
             return
         d = self.node_dir(port)
-        subprocess.run([server_binary(), str(d / "redis.conf"), "--daemonize", "yes"], check=True,
-                       stdout=subprocess.DEVNULL)
+        argv = [server_binary(), str(d / "redis.conf"), "--daemonize", "yes"]
+        if self.netns:
+            self._make_hosts()
+            argv = ["ip", "netns", "exec", self._ns(port)] + argv
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
         end = time.monotonic() + 10
         while not self.alive(port):
             if time.monotonic() > end:
@@ -153,14 +218,14 @@ class LocalCluster:
         cli = cli_binary()
         if cli is None:
             raise RuntimeError("redis-cli not found (Debian's redis-tools)")
-        args = [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+        args = [cli, "--cluster", "create", *[f"{self.host(p)}:{p}" for p in self.ports],
                 "--cluster-replicas", str(self.replicas), "--cluster-yes"]
         r = subprocess.run(args, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout[-800:]} {r.stderr[-800:]}")
 
     def cluster_info(self, port):
-        text = command(port, "CLUSTER", "INFO")
+        text = command(port, "CLUSTER", "INFO", host=self.host(port))
         text = text.decode() if isinstance(text, bytes) else text
         return dict(line.split(":", 1) for line in text.split("\r\n") if ":" in line)
 
@@ -185,7 +250,7 @@ class LocalCluster:
     def masters_of(self, port):
         """Sorted ports of the masters serving slots, as ``port`` sees them."""
         from jizhi.cube.redis import slot_map
-        _, nodes = slot_map(command(port, "CLUSTER", "SLOTS"))
+        _, nodes = slot_map(command(port, "CLUSTER", "SLOTS", host=self.host(port)))
         return sorted(p for _, p in nodes)
 
     def kill(self, port, sig=signal.SIGKILL):
@@ -222,13 +287,15 @@ class LocalCluster:
                     os.kill(p, signal.SIGKILL)
                 except OSError:
                     pass
+        if self.netns:
+            self._remove_hosts()
 
     def status(self):
         out = []
         for port in self.ports:
             state = "down"
             if self.alive(port):
-                role = command(port, "ROLE")[0]
+                role = command(port, "ROLE", host=self.host(port))[0]
                 role = role.decode() if isinstance(role, bytes) else role
                 state = f"{role} {self.cluster_info(port).get('cluster_state')}"
             out.append((port, self.pid(port), state))
@@ -260,8 +327,11 @@ def main(argv=None):
     ap.add_argument("--replicas", type=int, default=1, help="replicas per master")
     ap.add_argument("--node-timeout-ms", type=int, default=2000,
                     help="cluster-node-timeout: how long a master may be silent before its replica takes over")
+    ap.add_argument("--netns", action="store_true",
+                    help="init: run every node as a separate host (its own network namespace, a veth link to a "
+                         "bridge; needs root and iproute2)")
     a = ap.parse_args(argv)
-    c = LocalCluster(a.dir, a.base_port, a.masters, a.replicas, a.node_timeout_ms)
+    c = LocalCluster(a.dir, a.base_port, a.masters, a.replicas, a.node_timeout_ms, netns=a.netns)
     try:
         if a.action == "init":
             c.init()

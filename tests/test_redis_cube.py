@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_topk, demo_pipeline_text, wait_until, write_text
-from daemon_helpers import Load, jizhictl, jizhictl_ok
+from daemon_helpers import JIZHICTL, Load, jizhictl, jizhictl_ok
 from jizhi.bundle import Bundle
 from jizhi.cube import redis as R
 from jizhi.cube.build import read_all
@@ -53,6 +53,11 @@ def sample(cube, n=3000, absent=50, seed=0):
     return np.unique(np.concatenate([rng.choice(cube[0], n), rng.integers(1, 2 ** 63, absent, dtype=np.uint64)]))
 
 
+def jizhictl_tool(name, *args):
+    import subprocess
+    return subprocess.run([str(JIZHICTL.parent / name), *args], capture_output=True, text=True, timeout=60)
+
+
 # --- pieces, without a cluster -------------------------------------------------
 
 
@@ -78,6 +83,12 @@ def test_key_slots_agree_with_redis_rules():
     slots = np.empty(2, dtype=np.int32)
     R._slots(keyb.copy(), R.CRC_TABLE, slots)
     assert list(slots) == [R.keyslot(bytes(k)) for k in keyb]
+
+
+def test_commands_split_at_slot_changes_and_at_the_per_command_limit():
+    s = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 3])
+    assert list(R.command_starts(s, 2)) == [0, 2, 3, 5, 7, 9, 10]
+    assert list(R.command_starts(np.full(5, 7), 1024)) == [0, 5]
 
 
 def test_mget_replies_parse_the_same_in_any_chunking():
@@ -135,6 +146,23 @@ def test_every_strategy_reads_back_exactly_the_local_cube(cluster, demo_bundle, 
     # one pipeline per master holding keys of the batch
     assert backend.round_trips == (1 if strategy == "model" else 3)
     backend.close()
+
+
+def test_the_cluster_tool_reports_each_node_and_background_readers_get_a_long_budget(cluster, demo_bundle, cube):
+    r = jizhictl_tool("jizhi-redis-cluster", "status", str(cluster.root))
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 6
+    assert sum(" master ok" in ln for ln in lines) == 3 and sum(" slave ok" in ln for ln in lines) == 3
+    from jizhi.cube.remote import BACKGROUND_TIMEOUT_MS, open_backend
+    b = Bundle(demo_bundle)
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "model")
+    url = f"{cluster.url}/{b.name}/{b.version}?timeout_ms=1"
+    background = open_backend(url, b.dim, background=True)
+    assert background.timeout_s == BACKGROUND_TIMEOUT_MS / 1000
+    vectors, found = background.lookup(cube[0])          # every key, in bounded pieces
+    assert found.all() and np.array_equal(vectors, cube[1]) and background.degraded == 0
+    assert background.round_trips == -(-cube[0].shape[0] // background.piece)      # one master: model
+    background.close()
 
 
 def test_a_cube_not_pushed_is_a_clear_error_and_a_bad_url_too(cluster):

@@ -451,7 +451,8 @@ def build_main(argv=None):
     ap.add_argument("--keys", help=".npy of the keys to hold, hottest first (default: the cube's keys, "
                                    "when they all fit)")
     ap.add_argument("--remote", help="read vectors from this backend (cube/remote.py) instead of --cube; "
-                                     "without --keys the table starts empty (a remote cube is not listed)")
+                                     "without --keys: the whole cube when the backend can list it and it "
+                                     "fits the budget, else the table starts empty")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     max_keys = keys_for_budget(args.budget_bytes, args.dim)
@@ -460,6 +461,10 @@ def build_main(argv=None):
         cube = open_backend(args.remote, args.dim, background=True)
         keys = np.load(args.keys) if args.keys else np.zeros(0, np.uint64)
         total = -1      # unknown: the tier holds part of it, rebuilt from the most used keys
+        count = cube.key_count() if hasattr(cube, "key_count") else -1
+        if args.keys is None and 0 < count <= max_keys:
+            # a remote cube that fits the budget is held whole, as a local one is: listed from its shards
+            keys, total = cube.all_keys(), count
     else:
         from jizhi.cube.store import open_cube
         cube = open_cube(args.cube, args.dim)

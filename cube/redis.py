@@ -33,19 +33,27 @@ Reads
 -----
 ``RedisCube.lookup(keys)`` computes every key's slot (CRC16, Numba), groups a
 batch by the master that owns the slot, and sends each master one pipeline of
-MGETs (one per slot present: for a tagged unit, one MGET of all its keys).
+MGETs (one per slot present, at most 1,024 keys each: for a tagged unit, one
+MGET per 1,024 of its keys).
 Commands are encoded and replies parsed by Numba kernels straight into the
 output rows: no Python object per key. The masters are written to first and
 read together (poll), so a batch costs one round trip of the slowest master.
 
-Failures never hang a request: a lookup has a time budget (``timeout_ms``).
-A master that refuses, times out or breaks the protocol is closed, marked
-down for ``retry_ms``, and its keys read the default vector (zeros) and are
-counted as ``degraded``; ``MOVED``/``ASK`` replies and failures make the
-client reload the slot map (at most every ``refresh_ms``) and retry those
-keys once within the budget, which is how a replica promoted by a failover
-takes over. Keys the levels above hold (disk cache, hot tier) are still
-served while a shard is down.
+Failures never hang a request: a lookup has a time budget (``timeout_ms``)
+that bounds everything it does, connects and slot-map reloads included (a
+connect gets at most a third of it, and masters already connected are
+written first). A master that refuses, times out or breaks the protocol is
+closed, marked down for ``retry_ms``, and its keys read the default vector
+(zeros) and are counted as ``degraded``. A ``MOVED`` reply sends its keys to
+the master it names at once; a failure reloads the slot map (at most every
+``refresh_ms``, live masters asked first); either way those keys are retried
+once within the budget, which is how a replica promoted by a failover takes
+over. Not followed: ``ASK`` and ``TRYAGAIN`` (a slot in the middle of a
+reshard's migration): those keys degrade, counted by kind, until the
+migration ends. Keys the levels above hold (disk cache, hot tier) are still
+served while a shard is down. A cube that was not pushed is an error at
+start; a cluster unreachable at start is retried every ``retry_ms`` within a
+lookup's budget, lookups degrading meanwhile.
 
 URL: ``redis://HOST:PORT[,HOST:PORT...]/NAME/VERSION?timeout_ms=50&retry_ms=250&refresh_ms=250``.
 """
@@ -64,6 +72,7 @@ from jizhi.cube.remote import Backend
 log = logging.getLogger("jizhi.cube.redis")
 
 SLOTS = 16384
+MASK64 = (1 << 64) - 1
 MAX_KEYS_PER_LOOKUP = 65_536
 # Redis runs one command at a time: a MGET of tens of thousands of keys would hold a shard (and every
 # request waiting on it) for tens of milliseconds, so a command carries at most this many keys; the
@@ -153,7 +162,7 @@ def _classify(keys, seed, fk, vocab, unit_of, rest, out):
 def table_of(keys, tables, seed):
     """Index into ``tables`` [(name, field id, vocab)] of each key's table; ``len(tables)`` for none."""
     out = np.empty(keys.shape[0], dtype=np.int32)
-    _classify(np.ascontiguousarray(keys, dtype=np.uint64), np.uint64(seed),
+    _classify(np.ascontiguousarray(keys, dtype=np.uint64), np.uint64(int(seed) & MASK64),
               np.array([(int(fid) * _K1) % (1 << 64) for _, fid, _ in tables], dtype=np.uint64),
               np.array([int(v) for _, _, v in tables], dtype=np.uint64),
               np.arange(len(tables), dtype=np.int32), np.int32(len(tables)), out)
@@ -230,11 +239,12 @@ def _read_int(buf, p, n):
 
 
 @njit(cache=True, nogil=True)
-def _parse_mget(buf, n, state, starts, order, rows, found, status):
+def _parse_mget(buf, n, state, starts, order, rows, found, status, errat):
     # Parses MGET replies from buf[state[0]:n], writing values into rows[key] and status[key]:
     # 1 answered (found or absent), 2 MOVED/ASK, 3 another error or a value of the wrong length.
     # state = [pos, cmd, elem]: where parsing resumes (elem < 0: at the start of command cmd's reply,
-    # else at element elem of its array), updated in place. Returns False on a protocol error.
+    # else at element elem of its array), updated in place. errat[cmd]: where an error reply's line
+    # starts (for the caller to read MOVED targets). Returns False on a protocol error.
     rb = rows.shape[1]
     C = starts.shape[0] - 1
     pos, cmd, elem = state[0], state[1], state[2]
@@ -264,6 +274,8 @@ def _parse_mget(buf, n, state, starts, order, rows, found, status):
                                         (buf[p + 1] == 65 and buf[p + 2] == 83))
                 for e in range(k0, k1):
                     status[order[e]] = 2 if redirect else 3
+                if t == 45:
+                    errat[cmd] = p
                 pos = q + 2
                 cmd += 1
                 continue
@@ -325,10 +337,19 @@ class _Reader:
     def __init__(self, sock):
         self.sock = sock
         self.buf = b""
+        self.deadline = None
+
+    def _recv(self, n):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no reply within the deadline")
+            self.sock.settimeout(left)
+        return self.sock.recv(n)
 
     def _line(self):
         while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
+            chunk = self._recv(65536)
             if not chunk:
                 raise ConnectionError("connection closed by the server")
             self.buf += chunk
@@ -337,7 +358,7 @@ class _Reader:
 
     def _exact(self, n):
         while len(self.buf) < n + 2:
-            chunk = self.sock.recv(max(65536, n + 2 - len(self.buf)))
+            chunk = self._recv(max(65536, n + 2 - len(self.buf)))
             if not chunk:
                 raise ConnectionError("connection closed by the server")
             self.buf += chunk
@@ -362,11 +383,21 @@ class _Reader:
         raise ConnectionError(f"not a RESP reply: {line[:40]!r}")
 
 
-def call(host, port, args, timeout_s=2.0):
-    """One command on a new connection; its reply (an error reply raises RedisError)."""
+def call(host, port, args, timeout_s=2.0, deadline=None):
+    """One command on a new connection; its reply (an error reply raises RedisError).
+
+    ``timeout_s`` bounds each socket operation; ``deadline`` (time.monotonic) the whole call.
+    """
+    if deadline is not None:
+        timeout_s = min(timeout_s, deadline - time.monotonic())
+        if timeout_s <= 0:
+            raise TimeoutError(f"{host}:{port}: no time left")
     with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
         s.sendall(_encode_command(args))
-        r = _Reader(s).reply()
+        rd = _Reader(s)
+        if deadline is not None:
+            rd.deadline = deadline
+        r = rd.reply()
     if isinstance(r, RedisError):
         raise r
     return r
@@ -380,14 +411,16 @@ def pipeline(host, port, commands, timeout_s=10.0):
         return [rd.reply() for _ in commands]
 
 
-def slot_map(reply):
-    """``(slot -> node index int32[16384] (-1: unserved), [(host, port)])`` from a CLUSTER SLOTS reply."""
+def slot_map(reply, asked="127.0.0.1"):
+    """``(slot -> node index int32[16384] (-1: unserved), [(host, port)])`` from a CLUSTER SLOTS reply.
+
+    ``asked``: the host the reply came from (a node that names no endpoint means that host)."""
     owner = np.full(SLOTS, -1, dtype=np.int32)
     nodes = []
     for entry in reply:
         lo, hi, master = int(entry[0]), int(entry[1]), entry[2]
         host = master[0].decode() if isinstance(master[0], bytes) else master[0]
-        addr = (host or "127.0.0.1", int(master[1]))
+        addr = (host if host and host != "?" else asked, int(master[1]))
         if addr not in nodes:
             nodes.append(addr)
         owner[lo:hi + 1] = nodes.index(addr)
@@ -435,12 +468,21 @@ class Cluster:
         self.nodes = []
         self.refreshed = 0.0
 
-    def refresh(self, timeout_s=None):
-        """Reload the slot map; True when a node answered."""
+    def refresh(self, timeout_s=None, deadline=None, avoid=()):
+        """Reload the slot map; True when a node answered.
+
+        Asks the known masters, then the seeds, those in ``avoid`` (marked down) last, each for at
+        most ``timeout_s`` and all together until ``deadline`` (time.monotonic) if given.
+        """
         last = None
-        for host, port in dict.fromkeys(self.nodes + self.seeds):
+        order = list(dict.fromkeys(self.nodes + self.seeds))
+        order = [a for a in order if a not in avoid] + [a for a in order if a in avoid]
+        for host, port in order:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             try:
-                owner, nodes = slot_map(call(host, port, ["CLUSTER", "SLOTS"], timeout_s or self.timeout_s))
+                owner, nodes = slot_map(call(host, port, ["CLUSTER", "SLOTS"], timeout_s or self.timeout_s,
+                                             deadline=deadline), asked=host)
             except (OSError, RedisError, ValueError) as e:
                 last = e
                 continue
@@ -452,16 +494,18 @@ class Cluster:
         log.debug("no node of %s answered CLUSTER SLOTS: %s", self.seeds, last)
         return False
 
-    def command(self, args, timeout_s=None):
+    def command(self, args, timeout_s=None, deadline=None):
         """A single-key or keyless command on any node that answers, following one MOVED redirect."""
         last = None
         for host, port in dict.fromkeys(self.nodes + self.seeds):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             try:
-                return call(host, port, args, timeout_s or self.timeout_s)
+                return call(host, port, args, timeout_s or self.timeout_s, deadline=deadline)
             except RedisError as e:
                 if str(e).startswith("MOVED"):
                     h, _, p = str(e).split()[2].rpartition(":")
-                    return call(h or host, int(p), args, timeout_s or self.timeout_s)
+                    return call(h or host, int(p), args, timeout_s or self.timeout_s, deadline=deadline)
                 raise
             except OSError as e:
                 last = e
@@ -495,7 +539,7 @@ class Layout:
         if self.strategy == "key":
             return np.zeros(keys.shape[0], dtype=np.int32)
         out = np.empty(keys.shape[0], dtype=np.int32)
-        _classify(keys, np.uint64(self.seed), self._fk, self._vocab, self.unit_of_table,
+        _classify(keys, np.uint64(self.seed & MASK64), self._fk, self._vocab, self.unit_of_table,
                   np.int32(self.rest_unit), out)
         return out
 
@@ -585,8 +629,9 @@ def plan_layout(bundles_keys, strategy, masters, owner):
             continue
         m = min(range(len(masters)), key=lambda j: load[j])
         load[m] += nbytes
+        width = max(3, len(str(len(docs[d]["units"]))))     # one key length for all units of a bundle
         for k in range(1_000_000):
-            tag = f"{ns}:{i:03d}:{k:06d}".encode()
+            tag = f"{ns}:{i:0{width}d}:{k:06d}".encode()
             slot = crc16(tag) % SLOTS
             if owner[slot] == m:
                 break
@@ -618,6 +663,18 @@ class _Node:
             except OSError:
                 pass
             self.sock = None
+
+
+def _idle_ok(sock):
+    """False when an idle connection was closed by the server (EOF or an error waiting to be read)."""
+    sock.setblocking(False)          # (a socket with a timeout would wait for readability first)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+        return False                 # EOF, or bytes nobody asked for: never read them as a reply
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def _grown(arr, n):
@@ -668,26 +725,37 @@ class RedisCube(Backend):
     # -- set-up --
 
     def _ensure_layout(self, initial=False):
+        """Load the layout record once. At start (``initial``) a cube that is not pushed, or pushed
+        with another dim, raises; later (a cluster that was down at start), attempts are spaced by
+        ``retry_ms`` and bounded by one lookup budget, and failures only log and degrade."""
         if self.layout is not None:
             return True
         now = time.monotonic()
         if now < self._next_try:
             return False
         self._next_try = now + self.retry_s
+        deadline = None if initial else now + self.timeout_s
         try:
-            self.cluster.refresh(timeout_s=self.cluster.timeout_s)
-            raw = self.cluster.command(["GET", layout_key(self.ns)])
+            self.cluster.refresh(timeout_s=self.cluster.timeout_s, deadline=deadline)
+            raw = self.cluster.command(["GET", layout_key(self.ns)], deadline=deadline)
         except (OSError, RedisError) as e:
             (log.warning if initial else log.debug)(
                 "cube %s: cluster %s unreachable (%s); lookups read the default vector until it answers",
                 self.ns, self.url, e)
             self._count("unreachable")
             return False
-        if raw is None:
-            raise LookupError(f"cube {self.ns} is not in the cluster at {self.url}: run jizhictl cube push first")
-        layout = Layout(json.loads(raw))
-        if self.expect_dim and layout.dim != self.expect_dim:
-            raise ValueError(f"cube {self.ns} in the cluster has dim {layout.dim}, the bundle {self.expect_dim}")
+        try:
+            if raw is None:
+                raise LookupError(f"cube {self.ns} is not in the cluster at {self.url}: run jizhictl cube push first")
+            layout = Layout(json.loads(raw))
+            if self.expect_dim and layout.dim != self.expect_dim:
+                raise ValueError(f"cube {self.ns} in the cluster has dim {layout.dim}, the bundle {self.expect_dim}")
+        except (LookupError, ValueError) as e:
+            if initial:
+                raise
+            log.error("%s; lookups read the default vector", e)
+            self._count("no layout")
+            return False
         self.layout = layout
         self.dim = layout.dim
         log.info("cube %s: %s layout on %d masters (%s)", self.ns, layout.strategy, len(self.cluster.nodes),
@@ -715,17 +783,18 @@ class RedisCube(Backend):
 
     def lookup(self, keys):
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        deadline = time.monotonic() + self.timeout_s
         if keys.shape[0] <= self.piece:
-            return self._lookup(keys)
-        # a big batch (hot-tier build, disk cache fill): in bounded pieces
+            return self._lookup(keys, deadline)
+        # a big batch (hot-tier build, disk cache fill): in bounded pieces, within one budget
         parts = []
         for i in range(0, keys.shape[0], self.piece):
             if i and self.pause_s:
                 time.sleep(self.pause_s)
-            parts.append(self._lookup(keys[i:i + self.piece]))
+            parts.append(self._lookup(keys[i:i + self.piece], deadline))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def _lookup(self, keys):
+    def _lookup(self, keys, deadline):
         t0 = time.thread_time_ns()
         k = keys.shape[0]
         self.calls += 1
@@ -738,109 +807,146 @@ class RedisCube(Backend):
         if not self._ensure_layout():
             self.degraded += k
             return out, found
-        deadline = time.monotonic() + self.timeout_s
-        if not self.cluster.nodes:
-            self.cluster.refresh(timeout_s=min(self.cluster.timeout_s, self.timeout_s))
+        if not self.cluster.nodes and time.monotonic() - self.cluster.refreshed >= self.refresh_s:
+            self.cluster.refresh(timeout_s=self.cluster.timeout_s, deadline=deadline)
         keyb, slots = self.layout.keys_and_slots(keys)
         status = np.zeros(k, dtype=np.uint8)
         rows = out.view(np.uint8).reshape(k, dim * 4)
         todo = np.arange(k, dtype=np.int64)
         for attempt in range(2):
-            redirected = self._round(keyb, slots, todo, rows, found, status, deadline)
+            moved_to = self._round(keyb, slots, todo, rows, found, status, deadline)
             todo = todo[status[todo] != 1]
             if not todo.shape[0]:
                 break
             now = time.monotonic()
-            if attempt or now >= deadline or now - self.cluster.refreshed < self.refresh_s:
+            if attempt or now >= deadline:
                 break
-            before = self.cluster.owner[slots[todo]].copy(), list(self.cluster.nodes)
-            self.refreshes += 1
-            self.cluster.refresh(timeout_s=max(0.001, min(self.cluster.timeout_s, deadline - now)))
-            moved = (self.cluster.nodes != before[1]) or bool(
-                np.any(self.cluster.owner[slots[todo]] != before[0]))
-            if not (moved or redirected):
-                break
+            before = self.cluster.owner[slots[todo]].copy()
+            if moved_to:
+                # MOVED names the slot's new master: follow it at once (a map reload may be older)
+                for slot, addr in moved_to.items():
+                    if addr not in self.cluster.nodes:
+                        self.cluster.nodes.append(addr)
+                    self.cluster.owner[slot] = self.cluster.nodes.index(addr)
+            elif now - self.cluster.refreshed >= self.refresh_s:
+                self.refreshes += 1
+                down = {a for a, n in self.nodes.items() if n.down_until > now}
+                self.cluster.refresh(timeout_s=self.cluster.timeout_s, deadline=deadline, avoid=down)
+            if not np.any(self.cluster.owner[slots[todo]] != before):
+                break                       # nowhere else to ask: these keys degrade
             status[todo] = 0
         self.degraded += int(todo.shape[0])
         self.cpu_ns += time.thread_time_ns() - t0
         return out, found
 
     def _round(self, keyb, slots, todo, rows, found, status, deadline):
-        """One pipeline per master of the keys ``todo``; True when a master redirected (MOVED/ASK)."""
+        """One pipeline per master of the keys ``todo``. Returns {slot: (host, port)} of MOVED replies."""
         owner = self.cluster.owner[slots[todo]]
-        unserved = todo[owner < 0]
-        status[unserved] = 3
+        status[todo[owner < 0]] = 3
         order = np.lexsort((slots[todo], owner))
         todo, owner = todo[order], owner[order]
         cut = np.flatnonzero(np.diff(owner)) + 1
-        pending = []
+        groups = []
         now = time.monotonic()
         for idx in np.split(np.arange(todo.shape[0]), cut):
             if not idx.shape[0] or owner[idx[0]] < 0:
                 continue
             node = self._node(int(owner[idx[0]]))
-            keys_of = todo[idx]
             if now < node.down_until:
-                status[keys_of] = 3
+                status[todo[idx]] = 3
                 continue
-            starts = command_starts(slots[keys_of])
-            if not self._send(node, keyb, keys_of, starts, deadline):
-                status[keys_of] = 3
-                continue
-            cap = keys_of.shape[0] * (rows.shape[1] + 24) + (starts.shape[0] - 1) * 160 + 64
-            node.buf = _grown(node.buf, cap)
-            pending.append([node, keys_of, starts, 0, np.array([0, 0, -1], np.int64)])  # node, order, starts, filled, state
-            self.round_trips += 1
-        redirected = False
-        poller = select.poll()
-        by_fd = {}
-        for p in pending:
-            by_fd[p[0].sock.fileno()] = p
-            poller.register(p[0].sock, select.POLLIN)
-        while by_fd:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            for fd, _ in poller.poll(max(1, int(left * 1000))):
-                p = by_fd[fd]
-                node, order, starts = p[0], p[1], p[2]
-                try:
-                    got = node.sock.recv_into(memoryview(node.buf)[p[3]:])
-                except OSError:
-                    got = 0
-                if got == 0 or p[3] + got > node.buf.shape[0]:
-                    poller.unregister(fd)
-                    del by_fd[fd]
-                    self._fail(node, "closed the connection" if got == 0 else "overran its reply")
+            groups.append((node, todo[idx]))
+        # masters with an open connection first: a connect to a dead host must not delay the others
+        groups.sort(key=lambda g: g[0].sock is None)
+        pending = []
+        moved_to = {}
+        try:
+            for node, keys_of in groups:
+                starts = command_starts(slots[keys_of])
+                if not self._send(node, keyb, keys_of, starts, deadline):
+                    status[keys_of] = 3
                     continue
-                p[3] += got
-                if not _parse_mget(node.buf, p[3], p[4], starts, order, rows, found, status):
-                    poller.unregister(fd)
-                    del by_fd[fd]
-                    self._fail(node, "broke the protocol")
-                    continue
-                if p[4][1] == starts.shape[0] - 1:
-                    poller.unregister(fd)
-                    del by_fd[fd]
-        for p in by_fd.values():         # no whole answer within the budget: its stream is unusable now
-            self._fail(p[0], f"did not answer within {1000 * self.timeout_s:.0f} ms")
-        if np.any(status[todo] == 2):
-            redirected = True
-            self._count("redirected", int(np.count_nonzero(status[todo] == 2)))
-        return redirected
+                cap = keys_of.shape[0] * (rows.shape[1] + 24) + (starts.shape[0] - 1) * 160 + 64
+                node.buf = _grown(node.buf, cap)
+                errat = np.full(starts.shape[0] - 1, -1, dtype=np.int64)
+                # node, order, starts, filled, parse state [pos, cmd, elem], error line of each command
+                pending.append([node, keys_of, starts, 0, np.array([0, 0, -1], np.int64), errat])
+                self.round_trips += 1
+            poller = select.poll()
+            by_fd = {}
+            for p in pending:
+                by_fd[p[0].sock.fileno()] = p
+                poller.register(p[0].sock, select.POLLIN)
+            while by_fd:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                for fd, _ in poller.poll(max(1, int(left * 1000))):
+                    p = by_fd[fd]
+                    node, order, starts = p[0], p[1], p[2]
+                    if p[3] >= node.buf.shape[0]:
+                        got, why = -1, "overran its reply"
+                    else:
+                        try:
+                            got, why = node.sock.recv_into(memoryview(node.buf)[p[3]:]), "closed the connection"
+                        except OSError as e:
+                            got, why = 0, f"failed ({e.__class__.__name__}: {e})"
+                    if got <= 0:
+                        poller.unregister(fd)
+                        del by_fd[fd]
+                        self._fail(node, why)
+                        continue
+                    p[3] += got
+                    if not _parse_mget(node.buf, p[3], p[4], starts, order, rows, found, status, p[5]):
+                        poller.unregister(fd)
+                        del by_fd[fd]
+                        self._fail(node, "broke the protocol")
+                        continue
+                    if p[4][1] == starts.shape[0] - 1:
+                        poller.unregister(fd)
+                        del by_fd[fd]
+                        self._redirects(node, p[5], moved_to)
+            for p in by_fd.values():         # no whole answer within the budget: its stream is unusable now
+                self._fail(p[0], f"did not answer within {1000 * self.timeout_s:.0f} ms")
+                by_fd = {}
+        except BaseException:
+            for p in pending:                # replies still in flight must never be read as a later lookup's
+                if p[4][1] < p[2].shape[0] - 1:
+                    p[0].close()
+            raise
+        n = int(np.count_nonzero(status[todo] == 2))
+        if n:
+            self._count("redirected", n)
+        return moved_to
+
+    def _redirects(self, node, errat, moved_to):
+        """{slot: (host, port)} of the MOVED replies among a node's commands (ASK and others: counted)."""
+        for pos in errat[errat >= 0]:
+            end = pos
+            while end < node.buf.shape[0] and node.buf[end] != 13:
+                end += 1
+            line = node.buf[pos + 1:end].tobytes().decode("ascii", "replace").split()
+            if len(line) == 3 and line[0] == "MOVED":
+                host, _, port = line[2].rpartition(":")
+                moved_to[int(line[1])] = (host or node.addr[0], int(port))
+            else:
+                self._count(line[0] if line else "error reply")
 
     def _send(self, node, keyb, order, starts, deadline):
         left = deadline - time.monotonic()
         if left <= 0:
             return False
         try:
+            if node.sock is not None and not _idle_ok(node.sock):
+                node.close()                 # the server closed it while idle (restart, timeout): reconnect
             if node.sock is None:
-                node.sock = socket.create_connection(node.addr, timeout=left)
+                # at most a third of the budget for a connect: a blackholed host must leave time for the rest
+                node.sock = socket.create_connection(node.addr, timeout=max(0.001, min(left, self.timeout_s / 3)))
                 node.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            node.sock.settimeout(max(0.001, left))
+            node.sock.settimeout(max(0.001, deadline - time.monotonic()))
             kl = keyb.shape[1]
             khdr = np.frombuffer(b"$%d\r\n" % kl, dtype=np.uint8)
-            cap = order.shape[0] * (kl + 8) + (starts.shape[0] - 1) * 32
+            cap = order.shape[0] * (khdr.shape[0] + kl + 2) + (starts.shape[0] - 1) * 32
             node.out = _grown(node.out, cap)
             n = _encode(keyb, np.empty((0, 0), np.uint8), order, starts, khdr, khdr[:0], _MGET, node.out)
             node.sock.sendall(memoryview(node.out)[:n])
@@ -848,6 +954,39 @@ class RedisCube(Backend):
         except OSError as e:
             self._fail(node, f"refused or failed ({e.__class__.__name__}: {e})")
             return False
+
+    def key_count(self):
+        """Keys of the pushed cube (its layout record), or -1 when the layout is not loaded."""
+        return int(self.layout.doc["keys"]) if self._ensure_layout() else -1
+
+    def all_keys(self, count=10_000):
+        """Every signature of the pushed cube, sorted: SCAN of each master for the namespace's keys.
+
+        For a background process (the hot-tier builder of a cube that fits its budget); a master
+        that does not answer leaves its keys out (they are then read through the levels below).
+        """
+        if not self._ensure_layout():
+            return np.zeros(0, dtype=np.uint64)
+        tagged = self.layout.strategy != "key"
+        pattern = (b"{" if tagged else b"{}") + self.ns.encode() + b":*"
+        klen = self.layout.key_len
+        found = []
+        for host, port in list(self.cluster.nodes):
+            cursor = b"0"
+            try:
+                while True:
+                    cursor, batch = call(host, port, ["SCAN", cursor, "MATCH", pattern, "COUNT", count],
+                                         timeout_s=10.0)
+                    raw = b"".join(k[-8:] for k in batch if len(k) == klen)
+                    if raw:
+                        found.append(np.frombuffer(raw, dtype="<u8"))
+                    if cursor in (b"0", 0, "0"):
+                        break
+            except (OSError, RedisError) as e:
+                log.warning("cube %s: listing %s:%d failed (%s); its keys stay out of the hot tier", self.ns,
+                            host, port, e)
+        keys = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype="<u8")
+        return keys.astype(np.uint64)
 
     def stats(self):
         return {"calls": self.calls, "keys": self.keys_read, "round_trips": self.round_trips,
@@ -878,7 +1017,7 @@ def _compile():
     _encode(keyb, np.zeros((1, 4), np.uint8), order, starts, khdr, khdr, _MSET, buf)
     reply = np.frombuffer(b"*1\r\n$4\r\nabcd\r\n", dtype=np.uint8).copy()
     _parse_mget(reply, reply.shape[0], np.array([0, 0, -1], np.int64), starts, order, np.zeros((1, 4), np.uint8),
-                np.zeros(1, bool), np.zeros(1, np.uint8))
+                np.zeros(1, bool), np.zeros(1, np.uint8), np.full(1, -1, np.int64))
 
 
 _compile()

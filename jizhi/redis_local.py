@@ -22,7 +22,11 @@ With ``--netns`` (root, iproute2) every node runs as a separate host: its own
 network namespace with a veth link to a bridge in the caller's namespace,
 address ``10.231.<K>.<10 + i>`` (K from the base port), so node-to-node and
 client-to-node traffic crosses a real network stack and link, not loopback.
-``stop`` removes the namespaces and the bridge.
+``stop`` removes the namespaces and the bridge. Names and addresses derive
+from the base port (``base_port % 250``): two namespaced clusters need base
+ports that differ modulo 250. On a host whose firewall drops bridged
+traffic (Docker's FORWARD policy with br_netfilter), allow the bridge
+``jzbr<K>`` first.
 
 The tests use ``LocalCluster`` directly (start, stop, kill a master, wait for
 the failover).
@@ -242,7 +246,7 @@ class LocalCluster:
                     if len({str(self.masters_of(p)) for p in (ports or self.ports) if self.pid(p)}) == 1:
                         return
                 last = infos
-            except OSError as e:
+            except (OSError, RedisError) as e:     # a node still loading, or not up yet
                 last = e
             time.sleep(0.1)
         raise TimeoutError(f"cluster under {self.root} not ok in {timeout_s:g} s: {last}")
@@ -345,7 +349,7 @@ def main(argv=None):
         else:
             for port, pid, state in c.status():
                 print(f"{port} pid={pid or '-'} {state}")
-    except (RuntimeError, TimeoutError, OSError) as e:
+    except (RuntimeError, TimeoutError, OSError, RedisError, subprocess.TimeoutExpired) as e:
         print(f"jizhi-redis-cluster: {e}", file=sys.stderr)
         return 1
     return 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_topk, demo_pipeline_text, wait_until, write_text
-from daemon_helpers import JIZHICTL, Load, jizhictl, jizhictl_ok
+from daemon_helpers import JIZHICTL, Load, jizhictl, jizhictl_ok, log_lines
 from jizhi.bundle import Bundle
 from jizhi.cube import redis as R
 from jizhi.cube.build import read_all
@@ -111,9 +111,12 @@ def test_mget_replies_parse_the_same_in_any_chunking():
     for chunk in (1, 7, 64, reply.shape[0]):
         rows, found, status = np.zeros((k, rb), np.uint8), np.zeros(k, bool), np.zeros(k, np.uint8)
         state = np.array([0, 0, -1], np.int64)
+        errat = np.full(len(starts) - 1, -1, np.int64)
         for n in range(chunk, reply.shape[0] + chunk, chunk):
-            assert R._parse_mget(reply, min(n, reply.shape[0]), state, starts, order, rows, found, status)
+            assert R._parse_mget(reply, min(n, reply.shape[0]), state, starts, order, rows, found, status, errat)
         assert state[1] == len(starts) - 1
+        assert [i for i, e in enumerate(errat) if e >= 0] == [2]
+        assert reply[errat[2]:errat[2] + 6].tobytes() == b"-MOVED"
         moved = order[starts[2]:starts[3]]
         assert (status[moved] == 2).all()
         rest = np.setdiff1d(np.arange(k), moved)
@@ -299,4 +302,22 @@ def test_a_stopped_cluster_degrades_the_scores_and_they_recover_when_it_returns(
         for q in range(11, 16):
             user, items, _ = demo_trace[q]
             assert_topk(c.score(user, items, pipeline="default", deadline_ms=5000), items, trace_scores[q], 10)
+    assert server.stop() == 0
+
+
+def test_a_redis_cube_that_fits_the_hot_tier_is_held_whole_and_only_absent_keys_go_remote(
+        cluster, launch, demo_bundle, demo_trace, trace_scores, tmp_path, cube):
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "table")
+    server = launch.start(pipelines=(str(remote_pipeline(tmp_path, cluster.url)),))    # hot tier: 512 MiB
+    total = cube[0].shape[0]
+    wait_until(lambda: log_lines(server, f"generation 1: {total} of {total} cube keys"), 60,
+               what="a hot tier of the whole cube")
+    with server.client(timeout_s=10) as c:
+        for q in range(6):
+            user, items, _ = demo_trace[q]
+            assert_topk(c.score(user, items, pipeline="default", deadline_ms=5000), items, trace_scores[q], 10)
+    fig = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["redis"]
+    # what the hot tier lacks are signatures the cube lacks too (the demo leaves some out on purpose)
+    assert fig["lookups"] > 0 and fig["hot_ratio"] > 0.99 and fig.get("remote_degraded", 0) == 0
+    assert fig["hot_hits"] + fig.get("disk_hits", 0) + fig.get("remote_keys", 0) == fig["lookups"]
     assert server.stop() == 0

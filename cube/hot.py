@@ -278,9 +278,15 @@ class Control:
     def generation(self):
         return int(self.words[0])
 
-    def publish(self, generation, n_keys, capacity):
+    def publish(self, generation, n_keys, capacity, whole=False):
+        """``whole``: the table holds every key of the cube, so a key it lacks is absent from the cube
+        (word 4 names the generation this is true of; a reader of another generation ignores it)."""
         self.words[1], self.words[2], self.words[3] = n_keys, capacity, int(time.monotonic() * 1000)
+        self.words[4] = generation if whole else 0
         self.words[0] = generation   # last: a reader that sees it sees a complete table
+
+    def whole(self, generation):
+        return int(self.words[4]) == generation
 
 
 class TieredStore:
@@ -304,6 +310,9 @@ class TieredStore:
         self.lookups = 0
         self.ring = None            # the worker's key-sample ring (jizhi/stats.py: keys, keys_pos)
         self.ring_pos = None
+        # The attached table holds the whole cube: its misses are absent from the cube, and nothing
+        # below is asked (a remote cube's absent keys would otherwise cost a round trip per batch).
+        self.whole = False
 
     def attach_sampler(self, ring, pos):
         """Write up to SAMPLE_PER_BATCH of each batch's keys into ``ring`` (this worker's row only)."""
@@ -341,6 +350,7 @@ class TieredStore:
             except (FileNotFoundError, ValueError):
                 return     # not there (yet, or already replaced): keep what we have
             self.table = table
+            self.whole = self.control.whole(gen)
 
     def pool_ready(self):
         """True when a hot table is attached: ``pool`` then serves the batch (cube/pooling.py)."""
@@ -372,7 +382,10 @@ class TieredStore:
         if any(m[0].shape[0] for m in misses):
             # One deduplicated read of every block's misses from the levels below.
             uniq, inv = np.unique(np.concatenate([m[1] for m in misses]), return_inverse=True)
-            vectors, found = self.cube.lookup(uniq)
+            if self.whole:
+                vectors, found = np.zeros((uniq.shape[0], self.dim), np.float32), np.zeros(uniq.shape[0], bool)
+            else:
+                vectors, found = self.cube.lookup(uniq)
             self.lookups += uniq.shape[0]
             inv = inv.astype(np.int64, copy=False).reshape(-1)
             p = 0
@@ -393,7 +406,7 @@ class TieredStore:
         found = np.zeros(k, dtype=bool)
         hits = self.table.lookup_into(keys, out, found)
         self.hot_hits += hits
-        if hits < k:
+        if hits < k and not self.whole:
             miss = np.flatnonzero(~found)
             v, f = self.cube.lookup(keys[miss])
             out[miss] = v

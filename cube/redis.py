@@ -1026,6 +1026,21 @@ _compile()
 # --- push ----------------------------------------------------------------------
 
 
+def _read_cube(bundle):
+    """(keys, vectors) of a bundle's whole cube, through this process's environment if it has one open
+    (LMDB refuses a second environment of one file in a process)."""
+    import lmdb
+    from jizhi.cube.build import read_all
+    try:
+        return read_all(bundle.cube_path)
+    except lmdb.Error:
+        from jizhi.cube.hot import cube_keys
+        from jizhi.cube.store import open_cube
+        cube = open_cube(bundle.cube_path, bundle.dim)
+        keys = np.sort(cube_keys(cube))
+        return keys, cube.lookup(keys)[0]
+
+
 def push(bundles, url, strategy="key", progress=None, chunk_keys=20_000, per_command=1000):
     """Load the cubes of ``bundles`` (jizhi.bundle.Bundle) into the cluster at ``url``.
 
@@ -1034,14 +1049,13 @@ def push(bundles, url, strategy="key", progress=None, chunk_keys=20_000, per_com
     a reader never sees the layout of a cube not fully there. ``progress(done,
     total)`` is called after every chunk. Returns the layout documents.
     """
-    from jizhi.cube.build import read_all
     seeds, _, _, _ = parse_url(url)
     cluster = Cluster(seeds, timeout_s=5.0)
     if not cluster.refresh():
         raise ConnectionError(f"no node of {url} answers CLUSTER SLOTS (is the cluster up?)")
     if np.any(cluster.owner < 0):
         raise RuntimeError(f"the cluster at {url} does not serve every slot ({int(np.sum(cluster.owner < 0))} unassigned)")
-    loaded = [(b, *read_all(b.cube_path)) for b in bundles]
+    loaded = [(b, *_read_cube(b)) for b in bundles]
     docs = plan_layout([(b, k) for b, k, _ in loaded], strategy, cluster.nodes, cluster.owner)
     total = sum(int(k.shape[0]) for _, k, _ in loaded)
     done = 0

@@ -15,7 +15,11 @@ scale-out of DESIGN.md: one REQ socket per node, each opened on first use.
 
 * **Spreading**: round-robin over the nodes that are not marked down; when
   every node is marked down, the one whose mark ends first (the least
-  recently failed) is tried, so a request is always sent somewhere.
+  recently failed) is tried, so a request is always sent somewhere. With
+  ``route="user"`` a user's requests and feedback go to one node instead
+  (rendezvous hashing of the user over the endpoints: adding a node moves
+  only the users it takes), and to the user's next node while that one is
+  marked down, so a feedback is seen by the node that scores the user.
 * **Retrying**: an attempt waits ``timeout_s`` at most. On a timeout the
   node's socket is closed (Lazy Pirate), the node is marked down for
   ``backoff_s``, doubled on each further timeout in a row up to 16 x
@@ -42,7 +46,8 @@ retry never applies an event twice on one node. Nodes share no state,
 though: when the first node applied the event but its answer was lost, the
 retry applies it on a second node as well (once per node). Feedback also
 reaches only the node that answered: the other nodes' overlays and query
-caches do not see it.
+caches do not see it. That is why ``route="user"`` exists: with it, every
+client sends a user to the same node while that node is up.
 
 Not thread-safe: one ``Client`` per thread (REQ sockets and counters are
 per client).
@@ -117,7 +122,7 @@ class Node:
 class Client:
     def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=5.0, context=None,
                  server_key=None, client_key=None, *, attempts=None, budget_s=None, backoff_s=1.0,
-                 retry_codes=RETRIABLE):
+                 retry_codes=RETRIABLE, route="round_robin"):
         """``endpoint``: one, a comma-separated string or a list (the module docstring).
 
         ``timeout_s``: the wait of one attempt; ``attempts``: most attempts per
@@ -127,7 +132,11 @@ class Client:
         is skipped at first; ``retry_codes``: error codes retried on another
         node. ``server_key``: the server's public key file; ``client_key``: our
         secret key file (CURVE; the same server key for every node).
+        ``route``: ``"round_robin"`` or ``"user"`` (a user's requests to one node).
         """
+        if route not in ("round_robin", "user"):
+            raise ValueError(f"route must be 'round_robin' or 'user', not {route!r}")
+        self.route = route
         self.endpoints = split_endpoints(endpoint)
         self.endpoint = ",".join(self.endpoints)
         self.nodes = [Node(e) for e in self.endpoints]
@@ -179,10 +188,18 @@ class Client:
 
     # -- routing --------------------------------------------------------------
 
-    def _pick(self, tried, now):
+    def _pick(self, tried, now, key=None):
         """The next node for an attempt: round-robin among the untried nodes that are up; else an untried
-        one whose down mark ends first; else (every node tried) the same order over all of them."""
+        one whose down mark ends first; else (every node tried) the same order over all of them. With
+        ``route="user"`` and a ``key`` (the user), the key's rendezvous order instead of round-robin."""
         n = len(self.nodes)
+        if key is not None and self.route == "user" and n > 1:
+            order = sorted(range(n), key=lambda i: -_rendezvous(key, i, self.nodes[i].endpoint))
+            def rank(i):
+                node = self.nodes[i]
+                down = node.down_until > now
+                return (node in tried, down, node.down_until if down else 0.0, order.index(i))
+            return self.nodes[min(range(n), key=rank)]
         best_i, best_key = 0, None
         for k in range(n):
             i = (self._next + k) % n
@@ -194,9 +211,10 @@ class Client:
         self._next = (best_i + 1) % n
         return self.nodes[best_i]
 
-    def call(self, frames):
+    def call(self, frames, key=None):
         """Send raw frames, return the reply's frames (for tests and other tools), retrying as the module
-        docstring says. Raises ``TimeoutError`` when no attempt got an answer."""
+        docstring says (``key``: the user, for ``route="user"``). Raises ``TimeoutError`` when no attempt
+        got an answer."""
         self.requests += 1
         t0 = time.monotonic()
         end = t0 + self.budget_s if self.budget_s is not None else None
@@ -209,7 +227,7 @@ class Client:
                 if attempt and now >= end:
                     break
                 wait_ms = max(1, min(wait_ms, int((end - now) * 1000)))
-            node = self._pick(tried, now)
+            node = self._pick(tried, now, key)
             if attempt:
                 node.retries += 1
             tried.append(node)
@@ -261,7 +279,8 @@ class Client:
 
     def request(self, op="score", **fields):
         fields.setdefault("id", next(self.ids))
-        header, arrays = protocol.decode_reply(self.call(protocol.encode_request(op, **fields)))
+        key = fields.get("user") if op in ("score", "feedback") else None
+        header, arrays = protocol.decode_reply(self.call(protocol.encode_request(op, **fields), key))
         return Reply(header, arrays, self.last_endpoint, self.last_attempts)
 
     def score(self, user, item_ids, recall_scores=None, *, pipeline="default", top_k=10, ret="topk",
@@ -289,6 +308,22 @@ class Client:
 
     def info(self):
         return self.request("info").header
+
+
+def _rendezvous(user, i, endpoint):
+    """The weight of (user, node) in rendezvous hashing: splitmix64 of the user mixed with the endpoint."""
+    x = (int(user) ^ _endpoint_hash(endpoint)) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _endpoint_hash(endpoint, _cache={}):
+    h = _cache.get(endpoint)
+    if h is None:
+        import hashlib
+        h = _cache[endpoint] = int.from_bytes(hashlib.blake2b(endpoint.encode(), digest_size=8).digest(), "little")
+    return h
 
 
 def _error_code(frames):

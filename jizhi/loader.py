@@ -189,7 +189,9 @@ class Loader:
                       "it reads the LMDB cube only")
             return True
         from jizhi.cube.hot import Control
-        Control(self.hot["control"], writable=True).publish(gen, report["keys"], report["capacity"])
+        # whole: a build of every cube key (no LFU key list) that found them all
+        whole = self.hot_keys_path is None and 0 < report["cube_keys"] == report["keys"]
+        Control(self.hot["control"], writable=True).publish(gen, report["keys"], report["capacity"], whole=whole)
         if self.hot_published:
             self.hot_retired.append(self.hot_published)
             report["cube_keys"] = self.hot_report["cube_keys"]   # (an LFU build saw only its key list)
@@ -197,7 +199,8 @@ class Loader:
         self.hot_report = dict(report, took_ms=took_ms, generation=gen)
         log.info("pipeline %s: version %d's hot tier generation %d: %d of %d cube keys%s, %d MiB, built in %.0f ms",
                  self.pipeline, self.version, gen, report["keys"], report["cube_keys"],
-                 " (the most used)" if self.hot_keys_path else "", report["bytes"] >> 20, took_ms)
+                 " (the most used)" if self.hot_keys_path else " (the whole cube: nothing below is read)" if whole
+                 else "", report["bytes"] >> 20, took_ms)
         return True
 
     def hot_partial(self):

@@ -89,6 +89,44 @@ def test_a_budget_holds_the_keys_that_fit_and_the_tiered_store_reads_the_rest_fr
     assert 0 < store.hot_hits < probes.shape[0] and store.lookups == probes.shape[0]
 
 
+class Counting:
+    """A store that counts the keys it is asked for (to see that the tier below is not asked)."""
+
+    def __init__(self, store):
+        self.store, self.dim, self.asked = store, store.dim, 0
+
+    def lookup(self, keys):
+        self.asked += keys.shape[0]
+        return self.store.lookup(keys)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_tier_published_whole_answers_absent_keys_itself_and_a_partial_one_asks_below(tmp_path, segs, whole):
+    from jizhi.cube.pooling import pool_blocks
+    cube, keys, vecs = _cube(tmp_path, count=3000, with_zero=False)
+    seg, report = _build(segs, tmp_path / "cube", 8, 64 << 20)          # every key fits
+    assert report["keys"] == report["cube_keys"] == keys.shape[0]
+    ctl = f"jizhi.test-hot-{os.getpid()}-ctlw"
+    segs.append(ctl)
+    arena.create(ctl, hot.CTL_WORDS * 8)
+    below = Counting(cube)
+    store = hot.TieredStore(below, {"control": ctl, "table": seg.rsplit(".g", 1)[0] + ".g{generation}"})
+    hot.Control(ctl, writable=True).publish(1, report["keys"], report["capacity"], whole=whole)
+    store.refresh()
+    assert store.whole is whole
+    absent = np.random.default_rng(9).integers(1, 2 ** 63, 50, dtype=np.uint64)
+    probes = np.unique(np.concatenate([keys[::5], absent]))
+    got, found = store.lookup(probes)
+    want, want_found = cube.lookup(probes)
+    assert np.array_equal(got, want) and np.array_equal(found, want_found)
+    sigs = np.concatenate([keys[:40], absent[:24]]).reshape(16, 4, 1)
+    lens = np.ones((16, 4), np.int32)
+    pooled, missing = pool_blocks(store, [(sigs, lens)], 8, [np.zeros(4, bool)])
+    ref, ref_missing = pool_blocks(hot.TieredStore(cube, None), [(sigs, lens)], 8, [np.zeros(4, bool)])
+    assert np.array_equal(pooled[0], ref[0]) and np.array_equal(missing[0], ref_missing[0])
+    assert (below.asked == 0) is whole
+
+
 def test_pooling_through_a_partial_hot_tier_equals_pooling_the_deduplicated_lmdb_reads(tmp_path, segs):
     # The tiered store pools by itself (probe per signature, misses deduplicated to LMDB): same
     # pooled vectors and missing counts as the dedup path straight from LMDB, for mean and sum bags.

@@ -225,3 +225,26 @@ def test_one_endpoint_keeps_one_attempt_and_its_timeout_message():
         with pytest.raises(TimeoutError, match=f"^no reply from {endpoint} within 200 ms$"):
             c.ping()
         assert c.stats()["endpoints"][endpoint]["sent"] == 1
+
+
+def test_route_user_sends_a_user_and_its_feedback_to_one_node_so_the_feedback_changes_its_next_score(
+        nodes, demo_trace):
+    endpoints = [n.endpoint for n in nodes]
+    with Client(endpoints, timeout_s=ATTEMPT_TIMEOUT_S, route="user") as c:
+        where = {}
+        for q in range(len(demo_trace)):
+            user, items, recall = demo_trace[q]
+            r = c.score(user, items, recall, pipeline="default", deadline_ms=DEADLINE_MS)
+            assert where.setdefault(user, r.endpoint) == r.endpoint       # a user always lands on one node
+        assert len(set(where.values())) == 2                               # and users spread over both
+        user, items, recall = demo_trace[1]
+        before = c.score(user, items, recall, pipeline="default", ret="all", deadline_ms=DEADLINE_MS)
+        fb = c.feedback(user, int(items[0]), "click")
+        after = c.score(user, items, recall, pipeline="default", ret="all", deadline_ms=DEADLINE_MS)
+    assert fb.endpoint == before.endpoint == after.endpoint
+    assert not np.allclose(after.scores, before.scores)      # the node that scores the user saw its click
+    # another client (same endpoints, other order) routes the user to the same node
+    with Client(endpoints[::-1], timeout_s=ATTEMPT_TIMEOUT_S, route="user") as other:
+        assert other.score(user, items, recall, pipeline="default", deadline_ms=DEADLINE_MS).endpoint == fb.endpoint
+    with pytest.raises(ValueError, match="route"):
+        Client(endpoints, route="random")

@@ -151,7 +151,8 @@ def manage_main(argv=None):
     Every ``--interval-s`` it folds the keys the version's cube_accessor
     workers sampled (their stats rows' rings) into decayed counts and makes the
     cache hold the ``--capacity`` most used, fetching what it lacks from the
-    remote backend in one batch.
+    remote backend in one batch. While the version's hot tier (``--hot-control``)
+    holds the whole cube, nothing reads the disk cache, and the manager idles.
     """
     import argparse
     import signal
@@ -170,6 +171,7 @@ def manage_main(argv=None):
     ap.add_argument("--stats-rows", type=int, required=True, help="rows of the stats segment")
     ap.add_argument("--rows", required=True, help="comma-separated stats rows of the version's workers")
     ap.add_argument("--interval-s", type=float, default=1.0)
+    ap.add_argument("--hot-control", help="the version's hot-tier control segment (idle while it is whole)")
     args = ap.parse_args(argv)
     running = [True]
     signal.signal(signal.SIGTERM, lambda s, f: running.__setitem__(0, False))
@@ -180,8 +182,25 @@ def manage_main(argv=None):
     rows = [int(r) for r in args.rows.split(",") if r]
     counts = KeyCounts(limit=4 * args.capacity)
     seen = {}
+    control = None
+    idle = False
     while running[0]:
         time.sleep(args.interval_s)
+        if args.hot_control and control is None:
+            from jizhi.cube.hot import Control
+            try:
+                control = Control(args.hot_control)
+            except FileNotFoundError:
+                pass
+        whole = control is not None and control.generation > 0 and control.whole(control.generation)
+        if whole != idle:
+            idle = whole
+            print(f"disk cache {args.env}: " + ("idle: the hot tier holds the whole cube" if idle else "active"),
+                  file=sys.stderr, flush=True)
+        if idle:
+            for r in rows:
+                seen[r] = int(stats.keys_pos[r])          # skip what was sampled meanwhile
+            continue
         for r in rows:
             keys, seen[r] = stats.sampled_keys(r, seen.get(r, 0))
             counts.add(keys)

@@ -235,7 +235,8 @@ class Loader:
             [sys.executable, "-m", "jizhi.cube.cache", "--env", self.disk_cache, "--remote", self.remote,
              "--dim", str(self.bundle.dim), "--capacity", str(self.disk_capacity),
              "--stats-segment", sup.stats_spec["segment"], "--stats-rows", str(sup.stats_spec["rows"]),
-             "--rows", ",".join(map(str, rows))], stdin=subprocess.DEVNULL, env=sup.child_env())
+             "--rows", ",".join(map(str, rows))]
+            + (["--hot-control", self.hot["control"]] if self.hot else []), stdin=subprocess.DEVNULL, env=sup.child_env())
         log.info("pipeline %s: version %d's disk cache manager pid=%d (%s, %d keys)", self.pipeline, self.version,
                  self.disk_proc.pid, self.disk_cache, self.disk_capacity)
 

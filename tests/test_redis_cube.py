@@ -320,4 +320,6 @@ def test_a_redis_cube_that_fits_the_hot_tier_is_held_whole_and_nothing_is_read_b
     assert fig["lookups"] > 0 and fig["hot_ratio"] > 0.99
     assert not fig.get("disk_hits") and not fig.get("remote_keys") and not fig.get("remote_degraded")
     assert log_lines(server, "the whole cube")
+    wait_until(lambda: log_lines(server, "idle: the hot tier holds the whole cube"), 10,
+               what="the disk cache manager to idle")
     assert server.stop() == 0

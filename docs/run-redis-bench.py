@@ -173,6 +173,32 @@ def serve_point(args, cluster, work, name, setting, remote, rate, seed, trace):
     return r
 
 
+def capacities(args, cluster, work, bundle, trace, settings):
+    """{setting: {"local": req/s, "redis-S": req/s}}: find-max of each, settings in turn."""
+    R.push([bundle], cluster.url, args.capacities)
+    url = f"{cluster.url}/{{name}}/{{version}}?timeout_ms=50"
+    out = {}
+    for setting in settings:
+        hot_mb, disk_keys = SETTINGS[setting]
+        for name, remote in (("local", None), (f"redis-{args.capacities}", url)):
+            pfile = work / f"cap-{name}-{setting}.toml"
+            pfile.write_text(pipeline_text(remote, disk_keys))
+            d = mm.Daemon(work, f"cap-{name}-{setting}", args.port, [pfile],
+                          config=f"[cube]\nhot_tier_mb = {hot_mb}\nhot_rebuild_s = 2.0\n")
+            try:
+                time.sleep(args.warmup)
+                cap = mm.find_capacity(d, ["demo"], trace, args.slo_ms, 100, 10.0, 3.0, log)
+            finally:
+                d.stop()
+            out.setdefault(setting, {})[name] = cap
+            log(f"capacity {name} {setting}: {cap} req/s")
+    print("\n| setting | " + " | ".join(next(iter(out.values())).keys()) + " |")
+    print("|---|" + "---|" * len(next(iter(out.values()))))
+    for setting, caps in out.items():
+        print(f"| {setting} | " + " | ".join(f"{v:g} req/s" for v in caps.values()) + " |")
+    return out
+
+
 def cube_stats(d):
     try:
         return json.loads(d.ctl("stats", "--json")).get("cube", {}).get("demo", {})
@@ -198,6 +224,9 @@ def main():
     ap.add_argument("--settings", default="warm,small,cold")
     ap.add_argument("--strategies", default="key,table,model")
     ap.add_argument("--capacity", default="", help="skip the capacity search: setting=req/s,... (e.g. warm=700)")
+    ap.add_argument("--capacities", metavar="STRATEGY", help="instead of the latency points: the capacity "
+                    "(highest rate with p99 <= --slo-ms) of the local cube and of the Redis cube under STRATEGY, "
+                    "for each of --settings, alternately (caches on against off for a cube that is not local)")
     ap.add_argument("--out", default="/tmp/jzb/redis-bench.json")
     args = ap.parse_args()
     work = Path(args.work)
@@ -216,6 +245,10 @@ def main():
     cluster.start()
     try:
         log(f"cluster up: {cluster.url}")
+        if args.capacities:
+            result["capacities"] = capacities(args, cluster, work, bundle, trace, settings)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+            return
         sets = request_key_sets(str(version), args.trace, limit=args.client_requests)
         result["client"] = client_cpu(cluster, bundle, sets, strategies)
         url = f"{cluster.url}/{{name}}/{{version}}?timeout_ms=50"
@@ -255,7 +288,8 @@ def main():
     finally:
         cluster.stop()
     Path(args.out).write_text(json.dumps(result, indent=1))
-    report(result)
+    if not args.capacities:
+        report(result)
 
 
 def report(result):

@@ -59,21 +59,22 @@ maxmemory-policy noeviction
 """
 
 
-def server_binary():
-    """The redis-server (or valkey-server) on PATH, else None."""
-    for name in ("redis-server", "valkey-server"):
+def _binary(*names):
+    """The first of ``names`` on PATH or in /usr/bin, else None."""
+    for name in names:
         path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
         if path:
             return path
     return None
+
+
+def server_binary():
+    """The redis-server (or valkey-server), else None."""
+    return _binary("redis-server", "valkey-server")
 
 
 def cli_binary():
-    for name in ("redis-cli", "valkey-cli"):
-        path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
-        if path:
-            return path
-    return None
+    return _binary("redis-cli", "valkey-cli")
 
 
 from jizhi.cube.redis import RedisError  # noqa: E402

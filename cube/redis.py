@@ -55,7 +55,12 @@ served while a shard is down. A cube that was not pushed is an error at
 start; a cluster unreachable at start is retried every ``retry_ms`` within a
 lookup's budget, lookups degrading meanwhile.
 
-URL: ``redis://HOST:PORT[,HOST:PORT...]/NAME/VERSION?timeout_ms=50&retry_ms=250&refresh_ms=250``.
+Every ``check_s`` (5 s) one lookup also reads the layout record: a cube gone
+from the cluster (flushed, or a cluster restarted without persistence) makes
+lookups degrade, counted, instead of reading every key as absent; a new push
+of the same bundle is taken up without a restart.
+
+URL: ``redis://HOST:PORT[,HOST:PORT...]/NAME/VERSION?timeout_ms=50&retry_ms=250&refresh_ms=250&check_s=5``.
 """
 import json
 import logging
@@ -78,6 +83,7 @@ MAX_KEYS_PER_LOOKUP = 65_536
 # request waiting on it) for tens of milliseconds, so a command carries at most this many keys; the
 # commands of a pipeline interleave with other clients'.
 MAX_KEYS_PER_COMMAND = 1024
+LAYOUT_CHECK_S = 5.0
 STRATEGIES = ("key", "table", "model")
 FORMAT = 1
 
@@ -709,6 +715,8 @@ class RedisCube(Backend):
         self.timeout_s = float(timeout_ms if timeout_ms is not None else opts.get("timeout_ms", 50)) / 1000
         self.retry_s = float(retry_ms if retry_ms is not None else opts.get("retry_ms", 250)) / 1000
         self.refresh_s = float(refresh_ms if refresh_ms is not None else opts.get("refresh_ms", 250)) / 1000
+        # how often a lookup checks that the layout record is still there (and the same push)
+        self.check_s = float(opts.get("check_s", LAYOUT_CHECK_S))
         self.cluster = Cluster(seeds, timeout_s=max(self.timeout_s, 0.2))
         self.expect_dim = int(dim) if dim else None
         self.dim = self.expect_dim or 0
@@ -720,6 +728,8 @@ class RedisCube(Backend):
         self.errors = {}            # kind -> count
         self.cpu_ns = 0             # this thread's CPU time in lookup()
         self._next_try = 0.0
+        self._next_check = 0.0
+        self._said_absent = False
         self._ensure_layout(initial=True)
 
     # -- set-up --
@@ -728,9 +738,11 @@ class RedisCube(Backend):
         """Load the layout record once. At start (``initial``) a cube that is not pushed, or pushed
         with another dim, raises; later (a cluster that was down at start), attempts are spaced by
         ``retry_ms`` and bounded by one lookup budget, and failures only log and degrade."""
-        if self.layout is not None:
-            return True
         now = time.monotonic()
+        if self.layout is not None:
+            if now >= self._next_check:
+                self._check_layout(now)
+            return self.layout is not None
         if now < self._next_try:
             return False
         self._next_try = now + self.retry_s
@@ -753,14 +765,47 @@ class RedisCube(Backend):
         except (LookupError, ValueError) as e:
             if initial:
                 raise
-            log.error("%s; lookups read the default vector", e)
+            if not self._said_absent:
+                log.error("%s; lookups read the default vector", e)
+                self._said_absent = True
             self._count("no layout")
             return False
+        if self._said_absent:
+            log.info("cube %s is in the cluster again", self.ns)
+            self._said_absent = False
         self.layout = layout
         self.dim = layout.dim
+        self._next_check = time.monotonic() + self.check_s
         log.info("cube %s: %s layout on %d masters (%s)", self.ns, layout.strategy, len(self.cluster.nodes),
                  self.url)
         return True
+
+    def _check_layout(self, now):
+        """Every ``check_s``: the layout record still there and the same push? A cluster flushed or
+        restarted without persistence has lost the cube: its keys would read as absent, silently.
+        Then lookups degrade (counted) until the cube is pushed again; a new push is taken up."""
+        self._next_check = now + self.check_s
+        try:
+            raw = self.cluster.command(["GET", layout_key(self.ns)], deadline=now + self.timeout_s)
+        except (OSError, RedisError):
+            return                            # unreachable: the lookups' own failures say so
+        if raw is None:
+            log.error("cube %s is gone from the cluster at %s (flushed, or restarted without persistence): "
+                      "lookups read the default vector until it is pushed again", self.ns, self.url)
+            self._count("cube gone")
+            self.layout = None
+            self._said_absent = True
+            return
+        doc = json.loads(raw)
+        if doc.get("pushed_at") != self.layout.doc.get("pushed_at"):
+            try:
+                layout = Layout(doc)
+            except (ValueError, KeyError) as e:
+                log.error("cube %s: a new layout record is unreadable (%s); keeping the old one", self.ns, e)
+                return
+            if not self.expect_dim or layout.dim == self.expect_dim:
+                log.info("cube %s: pushed again (%s layout); reading it", self.ns, layout.strategy)
+                self.layout = layout
 
     def _count(self, kind, n=1):
         self.errors[kind] = self.errors.get(kind, 0) + n

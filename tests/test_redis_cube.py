@@ -323,3 +323,26 @@ def test_a_redis_cube_that_fits_the_hot_tier_is_held_whole_and_nothing_is_read_b
     wait_until(lambda: log_lines(server, "idle: the hot tier holds the whole cube"), 10,
                what="the disk cache manager to idle")
     assert server.stop() == 0
+
+
+def test_a_flushed_cluster_degrades_the_lookups_instead_of_reading_absent_keys_and_a_new_push_is_taken_up(
+        cluster, demo_bundle, cube):
+    b = Bundle(demo_bundle)
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "key")
+    backend = R.RedisCube(f"{cluster.url}/{b.name}/{b.version}?check_s=0.5", b.dim, timeout_ms=2000, retry_ms=100)
+    q = sample(cube, seed=11)
+    want, want_found = expected(cube, q)
+    assert np.array_equal(backend.lookup(q)[0], want)
+    for port in cluster.masters_of(cluster.ports[0]):
+        R.call(cluster.host(port), port, ["FLUSHALL"])
+    time.sleep(0.6)
+    backend.lookup(q)                          # this one notices the layout record is gone
+    before = backend.degraded
+    v, f = backend.lookup(q)
+    assert not f.any() and backend.degraded - before == q.shape[0]       # degraded (counted), not "absent"
+    assert backend.errors.get("cube gone") == 1
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "table")
+    wait_until(lambda: backend.lookup(q)[1].sum() == want_found.sum(), 10, interval_s=0.2, what="the new push")
+    assert np.array_equal(backend.lookup(q)[0], want)
+    assert backend.layout.strategy == "table"
+    backend.close()

@@ -48,10 +48,11 @@ closed, marked down for ``retry_ms``, and its keys read the default vector
 the master it names at once; a failure reloads the slot map (at most every
 ``refresh_ms``, live masters asked first); either way those keys are retried
 once within the budget, which is how a replica promoted by a failover takes
-over. Not followed: ``ASK`` and ``TRYAGAIN`` (a slot in the middle of a
-reshard's migration): those keys degrade, counted by kind, until the
-migration ends. Keys the levels above hold (disk cache, hot tier) are still
-served while a shard is down. A cube that was not pushed is an error at
+over. Keys of a slot in the middle of a reshard's migration (``ASK``,
+``TRYAGAIN``) are read one GET each from the slot's owner, following ``ASK``
+with ``ASKING`` to the importing node (a rare path, plain Python RESP). Keys
+the levels above hold (disk cache, hot tier) are still served while a shard
+is down. A cube that was not pushed is an error at
 start; a cluster unreachable at start is retried every ``retry_ms`` within a
 lookup's budget, lookups degrading meanwhile.
 
@@ -409,11 +410,16 @@ def call(host, port, args, timeout_s=2.0, deadline=None):
     return r
 
 
-def pipeline(host, port, commands, timeout_s=10.0):
+def pipeline(host, port, commands, timeout_s=10.0, deadline=None):
     """Several commands in one round trip on a new connection; their replies (errors as RedisError values)."""
+    if deadline is not None:
+        timeout_s = min(timeout_s, deadline - time.monotonic())
+        if timeout_s <= 0:
+            raise TimeoutError(f"{host}:{port}: no time left")
     with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
         s.sendall(b"".join(_encode_command(c) for c in commands))
         rd = _Reader(s)
+        rd.deadline = deadline
         return [rd.reply() for _ in commands]
 
 
@@ -859,7 +865,9 @@ class RedisCube(Backend):
         rows = out.view(np.uint8).reshape(k, dim * 4)
         todo = np.arange(k, dtype=np.int64)
         for attempt in range(2):
-            moved_to = self._round(keyb, slots, todo, rows, found, status, deadline)
+            moved_to, migrating = self._round(keyb, slots, todo, rows, found, status, deadline)
+            if migrating is not None and time.monotonic() < deadline:
+                self._read_migrating(keyb, migrating, rows, found, status, deadline)
             todo = todo[status[todo] != 1]
             if not todo.shape[0]:
                 break
@@ -885,7 +893,8 @@ class RedisCube(Backend):
         return out, found
 
     def _round(self, keyb, slots, todo, rows, found, status, deadline):
-        """One pipeline per master of the keys ``todo``. Returns {slot: (host, port)} of MOVED replies."""
+        """One pipeline per master of the keys ``todo``. Returns ({slot: (host, port)} of MOVED replies,
+        the keys answered ASK or TRYAGAIN or None)."""
         owner = self.cluster.owner[slots[todo]]
         status[todo[owner < 0]] = 3
         order = np.lexsort((slots[todo], owner))
@@ -904,7 +913,7 @@ class RedisCube(Backend):
         # masters with an open connection first: a connect to a dead host must not delay the others
         groups.sort(key=lambda g: g[0].sock is None)
         pending = []
-        moved_to = {}
+        moved_to, migrating = {}, []
         try:
             for node, keys_of in groups:
                 starts = command_starts(slots[keys_of])
@@ -950,7 +959,7 @@ class RedisCube(Backend):
                     if p[4][1] == starts.shape[0] - 1:
                         poller.unregister(fd)
                         del by_fd[fd]
-                        self._redirects(node, p[5], moved_to)
+                        self._redirects(node, p[5], moved_to, order, starts, migrating)
             for p in by_fd.values():         # no whole answer within the budget: its stream is unusable now
                 self._fail(p[0], f"did not answer within {1000 * self.timeout_s:.0f} ms")
                 by_fd = {}
@@ -959,23 +968,69 @@ class RedisCube(Backend):
                 if p[4][1] < p[2].shape[0] - 1:
                     p[0].close()
             raise
-        n = int(np.count_nonzero(status[todo] == 2))
-        if n:
-            self._count("redirected", n)
-        return moved_to
+        return moved_to, (np.concatenate(migrating) if migrating else None)
 
-    def _redirects(self, node, errat, moved_to):
-        """{slot: (host, port)} of the MOVED replies among a node's commands (ASK and others: counted)."""
-        for pos in errat[errat >= 0]:
+    def _redirects(self, node, errat, moved_to, order, starts, migrating):
+        """Reads a node's error replies: MOVED -> ``moved_to`` {slot: (host, port)}; ASK and TRYAGAIN
+        (a slot being migrated) -> the keys of that command into ``migrating``; every kind counted."""
+        for c in np.flatnonzero(errat >= 0):
+            pos = errat[c]
             end = pos
             while end < node.buf.shape[0] and node.buf[end] != 13:
                 end += 1
             line = node.buf[pos + 1:end].tobytes().decode("ascii", "replace").split()
-            if len(line) == 3 and line[0] == "MOVED":
+            kind = line[0] if line else "error reply"
+            if len(line) == 3 and kind == "MOVED":
                 host, _, port = line[2].rpartition(":")
                 moved_to[int(line[1])] = (host or node.addr[0], int(port))
-            else:
-                self._count(line[0] if line else "error reply")
+            elif kind in ("ASK", "TRYAGAIN"):
+                migrating.append(order[starts[c]:starts[c + 1]])
+            self._count(kind)
+
+    def _read_migrating(self, keyb, keys, rows, found, status, deadline):
+        """Keys of slots in the middle of a migration, one GET each to the slot's owner and, for the keys
+        it answers ASK, ``ASKING`` + GET to the node it names (Redis Cluster's rule). A rare path (a
+        reshard in progress): plain RESP, a connection per node, bounded by ``deadline``."""
+        slots_owner = self.cluster.owner
+        by_node = {}
+        for k in keys:
+            i = slots_owner[keyslot(bytes(keyb[k]))]
+            if i >= 0:
+                by_node.setdefault(self.cluster.nodes[i], []).append(k)
+        asks = {}
+        for addr, ks in by_node.items():
+            try:
+                replies = pipeline(addr[0], addr[1], [["GET", bytes(keyb[k])] for k in ks], deadline=deadline)
+            except (OSError, RedisError):
+                continue
+            for k, r in zip(ks, replies):
+                if isinstance(r, RedisError):
+                    parts = str(r).split()
+                    if parts[0] == "ASK" and len(parts) == 3:
+                        host, _, port = parts[2].rpartition(":")
+                        asks.setdefault((host or addr[0], int(port)), []).append(k)
+                else:
+                    self._store_value(k, r, rows, found, status)
+        for addr, ks in asks.items():
+            cmds = []
+            for k in ks:
+                cmds += [["ASKING"], ["GET", bytes(keyb[k])]]
+            try:
+                replies = pipeline(addr[0], addr[1], cmds, deadline=deadline)
+            except (OSError, RedisError):
+                continue
+            for k, r in zip(ks, replies[1::2]):
+                if not isinstance(r, RedisError):
+                    self._store_value(k, r, rows, found, status)
+
+    @staticmethod
+    def _store_value(k, value, rows, found, status):
+        if value is None:
+            status[k] = 1
+        elif len(value) == rows.shape[1]:
+            rows[k] = np.frombuffer(value, dtype=np.uint8)
+            found[k] = True
+            status[k] = 1
 
     def _send(self, node, keyb, order, starts, deadline):
         left = deadline - time.monotonic()

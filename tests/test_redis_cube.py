@@ -346,3 +346,45 @@ def test_a_flushed_cluster_degrades_the_lookups_instead_of_reading_absent_keys_a
     assert np.array_equal(backend.lookup(q)[0], want)
     assert backend.layout.strategy == "table"
     backend.close()
+
+
+def test_keys_of_a_slot_being_migrated_are_read_through_ask_and_the_finished_move_through_moved(
+        cluster, demo_bundle, cube):
+    # A reshard by hand: the slot of table i_cat1 goes from its master A to master B, half of its keys
+    # moved (MIGRATING/IMPORTING: MGETs there answer TRYAGAIN or ASK), then all and the slot assigned.
+    b = Bundle(demo_bundle)
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "table")
+    doc = json.loads(jizhictl_ok("cube", "layout", demo_bundle, "--redis", cluster.url, "--json"))
+    slot = doc["units"][next(t["unit"] for t in doc["tables"] if t["name"] == "i_cat1")]["slot"]
+    owner, nodes = R.slot_map(R.call(cluster.host(cluster.ports[0]), cluster.ports[0], ["CLUSTER", "SLOTS"]))
+    a = nodes[owner[slot]]
+    b_ = next(n for n in nodes if n != a)
+    ida = R.call(*a, ["CLUSTER", "MYID"]).decode()
+    idb = R.call(*b_, ["CLUSTER", "MYID"]).decode()
+    backend = R.RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=2000)
+    q = sample(cube, seed=13)
+    want, want_found = expected(cube, q)
+
+    def move(keys):
+        R.call(*a, ["MIGRATE", b_[0], b_[1], "", 0, 5000, "KEYS", *keys])
+
+    try:
+        R.call(*b_, ["CLUSTER", "SETSLOT", slot, "IMPORTING", ida])
+        R.call(*a, ["CLUSTER", "SETSLOT", slot, "MIGRATING", idb])
+        keys = R.call(*a, ["CLUSTER", "GETKEYSINSLOT", slot, 100_000])
+        assert len(keys) > 1000
+        move(keys[: len(keys) // 2])
+        v, f = backend.lookup(q)
+        assert np.array_equal(f, want_found) and np.array_equal(v, want) and backend.degraded == 0
+        assert backend.errors.get("TRYAGAIN", 0) + backend.errors.get("ASK", 0) > 0
+        move(keys[len(keys) // 2:])
+        v, f = backend.lookup(q)                               # every key of the slot now answers ASK
+        assert np.array_equal(v, want) and backend.degraded == 0
+    finally:
+        for node in nodes:
+            R.call(*node, ["CLUSTER", "SETSLOT", slot, "NODE", idb])
+    cluster.wait_ok(30)
+    v, f = backend.lookup(q)                                   # the old owner answers MOVED
+    assert np.array_equal(v, want) and backend.degraded == 0
+    assert backend.cluster.nodes[backend.cluster.owner[slot]] == b_
+    backend.close()

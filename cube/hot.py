@@ -474,7 +474,7 @@ def build_main(argv=None):
         cube = open_backend(args.remote, args.dim, background=True)
         keys = np.load(args.keys) if args.keys else np.zeros(0, np.uint64)
         total = -1      # unknown: the tier holds part of it, rebuilt from the most used keys
-        count = cube.key_count() if hasattr(cube, "key_count") else -1
+        count = cube.key_count()
         if args.keys is None and 0 < count <= max_keys:
             # a remote cube that fits the budget is held whole, as a local one is: listed from its shards
             keys, total = cube.all_keys(), count

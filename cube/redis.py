@@ -867,7 +867,7 @@ class RedisCube(Backend):
         for attempt in range(2):
             moved_to, migrating = self._round(keyb, slots, todo, rows, found, status, deadline)
             if migrating is not None and time.monotonic() < deadline:
-                self._read_migrating(keyb, migrating, rows, found, status, deadline)
+                self._read_migrating(keyb, slots, migrating, rows, found, status, deadline)
             todo = todo[status[todo] != 1]
             if not todo.shape[0]:
                 break
@@ -987,14 +987,13 @@ class RedisCube(Backend):
                 migrating.append(order[starts[c]:starts[c + 1]])
             self._count(kind)
 
-    def _read_migrating(self, keyb, keys, rows, found, status, deadline):
+    def _read_migrating(self, keyb, slots, keys, rows, found, status, deadline):
         """Keys of slots in the middle of a migration, one GET each to the slot's owner and, for the keys
         it answers ASK, ``ASKING`` + GET to the node it names (Redis Cluster's rule). A rare path (a
         reshard in progress): plain RESP, a connection per node, bounded by ``deadline``."""
-        slots_owner = self.cluster.owner
+        owner = self.cluster.owner[slots[keys]]
         by_node = {}
-        for k in keys:
-            i = slots_owner[keyslot(bytes(keyb[k]))]
+        for k, i in zip(keys, owner):
             if i >= 0:
                 by_node.setdefault(self.cluster.nodes[i], []).append(k)
         asks = {}

@@ -30,6 +30,13 @@ class Backend:
     def lookup(self, keys):
         raise NotImplementedError
 
+    def key_count(self):
+        """Keys of the whole cube when the backend can list them (``all_keys``), else -1."""
+        return -1
+
+    def all_keys(self):
+        raise NotImplementedError
+
     def close(self):
         pass
 

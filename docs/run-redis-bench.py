@@ -35,7 +35,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jizhi.bench import Trace                                       # noqa: E402
+from jizhi.bench import Trace, proc_cpu_s                           # noqa: E402
 from jizhi.bundle import Bundle                                     # noqa: E402
 from jizhi.cube import redis as R                                   # noqa: E402
 from jizhi.cube.bench import request_key_sets                       # noqa: E402
@@ -67,16 +66,9 @@ def log(msg):
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def proc_cpu_s(pids):
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(f[11]) + int(f[12])) / tick
-        except (OSError, IndexError):
-            pass
-    return total
+def procs_cpu_s(pids):
+    """CPU seconds of ``pids`` together (the redis-servers); a process gone counts nothing."""
+    return sum((proc_cpu_s(p) or (0.0, 0))[0] for p in pids if p)
 
 
 def pipeline_text(remote=None, disk_keys=0):
@@ -152,9 +144,9 @@ def serve_point(args, cluster, work, name, setting, remote, rate, seed, trace):
     try:
         before = cube_stats(d)
         rpids = [cluster.pid(p) for p in cluster.ports]
-        rcpu0 = proc_cpu_s(rpids)
+        rcpu0 = procs_cpu_s(rpids)
         r = mm.run_point(d, ["demo"], trace, rate, args.duration, args.warmup, seed)
-        rcpu = proc_cpu_s(rpids) - rcpu0
+        rcpu = procs_cpu_s(rpids) - rcpu0
         after = cube_stats(d)
     finally:
         d.stop()

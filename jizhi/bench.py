@@ -82,6 +82,24 @@ from jizhi import protocol
 from jizhi.config import default_run_dir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def load_socket(endpoint, ctx=None):
+    """A load generator's DEALER: no linger, no high-water mark (the generator's own queue is the
+    load), connected to every node of ``endpoint`` (comma-separated). With several nodes it queues
+    only on connected ones (IMMEDIATE), so a dead node takes no more requests; send with NOBLOCK
+    then, so that a send with every node gone fails at once instead of blocking."""
+    from jizhi.client import split_endpoints
+    sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    endpoints = split_endpoints(endpoint)
+    if len(endpoints) > 1:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    for e in endpoints:
+        sock.connect(e)
+    return sock
 RULE_MIN_DURATION_S = 20.0
 PROGRESS_INTERVAL_S = 0.5
 ID_BITS = 32  # a request id is (point number << ID_BITS) | index within the point
@@ -344,19 +362,8 @@ class LoadGenerator:
         self.cursor = 0
         self.point_no = 0
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
-        # Several nodes: queue only on connected ones, so a dead node takes no more requests (and a send
-        # with every node gone fails at once instead of blocking).
-        self.send_flags = 0
-        if len(endpoints) > 1:
-            self.sock.setsockopt(zmq.IMMEDIATE, 1)
-            self.send_flags = zmq.NOBLOCK
-        for e in endpoints:
-            self.sock.connect(e)
+        self.sock = load_socket(endpoint, self.ctx)
+        self.send_flags = zmq.NOBLOCK if self.sock.getsockopt(zmq.IMMEDIATE) else 0
 
     def close(self):
         self.sock.close(0)

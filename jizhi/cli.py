@@ -1096,17 +1096,18 @@ def cube_push(bundles, url, strategy, quiet):
     except (BundleError, ValueError, OSError) as e:
         raise click.UsageError(str(e))
     import time
+    from jizhi.demo import _Progress
     t0 = time.monotonic()
-    bar = {"last": -1}
+    bar = []
 
     def progress(done, total):
-        pct = 100 * done // max(total, 1)
-        if not quiet and pct != bar["last"]:
-            bar["last"] = pct
-            click.echo(f"\rpushing [{'#' * (pct // 4)}{'.' * (25 - pct // 4)}] {done:,}/{total:,} keys",
-                       nl=done >= total, err=True)
+        if not bar:
+            bar.append(_Progress("pushing keys", total, not quiet))
+        bar[0].advance(done - bar[0].done)
     try:
         docs = R.push(bs, url, strategy, progress=progress)
+        if bar:
+            bar[0].close()
     except (OSError, RuntimeError, R.RedisError) as e:
         click.echo(f"jizhictl cube push: {e}", err=True)
         sys.exit(1)

@@ -49,7 +49,7 @@ import numpy as np
 import zmq
 
 from jizhi import arena, protocol
-from jizhi.bench import ServerCpu, environment, machine_busy_s, self_cpu_s, wait_for_quiet
+from jizhi.bench import ServerCpu, environment, load_socket, machine_busy_s, self_cpu_s, wait_for_quiet
 from jizhi.client import Client
 
 READY_TIMEOUT_S = 120.0
@@ -137,12 +137,7 @@ def drive(endpoint, frames, in_flight, warmup_s, duration_s, on_measure_start, o
     of the measured window. ``frames`` is a list of pre-encoded requests whose
     ids are their positions; it is cycled, so it must be longer than
     ``in_flight`` (an id is never reused while outstanding)."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.connect(endpoint)
+    sock = load_socket(endpoint)
     nf = len(frames)
     sent_at = {}
     seq = 0

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from jizhi.cube.redis import RedisError, call, slot_map
+
 CONF = """# written by jizhi-redis-cluster init; one node of a local cluster
 port {port}
 bind {host}
@@ -77,12 +79,8 @@ def cli_binary():
     return _binary("redis-cli", "valkey-cli")
 
 
-from jizhi.cube.redis import RedisError  # noqa: E402
-
-
 def command(port, *args, timeout_s=2.0, host="127.0.0.1"):
     """One command to one node; the decoded reply (cube/redis.py's small RESP reader)."""
-    from jizhi.cube.redis import call
     return call(host, port, list(args), timeout_s=timeout_s)
 
 
@@ -254,7 +252,6 @@ class LocalCluster:
 
     def masters_of(self, port):
         """Sorted ports of the masters serving slots, as ``port`` sees them."""
-        from jizhi.cube.redis import slot_map
         _, nodes = slot_map(command(port, "CLUSTER", "SLOTS", host=self.host(port)))
         return sorted(p for _, p in nodes)
 

@@ -82,7 +82,7 @@ import numpy as np
 import zmq
 
 from jizhi import protocol
-from jizhi.bench import drain_replies, machine_busy_s
+from jizhi.bench import drain_replies, load_socket, machine_busy_s
 
 WARMUP_S = 3.0               # load before the steady window, not counted
 RELEASE_TAIL_S = 1.0         # the switch window ends this long after the release
@@ -355,11 +355,7 @@ class OpenLoop:
         self.phase = "warm-up"
         self.t0 = None
         self.horizon_reached = False
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.connect(endpoint)
+        self.sock = load_socket(endpoint)
 
     def close(self):
         self.sock.close(0)

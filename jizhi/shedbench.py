@@ -61,12 +61,9 @@ def run_timeline(endpoint, trace, pipeline, times, *, deadline_ms=1000, top_k=10
     Returns ``{"rows", "due", "latency_ms", "status" (ok|code|lost), "shed_ratio", "ids" (the
     returned item ids of each OK reply), "info": [(t, info)]}``; every request is answered or counted lost (no reply within
     its deadline + 1 s)."""
+    from jizhi.bench import load_socket
     ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.connect(endpoint)
+    sock = load_socket(endpoint, ctx)
     probe = ctx.socket(zmq.DEALER)
     probe.setsockopt(zmq.LINGER, 0)
     probe.connect(endpoint)

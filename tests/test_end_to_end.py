@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import assert_topk, demo_pipeline_text, write_text
+from conftest import assert_topk, demo_pipeline_text, unknown_ids, write_text
 from jizhi import protocol
 
 # demo runs its dense graph through the structured-features pass (the default); demo_per_pair (pipeline
 # structured = false, unfused) moves the user's columns per pair through every stage and runs the naive
 # per-pair graph; legacy scores one sample per pair; demo_pinned is a session group (its workers pinned
-# to core 0, two intra-op threads) running the per-pair graph on per-request columns (dnn structured = "off").
-PIPELINES = ("demo", "demo_unfused", "legacy", "demo_per_pair", "demo_pinned")
+# to core 0, two intra-op threads) running the per-pair graph on per-request columns (dnn structured = "off");
+# demo_itemcache reads the item-only part of its graph from a table built per item when the worker starts
+# (dnn item_cache = true, jizhi/itemside.py).
+PIPELINES = ("demo", "demo_unfused", "legacy", "demo_per_pair", "demo_pinned", "demo_itemcache")
 REQUESTS = (0, 1, 2, 3, 4, 5)
 
 
@@ -23,7 +25,9 @@ def server(launch_module, tmp_path_factory):
     write_text(d / "demo_per_pair.toml", per_pair.replace('on_unknown = "default"', 'on_unknown = "default"\nstructured = false'))
     write_text(d / "demo_pinned.toml", demo_pipeline_text(
         "demo_pinned", options={"dnn": ["intra_op_threads = 2", 'structured = "off"']}) + "cores = [0]\n")
-    return launch_module.start(pipelines=list(PIPELINES[:3]) + [d / "demo_per_pair.toml", d / "demo_pinned.toml"])
+    write_text(d / "demo_itemcache.toml", demo_pipeline_text("demo_itemcache", options={"dnn": ["item_cache = true"]}))
+    return launch_module.start(pipelines=list(PIPELINES[:3]) + [d / "demo_per_pair.toml", d / "demo_pinned.toml",
+                                                                d / "demo_itemcache.toml"])
 
 
 def test_a_session_group_runs_its_workers_on_its_cores_only(server, client, demo_trace):
@@ -72,6 +76,20 @@ def test_the_reply_names_the_model_version_counts_and_timings(client, demo_trace
     assert isinstance(r["missing_signatures"], int)
     assert r["timings_us"]["total"] > 0
     assert r["id"] is not None
+
+
+def test_the_item_table_is_built_and_unknown_items_are_computed_in_the_batch(server, client, demo_trace, reference):
+    assert "item_cache: 100000 items x 256 floats (top0.mm.pair.item) in 98 MiB" in server.log_text()
+    user, items, recall = demo_trace[8]
+    where = np.random.default_rng(8).choice(items.shape[0], size=25, replace=False)
+    items[where] = unknown_ids(reference, 25, seed=8)
+    expected, unknown = reference.score(user, items)
+    assert unknown == 25
+    r = client.score(user, items, recall, pipeline="demo_itemcache", ret="all", deadline_ms=30_000)
+    assert r["unknown_items"] == 25
+    np.testing.assert_allclose(r.scores, expected, rtol=0, atol=1e-5)
+    r = client.score(user, items, recall, pipeline="demo_itemcache", top_k=40, deadline_ms=30_000)
+    assert_topk(r, items, expected, 40)
 
 
 def test_a_top_k_larger_than_the_request_returns_every_candidate_best_first(client, demo_trace, trace_scores):

@@ -12,6 +12,16 @@ The bottleneck is the kind with the highest utilisation; when it is over ``autos
 * else a worker moves to it from the least utilised kind that has more than one and would stay
   under ``autoscale.high`` with one fewer.
 
+When no kind is over ``autoscale.high`` the cores themselves may be the bottleneck: on a small
+machine every kind's workers share the same cores, none of them is busy most of the time, and
+yet requests queue. Then the *queue wait* decides (the broker's summed wait of the requests it
+dispatched to a kind, over the period): when the kind with the longest mean wait waits more
+than ``autoscale.wait_ms`` and another kind with more than one worker waits under a quarter
+of that, a worker moves from the one to the other (the shorter-waiting kind's spare worker
+only takes its share of the cores; the queueing kind's work gets it). Moving back the way
+the last move went needs twice that evidence (a wait under an eighth), so two kinds do not
+trade a worker back and forth.
+
 Hysteresis: the same decision must come out of ``autoscale.sustain`` consecutive periods, and
 after a change nothing moves for ``autoscale.cooldown_s`` (the new worker starts, queues drain);
 a kind never goes below one worker. Workers are retired without dropping a request
@@ -20,10 +30,13 @@ a kind never goes below one worker. Workers are retired without dropping a reque
 
 
 class Autoscaler:
-    def __init__(self, groups, budget, high=0.85, sustain=3, cooldown_s=10.0):
+    def __init__(self, groups, budget, high=0.85, sustain=3, cooldown_s=10.0, wait_ms=10.0):
         self.groups = list(groups)
         self.budget = budget
         self.high = high
+        self.wait_ms = wait_ms
+        self.last_move = None        # (donor, taker) of the last move between kinds
+        self.last_wait_ms = {}
         self.sustain = sustain
         self.cooldown_s = cooldown_s
         self.prev = None             # (time, {group: busy_us})
@@ -36,13 +49,18 @@ class Autoscaler:
         """``figures``: {group: {"busy_us", "workers", "queue"}} from the broker; ``pools``: {group:
         desired size}. Returns ``(changes {group: new size}, reason)``; empty when nothing moves."""
         busy = {g: float(figures[g]["busy_us"]) for g in self.groups if g in figures}
-        prev, self.prev = self.prev, (now, busy)
+        waited = {g: (float(figures[g].get("wait_us", 0)), int(figures[g].get("requests", 0))) for g in busy}
+        prev, self.prev = self.prev, (now, busy, waited)
         if prev is None or now <= prev[0]:
             return {}, None
         dt_us = (now - prev[0]) * 1e6
         util = {g: max(0.0, busy[g] - prev[1].get(g, busy[g])) / (dt_us * max(1, figures[g]["workers"]))
                 for g in busy}
-        self.last_util = util
+        wait = {}
+        for g, (w, n) in waited.items():
+            w0, n0 = prev[2].get(g, (w, n))
+            wait[g] = (w - w0) / 1000.0 / (n - n0) if n > n0 else 0.0
+        self.last_util, self.last_wait_ms = util, wait
         if not util or now < self.quiet_until:
             self.pending, self.streak = None, 0
             return {}, None
@@ -57,6 +75,18 @@ class Autoscaler:
                           and util[g] * pools[g] / (pools[g] - 1) < self.high]
                 if donors:
                     decision = (min(donors, key=lambda g: util[g]), hot)
+        reason = "utilisation"
+        if decision is None and self.wait_ms > 0 and wait:
+            slow = max(wait, key=lambda g: (wait[g], figures[g]["queue"]))
+            if wait[slow] > self.wait_ms:
+                def spare(g):
+                    back = self.last_move == (slow, g)
+                    return g != slow and pools[g] > 1 and wait[g] < wait[slow] / (8 if back else 4)
+                donors = [g for g in wait if spare(g)]
+                if donors:
+                    decision, reason = (min(donors, key=lambda g: (wait[g], util[g])), slow), "wait"
+                elif sum(pools[g] for g in self.groups) < self.budget:
+                    decision, reason = (None, slow), "wait"
         if decision is None or decision != self.pending:
             self.pending, self.streak = decision, 1 if decision else 0
             if decision is None or self.sustain > 1:
@@ -71,6 +101,12 @@ class Autoscaler:
         changes = {taker: pools[taker] + 1}
         if donor is not None:
             changes[donor] = pools[donor] - 1
-        why = (f"{taker} is the bottleneck (utilisation {util[taker]:.2f}, queue {figures[taker]['queue']})"
-               + (f"; from {donor} (utilisation {util[donor]:.2f})" if donor else " and the budget has room"))
+            self.last_move = (donor, taker)
+        if reason == "wait":
+            why = (f"{taker} is the bottleneck (requests wait {wait[taker]:.1f} ms for a worker, utilisation "
+                   f"{util[taker]:.2f}, queue {figures[taker]['queue']})"
+                   + (f"; from {donor} (wait {wait[donor]:.1f} ms)" if donor else " and the budget has room"))
+        else:
+            why = (f"{taker} is the bottleneck (utilisation {util[taker]:.2f}, queue {figures[taker]['queue']})"
+                   + (f"; from {donor} (utilisation {util[donor]:.2f})" if donor else " and the budget has room"))
         return changes, why

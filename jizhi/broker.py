@@ -72,10 +72,12 @@ class GroupStats:
         self.n_svc = 0
         self.svc_ewma_us = 0.0      # service time of one event, smoothed (the critical path's estimate)
         self.busy_us = 0            # service time of every event so far (the autoscaler's utilisation)
+        self.wait_total_us = 0      # queue wait of every request dispatched so far (the autoscaler's queueing)
 
     def add_wait(self, us):
         self.wait_us[self.n_wait % RING] = us
         self.n_wait += 1
+        self.wait_total_us += us
 
     def add_svc(self, us):
         self.svc_us[self.n_svc % RING] = us
@@ -906,7 +908,9 @@ class Broker:
         elif t == protocol.T_LOAD:
             load = {name: {"p99_ms": p.requests.recent_p99_ms(), "in_flight": p.in_flight(),
                            "queued": sum(len(c) for c in p.channels.values()),
-                           "groups": {g: {"busy_us": p.stats[g].busy_us, "queue": len(p.channels.get((g, p.active), ())),
+                           "groups": {g: {"busy_us": p.stats[g].busy_us, "wait_us": p.stats[g].wait_total_us,
+                                          "requests": p.stats[g].requests,
+                                          "queue": len(p.channels.get((g, p.active), ())),
                                           "workers": len(p.workers.get((g, p.active), ()))}
                                       for g in p.worker_groups}}
                     for name, p in self.pipes.items()}

@@ -175,7 +175,8 @@ class Supervisor:
                 budget = self.settings["autoscale.budget"] or sum(plan["groups"][g]["pool"] for g in kinds)
                 self.autoscalers[name] = Autoscaler(kinds, budget, high=self.settings["autoscale.high"],
                                                     sustain=self.settings["autoscale.sustain"],
-                                                    cooldown_s=self.settings["autoscale.cooldown_s"])
+                                                    cooldown_s=self.settings["autoscale.cooldown_s"],
+                                                    wait_ms=self.settings["autoscale.wait_ms"])
                 log.info("autoscaling pipeline %s: %d workers over %s", name, budget, ", ".join(kinds))
         self.next_load = 0.0
         rows, nrows = stats_mod.row_map(plans, self.settings["workers.max_pool"])

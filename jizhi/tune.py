@@ -11,6 +11,9 @@ The settings it searches (``search_space``):
   runs alone): ``pool`` in [1, 2 x cores], ``batch`` in {1, 2, 4, 8, 16, 32},
   ``batch_wait_ms`` in [0, 5] (0.1 ms steps); the pools of all groups
   together at most 2 x cores (or the shipped plan's total, if larger);
+* per ``model_inference`` stage with structured features on: ``item_cache``
+  in {false, true} (the item-only part of the graph precomputed per item of
+  the version: memory for CPU, README "Structured features");
 * ``cube.hot_tier_mb`` in {0 (off), 64, 256, 1024};
 * ``MALLOC_ARENA_MAX`` of jizhid's environment (its children inherit it) in
   {1, 2, 4, unset} (unset: glibc's default of 8 arenas per core);
@@ -67,9 +70,7 @@ table) and ``evals/`` (each measurement's config, pipeline and jizhid log).
 import copy
 import datetime
 import json
-import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -83,7 +84,7 @@ from pathlib import Path
 
 import click
 
-from jizhi.tomlw import toml_key, toml_text, toml_value
+from jizhi.tomlw import toml_text
 
 BATCH_VALUES = (1, 2, 4, 8, 16, 32)
 BATCH_WAIT_MS = (0.0, 5.0)
@@ -203,6 +204,10 @@ class SearchSpace:
     def skopt_dimensions(self):
         return [d.skopt() for d in self.dims]
 
+    def item_cache_stages(self):
+        return [d.name[len(self.pipeline) + 1:-len(".item_cache")] for d in self.dims
+                if d.name.endswith(".item_cache")]
+
     def group_settings(self, point):
         """{group: {"pool", "batch", "batch_wait_ms"}} of ``point``."""
         return {g: {k: point[self.key(g, k)] for k in ("pool", "batch", "batch_wait_ms")} for g in self.groups}
@@ -213,6 +218,8 @@ class SearchSpace:
         for g in self.groups:
             s = self.group_settings(point)[g]
             parts.append(f"{g} pool {s['pool']} batch {s['batch']} wait {s['batch_wait_ms']:g}")
+        for st in self.item_cache_stages():
+            parts.append(f"{st} item table {'on' if point[self.key(st, 'item_cache')] else 'off'}")
         parts.append(f"hot {point[HOT_TIER]}")
         parts.append(f"arena {point[ARENA] or 'unset'}")
         if self.has(QCACHE_WINDOW):
@@ -273,6 +280,13 @@ def search_space(plan, settings, cores, arena_default=0):
         dims.append(Dimension(f"{name}/{g}.batch_wait_ms", "real", wait, low=min(BATCH_WAIT_MS[0], wait),
                               high=max(BATCH_WAIT_MS[1], wait), digits=1,
                               description=f"ms group {g} holds a partial batch for company"))
+    for s in plan["stage_order"]:
+        st = plan["stages"][s]
+        cfg = st.get("config") or {}
+        if st["processor"] == "model_inference" and cfg.get("structured", "on") == "on" and not cfg.get("per_pair"):
+            on = cfg.get("item_cache", False) is True
+            dims.append(Dimension(f"{name}/{s}.item_cache", "ordinal", on, values=(False, True),
+                                  description=f"stage {s}: the item-only part of the graph precomputed per item"))
     hot = int(settings[HOT_TIER])
     dims.append(Dimension(HOT_TIER, "ordinal", hot, values=_ordinal(HOT_TIER_MB_VALUES, hot),
                           description="hot tier budget per model version, MiB (0: off)"))
@@ -304,6 +318,12 @@ def pipeline_doc_with(doc, space, point):
         entry["batch"] = int(s["batch"])
         wait = float(s["batch_wait_ms"])
         entry["batch_wait_ms"] = int(wait) if wait.is_integer() else wait
+    for st in space.item_cache_stages():
+        entry = next(e for e in out.get("stage", []) if e.get("name") == st)
+        if point[space.key(st, "item_cache")]:
+            entry["item_cache"] = True
+        else:
+            entry.pop("item_cache", None)
     return out
 
 

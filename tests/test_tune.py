@@ -28,16 +28,17 @@ def test_the_space_of_the_fused_demo_has_one_group_and_no_query_cache_window(dem
     space = search_space(plan, config.load(None), cores=2, arena_default=0)
     assert space.groups == ["scorer"]
     assert space.names == ["demo/scorer.pool", "demo/scorer.batch", "demo/scorer.batch_wait_ms",
-                           HOT_TIER, ARENA]
-    pool, batch, wait, hot, arena = space.dims
+                           "demo/dnn.item_cache", HOT_TIER, ARENA]
+    pool, batch, wait, item_cache, hot, arena = space.dims
     assert (pool.kind, pool.low, pool.high) == ("int", 1, 4)
     assert batch.values == (1, 2, 4, 8, 16, 32)
     assert (wait.kind, wait.low, wait.high) == ("real", 0.0, 5.0)
     # The shipped default (512 MiB) joins the listed budgets, in order.
     assert hot.values == (0, 64, 256, 512, 1024)
     assert arena.values == (1, 2, 4, 0)
+    assert item_cache.values == (False, True)
     assert space.default == {"demo/scorer.pool": 2, "demo/scorer.batch": 8, "demo/scorer.batch_wait_ms": 3.0,
-                             HOT_TIER: 512, ARENA: 0}
+                             "demo/dnn.item_cache": False, HOT_TIER: 512, ARENA: 0}
     assert space.max_total_pool == 4
     assert space.from_x(space.to_x(space.default)) == space.default
 
@@ -52,6 +53,7 @@ def test_the_space_of_the_cached_demo_adds_the_window_and_keeps_the_shipped_aren
     assert space.dim(HOT_TIER).values == (0, 64, 256, 1024)
     assert space.dim(ARENA).values == (1, 2, 3, 4, 0)
     assert space.default[ARENA] == 3
+    assert space.default["demo_cached/dnn.item_cache"] is True      # shipped on in demo_cached.toml
 
 
 def test_the_pool_total_of_an_unfused_plan_is_bounded_and_the_constraint_rejects_more(demo_models):
@@ -87,6 +89,14 @@ def test_the_overlay_files_read_back_and_compile_with_the_chosen_settings(demo_m
     assert {s: st["processor"] for s, st in tuned_plan["stages"].items()} == \
         {s: st["processor"] for s, st in plan["stages"].items()}
     assert tuned["stage"] == doc["stage"]
+    # The item table off: the stage option goes, the rest stays.
+    point["demo_cached/dnn.item_cache"] = False
+    _, pipeline_path = write_overlay(tmp_path, space, point, base, doc, "a test point")
+    with open(pipeline_path, "rb") as f:
+        tuned = tomllib.load(f)
+    dnn = next(st for st in tuned["stage"] if st["name"] == "dnn")
+    assert "item_cache" not in dnn
+    assert compile_pipeline(tuned, str(demo_models))["stages"]["dnn"]["config"].get("item_cache") is None
 
     settings = config.load(str(settings_path))
     assert settings[HOT_TIER] == 64

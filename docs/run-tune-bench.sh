@@ -24,7 +24,7 @@ echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$W/run.log
 if .venv/bin/jizhictl tune --help > /dev/null 2>&1; then TUNE=(.venv/bin/jizhictl tune); else TUNE=($PY -m jizhi.tune); fi
 set +e
 "${TUNE[@]}" --models "$MODELS" --trace "$TRACE" --pipeline etc/pipelines/demo.toml \
-    --rate "$RATE" --slo-p99 50 --evals 16 --repeats 3 --duration 20 --warmup 5 --seed 1 \
+    --rate "$RATE" --slo-p99 50 --evals ${EVALS:-16} --repeats ${REPEATS:-3} --duration 20 --warmup 5 --seed 1 \
     --max-other-cores 0.3 --quiet --out "$W" 2>&1 | tee -a "$W/run.log"
 rc=${PIPESTATUS[0]}
 set -e

@@ -1244,10 +1244,10 @@ def _input_bytes(model, candidates):
     return naive, bundle
 
 
-def _time_runs(session, feeds, loops):
+def _time_runs(run, loops):
     start = time.perf_counter()
     for _ in range(loops):
-        session.run(None, feeds)
+        run()
     return (time.perf_counter() - start) / loops
 
 
@@ -1275,19 +1275,40 @@ def bench(users=8, candidates=(100, 500, 1000), repeats=7, seed=0, out=sys.stdou
             structured_model, report = structure(model, **options)
             variants.append((label, structured_model, report.flops_after))
             reports.append(report)
+        # Both splits, and the item-only part read from a table of 100,000 items (jizhi/itemside.py,
+        # stage option item_cache): timed with the gather of each candidate's row.
+        from jizhi.itemside import split_items
+        split = split_items(structure(model)[0])
+        if split is not None:
+            variants.append(("both + item table (item_cache)", split, flops(split.serving)))
         print(f"\n## {model_name}\n{reports[0].summary(500)}", file=out)
-        sessions = [_session(m) for _, m, _ in variants]
         for c in candidates:
             pairs = users * c
             feeds = random_inputs(model, users, pairs, seed, np.repeat(np.arange(users, dtype=np.int64), c))
+            runs = []
+            for _, m, _ in variants:
+                if isinstance(m, onnx.ModelProto):
+                    session = _session(m)
+                    runs.append(lambda session=session: session.run(None, feeds))
+                    continue
+                session, names = _session(m.serving), [name for name, _ in m.frontier]
+                table_items = random_inputs(model, 1, 100_000, seed + 1)["item_emb"]
+                tables = _session(m.items).run(names, {"item_emb": table_items})
+                rows = np.random.default_rng(seed).integers(0, 100_000, size=pairs)
+                wanted = {i.name for i in session.get_inputs()}
+                base = {k: v for k, v in feeds.items() if k in wanted}
+
+                def run(session=session, names=names, tables=tables, rows=rows, base=base):
+                    return session.run(None, {**base, **{n: np.take(t, rows, axis=0) for n, t in zip(names, tables)}})
+                runs.append(run)
             loops = []
-            for session in sessions:
-                _time_runs(session, feeds, 2)
-                loops.append(max(1, int(0.05 / max(_time_runs(session, feeds, 3), 1e-6))))
-            times = [[] for _ in sessions]
+            for run in runs:
+                _time_runs(run, 2)
+                loops.append(max(1, int(0.05 / max(_time_runs(run, 3), 1e-6))))
+            times = [[] for _ in runs]
             for _ in range(repeats):
-                for k, session in enumerate(sessions):
-                    times[k].append(_time_runs(session, feeds, loops[k]))
+                for k, run in enumerate(runs):
+                    times[k].append(_time_runs(run, loops[k]))
             medians = [statistics.median(t) for t in times]
             naive_bytes, bundle_bytes = _input_bytes(model, c)
             print(f"\n{model_name}, {users} x {c} candidates (P={pairs}), loadavg {_loadavg()}; input bytes per "

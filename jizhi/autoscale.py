@@ -14,13 +14,14 @@ The bottleneck is the kind with the highest utilisation; when it is over ``autos
 
 When no kind is over ``autoscale.high`` the cores themselves may be the bottleneck: on a small
 machine every kind's workers share the same cores, none of them is busy most of the time, and
-yet requests queue. Then the *queue wait* decides (the broker's summed wait of the requests it
-dispatched to a kind, over the period): when the kind with the longest mean wait waits more
-than ``autoscale.wait_ms`` and another kind with more than one worker waits under a quarter
-of that, a worker moves from the one to the other (the shorter-waiting kind's spare worker
-only takes its share of the cores; the queueing kind's work gets it). Moving back the way
-the last move went needs twice that evidence (a wait under an eighth), so two kinds do not
-trade a worker back and forth.
+yet requests queue. Then the *queue wait* decides: the p99 of the waits (time from a request's
+arrival at a kind to its dispatch to a worker) of the requests the broker dispatched to each
+kind during the period. When the kind with the longest p99 wait waits more than
+``autoscale.wait_ms`` and another kind with more than one worker waits under a quarter of that,
+a worker moves from the one to the other (the short-waiting kind's extra worker only takes its
+share of the cores; the queueing kind's work gets it). Moving back the way the last move went
+needs twice that evidence (a wait under an eighth), so two kinds do not trade a worker back and
+forth. The mean wait per request over the period is reported with it (``last_wait_ms``).
 
 Hysteresis: the same decision must come out of ``autoscale.sustain`` consecutive periods, and
 after a change nothing moves for ``autoscale.cooldown_s`` (the new worker starts, queues drain);
@@ -36,7 +37,8 @@ class Autoscaler:
         self.high = high
         self.wait_ms = wait_ms
         self.last_move = None        # (donor, taker) of the last move between kinds
-        self.last_wait_ms = {}
+        self.last_wait_ms = {}       # mean wait per request over the last period, by kind
+        self.last_wait_p99_ms = {}   # p99 wait over the last period, by kind (what decides)
         self.sustain = sustain
         self.cooldown_s = cooldown_s
         self.prev = None             # (time, {group: busy_us})
@@ -56,11 +58,13 @@ class Autoscaler:
         dt_us = (now - prev[0]) * 1e6
         util = {g: max(0.0, busy[g] - prev[1].get(g, busy[g])) / (dt_us * max(1, figures[g]["workers"]))
                 for g in busy}
-        wait = {}
+        mean_wait = {}
         for g, (w, n) in waited.items():
             w0, n0 = prev[2].get(g, (w, n))
-            wait[g] = (w - w0) / 1000.0 / (n - n0) if n > n0 else 0.0
-        self.last_util, self.last_wait_ms = util, wait
+            mean_wait[g] = (w - w0) / 1000.0 / (n - n0) if n > n0 else 0.0
+        # The period's p99 wait (None: too few requests to tell; counts as no wait).
+        wait = {g: (figures[g].get("wait_p99_us") or 0) / 1000.0 for g in busy}
+        self.last_util, self.last_wait_ms, self.last_wait_p99_ms = util, mean_wait, wait
         if not util or now < self.quiet_until:
             self.pending, self.streak = None, 0
             return {}, None
@@ -103,9 +107,9 @@ class Autoscaler:
             changes[donor] = pools[donor] - 1
             self.last_move = (donor, taker)
         if reason == "wait":
-            why = (f"{taker} is the bottleneck (requests wait {wait[taker]:.1f} ms for a worker, utilisation "
-                   f"{util[taker]:.2f}, queue {figures[taker]['queue']})"
-                   + (f"; from {donor} (wait {wait[donor]:.1f} ms)" if donor else " and the budget has room"))
+            why = (f"{taker} is the bottleneck (requests wait {wait[taker]:.1f} ms for a worker at p99, "
+                   f"{mean_wait[taker]:.1f} ms mean, utilisation {util[taker]:.2f}, queue {figures[taker]['queue']})"
+                   + (f"; from {donor} (p99 wait {wait[donor]:.1f} ms)" if donor else " and the budget has room"))
         else:
             why = (f"{taker} is the bottleneck (utilisation {util[taker]:.2f}, queue {figures[taker]['queue']})"
                    + (f"; from {donor} (utilisation {util[donor]:.2f})" if donor else " and the budget has room"))

@@ -73,6 +73,7 @@ class GroupStats:
         self.svc_ewma_us = 0.0      # service time of one event, smoothed (the critical path's estimate)
         self.busy_us = 0            # service time of every event so far (the autoscaler's utilisation)
         self.wait_total_us = 0      # queue wait of every request dispatched so far (the autoscaler's queueing)
+        self.load_mark = 0          # n_wait at the previous load report (the autoscaler's period)
 
     def add_wait(self, us):
         self.wait_us[self.n_wait % RING] = us
@@ -84,6 +85,16 @@ class GroupStats:
         self.n_svc += 1
         self.busy_us += us
         self.svc_ewma_us = us if self.n_svc == 1 else 0.9 * self.svc_ewma_us + 0.1 * us
+
+    def period_wait_p99_us(self, min_samples=20):
+        """p99 queue wait of the requests dispatched since the previous call (at most the last RING),
+        or None with fewer than ``min_samples`` of them."""
+        n = min(self.n_wait - self.load_mark, RING)
+        self.load_mark = self.n_wait
+        if n < min_samples:
+            return None
+        idx = (np.arange(self.n_wait - n, self.n_wait) % RING)
+        return int(np.percentile(self.wait_us[idx], 99))
 
     @staticmethod
     def _pct(ring, n):
@@ -910,6 +921,7 @@ class Broker:
                            "queued": sum(len(c) for c in p.channels.values()),
                            "groups": {g: {"busy_us": p.stats[g].busy_us, "wait_us": p.stats[g].wait_total_us,
                                           "requests": p.stats[g].requests,
+                                          "wait_p99_us": p.stats[g].period_wait_p99_us(),
                                           "queue": len(p.channels.get((g, p.active), ())),
                                           "workers": len(p.workers.get((g, p.active), ()))}
                                       for g in p.worker_groups}}

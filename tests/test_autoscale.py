@@ -5,15 +5,17 @@ from jizhi.autoscale import Autoscaler
 from jizhi.pipeline import Pipeline
 
 
-def figures(busy, workers, queue=None, wait=None):
-    """``wait``: {group: (summed queue wait us, requests dispatched)} so far, as the broker counts them."""
+def figures(busy, workers, queue=None, wait=None, p99=None):
+    """``wait``: {group: (summed queue wait us, requests dispatched)} so far, as the broker counts them;
+    ``p99``: {group: the period's p99 queue wait in us (None: too few requests)}."""
     return {g: {"busy_us": b, "workers": workers[g], "queue": (queue or {}).get(g, 0),
-                "wait_us": (wait or {}).get(g, (0, 0))[0], "requests": (wait or {}).get(g, (0, 0))[1]}
+                "wait_us": (wait or {}).get(g, (0, 0))[0], "requests": (wait or {}).get(g, (0, 0))[1],
+                "wait_p99_us": (p99 or {}).get(g)}
             for g, b in busy.items()}
 
 
 def test_with_no_kind_busy_the_kind_whose_requests_queue_takes_a_worker_from_one_that_does_not():
-    """The cores are the bottleneck (every kind under autoscale.high): the queue wait decides."""
+    """The cores are the bottleneck (every kind under autoscale.high): the p99 queue wait decides."""
     a = Autoscaler(["front", "back"], budget=3, high=0.85, sustain=2, cooldown_s=5, wait_ms=10)
     pools = {"front": 2, "back": 1}
     busy, wait = {"front": 0.0, "back": 0.0}, {"front": (0, 0), "back": (0, 0)}
@@ -21,24 +23,24 @@ def test_with_no_kind_busy_the_kind_whose_requests_queue_takes_a_worker_from_one
     moves = []
     for t in range(1, 4):
         busy = {g: busy[g] + 0.5e6 for g in busy}                       # 0.25 and 0.5 per worker
-        # 200 requests a second each: front's wait 1 ms, back's 30 ms.
+        # 200 requests a second each: mean waits 1 and 4 ms; p99 5 and 27 ms.
         wait = {"front": (wait["front"][0] + 200 * 1_000, wait["front"][1] + 200),
-                "back": (wait["back"][0] + 200 * 30_000, wait["back"][1] + 200)}
-        moves.append(a.update(float(t), figures(busy, pools, wait=wait), pools))
+                "back": (wait["back"][0] + 200 * 4_000, wait["back"][1] + 200)}
+        moves.append(a.update(float(t), figures(busy, pools, wait=wait, p99={"front": 5_000, "back": 27_000}),
+                              pools))
     assert moves[0] == ({}, None)
     changes, why = moves[1]
     assert changes == {"back": 2, "front": 1}
-    assert "requests wait 30.0 ms for a worker" in why and "from front (wait 1.0 ms)" in why
-    assert a.last_wait_ms == {"front": 1.0, "back": 30.0}
+    assert "requests wait 27.0 ms for a worker at p99, 4.0 ms mean" in why and "from front (p99 wait 5.0 ms)" in why
+    assert a.last_wait_ms == {"front": 1.0, "back": 4.0}
+    assert a.last_wait_p99_ms == {"front": 5.0, "back": 27.0}
 
-    # After the move (and the cooldown) front waits 12 ms and back 2 ms: a sixth, not the eighth that
-    # moving straight back needs; nothing moves.
+    # After the move (and the cooldown) front waits 12 ms at p99 and back 2 ms: a sixth, not the eighth
+    # that moving straight back needs; nothing moves.
     pools = {"front": 1, "back": 2}
     for t in range(10, 14):
         busy = {g: busy[g] + 0.5e6 for g in busy}
-        wait = {"front": (wait["front"][0] + 200 * 12_000, wait["front"][1] + 200),
-                "back": (wait["back"][0] + 200 * 2_000, wait["back"][1] + 200)}
-        assert a.update(float(t), figures(busy, pools, wait=wait), pools) == ({}, None)
+        assert a.update(float(t), figures(busy, pools, p99={"front": 12_000, "back": 2_000}), pools) == ({}, None)
 
 
 def test_short_waits_or_no_spare_worker_move_nothing():
@@ -46,17 +48,21 @@ def test_short_waits_or_no_spare_worker_move_nothing():
     pools = {"front": 1, "back": 1}
     a.update(0.0, figures({"front": 0, "back": 0}, pools), pools)
     # back waits 40 ms but front has a single worker and the budget is full.
-    w = {"front": (100 * 1_000, 100), "back": (100 * 40_000, 100)}
-    assert a.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, wait=w), pools) == ({}, None)
+    p99 = {"front": 1_000, "back": 40_000}
+    assert a.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, p99=p99), pools) == ({}, None)
     b = Autoscaler(["front", "back"], budget=3, sustain=1, cooldown_s=0, wait_ms=10)
     pools = {"front": 2, "back": 1}
     b.update(0.0, figures({"front": 0, "back": 0}, pools), pools)
-    w = {"front": (100 * 1_000, 100), "back": (100 * 8_000, 100)}      # 8 ms: under wait_ms
-    assert b.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, wait=w), pools) == ({}, None)
+    assert b.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, p99={"front": 1_000, "back": 8_000}),
+                    pools) == ({}, None)                                  # 8 ms: under wait_ms
+    assert b.update(2.0, figures({"front": 0.6e6, "back": 1.0e6}, pools, p99={"front": 5_000, "back": 15_000}),
+                    pools) == ({}, None)                                  # front's wait is not under a quarter
+    assert b.update(3.0, figures({"front": 0.9e6, "back": 1.5e6}, pools, p99={"front": None, "back": None}),
+                    pools) == ({}, None)                                  # too few requests to tell
     off = Autoscaler(["front", "back"], budget=3, sustain=1, cooldown_s=0, wait_ms=0)
     off.update(0.0, figures({"front": 0, "back": 0}, pools), pools)
-    w = {"front": (100 * 1_000, 100), "back": (100 * 80_000, 100)}
-    assert off.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, wait=w), pools) == ({}, None)
+    assert off.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, p99={"front": 1_000, "back": 80_000}),
+                      pools) == ({}, None)
 
 
 def test_a_move_needs_sustained_evidence_and_then_waits_for_the_cooldown():

@@ -39,6 +39,7 @@ class Autoscaler:
         self.last_move = None        # (donor, taker) of the last move between kinds
         self.last_wait_ms = {}       # mean wait per request over the last period, by kind
         self.last_wait_p99_ms = {}   # p99 wait over the last period, by kind (what decides)
+        self.blocked = None          # why a kind that queues got no worker in the last period (for the log)
         self.sustain = sustain
         self.cooldown_s = cooldown_s
         self.prev = None             # (time, {group: busy_us})
@@ -80,6 +81,7 @@ class Autoscaler:
                 if donors:
                     decision = (min(donors, key=lambda g: util[g]), hot)
         reason = "utilisation"
+        self.blocked = None
         if decision is None and self.wait_ms > 0 and wait:
             slow = max(wait, key=lambda g: (wait[g], figures[g]["queue"]))
             if wait[slow] > self.wait_ms:
@@ -91,6 +93,12 @@ class Autoscaler:
                     decision, reason = (min(donors, key=lambda g: (wait[g], util[g])), slow), "wait"
                 elif sum(pools[g] for g in self.groups) < self.budget:
                     decision, reason = (None, slow), "wait"
+                else:
+                    others = ", ".join(f"{g} ({pools[g]} worker{'s' if pools[g] > 1 else ''}, p99 wait {wait[g]:.1f} ms)"
+                                       for g in self.groups if g != slow and g in wait)
+                    self.blocked = (f"{slow}'s requests wait {wait[slow]:.1f} ms at p99 (utilisation {util[slow]:.2f}) "
+                                    f"but no kind can spare a worker (one with more than one worker waiting under "
+                                    f"a quarter of that): {others}")
         if decision is None or decision != self.pending:
             self.pending, self.streak = decision, 1 if decision else 0
             if decision is None or self.sustain > 1:

@@ -242,18 +242,15 @@ class ItemTable:
         self.names = [name for name, _ in split.frontier]
         self.tables = [np.empty((n, *d), dtype=np.float32) for _, d in split.frontier]
         t0 = time.monotonic()
+        # The process's one Cube of the version (open_cube): in a fused worker the cube stage reads the
+        # same one, so it is not closed here.
         cube = open_cube(bundle.cube_path, bundle.dim)
-        try:
-            for a in range(0, n, chunk):
-                rows = np.arange(a, min(n, a + chunk), dtype=np.int64)
-                sigs, lens = self.items.item_signatures(rows, np.ones(rows.shape[0], dtype=np.bool_))
-                (emb,), _ = pool_blocks(cube, [(sigs, lens)], bundle.dim, [bundle.item_sums])
-                for table, out in zip(self.tables, session.run(self.names, {ITEM_INPUT: emb})):
-                    table[a:a + rows.shape[0]] = out
-        finally:
-            close = getattr(cube, "close", None)
-            if close is not None:
-                close()
+        for a in range(0, n, chunk):
+            rows = np.arange(a, min(n, a + chunk), dtype=np.int64)
+            sigs, lens = self.items.item_signatures(rows, np.ones(rows.shape[0], dtype=np.bool_))
+            (emb,), _ = pool_blocks(cube, [(sigs, lens)], bundle.dim, [bundle.item_sums])
+            for table, out in zip(self.tables, session.run(self.names, {ITEM_INPUT: emb})):
+                table[a:a + rows.shape[0]] = out
         self.build_s = time.monotonic() - t0
         self.mb = mb
 

@@ -168,6 +168,7 @@ class Supervisor:
         self.qcache = self.create_qcache(plans)
         self.shed = self.create_shedding(plans)
         self.autoscalers = {}
+        self.autoscale_note_at = {}
         if self.settings["autoscale.enabled"]:
             from jizhi.autoscale import Autoscaler
             for name, plan in plans.items():
@@ -281,6 +282,9 @@ class Supervisor:
                 continue
             pools = {g: self.desired[(name, g)] for g in scaler.groups}
             changes, why = scaler.update(now, fig, pools)
+            if not changes and scaler.blocked and now >= self.autoscale_note_at.get(name, 0.0):
+                log.info("autoscale %s: %s", name, scaler.blocked)      # at most every 30 s
+                self.autoscale_note_at[name] = now + 30.0
             if changes:
                 log.info("autoscale %s: %s: %s", name, why,
                          ", ".join(f"{g} {pools[g]} -> {n}" for g, n in changes.items()))

@@ -50,6 +50,10 @@ def test_short_waits_or_no_spare_worker_move_nothing():
     # back waits 40 ms but front has a single worker and the budget is full.
     p99 = {"front": 1_000, "back": 40_000}
     assert a.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, p99=p99), pools) == ({}, None)
+    # ... and says why, for the supervisor's log.
+    assert a.blocked == ("back's requests wait 40.0 ms at p99 (utilisation 0.50) but no kind can spare a worker "
+                         "(one with more than one worker waiting under a quarter of that): front (1 worker, "
+                         "p99 wait 1.0 ms)")
     b = Autoscaler(["front", "back"], budget=3, sustain=1, cooldown_s=0, wait_ms=10)
     pools = {"front": 2, "back": 1}
     b.update(0.0, figures({"front": 0, "back": 0}, pools), pools)

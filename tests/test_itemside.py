@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import assert_topk, demo_pipeline_text, write_text
 from jizhi import demo, dlrm, itemside, structured
 from jizhi.workers.model_inference import session_options
 
@@ -121,3 +122,21 @@ def test_an_item_op_across_the_batch_is_not_precomputed():
         helper.make_node("Squeeze", ["m2"], ["score"]),
     ], [w])
     assert itemside.split_items(model) is None
+
+
+def test_served_with_the_hot_tier_off_the_cube_stage_still_reads_the_cube_the_table_was_built_from(
+        launch, demo_trace, trace_scores, tmp_path):
+    """The table's build and the cube stage share the worker's one Cube (open_cube), which the build
+    leaves open; here the stage reads every key from it (no hot tier). (Closing it would only break
+    the liblmdb fallback: the Numba reader keeps its own mapping.)"""
+    path = write_text(tmp_path / "itemcache.toml",
+                      demo_pipeline_text("itemcache", options={"dnn": ["item_cache = true"]}))
+    server = launch.start(pipelines=(str(path),), config_text='[metrics]\nlisten = ""\n[cube]\nhot_tier_mb = 0\n')
+    client = server.client()
+    for q in (0, 1, 2):
+        user, items, recall = demo_trace[q]
+        r = client.score(user, items, recall, pipeline="itemcache", ret="all", deadline_ms=30_000)
+        np.testing.assert_allclose(r.scores, trace_scores[q], rtol=0, atol=1e-5)
+        r = client.score(user, items, recall, pipeline="itemcache", top_k=10, deadline_ms=30_000)
+        assert_topk(r, items, trace_scores[q], 10)
+    assert "item_cache: 100000 items" in server.log_text()

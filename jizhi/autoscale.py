@@ -16,9 +16,11 @@ When no kind is over ``autoscale.high`` the cores themselves may be the bottlene
 machine every kind's workers share the same cores, none of them is busy most of the time, and
 yet requests queue. Then the *queue wait* decides: the p99 of the waits (time from a request's
 arrival at a kind to its dispatch to a worker) of the requests the broker dispatched to each
-kind during the period. When the kind with the longest p99 wait waits more than
-``autoscale.wait_ms`` and another kind with more than one worker waits under a quarter of that,
-a worker moves from the one to the other (the short-waiting kind's extra worker only takes its
+kind during the period (a kind with fewer than 20 of them is left out). When the kind with the
+longest p99 wait waits more than ``autoscale.wait_ms`` beyond its own ``batch_wait_ms`` (a partial
+batch held for company is a wait no extra worker removes) and another kind with more than one
+worker waits under a quarter of that and would stay under ``autoscale.high`` with one worker
+fewer, a worker moves from the one to the other (the short-waiting kind's extra worker only takes its
 share of the cores; the queueing kind's work gets it). Moving back the way the last move went
 needs twice that evidence (a wait under an eighth), so two kinds do not trade a worker back and
 forth. The mean wait per request over the period is reported with it (``last_wait_ms``).
@@ -31,8 +33,10 @@ a kind never goes below one worker. Workers are retired without dropping a reque
 
 
 class Autoscaler:
-    def __init__(self, groups, budget, high=0.85, sustain=3, cooldown_s=10.0, wait_ms=10.0):
+    def __init__(self, groups, budget, high=0.85, sustain=3, cooldown_s=10.0, wait_ms=10.0, holds=None):
         self.groups = list(groups)
+        # {group: batch_wait_ms}: a partial batch held for company is a wait extra workers cannot remove.
+        self.holds = dict(holds or {})
         self.budget = budget
         self.high = high
         self.wait_ms = wait_ms
@@ -63,8 +67,9 @@ class Autoscaler:
         for g, (w, n) in waited.items():
             w0, n0 = prev[2].get(g, (w, n))
             mean_wait[g] = (w - w0) / 1000.0 / (n - n0) if n > n0 else 0.0
-        # The period's p99 wait (None: too few requests to tell; counts as no wait).
-        wait = {g: (figures[g].get("wait_p99_us") or 0) / 1000.0 for g in busy}
+        # The period's p99 wait (a kind with too few requests to tell is left out: neither queueing
+        # nor a donor).
+        wait = {g: figures[g]["wait_p99_us"] / 1000.0 for g in busy if figures[g].get("wait_p99_us") is not None}
         self.last_util, self.last_wait_ms, self.last_wait_p99_ms = util, mean_wait, wait
         if not util or now < self.quiet_until:
             self.pending, self.streak = None, 0
@@ -83,11 +88,15 @@ class Autoscaler:
         reason = "utilisation"
         self.blocked = None
         if decision is None and self.wait_ms > 0 and wait:
-            slow = max(wait, key=lambda g: (wait[g], figures[g]["queue"]))
-            if wait[slow] > self.wait_ms:
+            # What a kind's requests wait beyond its own batch hold.
+            excess = {g: w - self.holds.get(g, 0.0) for g, w in wait.items()}
+            slow = max(excess, key=lambda g: (excess[g], figures[g]["queue"]))
+            if excess[slow] > self.wait_ms:
                 def spare(g):
                     back = self.last_move == (slow, g)
-                    return g != slow and pools[g] > 1 and wait[g] < wait[slow] / (8 if back else 4)
+                    # ... and the donor stays under autoscale.high with one worker fewer.
+                    return (g != slow and pools[g] > 1 and wait[g] < wait[slow] / (8 if back else 4)
+                            and util[g] * pools[g] / (pools[g] - 1) < self.high)
                 donors = [g for g in wait if spare(g)]
                 if donors:
                     decision, reason = (min(donors, key=lambda g: (wait[g], util[g])), slow), "wait"

@@ -87,12 +87,12 @@ class GroupStats:
         self.svc_ewma_us = us if self.n_svc == 1 else 0.9 * self.svc_ewma_us + 0.1 * us
 
     def period_wait_p99_us(self, min_samples=20):
-        """p99 queue wait of the requests dispatched since the previous call (at most the last RING),
-        or None with fewer than ``min_samples`` of them."""
+        """p99 queue wait of the requests dispatched since the previous call that returned a figure (at
+        most the last RING), or None with fewer than ``min_samples`` of them."""
         n = min(self.n_wait - self.load_mark, RING)
-        self.load_mark = self.n_wait
         if n < min_samples:
-            return None
+            return None     # the mark stays: the next period counts these requests too
+        self.load_mark = self.n_wait
         idx = (np.arange(self.n_wait - n, self.n_wait) % RING)
         return int(np.percentile(self.wait_us[idx], 99))
 

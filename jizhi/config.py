@@ -129,9 +129,10 @@ SETTINGS = [
     Setting("autoscale.high", float, 0.85, lambda v: None if 0 < v <= 1 else "in (0, 1]",
             "A kind busier than this (busy time per worker per second) is a bottleneck."),
     Setting("autoscale.wait_ms", float, 10.0, _nonneg,
-            "A kind whose requests wait longer than this for a worker (p99 over a period) while another kind's "
-            "p99 wait is under a quarter of it is queueing-bound: a worker moves to it from that kind (0: off). "
-            "This is the bottleneck when the cores, not one kind's workers, are saturated."),
+            "A kind whose requests wait longer than this for a worker (p99 over a period, beyond its own "
+            "batch_wait_ms) while another kind's p99 wait is under a quarter of it is queueing-bound: a worker "
+            "moves to it from that kind (0: off). This is the bottleneck when the cores, not one kind's "
+            "workers, are saturated."),
     Setting("autoscale.sustain", int, 3, _positive,
             "Periods in a row the same move must be indicated before it is made."),
     Setting("autoscale.cooldown_s", float, 10.0, _nonneg,

@@ -176,8 +176,11 @@ def split_items(model):
                 frontier.append(name)
     if not frontier:
         return None
+    elem = _elem_types(model)
     dims = []
     for name in frontier:
+        if elem.get(name) != onnx.TensorProto.FLOAT:
+            return None     # the table is float32 (a bool mask or an index of the item is not precomputed)
         shape = g.shape(name)
         if shape is None or len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             return None     # a table needs static trailing dims
@@ -207,6 +210,19 @@ def split_items(model):
                                         for name, d in dims]
     serving = _assemble(model, kept, inputs, list(model.graph.output), needed)
     return ItemSplit(serving, items, tuple(dims), layers)
+
+
+def _elem_types(model):
+    """Tensor name -> ONNX element type, from shape inference (missing when it cannot tell)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph inference rejects: nothing is known, nothing is precomputed
+        return {}
+    out = {}
+    for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if v.type.HasField("tensor_type"):
+            out[v.name] = v.type.tensor_type.elem_type
+    return out
 
 
 def _assemble(source, nodes, inputs, outputs, needed):

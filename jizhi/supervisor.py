@@ -177,7 +177,9 @@ class Supervisor:
                 self.autoscalers[name] = Autoscaler(kinds, budget, high=self.settings["autoscale.high"],
                                                     sustain=self.settings["autoscale.sustain"],
                                                     cooldown_s=self.settings["autoscale.cooldown_s"],
-                                                    wait_ms=self.settings["autoscale.wait_ms"])
+                                                    wait_ms=self.settings["autoscale.wait_ms"],
+                                                    holds={g: float(plan["groups"][g].get("batch_wait_ms", 0.0))
+                                                           for g in kinds})
                 log.info("autoscaling pipeline %s: %d workers over %s", name, budget, ", ".join(kinds))
         self.next_load = 0.0
         rows, nrows = stats_mod.row_map(plans, self.settings["workers.max_pool"])

@@ -283,7 +283,9 @@ def search_space(plan, settings, cores, arena_default=0):
     for s in plan["stage_order"]:
         st = plan["stages"][s]
         cfg = st.get("config") or {}
-        if st["processor"] == "model_inference" and cfg.get("structured", "on") == "on" and not cfg.get("per_pair"):
+        # (not a head's stage: a head model has no item profiles to build the table from)
+        if (st["processor"] == "model_inference" and cfg.get("structured", "on") == "on" and not cfg.get("per_pair")
+                and cfg.get("model") in (None, plan.get("model"))):
             on = cfg.get("item_cache", False) is True
             dims.append(Dimension(f"{name}/{s}.item_cache", "ordinal", on, values=(False, True),
                                   description=f"stage {s}: the item-only part of the graph precomputed per item"))

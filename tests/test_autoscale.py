@@ -1,7 +1,10 @@
 """Pool autoscaling: the decision logic, and a real daemon moving a worker to its bottleneck."""
 from conftest import wait_until, write_text
 from daemon_helpers import Load
+import numpy as np
+
 from jizhi.autoscale import Autoscaler
+from jizhi.broker import RING, GroupStats
 from jizhi.pipeline import Pipeline
 
 
@@ -112,3 +115,42 @@ def test_the_daemon_moves_a_worker_to_the_slow_kind_and_keeps_serving(launch, de
         wait_until(lambda: load.count_ok() >= n + 20, 30, what="answers after the move")
     assert {r["outcome"] for r in load.snapshot()} == {"ok"}
     assert "autoscale two: back is the bottleneck" in server.log_text()
+
+
+def test_a_busy_donor_a_batch_hold_or_too_few_requests_give_no_queueing_move():
+    pools = {"front": 2, "back": 1}
+    p99 = {"front": 2_000, "back": 30_000}
+    # front at 0.6 per worker would be at 1.2 with one worker: it keeps both, however long back waits.
+    a = Autoscaler(["front", "back"], budget=3, sustain=1, cooldown_s=0, wait_ms=10)
+    a.update(0.0, figures({"front": 0, "back": 0}, pools), pools)
+    assert a.update(1.0, figures({"front": 1.2e6, "back": 0.5e6}, pools, p99=p99), pools) == ({}, None)
+    # back holds partial batches 25 ms for company: 30 ms at p99 is 5 ms of queueing, under wait_ms.
+    b = Autoscaler(["front", "back"], budget=3, sustain=1, cooldown_s=0, wait_ms=10, holds={"back": 25.0})
+    b.update(0.0, figures({"front": 0, "back": 0}, pools), pools)
+    assert b.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, p99=p99), pools) == ({}, None)
+    # front had too few requests to tell its wait: it is no donor.
+    c = Autoscaler(["front", "back"], budget=3, sustain=1, cooldown_s=0, wait_ms=10)
+    c.update(0.0, figures({"front": 0, "back": 0}, pools), pools)
+    assert c.update(1.0, figures({"front": 0.3e6, "back": 0.5e6}, pools, p99={"front": None, "back": 30_000}),
+                    pools) == ({}, None)
+    assert c.update(2.0, figures({"front": 0.6e6, "back": 1.0e6}, pools, p99=p99), pools)[0] == \
+        {"back": 2, "front": 1}
+
+
+def test_the_brokers_period_p99_wait_covers_the_requests_since_the_last_figure():
+    st = GroupStats()
+    assert st.period_wait_p99_us() is None
+    for us in range(10):                       # too few: no figure, and they count in the next period
+        st.add_wait(1_000)
+    assert st.period_wait_p99_us() is None
+    for us in range(90):
+        st.add_wait(2_000)
+    assert st.period_wait_p99_us() == 2_000    # 100 waits: 10 of 1 ms, 90 of 2 ms
+    for us in range(99):
+        st.add_wait(500)
+    st.add_wait(50_000)
+    assert st.period_wait_p99_us() == int(np.percentile([500] * 99 + [50_000], 99))
+    for us in range(RING + 500):               # more than the ring holds: the last RING of them
+        st.add_wait(7_000 if us < 450 else 3_000)    # the first 450 fall out of the ring
+    assert st.period_wait_p99_us() == 3_000
+    assert st.wait_total_us == 10 * 1_000 + 90 * 2_000 + 99 * 500 + 50_000 + 450 * 7_000 + (RING + 50) * 3_000

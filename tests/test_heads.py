@@ -257,3 +257,13 @@ def test_a_head_whose_scores_are_nan_fails_the_smoke_check(models, head):
         False, "smoke", "64 of 64 smoke scores are not finite (NaN or inf); "
                         "dense.onnx on 2 users x 32 items of random pooled embeddings (a head bundle)")
     assert result["skipped"] == ["cube", "profiles"]
+
+
+def test_a_head_stage_asked_for_an_item_table_logs_why_and_serves_without_it(head, caplog):
+    """A head has no item profiles nor cube to build the table from (model_inference item_cache)."""
+    from jizhi.workers.model_inference import ModelInference
+    stage = ModelInference()
+    with caplog.at_level("WARNING", logger="jizhi.worker"):
+        stage.setup({"item_cache": True, "model": "ctr"}, Bundle(head))
+    assert stage.item_table is None
+    assert any("item_cache: no item table" in r.getMessage() for r in caplog.records)

@@ -95,7 +95,7 @@ def _graph(nodes, initializers=()):
               helper.make_tensor_value_info("user_index", TensorProto.INT64, ["P"])]
     out = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["P"])
     model = helper.make_model(helper.make_graph(nodes, "g", inputs, [out], initializer=list(initializers)),
-                              opset_imports=[helper.make_opsetid("", 17)])
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     return model
 
@@ -109,6 +109,26 @@ def test_a_model_whose_items_only_meet_the_user_has_nothing_to_precompute():
         helper.make_node("Mul", ["us", "is"], ["score"]),
     ], [axes])
     assert itemside.split_items(model) is None
+
+
+def test_an_item_only_tensor_that_is_not_float_is_not_precomputed():
+    """The table holds float32 rows: a mask computed from the item alone stays in the graph."""
+    w = onnx.numpy_helper.from_array(np.ones((12, 1), dtype=np.float32), "w")
+    axes = onnx.numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes")
+    zero = onnx.numpy_helper.from_array(np.zeros(1, dtype=np.float32), "zero")
+    model = _graph([
+        helper.make_node("Flatten", ["item_emb"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["m"]),
+        helper.make_node("Greater", ["m", "zero"], ["mask"]),                 # bool [P, 1]
+        helper.make_node("Gather", ["user_emb", "user_index"], ["u"], axis=0),
+        helper.make_node("ReduceSum", ["u", "axes"], ["us"], keepdims=0),
+        helper.make_node("Unsqueeze", ["us", "one"], ["us1"]),
+        helper.make_node("Where", ["mask", "us1", "zero"], ["picked"]),
+        helper.make_node("Squeeze", ["picked", "one"], ["score"]),
+    ], [w, axes, zero, onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "one")])
+    assert itemside.split_items(model) is None
+    feeds = structured.random_inputs(model, 2, 9, 0)
+    assert _session(model).run(None, feeds)[0].shape == (9,)
 
 
 def test_an_item_op_across_the_batch_is_not_precomputed():

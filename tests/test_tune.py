@@ -106,6 +106,18 @@ def test_the_overlay_files_read_back_and_compile_with_the_chosen_settings(demo_m
     assert "MALLOC_ARENA_MAX=2" in settings_path.read_text()
 
 
+def test_the_item_table_is_switched_on_in_the_overlay_and_heads_are_not_offered_it(demo_models, tmp_path):
+    doc, plan = plan_of("demo", demo_models)
+    space = search_space(plan, config.load(None), cores=2)
+    point = dict(space.default, **{"demo/dnn.item_cache": True})
+    _, pipeline_path = write_overlay(tmp_path, space, point, {}, doc, "a test point")
+    with open(pipeline_path, "rb") as f:
+        tuned = tomllib.load(f)
+    assert next(st for st in tuned["stage"] if st["name"] == "dnn")["item_cache"] is True
+    assert compile_pipeline(tuned, str(demo_models))["stages"]["dnn"]["config"]["item_cache"] is True
+    assert "dnn item table on" in space.label(point)
+
+
 def test_the_overlay_of_an_unfused_plan_sets_pool_and_batch_on_each_stage(demo_models, tmp_path):
     doc, plan = plan_of("demo_unfused", demo_models)
     space = search_space(plan, config.load(None), cores=2)

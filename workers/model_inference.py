@@ -29,8 +29,10 @@ on the item (on the demo model, the item rows of the first top layer: 256 x
 when the worker opens it, into a table in the worker's memory
 (``jizhi.itemside``: items x floats x 4 bytes, 100 MiB for the demo's 100,000
 items; refused over ``item_cache_mb``, default 512, with a log line, and the
-worker then runs without it), and each candidate reads its row. The table
-takes about a second to build per worker and version.
+worker then runs without it, as it does for a head model that has no item
+profiles of its own), and each candidate reads its row. The table takes about
+a second to build per worker and version, and is not counted in the memory
+check of a new version (jizhi/loader.py's estimate comes from validation).
 
 Several models in one pipeline: a stage option ``model = "ctr"`` runs that
 model's graph (a head bundle on the pipeline model's features, versioned on
@@ -170,14 +172,16 @@ class ModelInference(Stage):
         log = logging.getLogger("jizhi.worker")
         split = split_items(model)
         if split is None:
-            log.info("item_cache: the graph has no item-only MatMul/Gemm work; no item table")
+            log.info("item_cache: the graph has no item-only MatMul/Gemm work on float tensors; no item table")
             return model
-        items = ort.InferenceSession(split.items.SerializeToString(), sess_options=session_options(),
-                                     providers=["CPUExecutionProvider"])
         try:
+            items = ort.InferenceSession(split.items.SerializeToString(), sess_options=session_options(),
+                                         providers=["CPUExecutionProvider"])
             self.item_table = ItemTable(bundle, split, items, max_mb=item_cache_mb(config))
-        except ValueError as e:
-            log.warning("item_cache: %s; running without the item table", e)
+        except Exception as e:  # a head bundle (no profiles, no cube), a table too large, ...: serve without
+            log.warning("item_cache: no item table for %s (%s: %s); running without it", bundle.onnx_path,
+                        type(e).__name__, e)
+            self.item_table = None
             return model
         t = self.item_table
         log.info("item_cache: %d items x %d floats (%s) in %.0f MiB, built in %.2f s", t.tables[0].shape[0],

@@ -40,7 +40,6 @@ are those of the model without the split up to float32 rounding of the
 reordered sums (tests/test_itemside.py).
 """
 import dataclasses
-import logging
 import time
 
 import numpy as np
@@ -53,9 +52,6 @@ ITEM_INPUT = "item_emb"
 _HEAVY = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "MatMulInteger", "QLinearMatMul"})
 _ITEM = "item"
 _OTHER = "other"
-
-log = logging.getLogger("jizhi.itemside")
-
 
 @dataclasses.dataclass(frozen=True)
 class ItemSplit:
@@ -176,57 +172,35 @@ def split_items(model):
                 frontier.append(name)
     if not frontier:
         return None
-    elem = _elem_types(model)
     dims = []
     for name in frontier:
-        if elem.get(name) != onnx.TensorProto.FLOAT:
+        if g.types.get(name) != onnx.TensorProto.FLOAT:
             return None     # the table is float32 (a bool mask or an index of the item is not precomputed)
         shape = g.shape(name)
         if shape is None or len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             return None     # a table needs static trailing dims
         dims.append((name, tuple(int(d) for d in shape[1:])))
+    frontier_inputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["P", *d]) for name, d in dims]
 
     # The item model: the item-side ancestors of the frontier.
-    needed, nodes = set(frontier), []
-    for node in reversed(model.graph.node):
-        if any(n in needed for n in node.output if n):
-            nodes.append(node)
-            needed.update(n for n in node.input if n)
-    nodes.reverse()
     item_input = next(v for v in model.graph.input if v.name == ITEM_INPUT)
-    outs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["P", *d]) for name, d in dims]
-    items = _assemble(model, nodes, [item_input], outs, needed)
-
+    items = _assemble(model, model.graph.node, [item_input], frontier_inputs)
     # The serving model: everything but the region, the frontier as inputs.
-    rest = [n for n in model.graph.node if id(n) not in in_region]
-    needed = {o.name for o in model.graph.output}
-    kept = []
-    for node in reversed(rest):
+    serving = _assemble(model, [n for n in model.graph.node if id(n) not in in_region],
+                        list(model.graph.input) + frontier_inputs, list(model.graph.output))
+    return ItemSplit(serving, items, tuple(dims), layers)
+
+
+def _assemble(source, nodes, inputs, outputs):
+    """A model of ``source``'s opsets and metadata: ``inputs`` to ``outputs`` through the ``nodes``
+    (in order) they need, with the initializers those read."""
+    needed, kept = {o.name for o in outputs}, []
+    for node in reversed(nodes):
         if any(n in needed for n in node.output if n):
             kept.append(node)
             needed.update(n for n in node.input if n)
     kept.reverse()
-    inputs = list(model.graph.input) + [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["P", *d])
-                                        for name, d in dims]
-    serving = _assemble(model, kept, inputs, list(model.graph.output), needed)
-    return ItemSplit(serving, items, tuple(dims), layers)
-
-
-def _elem_types(model):
-    """Tensor name -> ONNX element type, from shape inference (missing when it cannot tell)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a graph inference rejects: nothing is known, nothing is precomputed
-        return {}
-    out = {}
-    for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        if v.type.HasField("tensor_type"):
-            out[v.name] = v.type.tensor_type.elem_type
-    return out
-
-
-def _assemble(source, nodes, inputs, outputs, needed):
-    graph = helper.make_graph(nodes, source.graph.name, inputs, outputs,
+    graph = helper.make_graph(kept, source.graph.name, inputs, outputs,
                               initializer=[i for i in source.graph.initializer if i.name in needed])
     model = onnx.ModelProto()
     model.CopyFrom(source)

@@ -213,10 +213,13 @@ class _Graph:
             inferred = shape_inference.infer_shapes(model)
         except Exception:  # a graph shape inference rejects is simply not understood
             inferred = model
+        self.types = {}     # tensor -> ONNX element type, where inference tells
         for value_info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
             dims = _dims(value_info)
             if dims is not None:
                 self.shapes[value_info.name] = dims
+            if value_info.type.HasField("tensor_type"):
+                self.types[value_info.name] = value_info.type.tensor_type.elem_type
         # Constant values, converted when first read (weights can be large).
         self.initializers = {init.name: init for init in graph.initializer}
         self.values = {}
@@ -1282,24 +1285,26 @@ def bench(users=8, candidates=(100, 500, 1000), repeats=7, seed=0, out=sys.stdou
         if split is not None:
             variants.append(("both + item table (item_cache)", split, flops(split.serving)))
         print(f"\n## {model_name}\n{reports[0].summary(500)}", file=out)
+        sessions = [_session(m if isinstance(m, onnx.ModelProto) else m.serving) for _, m, _ in variants]
+        tables = None
+        if split is not None:
+            names = [name for name, _ in split.frontier]
+            table_items = random_inputs(model, 1, 100_000, seed + 1)["item_emb"]
+            tables = dict(zip(names, _session(split.items).run(names, {"item_emb": table_items})))
         for c in candidates:
             pairs = users * c
             feeds = random_inputs(model, users, pairs, seed, np.repeat(np.arange(users, dtype=np.int64), c))
+            rows = np.random.default_rng(seed).integers(0, 100_000, size=pairs)
             runs = []
-            for _, m, _ in variants:
+            for (_, m, _), session in zip(variants, sessions):
                 if isinstance(m, onnx.ModelProto):
-                    session = _session(m)
                     runs.append(lambda session=session: session.run(None, feeds))
                     continue
-                session, names = _session(m.serving), [name for name, _ in m.frontier]
-                table_items = random_inputs(model, 1, 100_000, seed + 1)["item_emb"]
-                tables = _session(m.items).run(names, {"item_emb": table_items})
-                rows = np.random.default_rng(seed).integers(0, 100_000, size=pairs)
                 wanted = {i.name for i in session.get_inputs()}
                 base = {k: v for k, v in feeds.items() if k in wanted}
 
-                def run(session=session, names=names, tables=tables, rows=rows, base=base):
-                    return session.run(None, {**base, **{n: np.take(t, rows, axis=0) for n, t in zip(names, tables)}})
+                def run(session=session, base=base):
+                    return session.run(None, {**base, **{n: np.take(t, rows, axis=0) for n, t in tables.items()}})
                 runs.append(run)
             loops = []
             for run in runs:

@@ -13,6 +13,9 @@ process (``DiskCache``, the cache manager) and readers in the workers
 (``DiskCacheReader``: one read transaction per batch, which sees one
 committed state, never a half-written one).
 """
+if __name__ == "__main__":
+    from jizhi import lifeline
+    lifeline.hold()   # first, before the imports below: this process must never outlive jizhid
 import os
 
 import lmdb

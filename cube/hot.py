@@ -26,6 +26,9 @@ Segment layouts (little-endian):
   (generation, n_keys, capacity, built_at_ms, 0...). Written only by the
   supervisor; generation 0 = no table yet.
 """
+if __name__ == "__main__":
+    from jizhi import lifeline
+    lifeline.hold()   # first, before the imports below: this process must never outlive jizhid
 import argparse
 import json
 import mmap
@@ -487,8 +490,13 @@ def build_main(argv=None):
     vectors, found = cube.lookup(keys)
     keys, vectors = keys[found], vectors[found]
     from jizhi import arena
+    from jizhi.errors import ShmFull
     capacity = capacity_for(keys.shape[0])
-    arena.create(args.segment, table_bytes(capacity, args.dim))
+    try:
+        arena.create(args.segment, table_bytes(capacity, args.dim))
+    except ShmFull as e:
+        print(json.dumps({"error": str(e)}))    # the supervisor logs it with the exit code
+        return 1
     fill(args.segment, keys, vectors, args.generation)
     print(json.dumps({"keys": int(keys.shape[0]), "cube_keys": int(total), "capacity": capacity,
                       "bytes": table_bytes(capacity, args.dim),

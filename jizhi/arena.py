@@ -11,14 +11,19 @@ touches ``multiprocessing.shared_memory`` or its resource tracker, so an
 exiting reader never unlinks or "leaks" anything, and a SIGKILLed worker
 leaves nothing behind.
 
-tmpfs allocates pages on first touch, so a large arena costs only what
-requests actually write.
+Every segment is backed when it is created (``posix_fallocate``): a full
+/dev/shm refuses the creation (``ShmFull``, naming the bytes), never a later
+first touch of a page (that would be a SIGBUS in whichever process touched
+it, the broker included). So a segment costs its full size from creation.
 """
+import errno
 import mmap
 import os
 from pathlib import Path
 
 import numpy as np
+
+from jizhi.errors import ShmFull
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "jizhi."
@@ -40,12 +45,43 @@ def arena_bytes(spec, slots, max_candidates):
 
 
 def create(name, nbytes):
-    """Supervisor only: create a segment of ``nbytes`` (fails if it exists)."""
-    fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    """Supervisor (and the hot-tier builder) only: create a segment of ``nbytes``, every page allocated.
+
+    Fails if the name exists (even as a symbolic link: nothing is written through one). Raises
+    ShmFull when /dev/shm cannot hold it; the partial segment is removed.
+    """
+    nbytes = max(int(nbytes), 1)
+    fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, max(int(nbytes), 1))
-    finally:
+        os.ftruncate(fd, nbytes)
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
         os.close(fd)
+        unlink(name)
+        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise ShmFull(full_message(f"segment {name}", nbytes)) from None
+        raise
+    os.close(fd)
+
+
+def free_bytes():
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def full_message(what, nbytes):
+    """``/dev/shm is full: WHAT: N bytes needed (x MiB), M bytes (y MiB) free`` and what to do."""
+    free = free_bytes()
+    return (f"{SHM_DIR} is full: {what}: {nbytes} bytes needed ({nbytes / 2**20:.1f} MiB), {free} bytes "
+            f"({free / 2**20:.1f} MiB) free (make {SHM_DIR} larger, or lower limits.max_in_flight, "
+            "limits.max_candidates, overlay.capacity_users, qcache.entries or cube.hot_tier_mb)")
+
+
+def sigbus_cause():
+    """The likely cause of a SIGBUS, for the log line of a process that died of one."""
+    free = free_bytes()
+    return (f"a page of a mapped file could not be backed or read: {SHM_DIR} has {free} bytes "
+            f"({free / 2**20:.1f} MiB) free, or a mapped file (a segment, a bundle's) was truncated")
 
 
 def attach(name, spec, slots, max_candidates):
@@ -60,6 +96,16 @@ def attach(name, spec, slots, max_candidates):
     return np.ndarray(shape, dtype=np.dtype(spec["dtype"]), buffer=mm)
 
 
+def identity(name):
+    """(device, inode) of a segment, or None once it is unlinked: a mapping of a segment whose
+    identity changed belongs to a run that ended (its supervisor unlinked it, or a new run swept it)."""
+    try:
+        st = os.stat(SHM_DIR / name)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def unlink(name):
     try:
         os.unlink(SHM_DIR / name)
@@ -72,6 +118,11 @@ def remove_instance(instance):
     """Remove every segment of an instance (stale ones of a crashed run, or ours at stop)."""
     removed = []
     for p in SHM_DIR.glob(f"{PREFIX}{instance}.*"):
+        try:
+            if p.lstat().st_uid != os.geteuid():
+                continue    # another user's instance of the same name: not ours to remove
+        except FileNotFoundError:
+            continue
         if unlink(p.name):
             removed.append(p.name)
     return removed
@@ -87,7 +138,13 @@ class Arenas:
 
     def __init__(self, plan, segments, slots, max_candidates):
         self.specs = plan["arenas"]
+        self.names = {c: segments[c] for c in self.specs}
+        self.ids = {c: identity(n) for c, n in self.names.items()}
         self.cols = {c: attach(segments[c], spec, slots, max_candidates) for c, spec in self.specs.items()}
+
+    def intact(self):
+        """False when a segment mapped here was unlinked or replaced since: compute nothing on it."""
+        return all(identity(n) == self.ids[c] for c, n in self.names.items())
 
     def read(self, col, slots, counts):
         arr = self.cols[col]

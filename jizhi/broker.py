@@ -22,6 +22,9 @@ still holds it, so a late worker never writes into a reused slot. The events
 of a worker that dies (the supervisor says so, or its heartbeats stop) go back
 to the front of their channel: nothing admitted is lost.
 """
+if __name__ == "__main__":
+    from jizhi import lifeline
+    lifeline.hold()   # first, before the imports below: this process must never outlive jizhid
 import argparse
 import collections
 import heapq
@@ -35,12 +38,14 @@ import time
 import numpy as np
 import zmq
 
-from jizhi import logs, protocol
+from jizhi import lifeline, logs, protocol
 from jizhi.arena import Arenas
+from jizhi.connections import REFUSED_RETRY_MS, REPLY_QUEUE, REQUEST_QUEUE, ClientConnections
 from jizhi.overlay import Overlay
-from jizhi.stats import C_PID, C_REQUESTS, Stats
-from jizhi.errors import (BAD_REQUEST, CODES, DEADLINE_EXCEEDED, INTERNAL, OVERLOADED, UNKNOWN_PIPELINE,
-                          RequestError)
+from jizhi.stats import C_INVALID_SCORES, C_PID, C_REQUESTS, Stats
+from jizhi.workers.stage import INVALID_NAN_BITS, INVALID_SCORES
+from jizhi.errors import (BAD_REQUEST, CODES, DEADLINE_EXCEEDED, EXIT_BIND_FAILURE, EXIT_STALE_RUN, INTERNAL,
+                          OVERLOADED, UNKNOWN_PIPELINE, RequestError)
 
 log = logging.getLogger("jizhi.broker")
 
@@ -50,6 +55,22 @@ WARMUP_DEADLINE_S = 30.0    # a warm-up request's budget (the new workers run at
 RECORD_MAX = 200_000        # requests held between two fetches of `jizhictl record`
 RECORD_ABANDONED_S = 10.0   # recording stops when nobody fetched it for this long
 MAX_CRASHES = 2  # worker deaths a request may witness before it is answered INTERNAL
+# A serving version's share of invalid scores is judged from this many candidates on: a few
+# requests are too few to tell a broken version from one odd item.
+WATCH_MIN_CANDIDATES = 10_000
+INVALID_LOG_EVERY_S = 10.0  # the log line about invalid scores dropped, at most this often per pipeline
+STOP_RETRY_MS = 1000        # retry_after_ms of the requests answered while the broker stops
+STOP_READ_S = 0.1           # after SIGTERM, the frontend is read this long (then emptied) before it closes
+
+
+def request_id(body):
+    """The ``id`` of a request body that may be malformed (None when it has none a reply can echo)."""
+    try:
+        h = protocol.unpackb(body[0])
+        rid = h.get("id") if isinstance(h, dict) else None
+    except Exception:
+        return None
+    return rid if isinstance(rid, (int, str, bytes, type(None))) else None
 
 
 class Request:
@@ -186,9 +207,88 @@ class Generation:
         self.idle_sent = False
         self.boot = {}                  # the slowest worker's {start_ms, load_ms}
         self.pool = None                # {group: workers} the supervisor starts for it
+        self.watch = None               # {until, invalid, scored}: its first minutes of serving, judged
 
     def in_flight(self):
         return self.slots - len(self.free)
+
+
+class RetryHints:
+    """When to tell a refused client to come back, so that one honouring ``retry_after_ms`` finds a slot.
+
+    One per pipeline, used by the broker's loop only. With every slot taken a slot frees every
+    1/rate seconds on average (``rate``: slots freed per second, over the last RATE_WINDOW frees
+    within RATE_SPAN_S), so the work ahead of a refused request is the clients told to come back
+    before it: it gets a *ticket* due 1/rate after the last one handed out, and ``retry_after_ms``
+    says when that is. A freed slot is held for the tickets due within the next completion burst (a
+    worker frees ``batch`` slots at once), so a client that comes back when told finds it, instead
+    of losing it to a request that happened to arrive first. A ticket is known by the client's
+    routing id (a REQ socket keeps it from one try to the next; a DEALER that pipelines holds one
+    ticket) and lapses LAPSE_S (or four slot times) after it was due. Without the holding, later
+    hints alone do not help: a freed slot goes to whoever asks first (issue 16, item 8: 10 % of
+    next tries succeeded with a hint of twice the service time).
+    """
+
+    RATE_WINDOW = 256
+    RATE_SPAN_S = 1.0           # older frees say nothing about now (an idle hour is no slow service)
+    LAPSE_S = 0.1
+    UNMEASURED_RATE = 100.0     # slots freed per second assumed before any was measured
+
+    def __init__(self, batch):
+        self.batch = max(2, batch)
+        self.freed_at = collections.deque(maxlen=self.RATE_WINDOW)   # time.monotonic() of each freed slot
+        self.tickets = collections.OrderedDict()    # routing id -> due (time.monotonic()), earliest first
+
+    def freed(self, now):
+        self.freed_at.append(now)
+
+    def rate(self, now):
+        while self.freed_at and self.freed_at[0] < now - self.RATE_SPAN_S:
+            self.freed_at.popleft()
+        n = len(self.freed_at)
+        span = now - self.freed_at[0] if n else 0.0
+        return n / span if n >= 8 and span > 0 else self.UNMEASURED_RATE
+
+    def _lapse(self, now, rate):
+        grace = max(self.LAPSE_S, 4.0 / rate)
+        while self.tickets:
+            due = next(iter(self.tickets.values()))
+            if due + grace >= now:
+                break
+            self.tickets.popitem(last=False)
+
+    def admit(self, key, free, now):
+        """May a request from ``key`` take one of ``free`` free slots?"""
+        if not self.tickets:
+            return free > 0
+        rate = self.rate(now)
+        horizon = now + self.batch / rate
+        self._lapse(now, rate)
+        due = self.tickets.pop(key, None)
+        if free <= 0:
+            return False
+        if due is not None and due <= horizon:
+            return True             # its turn: a slot was held for it
+        held = 0
+        for d in self.tickets.values():
+            if d > horizon:
+                break
+            held += 1
+        return free > held
+
+    def refuse(self, key, now):
+        """A request from ``key`` is refused: its ticket, as ``retry_after_ms``."""
+        rate = self.rate(now)
+        self._lapse(now, rate)
+        self.tickets.pop(key, None)
+        # After the last ticket still out (a client refused again gave its own back: a DEALER that
+        # floods holds one ticket, it does not push everyone else's turn away).
+        due = max(next(reversed(self.tickets.values()), now), now) + 1.0 / rate
+        self.tickets[key] = due
+        return max(1, int((due - now) * 1000.0 + 0.999))
+
+    def waiting(self):
+        return len(self.tickets)
 
 
 class PipelineState:
@@ -213,6 +313,8 @@ class PipelineState:
         self.has_qcache = any(st["processor"] == "query_cache" for st in plan["stages"].values())
         self.qc_candidates = 0      # candidates of answered requests, and how many the query cache answered
         self.qc_hits = 0
+        self.invalid_scores = 0     # candidates dropped from ok replies for a NaN or infinite score
+        self.invalid_logged = (0.0, 0)   # when the last log line about them went out, and the count then
         # A/B dispatch (workers/ab_dispatch.py): groups the broker routes itself, and the A/B group of
         # every group in a branch; per A/B group figures.
         self.routers = {}
@@ -227,6 +329,7 @@ class PipelineState:
         self.critical_path = settings.get("broker.dispatch") == "critical_path"
         self.rem_s = {g: 0.0 for g in self.groups}       # remaining critical path from a group's start, seconds
         self.rem_at = 0.0
+        self.retry = RetryHints(max((self.groups[g]["batch"] for g in self.worker_groups), default=1))
 
     def remaining(self, now):
         """Each group's remaining critical path (its service time plus the longest path after it),
@@ -296,6 +399,8 @@ class Broker:
         self.limits = {"max_candidates": s["limits.max_candidates"],
                        "max_message_bytes": s["limits.max_message_bytes"]}
         self.default_deadline_s = s["limits.default_deadline_ms"] / 1000.0
+        self.max_invalid_share = s["models.max_invalid_share"]
+        self.invalid_watch_s = s["models.invalid_watch_s"]
         self.hb_expiry_s = 3 * s["workers.heartbeat_interval_s"]
         self.pipes = {name: PipelineState(plan, s) for name, plan in run["pipelines"].items()}
         for name, pipe in self.pipes.items():
@@ -341,6 +446,8 @@ class Broker:
         self.draining = False
         self.drain_requester = None
         self.running = True
+        self.stopping = False       # the loop ended: every request read is answered OVERLOADED until the close
+        self.stale = None           # why this broker exits as a process of an ended run (jizhi/lifeline.py)
         self._last_malformed_log = 0.0
         self.t_start = time.monotonic()
 
@@ -363,11 +470,18 @@ class Broker:
             self.front.curve_server = True
             log.info("frontend requires CURVE; allowed client keys from %s", self.settings["security.curve_clients_dir"])
         self.front.setsockopt(zmq.LINGER, 0)
-        self.front.setsockopt(zmq.SNDHWM, 100_000)
-        # A client sending faster than we admit waits in its own queue, not in our memory.
-        self.front.setsockopt(zmq.RCVHWM, 1000)
+        # What one client can make us hold (jizhi/connections.py): REPLY_QUEUE replies it has not read
+        # (more raise, so they are counted, not queued), REQUEST_QUEUE whole requests waiting (a client
+        # sending faster than we admit waits in its own queue, not in our memory) and one arriving.
+        self.front.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.front.setsockopt(zmq.RCVHWM, REQUEST_QUEUE)
         self.front.setsockopt(zmq.MAXMSGSIZE, self.settings["limits.max_message_bytes"] + 65536)
+        self.clients = ClientConnections(self.front, self.run["frontend"], self.settings)
         self.front.bind(self.run["frontend"])
+        one, every = self.clients.bounds_mib()
+        log.info("client connections: %d served at once (limits.max_connections); one may make the broker hold "
+                 "%.0f MiB, all together %d MiB (limits.clients_memory_mb)", self.clients.max_connections, one, every)
         self.back = ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -378,9 +492,19 @@ class Broker:
 
     def reply(self, envelope, frames):
         try:
-            self.front.send_multipart(envelope + frames, copy=False)
+            self.front.send_multipart(envelope + frames, flags=zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            # REPLY_QUEUE replies wait for this client already: it does not read them (README, "Limits").
+            self.clients.dropped["not_reading"] += 1
+            self.clients.note("not_reading", "dropped a reply to a client that does not read its replies "
+                               "(%d such replies so far)", self.clients.dropped["not_reading"])
         except zmq.ZMQError as e:
-            log.warning("reply to a client failed: %s", e)
+            if e.errno == zmq.EHOSTUNREACH:
+                self.clients.dropped["gone"] += 1    # it disconnected (a Lazy Pirate client gave up on us)
+            else:
+                log.warning("reply to a client failed: %s", e)
+        else:
+            self.clients.on_reply(envelope, frames)
 
     def reply_error(self, envelope, rid, code, message, retry_after_ms=None, pipe=None):
         self.errors[code] += 1
@@ -407,22 +531,39 @@ class Broker:
         a = req.gen.arenas.cols
         n = req.n
         scores = a["out_scores"][req.slot, :n]
-        if req.warm:
-            bad = int(np.count_nonzero(np.isinf(scores)))   # NaN marks shed candidates; inf is never a score
-            if not np.isfinite(scores).any() and n:
-                bad = n
-            self.warm_result(req, f"{bad} of {n} scores not finite" if bad else None)
-            self.release_if_idle(req)
-            return
+        # Candidates whose score was NaN or infinite: the workers counted them and wrote INVALID_NAN (a
+        # NaN, never ranked, told from a dropped candidate's NaN by its bits); a sink that is not ours
+        # may have written inf uncounted, so the reply is checked too (O(k); O(n) for return: all).
+        invalid = req.counts.get(INVALID_SCORES, 0)
         order = None
         if req.ret_all:
             ids = a["item_ids"][req.slot, :n]
             out_scores = scores
+            # Left out of the reply; NaN stays where a candidate was dropped (shed, pruned: README).
+            inf = np.isinf(scores)
+            bad = inf | (scores.view(np.uint32) == INVALID_NAN_BITS)
+            if bad.any():
+                invalid += int(np.count_nonzero(inf))
+                order = np.flatnonzero(~bad)
+                ids, out_scores = ids[order], scores[order]
         else:
             k = req.counts.get("returned", 0)
             order = a["order"][req.slot, :k]
-            ids = a["item_ids"][req.slot, :n][order]
             out_scores = scores[order]
+            finite = np.isfinite(out_scores)
+            if not finite.all():
+                invalid += int(k - np.count_nonzero(finite))
+                order, out_scores = order[finite], out_scores[finite]
+            ids = a["item_ids"][req.slot, :n][order]
+        scored = n - req.counts.get("shed", 0)       # candidates a model was asked to score
+        if req.warm:
+            self.warm_result(req, None if np.isfinite(scores).any() or not n else f"none of {n} scores is finite",
+                             invalid, scored)
+            self.release_if_idle(req)
+            return
+        if invalid:
+            self.count_invalid(pipe, req.gen, invalid)
+        self.watch_invalid(pipe, req.gen, invalid, scored)
         more = None
         if req.heads and pipe.head_columns:
             # Each head's scores of the same items (the combiner's inputs, in shared memory).
@@ -440,7 +581,8 @@ class Broker:
         if pipe.shedding is not None:
             pipe.requests.shed = 0.98 * pipe.requests.shed + 0.02 * req.counts.get("shed", 0)
             pipe.requests.cands = 0.98 * pipe.requests.cands + 0.02 * n
-        extra = {"missing_signatures": req.counts.get("missing_signatures", 0), "cached": req.counts.get("cached", 0)}
+        extra = {"missing_signatures": req.counts.get("missing_signatures", 0), "cached": req.counts.get("cached", 0),
+                 "invalid_scores": invalid}
         if req.ab:
             for router, name in req.ab.items():
                 pipe.ab_stats[router][name]["requests"].add(total_us, pairs)
@@ -454,12 +596,50 @@ class Broker:
         self.reply(req.envelope, frames)
         self.release_if_idle(req)
 
+    def count_invalid(self, pipe, gen, invalid):
+        """``invalid`` candidates of an ok reply were dropped for a NaN or infinite score: count them
+        (``jizhictl stats``, Prometheus) and say so in the log, at most every INVALID_LOG_EVERY_S."""
+        pipe.invalid_scores += invalid
+        if self.stats is not None:
+            self.stats.counters[pipe.row, C_INVALID_SCORES] += invalid
+        now = time.monotonic()
+        t_last, n_last = pipe.invalid_logged
+        if now - t_last >= INVALID_LOG_EVERY_S:
+            pipe.invalid_logged = (now, pipe.invalid_scores)
+            log.warning("pipeline %s: %d candidates dropped from ok replies for a NaN or infinite score "
+                        "(%d since start; version %s)", pipe.name, pipe.invalid_scores - n_last,
+                        pipe.invalid_scores, gen.versions)
+
+    def watch_invalid(self, pipe, gen, invalid, scored):
+        """A version in its first ``models.invalid_watch_s`` of serving: once its share of invalid
+        scores passes ``models.max_invalid_share`` (judged from WATCH_MIN_CANDIDATES candidates on),
+        tell the supervisor, once; it fails the version and loads the previous good one."""
+        w = gen.watch
+        if w is None:
+            return
+        now = time.monotonic()
+        if now > w["until"]:
+            gen.watch = None
+            return
+        w["invalid"] += invalid
+        w["scored"] += scored
+        if w["scored"] >= WATCH_MIN_CANDIDATES and w["invalid"] > self.max_invalid_share * w["scored"]:
+            gen.watch = None
+            serving_s = round(self.invalid_watch_s - (w["until"] - now), 1)
+            log.error("pipeline %s: version %s gave %d invalid scores of %d (%.2f%% > models.max_invalid_share "
+                      "%g) in its first %.1f s of serving", pipe.name, gen.versions, w["invalid"], w["scored"],
+                      100.0 * w["invalid"] / w["scored"], self.max_invalid_share, serving_s)
+            self.tell_supervisor({"t": protocol.T_INVALID, "pipeline": pipe.name, "version": gen.version,
+                                  "invalid": w["invalid"], "candidates": w["scored"], "serving_s": serving_s})
+
     def release_if_idle(self, req):
         if req.answered and req.held == 0 and req.slot is not None:
             gen = req.gen
             gen.by_slot[req.slot] = None
             gen.free.append(req.slot)
             req.slot = None
+            if not req.warm:
+                req.pipe.retry.freed(time.monotonic())
             if gen.state == "draining" and gen.in_flight() == 0:
                 self.version_idle(req.pipe, gen)
 
@@ -478,15 +658,11 @@ class Broker:
             req = protocol.decode_request([bytes(f) for f in body], self.limits)
         except RequestError as e:
             self.count_malformed(e.message)
-            rid = None
-            try:
-                h = protocol.unpackb(body[0])
-                rid = h.get("id") if isinstance(h, dict) else None
-                if not isinstance(rid, (int, str, bytes, type(None))):
-                    rid = None
-            except Exception:
-                pass
-            self.reply_error(envelope, rid, e.code, e.message)
+            self.reply_error(envelope, request_id(body), e.code, e.message)
+            return
+        if self.stopping:
+            self.reply_error(envelope, req["id"], OVERLOADED, "server stopping; retry on another node or later",
+                             STOP_RETRY_MS)
             return
         op = req["op"]
         if op == "ping":
@@ -499,6 +675,18 @@ class Broker:
             self.feedback(envelope, req)
             return
         self.admit(envelope, req, t_recv)
+
+    def refuse_connection(self, conn, frames):
+        """A message from a connection past ``limits.max_connections``: answer it OVERLOADED unread; the
+        connection is closed once that reply is written (jizhi/connections.py)."""
+        envelope, body = protocol.split_envelope(frames)
+        if envelope is None:
+            envelope, body = [frames[0], b""], frames[1:]
+        self.reply_error(envelope, request_id(body), OVERLOADED,
+                         f"connection limit reached: {self.clients.max_connections} client connections are served "
+                         "at once (limits.max_connections); this one closes now: retry later or on another node",
+                         REFUSED_RETRY_MS)
+        self.clients.refused_reply_sent(conn)
 
     def feedback(self, envelope, m):
         """Append to the user's recent behaviour (the overlay); the next score sees it."""
@@ -545,9 +733,12 @@ class Broker:
                              f"pipeline {name} has no serving model version (one failed; the previous one is "
                              "loading)", 500, pipe)
             return
-        if not gen.free:
+        key = bytes(envelope[0])      # the client's routing id: who was told to come back when
+        if not pipe.retry.admit(key, len(gen.free), t_recv):
+            after_ms = pipe.retry.refuse(key, t_recv)
             self.reply_error(envelope, m["id"], OVERLOADED,
-                             f"{gen.slots} requests in flight on pipeline {name}", self.retry_hint(pipe))
+                             f"{gen.in_flight()} requests in flight on pipeline {name} ({gen.slots} slots), "
+                             f"{pipe.retry.waiting() - 1} clients told to retry before this one", after_ms, pipe)
             return
         items, rs = m["item_ids"], m["recall_scores"]
         dl = m["deadline_ms"]
@@ -670,7 +861,7 @@ class Broker:
             samples = [(pipe.name, int(u), items[i * per:(i + 1) * per], None, 10) for i, u in enumerate(users)]
             samples = samples[:n_want]
         now = time.monotonic()
-        gen.warm = {"sent": len(samples), "done": 0, "error": None, "t0": now}
+        gen.warm = {"sent": len(samples), "done": 0, "error": None, "t0": now, "invalid": 0, "scored": 0}
         log.info("pipeline %s: version %s has all its workers; warming up with %d requests (%s)",
                  pipe.name, gen.versions, len(samples), source if samples else "nothing to replay")
         if not samples:
@@ -679,12 +870,14 @@ class Broker:
         for _, user, items, rs, top_k in samples:
             self.enqueue(pipe, gen, None, None, user, items, rs, top_k, False, now + WARMUP_DEADLINE_S, now, warm=True)
 
-    def warm_result(self, req, error):
+    def warm_result(self, req, error, invalid=0, scored=0):
         gen, pipe = req.gen, req.pipe
         w = gen.warm
         if w is None:
             return
         w["done"] += 1
+        w["invalid"] += invalid
+        w["scored"] += scored
         if error and w["error"] is None:
             w["error"] = error
         if w["done"] == w["sent"]:
@@ -693,6 +886,12 @@ class Broker:
     def warm_done(self, pipe, gen):
         w = gen.warm
         took_ms = round((time.monotonic() - w["t0"]) * 1000, 1)
+        if w["error"] is None and w["invalid"] > self.max_invalid_share * w["scored"]:
+            # The whole warm-up is the sample: judged whatever its size (a version that passes is
+            # judged again on live traffic for models.invalid_watch_s).
+            w["error"] = (f"{w['invalid']} of {w['scored']} scores not finite (NaN or infinite), "
+                          f"{w['invalid'] / max(1, w['scored']):.2%} > models.max_invalid_share "
+                          f"{self.max_invalid_share:g}")
         if w["error"] is None:
             gen.state = "warm"
             log.info("pipeline %s: version %s warm after %d requests in %.0f ms", pipe.name, gen.versions,
@@ -712,6 +911,8 @@ class Broker:
         old = pipe.gens.get(pipe.active)
         pipe.active = gen.vkey
         gen.state = "active"
+        if self.invalid_watch_s > 0:
+            gen.watch = {"until": time.monotonic() + self.invalid_watch_s, "invalid": 0, "scored": 0}
         for ws in [pipe.workers.get((g, gen.vkey), []) for g in pipe.groups]:
             for w in ws:
                 try:
@@ -798,13 +999,6 @@ class Broker:
                 log.info("recording stopped")
         self.back.send_multipart([ident, protocol.packb({"t": protocol.T_RECORD, "records": out if op != "start" else [],
                                                          "dropped": dropped, "recording": self.recording is not None})])
-
-    def retry_hint(self, pipe):
-        st = pipe.stats[pipe.sink]
-        if st.n_svc == 0:
-            return 50
-        svc = np.median(st.svc_us[:min(st.n_svc, RING)]) / 1000.0
-        return int(min(1000, max(5, svc * 2)))
 
     # -- dispatch -----------------------------------------------------------
 
@@ -953,6 +1147,16 @@ class Broker:
             self.running = False
 
     def on_ready(self, ident, msg):
+        if msg.get("run") != self.run["run_id"]:
+            # A worker of another run (this broker outlived its supervisor, or the worker did): its
+            # arenas are not ours, so whatever it computed would be answered from the wrong memory.
+            log.error("worker %r belongs to run %s, this broker to run %s: telling it to stop", ident,
+                      msg.get("run"), self.run["run_id"])
+            try:
+                self.back.send_multipart([ident] + protocol.encode_simple(protocol.T_STOP))
+            except zmq.ZMQError:
+                pass
+            return
         pipe = self.pipes.get(msg.get("pipeline"))
         if pipe is None or msg.get("group") not in pipe.groups:
             log.warning("worker %r announced an unknown pipeline/group", ident)
@@ -1119,7 +1323,7 @@ class Broker:
                            "model_versions": serving.versions if serving else None,
                            "versions": versions, "ready": p.ready(),
                            "in_flight": p.in_flight(), "slots": p.slots, "groups": groups,
-                           "requests": p.requests.snapshot()}
+                           "requests": p.requests.snapshot(), "invalid_scores": p.invalid_scores}
             if p.has_qcache:
                 pipes[name]["query_cache"] = {"candidates": p.qc_candidates, "hits": p.qc_hits}
             if p.shedding is not None:
@@ -1137,13 +1341,49 @@ class Broker:
                 "default_pipeline": self.default_pipeline, "answered": self.answered,
                 "errors": dict(self.errors), "malformed": self.malformed, "draining": self.draining,
                 "feedback": {"events": self.feedback_events, "dropped_overlay_full": self.overlay_full},
-                "uptime_s": round(time.monotonic() - self.t_start, 3)}
+                "uptime_s": round(time.monotonic() - self.t_start, 3), "clients": self.clients.snapshot(),
+                "run_id": self.run["run_id"], "pid": os.getpid()}
+
+    def stale_run(self):
+        """Why this broker must not answer from its arenas any more (None: it may).
+
+        Its supervisor is gone (re-parented: a SIGKILLed supervisor), or a segment it maps was
+        unlinked or replaced (a new run of the instance swept it): an "ok" computed from here on
+        would be read from memory nobody writes."""
+        if not lifeline.supervisor_alive():
+            return f"the supervisor (pid {os.environ.get(lifeline.ENV_SUPERVISOR)}) is gone"
+        for pipe in self.pipes.values():
+            for gen in pipe.gens.values():
+                if not gen.arenas.intact():
+                    return f"a shared-memory segment of pipeline {pipe.name} version {gen.versions} was unlinked"
+        return None
+
+    def read_frontend(self, most=256):
+        """Handle up to ``most`` of the client messages ZeroMQ holds (a connection past the limit is
+        answered its refusal, whatever it sent); returns how many there were."""
+        for n in range(most):
+            try:
+                frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return n
+            try:
+                conn = self.clients.on_message(frames)
+                if conn is not None and conn.refused:
+                    self.refuse_connection(conn, [f.buffer for f in frames])
+                else:
+                    self.on_frontend([f.buffer for f in frames])
+            except Exception:
+                log.exception("unexpected error handling a client message")
+                self.malformed += 1
+        return most
 
     def loop(self):
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
-        next_sweep = 0.0
+        poller.register(self.clients.monitor, zmq.POLLIN)
+        self.clients.start_guard()
+        next_sweep = next_lifeline = 0.0
         while self.running:
             timeout = 100
             if self.deadlines:
@@ -1165,20 +1405,22 @@ class Broker:
                     self.on_backend(self.back.recv_multipart())
                     if not self.back.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
+            if self.clients.monitor in events:
+                self.clients.on_monitor()
             if self.front in events:
-                for _ in range(256):
-                    frames = self.front.recv_multipart(copy=False)
-                    try:
-                        self.on_frontend([f.buffer for f in frames])
-                    except Exception:
-                        log.exception("unexpected error handling a client message")
-                        self.malformed += 1
-                    if not self.front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        break
+                self.read_frontend()
             now = time.monotonic()
             if now < next_sweep and not (self.deadlines and self.deadlines[0][0] <= now):
                 continue
             next_sweep = now + 0.05   # heartbeat, expiry and drain checks: 20 times a second is plenty
+            if now >= next_lifeline:
+                next_lifeline = now + 1.0
+                why = self.stale_run()
+                if why:
+                    log.error("%s: this broker belongs to an ended run; answering what it holds with "
+                              "OVERLOADED and exiting", why)
+                    self.stale = why
+                    break
             if self.stats is not None:
                 for p in self.pipes.values():
                     self.stats.heartbeat[p.row] = now
@@ -1198,29 +1440,67 @@ class Broker:
                 except zmq.ZMQError:
                     pass
                 self.drain_requester = None
-        # Stopping (SIGTERM after the drain bound): nothing admitted goes unanswered.
-        for pipe in self.pipes.values():
-            for req in [r for gen in pipe.gens.values() for r in gen.by_slot]:
-                if req is not None and not req.answered:
-                    self.answer_error(req, OVERLOADED, "server stopping; retry on another node or later", 1000)
-        if getattr(self, "auth", None) is not None:
-            self.auth.stop()   # its sockets live in our context: stop it before the context ends
-        self.front.close(linger=1000)   # let those last replies leave before the process exits
+        self.stop_frontend()
         self.back.close(0)
         zmq.Context.instance().term()
 
+    def stop_frontend(self):
+        """The loop ended (SIGTERM, after the supervisor's drain; or a stale run): answer OVERLOADED, with
+        retry_after_ms, every request admitted and every request a client sent before the frontend closed.
+
+        After the "closing the frontend" line the frontend is read STOP_READ_S more, so that what a client
+        sent before that line has arrived; then what ZeroMQ holds is read until nothing more comes and
+        every reply is acknowledged, and every connection is shut down at once (a FIN: the client knows
+        nothing more is read; a request it sent in the microseconds before finds the connection gone,
+        and the Lazy Pirate client retries it). A broker that dies instead (SIGKILL, a crash) loses what
+        it held: README, "Stopping"."""
+        self.stopping = True
+        for pipe in self.pipes.values():
+            for req in [r for gen in pipe.gens.values() for r in gen.by_slot]:
+                if req is not None and not req.answered:
+                    self.answer_error(req, OVERLOADED, "server stopping; retry on another node or later",
+                                      STOP_RETRY_MS)
+        before = self.errors[OVERLOADED]
+        log.info("stopping: closing the frontend; requests sent until now are answered OVERLOADED "
+                 "(retry_after_ms %d)", STOP_RETRY_MS)
+        end = time.monotonic() + STOP_READ_S
+        while (left := end - time.monotonic()) > 0:
+            if self.front.poll(max(1, int(left * 1000))):
+                self.read_frontend()
+        self.clients.close()
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()   # its sockets live in our context: stop it before the context ends
+        # Empty what ZeroMQ holds until every reply is acknowledged and nothing new came, then shut every
+        # connection down at once: only a request arriving within those microseconds goes unanswered.
+        end = time.monotonic() + STOP_READ_S
+        while self.read_frontend(most=100_000) or not self.clients.delivered():
+            if time.monotonic() > end:
+                break
+            self.front.poll(1)
+        self.clients.shut_all()
+        self.front.close(linger=1000)   # let those last replies leave before the process exits
+        log.info("frontend closed: %d requests answered OVERLOADED while stopping", self.errors[OVERLOADED] - before)
+
 
 def main(argv=None):
-    from jizhi.workers.run import die_with_parent, read_plan
+    from jizhi.workers.run import read_plan
     ap = argparse.ArgumentParser(prog="python -m jizhi.broker",
                                  description="The jizhi broker (started by jizhid, not by hand).")
     ap.add_argument("--plan", required=True)
     args = ap.parse_args(argv)
     logs.setup("jizhi.broker")
-    die_with_parent()
     run = read_plan(args.plan)
     broker = Broker(run)
-    broker.open()
+    try:
+        broker.open()
+    except zmq.ZMQError as e:
+        # Not a crash to retry quietly: another process holds the address (an old jizhid?). The
+        # supervisor logs the meaning of this exit code and does not report ready meanwhile.
+        where = run["backend"] if getattr(broker, "back", None) is not None else run["frontend"]
+        log.error("cannot bind %s: %s (is another jizhid or another program using it?); exiting with code %d",
+                  where, e, EXIT_BIND_FAILURE)
+        logging.shutdown()
+        os._exit(EXIT_BIND_FAILURE)
 
     def on_term(signum, frame):
         broker.running = False
@@ -1231,7 +1511,7 @@ def main(argv=None):
     broker.loop()
     log.info("broker stopped")
     logging.shutdown()
-    os._exit(0)
+    os._exit(EXIT_STALE_RUN if broker.stale else 0)
 
 
 if __name__ == "__main__":

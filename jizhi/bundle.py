@@ -96,8 +96,13 @@ class Bundle:
         self.files = m.get("files", [])
 
     def verify(self):
-        """Check every listed file's size and sha256. Raises BundleError naming the first bad file."""
+        """Check every listed file's size and sha256, and that no file of the version resolves outside its
+        directory. Raises BundleError naming the first bad file."""
         _checked(self.files, f"{self.path}: manifest lists no files")
+        escaped = self.escapes()
+        if escaped is not None:
+            raise BundleError(f"{self.path}: {escaped[0]} resolves to {escaped[1]}, outside the version directory "
+                              "(a version serves only its own files: copy the file in instead of linking it)")
         for entry in self.files:
             p = self.path / entry["path"]
             try:
@@ -111,6 +116,21 @@ class Bundle:
                     h.update(chunk)
             _checked(h.hexdigest() == entry["sha256"], f"{self.path}: {entry['path']} sha256 differs from the manifest")
         return True
+
+    def escapes(self):
+        """``(name, real path)`` of the first file of the version that resolves outside its directory (a
+        symbolic link out of it, a ``..`` or absolute path in the manifest), or None. Looks at the listed
+        files, the graph and every entry under the directory (links are not followed into)."""
+        root = os.path.realpath(self.path)
+        names = [str(e.get("path")) for e in self.files if isinstance(e, dict)]
+        names.append(os.path.relpath(self.onnx_path, self.path))
+        for top, dirs, files in os.walk(root):
+            names += [os.path.relpath(os.path.join(top, n), root) for n in dirs + files]
+        for name in names:
+            real = os.path.realpath(os.path.join(root, name))
+            if real != root and not real.startswith(root + os.sep):
+                return name, real
+        return None
 
     def changed_files(self):
         """Cheap (stat only): the first listed file now missing or not the size this manifest says, or None."""

@@ -237,6 +237,7 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
     elif r.ok:
         click.echo(f"pipeline {pipeline}  user {user}  candidates {len(items)}  model_versions {r['model_versions']}  "
                    f"unknown_items {r['unknown_items']}  missing_signatures {r.get('missing_signatures', 0)}"
+                   f"  invalid_scores {r.get('invalid_scores', 0)}"
                    + (f"  answered by {r.endpoint} (attempt {r.attempts})" if "," in endpoint else ""))
         click.echo(f"{'rank':>4}  {'item_id':>20}  score")
         for i, (iid, s) in enumerate(zip(r.item_ids, r.scores)):
@@ -361,7 +362,8 @@ def main(argv=None):
 # -- operating the daemon (control socket) -----------------------------------
 
 def _run_dir_option(f):
-    f = click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+    # readable=False: a run directory that is not ours is reported by _control in its own words.
+    f = click.option("--run-dir", type=click.Path(file_okay=False, readable=False), default=None,
                      help="The daemon's run directory (holds control.ipc). Default: $JIZHI_RUN_DIR, "
                           "/run/jizhi (systemd), then /tmp/jizhi-<uid>-<instance>.")(f)
     f = click.option("--instance", default="default", show_default=True, help="Instance name (server.instance).")(f)
@@ -373,10 +375,14 @@ def _control(run_dir, instance, cmd, args=None, timeout_s=5.0):
 
     from jizhi import control
     dirs = [Path(run_dir)] if run_dir else control.run_dir_candidates(instance)
-    tried = []
+    tried, denied = [], None
     for d in dirs:
-        if not (d / control.SOCKET_NAME).exists():
-            tried.append(str(d))
+        try:
+            if not control.present(d):
+                tried.append(str(d))
+                continue
+        except control.NoAccess as e:
+            denied = denied or e    # (another candidate may still be ours)
             continue
         try:
             return control.call(d, cmd, args, timeout_s)
@@ -387,6 +393,9 @@ def _control(run_dir, instance, cmd, args=None, timeout_s=5.0):
         except control.ControlError as e:
             click.echo(f"jizhictl: {cmd} refused: {e}", err=True)
             sys.exit(EXIT_ERROR_REPLY)
+    if denied is not None:
+        click.echo(f"jizhictl: {denied}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
     click.echo(f"jizhictl: jizhid is not running (no control socket in {', '.join(tried)}); "
                "pass --run-dir or --instance if it runs elsewhere", err=True)
     sys.exit(EXIT_UNREACHABLE)
@@ -406,6 +415,8 @@ def status(run_dir, instance, as_json):
         click.echo(json.dumps(st, indent=2))
         return
     click.echo(f"jizhid instance {st['instance']}  pid {st['pid']}  up {st['uptime_s']}s  health {st['health']}")
+    if st.get("not_ready") and st["health"] != "ready":
+        click.echo(f"not ready: {st['not_ready']}")
     click.echo(f"frontend {st['frontend']}  models {st['models']}  pipelines {', '.join(st['pipelines'])}")
     for problem in st.get("model_problems", []):
         click.echo(f"model version not served: {problem}")
@@ -421,12 +432,15 @@ def _stats_table(info):
     lines = []
     lines.append(f"answered {info['answered']}  errors {info['errors'] or '{}'}  malformed {info['malformed']}  "
                  f"draining {info['draining']}  up {info['uptime_s']}s")
-    lines.append(f"{'pipeline':<26} {'in flight':>9} {'ok/s':>7} {'pairs/s':>9} {'p50':>9} {'p99':>9} {'p99.9':>9}")
+    lines.append(f"{'pipeline':<26} {'in flight':>9} {'ok/s':>7} {'pairs/s':>9} {'p50':>9} {'p99':>9} {'p99.9':>9} "
+                 f"{'invalid':>9}")
     for pname, p in info["pipelines"].items():
         rq = p.get("requests", {})
         lat = rq.get("latency_us", {})
+        # invalid: candidates dropped from ok replies since the broker started (a NaN or infinite score)
         lines.append(f"{pname:<26} {p['in_flight']:>9} {rq.get('ok_per_s', 0):>7} {rq.get('pairs_per_s', 0):>9,.0f} "
-                     f"{_fmt_us(lat.get('p50')):>9} {_fmt_us(lat.get('p99')):>9} {_fmt_us(lat.get('p99_9')):>9}")
+                     f"{_fmt_us(lat.get('p50')):>9} {_fmt_us(lat.get('p99')):>9} {_fmt_us(lat.get('p99_9')):>9} "
+                     f"{p.get('invalid_scores', 0):>9,}")
     lines.append(f"{'pipeline/group':<26} {'workers':>7} {'queue':>6} {'events/s':>9} {'wait p50':>9} {'wait p99':>9} "
                  f"{'svc p50':>9} {'svc p99':>9}")
     for pname, p in info["pipelines"].items():
@@ -495,7 +509,7 @@ def _versions_lines(info):
 @_run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(run_dir, instance, as_json):
-    """Per pipeline: ok/s, pairs/s, latency p50/p99/p99.9; per stage: pool size, queue, events/s, wait and service p50/p99; errors by code; per A/B group: its fraction, answers, latency and errors."""
+    """Per pipeline: ok/s, pairs/s, latency p50/p99/p99.9, candidates dropped for a NaN or infinite score; per stage: pool size, queue, events/s, wait and service p50/p99; errors by code; per A/B group: its fraction, answers, latency and errors."""
     info = _control(run_dir, instance, "stats")
     click.echo(json.dumps(info, indent=2) if as_json else
                "\n".join(x for x in (_stats_table(info), _storage_lines(info), _ab_lines(info), _versions_lines(info))
@@ -967,7 +981,10 @@ def _cube_daemon(run_dir, instance, version_dir):
 
     from jizhi import control
     dirs = [Path(run_dir).absolute()] if run_dir else control.run_dir_candidates(instance)
-    live = [d for d in dirs if (d / control.SOCKET_NAME).exists()]
+    try:
+        live = [d for d in dirs if control.present(d)]
+    except control.NoAccess as e:
+        return {"running": False, "instance": instance, "note": f"{e}: no hot-tier figures"}
     if not live:
         return {"running": False, "instance": instance,
                 "note": f"jizhid is not running (no control socket in {', '.join(map(str, dirs))}): "

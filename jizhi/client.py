@@ -26,14 +26,19 @@ scale-out of DESIGN.md: one REQ socket per node, each opened on first use.
   ``backoff_s``, and the same request goes at once to the next node not
   tried yet for it. A retriable error reply (``retry_codes``, by default
   ``jizhi.errors.RETRIABLE``) marks the node down for its ``retry_after_ms``
-  (or ``backoff_s``) and is retried the same way. At most ``attempts``
-  attempts (default: one per node) and, with ``budget_s``, no new attempt
-  after ``budget_s`` seconds from the first send, an attempt's wait cut to
-  what is left. Out of budget: the last retriable error reply if any
-  attempt got one, else ``TimeoutError`` naming every endpoint tried. An
-  answer clears the node's mark. The node whose mark expired is probed by
-  the next request sent to it; if it is still dead that request pays one
-  ``timeout_s`` before its retry.
+  (or ``backoff_s``) and is retried the same way. A retry to a node still
+  marked down waits for the mark to end: a client honours ``retry_after_ms``
+  (the broker computes it so that the next try usually succeeds). At most
+  ``attempts`` attempts (default: one per node; with ``budget_s``, as many
+  as the budget allows) and, with ``budget_s``, no new attempt after
+  ``budget_s`` seconds from the first send, an attempt's wait cut to what
+  is left. So with a budget a request that got no reply (a broker that died
+  holding it loses it: README, "Stopping") is sent again, on a new socket,
+  until the node is back or the budget runs out. Out of budget: the last
+  retriable error reply if any attempt got one, else ``TimeoutError``
+  naming every endpoint tried. An answer clears the node's mark. The node
+  whose mark expired is probed by the next request sent to it; if it is
+  still dead that request pays one ``timeout_s`` before its retry.
 * **Counters** (``stats()``): per endpoint, attempts sent, replies
   (answered), timeouts, retries (attempts that were a retry of a request
   first sent elsewhere or earlier) and retried error replies; per client,
@@ -126,12 +131,13 @@ class Client:
         """``endpoint``: one, a comma-separated string or a list (the module docstring).
 
         ``timeout_s``: the wait of one attempt; ``attempts``: most attempts per
-        request (default: the number of endpoints, so one for one endpoint);
-        ``budget_s``: no new attempt after this many seconds (default: no
-        bound but ``attempts``); ``backoff_s``: how long a node that timed out
-        is skipped at first; ``retry_codes``: error codes retried on another
-        node. ``server_key``: the server's public key file; ``client_key``: our
-        secret key file (CURVE; the same server key for every node).
+        request (default: the number of endpoints, so one for one endpoint; with
+        ``budget_s``, no bound but the budget); ``budget_s``: no new attempt
+        after this many seconds (default: no bound but ``attempts``);
+        ``backoff_s``: how long a node that timed out is skipped at first;
+        ``retry_codes``: error codes retried on another node. ``server_key``:
+        the server's public key file; ``client_key``: our secret key file
+        (CURVE; the same server key for every node).
         ``route``: ``"round_robin"`` or ``"user"`` (a user's requests to one node).
         """
         if route not in ("round_robin", "user"):
@@ -147,7 +153,10 @@ class Client:
             public, secret = load_certificate(client_key)
             self.curve = (server_public, public, secret)
         self.timeout_ms = int(timeout_s * 1000)
-        self.attempts = max(1, attempts if attempts is not None else len(self.nodes))
+        if attempts is None:
+            self.attempts = None if budget_s is not None else len(self.nodes)   # None: the budget bounds them
+        else:
+            self.attempts = max(1, attempts)
         self.budget_s = budget_s
         self.backoff_s = backoff_s
         self.retry_codes = frozenset(retry_codes or ())
@@ -220,14 +229,20 @@ class Client:
         end = t0 + self.budget_s if self.budget_s is not None else None
         tried = []
         error_reply = None
-        for attempt in range(self.attempts):
+        for attempt in itertools.count() if self.attempts is None else range(self.attempts):
             now = time.monotonic()
+            if end is not None and attempt and now >= end:
+                break
+            node = self._pick(tried, now, key)
+            if attempt and node.down_until > now:
+                # Every node failed or said when to come back: wait for that (retry_after_ms, backoff).
+                if end is not None and node.down_until >= end:
+                    break
+                time.sleep(node.down_until - now)
+                now = time.monotonic()
             wait_ms = self.timeout_ms
             if end is not None:
-                if attempt and now >= end:
-                    break
                 wait_ms = max(1, min(wait_ms, int((end - now) * 1000)))
-            node = self._pick(tried, now, key)
             if attempt:
                 node.retries += 1
             tried.append(node)
@@ -244,7 +259,7 @@ class Client:
             reply = sock.recv_multipart()
             node.answered += 1
             node.timeouts_in_row = 0
-            if self.retry_codes and attempt + 1 < self.attempts:
+            if self.retry_codes and (self.attempts is None or attempt + 1 < self.attempts):
                 code, retry_after_ms = _error_code(reply)
                 if code in self.retry_codes and (end is None or time.monotonic() < end):
                     node.errors_retried += 1

@@ -59,6 +59,14 @@ SETTINGS = [
             "Largest client message (all frames) accepted; more is BAD_REQUEST."),
     Setting("limits.max_in_flight", int, 64, _positive,
             "Requests admitted at once per pipeline (arena slots); more is OVERLOADED with retry_after_ms."),
+    Setting("limits.max_connections", int, 1000, _positive,
+            "Client connections served at once. A connection past it is refused: its first request is answered "
+            "OVERLOADED with retry_after_ms, then it is closed (the broker raises its descriptor limit to fit)."),
+    Setting("limits.clients_memory_mb", int, 256, _positive,
+            "Memory the broker may hold for client connections together (requests being received, replies "
+            "waiting to be read), over its own at start; past three quarters of it, the connections holding the "
+            "most are closed. One connection holds at most 3 x (limits.max_message_bytes + 64 KiB) + 64 KiB of "
+            "request bytes and 64 replies (README, \"Limits\")."),
     Setting("limits.default_deadline_ms", float, 1000.0, _positive,
             "Deadline of a request that names none, counted from receipt at the frontend."),
     Setting("overlay.capacity_users", int, 65536, _positive,
@@ -112,6 +120,15 @@ SETTINGS = [
             "is refused with the figures (0: no budget)."),
     Setting("models.load_attempts", int, 2, _positive,
             "Deaths of a new version's workers before it serves, after which that version is marked failed."),
+    Setting("models.max_invalid_share", float, 0.001, lambda v: None if 0.0 <= v < 1.0 else "must be from 0 to below 1",
+            "A new version whose share of NaN or infinite scores passes this fraction of the candidates it scored, "
+            "in its warm-up or in its first models.invalid_watch_s of serving (judged from 10,000 candidates on), "
+            "is failed and the previous good version is loaded; until that one is warm the failed version keeps "
+            "answering, with those candidates dropped from every reply and counted (invalid_scores). 0: any "
+            "invalid score fails it. Whatever the share, no NaN or infinite score is ever returned."),
+    Setting("models.invalid_watch_s", float, 300.0, _nonneg,
+            "How long after a version starts serving its share of invalid scores is still judged against "
+            "models.max_invalid_share (0: only its warm-up is)."),
     Setting("cube.hot_tier_mb", int, 512, _nonneg,
             "Shared-memory hot tier per loaded model version: the whole cube when it fits in this many MiB, "
             "else the keys that fit (0: no hot tier, every lookup reads LMDB)."),

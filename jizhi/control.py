@@ -24,8 +24,35 @@ class ControlError(JizhiError):
     """A control command was refused; the message says why."""
 
 
+class NoAccess(ConnectionError):
+    """The control socket, or the run directory holding it, is not this user's to use."""
+
+
 def endpoint(run_dir):
     return f"ipc://{Path(run_dir) / SOCKET_NAME}"
+
+
+def present(run_dir):
+    """Client side: True when ``run_dir`` holds a control socket this user may connect to, False when
+    it holds none. Raises NoAccess (one line: who owns it, what to do) when this user may not look."""
+    path = Path(run_dir) / SOCKET_NAME
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        pass
+    else:
+        if os.access(path, os.R_OK | os.W_OK):
+            return True
+    try:
+        owner = os.stat(run_dir).st_uid
+        import pwd
+        who = f"uid {owner} ({pwd.getpwuid(owner).pw_name})"
+    except (OSError, KeyError):
+        who = "another user"
+    raise NoAccess(f"permission denied on {path}: jizhid runs as {who} and only that user may operate it; "
+                   f"run jizhictl as that user (sudo -u, or as root)")
 
 
 def run_dir_candidates(instance="default"):
@@ -224,12 +251,13 @@ def call(run_dir, cmd, args=None, timeout_s=5.0):
     """Client side (jizhictl): send one command; returns the result or raises.
 
     Raises ConnectionError when no daemon answers (no socket file, or no reply
-    in time) and ControlError when the daemon refused the command.
+    in time; NoAccess: not this user's), and ControlError when the daemon
+    refused the command.
     """
     import msgpack
     import zmq
     path = Path(run_dir) / SOCKET_NAME
-    if not path.exists():
+    if not present(run_dir):
         raise ConnectionError(f"no control socket at {path}")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)

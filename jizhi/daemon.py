@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from jizhi import config, logs
-from jizhi.errors import BundleError, ConfigError, PipelineError
+from jizhi.errors import BundleError, ConfigError, PipelineError, RunDirError, ShmFull
 
 
 def default_demo_dir():
@@ -77,14 +77,15 @@ def main(argv=None):
         print("jizhid: no model directory: set server.models in the config, pass --models, or use --demo",
               file=sys.stderr)
         return 2
-    from jizhi.supervisor import InstanceBusy, Supervisor
+    from jizhi.rundir import InstanceBusy
+    from jizhi.supervisor import Supervisor
     if models != settings["server.models"]:
         overrides["server.models"] = models
         settings["server.models"] = models
     sup = Supervisor(settings, models, settings["server.pipelines"], config_path=args.config, overrides=overrides)
     try:
         sup.prepare()
-    except (PipelineError, BundleError, InstanceBusy) as e:
+    except (PipelineError, BundleError, InstanceBusy, RunDirError, ShmFull) as e:
         print(f"jizhid: {e}", file=sys.stderr)
         sup.cleanup()
         return 2

@@ -23,6 +23,8 @@ EXIT_OK = 0
 EXIT_BOOT_FAILURE = 3        # bad arguments, plan unreadable, import error
 EXIT_MODEL_LOAD_FAILURE = 4  # bundle, profiles or ONNX session failed to load
 EXIT_CUBE_OPEN_FAILURE = 5   # the LMDB cube could not be opened
+EXIT_STALE_RUN = 6           # its supervisor or its shared-memory segments are gone (jizhi/lifeline.py)
+EXIT_BIND_FAILURE = 7        # the broker cannot bind its frontend (address in use, no permission)
 
 
 class JizhiError(Exception):
@@ -39,6 +41,14 @@ class PipelineError(JizhiError):
 
 class BundleError(JizhiError):
     """A model bundle is missing, incomplete or inconsistent."""
+
+
+class RunDirError(JizhiError):
+    """The run directory is not safe to use (another user could replace what jizhid writes there)."""
+
+
+class ShmFull(JizhiError):
+    """/dev/shm has no room for a segment; the message names the segment and the bytes it needs."""
 
 
 class RequestError(JizhiError):

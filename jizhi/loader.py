@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jizhi import arena, protocol
+from jizhi import arena, lifeline, protocol
 from jizhi.cube.hot import CTL_WORDS
 from jizhi.cube.remote import remote_url
 from jizhi.bundle import Bundle
-from jizhi.errors import PipelineError
+from jizhi.errors import PipelineError, ShmFull
 from jizhi.registry import child_report
 from jizhi.pipeline import compile_pipeline
 
@@ -118,19 +118,26 @@ class Loader:
         self.plan = plan
         self.bundle = Bundle(plan["version_dir"])   # its manifest as loaded: files, sizes, dim
         self.bundles = {m: Bundle(d) for m, d in plan.get("version_dirs", {plan["model"]: plan["version_dir"]}).items()}
-        self.segments = create_arenas(sup, self.pipeline, plan)
+        try:
+            self.segments = create_arenas(sup, self.pipeline, plan)
+            if sup.settings["cube.hot_tier_mb"] and any(
+                    st["processor"] == "cube_accessor" for st in plan["stages"].values()):
+                prefix = arena.segment_name(sup.instance, sup.run_id, f"{self.pipeline}.v{self.version}", "hot")
+                arena.create(prefix + ".ctl", CTL_WORDS * 8)
+                sup.segments[(self.pipeline, self.version)]["hot.ctl"] = prefix + ".ctl"
+                self.hot = {"control": prefix + ".ctl", "table": prefix + ".g{generation}"}
+        except ShmFull as e:
+            if not announce:
+                raise       # at start: jizhid refuses to start (and removes every segment it made)
+            for seg in sup.segments.pop((self.pipeline, self.version), {}).values():
+                arena.unlink(seg)
+            raise LoadRefused("refused", str(e))
         cube_cfg = next((st["config"] for st in plan["stages"].values() if st["processor"] == "cube_accessor"), {})
         if cube_cfg.get("remote"):
             # A cube behind a backend: a disk cache (its manager is this version's child) in front of it.
             self.remote = remote_url(cube_cfg["remote"], self.bundle)
             self.disk_capacity = int(cube_cfg.get("disk_cache_keys", 10_000))
             self.disk_cache = str(sup.run_dir / f"disk-{self.pipeline}-v{self.version}")
-        if sup.settings["cube.hot_tier_mb"] and any(
-                st["processor"] == "cube_accessor" for st in plan["stages"].values()):
-            prefix = arena.segment_name(sup.instance, sup.run_id, f"{self.pipeline}.v{self.version}", "hot")
-            arena.create(prefix + ".ctl", CTL_WORDS * 8)
-            sup.segments[(self.pipeline, self.version)]["hot.ctl"] = prefix + ".ctl"
-            self.hot = {"control": prefix + ".ctl", "table": prefix + ".g{generation}"}
         if announce:
             sup.write_run()
             sup.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": self.pipeline,
@@ -149,14 +156,13 @@ class Loader:
     def start_hot_build(self, sup, keys_path=None):
         """Start the builder child of the next generation (niced): all cube keys, or ``keys_path`` (hottest first)."""
         import subprocess
-        import sys
         gen = self.hot_published + 1
         seg = self.hot["table"].format(generation=gen)
         sup.segments[(self.pipeline, self.version)][f"hot.g{gen}"] = seg
-        argv = [sys.executable, "-m", "jizhi.cube.hot", "build", "--segment", seg,
-                "--cube", str(Path(self.plan["version_dir"]) / "cube"),
-                "--dim", str(self.bundle.dim), "--generation", str(gen),
-                "--budget-bytes", str(sup.settings["cube.hot_tier_mb"] << 20)]
+        argv = lifeline.child_argv("jizhi.cube.hot", "build", "--segment", seg,
+                                   "--cube", Path(self.plan["version_dir"]) / "cube",
+                                   "--dim", self.bundle.dim, "--generation", gen,
+                                   "--budget-bytes", sup.settings["cube.hot_tier_mb"] << 20)
         if keys_path is not None:
             argv += ["--keys", str(keys_path)]
         if self.remote is not None:
@@ -179,6 +185,8 @@ class Loader:
             Path(self.hot_keys_path).unlink(missing_ok=True)
         took_ms = round((time.monotonic() - self.hot_started) * 1000, 1)
         if rc != 0:
+            if report and report.get("error"):
+                how += f": {report['error']}"    # e.g. /dev/shm is full, and the bytes it needed
             report = None
         if report is None:
             seg = sup.segments[(self.pipeline, self.version)].pop(f"hot.g{gen}", None)
@@ -230,12 +238,11 @@ class Loader:
     def start_disk_manager(self, sup, rows):
         """The disk cache's one writer (``python -m jizhi.cube.cache``), fed by ``rows``' key samples."""
         import subprocess
-        import sys
         self.disk_proc = subprocess.Popen(
-            [sys.executable, "-m", "jizhi.cube.cache", "--env", self.disk_cache, "--remote", self.remote,
-             "--dim", str(self.bundle.dim), "--capacity", str(self.disk_capacity),
-             "--stats-segment", sup.stats_spec["segment"], "--stats-rows", str(sup.stats_spec["rows"]),
-             "--rows", ",".join(map(str, rows))]
+            lifeline.child_argv("jizhi.cube.cache", "--env", self.disk_cache, "--remote", self.remote,
+                                "--dim", self.bundle.dim, "--capacity", self.disk_capacity,
+                                "--stats-segment", sup.stats_spec["segment"], "--stats-rows", sup.stats_spec["rows"],
+                                "--rows", ",".join(map(str, rows)))
             + (["--hot-control", self.hot["control"]] if self.hot else []), stdin=subprocess.DEVNULL, env=sup.child_env())
         log.info("pipeline %s: version %d's disk cache manager pid=%d (%s, %d keys)", self.pipeline, self.version,
                  self.disk_proc.pid, self.disk_cache, self.disk_capacity)
@@ -293,12 +300,11 @@ def arenas_bytes(settings, plan):
 
 def create_arenas(sup, pipeline, plan):
     slots, maxc = sup.settings["limits.max_in_flight"], sup.settings["limits.max_candidates"]
-    segs = {}
+    segs = sup.segments[(pipeline, plan["version"])] = {}    # (known before a creation fails: removed then)
     for col, spec in plan["arenas"].items():
         seg = arena.segment_name(sup.instance, sup.run_id, f"{pipeline}.v{plan['version']}", col)
         arena.create(seg, arena.arena_bytes(spec, slots, maxc))
         segs[col] = seg
-    sup.segments[(pipeline, plan["version"])] = segs
     return segs
 
 

@@ -17,7 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from jizhi.errors import CODES
 from jizhi.registry import State
-from jizhi.stats import BANKS, BUCKETS_US, C_EVENTS, rss_bytes
+from jizhi.stats import BANKS, BUCKETS_US, C_EVENTS, C_INVALID_SCORES, rss_bytes
 
 log = logging.getLogger("jizhi.metrics")
 
@@ -45,6 +45,8 @@ class Collector:
         req_h = HistogramMetricFamily("jizhi_request_latency_seconds",
                                       "Request latency from receipt to answer (answered OK)", labels=["pipeline"])
         errors = CounterMetricFamily("jizhi_errors", "Error replies by code", labels=["pipeline", "code"])
+        invalid = CounterMetricFamily("jizhi_invalid_scores", "Candidates dropped from ok replies because their "
+                                      "score was NaN or infinite", labels=["pipeline"])
         events = CounterMetricFamily("jizhi_worker_events", "Events processed per worker",
                                      labels=["pipeline", "group", "wid"])
         for pname, plan in sup.run["pipelines"].items():
@@ -53,6 +55,7 @@ class Collector:
             req_h.add_metric([pname], b, s)
             for ci, code in enumerate(CODES):
                 errors.add_metric([pname, code], int(st.errors[prow, ci]))
+            invalid.add_metric([pname], int(st.counters[prow, C_INVALID_SCORES]))
             for g, group in plan["groups"].items():
                 base = rows[f"{pname}/{g}"]
                 pool = sup.settings["workers.max_pool"]
@@ -68,6 +71,7 @@ class Collector:
         yield stage_h
         yield req_h
         yield errors
+        yield invalid
         yield events
         info = sup.last_broker_info or {}
         queue = GaugeMetricFamily("jizhi_queue_depth", "Requests queued per group", labels=["pipeline", "group"])
@@ -93,8 +97,9 @@ class Collector:
             if c.pid:
                 rss.add_metric([c.name, "" if c.version is None else str(c.version)], rss_bytes(c.pid))
         yield rss
-        up = GaugeMetricFamily("jizhi_ready", "1 when every stage has a ready worker")
-        up.add_metric([], 1 if info.get("ready") else 0)
+        up = GaugeMetricFamily("jizhi_ready", "1 when every stage has a warmed-up worker and no child is failing "
+                                              "to start")
+        up.add_metric([], 1 if sup.readiness(info)[0] else 0)
         yield up
         # Read from the HTTP thread while the supervisor loop changes them: iterate over copies.
         serving = GaugeMetricFamily("jizhi_serving_version", "Model version new requests are pinned to",

@@ -55,6 +55,8 @@ T_VERSION_ADD = "vadd"    # supervisor -> broker: {pipeline, version, plan, segm
 T_WARM = "warm"           # broker -> supervisor: {pipeline, version, ok, error, requests, took_ms}
 T_ACTIVATE = "activate"   # supervisor -> broker: admit new requests to {pipeline, version}
 T_VERSION_IDLE = "vidle"  # broker -> supervisor: a draining version answered its last request
+T_INVALID = "invalid"     # broker -> supervisor: {pipeline, version, invalid, candidates, serving_s}: a serving
+                          # version passed models.max_invalid_share (NaN or infinite scores)
 T_VERSION_FAIL = "vfail"  # supervisor -> broker: {pipeline, version, reason}: answer its requests, forget it
 T_VERSION_DROP = "vdrop"  # supervisor -> broker: forget {pipeline, version} (its arenas are gone)
 T_PRIORITY = "prio"       # broker -> worker: you serve now: back to normal CPU priority
@@ -295,9 +297,10 @@ def decode_reply(frames):
 # Done result rows: [slot, code_or_None, message_or_None, {count name: int}]
 
 
-def encode_ready(pipeline, group, wid, versions, window, boot=None):
-    """``boot``: {start_ms, load_ms}: process start to main, and the stages' setup (a reload's timeline)."""
-    return [packb({"t": T_READY, "pipeline": pipeline, "group": group, "wid": wid,
+def encode_ready(pipeline, group, wid, versions, window, boot=None, run_id=None):
+    """``boot``: {start_ms, load_ms}: process start to main, and the stages' setup (a reload's timeline).
+    ``run_id``: the run whose plan (and segments) the worker serves; a broker of another run refuses it."""
+    return [packb({"t": T_READY, "pipeline": pipeline, "group": group, "wid": wid, "run": run_id,
                    "pid": os.getpid(), "versions": versions, "window": window, "boot": boot or {}})]
 
 

@@ -43,10 +43,12 @@ import enum
 import json
 import logging
 import os
+import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from jizhi import lifeline
 
 log = logging.getLogger("jizhi.registry")
 
@@ -95,6 +97,9 @@ def child_report(proc, rc):
         report = json.loads(out[-1]) if out else None
     except ValueError:
         report = None
+    if rc == -signal.SIGBUS:
+        from jizhi.arena import sigbus_cause
+        return report, f"killed by SIGBUS ({sigbus_cause()})"
     return report, (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
 
 
@@ -185,9 +190,8 @@ class Registry:
             if version is None:
                 path.unlink(missing_ok=True)
             else:
-                tmp = path.with_name(PIN_FILE + ".tmp")
-                tmp.write_text(f"{version}\n")
-                os.replace(tmp, path)
+                from jizhi.rundir import write_file
+                write_file(path, f"{version}\n".encode(), mode=0o644)    # (never through a link)
         except OSError as e:
             persisted = False
             log.warning("pin of model %s kept in memory only (cannot write %s: %s)", model, path, e)
@@ -263,10 +267,11 @@ class Registry:
 
     def validate(self, rec, as_loader=None):
         rec.to(State.VALIDATING)
-        rec.proc = subprocess.Popen([sys.executable, "-m", "jizhi.validate", str(rec.path), "--name", rec.model,
-                                     "--version", str(rec.version)],
+        rec.proc = subprocess.Popen(lifeline.child_argv("jizhi.validate", rec.path, "--name", rec.model,
+                                                        "--version", rec.version),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                    env=lifeline.child_environ(dict(os.environ, OMP_NUM_THREADS="1"),
+                                                               self.settings["server.instance"]))
         rec.proc_started = time.monotonic()
         if as_loader is not None:
             as_loader(rec.proc.pid)    # lower priority, the loading cores

@@ -29,7 +29,6 @@ log of the needed fraction). The policy is a small JSON file.
 import json
 import mmap
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -214,10 +213,8 @@ def train(trace, version_dir, top_k=10, ridge=1e-3, quotas=(0.2, 0.3, 0.5), prog
 
 
 def save_policy(doc, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    from jizhi.rundir import write_file
+    write_file(path, json.dumps(doc, indent=1).encode(), mode=0o644)   # atomically, never through a link
 
 
 # --- the load controller ---------------------------------------------------------------------

@@ -7,7 +7,8 @@ them, indexed by bank x max_pool + wid) and a row per pipeline for the broker. A
 row, from the loop that does the work: a heartbeat timestamp
 (``time.monotonic()``), its pid, counters, and per-stage service-time
 histograms. The broker writes its pipelines' rows: request latency
-histograms and errors by code. The supervisor reads every row (heartbeats for
+histograms, errors by code, candidates dropped for a non-finite score.
+The supervisor reads every row (heartbeats for
 hung workers, the Prometheus endpoint, ``jizhictl stats``); nothing per event
 travels to it over a socket.
 
@@ -30,9 +31,11 @@ MAX_STAGES = 8
 C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS, C_LOOKUPS, C_HOT_HITS, C_HOT_GEN, C_DISK_HITS, C_REMOTE_KEYS = range(10)
 # a remote cube's keys no shard answered (they read the default vector), and its round trips (one per shard per batch)
 C_REMOTE_DEGRADED, C_REMOTE_TRIPS = 10, 11
+# a pipeline's row (the broker): candidates dropped from ok replies because their score was NaN or infinite
+C_INVALID_SCORES = 12
 KEY_RING = 4096   # sampled keys kept per worker row (the supervisor reads them every cube.hot_rebuild_s)
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
-N_COUNTERS = 12
+N_COUNTERS = 13
 
 
 def layout(rows):

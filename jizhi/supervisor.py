@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -29,11 +28,11 @@ import msgpack
 import numpy as np
 import zmq
 
-from jizhi import arena, control, notify, overlay, protocol
+from jizhi import arena, control, lifeline, notify, overlay, protocol, rundir
 from jizhi import stats as stats_mod
 from jizhi.bundle import Bundle
-from jizhi.errors import (EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE, BundleError,
-                          ConfigError, PipelineError)
+from jizhi.errors import (EXIT_BIND_FAILURE, EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE,
+                          EXIT_STALE_RUN, BundleError, ConfigError, PipelineError, ShmFull)
 from jizhi.pipeline import compile_pipeline, pipeline_models, read_pipeline
 from jizhi.loader import LIVE, Loader, LoadRefused, arenas_bytes
 from jizhi.registry import Registry, State
@@ -41,14 +40,12 @@ from jizhi.registry import Registry, State
 log = logging.getLogger("jizhi.supervisor")
 
 EXIT_MEANING = {EXIT_BOOT_FAILURE: "boot failure", EXIT_MODEL_LOAD_FAILURE: "model load failure",
-                EXIT_CUBE_OPEN_FAILURE: "cube open failure"}
+                EXIT_CUBE_OPEN_FAILURE: "cube open failure",
+                EXIT_STALE_RUN: "its segments were unlinked under it (another run of this instance?)",
+                EXIT_BIND_FAILURE: "cannot bind its address: in use by another process (the broker's log says which)"}
 YOUNG_S = 5.0        # a child that dies younger than this backs off before restart
 MAX_BACKOFF_S = 10.0
 RESTART_BUDGET = 5   # quick deaths in a row before a child is reported degraded
-
-
-class InstanceBusy(Exception):
-    """Another live supervisor holds this instance name."""
 
 
 class Child:
@@ -138,18 +135,20 @@ class Supervisor:
                 if group["pool"] > self.settings["workers.max_pool"]:
                     raise PipelineError(f"pipeline {plan['name']}: group {g!r} pool {group['pool']} is over "
                                         f"workers.max_pool = {self.settings['workers.max_pool']}")
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        rundir.prepare(self.run_dir)    # created 0700, or refused when another user could replace it
         self.take_instance_lock()
+        # Holding the lock, every process still marked with our instance belongs to an ended run
+        # (a supervisor SIGKILLed, say): end them before their ports, sockets and segments are ours.
+        for pid, cmd in lifeline.end_leftovers(self.instance):
+            log.warning("ended pid %d, left by a previous run of instance %s: %s", pid, self.instance, cmd)
         stale = arena.remove_instance(self.instance)
         if stale:
             log.warning("removed %d shared-memory segments left by a previous run of instance %s",
                         len(stale), self.instance)
         need = sum(arenas_bytes(self.settings, plan) for plan in plans.values())
-        st = os.statvfs(arena.SHM_DIR)
-        if 2 * need > st.f_bavail * st.f_frsize:
-            raise SystemExit(f"jizhid: the arenas need {need >> 20} MiB in /dev/shm (twice that during a model "
-                             f"reload), only {(st.f_bavail * st.f_frsize) >> 20} MiB free (lower limits.max_in_flight "
-                             "or limits.max_candidates)")
+        if 2 * need > arena.free_bytes():
+            raise ShmFull(arena.full_message("the arenas, twice over (a model reload loads beside the serving "
+                                             "version)", 2 * need))
         self.loaded = {name: {} for name in plans}     # pipeline -> {bank: Loader}
         for name, plan in plans.items():
             records = {m: self.registry.records[m][v] for m, v in plan["versions"].items()}
@@ -201,8 +200,7 @@ class Supervisor:
                 rec = self.registry.records[m][v]
                 rec.to(State.SERVING)
                 rec.loaded_wall = time.time()
-        py = sys.executable
-        self.children[("broker",)] = Child(("broker",), [py, "-m", "jizhi.broker", "--plan", str(self.plan_path)])
+        self.children[("broker",)] = Child(("broker",), lifeline.child_argv("jizhi.broker", "--plan", self.plan_path))
         for name, plan in plans.items():
             for g, group in plan["groups"].items():
                 self.desired[(name, g)] = group["pool"]
@@ -364,30 +362,21 @@ class Supervisor:
         """The plan file every child reads: settings, sockets and every loaded version (atomically replaced)."""
         self.run["versions"] = {p: {str(ld.version): ld.entry() for ld in banks.values()}
                                 for p, banks in self.loaded.items()}
-        tmp = self.plan_path.with_suffix(".tmp")
-        tmp.write_bytes(msgpack.packb(self.run, use_bin_type=True))
-        os.replace(tmp, self.plan_path)
+        rundir.write_file(self.plan_path, msgpack.packb(self.run, use_bin_type=True))
 
     def take_instance_lock(self):
         """One live supervisor per instance name on a host, before anything of a previous run is removed.
 
-        An abstract unix socket named after the instance: the kernel releases it
-        when this process dies, however it dies, so a crash never leaves a stale lock.
+        ``flock`` in the checked run directory plus this user's abstract socket of the instance
+        (jizhi/rundir.py): the kernel releases both when this process dies, however it dies, so a
+        crash never leaves a stale lock, and no other user can hold either. Raises InstanceBusy.
         """
-        import socket
-        self._lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._lock.bind(f"\0jizhi.instance.{self.instance}")
-        except OSError:
-            self._lock.close()
-            self._lock = None
-            raise InstanceBusy(f"another jizhid is running instance {self.instance!r} on this host "
-                               "(stop it, or choose another --instance)")
+        self._lock = rundir.InstanceLock(self.run_dir, self.instance)
 
     def add_worker(self, loaded, group, wid):
         key = (loaded.pipeline, group, wid, loaded.bank)
-        argv = [sys.executable, "-m", "jizhi.workers.run", "--plan", str(self.plan_path),
-                "--pipeline", loaded.pipeline, "--group", group, "--wid", str(wid), "--version", str(loaded.version)]
+        argv = lifeline.child_argv("jizhi.workers.run", "--plan", self.plan_path, "--pipeline", loaded.pipeline,
+                                   "--group", group, "--wid", wid, "--version", loaded.version)
         if loaded.state == "loading":
             # A new version loads beside serving workers: at lower CPU priority until it serves.
             argv += ["--nice", str(self.settings["models.load_nice"])]
@@ -395,12 +384,13 @@ class Supervisor:
                 argv += ["--load-cores", ",".join(map(str, self.load_cores()))]
         self.children[key] = Child(key, argv, loaded.version)
 
-    @staticmethod
-    def child_env():
+    def child_env(self):
         # One compute thread per process: pools of processes share the cores,
-        # not thread pools inside each (onnxruntime sets its own to 1).
-        return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                    JIZHI_BASE_NICE=str(os.getpriority(os.PRIO_PROCESS, 0)))
+        # not thread pools inside each (onnxruntime sets its own to 1). Marked with our pid and
+        # instance (jizhi/lifeline.py): the child checks its parent, a later run finds leftovers.
+        return lifeline.child_environ(dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                                           MKL_NUM_THREADS="1",
+                                           JIZHI_BASE_NICE=str(os.getpriority(os.PRIO_PROCESS, 0))), self.instance)
 
     def spawn(self, child):
         env = self.child_env()
@@ -531,11 +521,13 @@ class Supervisor:
             self.on_warm(msg)
         elif t == protocol.T_VERSION_IDLE:
             self.on_version_idle(msg)
+        elif t == protocol.T_INVALID:
+            self.on_invalid(msg)
         elif t == protocol.T_LOAD:
             self.on_load(msg["load"])
         if msg.get("t") == protocol.T_INFO:
             self.last_broker_info = msg["info"]
-        if msg.get("t") == protocol.T_INFO and msg["info"]["ready"] and not self.ready_logged:
+        if msg.get("t") == protocol.T_INFO and not self.ready_logged and self.readiness(msg["info"])[0]:
             self.ready_logged = True
             log.info("ready: serving %s on %s", ", ".join(self.run["pipelines"]), self.run["frontend"])
             notify.notify("READY=1", f"STATUS=serving {', '.join(self.run['pipelines'])} on {self.run['frontend']}")
@@ -567,6 +559,31 @@ class Supervisor:
 
     # -- what control commands call ------------------------------------------
 
+    def failing_children(self):
+        """Names of children that died young and have not been up ``YOUNG_S`` since (failing to start)."""
+        now = time.monotonic()
+        return [c.name for c in list(self.children.values())    # (also read by the metrics thread)
+                if not c.retiring and c.quick_deaths > 0 and (c.proc is None or now - c.started < YOUNG_S)]
+
+    def readiness(self, info):
+        """(ready, why not): what the log line, ``sd_notify READY``, ``jizhictl status`` and the metrics say.
+
+        Ready needs this run's own broker (its run id and pid: a broker left by an ended run
+        could answer on the same socket) to report every pipeline serving with its workers
+        (each warmed up before it registered: workers/run.py), and no child failing to start.
+        """
+        if info is None:
+            return False, "the broker did not answer"
+        broker = self.children.get(("broker",))
+        if info.get("run_id") != self.run_id or broker is None or info.get("pid") != broker.pid:
+            return False, f"the broker answering is not this run's (pid {info.get('pid')})"
+        if not info.get("ready"):
+            return False, "waiting for workers"
+        failing = self.failing_children()
+        if failing:
+            return False, "failing to start: " + ", ".join(failing)
+        return True, None
+
     def status(self):
         now = time.monotonic()
         procs = []
@@ -579,8 +596,8 @@ class Supervisor:
                           "uptime_s": round(now - c.started, 1) if c.proc else None,
                           "restarts": c.restarts, "rss_bytes": stats_mod.rss_bytes(c.pid) if c.pid else None})
         info = self.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
-        health = "unknown (broker did not answer)" if info is None else \
-            ("ready" if info["info"]["ready"] else "starting")
+        ready, why = self.readiness(info and info["info"])
+        health = "unknown (broker did not answer)" if info is None else ("ready" if ready else "starting")
         if info is not None and info["info"].get("draining"):
             health = "draining"
         if any(p["state"] == "degraded" for p in procs):
@@ -593,7 +610,7 @@ class Supervisor:
         problems = [f"{m} {r['version']}: {r['state']}: {r['error']}" for m, e in self.registry.summary().items()
                     for r in e["versions"] if r["state"] in ("rejected", "refused", "failed")]
         return {"instance": self.instance, "pid": os.getpid(), "uptime_s": round(now - self.t_start, 1),
-                "health": health, "frontend": self.run["frontend"],
+                "health": health, "not_ready": why, "frontend": self.run["frontend"],
                 "models": serving, "model_problems": problems,
                 "pipelines": list(self.run["pipelines"]), "processes": procs,
                 "pools": {f"{p}/{g}": n for (p, g), n in self.desired.items()}}
@@ -780,6 +797,8 @@ class Supervisor:
             how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
             if rc in EXIT_MEANING:
                 how += f" ({EXIT_MEANING[rc]})"
+            elif rc == -signal.SIGBUS:
+                how += f" ({arena.sigbus_cause()})"
             name = child.name
             if child.retiring and rc == 0:
                 log.info("%s pid=%d retired", name, child.proc.pid)
@@ -988,7 +1007,8 @@ class Supervisor:
                         ld.hot_next_rebuild = now + self.settings["cube.hot_rebuild_s"]
                         if ld.hot_counts is not None and ld.hot_counts.seen:
                             path = self.run_dir / f"hot-{ld.pipeline}-v{ld.version}-g{ld.hot_published + 1}.npy"
-                            np.save(path, ld.hot_counts.top(self.hot_keys(ld)))
+                            with rundir.open_new(path) as f:
+                                np.save(f, ld.hot_counts.top(self.hot_keys(ld)))
                             ld.hot_counts.decay()
                             ld.start_hot_build(self, keys_path=path)
                 if ld.hot_retired:
@@ -1106,6 +1126,27 @@ class Supervisor:
         if ld is not None:
             ld.state = "stopping"      # manage() retires its workers; unload() follows when they are gone
 
+    def on_invalid(self, msg):
+        """The broker judged a serving version's first ``models.invalid_watch_s``: its share of NaN or
+        infinite scores passed ``models.max_invalid_share``. The version is failed and the previous good
+        one is loaded, validated and warmed up by ``converge_models`` (the target skips failed versions);
+        unlike a version whose files broke, it answers meanwhile (its replies drop those candidates and
+        count them), and drains once the previous one serves: no request is refused for it."""
+        ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), ("active",))
+        if ld is None or ld.record is None:
+            return
+        candidates = max(1, msg.get("candidates", 0))
+        reason = (f"{msg.get('invalid')} of {msg.get('candidates')} scores not finite (NaN or infinite), "
+                  f"{msg.get('invalid', 0) / candidates:.2%} > models.max_invalid_share "
+                  f"{self.settings['models.max_invalid_share']:g}, in its first {msg.get('serving_s')} s of serving")
+        self.registry.reject(ld.record, reason, state=State.FAILED)
+        ld.record.validation = None
+        fallback = self.registry.target(ld.record.model)
+        log.error("pipeline %s: serving version %d failed; it answers (those candidates dropped) %s", ld.pipeline,
+                  ld.version, f"until version {fallback} is warm" if fallback is not None else
+                  "on: the policy names no other good version (jizhictl pin one)")
+        notify.notify(f"STATUS=degraded: {ld.describe()} failed ({reason}); falling back")
+
     def fail_version(self, ld, reason, model=None):
         """``model``: the model whose files broke (default: the one whose new version this load brought)."""
         was = ld.state
@@ -1133,7 +1174,7 @@ class Supervisor:
         ld.unload(self)
         for rec in ld.records.values() if ld.state == "stopping" else ():
             still = any(rec in o.records.values() for banks in self.loaded.values() for o in banks.values())
-            if not still:
+            if not still and rec.state != State.FAILED:    # (failed while serving: on_invalid)
                 rec.to(State.STANDBY)
                 rec.validation = None     # validated again before it serves again
 

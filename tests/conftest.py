@@ -17,6 +17,7 @@ Test modules import the plain helpers with ``from conftest import ...``.
 """
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -385,6 +386,14 @@ def demo_bundle(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_models(demo_bundle):
     return Path(demo_bundle).parent.parent
+
+
+@pytest.fixture
+def private_demo_models(demo_models, tmp_path):
+    """A private copy of the demo model directory (version 1), for a test that publishes versions."""
+    dst = tmp_path / "models"
+    shutil.copytree(demo_models / "demo" / "1", dst / "demo" / "1")
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ documentation tells operators to do.
 """
 import json
 import os
-import shutil
 import signal
 import time
 
@@ -21,15 +20,12 @@ from jizhi.demo import publish, stage_version
 from jizhi.reference import ReferenceScorer
 
 RATE = 100          # requests/s offered by the test's clients: about half of what this setup sustains
-SWITCH_BOUND_S = 10.0
+SWITCH_BOUND_S = 15.0   # validation scores every item of the catalogue (issue 16): 4-5 s of the switch here
 
 
 @pytest.fixture
-def models(demo_models, tmp_path):
-    """A private copy of the demo model directory (version 1)."""
-    dst = tmp_path / "models"
-    shutil.copytree(demo_models / "demo" / "1", dst / "demo" / "1")
-    return dst
+def models(private_demo_models):
+    return private_demo_models
 
 
 @pytest.fixture

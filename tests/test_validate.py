@@ -82,8 +82,8 @@ def test_a_seeded_version_validates_ok_in_a_child_process(versions):
 @pytest.mark.parametrize("fault, check, message", [
     ("corrupt", "files", "{dir}: dense.onnx sha256 differs from the manifest"),
     ("wrong_dim", "cube", "{dir}/cube: cube vectors have 16 floats, the manifest says dim = 32"),
-    ("nan", "smoke", "64 of 64 smoke scores are not finite (NaN or inf); "
-                     "dense.onnx on 2 users x 32 items from the profiles"),
+    ("nan", "smoke", f"{ITEMS} of {ITEMS} smoke scores are not finite (NaN or inf); "
+                     "dense.onnx on every item of the catalogue, 10 to a user; the first: user {user}, item {item}"),
     ("bad_onnx", "onnx", "onnx: the graph has no output 'score' (the manifest's [onnx] output); "
                          "its outputs are score_renamed"),
 ], ids=("corrupt", "wrong_dim", "nan", "bad_onnx"))
@@ -91,7 +91,10 @@ def test_a_faulty_version_is_rejected_by_the_check_that_names_its_fault(versions
     version_dir = versions[fault]
     code, result = run_validate(version_dir, "--name", "demo", "--version", str(VERSIONS[fault][0]))
     assert code == 1
-    assert (result["ok"], result["check"], result["error"]) == (False, check, message.format(dir=version_dir))
+    first = {side: int(np.load(os.path.join(version_dir, "profiles", side + "s", "ids.npy"))[0])
+             for side in ("user", "item")}
+    assert (result["ok"], result["check"], result["error"]) == (False, check, message.format(dir=version_dir,
+                                                                                             **first))
     assert list(result["timings_ms"]) == list(CHECKS[:CHECKS.index(check) + 1])
 
 

@@ -64,4 +64,4 @@ class LegacyScorer(Stage):
             missing.append(int(um[0] + im.sum()))
         batch.count("unknown_items", unknown)
         batch.count("missing_signatures", missing)
-        return rank(batch, np.concatenate(scores), None)
+        return rank(batch, batch.drop_invalid(np.concatenate(scores)), None)

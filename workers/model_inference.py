@@ -6,7 +6,9 @@ user index. The session uses one intra-op thread (stage option
 ``intra_op_threads``) and one inter-op thread and does not spin, so worker
 processes, not threads, share the cores; a stage's or fused group's
 ``cores = [...]`` pins its workers to a core set (a *session group*: pools of
-different models do not fight over cores).
+different models do not fight over cores). A NaN or infinite score from the
+graph becomes NaN (never ranked) and is counted in ``invalid_scores``
+(``Batch.drop_invalid``, workers/stage.py).
 
 Structured features (RecServe), stage option ``structured`` (default: from
 the pipeline's ``structured = true|false``):
@@ -201,4 +203,4 @@ class ModelInference(Stage):
         if self.item_table is not None:
             feeds.update(self.item_table.feeds(batch["item_ids"], item_emb))
         score, = self.session.run([self.output], {k: v for k, v in feeds.items() if k in self.feeds})
-        return {self.column: score.reshape(-1)}
+        return {self.column: batch.drop_invalid(score.reshape(-1))}

@@ -140,7 +140,8 @@ class QueryCache(Stage):
                 idx = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows])
                 sub = np.concatenate([[0], np.cumsum(np.diff(offsets)[rows])]).astype(np.int64)
                 scores[idx], hit[idx] = self.cache.lookup(users[rows], sub, items[idx], self.key, share=share)
-        self.bypass.observe(int(np.diff(offsets)[on].sum()), int(hit.sum()))
+        if not batch.warmup:
+            self.bypass.observe(int(np.diff(offsets)[on].sum()), int(hit.sum()))
         batch.count("cached", batch.per_request_sum(hit))
         return {"qc_hit": hit, "qc_score": scores, "qc_epoch": epochs,
                 "qc_share": np.where(on, share, 0).astype(np.int32),

@@ -3,12 +3,14 @@
 Writes ``order`` (positions of the candidates within the request, best
 first; only the first ``returned`` are meaningful) and ``out_scores`` (the
 score of every candidate in request order, NaN where a candidate was
-dropped). The broker builds the reply from these two columns and the
-request's item ids, so the ranker never copies ids.
+dropped: shed, pruned, or its score was not finite). The broker builds the
+reply from these two columns and the request's item ids, so the ranker never
+copies ids. An infinite score is never ranked either: it is counted in
+``invalid_scores`` like a model's NaN (workers/stage.py, ``drop_invalid``).
 """
 import numpy as np
 
-from jizhi.workers.stage import CANDIDATE, Output, Stage
+from jizhi.workers.stage import CANDIDATE, INVALID_NAN, INVALID_SCORES, Output, Stage
 
 
 # What every sink stage writes (the broker builds replies from these two columns).
@@ -50,7 +52,7 @@ class Ranker(Stage):
             if keep is not None:
                 fresh &= keep
                 keep = keep | hit
-            if self.cache is not None and fresh.any():
+            if self.cache is not None and fresh.any() and not batch.warmup:
                 # One share per batch (the query_cache stage decides it per batch).
                 self.cache.store(self.writer, batch.users, batch.offsets, batch["item_ids"], score,
                                  self.key, batch["qc_epoch"], mask=fresh, share=int(share.max()))
@@ -62,8 +64,14 @@ def rank(batch, score, keep):
     """Shared by every sink stage: (order, out_scores) columns and the 'returned' count."""
     score = np.asarray(score, dtype=np.float32)
     out_scores = score.copy()
+    inf = np.isinf(out_scores)
     if keep is not None:
+        inf &= keep
         out_scores[~keep] = np.nan
+    if inf.any():
+        # Not a drop mark (NaN is): a stage other than a model's made it (a combiner, a user's stage).
+        batch.count(INVALID_SCORES, batch.per_request_sum(inf))
+        out_scores[inf] = INVALID_NAN
     order = np.empty(score.shape[0], dtype=np.int32)
     returned = np.zeros(batch.n_requests, dtype=np.int64)
     off = batch.offsets

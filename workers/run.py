@@ -13,8 +13,10 @@ from this same loop, so a worker stuck in a stage goes quiet.
 
 Exit codes (jizhi/errors.py) tell the supervisor why a worker could not start.
 """
+if __name__ == "__main__":
+    from jizhi import lifeline
+    lifeline.hold()   # first, before the imports below: this process must never outlive jizhid
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -25,21 +27,14 @@ import msgpack
 import numpy as np
 import zmq
 
-from jizhi import logs, protocol
+from jizhi import lifeline, logs, protocol
 from jizhi.stats import C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, Stats, rss_bytes
 from jizhi.errors import (DEADLINE_EXCEEDED, EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE,
-                          EXIT_MODEL_LOAD_FAILURE, INTERNAL)
+                          EXIT_MODEL_LOAD_FAILURE, EXIT_STALE_RUN, INTERNAL)
 
 log = logging.getLogger("jizhi.worker")
 
-
-def die_with_parent():
-    """Ask the kernel to SIGTERM us when the supervisor dies (PR_SET_PDEATHSIG)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
+WARMUP_CANDIDATES = 64     # candidates of the warm-up batch (workers/run.py, Worker.warm_up)
 
 
 def lower_priority(nice):
@@ -100,6 +95,7 @@ class Worker:
         if entry is None:
             raise RuntimeError(f"the plan has no version {version} of pipeline {pipeline}")
         self.plan = entry["plan"]
+        self.entry = entry
         self.pipeline = pipeline
         self.group = self.plan["groups"][group]
         self.wid = wid
@@ -150,10 +146,11 @@ class Worker:
             self.scope_of.update({n: spec["scope"] for n, spec in st["outputs"].items()})
         self.writes = self.group["writes"]
         self.running = True
+        self.stale = False     # exiting as a process of an ended run (jizhi/lifeline.py)
 
     def process_event(self, rows):
         """Run the group's stages on one event; return (results, service_us)."""
-        from jizhi.workers.stage import Batch, Selection
+        from jizhi.workers.stage import Batch
         now = time.monotonic()
         results, live = [], []
         for r in rows:
@@ -180,26 +177,7 @@ class Worker:
         try:
             for hook in self.boundary_hooks:
                 hook()   # the place to pick up a new hot-tier generation
-            narrow = Selection(batch, self.scope_of)
-            for si, (sname, proc, st) in enumerate(self.stages):
-                if getattr(proc, "sees_all_candidates", False):
-                    narrow.widen()
-                t0 = time.perf_counter()
-                if narrow.empty:
-                    out = self.empty_outputs(st, batch)   # every candidate was dropped before this stage
-                else:
-                    out = proc.process(batch)
-                svc[sname] = us = int((time.perf_counter() - t0) * 1e6)
-                if self.stats is not None:
-                    self.stats.observe(self.row, si, us)
-                for name, spec in st["outputs"].items():
-                    arr = out.get(name)
-                    if arr is None:
-                        raise RuntimeError(f"stage {sname} did not return its output {name!r}")
-                    cols[name] = arr
-                if out.get("_select") is not None:
-                    narrow.select(out["_select"])
-            narrow.widen()
+            self.run_stages(batch, svc, observe=self.stats is not None)
             for c in self.writes:
                 self.arenas.write(c, slots, offsets, cols[c])
             if self.stats is not None:
@@ -213,6 +191,72 @@ class Worker:
             code, msg = batch.failed.get(i, (None, None))
             results.append([s, code, msg, {k: int(v[i]) for k, v in batch.counts.items()}])
         return results, svc
+
+    def run_stages(self, batch, svc, observe):
+        """The group's stages, in order, on ``batch`` (its columns gain each stage's outputs)."""
+        from jizhi.workers.stage import Selection
+        cols = batch.columns
+        narrow = Selection(batch, self.scope_of)
+        for si, (sname, proc, st) in enumerate(self.stages):
+            if getattr(proc, "sees_all_candidates", False):
+                narrow.widen()
+            t0 = time.perf_counter()
+            if narrow.empty:
+                out = self.empty_outputs(st, batch)   # every candidate was dropped before this stage
+            else:
+                out = proc.process(batch)
+            svc[sname] = us = int((time.perf_counter() - t0) * 1e6)
+            if observe:
+                self.stats.observe(self.row, si, us)
+            for name, spec in st["outputs"].items():
+                arr = out.get(name)
+                if arr is None:
+                    raise RuntimeError(f"stage {sname} did not return its output {name!r}")
+                cols[name] = arr
+            if out.get("_select") is not None:
+                narrow.select(out["_select"])
+        narrow.widen()
+
+    def warm_up(self):
+        """One batch through every stage before this worker reports READY (so before jizhid says ready).
+
+        The first batch of a fresh worker compiles its Numba kernels (seconds with an empty
+        cache) and lets onnxruntime allocate; a request must never pay that. The batch is one
+        request of the bundle's own user and item ids (``warmup`` in the plan); a column an
+        earlier group would have written is zeros (booleans true). Nothing is written to
+        shared memory, the stats row or the query cache (``batch.warmup``). Returns the
+        milliseconds it took. A stage that raises on this made-up batch (a user stage may
+        refuse zeros) is logged, not fatal: real requests decide whether it works.
+        """
+        from jizhi.workers.stage import Batch
+        ids = self.entry.get("warmup") or {}
+        users = np.frombuffer(ids.get("users", b""), dtype=np.uint64)[:1]
+        items = np.frombuffer(ids.get("items", b""), dtype=np.uint64)[:WARMUP_CANDIDATES]
+        if users.shape[0] == 0:
+            users = np.ones(1, dtype=np.uint64)
+        if items.shape[0] == 0:
+            items = np.arange(1, WARMUP_CANDIDATES + 1, dtype=np.uint64)
+        n = items.shape[0]
+        cols = {}
+        for c in self.reads:
+            spec = self.plan["arenas"][c]
+            lead = (n,) if spec["scope"] == "candidate" else (1,)
+            arr = np.zeros(lead + tuple(spec["shape"]), dtype=spec["dtype"])
+            if c == "item_ids":
+                arr[:] = items
+            elif arr.dtype == np.bool_:
+                arr[:] = True
+            cols[c] = arr
+        t0 = time.monotonic()
+        batch = Batch(users, np.array([10], dtype=np.int64), np.zeros(1, dtype=bool),
+                      np.array([t0 + 600.0]), np.array([0, n], dtype=np.int64), cols)
+        batch.warmup = True
+        try:
+            self.run_stages(batch, {}, observe=False)
+        except Exception as e:
+            log.warning("the warm-up batch failed (%s: %s); serving anyway, the first request may be slow",
+                        type(e).__name__, e)
+        return round((time.monotonic() - t0) * 1000, 1)
 
     @staticmethod
     def empty_outputs(st, batch):
@@ -240,7 +284,8 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, ident.encode())
         sock.connect(backend)
         window = self.settings["workers.prefetch"]
-        ready = protocol.encode_ready(self.pipeline, self.group["name"], self.wid, self.versions, window, self.boot)
+        ready = protocol.encode_ready(self.pipeline, self.group["name"], self.wid, self.versions, window, self.boot,
+                                      run_id=self.run["run_id"])
         sock.send_multipart(ready)
         hb_s = self.settings["workers.heartbeat_interval_s"]
         last_send = time.monotonic()
@@ -255,7 +300,16 @@ class Worker:
             st.hist[row] = 0
             st.sum_us[row] = 0
         leaving = False
+        next_check = 0.0
         while self.running:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                if not lifeline.supervisor_alive() or not self.arenas.intact():
+                    log.error("%s: this worker belongs to an ended run; exiting",
+                              "its supervisor is gone" if not lifeline.supervisor_alive()
+                              else "a shared-memory segment it maps was unlinked")
+                    self.stale = True
+                    break
             if st is not None:
                 st.heartbeat[row] = time.monotonic()   # from the work loop: a stuck stage stops it
             if poller.poll(int(hb_s * 1000)):
@@ -317,7 +371,6 @@ def main(argv=None):
     if args.load_cores:
         os.sched_setaffinity(0, [int(c) for c in args.load_cores.split(",")])
     logs.setup(f"jizhi.worker[{args.pipeline}/{args.group}/{args.wid}]")
-    die_with_parent()
 
     try:
         run = read_plan(args.plan)
@@ -326,8 +379,10 @@ def main(argv=None):
             os.sched_setaffinity(0, cores)
         t0 = time.monotonic()
         worker = Worker(run, args.pipeline, args.group, args.wid, args.version)
-        worker.boot = {"start_ms": round((t0 - process_start()) * 1000, 1),
-                       "load_ms": round((time.monotonic() - t0) * 1000, 1)}
+        load_ms = round((time.monotonic() - t0) * 1000, 1)
+        warm_ms = worker.warm_up()
+        log.info("warmed up: one batch through %s in %.0f ms", ", ".join(s for s, _, _ in worker.stages), warm_ms)
+        worker.boot = {"start_ms": round((t0 - process_start()) * 1000, 1), "load_ms": load_ms, "warm_ms": warm_ms}
     except SystemExit:
         raise
     except Exception as e:
@@ -343,7 +398,7 @@ def main(argv=None):
     logging.shutdown()
     # Skip interpreter teardown of numba/onnxruntime (seconds on a loaded
     # machine): sockets are closed, nothing is left to flush.
-    os._exit(0)
+    os._exit(EXIT_STALE_RUN if worker.stale else 0)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,15 @@ requests, with ``offsets`` int64[R+1] (CSR, as in EmbeddingBag). It returns a
 dict of output name -> array, with exactly the declared dtypes and row shapes.
 A stage may fail one request (``batch.fail``) without failing the others, and
 count per-request facts (``batch.count``) that end up in the reply.
+
+NaN in a float candidate column means "no value": a candidate dropped before
+the stage that writes it (shed, pruned, a query-cache hit). A stage that runs
+a model passes the model's scores through ``batch.drop_invalid``, so a NaN or
+infinite score the model gave is NaN too (never ranked), counted per request
+as ``invalid_scores`` (the reply, ``jizhictl stats``, Prometheus); a dropped
+candidate is not counted. That NaN is ``INVALID_NAN``, whose bits tell it from
+a dropped candidate's NaN where it matters: the broker leaves it out of a
+``return: all`` reply, where a dropped candidate reads NaN.
 """
 from dataclasses import dataclass
 
@@ -20,6 +29,12 @@ import numpy as np
 
 REQUEST = "request"
 CANDIDATE = "candidate"
+INVALID_SCORES = "invalid_scores"   # the count of a model's non-finite scores (``Batch.drop_invalid``)
+# A quiet NaN with a payload of its own: copies, selections and shared memory keep its bits, so the
+# broker can tell an invalid score from a dropped one (arithmetic need not keep them: a combiner's sum
+# over an invalid head score may read as dropped in a return: all reply; it is counted all the same).
+INVALID_NAN_BITS = np.uint32(0x7FC0_0A1E)
+INVALID_NAN = np.array(INVALID_NAN_BITS).view(np.float32)
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,8 @@ class Batch:
     Attributes: ``users`` uint64[R], ``top_k`` int64[R], ``ret_all`` bool[R],
     ``deadlines`` float64[R] (time.monotonic seconds), ``offsets``
     int64[R+1], ``columns`` (name -> array), ``failed`` (request index ->
-    (code, message)), ``counts`` (name -> int64[R]).
+    (code, message)), ``counts`` (name -> int64[R]), ``warmup`` (True for
+    the warm-up batch a worker runs before it serves).
     """
 
     def __init__(self, users, top_k, ret_all, deadlines, offsets, columns):
@@ -57,6 +73,9 @@ class Batch:
         self.columns = columns
         self.failed = {}
         self.counts = {}
+        # A worker's warm-up batch before READY (workers/run.py): compute, but leave no trace in
+        # shared state (a stage that caches or counts across requests skips that).
+        self.warmup = False
 
     @property
     def n_requests(self):
@@ -90,6 +109,17 @@ class Batch:
         prev = self.counts.get(name)
         per_request = np.asarray(per_request, dtype=np.int64)
         self.counts[name] = per_request if prev is None else prev + per_request
+
+    def drop_invalid(self, score):
+        """A model's ``score`` (float32[P] over this batch's candidates) with ``INVALID_NAN`` in place of
+        every NaN or infinite value, counted per request under ``INVALID_SCORES``. The ranker never
+        ranks NaN, so such a candidate is dropped from the top-K, and a client never receives the
+        value. One ``isfinite`` pass when every score is finite (the usual case)."""
+        bad = ~np.isfinite(score)
+        if not bad.any():
+            return score
+        self.count(INVALID_SCORES, self.per_request_sum(bad))
+        return np.where(bad, INVALID_NAN, score).astype(np.float32, copy=False)
 
 
 class Stage:

@@ -1,0 +1,175 @@
+"""The last requests before a stop get a reply; a broker's death costs a budgeted client nothing (issue 16, item 7).
+
+* SIGKILL of the broker under a closed-loop load of Python clients with a
+  time budget: the broker loses what it held (README, "Stopping"), the
+  supervisor starts a new one, and every client's request that got no reply
+  is sent again and answered with the reference scores.
+* SIGTERM of jizhid under 400 requests/s from an open-loop sender (a DEALER
+  sending on its clock, whatever the replies): every request sent before the
+  broker logged that it closes its frontend gets a reply, and the ones the
+  stop refused say OVERLOADED with ``retry_after_ms``.
+
+Both run against one jizhid, in this order (the second stops it).
+"""
+import os
+import signal
+import threading
+import time
+
+import pytest
+import zmq
+
+from conftest import assert_topk, wait_until
+from daemon_helpers import broker_pid, log_lines, log_time
+from jizhi import protocol
+from jizhi.client import Client
+from jizhi.errors import OVERLOADED
+
+RATE = 400
+
+
+@pytest.fixture(scope="module")
+def server(launch_module):
+    return launch_module.start(pipelines=["demo"])
+
+
+class OpenLoop:
+    """One DEALER sending a trace request every 1/``rate`` s on its own clock, reading replies as they come.
+
+    ``sent``: {id: time.time() of the send}; ``replies``: {id: reply header}; ``disconnected``: time.time()
+    when the DEALER saw its connection end (None: it did not)."""
+
+    def __init__(self, endpoint, trace, rate):
+        self.endpoint = endpoint
+        self.trace = trace
+        self.interval_s = 1.0 / rate
+        self.sent = {}
+        self.replies = {}
+        self.disconnected = None
+        self.sending = threading.Event()
+        self.sending.set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.sending.clear()
+        time.sleep(1.0)          # replies still on their way
+        self.done.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+    def answered(self):
+        return len(self.replies)
+
+    def run(self):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)
+        next_send, i = time.monotonic(), 0
+        try:
+            while not self.done.is_set():
+                now = time.monotonic()
+                if self.sending.is_set() and now >= next_send:
+                    user, items, recall = self.trace[i % len(self.trace)]
+                    sock.send_multipart([b""] + protocol.encode_request(
+                        id=i, pipeline="demo", user=user, item_ids=items, recall_scores=recall, deadline_ms=5000))
+                    self.sent[i] = time.time()
+                    i += 1
+                    next_send += self.interval_s
+                    continue
+                wait_ms = max(0, int((next_send - now) * 1000)) if self.sending.is_set() else 50
+                if self.disconnected is None and monitor.poll(0):
+                    monitor.recv_multipart()
+                    self.disconnected = time.time()
+                if sock.poll(wait_ms):
+                    while sock.poll(0):
+                        frames = sock.recv_multipart()
+                        header = protocol.unpackb(frames[1])
+                        self.replies[header["id"]] = header
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+
+
+def test_a_sigkilled_broker_loses_no_request_of_a_client_with_a_budget(server, demo_trace, trace_scores):
+    stop = threading.Event()
+    lock = threading.Lock()
+    records, failures = [], []
+
+    def run(i):
+        with Client(server.endpoint, timeout_s=1.0, budget_s=20.0) as c:
+            q = i
+            while not stop.is_set():
+                user, items, recall = demo_trace[q % len(demo_trace)]
+                t0 = time.monotonic()
+                try:
+                    r = c.score(user, items, recall, deadline_ms=5000)
+                except Exception as e:   # TimeoutError, RequestError: a lost request
+                    with lock:
+                        failures.append(repr(e))
+                    continue
+                with lock:
+                    records.append((q % len(demo_trace), r, t0, time.monotonic()))
+                q += 4
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(records) >= 40, 30, what="the load to get going")
+        victim = broker_pid(server)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.monotonic()
+        wait_until(lambda: any(t0 > t_kill + 1.0 for _, _, t0, _ in records), 30,
+                   what="answers to requests sent after the new broker came up")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert broker_pid(server) != victim
+    retried = [rec for rec in records if rec[1].attempts > 1]
+    print(f"\nSIGKILL of the broker: {len(records)} requests answered, {len(failures)} lost, {len(retried)} sent "
+          f"again (slowest {max((d - t0 for _, _, t0, d in retried), default=0):.2f} s)")
+    assert not failures, failures[:5]
+    assert retried, "no request was in the broker when it died"
+    for q, r, _, _ in records:
+        _, items, _ = demo_trace[q]
+        assert_topk(r, items, trace_scores[q], 10)
+
+
+def test_sigterm_under_400_requests_per_s_answers_every_request_sent_before_the_frontend_closed(server, demo_trace):
+    with OpenLoop(server.endpoint, demo_trace, RATE) as load:
+        wait_until(lambda: load.answered() >= RATE, 30, what="a second of answered load")
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        time.sleep(0.3)          # still sending to a server that is gone
+    closing = log_lines(server, "closing the frontend")
+    assert len(closing) == 1, server.log_tail()
+    t_close = log_time(closing[0])     # ms resolution, rounded down: "before" is strict
+    before = sorted(i for i, t in load.sent.items() if t < t_close)
+    lost = [i for i in before if i not in load.replies]
+    after = [i for i, t in load.sent.items() if t >= t_close]
+    refused = [h for h in load.replies.values() if h["status"] == "error"]
+    seen = [i for i, t in load.sent.items() if load.disconnected and t < load.disconnected and i not in load.replies]
+    t_closed = log_time(log_lines(server, "frontend closed")[0])   # logged right after the connections were shut
+    lost_closed = [i for i, t in load.sent.items() if t < t_closed and i not in load.replies]
+    print(f"\nSIGTERM at {RATE} requests/s: {len(load.sent)} sent, {len(before)} before the frontend closed, "
+          f"{len(lost)} of them unanswered; {len(refused)} answered OVERLOADED; {len(after)} sent after "
+          f"({sum(1 for i in after if i in load.replies)} of them answered); unanswered ones sent before the "
+          f"client saw its connection end: {len(seen)}, in the last "
+          f"{(load.disconnected - min((load.sent[i] for i in seen), default=load.disconnected)) * 1000:.0f} ms; "
+          f"unanswered ones sent before the ms of the broker's 'frontend closed' line: {len(lost_closed)}; "
+          + log_lines(server, "frontend closed")[0].split(" jizhi.broker ")[1])
+    assert not lost, f"requests sent before the frontend closed got no reply: {lost[:20]}"
+    assert len(before) >= RATE
+    for h in refused:
+        assert h["code"] == OVERLOADED and h["retry_after_ms"] > 0, h
+    assert refused, "nothing was sent while the server stopped"

@@ -661,8 +661,9 @@ class Broker:
             self.reply_error(envelope, request_id(body), e.code, e.message)
             return
         if self.stopping:
-            self.reply_error(envelope, req["id"], OVERLOADED, "server stopping; retry on another node or later",
-                             STOP_RETRY_MS)
+            # (after the drain: the same word a client was told while it lasted)
+            self.reply_error(envelope, req["id"], OVERLOADED, "server draining to stop; retry on another node or "
+                             "later", STOP_RETRY_MS)
             return
         op = req["op"]
         if op == "ping":

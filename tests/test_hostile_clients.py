@@ -288,9 +288,12 @@ def test_thousands_of_idle_connections_leave_descriptors_bounded_and_new_clients
                 c.score(user, items, recall)
         assert e.value.code == OVERLOADED and "connection limit" in e.value.message, e.value
         assert time.monotonic() - t0 < 3.0
-        fds = open_fds(pid)
+        # While ZeroMQ accepts the backlog the guard closes refused ones behind it: the count settles
+        # (served + refused cap + ZeroMQ's own) and stays there while the connections are held.
+        bound = fds0 + 2 * MAX_CONNECTIONS + 64
+        fds = wait_until(lambda: (lambda n: n if n <= bound else None)(open_fds(pid)), 15,
+                         what=f"the broker's descriptors to settle under {bound}")
         print(f"\n2000 idle connections ({failed} failed): broker fds {fds0} before, {peak_fds} and {fds} with them")
-        assert fds <= fds0 + 2 * MAX_CONNECTIONS + 64
     finally:
         for s in held:
             s.close()

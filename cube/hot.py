@@ -31,7 +31,6 @@ if __name__ == "__main__":
     lifeline.hold()   # first, before the imports below: this process must never outlive jizhid
 import argparse
 import json
-import mmap
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ import time
 import numpy as np
 from numba import njit
 
-from jizhi.arena import SHM_DIR
+from jizhi.arena import map_segment
 
 MAGIC = 0x4A5A484F54  # "JZHOT"
 HEADER_WORDS = 8
@@ -195,16 +194,6 @@ def _add_misses(miss_at, inv, vectors, found, lens, sums, out, missing):
             out[r, f, d] += vectors[v, d] * scale
 
 
-def _map(name, writable):
-    fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
-    finally:
-        os.close(fd)
-
-
 def _views(mm):
     header = np.ndarray((HEADER_WORDS,), dtype=np.int64, buffer=mm)
     if int(header[0]) != MAGIC:
@@ -220,7 +209,7 @@ class HotTable:
 
     def __init__(self, name):
         self.name = name
-        self.mm = _map(name, writable=False)
+        self.mm, _ = map_segment(name, writable=False)
         self.header, self.keys, self.vals = _views(self.mm)
         self.capacity = int(self.header[1])
         self.dim = int(self.header[2])
@@ -238,13 +227,11 @@ class HotTable:
 
 def fill(name, keys, vectors, generation):
     """Builder side: write ``keys``/``vectors`` into the (created, zeroed) table segment ``name``."""
-    mm = _map(name, writable=True)
+    n = keys.shape[0]
+    capacity = capacity_for(n)
+    dim = vectors.shape[1]
+    mm, _ = map_segment(name, size=table_bytes(capacity, dim))
     try:
-        n = keys.shape[0]
-        capacity = capacity_for(n)
-        dim = vectors.shape[1]
-        if len(mm) < table_bytes(capacity, dim):
-            raise ValueError(f"segment {name} has {len(mm)} bytes, {table_bytes(capacity, dim)} needed")
         header = np.ndarray((HEADER_WORDS,), dtype=np.int64, buffer=mm)
         header[1], header[2], header[3], header[5] = capacity, dim, n, generation
         header[0] = MAGIC
@@ -274,7 +261,7 @@ class Control:
 
     def __init__(self, name, writable=False):
         self.name = name
-        self.mm = _map(name, writable)
+        self.mm, _ = map_segment(name, writable)
         self.words = np.ndarray((CTL_WORDS,), dtype=np.int64, buffer=self.mm)
 
     @property
@@ -470,6 +457,8 @@ def build_main(argv=None):
                                      "without --keys: the whole cube when the backend can list it and it "
                                      "fits the budget, else the table starts empty")
     args = ap.parse_args(argv)
+    from jizhi import logs
+    logs.setup("jizhi.cube.hot")    # stderr, in the log format (a cube's reader may warn); stdout is the result
     t0 = time.monotonic()
     max_keys = keys_for_budget(args.budget_bytes, args.dim)
     if args.remote:

@@ -6,10 +6,10 @@ and unlinks segments. It creates one arena per column of the compiled plan
 max_candidates x row bytes`` (per-candidate columns) or ``slots x row bytes``
 (per-request columns). The broker allocates a slot at admission and frees it
 when it answers; stages write into the slot named in the event and never
-allocate. Everyone else attaches with ``os.open`` + ``mmap``: nothing here
-touches ``multiprocessing.shared_memory`` or its resource tracker, so an
-exiting reader never unlinks or "leaks" anything, and a SIGKILLed worker
-leaves nothing behind.
+allocate. Everyone else attaches with ``map_segment`` (``os.open`` +
+``mmap``): nothing here touches ``multiprocessing.shared_memory`` or its
+resource tracker, so an exiting reader never unlinks or "leaks" anything,
+and a SIGKILLed worker leaves nothing behind.
 
 Every segment is backed when it is created (``posix_fallocate``): a full
 /dev/shm refuses the creation (``ShmFull``, naming the bytes), never a later
@@ -84,16 +84,32 @@ def sigbus_cause():
             f"({free / 2**20:.1f} MiB) free, or a mapped file (a segment, a bundle's) was truncated")
 
 
-def attach(name, spec, slots, max_candidates):
-    """Map an existing segment as an ndarray of the arena's shape (read-write)."""
-    shape = arena_shape(spec, slots, max_candidates)
-    fd = os.open(SHM_DIR / name, os.O_RDWR)
+def map_segment(name_or_path, writable=True, size=None):
+    """Map an existing segment (a name in /dev/shm, or an absolute path): ``(mmap, identity)``.
+
+    MAP_SHARED, read-write or read-only; a symbolic link is refused. With ``size``, the segment
+    must hold at least that many bytes (else ValueError naming it and both sizes) and that many
+    are mapped; without, all of it. ``identity`` is the mapped file's (device, inode): while
+    ``identity(name)`` still equals it, the mapping is of the segment now under that name.
+    """
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(SHM_DIR / name_or_path, flags)
     try:
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        st = os.fstat(fd)
+        if size is not None and st.st_size < size:
+            raise ValueError(f"segment {name_or_path} has {st.st_size} bytes, {size} needed")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        mm = mmap.mmap(fd, st.st_size if size is None else size, mmap.MAP_SHARED, prot)
     finally:
         os.close(fd)
-    return np.ndarray(shape, dtype=np.dtype(spec["dtype"]), buffer=mm)
+    return mm, (st.st_dev, st.st_ino)
+
+
+def attach(name, spec, slots, max_candidates):
+    """Map an existing segment as an ndarray of the arena's shape (read-write): ``(array, identity)``."""
+    mm, ident = map_segment(name)
+    shape = arena_shape(spec, slots, max_candidates)
+    return np.ndarray(shape, dtype=np.dtype(spec["dtype"]), buffer=mm), ident
 
 
 def identity(name):
@@ -139,8 +155,9 @@ class Arenas:
     def __init__(self, plan, segments, slots, max_candidates):
         self.specs = plan["arenas"]
         self.names = {c: segments[c] for c in self.specs}
-        self.ids = {c: identity(n) for c, n in self.names.items()}
-        self.cols = {c: attach(segments[c], spec, slots, max_candidates) for c, spec in self.specs.items()}
+        self.cols, self.ids = {}, {}
+        for c, spec in self.specs.items():
+            self.cols[c], self.ids[c] = attach(segments[c], spec, slots, max_candidates)
 
     def intact(self):
         """False when a segment mapped here was unlinked or replaced since: compute nothing on it."""

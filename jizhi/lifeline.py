@@ -11,7 +11,7 @@ with status ok. Three layers keep that from happening:
   (its pid is in ``JIZHI_SUPERVISOR_PID``): a parent that died before the
   death signal was armed is caught here, and the child exits at once.
 * ``supervisor_alive()``: the broker's and the workers' loops ask it about once
-  a second (one ``getppid``), and ``Segment.intact()`` (jizhi/arena.py) tells
+  a second (one ``getppid``), and ``Arenas.intact()`` (jizhi/arena.py) tells
   them whether the segments they map still exist as the ones they mapped; a
   process whose supervisor or segments are gone exits with ``EXIT_STALE_RUN``.
 * ``end_leftovers(instance)``: a new supervisor, once it holds the instance

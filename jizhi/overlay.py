@@ -15,13 +15,10 @@ on (Numba has no fences). When the table is full, feedback for a new user is
 dropped and counted (``overlay_full``); it holds ``capacity`` users and the
 last ``ring`` items of each. It is not persisted: a restart starts empty.
 """
-import mmap
-import os
-
 import numpy as np
 from numba import njit
 
-from jizhi.arena import SHM_DIR
+from jizhi.arena import map_segment
 
 
 def segment_bytes(capacity, ring):
@@ -129,11 +126,7 @@ class Overlay:
     """One process's mapping of the overlay segment (writer: the broker only)."""
 
     def __init__(self, name, capacity, ring):
-        fd = os.open(SHM_DIR / name, os.O_RDWR)
-        try:
-            self.mm = mmap.mmap(fd, segment_bytes(capacity, ring))
-        finally:
-            os.close(fd)
+        self.mm, _ = map_segment(name, size=segment_bytes(capacity, ring))
         self.capacity, self.ring = capacity, ring
         self.keys, self.seq, self.count, self.items = _split(self.mm, capacity, ring)
 

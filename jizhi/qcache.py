@@ -91,8 +91,6 @@ segment never outlives a boot (tmpfs). An entry stored at ``t`` hits while
 ``now_ms - t < window_ms``; an entry stamped slightly after the reader's
 ``now_ms`` (clocks read at different moments) counts as age 0.
 """
-import mmap
-import os
 import time
 
 import numpy as np
@@ -162,11 +160,6 @@ def _validate(writers, slots_per_writer, ways, epoch_buckets, window_ms):
         raise ValueError(f"query cache: window_ms must be > 0, got {window_ms}")
 
 
-def _path(name):
-    # A bare name lives in /dev/shm; an absolute path is used as is.
-    return arena.SHM_DIR / name
-
-
 def init(path_or_name, writers, slots_per_writer, ways=DEFAULT_WAYS,
          epoch_buckets=DEFAULT_EPOCH_BUCKETS, window_ms=DEFAULT_WINDOW_MS):
     """Supervisor only: create the segment, write its header, return its spec.
@@ -182,11 +175,7 @@ def init(path_or_name, writers, slots_per_writer, ways=DEFAULT_WAYS,
     _validate(writers, slots_per_writer, ways, epoch_buckets, window_ms)
     epochs_offset, slots_offset, total = _layout(writers, slots_per_writer, epoch_buckets)
     arena.create(path_or_name, total)
-    fd = os.open(_path(path_or_name), os.O_RDWR)
-    try:
-        mm = mmap.mmap(fd, total)
-    finally:
-        os.close(fd)
+    mm, _ = arena.map_segment(path_or_name, size=total)
     header = np.ndarray((HEADER_WORDS,), dtype=np.uint64, buffer=mm)
     header[H_LAYOUT] = LAYOUT
     header[H_WRITERS] = writers
@@ -299,7 +288,6 @@ def _lookup(slots, epochs, users, offsets, items, version, now_ms, window_ms, sc
     # Returns the number of slots whose key matched but whose check did not
     # (torn by a concurrent store, or left half-written by a killed writer).
     W, n_sets, ways = slots.shape[0], slots.shape[1], slots.shape[2]
-    set_mask = np.uint64(n_sets - 1)
     bucket_mask = np.uint64(epochs.shape[0] - 1)
     set_words = ways * slots.shape[3]
     flat = slots.reshape(-1)
@@ -355,7 +343,6 @@ def _store(region, users, offsets, items, score_bits, version, epochs_in, now_ms
     # half-done: reused first). No check word is computed to choose, only the stored entry's,
     # which is what readers verify.
     n_sets, ways = region.shape[0], region.shape[1]
-    set_mask = np.uint64(n_sets - 1)
     set_words = ways * region.shape[2]
     flat = region.reshape(-1)
     sets = np.empty(items.shape[0], dtype=np.int64)
@@ -455,15 +442,7 @@ class QueryCache:
 
     def __init__(self, segment, writers, slots, ways, epoch_buckets, window_ms=None):
         self.segment = segment
-        fd = os.open(_path(segment), os.O_RDWR)
-        try:
-            size = os.fstat(fd).st_size
-            need = segment_bytes(writers, slots, epoch_buckets)
-            if size < need:
-                raise ValueError(f"query cache {segment}: {size} bytes, the spec needs {need}")
-            self.mm = mmap.mmap(fd, need)
-        finally:
-            os.close(fd)
+        self.mm, _ = arena.map_segment(segment, size=segment_bytes(writers, slots, epoch_buckets))
         self.header = np.ndarray((HEADER_WORDS,), dtype=np.uint64, buffer=self.mm)
         h = [int(x) for x in self.header[:H_SLOT_WORDS + 1]]
         expect = {H_MAGIC: MAGIC, H_LAYOUT: LAYOUT, H_WRITERS: writers, H_SLOTS: slots,

@@ -27,7 +27,6 @@ keeps its whole model top-K, and fits the need model on the features (ridge regr
 log of the needed fraction). The policy is a small JSON file.
 """
 import json
-import mmap
 import os
 
 import numpy as np
@@ -255,12 +254,7 @@ class Control:
         if create:
             arena.create(name, WORDS * 8)
         self.name = name
-        fd = os.open(arena.SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
-        try:
-            self.mm = mmap.mmap(fd, WORDS * 8, mmap.MAP_SHARED,
-                                mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
-        finally:
-            os.close(fd)
+        self.mm, _ = arena.map_segment(name, writable, size=WORDS * 8)
         self.words = np.ndarray((WORDS,), dtype=np.float64, buffer=self.mm)
 
     def publish(self, mode, quota, policy_gen, queue=0.0, p99=0.0):

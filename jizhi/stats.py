@@ -15,12 +15,11 @@ travels to it over a socket.
 Buckets are chosen for sub-millisecond to 100 ms stage times (microseconds,
 upper bounds; the last is +Inf).
 """
-import mmap
 import os
 
 import numpy as np
 
-from jizhi.arena import SHM_DIR
+from jizhi.arena import map_segment
 from jizhi.errors import CODES
 
 BUCKETS_US = np.array([50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500,
@@ -75,11 +74,7 @@ class Stats:
     """A mapping of the stats segment. Each process writes only its own rows."""
 
     def __init__(self, name, rows):
-        fd = os.open(SHM_DIR / name, os.O_RDWR)
-        try:
-            self.mm = mmap.mmap(fd, segment_bytes(rows))
-        finally:
-            os.close(fd)
+        self.mm, _ = map_segment(name, size=segment_bytes(rows))
         for pname, dt, shape, off in layout(rows)[0]:
             setattr(self, pname, np.ndarray(shape, dtype=dt, buffer=self.mm, offset=off))
         self.rows = rows

@@ -159,7 +159,6 @@ def manage_main(argv=None):
     """
     import argparse
     import signal
-    import sys
     import time
 
     from jizhi.cube.hot import KeyCounts
@@ -176,6 +175,11 @@ def manage_main(argv=None):
     ap.add_argument("--interval-s", type=float, default=1.0)
     ap.add_argument("--hot-control", help="the version's hot-tier control segment (idle while it is whole)")
     args = ap.parse_args(argv)
+    import logging
+
+    from jizhi import logs
+    logs.setup("jizhi.cube.cache")
+    log = logging.getLogger("jizhi.cube.cache")
     running = [True]
     signal.signal(signal.SIGTERM, lambda s, f: running.__setitem__(0, False))
     os.makedirs(args.env, exist_ok=True)
@@ -198,8 +202,7 @@ def manage_main(argv=None):
         whole = control is not None and control.generation > 0 and control.whole(control.generation)
         if whole != idle:
             idle = whole
-            print(f"disk cache {args.env}: " + ("idle: the hot tier holds the whole cube" if idle else "active"),
-                  file=sys.stderr, flush=True)
+            log.info("disk cache %s: %s", args.env, "idle: the hot tier holds the whole cube" if idle else "active")
         if idle:
             for r in rows:
                 seen[r] = int(stats.keys_pos[r])          # skip what was sampled meanwhile
@@ -211,7 +214,7 @@ def manage_main(argv=None):
             added, dropped = cache.update(counts.top(args.capacity), backend)
             counts.decay()
             if added or dropped:
-                print(f"disk cache {args.env}: +{added} -{dropped} keys", file=sys.stderr, flush=True)
+                log.info("disk cache %s: +%d -%d keys", args.env, added, dropped)
     cache.close()
     return 0
 

@@ -60,6 +60,10 @@ from /proc/stat minus this generator and the jizhid run), and runs a point
 that *failed* while other processes used more than X again (``--retries``
 times); every point records ``other_cores``. The ceiling does the same and
 keeps its fastest run.
+
+``--plot FILE.png`` draws the load points (matplotlib, the ``plot`` extra:
+``pip install 'jizhi[plot]'``): latency p50 / p99 / p99.9 with the SLO, and
+goodput (OK replies/s) against the offered rate (``plot_sweep``).
 """
 import collections
 import datetime
@@ -71,6 +75,7 @@ import resource
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import click
@@ -115,13 +120,20 @@ class Trace:
 
     def __init__(self, path):
         self.path = str(path)
-        with np.load(path, allow_pickle=False) as data:
-            self.users = np.ascontiguousarray(data["users"], dtype=np.uint64)
-            self.offsets = np.ascontiguousarray(data["offsets"], dtype=np.int64)
-            self.items = np.ascontiguousarray(data["items"], dtype="<u8")
-            self.recall = np.ascontiguousarray(data["recall_scores"], dtype="<f4")
+        if not zipfile.is_zipfile(path):
+            raise click.BadParameter(f"{path} is not a request trace (not an .npz file; jizhictl demo trace or "
+                                     "jizhictl record writes one, docs/formats.md)", param_hint="--trace")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                self.users = np.ascontiguousarray(data["users"], dtype=np.uint64)
+                self.offsets = np.ascontiguousarray(data["offsets"], dtype=np.int64)
+                self.items = np.ascontiguousarray(data["items"], dtype="<u8")
+                self.recall = np.ascontiguousarray(data["recall_scores"], dtype="<f4")
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:    # exit 2, one line, no traceback
+            raise click.BadParameter(f"{path} is not a request trace (an .npz of users, offsets, items and "
+                                     f"recall_scores, docs/formats.md): {e}", param_hint="--trace") from None
         if self.offsets.shape[0] != self.users.shape[0] + 1 or self.offsets[-1] != self.items.shape[0]:
-            raise click.ClickException(f"trace {path}: offsets do not match users and items")
+            raise click.BadParameter(f"trace {path}: offsets do not match users and items", param_hint="--trace")
         self.counts = np.diff(self.offsets)
 
     def __len__(self):
@@ -887,6 +899,52 @@ def print_ceiling(c, out=print):
     out("  mean us per request by stage: " + ", ".join(f"{k} {v:,.0f}" for k, v in c["stage_us_per_request"].items()))
 
 
+def plot_sweep(runs, path, slo_ms, title):
+    """A PNG of load points: latency percentiles and goodput (OK replies/s) against offered requests/s.
+
+    One line per pipeline; points that fail (p99 over the SLO, an error, a
+    lost request, stopped early) are marked with an x on the goodput panel.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install 'jizhi[plot]'")
+    fig, (lat, good) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    top = 0.0
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        pts = sorted(run["points"], key=lambda r: r["offered_rps"])
+        x = [r["offered_rps"] for r in pts]
+        top = max([top] + x)
+        for key, label, style in (("p50_ms", "p50", ":"), ("p99_ms", "p99", "-"), ("p99_9_ms", "p99.9", "--")):
+            lat.plot(x, [np.nan if r[key] is None else r[key] for r in pts], color=color, linestyle=style,
+                     marker="o", markersize=4, label=f"{run['pipeline']} {label}")
+        good.plot(x, [r["ok_rps"] for r in pts], color=color, marker="o", markersize=4,
+                  label=f"{run['pipeline']} OK replies/s")
+        bad = [r for r in pts if not r["pass"]]
+        if bad:
+            good.plot([r["offered_rps"] for r in bad], [r["ok_rps"] for r in bad], linestyle="none", marker="x",
+                      markersize=9, color="red", label="failed point" if i == 0 else None)
+    lat.axhline(slo_ms, color="red", linestyle="--", linewidth=1, label=f"SLO: p99 <= {slo_ms:g} ms")
+    lat.set_yscale("log")
+    lat.set_ylabel("latency, ms (log)")
+    lat.grid(True, which="both", alpha=0.3)
+    lat.legend(loc="upper left", fontsize=8)
+    good.plot([0, top], [0, top], color="grey", linestyle=":", linewidth=1, label="offered")
+    good.set_xlabel("offered load, requests/s")
+    good.set_ylabel("goodput, OK replies/s")
+    good.set_xlim(left=0)
+    good.set_ylim(bottom=0)
+    good.grid(True, alpha=0.3)
+    good.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------
 # The command
 
@@ -936,11 +994,14 @@ def print_ceiling(c, out=print):
 @click.option("--retries", type=click.IntRange(0), default=2, show_default=True,
               help="--max-other-cores: how often a disturbed, failed point is run again.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results to this file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Draw latency p50/p99/p99.9 and goodput against offered load (PNG; needs "
+                   "pip install 'jizhi[plot]').")
 @click.option("--quiet", is_flag=True, help="No progress line on stderr.")
 def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, rate, rates, find_max,
                   start_rate, precision, max_points, slo_ms, duration_s, warmup_s, deadline_ms, top_k,
                   allow_repeat, cpu, run_dir, ceiling, ceiling_batch, max_other_cores, settle_s, retries, json_path,
-                  quiet):
+                  plot_path, quiet):
     """Measure throughput and latency: open-loop Poisson load on a running
     jizhid (--rate, --rates or --find-max), or the in-process ceiling
     (--ceiling).
@@ -953,6 +1014,7 @@ def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, 
     \b
       jizhictl bench --trace trace.npz --rate 200
       jizhictl bench --trace trace.npz --find-max --pipeline demo,legacy --cpu --run-dir /run/jizhi
+      jizhictl bench --trace trace.npz --rates 100,200,300 --plot sweep.png
       jizhictl bench --ceiling --bundle models/demo/1 --trace trace.npz
     """
     modes = sum([rate is not None, rates is not None, find_max])
@@ -966,6 +1028,12 @@ def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, 
         raise click.UsageError("give --trace or --requests (with --bundle), not both")
     if not trace_path and not (bundle and requests):
         raise click.UsageError("give --trace FILE, or --bundle DIR with --requests N to generate one")
+    if plot_path and ceiling:
+        raise click.UsageError("--plot draws load points (--rate, --rates or --find-max), not --ceiling")
+    if plot_path:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:   # said now, not after the points ran
+            raise click.ClickException("--plot needs matplotlib: pip install 'jizhi[plot]'")
     if duration_s < RULE_MIN_DURATION_S:
         click.echo(f"note: points of {duration_s:g} s are shorter than the rule's {RULE_MIN_DURATION_S:g} s", err=True)
     version_dir = resolve_bundle(bundle) if bundle else None
@@ -990,6 +1058,14 @@ def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, 
             result["runs"] = _load(endpoint, pipeline, trace_path, rate, rates, find_max, start_rate, precision,
                                    max_points, slo_ms, duration_s, warmup_s, deadline_ms, top_k, allow_repeat,
                                    cpu, run_dir, quiet, max_other_cores, settle_s, retries)
+            if plot_path:
+                pts = [r for run in result["runs"] for r in run["points"]]
+                ncand = sum(r["offered_pairs_s"] for r in pts) / max(sum(r["offered_rps"] for r in pts), 1e-9)
+                plot_sweep(result["runs"], plot_path, slo_ms,
+                           f"jizhictl bench: {', '.join(run['pipeline'] for run in result['runs'])}, "
+                           f"{ncand:.0f} candidates/request, {duration_s:g} s per point, "
+                           f"{result['environment']['cpus']} CPUs")
+                click.echo(f"plot written to {plot_path}", err=True)
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(result, f, indent=1)

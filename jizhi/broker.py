@@ -449,7 +449,8 @@ class Broker:
         self.stopping = False       # the loop ended: every request read is answered OVERLOADED until the close
         self.stale = None           # why this broker exits as a process of an ended run (jizhi/lifeline.py)
         self._last_malformed_log = 0.0
-        self.t_start = time.monotonic()
+        from jizhi.workers.run import process_start
+        self.t_start = process_start()      # (broker_uptime_s: the process's age, imports included)
 
     # -- sockets ------------------------------------------------------------
 
@@ -1318,7 +1319,8 @@ class Broker:
                                  stages=p.groups[g]["stages"])
             serving = p.serving()
             versions = {str(gen.version): {"state": gen.state, "in_flight": gen.in_flight(), "models": gen.versions,
-                                           "workers": sum(len(p.workers.get((g, k), ())) for g in p.groups)}
+                                           "workers": sum(len(p.workers.get((g, k), ())) for g in p.groups),
+                                           "boot": gen.boot}    # its slowest worker's start_ms, load_ms, warm_ms
                         for k, gen in p.gens.items()}
             pipes[name] = {"model": p.plan["model"], "version": serving.version if serving else None,
                            "model_versions": serving.versions if serving else None,
@@ -1342,8 +1344,13 @@ class Broker:
                 "default_pipeline": self.default_pipeline, "answered": self.answered,
                 "errors": dict(self.errors), "malformed": self.malformed, "draining": self.draining,
                 "feedback": {"events": self.feedback_events, "dropped_overlay_full": self.overlay_full},
-                "uptime_s": round(time.monotonic() - self.t_start, 3), "clients": self.clients.snapshot(),
-                "run_id": self.run["run_id"], "pid": os.getpid()}
+                # uptime_s: jizhid's (from the supervisor's start, as `jizhictl status` says it); the broker's
+                # own age apart (it restarts when it dies).
+                "uptime_s": round(time.monotonic() - self.run.get("started_monotonic", self.t_start), 1),
+                "broker_uptime_s": round(time.monotonic() - self.t_start, 1), "clients": self.clients.snapshot(),
+                "run_id": self.run["run_id"], "pid": os.getpid(), "instance": self.run.get("instance"),
+                "frontend": self.run["frontend"],
+                "limits": {k.split(".", 1)[1]: v for k, v in self.settings.items() if k.startswith("limits.")}}
 
     def stale_run(self):
         """Why this broker must not answer from its arenas any more (None: it may).

@@ -1,15 +1,22 @@
 """jizhictl: the control CLI (click). A thin client of the daemon's sockets.
 
 Exit codes a script can rely on: 0 success; 1 the daemon could not be
-reached (the message says what to check); 2 usage error (click's); 3 the
-daemon answered with an error. Starts fast: numba and onnxruntime are
-imported only by the commands that compute (demo, bench --ceiling).
+reached (the message says what to check); 2 usage error, or an input that is
+not what the command needs (a missing file, a trace or bundle that is not
+one: click's one line, or ``main``'s for what the command's own checks did
+not catch; never a traceback); 3 the daemon answered with an error. Starts
+fast: numba and onnxruntime are imported only by the commands that compute
+(demo, bench --ceiling).
 """
 import json
+import logging
 import os
 import sys
 
 import click
+
+from jizhi import logs
+from jizhi.errors import JizhiError
 
 EXIT_UNREACHABLE = 1
 EXIT_ERROR_REPLY = 3
@@ -24,7 +31,18 @@ def cli():
     jizhictl talks to jizhid's frontend (ZeroMQ, the same protocol any client
     speaks). Start a server with `jizhid --demo`, then try
     `jizhictl query --random 500 --bundle ~/.cache/jizhi/demo/models/demo/1`.
+
+    Exit codes: 0 success; 1 the daemon could not be reached; 2 a usage
+    error or an input that is not what the command needs (one line names
+    it); 3 the daemon refused or answered an error.
     """
+
+
+def _refused(message):
+    """An input the command refuses: click's one line, with the usage-error exit code 2 (not ClickException's 1)."""
+    e = click.ClickException(message)
+    e.exit_code = 2
+    return e
 
 
 # -- demo -------------------------------------------------------------------
@@ -52,12 +70,12 @@ def demo_publish(models_dir, source, version, seed, fault):
     from jizhi.demo import publish, stage_version
     src = Path(models_dir) / "demo" / str(source)
     if not src.is_dir():
-        raise click.ClickException(f"no demo version {source} in {models_dir}")
+        raise _refused(f"no demo version {source} in {models_dir}")
     staged = stage_version(models_dir, src, version, seed=seed, fault=fault)
     try:
         final = publish(staged, models_dir)
     except FileExistsError as e:
-        raise click.ClickException(f"{e} exists already")
+        raise _refused(f"{e} exists already")
     click.echo(f"published {final}" + (f" (fault: {fault})" if fault else ""))
 
 
@@ -85,7 +103,7 @@ def demo_init(directory, seed, users, items, trace_requests, candidates, spearma
     try:
         vdir = init_demo(directory, seed=seed, users=users, items=items)
     except FileExistsError as e:
-        raise click.ClickException(f"{e} (remove it or choose another DIRECTORY)")
+        raise _refused(f"{e} (remove it or choose another DIRECTORY)")
     click.echo(f"bundle: {vdir}")
     if trace_requests:
         out = Path(directory) / "trace.npz"
@@ -123,9 +141,9 @@ def demo_head(models_dir, name, version, hidden, seed):
     try:
         vdir = write_head(models_dir, name, version=version, hidden=widths, seed=seed, progress=True)
     except FileExistsError as e:
-        raise click.ClickException(f"{e} exists already (a version is written once; choose another --version)")
+        raise _refused(f"{e} exists already (a version is written once; choose another --version)")
     except (ValueError, BundleError) as e:
-        raise click.ClickException(str(e))
+        raise _refused(str(e))
     click.echo(f"head bundle: {vdir}")
 
 
@@ -141,8 +159,19 @@ def demo_head(models_dir, name, version, hidden, seed):
                    "recall scores (for the learned shedding policy).")
 @click.option("--seed", default=1, show_default=True)
 def demo_trace(version_dir, out, requests, candidates, spearman, spread, seed):
-    """Write a request trace (OUT, .npz) for the bundle at VERSION_DIR."""
-    from jizhi.demo import generate_trace
+    """Write a request trace (OUT, .npz) for the bundle at VERSION_DIR.
+
+    The default 2000 requests replay without repeats for 20 s at 100 requests/s
+    (`jizhictl bench --trace OUT --rate 100 --duration 20`): a bench point needs
+    rate x duration distinct requests.
+    """
+    from jizhi.bench import resolve_bundle
+    try:
+        version_dir = resolve_bundle(version_dir)   # a model directory: its newest version
+    except click.BadParameter as e:
+        e.param_hint = "VERSION_DIR"
+        raise
+    from jizhi.demo import generate_trace     # (numba, onnx: after the arguments are checked)
     generate_trace(version_dir, out, requests=requests, candidates=candidates, spearman=spearman, seed=seed,
                    spread=spread)
     click.echo(f"trace: {out}")
@@ -160,21 +189,128 @@ def _unreachable(endpoint, e):
     sys.exit(EXIT_UNREACHABLE)
 
 
+def _not_listening(endpoint):
+    """Why nothing can answer on a local ``endpoint`` (ipc://, or tcp:// on a loopback address), found at
+    once: no socket file, or the connection refused. None when something listens there, and for any other
+    endpoint (a remote host: only the request's --timeout can tell)."""
+    import ipaddress
+    import socket
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if path.startswith("@"):                 # an abstract socket
+            where = "\0" + path[1:]
+        elif not os.path.exists(path):
+            return f"no socket file {path}"
+        else:
+            where = path
+        targets = [(socket.AF_UNIX, where)]
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host = host.strip("[]")
+        try:
+            port = int(port)
+            if host == "localhost":
+                targets = [(ai[0], ai[4]) for ai in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+            elif ipaddress.ip_address(host).is_loopback:
+                targets = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
+            else:
+                return None
+        except (ValueError, OSError):
+            return None
+    else:
+        return None
+    for family, addr in targets:
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(0.5)
+        try:
+            s.connect(addr)
+            return None                           # something listens (it is asked properly next)
+        except (ConnectionRefusedError, FileNotFoundError):
+            continue
+        except OSError:
+            return None                           # cannot tell here: the request's timeout decides
+        finally:
+            s.close()
+    return "connection refused"
+
+
+def _exit_if_not_running(endpoints):
+    """A local endpoint with nothing listening is said at once, as `status` says a missing control socket:
+    one line, exit code 1 (not after --timeout). With several endpoints, only when none listens."""
+    reasons = [_not_listening(e) for e in endpoints]
+    if all(reasons):
+        where = "; ".join(f"{e}: {r}" for e, r in zip(endpoints, reasons))
+        click.echo(f"jizhictl: jizhid is not running (nothing listens on {where}); "
+                   "pass --endpoint if it runs elsewhere", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+
+
 @cli.command()
 @click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True,
               help="jizhid's client endpoint; several comma-separated: the info of each, by endpoint.")
 @click.option("--timeout", "timeout_s", default=5.0, show_default=True, help="Seconds to wait for the answer.")
-def info(endpoint, timeout_s):
-    """Print the server's state: pipelines, workers per group, queues, counters (JSON)."""
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON (for machines).")
+def info(endpoint, timeout_s, as_json):
+    """The server's state: pipelines, versions, pools and queues, endpoints, limits, clients, counters.
+
+    A summary for people; --json prints the whole reply (by endpoint when
+    several are given). A local endpoint with nothing listening is reported at
+    once (exit code 1), as `status` reports a missing control socket.
+    """
     from jizhi.client import split_endpoints
     out = {}
     for one in split_endpoints(endpoint):
+        _exit_if_not_running([one])
         with _client(one, timeout_s) as c:
             try:
                 out[one] = c.info()
             except TimeoutError as e:
                 _unreachable(one, e)
-    click.echo(json.dumps(out if len(out) > 1 else out[one], indent=2, default=str))
+    if as_json:
+        click.echo(json.dumps(out if len(out) > 1 else out[one], indent=2, default=str))
+        return
+    click.echo("\n\n".join("\n".join(_info_lines(e, x)) for e, x in out.items()))
+
+
+def _info_lines(endpoint, info):
+    """``info`` for people: one block per endpoint."""
+    def plural(n, word):
+        return f"{n} {word}{'' if n == 1 else 's'}"
+    up = f"up {info['uptime_s']}s" if info.get("uptime_s") is not None else ""
+    broker = (f" (broker pid {info.get('pid')}, up {info['broker_uptime_s']}s)"
+              if info.get("broker_uptime_s") is not None else f" (broker pid {info.get('pid')})")
+    lines = [f"jizhid {('instance ' + info['instance'] + ' ') if info.get('instance') else ''}at "
+             f"{info.get('frontend', endpoint)}: {'ready' if info.get('ready') else 'not ready'}"
+             f"{', draining' if info.get('draining') else ''}, {up}{broker}, run {info.get('run_id', '-')}"]
+    errors = ", ".join(f"{k} {v}" for k, v in (info.get("errors") or {}).items()) or "none"
+    fb = info.get("feedback") or {}
+    lines.append(f"answered {info.get('answered', 0):,}  errors {errors}  malformed {info.get('malformed', 0)}  "
+                 f"feedback {fb.get('events', 0):,} (dropped, overlay full: {fb.get('dropped_overlay_full', 0)})")
+    cl = info.get("clients") or {}
+    if cl:
+        lines.append(f"clients: {cl.get('connections', 0)} connected of {cl.get('limit', '-')}, "
+                     f"{cl.get('refused', 0)} refused")
+    lim = info.get("limits") or {}
+    if lim:
+        lines.append("limits: " + ", ".join(
+            f"{k} {v / 1024:g} KiB" if k == "max_message_bytes" else f"{k} {v:g}" if isinstance(v, float)
+            else f"{k} {v}" for k, v in lim.items()))
+    for pname, p in (info.get("pipelines") or {}).items():
+        rq = p.get("requests") or {}
+        default = " (default)" if pname == info.get("default_pipeline") else ""
+        serving = ", ".join(f"{m} {v}" for m, v in (p.get("model_versions") or {}).items()) or "none"
+        lines.append(f"pipeline {pname}{default}: {'ready' if p.get('ready') else 'not ready'}, serving {serving}; "
+                     f"{p.get('in_flight', 0)} in flight of {p.get('slots', '-')} slots; {rq.get('ok', 0):,} ok "
+                     f"({rq.get('ok_per_s', 0)}/s), invalid scores {p.get('invalid_scores', 0)}")
+        for v, x in (p.get("versions") or {}).items():
+            models = ", ".join(f"{m} {n}" for m, n in (x.get("models") or {}).items())
+            lines.append(f"  version {v} ({models}): {x.get('state')}, {plural(x.get('workers', 0), 'worker')}, "
+                         f"{x.get('in_flight', 0)} in flight")
+        for g, gs in (p.get("groups") or {}).items():
+            stages = " > ".join(gs.get("stages") or []) or "(no worker: A/B dispatch)"
+            lines.append(f"  group {g}: {plural(gs.get('workers', 0), 'worker')}, queue {gs.get('queue', 0)}, "
+                         f"{gs.get('events_per_s', 0)} events/s; {stages}")
+    return lines
 
 
 @cli.command()
@@ -188,7 +324,7 @@ def info(endpoint, timeout_s):
 @click.option("--index", default=0, show_default=True, help="Which trace request.")
 @click.option("--random", "random_n", type=int, default=0,
               help="Draw this many candidates from --bundle's items (with the bundle's first user unless --user).")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="Bundle version dir for --random.")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="Bundle version directory for --random (a model directory: its newest version).")
 @click.option("--top-k", default=10, show_default=True)
 @click.option("--all", "ret_all", is_flag=True, help="Return every candidate's score in request order.")
 @click.option("--deadline-ms", type=float, default=None)
@@ -199,13 +335,19 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
           timeout_s, as_json):
     """Send one score request; print the ranked items and per-stage timings."""
     import numpy as np
+    if trace or items_csv or random_n:      # (a usage error is said first; a stopped daemon before any loading)
+        _exit_if_not_running([e.strip() for e in endpoint.split(",") if e.strip()])
     recall = None
     if trace:
-        t = np.load(trace, allow_pickle=False)
-        a, b = int(t["offsets"][index]), int(t["offsets"][index + 1])
-        items = t["items"][a:b]
-        recall = t["recall_scores"][a:b]
-        user = int(t["users"][index]) if user is None else user
+        from jizhi.bench import Trace
+        t = Trace(trace)
+        if not 0 <= index < len(t):
+            raise click.BadParameter(f"{index} is not a request of {trace} (it has {len(t)}: 0 .. {len(t) - 1})",
+                                     param_hint="--index")
+        a, b = int(t.offsets[index]), int(t.offsets[index + 1])
+        items = t.items[a:b]
+        recall = t.recall[a:b]
+        user = int(t.users[index]) if user is None else user
     elif items_csv:
         try:
             items = np.array([int(x) for x in items_csv.split(",") if x.strip()], dtype=np.uint64)
@@ -214,7 +356,12 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
     elif random_n:
         if not bundle:
             raise click.UsageError("--random needs --bundle VERSION_DIR")
+        from jizhi.bench import resolve_bundle
+        bundle = resolve_bundle(bundle)     # a version directory, or a model directory: its newest version
         ids = np.load(f"{bundle}/profiles/items/ids.npy", mmap_mode="r")
+        if not 0 < random_n <= ids.shape[0]:
+            raise click.BadParameter(f"{random_n}: the bundle {bundle} has {ids.shape[0]} items to draw from",
+                                     param_hint="--random")
         items = np.random.default_rng().choice(np.asarray(ids), size=random_n, replace=False)
         if user is None:
             user = int(np.load(f"{bundle}/profiles/users/ids.npy", mmap_mode="r")[0])
@@ -356,7 +503,15 @@ def import_command(model, fields_path, out_dir, name, version, profiles_dir, use
 
 
 def main(argv=None):
-    return cli.main(args=argv, prog_name="jizhictl")
+    logs.setup("jizhictl", level=logging.WARNING)   # a library's warning is a log line, never a bare print
+    try:
+        return cli.main(args=argv, prog_name="jizhictl")
+    except (OSError, JizhiError) as e:
+        # An input that is not what the command needs (a file missing or unreadable, a bundle that is not
+        # one) found below the command's own checks: one line, exit 2, never a traceback.
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        click.echo(f"jizhictl: {where}{e.strerror if isinstance(e, OSError) and e.strerror else e}", err=True)
+        return 2
 
 
 # -- operating the daemon (control socket) -----------------------------------
@@ -431,7 +586,9 @@ def status(run_dir, instance, as_json):
 def _stats_table(info):
     lines = []
     lines.append(f"answered {info['answered']}  errors {info['errors'] or '{}'}  malformed {info['malformed']}  "
-                 f"draining {info['draining']}  up {info['uptime_s']}s")
+                 f"draining {info['draining']}  up {info['uptime_s']}s"
+                 + (f" (broker up {info['broker_uptime_s']}s)" if info.get("broker_uptime_s") is not None
+                    and abs(info["broker_uptime_s"] - info["uptime_s"]) >= 1 else ""))
     lines.append(f"{'pipeline':<26} {'in flight':>9} {'ok/s':>7} {'pairs/s':>9} {'p50':>9} {'p99':>9} {'p99.9':>9} "
                  f"{'invalid':>9}")
     for pname, p in info["pipelines"].items():
@@ -516,16 +673,18 @@ def stats(run_dir, instance, as_json):
                          if x))
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})    # N = -1 is a value (refused), not an option
 @_run_dir_option
 @click.argument("group")
-@click.argument("n", type=int)
+@click.argument("n", type=click.IntRange(min=1))
 @click.option("--pipeline", default=None, help="Pipeline (default: the server's default pipeline).")
 def scale(run_dir, instance, group, n, pipeline):
     """Set the pool size of GROUP (a stage, or a fused group) to N worker processes.
 
     Scaling down retires workers without dropping a request: the broker sends
-    them nothing new and stops them once they hold nothing.
+    them nothing new and stops them once they hold nothing. The size is kept
+    across `jizhictl reload` (and SIGHUP) unless the config's value for that
+    pool changes; a restart of jizhid starts from the config.
     """
     r = _control(run_dir, instance, "scale", {"group": group, "n": n, "pipeline": pipeline})
     click.echo(f"{r['pipeline']}/{r['group']}: {r['before']} -> {r['after']} workers")
@@ -550,15 +709,27 @@ def resume(run_dir, instance):
 @cli.command()
 @_run_dir_option
 @click.argument("model", required=False)
-def reload(run_dir, instance, model):
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON (with every pool's size, config, set_by).")
+def reload(run_dir, instance, model, as_json):
     """Rescan the model directory now (only MODEL's, if named) and re-read the config and pipelines (like SIGHUP).
 
     A new model version is noticed by the watcher within
     models.poll_interval_s anyway; this also retries versions refused for the
     memory budget. An invalid config is refused; the running one stays.
+
+    A pool resized at run time (`jizhictl scale`, the autoscaler) keeps its
+    size unless the config's value for that pool changed (then the config
+    wins); each such pool is named with what happened to it, e.g.
+    `kept: demo/scorer pool=3 (kept from jizhictl scale; the config says 2)` or
+    `applied: demo/scorer pool=4 (config changed 2 -> 4; runtime scale 3 dropped)`.
     """
     r = _control(run_dir, instance, "reload", {"model": model} if model else None)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
     click.echo(f"applied: {', '.join(r['applied']) or 'nothing'}")
+    if r.get("kept"):
+        click.echo(f"kept: {', '.join(r['kept'])}")
     if r.get("new_versions"):
         click.echo(f"new model versions: {', '.join(r['new_versions'])}")
     if r["needs_restart"]:
@@ -579,12 +750,15 @@ def models(run_dir, instance, model, as_json):
 
     Timeline (ms): detect = rename to noticed; validate = the validation child;
     start = process start of its slowest worker; load = its stages' setup;
-    warm = replaying recorded requests; total = rename to serving.
+    warm = replaying recorded requests; total = rename to serving. A version
+    served since jizhid started has one too: validate = the start's check of
+    its files (sizes, sha256); warm = its workers' warm-up batch; total =
+    jizhid's start to ready.
     """
     r = _control(run_dir, instance, "models")
     if model is not None:
         if model not in r:
-            raise click.ClickException(f"no model {model!r} is served (served: {', '.join(r)})")
+            raise _refused(f"no model {model!r} is served (served: {', '.join(r)})")
         r = {model: r[model]}
     if as_json:
         click.echo(json.dumps(r, indent=2))
@@ -686,25 +860,91 @@ def record(run_dir, instance, duration, out, pipeline):
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--count", default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
 def top(run_dir, instance, interval, count):
-    """A live view of the per-stage figures, refreshed every --interval seconds."""
+    """A live view of the per-stage figures, refreshed every --interval seconds. q (or Ctrl-C) quits."""
     import time
     i = 0
     try:
-        while True:
-            info = _control(run_dir, instance, "stats")
-            click.clear() if sys.stdout.isatty() else None
-            click.echo(time.strftime("%H:%M:%S ") + _stats_table(info))
-            click.echo(_breakdown(info))
-            click.echo(_storage_lines(info))
-            shed_lines = _shed_info_lines(info)
-            if shed_lines:
-                click.echo(shed_lines)
-            i += 1
-            if count and i >= count:
-                break
-            time.sleep(interval)
+        with _Keys() as keys:
+            while True:
+                info = _control(run_dir, instance, "stats")
+                click.clear() if sys.stdout.isatty() else None
+                click.echo(time.strftime("%H:%M:%S ") + _stats_table(info))
+                click.echo(_breakdown(info))
+                click.echo(_storage_lines(info))
+                shed_lines = _shed_info_lines(info)
+                if shed_lines:
+                    click.echo(shed_lines)
+                if keys.tty:
+                    click.echo("(q quits)")
+                i += 1
+                if count and i >= count:
+                    break
+                if keys.wait_for_quit(interval):
+                    break
     except KeyboardInterrupt:
         pass
+
+
+class _Keys:
+    """Single key presses from a terminal on stdin, without blocking (``top``'s q): the terminal is put in
+    cbreak mode (keys arrive unbuffered and unechoed; Ctrl-C still interrupts) and restored on exit.
+    When stdin is not a terminal, waiting is a plain sleep."""
+
+    def __init__(self):
+        self.fd, self.saved = None, None
+        try:
+            if sys.stdin is not None and sys.stdin.isatty():
+                self.fd = sys.stdin.fileno()
+        except (OSError, ValueError):
+            self.fd = None
+
+    @property
+    def tty(self):
+        return self.saved is not None
+
+    def __enter__(self):
+        if self.fd is not None:
+            import termios
+            import tty
+            try:
+                self.saved = termios.tcgetattr(self.fd)
+                tty.setcbreak(self.fd)
+            except termios.error:
+                self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            import termios
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            except termios.error:
+                pass
+
+    def wait_for_quit(self, seconds):
+        """Wait up to ``seconds``; True as soon as q (or Q) is pressed."""
+        import select
+        import time
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            if not self.tty:
+                time.sleep(left)
+                continue
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    data = os.read(self.fd, 64)
+                except OSError:
+                    data = b""
+                if not data:         # the terminal went away: keep refreshing, as without one
+                    self.__exit__()
+                    self.saved = None
+                    continue
+                if b"q" in data or b"Q" in data:
+                    return True
 
 
 def _shed_info_lines(info):
@@ -863,7 +1103,7 @@ def keys_init(directory, clients):
     allow = d / "clients"
     allow.mkdir(parents=True, exist_ok=True)
     if (d / "server.key_secret").exists():
-        raise click.ClickException(f"{d / 'server.key_secret'} exists; not overwriting keys")
+        raise _refused(f"{d / 'server.key_secret'} exists; not overwriting keys")
     old = os.umask(0o077)
     try:
         zmq.auth.create_certificates(str(d), "server")

@@ -94,7 +94,11 @@ SETTINGS = [
     Setting("workers.max_events", int, 0, _nonneg,
             "A worker that has served this many events is replaced gracefully (0: never)."),
     Setting("metrics.listen", str, "127.0.0.1:9464", lambda v: None if v == "" or (":" in v and v.rsplit(":", 1)[1].isdigit()) else "HOST:PORT, or empty to disable",
-            "Prometheus endpoint (HOST:PORT; loopback by default; empty disables it)."),
+            "Prometheus endpoint (HOST:PORT; loopback by default; empty disables it). Also serves the health "
+            "probes /livez and /readyz (README, \"Health probes\")."),
+    Setting("metrics.livez_stall_s", float, 30.0, _positive,
+            "/livez answers 503 once the supervisor's loop has not run for this long (it runs about 10 times a "
+            "second; systemd's WatchdogSec in etc/systemd is the same bound)."),
     Setting("security.curve_server_secret", str, "", _any,
             "CURVE: the frontend's secret key file (jizhictl keys init writes one). Empty: no encryption, no authentication."),
     Setting("security.curve_clients_dir", str, "", _any,

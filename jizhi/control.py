@@ -114,8 +114,9 @@ class Scale(Command):
 
     def validate(self, args):
         n = args.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ControlError("the pool size must be a non-negative integer")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ControlError("the pool size must be an integer >= 1 (a group without a worker would hold its "
+                               "requests until their deadline; `jizhictl drain` stops admitting)")
         return args
 
     def execute(self, sup, args):
@@ -123,7 +124,8 @@ class Scale(Command):
         if args["n"] > sup.settings["workers.max_pool"]:
             raise ControlError(f"the pool size must be at most workers.max_pool = {sup.settings['workers.max_pool']}")
         before = sup.desired[(pipeline, group)]
-        sup.set_pool(pipeline, group, args["n"])
+        from jizhi.supervisor import SCALE
+        sup.set_pool(pipeline, group, args["n"], source=SCALE)     # kept across a reload: Supervisor.reload_pool
         return {"pipeline": pipeline, "group": group, "before": before, "after": args["n"]}
 
 
@@ -149,7 +151,9 @@ class Reload(Command):
     """Re-read the config and pipelines and rescan the model directory now (the same code path as SIGHUP).
 
     An invalid config is refused and the running one kept. Versions refused for
-    the memory budget are tried again.
+    the memory budget are tried again. A pool size set at run time (scale, the
+    autoscaler) is kept unless the config's value for that pool changed; the
+    reply says which (``applied``, ``kept``, ``pools``).
     """
     name = "reload"
 

@@ -1385,6 +1385,11 @@ def import_model(model_path, fields_path, out_dir, *, name=None, version=1, user
     os.makedirs(parent, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.import-", dir=parent)
     try:
+        # mkdtemp makes it 0700: give it the mode of every other directory of the model directory (0777 less
+        # the umask, 0755 usually), or a jizhid running as another user could not read the version.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o777 & ~umask)
         onnx_path = os.path.join(partial, "dense.onnx")
         if graph.ByteSize() < 2 ** 31 - 1:
             onnx.save(graph, onnx_path)

@@ -8,10 +8,27 @@ sizes; refreshed by the supervisor loop about once a second, never from the
 HTTP thread, which must not touch the loop's sockets), and /proc (RSS per
 process). Latencies are *histograms* (they aggregate across nodes), with
 buckets from 50 us to 100 ms.
+
+The same listener answers the health probes (a WSGI app around prometheus_client's
+``make_wsgi_app``, served like its ``start_wsgi_server`` but with paths):
+
+* ``/metrics``: the Prometheus text;
+* ``/livez``: 200 while the supervisor's loop runs (it stamps ``loop_beat`` every turn,
+  about 10 times a second), 503 once it has not for ``metrics.livez_stall_s``;
+* ``/readyz``: 200 only when every pipeline serves a version with every pool at its
+  desired size, no child is failing to start and jizhid is neither draining nor
+  stopping; 503 otherwise, the reason in one line;
+* anything else: 404.
 """
 import collections
 import logging
+import socket
+import threading
+import time
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
@@ -118,16 +135,123 @@ class Collector:
         yield states
 
 
+INFO_STALE_S = 5.0     # the broker's figures are asked for every second: older ones mean it does not answer
+
+
+def livez(sup):
+    """(alive, one line): the supervisor's loop has turned within ``metrics.livez_stall_s``."""
+    bound = sup.settings["metrics.livez_stall_s"]
+    beat = getattr(sup, "loop_beat", None)
+    if beat is None:
+        return False, "the supervisor loop has not started"
+    age = time.monotonic() - beat
+    if age > bound:
+        return False, f"the supervisor loop has not run for {age:.1f} s (metrics.livez_stall_s = {bound:g})"
+    return True, f"alive: the supervisor loop ran {age:.2f} s ago"
+
+
+def readyz(sup, state=None):
+    """(ready, one line): what a load balancer needs; stricter than ``readiness`` (every pool full).
+
+    ``state`` (the app's dict) remembers whether it was ever ready: a reason is "starting: ..."
+    before that and "degraded: ..." after.
+    """
+    state = {} if state is None else state
+    phase = "degraded: " if state.get("was_ready") else "starting: "
+    if sup.stopping:
+        return False, "stopping: draining in-flight requests, admitting nothing new"
+    info = sup.last_broker_info
+    if info is None:
+        return False, "starting: the broker has not answered yet"
+    age = time.monotonic() - getattr(sup, "last_broker_info_at", 0.0)
+    if age > INFO_STALE_S:
+        return False, f"{phase}the broker has not answered for {age:.1f} s"
+    if info.get("draining"):
+        return False, "draining: admitting nothing new (jizhictl resume admits again)"
+    ready, why = sup.readiness(info)
+    if not ready:
+        return False, phase + why
+    pipes = info.get("pipelines", {})
+    short = []
+    for (pname, g), n in sorted(list(sup.desired.items())):
+        p = pipes.get(pname)
+        if p is None or p.get("version") is None:
+            return False, f"{phase}pipeline {pname} serves no version"
+        have = (p.get("groups", {}).get(g) or {}).get("workers", 0)
+        if have < n:
+            short.append(f"{pname}/{g} has {have} of {n} workers")
+    for pname, p in pipes.items():
+        # Per group the broker counts every loaded version's workers: check the serving version's own total.
+        want = sum(n for (pn, _), n in list(sup.desired.items()) if pn == pname)
+        have = (p.get("versions", {}).get(str(p.get("version"))) or {}).get("workers", want)
+        if have < want and not any(s.startswith(f"{pname}/") for s in short):
+            short.append(f"{pname} version {p['version']} has {have} of {want} workers")
+    if short:
+        return False, phase + "pool not full: " + "; ".join(short)
+    state["was_ready"] = True
+    return True, "ready: " + ", ".join(f"{pname} version {p['version']}" for pname, p in pipes.items())
+
+
+def make_app(sup, registry):
+    """The listener's WSGI app: /metrics, /livez, /readyz; 404 elsewhere."""
+    metrics_app = make_wsgi_app(registry)
+    state = {}
+    probes = {"/livez": livez, "/readyz": lambda sup: readyz(sup, state)}
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path in probes and method not in ("GET", "HEAD"):
+            status, text = "405 Method Not Allowed", f"{method}: use GET or HEAD"
+        elif path in probes:
+            try:
+                ok, text = probes[path](sup)
+            except Exception as e:    # read while the loop changes things: say so, never a 500 page
+                log.exception("%s failed", path)
+                ok, text = False, f"{path} failed: {type(e).__name__}: {e}"
+            status = "200 OK" if ok else "503 Service Unavailable"
+        else:
+            status, text = "404 Not Found", f"no such path {path!r}: /metrics, /livez or /readyz"
+        body = (text + "\n").encode()
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+                                ("Cache-Control", "no-store")])
+        return [b""] if method == "HEAD" else [body]
+
+    return app
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True     # a slow scraper never holds the stop
+
+    def shutdown(self):
+        super().shutdown()
+        self.server_close()   # refused from now on, not left waiting in the backlog
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):
+        pass                  # probes every few seconds: not one log line each
+
+
 def serve(sup, listen):
     """Start the endpoint in a daemon thread; returns the server or None (logged) on failure."""
-    from prometheus_client import start_http_server
     host, _, port = listen.rpartition(":")
+    host = (host or "127.0.0.1").strip("[]")
     registry = CollectorRegistry()
     registry.register(Collector(sup))
     try:
-        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+        family, _, _, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+
+        class Server(_Server):
+            address_family = family   # an IPv6 address needs an AF_INET6 socket
+
+        server = make_server(addr[0], int(port), make_app(sup, registry), Server, handler_class=_QuietHandler)
     except OSError as e:
         log.error("metrics endpoint %s not started: %s (set metrics.listen, or empty to disable)", listen, e)
         return None
-    log.info("metrics on http://%s/metrics", listen)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics on http://%s/metrics, health probes on /livez and /readyz", listen)
     return server

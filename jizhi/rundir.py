@@ -75,14 +75,63 @@ def _unsafe_above(path, euid):
 def prepare(path):
     """Create the run directory (mode 0700), or check an existing one; raises RunDirError with the reason."""
     path = Path(path)
-    euid = os.geteuid()
-    where = f"run directory {path}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
             pass
+    except OSError as e:
+        raise RunDirError(f"run directory {path}: {e.strerror} ({e.filename or path})") from None
+    return _accept(path)
+
+
+# The unix sockets jizhid binds in the run directory (the longest name counts: a socket path holds 107 bytes).
+SOCKET_NAMES = ("backend.ipc", "control.ipc")
+SUN_PATH_MAX = 107
+
+
+def check(path):
+    """What ``prepare`` would refuse, creating nothing (``jizhid --check-config``): raises RunDirError with
+    the reason; a directory that does not exist yet is judged by the nearest one above it that does."""
+    path = Path(path)
+    if os.path.lexists(path):
+        _accept(path)
+        return
+    euid = os.geteuid()
+    where = f"run directory {path}"
+    above = Path(os.path.abspath(path)).parent
+    while not os.path.lexists(above):
+        above = above.parent
+    try:
+        why = _unsafe_above(above, euid)
+        st = os.stat(above)
+    except OSError as e:
+        raise RunDirError(f"{where}: {e.strerror} ({e.filename or above})") from None
+    if not why and st.st_uid not in (0, euid):
+        why = f"{above} above it belongs to {_who(st.st_uid)}"
+    if not why and _writable_by_others(st) and not st.st_mode & stat.S_ISVTX:
+        why = f"{above} above it is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}, not sticky)"
+    if why:
+        raise RunDirError(f"{where}: {why} (another user could replace what jizhid writes there; "
+                          "choose a run directory only this user and root can write, e.g. --run-dir)")
+    if not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK):
+        raise RunDirError(f"{where}: cannot be created: {above} is not a directory this user may write")
+    _socket_paths(path)
+
+
+def _socket_paths(path):
+    longest = len(os.fsencode(os.path.join(path, max(SOCKET_NAMES, key=len))))     # as the sockets name it
+    if longest > SUN_PATH_MAX:
+        raise RunDirError(f"run directory {path}: its socket paths would be {longest} bytes, over the "
+                          f"{SUN_PATH_MAX} a unix socket allows; choose a shorter --run-dir")
+
+
+def _accept(path):
+    """The checks of an existing run directory; returns its real path."""
+    euid = os.geteuid()
+    where = f"run directory {path}"
+    try:
         real = Path(os.path.realpath(path))
         why = _unsafe_above(path, euid) or _unsafe_above(real, euid)
         if why:
@@ -99,6 +148,7 @@ def prepare(path):
     if _writable_by_others(st):
         raise RunDirError(f"{where}: group or others may write it (mode {stat.S_IMODE(st.st_mode):04o}); "
                           "another user could replace its files: chmod go-w it, or choose another --run-dir")
+    _socket_paths(path)
     return real
 
 
@@ -182,6 +232,13 @@ def instance_holder(instance, exclude=None):
         if len(fields) >= 8 and fields[7].startswith("@" + ABSTRACT_PREFIX) and \
                 fields[7][1 + len(ABSTRACT_PREFIX):].split(".")[0] == instance and int(fields[6]) != exclude:
             inodes.add(f"socket:[{fields[6]}]")
+    return socket_holder(inodes, same_user=True)
+
+
+def socket_holder(inodes, same_user=False):
+    """The pid of a process holding one of the sockets ``inodes`` ({"socket:[N]"}), or None: a scan of
+    /proc/*/fd. The kernel lets a user read only its own processes' descriptors (root all of them);
+    ``same_user`` also skips, as root, every process of another user."""
     if not inodes:
         return None
     euid = os.geteuid()
@@ -189,7 +246,7 @@ def instance_holder(instance, exclude=None):
         if not d.isdigit():
             continue
         try:
-            if os.stat(f"/proc/{d}").st_uid != euid:
+            if same_user and os.stat(f"/proc/{d}").st_uid != euid:
                 continue
             fds = os.listdir(f"/proc/{d}/fd")
         except OSError:

@@ -44,6 +44,7 @@ EXIT_MEANING = {EXIT_BOOT_FAILURE: "boot failure", EXIT_MODEL_LOAD_FAILURE: "mod
                 EXIT_STALE_RUN: "its segments were unlinked under it (another run of this instance?)",
                 EXIT_BIND_FAILURE: "cannot bind its address: in use by another process (the broker's log says which)"}
 YOUNG_S = 5.0        # a child that dies younger than this backs off before restart
+SCALE, AUTOSCALER = "jizhictl scale", "the autoscaler"    # who set a pool's size at run time
 MAX_BACKOFF_S = 10.0
 RESTART_BUDGET = 5   # quick deaths in a row before a child is reported degraded
 
@@ -87,6 +88,8 @@ class Supervisor:
         self.overrides = overrides or {}
         self.t_start = time.monotonic()
         self.desired = {}
+        self.config_pools = {}          # (pipeline, group) -> the pool the config says (at start, or the last reload)
+        self.pool_source = {}           # (pipeline, group) -> who set a size other than the config's, at run time
         self.models_of = {}             # pipeline -> its models (the pipeline's own first, then heads)
         self.generations = {}           # pipeline -> the last version-set label of a multi-model pipeline
         self.last_broker_info = None
@@ -106,8 +109,8 @@ class Supervisor:
 
     # -- start --------------------------------------------------------------
 
-    def prepare(self):
-        """Everything that can fail before a child starts: compile, verify, allocate."""
+    def read_pipelines(self):
+        """The pipeline files, read, and the version policy of every model they name: (docs, policies)."""
         docs, policies = [], {}
         for p in self.pipeline_names:
             doc = read_pipeline(p)
@@ -118,6 +121,14 @@ class Supervisor:
                                         "two pipelines")
                 policies[model] = pinned
             docs.append(doc)
+        return docs, policies
+
+    def resolve(self):
+        """What a start resolves before it touches anything, shared with ``jizhid --check-config``: the
+        pipelines read, the model directory scanned, each model's boot version chosen and verified (sizes,
+        sha256), every pipeline compiled against them. Returns {pipeline: plan}; raises PipelineError or
+        BundleError naming the problem. Writes nothing."""
+        docs, policies = self.read_pipelines()
         if not Path(self.models_dir).is_dir():
             raise BundleError(f"the model directory {self.models_dir} does not exist")
         self.registry = Registry(self.models_dir, self.settings, policies)
@@ -135,6 +146,19 @@ class Supervisor:
                 if group["pool"] > self.settings["workers.max_pool"]:
                     raise PipelineError(f"pipeline {plan['name']}: group {g!r} pool {group['pool']} is over "
                                         f"workers.max_pool = {self.settings['workers.max_pool']}")
+        return plans
+
+    def check_shm(self, plans):
+        """Raises ShmFull when /dev/shm cannot hold the arenas of ``plans`` twice (a reload loads beside)."""
+        need = sum(arenas_bytes(self.settings, plan) for plan in plans.values())
+        if 2 * need > arena.free_bytes():
+            raise ShmFull(arena.full_message("the arenas, twice over (a model reload loads beside the serving "
+                                             "version)", 2 * need))
+        return need
+
+    def prepare(self):
+        """Everything that can fail before a child starts: compile, verify, allocate."""
+        plans = self.resolve()
         rundir.prepare(self.run_dir)    # created 0700, or refused when another user could replace it
         self.take_instance_lock()
         # Holding the lock, every process still marked with our instance belongs to an ended run
@@ -145,10 +169,7 @@ class Supervisor:
         if stale:
             log.warning("removed %d shared-memory segments left by a previous run of instance %s",
                         len(stale), self.instance)
-        need = sum(arenas_bytes(self.settings, plan) for plan in plans.values())
-        if 2 * need > arena.free_bytes():
-            raise ShmFull(arena.full_message("the arenas, twice over (a model reload loads beside the serving "
-                                             "version)", 2 * need))
+        need = self.check_shm(plans)
         self.loaded = {name: {} for name in plans}     # pipeline -> {bank: Loader}
         for name, plan in plans.items():
             records = {m: self.registry.records[m][v] for m, v in plan["versions"].items()}
@@ -192,7 +213,8 @@ class Supervisor:
                     "frontend": self.settings["server.frontend"], "backend": self.backend,
                     "pipelines": plans, "overlay": self.overlay, "stats": self.stats_spec, "qcache": self.qcache,
                     "shed": {p: {"control": s["segment"], "policy": s["policy_path"]} for p, s in self.shed.items()},
-                    "default_pipeline": next(iter(plans))}
+                    "default_pipeline": next(iter(plans)),
+                    "started_monotonic": self.t_start}     # jizhid's uptime, the one every reply states
         self.plan_path = self.run_dir / "plan.msgpack"
         self.write_run()
         for name, plan in plans.items():
@@ -203,7 +225,7 @@ class Supervisor:
         self.children[("broker",)] = Child(("broker",), lifeline.child_argv("jizhi.broker", "--plan", self.plan_path))
         for name, plan in plans.items():
             for g, group in plan["groups"].items():
-                self.desired[(name, g)] = group["pool"]
+                self.desired[(name, g)] = self.config_pools[(name, g)] = group["pool"]
 
     def create_qcache(self, plans):
         """The query cache segment, when a pipeline has a query_cache stage: one region per ranker wid."""
@@ -289,7 +311,7 @@ class Supervisor:
                 log.info("autoscale %s: %s: %s", name, why,
                          ", ".join(f"{g} {pools[g]} -> {n}" for g, n in changes.items()))
                 for g, n in sorted(changes.items(), key=lambda x: x[1] - pools[x[0]]):   # retire first
-                    self.set_pool(name, g, n)
+                    self.set_pool(name, g, n, source=AUTOSCALER)
         if now < getattr(self, "next_shed", 0.0):
             return
         self.next_shed = now + self.settings["shed.period_s"] - 0.01
@@ -346,6 +368,7 @@ class Supervisor:
                                   + (f" (rejected: {bad})" if bad else "")
                                   + (f" (policy: {' '.join(map(str, self.registry.policy(model)[:2]))})"))
             rec = self.registry.records[model][v]
+            t0 = time.monotonic()
             try:
                 b = Bundle(rec.path)
                 if (b.name, b.version) != (model, v):
@@ -354,6 +377,7 @@ class Supervisor:
             except BundleError as e:
                 self.registry.reject(rec, str(e))
                 continue
+            rec.timings_ms["validation"] = round((time.monotonic() - t0) * 1000, 1)   # (the start's check)
             rec.to(State.VALID)
             log.info("bundle verified: %s", rec.path)
             return v
@@ -483,10 +507,12 @@ class Supervisor:
         watchdog_s = notify.watchdog_interval_s()
         notify.notify("STATUS=starting workers")
         self.metrics_server = None
+        self.loop_beat = time.monotonic()   # /livez: stamped every turn of the loop (and of the stop's drain)
         if self.settings["metrics.listen"]:
             from jizhi import metrics
             self.metrics_server = metrics.serve(self, self.settings["metrics.listen"])
         while not self.stopping:
+            self.loop_beat = time.monotonic()
             while self.signals:
                 sig = self.signals.pop(0)
                 getattr(self, "handle_" + signal.Signals(sig).name.lower())()
@@ -527,10 +553,29 @@ class Supervisor:
             self.on_load(msg["load"])
         if msg.get("t") == protocol.T_INFO:
             self.last_broker_info = msg["info"]
+            self.last_broker_info_at = time.monotonic()     # /readyz: figures older than a few s are stale
         if msg.get("t") == protocol.T_INFO and not self.ready_logged and self.readiness(msg["info"])[0]:
             self.ready_logged = True
+            self.boot_timeline(msg["info"])
             log.info("ready: serving %s on %s", ", ".join(self.run["pipelines"]), self.run["frontend"])
             notify.notify("READY=1", f"STATUS=serving {', '.join(self.run['pipelines'])} on {self.run['frontend']}")
+
+    def boot_timeline(self, info):
+        """At ready, the versions served since the start get their load timeline, as a reloaded one does
+        in ``activate``: validation (the start's check of the bundle: sizes, sha256), the slowest worker's
+        process start, stage setup and warm-up batch (from the broker), and total: jizhid's start to ready."""
+        now_wall, total = time.time(), round((time.monotonic() - self.t_start) * 1000, 1)
+        for name, banks in self.loaded.items():
+            for ld in banks.values():
+                if ld.state != "active":
+                    continue
+                v = ((info.get("pipelines") or {}).get(name) or {}).get("versions", {}).get(str(ld.version)) or {}
+                boot = v.get("boot") or {}
+                for rec in ld.records.values():
+                    if "total" not in rec.timings_ms:
+                        rec.timings_ms.update(start=boot.get("start_ms"), load=boot.get("load_ms"),
+                                              warm_up=boot.get("warm_ms"), total=total)
+                        rec.loaded_wall = now_wall
 
     def on_control(self):
         try:
@@ -619,7 +664,9 @@ class Supervisor:
         info = self.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
         if info is None:
             raise control.ControlError("the broker did not answer (is it restarting?)")
-        return dict(info["info"], models=self.registry.summary(), cube=self.cube_figures())
+        # One uptime, jizhid's (the supervisor's start), as `status` says it; the broker's own age apart.
+        return dict(info["info"], uptime_s=round(time.monotonic() - self.t_start, 1),
+                    models=self.registry.summary(), cube=self.cube_figures())
 
     # -- cube figures: hot-tier hit ratio per pipeline ----------------------------
 
@@ -690,9 +737,16 @@ class Supervisor:
             raise control.ControlError("the broker did not answer (is it restarting?)")
         return reply
 
-    def set_pool(self, pipeline, group, n):
-        self.desired[(pipeline, group)] = n
-        log.info("pool %s/%s: desired size %d", pipeline, group, n)
+    def set_pool(self, pipeline, group, n, source=None):
+        """``source``: who sets a size at run time (SCALE, AUTOSCALER): remembered, and kept across a
+        reload unless the config's value for the pool changes; None: the config's value (a reload)."""
+        key = (pipeline, group)
+        self.desired[key] = n
+        if source is None or n == self.config_pools.get(key):
+            self.pool_source.pop(key, None)     # back at the config's size: nothing to keep
+        else:
+            self.pool_source[key] = source
+        log.info("pool %s/%s: desired size %d%s", pipeline, group, n, f" (set by {source})" if source else "")
 
     def set_draining(self, on):
         self.tell_broker(protocol.encode_simple(protocol.T_DRAIN if on else protocol.T_RESUME, reply=False))
@@ -729,15 +783,15 @@ class Supervisor:
         except (ConfigError, PipelineError, BundleError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             raise control.ControlError(f"the running configuration stays: {e}")
-        applied, needs_restart = [], []
+        applied, kept, needs_restart = [], [], []
         for name, plan in plans.items():
             if name not in self.run["pipelines"]:
                 needs_restart.append(f"pipeline {name} (new)")
                 continue
             for g, group in plan["groups"].items():
-                if (name, g) in self.desired and self.desired[(name, g)] != group["pool"]:
-                    self.set_pool(name, g, group["pool"])
-                    applied.append(f"{name}/{g} pool={group['pool']}")
+                if (name, g) in self.desired:
+                    what, note = self.reload_pool(name, g, group["pool"])
+                    (applied if what == "applied" else kept if what == "kept" else []).append(note)
             routes = {g: group["router"] for g, group in plan["groups"].items()
                       if group.get("router") and self.run["pipelines"][name]["groups"].get(g, {}).get("router")
                       not in (None, group["router"])}
@@ -745,13 +799,46 @@ class Supervisor:
                 self.set_routes(name, routes, docs[name])
                 applied += [f"{name}/{g} A/B fractions " + ", ".join(f"{x['name']}={x['fraction']:g}" for x in r["groups"])
                             for g, r in routes.items()]
+        for name, scaler in self.autoscalers.items():
+            if not self.settings["autoscale.budget"]:   # (0: the budget is the sum of the config's pools)
+                scaler.budget = sum(self.config_pools[(name, g)] for g in scaler.groups)
         for k, v in settings.items():
             if v != self.settings.get(k) and k != "server.run_dir":
                 needs_restart.append(k)
-        log.info("reload: applied %s; needs a restart to change: %s; new model versions: %s", applied or "nothing",
-                 needs_restart or "nothing", [f"{r.model} {r.version}" for r in new] or "none")
-        return {"applied": applied, "needs_restart": needs_restart,
-                "new_versions": [f"{r.model} {r.version}" for r in new]}
+        log.info("reload: applied %s; needs a restart to change: %s; new model versions: %s%s", applied or "nothing",
+                 needs_restart or "nothing", [f"{r.model} {r.version}" for r in new] or "none",
+                 f"; kept {kept}" if kept else "")
+        return {"applied": applied, "kept": kept, "needs_restart": needs_restart,
+                "new_versions": [f"{r.model} {r.version}" for r in new],
+                "pools": {f"{p}/{g}": {"size": n, "config": self.config_pools.get((p, g)),
+                                       "set_by": self.pool_source.get((p, g), "config")}
+                          for (p, g), n in self.desired.items()}}
+
+    def reload_pool(self, pipeline, group, config_n):
+        """A reload meets a pool whose config value is now ``config_n``: returns (what, note), what being
+        "applied", "kept" or None (nothing to say). A size set at run time (jizhictl scale, the
+        autoscaler) is kept while the config's value for the pool stays what it was; when that value
+        changed, the config wins and the runtime size is dropped."""
+        key = (pipeline, group)
+        before, size, source = self.config_pools.get(key), self.desired[key], self.pool_source.get(key)
+        self.config_pools[key] = config_n
+        name = f"{pipeline}/{group}"
+        if config_n == before:
+            if source is not None and size != config_n:
+                return "kept", f"{name} pool={size} (kept from {source}; the config says {config_n})"
+            if size != config_n:    # (no runtime size recorded: the config's value applies)
+                self.set_pool(pipeline, group, config_n)
+                return "applied", f"{name} pool={config_n}"
+            return None, None
+        runtime = "runtime scale" if source == SCALE else "autoscaled size"
+        if size == config_n:
+            if source is None:
+                return None, None
+            self.pool_source.pop(key, None)
+            return "applied", f"{name} pool={config_n} (config changed {before} -> {config_n}; the {runtime} already was {size})"
+        self.set_pool(pipeline, group, config_n)
+        return "applied", (f"{name} pool={config_n} (config changed {before} -> {config_n}; {runtime} {size} dropped)"
+                           if source else f"{name} pool={config_n}")
 
     def set_routes(self, pipeline, routes, doc):
         """New A/B fractions (``{router stage: config}``): the broker routes by them from now on; the
@@ -1212,6 +1299,7 @@ class Supervisor:
             self.tell_broker(protocol.encode_simple(protocol.T_DRAIN))
             end = time.monotonic() + self.settings["workers.drain_timeout_s"]
             while time.monotonic() < end:
+                self.loop_beat = time.monotonic()
                 if self.ctl.poll(50):
                     msg = protocol.unpackb(self.ctl.recv())
                     if msg.get("t") == protocol.T_DRAINED:

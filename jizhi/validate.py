@@ -461,6 +461,8 @@ def main(argv=None):
     parser.add_argument("--name", help="the model name the manifest must carry (the directory's parent's name)")
     parser.add_argument("--version", type=int, help="the version the manifest must carry (the directory's name)")
     args = parser.parse_args(argv)
+    from jizhi import logs
+    logs.setup("jizhi.validate")    # a warning (a cube's reader, say) is a log line in jizhid's log, not a bare print
     # Only the result goes to stdout: the supervisor parses its last line.
     with contextlib.redirect_stdout(sys.stderr):
         result = validate(args.version_dir, args.name, args.version)

@@ -45,6 +45,11 @@ READY_TIMEOUT_S = 90.0   # the first start on a machine compiles the Numba kerne
 STOP_TIMEOUT_S = 30.0    # drain bound (10 s) + child stop bound (5 s) + slack
 TRACE_REQUESTS = 24
 TRACE_CANDIDATES = 300
+# The session's demo bundle: smaller than jizhictl demo's (10,000 users, 100,000 items) so that what a
+# start or a reload does per item (validation's smoke scores every item, the hot tier holds the whole
+# cube, item tables) costs a fifth; the benchmarks use the full size (docs/benchmarks.md).
+DEMO_USERS = int(os.environ.get("JIZHI_TEST_DEMO_USERS", 2_000))
+DEMO_ITEMS = int(os.environ.get("JIZHI_TEST_DEMO_ITEMS", 20_000))
 
 DEMO_STAGES = (("reader", "data_reader"), ("features", "feature_processor"),
                ("cube", "cube_accessor"), ("dnn", "model_inference"), ("rank", "ranker"))
@@ -379,8 +384,14 @@ class Launcher:
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory):
-    """The full-size demo bundle's version directory (str)."""
-    return init_demo(tmp_path_factory.mktemp("demo"), progress=False)
+    """The session's demo bundle's version directory (str): DEMO_USERS users, DEMO_ITEMS items."""
+    return init_demo(tmp_path_factory.mktemp("demo"), users=DEMO_USERS, items=DEMO_ITEMS, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_cube_keys(reference):
+    """How many keys the demo bundle's cube holds (the whole cube fits the default hot tier)."""
+    return int(reference.cube_keys.shape[0])
 
 
 @pytest.fixture(scope="session")

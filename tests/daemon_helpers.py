@@ -304,3 +304,20 @@ def log_time(line):
 
 def log_lines(server, text):
     return [line for line in server.log_text().splitlines() if text in line]
+
+
+def held_request(server, trace, pipeline="sleepy"):
+    """A DEALER socket that sent trace request 0 to ``pipeline`` (a stage that holds it, tests/stages.py)
+    with a 60 s deadline, returned once the broker counts it in flight. The caller closes it."""
+    import zmq
+    from jizhi import protocol
+    user, items, recall = trace[0]
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(server.endpoint)
+    dealer.send_multipart([b""] + protocol.encode_request(
+        id="held", pipeline=pipeline, user=user, item_ids=items, recall_scores=recall, deadline_ms=60_000))
+    wait_until(lambda: server.info()["pipelines"][pipeline]["in_flight"] == 1, 10,
+               what=f"the request to be held by the {pipeline} stage")
+    return dealer
+

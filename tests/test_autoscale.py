@@ -2,6 +2,7 @@
 from conftest import wait_until, write_text
 from daemon_helpers import Load
 import numpy as np
+import pytest
 
 from jizhi.autoscale import Autoscaler
 from jizhi.broker import RING, GroupStats
@@ -98,6 +99,7 @@ def test_a_budget_with_room_grows_the_bottleneck_and_a_busy_donor_gives_nothing(
     assert full.update(1.0, figures({"front": 1.2e6, "back": 0.99e6}, pools), pools) == ({}, None)
 
 
+@pytest.mark.slow
 def test_the_daemon_moves_a_worker_to_the_slow_kind_and_keeps_serving(launch, demo_trace, tmp_path):
     # The ranker sleeps 30 ms a request: "back" is the bottleneck, "front" can spare a worker.
     text = (Pipeline("two", model="demo").front(next=["dnn"])

@@ -196,6 +196,7 @@ def test_build_from_parquet_without_pyarrow_names_the_extra_to_install(tmp_path)
     assert "reading Parquet needs pyarrow, which is not installed: pip install 'jizhi[parquet]'" in r.stderr
 
 
+@pytest.mark.slow
 def test_info_shows_the_hot_tier_of_the_daemon_serving_the_bundle(launch, demo_bundle, demo_trace):
     server = launch.start()
     with server.client() as c:

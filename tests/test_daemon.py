@@ -459,6 +459,7 @@ def test_the_prometheus_endpoint_has_stage_histograms_request_counts_queues_pool
     assert samples[("jizhi_model_versions", (("model", "demo"), ("state", "rejected")))] == 0
 
 
+@pytest.mark.slow
 def test_ten_reloads_and_three_scale_cycles_leave_the_supervisors_fds_threads_and_dev_shm_flat(ctl_server):
     server = ctl_server
     sup = server.proc.pid
@@ -487,15 +488,18 @@ def test_ten_reloads_and_three_scale_cycles_leave_the_supervisors_fds_threads_an
         assert jizhictl_ok("reload", run_dir=server.run_dir) == "applied: nothing\n"
     for _ in range(3):
         cycle()
+    def flat(r):   # a leak grows; one transient descriptor open at the baseline's instant may be gone now
+        return r["fds"] <= baseline["fds"] and {k: v for k, v in r.items() if k != "fds"} == \
+            {k: v for k, v in baseline.items() if k != "fds"}
     try:   # a closed jizhictl connection or a retired worker may take a moment to go
-        wait_until(lambda: resources() == baseline, 10, what="the supervisor's resources to settle")
+        wait_until(lambda: flat(resources()), 10, what="the supervisor's resources to settle")
     except AssertionError:
         pass   # the assertion below shows the difference
     after = resources()
     print(f"\nsupervisor: {baseline['fds']} fds, {baseline['threads']} threads, {len(baseline['shm'])} segments "
           f"before; {after['fds']} fds, {after['threads']} threads, {len(after['shm'])} segments after 10 reloads "
           f"and 3 scale cycles")
-    assert after == baseline
+    assert flat(after), (after, baseline)
 
 
 def test_jizhictl_against_a_stopped_daemon_exits_1_with_one_line_saying_what_to_check(tmp_path):
@@ -512,6 +516,7 @@ def test_jizhictl_against_a_stopped_daemon_exits_1_with_one_line_saying_what_to_
 # Graceful recycling
 
 
+@pytest.mark.slow
 def test_workers_are_recycled_after_max_events_without_failing_a_request(launch, demo_trace, trace_scores):
     server = launch.start(pipelines=["demo"], config_text='[metrics]\nlisten = ""\n\n[workers]\nmax_events = 20\n')
     first = server.workers("demo", "scorer")

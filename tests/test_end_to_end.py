@@ -79,7 +79,8 @@ def test_the_reply_names_the_model_version_counts_and_timings(client, demo_trace
 
 
 def test_the_item_table_is_built_and_unknown_items_are_computed_in_the_batch(server, client, demo_trace, reference):
-    assert "item_cache: 100000 items x 256 floats (top0.mm.pair.item) in 98 MiB" in server.log_text()
+    n = reference.profiles["item"]["ids"].shape[0]
+    assert f"item_cache: {n} items x 256 floats (top0.mm.pair.item) in {n * 256 * 4 / 2**20:.0f} MiB" in server.log_text()
     user, items, recall = demo_trace[8]
     where = np.random.default_rng(8).choice(items.shape[0], size=25, replace=False)
     items[where] = unknown_ids(reference, 25, seed=8)

@@ -8,10 +8,10 @@ import os
 import signal
 import time
 
-import zmq
+import pytest
 
 from conftest import assert_topk, wait_until, write_text
-from daemon_helpers import Load, assert_answered_in_time
+from daemon_helpers import Load, assert_answered_in_time, held_request
 from jizhi import protocol
 from jizhi.errors import RETRIABLE
 
@@ -110,18 +110,12 @@ sleep_s = 20
 """
 
 
+@pytest.mark.slow
 def test_a_request_still_held_at_the_drain_bound_is_answered_before_the_server_exits(launch, tmp_path, demo_trace):
     server = launch.start(pipelines=[write_text(tmp_path / "sleepy.toml", SLEEPY)],
                           config_text="[workers]\ndrain_timeout_s = 1.0\n")
-    user, items, recall = demo_trace[0]
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(server.endpoint)
+    dealer = held_request(server, demo_trace)
     try:
-        dealer.send_multipart([b""] + protocol.encode_request(
-            id="held", pipeline="sleepy", user=user, item_ids=items, recall_scores=recall, deadline_ms=60_000))
-        wait_until(lambda: server.info()["pipelines"]["sleepy"]["in_flight"] == 1, 10,
-                   what="the request to be held by the sleepy stage")
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0
         # The broker is gone: whatever it answered is already here.

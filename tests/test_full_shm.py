@@ -109,10 +109,13 @@ def launch_private(tmp_path_factory, demo_models, tmp_path):
     launcher.close()
 
 
+@pytest.mark.slow
 def test_a_dev_shm_filled_while_serving_never_kills_the_broker_and_a_refused_hot_tier_or_reload_says_why(
-        launch_private, demo_trace, trace_scores):
+        launch_private, demo_trace, trace_scores, demo_cube_keys):
+    from jizhi.cube.hot import capacity_for, table_bytes
     models = launch_private.models_dir
-    with private_shm("48m") as (holder, shm):
+    hot_bytes = table_bytes(capacity_for(demo_cube_keys), 32)     # the whole demo cube (dim 32)
+    with private_shm("40m") as (holder, shm):
         server = launch_private.start(wait_ready=False)
         inside(server, holder)
         probe = Client(server.endpoint, timeout_s=1.0)
@@ -126,7 +129,7 @@ def test_a_dev_shm_filled_while_serving_never_kills_the_broker_and_a_refused_hot
                       + SHM_FULL.format(what=rf"segment jizhi\.{server.instance}\.[0-9a-f]{{8}}\.demo\.v1\.hot\.g1")
                       + r" \(make /dev/shm larger.*\)\); it reads the LMDB cube only$", line)
         assert m, line
-        assert int(m.group(1)) == 35_651_776 and int(m.group(2)) < 35_651_776
+        assert int(m.group(1)) == hot_bytes and int(m.group(2)) < hot_bytes
         assert fill(shm) > 0 and free_bytes(shm) == 0
         broker = broker_pid(server)
         workers = set(server.workers())

@@ -166,6 +166,7 @@ def send_until_cut(peer, chunk, total, seconds):
 # Memory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frame_bytes", [250_000, 0], ids=["250KB-frames", "empty-frames"])
 def test_an_unfinished_1_gib_multipart_message_is_cut_off_with_the_broker_under_its_bound(
         guarded, warm_broker, demo_trace, trace_scores, frame_bytes):
@@ -185,6 +186,7 @@ def test_an_unfinished_1_gib_multipart_message_is_cut_off_with_the_broker_under_
     still_serves(guarded, demo_trace, trace_scores)
 
 
+@pytest.mark.slow
 def test_eight_connections_each_under_its_bound_are_cut_to_the_budget_of_all_connections(
         guarded, warm_broker, demo_trace, trace_scores):
     peers = [RawPeer(guarded.endpoint) for _ in range(8)]
@@ -210,6 +212,7 @@ def test_eight_connections_each_under_its_bound_are_cut_to_the_budget_of_all_con
     still_serves(guarded, demo_trace, trace_scores)
 
 
+@pytest.mark.slow
 def test_a_client_that_never_reads_its_replies_for_30_s_leaves_the_broker_under_its_bound(
         guarded, warm_broker, demo_trace, trace_scores):
     peer = RawPeer(guarded.endpoint)

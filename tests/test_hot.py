@@ -193,8 +193,9 @@ def launch_hot(tmp_path_factory, demo_models):
     launcher.close()
 
 
+@pytest.mark.slow
 def test_a_small_hot_tier_rebuilt_from_sampled_counts_under_load_keeps_scores_identical(
-        launch_hot, demo_trace, trace_scores, capsys):
+        launch_hot, demo_trace, trace_scores, demo_cube_keys, capsys):
     server = launch_hot.start(config_text="[cube]\nhot_tier_mb = 1\nhot_rebuild_s = 1.0\n")
     with Load(server.endpoint, demo_trace, pipeline="default", clients=2, rate=40, deadline_ms=5000) as load:
         wait_until(lambda: log_lines(server, "hot tier generation 3:"), 60, what="two rebuilds from sampled counts")
@@ -206,7 +207,7 @@ def test_a_small_hot_tier_rebuilt_from_sampled_counts_under_load_keeps_scores_id
         assert_topk(r["reply"], items, trace_scores[r["q"]], 10)
     stats = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["demo"]
     first = log_lines(server, "hot tier generation 1:")[0]
-    assert "of 117560 cube keys" in first and "(the most used)" in log_lines(server, "hot tier generation 2:")[0]
+    assert f"of {demo_cube_keys} cube keys" in first and "(the most used)" in log_lines(server, "hot tier generation 2:")[0]
     with capsys.disabled():
         print(f"\n1 MiB hot tier (rebuilt every 1 s): {stats['hot_hits']:,} of {stats['lookups']:,} lookups hit "
               f"({stats['hot_ratio']:.1%}); {len(records)} requests, scores identical to the reference")
@@ -215,10 +216,11 @@ def test_a_small_hot_tier_rebuilt_from_sampled_counts_under_load_keeps_scores_id
     assert 1 <= len(live) <= 2, live
 
 
+@pytest.mark.slow
 def test_the_default_hot_tier_holds_the_whole_demo_cube_and_a_killed_worker_leaves_nothing_behind(
-        launch_hot, demo_trace, trace_scores):
+        launch_hot, demo_trace, trace_scores, demo_cube_keys):
     server = launch_hot.start()
-    wait_until(lambda: log_lines(server, "hot tier generation 1: 117560 of 117560 cube keys"), 60,
+    wait_until(lambda: log_lines(server, f"hot tier generation 1: {demo_cube_keys} of {demo_cube_keys} cube keys"), 60,
                what="the hot tier")
     with server.client() as c:
         for q in range(4):

@@ -486,6 +486,25 @@ def test_given_profiles_are_copied_and_checked(tmp_path):
     assert sorted(os.listdir(third.parent)) == ["1", "2"]
 
 
+def test_an_imported_version_has_the_modes_of_the_model_directory_readable_by_another_user(tmp_path):
+    """Not mkdtemp's 0700: every directory 0777 less the umask, as os.makedirs made the model's own."""
+    model, fields, _layout = bag_mean_model(opset=17)
+    path = save(model, tmp_path / "src")
+    out = tmp_path / "models" / "bags" / "1"
+    old = os.umask(0o022)
+    try:
+        code, output = run_import(path, fields, out, "--name", "bags")
+    finally:
+        os.umask(old)
+    assert code == 0, output
+    modes = {p: p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert (out.parent.stat().st_mode & 0o777) == 0o755
+    assert {p: m for p, m in modes.items() if p.is_dir() and m != 0o755} == {}
+    # Every file readable by group and others (the service user), none writable by them.
+    assert {p: oct(m) for p, m in modes.items() if not p.is_dir() and (m & 0o044 != 0o044 or m & 0o022)} == {}
+    assert len([p for p in modes if not p.is_dir()]) >= 8
+
+
 # --- refusals --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant, words", [

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import assert_topk, demo_pipeline_text, write_text
+from conftest import DEMO_ITEMS, assert_topk, demo_pipeline_text, write_text
 from jizhi import demo, dlrm, itemside, structured
 from jizhi.workers.model_inference import session_options
 
@@ -159,4 +159,4 @@ def test_served_with_the_hot_tier_off_the_cube_stage_still_reads_the_cube_the_ta
         np.testing.assert_allclose(r.scores, trace_scores[q], rtol=0, atol=1e-5)
         r = client.score(user, items, recall, pipeline="itemcache", top_k=10, deadline_ms=30_000)
         assert_topk(r, items, trace_scores[q], 10)
-    assert "item_cache: 100000 items" in server.log_text()
+    assert f"item_cache: {DEMO_ITEMS} items" in server.log_text()

@@ -14,6 +14,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from conftest import REPO, assert_topk, wait_until
 from daemon_helpers import jizhictl, popen, score_ok, wait_ready
@@ -63,12 +64,13 @@ def kill_at_instants(server, instants, env, survivors, gone_s):
                 lifeline.end_leftovers(server.instance)
 
 
-def test_a_supervisor_sigkilled_at_20_instants_of_its_start_leaves_no_process_and_the_next_run_answers_right(
+@pytest.mark.slow
+def test_a_supervisor_sigkilled_at_12_instants_of_its_start_leaves_no_process_and_the_next_run_answers_right(
         launch, demo_trace, trace_scores):
     # The instants: 0 to 3 s after the supervisor logs "started broker", while the broker binds, the
     # workers import, compile and warm up, and the hot-tier builder runs. Two instances take turns
-    # (the even and the odd instants) so that the 20 starts take half the wall time.
-    instants = np.linspace(0.0, 3.0, 20)
+    # (the even and the odd instants) so that the 12 starts take half the wall time.
+    instants = np.linspace(0.0, 3.0, 12)
     servers = [launch.start(wait_ready=False), launch.start(wait_ready=False)]
     env = env_for_tests()
     survivors, gone_s = {}, []
@@ -131,6 +133,7 @@ def test_a_leftover_holding_the_port_is_ended_before_anything_starts_and_no_chil
             orphan.wait(5)
 
 
+@pytest.mark.slow
 def test_a_broker_that_cannot_bind_its_frontend_exits_7_and_jizhid_is_not_ready_until_the_port_is_free(launch):
     server = launch.start(wait_ready=False)
     port = int(server.endpoint.rsplit(":", 1)[1])
@@ -157,6 +160,7 @@ def test_a_broker_that_cannot_bind_its_frontend_exits_7_and_jizhid_is_not_ready_
     wait_until(lambda: "ready: serving" in server.log_text(), 30, what="ready once the port is free")
 
 
+@pytest.mark.slow
 def test_a_cold_numba_cache_is_compiled_before_ready_and_the_first_request_meets_the_default_deadline(
         launch, tmp_path, demo_trace, trace_scores):
     server = launch.start(wait_ready=False)

@@ -215,6 +215,7 @@ def requests(demo_trace, count):
     return [demo_trace[q] for q in range(count)]
 
 
+@pytest.mark.slow
 def test_multi_objective_heads_combine_and_a_new_head_version_reloads_on_its_own(
         launch_many, models, refs, demo_trace, tmp_path):
     server = launch_many.start(pipelines=(str(write_text(tmp_path / "mo.toml", MULTI_OBJECTIVE)),))
@@ -269,6 +270,7 @@ def test_a_cascade_scores_only_the_light_models_best_with_the_heavy_model(launch
         assert_topk(top, items, want, 10)
 
 
+@pytest.mark.slow
 def test_ab_groups_route_by_user_stay_across_requests_and_reloads_and_split_stats(
         launch_many, refs, demo_trace, tmp_path):
     fractions = {"a": 0.5, "b": 0.3, "c": 0.2}
@@ -312,6 +314,7 @@ def test_ab_groups_route_by_user_stay_across_requests_and_reloads_and_split_stat
         assert any(line.split()[:2] == [g, f"{f:.3f}"] and f"(dnn_{g})" in line for line in table.splitlines()), table
 
 
+@pytest.mark.slow
 def test_critical_path_dispatch_serves_the_multi_objective_pipeline_correctly_under_load(
         launch_many, refs, demo_trace, tmp_path):
     server = launch_many.start(pipelines=(str(write_text(tmp_path / "mo.toml", MULTI_OBJECTIVE)),),

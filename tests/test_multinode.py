@@ -158,6 +158,7 @@ def test_a_draining_node_answers_overloaded_and_the_request_is_answered_by_the_o
     assert sb["answered"] == 6 and stats["gave_up"] == 0
 
 
+@pytest.mark.slow
 def test_a_node_killed_under_load_loses_no_request_and_every_failed_attempt_is_retried_on_the_other(
         nodes, launch, pipeline_path, demo_trace, trace_scores):
     survivor = nodes[0]

@@ -317,6 +317,7 @@ def run_children(tmp_path, spec, roles):
                 p.wait()
 
 
+@pytest.mark.slow
 def test_concurrent_writers_and_readers_in_other_processes_never_see_a_torn_or_wrong_score(make_cache, tmp_path):
     # Small: 2 x 256 slots for 16 x 128 keys, so writers overwrite the slots
     # readers are reading all the time.
@@ -330,6 +331,7 @@ def test_concurrent_writers_and_readers_in_other_processes_never_see_a_torn_or_w
     assert [r["violations"] for r in readers] == [0, 0]
 
 
+@pytest.mark.slow
 def test_a_reader_of_version_2_never_gets_a_version_1_score_while_a_writer_alternates(make_cache, tmp_path):
     _, spec = make_cache(writers=1, slots=64, ways=4)
     results = run_children(tmp_path, spec, [("alternating", 0, 7, 8, 32), ("reader", 2, 8, 8, 32), ("reader", 1, 9, 8, 32)])

@@ -175,6 +175,7 @@ def test_a_cube_not_pushed_is_a_clear_error_and_a_bad_url_too(cluster):
     assert r.returncode == 2
 
 
+@pytest.mark.slow
 def test_a_frozen_shard_costs_one_budget_then_its_keys_degrade_and_recover(cluster, demo_bundle, cube):
     b = Bundle(demo_bundle)
     jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "key")
@@ -214,6 +215,7 @@ def remote_pipeline(tmp_path, url, timeout_ms=200):
                           "disk_cache_keys = 2000"]}))
 
 
+@pytest.mark.slow
 def test_jizhid_scores_through_the_redis_cube_equal_the_local_cube_and_survive_a_master_kill(
         cluster, launch, demo_bundle, demo_trace, trace_scores, tmp_path, capsys):
     jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "table")
@@ -261,6 +263,7 @@ def test_jizhid_scores_through_the_redis_cube_equal_the_local_cube_and_survive_a
     cluster.wait_ok(30)
 
 
+@pytest.mark.slow
 def test_a_stopped_cluster_degrades_the_scores_and_they_recover_when_it_returns(
         cluster, launch, demo_bundle, demo_trace, trace_scores, tmp_path):
     jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "key")
@@ -303,6 +306,7 @@ def test_a_stopped_cluster_degrades_the_scores_and_they_recover_when_it_returns(
     assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_redis_cube_that_fits_the_hot_tier_is_held_whole_and_nothing_is_read_below_it(
         cluster, launch, demo_bundle, demo_trace, trace_scores, tmp_path, cube):
     jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "table")
@@ -325,6 +329,7 @@ def test_a_redis_cube_that_fits_the_hot_tier_is_held_whole_and_nothing_is_read_b
     assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_flushed_cluster_degrades_the_lookups_instead_of_reading_absent_keys_and_a_new_push_is_taken_up(
         cluster, demo_bundle, cube):
     b = Bundle(demo_bundle)
@@ -348,6 +353,7 @@ def test_a_flushed_cluster_degrades_the_lookups_instead_of_reading_absent_keys_a
     backend.close()
 
 
+@pytest.mark.slow
 def test_keys_of_a_slot_being_migrated_are_read_through_ask_and_the_finished_move_through_moved(
         cluster, demo_bundle, cube):
     # A reshard by hand: the slot of table i_cat1 goes from its master A to master B, half of its keys

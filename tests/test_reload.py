@@ -20,7 +20,8 @@ from jizhi.demo import publish, stage_version
 from jizhi.reference import ReferenceScorer
 
 RATE = 100          # requests/s offered by the test's clients: about half of what this setup sustains
-SWITCH_BOUND_S = 15.0   # validation scores every item of the catalogue (issue 16): 4-5 s of the switch here
+SWITCH_BOUND_S = 30.0   # a liveness bound, not a speed figure (docs/benchmarks.md, "Hot reload", measures that):
+                        # the default run shares 2 cores between two test processes (-n 2)
 
 
 @pytest.fixture
@@ -127,6 +128,7 @@ def test_three_versions_in_a_row_under_load_no_request_fails_bad_ones_never_serv
     assert version_state(server, 1)["state"] == "standby"
 
 
+@pytest.mark.slow
 def test_a_file_truncated_under_the_serving_version_falls_back_without_a_restart_loop(
         launch_private, models, demo_trace, capsys):
     server = launch_private.start()
@@ -173,6 +175,7 @@ def test_a_file_truncated_under_the_serving_version_falls_back_without_a_restart
     assert any("demo 2: failed" in p for p in st["model_problems"])
 
 
+@pytest.mark.slow
 def test_a_version_whose_workers_crash_while_loading_never_touches_the_serving_ones(
         launch_private, models, demo_trace, tmp_path):
     # The demo DAG, fused, with a sink that aborts in setup for version 2 (validation runs the
@@ -207,6 +210,7 @@ def test_a_version_over_the_memory_budget_is_refused_with_the_figures(launch_pri
     assert set(worker_versions(server).values()) == {1}   # nothing of version 2 was started
 
 
+@pytest.mark.slow
 def test_pin_rolls_back_survives_a_restart_and_unpin_returns_to_latest(launch_private, models, demo_trace):
     server = launch_private.start()
     publish(stage_version(models, models / "demo" / "1", 2, seed=6), models)
@@ -240,6 +244,7 @@ def test_pin_rolls_back_survives_a_restart_and_unpin_returns_to_latest(launch_pr
     assert not (models / "demo" / ".pinned").exists()
 
 
+@pytest.mark.slow
 def test_jizhictl_record_saves_live_traffic_as_a_trace_bench_replays(launch_private, demo_trace, tmp_path):
     server = launch_private.start()
     out = tmp_path / "recorded.npz"
@@ -280,7 +285,8 @@ def test_jizhictl_record_saves_live_traffic_as_a_trace_bench_replays(launch_priv
     assert log_lines(server, "recording stopped")
 
 
-def test_six_model_switches_leave_fds_threads_mappings_and_dev_shm_flat(launch_private, models, demo_trace, capsys):
+@pytest.mark.slow
+def test_four_model_switches_leave_fds_threads_mappings_and_dev_shm_flat(launch_private, models, demo_trace, capsys):
     from daemon_helpers import open_fds, thread_count
     server = launch_private.start()
     publish(stage_version(models, models / "demo" / "1", 2, seed=12), models)
@@ -317,7 +323,7 @@ def test_six_model_switches_leave_fds_threads_mappings_and_dev_shm_flat(launch_p
         time.sleep(1.0)
         return first if first == resources() and first["workers"] == 2 else None
     baseline = wait_until(steady, 20, what="steady resources")
-    for i in range(6):
+    for i in range(4):
         switch_to(1 if i % 2 == 0 else 2, pin=i % 2 == 0)
     try:
         wait_until(lambda: resources() == baseline, 10, what="resources to settle")
@@ -325,6 +331,6 @@ def test_six_model_switches_leave_fds_threads_mappings_and_dev_shm_flat(launch_p
         pass   # the assertion below shows the difference
     after = resources()
     with capsys.disabled():
-        print(f"\nafter 6 more model switches: {after} (baseline {baseline})")
+        print(f"\nafter 4 more model switches: {after} (baseline {baseline})")
     assert after == baseline
     assert "illegal version state transition" not in server.log_text()

@@ -1,5 +1,6 @@
 """A cube behind a (deliberately slow) backend in a running jizhid: hot tier -> disk cache -> remote."""
 import json
+import pytest
 
 from conftest import assert_topk, demo_pipeline_text, wait_until, write_text
 from daemon_helpers import Load, jizhictl_ok, log_lines
@@ -12,6 +13,7 @@ def remote_pipeline(tmp_path):
         options={"cube": ['remote = "slow+file://{cube}?delay_ms=1"', "disk_cache_keys = 3000"]}))
 
 
+@pytest.mark.slow
 def test_three_levels_answer_a_remote_cube_with_the_reference_scores_and_count_their_hits(
         launch, demo_trace, trace_scores, tmp_path, capsys):
     server = launch.start(pipelines=(str(remote_pipeline(tmp_path)),),

@@ -1,5 +1,6 @@
 """A worker that keeps dying young spends the restart budget: jizhid says it is degraded."""
 import json
+import pytest
 
 from conftest import wait_until, write_text
 from daemon_helpers import jizhictl, popen
@@ -14,6 +15,7 @@ processor = "tests.stages:FailingSetup"
 """
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_load_is_retried_with_backoff_and_reported_degraded(launch, tmp_path):
     pipe = write_text(tmp_path / "broken.toml", PIPELINE)
     # Never "ready" (the broken pool never fills), so started without the readiness wait.

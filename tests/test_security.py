@@ -97,9 +97,12 @@ def test_check_config_rejects_one_curve_setting_without_the_other_with_exit_2(tm
     assert r.stderr.count("\n") == 1
 
 
-def test_check_config_accepts_both_curve_settings_and_rejects_a_missing_key_file(tmp_path, keys):
+def test_check_config_accepts_both_curve_settings_and_rejects_a_missing_key_file(tmp_path, keys, demo_models):
     cfg = write_text(tmp_path / "ok.toml", curve_config(keys))
-    r = subprocess.run([str(JIZHID), "--check-config", "--config", str(cfg)], capture_output=True, text=True,
+    # A start's other options too: --check-config checks everything that start would (a free port, a model directory).
+    start = ["--models", str(demo_models), "--frontend", f"tcp://127.0.0.1:{free_port()}", "--instance", "curvecheck",
+             "--run-dir", str(tmp_path / "run")]
+    r = subprocess.run([str(JIZHID), "--check-config", "--config", str(cfg), *start], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith(f"\nconfig OK: {cfg}\n")

@@ -43,6 +43,7 @@ def test_a_fixed_quota_keeps_each_requests_best_by_recall_and_off_keeps_all(laun
     assert shed_status(server)["mode"] == "off"
 
 
+@pytest.mark.slow
 def test_the_controller_cuts_under_overload_and_releases_when_the_load_ends(launch, demo_trace):
     # An SLO the demo cannot meet under a closed-loop load of 6 clients: the controller must cut.
     server = launch.start(pipelines=(PIPELINE,),
@@ -61,6 +62,7 @@ def test_the_controller_cuts_under_overload_and_releases_when_the_load_ends(laun
     assert "pipeline demo_shed: shedding quota" in log
 
 
+@pytest.mark.slow
 def test_a_learned_policy_is_loaded_and_bad_commands_are_refused(launch, demo_bundle, demo_trace, tmp_path):
     path = tmp_path / "t.npz"
     np.savez(path, users=demo_trace.users, offsets=demo_trace.offsets, items=demo_trace.items,
@@ -89,6 +91,7 @@ def test_a_learned_policy_is_loaded_and_bad_commands_are_refused(launch, demo_bu
     assert bad.returncode != 0 and "missing.json" in bad.stderr
 
 
+@pytest.mark.slow
 def test_bench_shape_offers_a_step_and_records_it_per_second(launch, demo_trace, tmp_path):
     server = launch.start(pipelines=(PIPELINE,))
     trace = tmp_path / "t.npz"

@@ -131,6 +131,7 @@ def test_the_overlay_of_an_unfused_plan_sets_pool_and_batch_on_each_stage(demo_m
         "rank": (1, 8, 0.0)}
 
 
+@pytest.mark.slow
 def test_a_short_tune_measures_two_points_then_the_default_against_the_chosen_and_writes_the_overlay(
         demo_models, demo_trace, tmp_path):
     trace = tmp_path / "trace.npz"

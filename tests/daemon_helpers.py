@@ -321,3 +321,10 @@ def held_request(server, trace, pipeline="sleepy"):
                what=f"the request to be held by the {pipeline} stage")
     return dealer
 
+
+def sleepy_pipeline_text(sleep_s):
+    """A one-stage pipeline "sleepy" whose ranker sleeps ``sleep_s`` per batch of one (tests/stages.py):
+    a request it holds stays in flight that long."""
+    return ('name = "sleepy"\nmodel = "demo"\n[[stage]]\nname = "rank"\n'
+            f'processor = "tests.stages:SleepyRanker"\nbatch = 1\nsleep_s = {sleep_s}\n')
+

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import assert_topk, wait_until, write_text
-from daemon_helpers import Load, assert_answered_in_time, held_request
+from daemon_helpers import Load, assert_answered_in_time, held_request, sleepy_pipeline_text
 from jizhi import protocol
 from jizhi.errors import RETRIABLE
 
@@ -99,15 +99,7 @@ def test_a_sigkilled_broker_is_restarted_and_the_workers_register_again(launch, 
         assert_topk(c.score(user, items, recall, top_k=10, deadline_ms=30_000), items, trace_scores[1], 10)
 
 
-SLEEPY = """
-name = "sleepy"
-model = "demo"
-[[stage]]
-name = "rank"
-processor = "tests.stages:SleepyRanker"
-batch = 1
-sleep_s = 20
-"""
+SLEEPY = sleepy_pipeline_text(20)
 
 
 @pytest.mark.slow

@@ -27,18 +27,10 @@ import numpy as np
 import pytest
 
 from conftest import free_port, wait_until, write_text
-from daemon_helpers import broker_pid, held_request, jizhictl, jizhictl_ok, popen
+from daemon_helpers import broker_pid, held_request, jizhictl, jizhictl_ok, popen, sleepy_pipeline_text
 from jizhi import control, protocol
 
-SLEEPY = """
-name = "sleepy"
-model = "demo"
-[[stage]]
-name = "rank"
-processor = "tests.stages:SleepyRanker"
-batch = 1
-sleep_s = 2
-"""
+SLEEPY = sleepy_pipeline_text(2)
 
 CONFIG = """
 [metrics]

@@ -1,7 +1,10 @@
 """The load generator and the ceiling: ``jizhictl bench`` (``bench_command``).
 
 Runs in its own process (the operator's shell), never inside jizhid. Two
-modes:
+modes (one concept: offering load and reading what came back; over 700 lines
+because the ceiling, the sweep report and the plot live beside the generator;
+issue 18 moves the offline tools out of ``jizhi/`` and keeps one open-loop
+generator for bench, reloadbench and shedbench):
 
 * **load** (default): replays a request trace (docs/formats.md, "Trace")
   against a running jizhid over one ZeroMQ DEALER socket, open loop (several

@@ -21,6 +21,12 @@ A request's slot is freed only when it has been answered *and* no worker
 still holds it, so a late worker never writes into a reused slot. The events
 of a worker that dies (the supervisor says so, or its heartbeats stop) go back
 to the front of their channel: nothing admitted is lost.
+
+Size: over 700 lines, several concepts in one file (admission, dispatch and
+batching, the worker roster, version warm-up and switch, recording, figures),
+because they share the loop's state and one poll loop; issue 18 splits them
+into a package (the stop path and the retry hints first), ``on_backend``'s
+if/elif into a table of handlers.
 """
 if __name__ == "__main__":
     from jizhi import lifeline

@@ -30,6 +30,11 @@ import leaves nothing behind.
 
 Refusals raise ``BundleError`` naming the FIELDS.toml entry, the graph input
 or the node (its name and op type) that cannot be imported.
+
+Size: over 700 lines: one concept (a foreign ONNX graph to a bundle) in
+several passes (fields, tables, pooling loops, pruning, writing); issue 18
+moves it with the other offline tools out of ``jizhi/`` and shares the graph
+helpers (``_attr``, ``_constant_value``, ``_dims``) with ``structured.py``.
 """
 import collections
 import dataclasses

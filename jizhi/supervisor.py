@@ -14,6 +14,10 @@ then loops over a few verbs (STYLE.md, 3):
 SIGTERM drains (the broker stops admitting and answers what it holds, within
 ``workers.drain_timeout_s``), stops the children, unlinks every segment and
 socket file it made and exits 0.
+
+Size: over 700 lines: the arbiter loop plus the version manager, hot-tier
+management, shedding glue and status figures, which share the children table;
+issue 18 moves the version manager and the hot tier into their own modules.
 """
 import collections
 import logging

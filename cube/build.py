@@ -1,6 +1,6 @@
 """Cube building: write, read and inspect an LMDB cube offline.
 
-Runs offline only (``jizhictl cube build|info|get``, ``jizhi.demo``, the
+Runs offline only (``jizhictl cube build|info|get``, ``jizhi.tools.demo``, the
 reference scorer, tests, the ceiling), never in a serving worker:
 ``read_all`` pulls the whole cube into RAM.
 

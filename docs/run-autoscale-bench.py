@@ -41,7 +41,7 @@ spec = importlib.util.spec_from_file_location("mm", REPO / "docs" / "run-many-mo
 mm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mm)
 
-from jizhi.bench import Trace                  # noqa: E402
+from jizhi.tools.bench import Trace                  # noqa: E402
 from jizhi.pipeline import Pipeline            # noqa: E402
 from jizhi.client import Client                # noqa: E402
 

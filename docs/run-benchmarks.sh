@@ -11,11 +11,11 @@ echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)"
 # 0. The demo bundle (default sizes: 10,000 users, 100,000 items) and a trace
 #    of 30,000 requests x 500 candidates (enough for 1,500 requests/s x 20 s
 #    without a repeat). Made once, reused.
-[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.demo import init_demo; init_demo('$W/demo')"
-[ -f "$W/trace.npz" ] || $PY -c "from jizhi.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$W/trace.npz', requests=30000, candidates=500)"
+[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.tools.demo import init_demo; init_demo('$W/demo')"
+[ -f "$W/trace.npz" ] || $PY -c "from jizhi.tools.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$W/trace.npz', requests=30000, candidates=500)"
 
 # 1. The broker micro-benchmark (starts and stops its own jizhid per prefetch value).
-$PY -m jizhi.microbench --max-other-cores 0.3 --json "$W/microbench.json" | tee "$W/microbench.txt"
+$PY -m jizhi.tools.microbench --max-other-cores 0.3 --json "$W/microbench.json" | tee "$W/microbench.txt"
 
 # 2. The server: the three pipelines in one jizhid, in its own session.
 setsid .venv/bin/jizhid --models "$W/demo/models" --instance bench --frontend $EP \
@@ -25,7 +25,7 @@ trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
 $PY -m jizhi.client --wait-ready $EP
 
 # 3. Max rate at p99 <= 50 ms, zero errors, 20 s points, per pipeline, with CPU accounting.
-$PY -m jizhi.bench --endpoint $EP --trace "$W/trace.npz" --pipeline demo,demo_unfused,legacy \
+$PY -m jizhi.tools.bench --endpoint $EP --trace "$W/trace.npz" --pipeline demo,demo_unfused,legacy \
     --find-max --start-rate 50 --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$W/run" \
     --max-other-cores 0.3 \
     --json "$W/bench.json" --quiet | tee "$W/bench.txt"
@@ -33,9 +33,9 @@ $PY -m jizhi.bench --endpoint $EP --trace "$W/trace.npz" --pipeline demo,demo_un
 kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
 
 # 4. The ceiling (server stopped): one pinned process per core, batch 1 and 4.
-$PY -m jizhi.bench --ceiling --bundle "$W/demo/models/demo/1" --trace "$W/trace.npz" --duration 20 \
+$PY -m jizhi.tools.bench --ceiling --bundle "$W/demo/models/demo/1" --trace "$W/trace.npz" --duration 20 \
     --max-other-cores 0.3 --json "$W/ceiling_b1.json" | tee "$W/ceiling.txt"
-$PY -m jizhi.bench --ceiling --batch 4 --bundle "$W/demo/models/demo/1" --trace "$W/trace.npz" --duration 20 \
+$PY -m jizhi.tools.bench --ceiling --batch 4 --bundle "$W/demo/models/demo/1" --trace "$W/trace.npz" --duration 20 \
     --max-other-cores 0.3 --json "$W/ceiling_b4.json" | tee -a "$W/ceiling.txt"
 
 # 5. Hot reload under load: a jizhid serving only `demo` from a private copy of version 1 (new versions are
@@ -48,7 +48,7 @@ setsid .venv/bin/jizhid --config "$W/reload/jizhi.toml" --models "$W/reload/mode
 JIZHID=$!
 trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
 $PY -m jizhi.client --wait-ready $EP
-$PY -m jizhi.reloadbench --endpoint $EP --run-dir "$W/reload/run" --models "$W/reload/models" --trace "$W/trace.npz" \
+$PY -m jizhi.tools.reloadbench --endpoint $EP --run-dir "$W/reload/run" --models "$W/reload/models" --trace "$W/trace.npz" \
     --rate "$RATE" --reloads 3 --max-other-cores 0.3 --json "$W/reload.json" --quiet | tee "$W/reload.txt"
 kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
 

@@ -9,8 +9,8 @@ W=${BENCH_DIR:-/tmp/jizhi-bench}
 EP=tcp://127.0.0.1:5598
 mkdir -p "$W/caches"
 echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)"
-[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.demo import init_demo; init_demo('$W/demo')"
-[ -f "$W/trace.npz" ] || $PY -c "from jizhi.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$W/trace.npz', requests=30000, candidates=500)"
+[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.tools.demo import init_demo; init_demo('$W/demo')"
+[ -f "$W/trace.npz" ] || $PY -c "from jizhi.tools.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$W/trace.npz', requests=30000, candidates=500)"
 
 serve() {   # serve NAME HOT_TIER_MB PIPELINES
     printf '[metrics]\nlisten = ""\n[cube]\nhot_tier_mb = %s\n%b' "$2" "${EXTRA:-}" > "$W/caches/$1.toml"
@@ -24,7 +24,7 @@ serve() {   # serve NAME HOT_TIER_MB PIPELINES
 }
 
 run() {     # run NAME PIPELINES
-    $PY -m jizhi.bench --endpoint $EP --trace "$W/trace.npz" --pipeline "$2" --find-max --start-rate 100 \
+    $PY -m jizhi.tools.bench --endpoint $EP --trace "$W/trace.npz" --pipeline "$2" --find-max --start-rate 100 \
         --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$W/caches/run-$1" --max-other-cores 0.3 \
         --json "$W/caches/$1.json" --quiet | tee "$W/caches/$1.txt"
     .venv/bin/jizhictl stats --run-dir "$W/caches/run-$1" --json > "$W/caches/$1.stats.json"

@@ -14,9 +14,9 @@ EP=tcp://127.0.0.1:5598
 D="$W/legacy-rounds"
 mkdir -p "$D"
 echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg) commit $(git rev-parse --short HEAD)"
-[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.demo import init_demo; init_demo('$W/demo')"
+[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.tools.demo import init_demo; init_demo('$W/demo')"
 T="$W/structured/trace500.npz"
-[ -f "$T" ] || { mkdir -p "$W/structured"; $PY -c "from jizhi.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$T', requests=20000, candidates=500)"; }
+[ -f "$T" ] || { mkdir -p "$W/structured"; $PY -c "from jizhi.tools.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$T', requests=20000, candidates=500)"; }
 printf '[metrics]\nlisten = ""\n' > "$D/jizhi.toml"
 setsid .venv/bin/jizhid --config "$D/jizhi.toml" --models "$W/demo/models" --instance legacyrounds \
     --frontend $EP --pipelines demo,demo_cached,legacy --run-dir "$D/run" > "$D/jizhid.log" 2>&1 < /dev/null &
@@ -28,7 +28,7 @@ grep -m1 'item_cache:' "$D/jizhid.log" || true
 for r in $(seq "$R"); do
     for p in demo demo_cached legacy; do
         start=400; [ $p = legacy ] && start=100
-        $PY -m jizhi.bench --endpoint $EP --trace "$T" --pipeline $p --find-max --start-rate $start --precision 0.05 \
+        $PY -m jizhi.tools.bench --endpoint $EP --trace "$T" --pipeline $p --find-max --start-rate $start --precision 0.05 \
             --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$D/run" --max-other-cores 0.3 \
             --json "$D/r$r-$p.json" --quiet > "$D/r$r-$p.txt"
         grep -E '^\s+max:' "$D/r$r-$p.txt" | sed "s/^/round $r $p /"

@@ -8,7 +8,7 @@ What it does (every figure from one run, on a quiet machine: nothing else runnin
 
 1. Models (under --work, made once): the demo (hard links of --base) and three head bundles on its
    features, ``ctr`` (top MLP 64), ``cvr`` (256-128) and ``dwell`` (512-256-128), by
-   ``jizhi.demo.write_head``.
+   ``jizhi.tools.demo.write_head``.
 2. Two daemons run side by side (the idle one costs nothing measurable):
    * ONE: pipeline ``mo``: reader, features, cube fused (``front``, pool 2, batch 8, wait 3 ms), the
      three heads each its own worker kind (pool 1), ``combine`` + ``rank`` fused (pool 1); and
@@ -45,9 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from jizhi import protocol                                          # noqa: E402
-from jizhi.bench import ServerCpu, Trace                            # noqa: E402
+from jizhi.tools.bench import ServerCpu, Trace                            # noqa: E402
 from jizhi.client import wait_ready                                 # noqa: E402
-from jizhi.demo import write_head                                   # noqa: E402
+from jizhi.tools.demo import write_head                                   # noqa: E402
 from jizhi.pipeline import Pipeline                                 # noqa: E402
 
 HEADS = {"ctr": (64,), "cvr": (256, 128), "dwell": (512, 256, 128)}

@@ -5,7 +5,7 @@
 
 Needs Debian's redis-server and, for the baseline, redis-py (``pip install -e '.[redis-baseline]'``).
 Everything runs on this machine: a local Redis Cluster of 3 masters with 1 replica each
-(jizhi.redis_local, loopback ports --base-port..+5, node timeout 2 s; with --netns each node a
+(jizhi.tools.redis_local, loopback ports --base-port..+5, node timeout 2 s; with --netns each node a
 separate host in its own network namespace behind a veth link) and one jizhid at a time.
 
 1. Client CPU per request: the distinct signatures of each of the first --client-requests trace
@@ -44,12 +44,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jizhi.bench import Trace, proc_cpu_s                           # noqa: E402
+from jizhi.tools.bench import Trace, proc_cpu_s                           # noqa: E402
 from jizhi.bundle import Bundle                                     # noqa: E402
 from jizhi.cube import redis as R                                   # noqa: E402
-from jizhi.cube.bench import request_key_sets                       # noqa: E402
+from jizhi.tools.cubebench import request_key_sets                       # noqa: E402
 from jizhi.cube.build import read_all                               # noqa: E402
-from jizhi.redis_local import LocalCluster                          # noqa: E402
+from jizhi.tools.redis_local import LocalCluster                          # noqa: E402
 
 spec = importlib.util.spec_from_file_location("mm", REPO / "docs" / "run-many-models-bench.py")
 mm = importlib.util.module_from_spec(spec)     # its Daemon, run_point and find_capacity

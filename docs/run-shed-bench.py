@@ -45,11 +45,11 @@ spec = importlib.util.spec_from_file_location("mm", REPO / "docs" / "run-many-mo
 mm = importlib.util.module_from_spec(spec)     # its Daemon: start a jizhid, jizhictl against it, stop it
 spec.loader.exec_module(mm)
 
-from jizhi.bench import Trace                                             # noqa: E402
-from jizhi.demo import generate_trace                                     # noqa: E402
-from jizhi.reference import ReferenceScorer                               # noqa: E402
-from jizhi.shedbench import arrivals, plot_timeline, rate_fn, run_timeline, timeline_series   # noqa: E402
-from jizhi.shedding import save_policy, train                             # noqa: E402
+from jizhi.tools.bench import Trace                                             # noqa: E402
+from jizhi.tools.demo import generate_trace                                     # noqa: E402
+from jizhi.tools.reference import ReferenceScorer                               # noqa: E402
+from jizhi.tools.shedbench import arrivals, plot_timeline, rate_fn, run_timeline, timeline_series   # noqa: E402
+from jizhi.tools.shedtrain import save_policy, train                             # noqa: E402
 
 class Truth:
     """Reference top-10 of trace rows, scored in full offline (cached per row)."""
@@ -105,7 +105,7 @@ def main():
     ap.add_argument("--warmup", type=float, default=6.0, help="Seconds of the same load before each point.")
     ap.add_argument("--xs", default="1.5,2,3", help="Multiples of the maximum sustainable rate.")
     ap.add_argument("--spearman", default="0.8,0.5,0.65~0.3",
-                    help="Traces: a Spearman correlation, or MEAN~SPREAD for requests that differ (jizhi.demo.generate_trace).")
+                    help="Traces: a Spearman correlation, or MEAN~SPREAD for requests that differ (jizhi.tools.demo.generate_trace).")
     ap.add_argument("--policies", default="rule,learned")
     ap.add_argument("--requests", type=int, default=40000, help="Requests in each evaluation trace.")
     ap.add_argument("--train-requests", type=int, default=3000)

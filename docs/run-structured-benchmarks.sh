@@ -14,7 +14,7 @@ W=${BENCH_DIR:-/tmp/jizhi-bench}
 EP=tcp://127.0.0.1:5597
 mkdir -p "$W/structured"
 echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg) commit $(git rev-parse --short HEAD)"
-[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.demo import init_demo; init_demo('$W/demo')"
+[ -d "$W/demo/models/demo/1" ] || $PY -c "from jizhi.tools.demo import init_demo; init_demo('$W/demo')"
 sed -e 's/^name = "demo"/name = "demo_per_pair"/' -e '/^on_unknown/a structured = false' \
     etc/pipelines/demo.toml > "$W/structured/demo_per_pair.toml"
 grep -q '^structured = false' "$W/structured/demo_per_pair.toml"
@@ -28,7 +28,7 @@ measure() {     # measure NAME MODELS PIPELINE_FILES BENCH_PIPELINES TRACE: one 
     trap 'kill -TERM $JIZHID 2>/dev/null || true' EXIT
     $PY -m jizhi.client --wait-ready $EP
     for _ in $(seq 120); do grep -q "hot tier generation 1" "$W/structured/jizhid$1.log" && break; sleep 0.5; done
-    $PY -m jizhi.bench --endpoint $EP --trace "$5" --pipeline "$4" --find-max --start-rate 25 \
+    $PY -m jizhi.tools.bench --endpoint $EP --trace "$5" --pipeline "$4" --find-max --start-rate 25 \
         --duration 20 --warmup 2 --slo-ms 50 --cpu --run-dir "$W/structured/run$1" --max-other-cores 0.3 \
         --json "$W/structured/$1.json" --quiet | tee "$W/structured/$1.txt"
     kill -TERM $JIZHID; wait $JIZHID || true; trap - EXIT
@@ -38,16 +38,16 @@ for N in ${NS:-100 500 1000}; do     # NS="500" for one N
     T="$W/structured/trace$N.npz"
     Q=$(( 4000000 / N ))     # enough requests for the fastest pipeline's 20 s points without a repeat
     [ $Q -lt 20000 ] && Q=20000
-    [ -f "$T" ] || $PY -c "from jizhi.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$T', requests=$Q, candidates=$N)"
+    [ -f "$T" ] || $PY -c "from jizhi.tools.demo import generate_trace; generate_trace('$W/demo/models/demo/1', '$T', requests=$Q, candidates=$N)"
     PIPES=demo,demo_per_pair,legacy
     [ $N = 500 ] && PIPES=$PIPES,demo_cached
     measure n$N "$W/demo/models" "demo,$W/structured/demo_per_pair.toml,legacy,demo_cached" $PIPES "$T"
 done
 
-# The DLRM-shaped model without a user tower (jizhi/dlrm.py: 13 dense features, 16 fields of dim 64, dot
+# The DLRM-shaped model without a user tower (jizhi/tools/dlrm.py: 13 dense features, 16 fields of dim 64, dot
 # interaction, top MLP 256-128-1), imported with jizhictl import's code path, at N = 500.
 D="$W/structured/dlrm"
-[ -d "$D/models/dlrm/1" ] || $PY -m jizhi.dlrm make "$D" --trace-requests 20000 --candidates 500 --quiet
+[ -d "$D/models/dlrm/1" ] || $PY -m jizhi.tools.dlrm make "$D" --trace-requests 20000 --candidates 500 --quiet
 measure dlrm "$D/models" "$D/dlrm.toml,$D/dlrm_per_pair.toml" dlrm,dlrm_per_pair "$D/trace.npz"
 
 $PY - "$W/structured" <<'PYEOF'

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The offline tuner on the demo (jizhictl tune, jizhi/tune.py): 16 evaluations of the fused demo plan, then the
+# The offline tuner on the demo (jizhictl tune, jizhi/tools/tune.py): 16 evaluations of the fused demo plan, then the
 # shipped default against the chosen setting, 3 times each, alternating. Each measurement starts its own jizhid
 # (instances tune<pid>n<N>, free loopback ports), so nothing may serve or benchmark meanwhile: run it on a quiet
 # machine. About (16 + 6) x (5 + 20 + ~15) s = 15 min on 2 cores.
@@ -16,12 +16,12 @@ W=${TUNE_DIR:-/tmp/jzb/tune}
 MODELS=/tmp/jzb/demo/models
 TRACE=/tmp/jzb/trace30k.npz
 mkdir -p "$W"
-[ -d "$MODELS/demo/1" ] || $PY -c "from jizhi.demo import init_demo; init_demo('/tmp/jzb/demo')"
-[ -f "$TRACE" ] || $PY -c "from jizhi.demo import generate_trace; generate_trace('$MODELS/demo/1', '$TRACE', requests=30000, candidates=500)"
+[ -d "$MODELS/demo/1" ] || $PY -c "from jizhi.tools.demo import init_demo; init_demo('/tmp/jzb/demo')"
+[ -f "$TRACE" ] || $PY -c "from jizhi.tools.demo import generate_trace; generate_trace('$MODELS/demo/1', '$TRACE', requests=30000, candidates=500)"
 echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$W/run.log"
 
 # `jizhictl tune` once jizhi/cli.py registers it; the module itself otherwise (the same command).
-if .venv/bin/jizhictl tune --help > /dev/null 2>&1; then TUNE=(.venv/bin/jizhictl tune); else TUNE=($PY -m jizhi.tune); fi
+if .venv/bin/jizhictl tune --help > /dev/null 2>&1; then TUNE=(.venv/bin/jizhictl tune); else TUNE=($PY -m jizhi.tools.tune); fi
 set +e
 "${TUNE[@]}" --models "$MODELS" --trace "$TRACE" --pipeline etc/pipelines/demo.toml \
     --rate "$RATE" --slo-p99 50 --evals ${EVALS:-16} --repeats ${REPEATS:-3} --duration 20 --warmup 5 --seed 1 \

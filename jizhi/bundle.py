@@ -189,7 +189,7 @@ def find_version(models_dir, name, version=None):
     return base / str(version)
 
 
-# --- writing a version (jizhi.demo, jizhi.importer) --------------------------------
+# --- writing a version (jizhi.tools.demo, jizhi.tools.importer) --------------------------------
 
 def save_array(directory, name, array):
     os.makedirs(directory, exist_ok=True)

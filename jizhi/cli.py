@@ -71,7 +71,7 @@ def demo_publish(models_dir, source, version, seed, fault):
     """
     from pathlib import Path
 
-    from jizhi.demo import publish, stage_version
+    from jizhi.tools.demo import publish, stage_version
     src = Path(models_dir) / "demo" / str(source)
     if not src.is_dir():
         raise _refused(f"no demo version {source} in {models_dir}")
@@ -103,7 +103,7 @@ def demo_init(directory, seed, users, items, trace_requests, candidates, spearma
     """
     from pathlib import Path
 
-    from jizhi.demo import generate_trace, init_demo
+    from jizhi.tools.demo import generate_trace, init_demo
     try:
         vdir = init_demo(directory, seed=seed, users=users, items=items)
     except FileExistsError as e:
@@ -136,7 +136,7 @@ def demo_head(models_dir, name, version, hidden, seed):
       jizhictl demo head MODELS cvr --hidden 256,128
       jizhictl demo head MODELS dwell --hidden 512,256,128
     """
-    from jizhi.demo import write_head
+    from jizhi.tools.demo import write_head
     from jizhi.errors import BundleError
     try:
         widths = tuple(int(x) for x in hidden.split(","))
@@ -169,13 +169,13 @@ def demo_trace(version_dir, out, requests, candidates, spearman, spread, seed):
     (`jizhictl bench --trace OUT --rate 100 --duration 20`): a bench point needs
     rate x duration distinct requests.
     """
-    from jizhi.bench import resolve_bundle
+    from jizhi.tools.bench import resolve_bundle
     try:
         version_dir = resolve_bundle(version_dir)   # a model directory: its newest version
     except click.BadParameter as e:
         e.param_hint = "VERSION_DIR"
         raise
-    from jizhi.demo import generate_trace     # (numba, onnx: after the arguments are checked)
+    from jizhi.tools.demo import generate_trace     # (numba, onnx: after the arguments are checked)
     generate_trace(version_dir, out, requests=requests, candidates=candidates, spearman=spearman, seed=seed,
                    spread=spread)
     click.echo(f"trace: {out}")
@@ -343,7 +343,7 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
         _exit_if_not_running([e.strip() for e in endpoint.split(",") if e.strip()])
     recall = None
     if trace:
-        from jizhi.bench import Trace
+        from jizhi.tools.bench import Trace
         t = Trace(trace)
         if not 0 <= index < len(t):
             raise click.BadParameter(f"{index} is not a request of {trace} (it has {len(t)}: 0 .. {len(t) - 1})",
@@ -360,7 +360,7 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
     elif random_n:
         if not bundle:
             raise click.UsageError("--random needs --bundle VERSION_DIR")
-        from jizhi.bench import resolve_bundle
+        from jizhi.tools.bench import resolve_bundle
         bundle = resolve_bundle(bundle)     # a version directory, or a model directory: its newest version
         ids = np.load(f"{bundle}/profiles/items/ids.npy", mmap_mode="r")
         if not 0 < random_n <= ids.shape[0]:
@@ -401,13 +401,13 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
 
 def _add_bench():
     try:
-        from jizhi.bench import bench_command
+        from jizhi.tools.bench import bench_command
     except ImportError:  # pragma: no cover - bench is part of the package
         return
     cli.add_command(bench_command, "bench")
-    from jizhi.reloadbench import bench_reload_command
+    from jizhi.tools.reloadbench import bench_reload_command
     cli.add_command(bench_reload_command, "bench-reload")
-    from jizhi.shedbench import shape_command
+    from jizhi.tools.shedbench import shape_command
     cli.add_command(shape_command, "bench-shape")
 
 
@@ -492,7 +492,7 @@ def import_command(model, fields_path, out_dir, name, version, profiles_dir, use
     import os
 
     from jizhi.errors import BundleError
-    from jizhi.importer import import_model
+    from jizhi.tools.importer import import_model
     if os.path.lexists(out_dir):
         raise click.BadParameter(f"{out_dir} exists already (a version is written into a new directory)",
                                  param_hint="--out")
@@ -1059,8 +1059,8 @@ def shed_train(trace_path, bundle, out, top_k):
     kept, on the trace and on a held-out quarter of it. Use it with
     `jizhictl shed set --policy FILE` or shed.policy_file.
     """
-    from jizhi.bench import Trace, resolve_bundle
-    from jizhi.shedding import save_policy, train
+    from jizhi.tools.bench import Trace, resolve_bundle
+    from jizhi.tools.shedtrain import save_policy, train
     trace = Trace(trace_path)
     bar = {"last": 0}
 
@@ -1357,7 +1357,7 @@ def cube_push(bundles, url, strategy, quiet):
     except (BundleError, ValueError, OSError) as e:
         raise click.UsageError(str(e))
     import time
-    from jizhi.demo import _Progress
+    from jizhi.tools.demo import _Progress
     t0 = time.monotonic()
     bar = []
 
@@ -1474,7 +1474,7 @@ def cube_bench(cube_dir, bundle, batch, duration_s, repeats, key_draw, trace_pat
             raise click.UsageError(f"give --cube or --bundle (no demo at {default}: "
                                    f"`jizhictl demo init {default}` makes one)")
         bundle = str(default)
-    from jizhi.cube.bench import format_report, run
+    from jizhi.tools.cubebench import format_report, run
     from jizhi.cube.build import TableError
     try:
         r = run(cube=cube_dir, bundle=bundle, batch=batch, duration_s=duration_s, repeats=repeats,
@@ -1489,7 +1489,7 @@ _add_bench()
 
 
 def _add_tune():
-    from jizhi.tune import tune_command     # click and the standard library only: jizhictl starts fast
+    from jizhi.tools.tune import tune_command     # click and the standard library only: jizhictl starts fast
     cli.add_command(tune_command)
 
 

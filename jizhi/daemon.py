@@ -111,7 +111,7 @@ def _main(argv):
             if args.check_config:
                 demo_to_create = demo_dir
             else:
-                from jizhi.demo import init_demo
+                from jizhi.tools.demo import init_demo
                 log.info("creating the demo bundle in %s", demo_dir)
                 try:
                     init_demo(demo_dir)

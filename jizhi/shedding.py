@@ -21,13 +21,12 @@ downstream (JIZHI, KDD 2021, section 6.2). Three parts decide how many:
   writer (the supervisor), read by every shedder at each batch: the generation, the mode, the
   quota, the policy's generation.
 
-``train(trace, version_dir)`` (``jizhictl shed train``) scores a recorded trace fully offline
+``jizhi.tools.shedtrain.train(trace, version_dir)`` (``jizhictl shed train``, an offline tool) scores a recorded trace fully offline
 with the reference scorer, finds for every request the smallest cutoff (by recall order) that
 keeps its whole model top-K, and fits the need model on the features (ridge regression on the
 log of the needed fraction). The policy is a small JSON file.
 """
 import json
-import os
 
 import numpy as np
 
@@ -118,102 +117,6 @@ def load_policy(path):
     with open(path) as f:
         doc = json.load(f)
     return LearnedPolicy(doc) if doc.get("policy") == "learned" else RulePolicy()
-
-
-# --- training -------------------------------------------------------------------------------
-
-def needed_counts(offsets, recall, scores, top_k):
-    """int64 [R]: for each request, the smallest number of its best candidates by recall score that
-    holds its whole top-``top_k`` by model score (a loop over requests; offline only)."""
-    out = np.zeros(offsets.shape[0] - 1, dtype=np.int64)
-    for i in range(out.shape[0]):
-        a, b = offsets[i], offsets[i + 1]
-        n = b - a
-        k = min(top_k, n)
-        if k == 0:
-            continue
-        by_recall = np.argsort(-recall[a:b], kind="stable")
-        rank = np.empty(n, dtype=np.int64)
-        rank[by_recall] = np.arange(n)
-        top = np.argpartition(-scores[a:b], k - 1)[:k]
-        out[i] = int(rank[top].max()) + 1
-    return out
-
-
-def overlap_at(offsets, recall, scores, keep, top_k):
-    """float64 [R]: overlap of the top-``top_k`` (by model score) of each request's ``keep`` best
-    candidates by recall with its full top-``top_k``."""
-    out = np.zeros(offsets.shape[0] - 1, dtype=np.float64)
-    for i in range(out.shape[0]):
-        a, b = offsets[i], offsets[i + 1]
-        n = b - a
-        k = min(top_k, n)
-        if k == 0:
-            out[i] = 1.0
-            continue
-        kept = np.argsort(-recall[a:b], kind="stable")[:keep[i]]
-        full = set(np.argpartition(-scores[a:b], k - 1)[:k].tolist())
-        s = scores[a:b][kept]
-        kk = min(k, kept.shape[0])
-        mine = kept[np.argpartition(-s, kk - 1)[:kk]] if kk else kept[:0]
-        out[i] = len(full.intersection(mine.tolist())) / k
-    return out
-
-
-def train(trace, version_dir, top_k=10, ridge=1e-3, quotas=(0.2, 0.3, 0.5), progress=None):
-    """Fit the learned policy on a trace (``jizhi.bench.Trace``) scored offline by the reference
-    scorer of ``version_dir``. Returns ``(policy doc, report)``; the report compares the rule and
-    the learned policy at the same mean keep fractions (``quotas``) on the trace itself and on a
-    held-out quarter (the fit sees the other three quarters)."""
-    from jizhi.reference import ReferenceScorer
-    ref = ReferenceScorer(version_dir)
-    q = len(trace)
-    scores = np.empty(trace.items.shape[0], dtype=np.float32)
-    chunk = 64
-    for s in range(0, q, chunk):
-        e = min(q, s + chunk)
-        a, b = trace.offsets[s], trace.offsets[e]
-        scores[a:b], _ = ref.score_requests(trace.users[s:e], trace.offsets[s:e + 1] - a, trace.items[a:b])
-        if progress:
-            progress(e, q)
-    need = needed_counts(trace.offsets, trace.recall, scores, top_k)
-    n = np.diff(trace.offsets)
-    frac = np.clip(need / np.maximum(n, 1), MIN_KEEP, 1.0)
-    feats = recall_features(trace.offsets, trace.recall)
-    held = np.arange(q) % 4 == 3
-    fit = ~held
-    y = np.log(frac)
-    x = feats[fit]
-    w = np.linalg.solve(x.T @ x + ridge * fit.sum() * np.eye(x.shape[1]), x.T @ y[fit])
-    pred = feats @ w
-    r2 = 1.0 - float(((y[held] - pred[held]) ** 2).mean() / max(y[held].var(), 1e-12))
-    doc = {"policy": "learned", "features": list(FEATURES), "weights": w.tolist(), "top_k": top_k,
-           "mean_need": float(np.clip(np.exp(pred), MIN_KEEP, 1).mean()),
-           "trained_on": {"trace": getattr(trace, "path", None), "requests": int(q), "bundle": os.fspath(version_dir)}}
-    report = {"requests": int(q), "mean_needed_fraction": float(frac.mean()),
-              "median_needed_fraction": float(np.median(frac)), "held_out_r2_log_need": round(r2, 3),
-              "quality": []}
-    learned = LearnedPolicy(dict(doc))
-    for quota in quotas:
-        for subset, mask in (("all", np.ones(q, bool)), ("held_out", held)):
-            offs = np.concatenate([[0], np.cumsum(n[mask])])
-            sel = np.concatenate([np.arange(trace.offsets[i], trace.offsets[i + 1]) for i in np.flatnonzero(mask)])
-            rec, sco, f = trace.recall[sel], scores[sel], feats[mask]
-            rule_keep = keep_counts(offs, np.full(mask.sum(), quota), top_k)
-            lf = np.clip(quota * learned.need(f) / learned.need(f).mean(), MIN_KEEP, 1.0)
-            learned_keep = keep_counts(offs, lf, top_k)
-            report["quality"].append({
-                "quota": quota, "subset": subset,
-                "rule": {"kept": round(float(rule_keep.sum() / offs[-1]), 4),
-                         "overlap": round(float(overlap_at(offs, rec, sco, rule_keep, top_k).mean()), 4)},
-                "learned": {"kept": round(float(learned_keep.sum() / offs[-1]), 4),
-                            "overlap": round(float(overlap_at(offs, rec, sco, learned_keep, top_k).mean()), 4)}})
-    return doc, report
-
-
-def save_policy(doc, path):
-    from jizhi.rundir import write_file
-    write_file(path, json.dumps(doc, indent=1).encode(), mode=0o644)   # atomically, never through a link
 
 
 # --- the load controller ---------------------------------------------------------------------

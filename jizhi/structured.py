@@ -114,7 +114,7 @@ Benchmark (not a test; one intra-op thread, the worker's session options)::
     python -m jizhi.structured report MODEL.onnx
 
 ``bench`` times ``unstructure(model)`` against ``structure(model, ...)``
-with every option, for the demo model and the DLRM (``jizhi.dlrm``, D = 64,
+with every option, for the demo model and the DLRM (``jizhi.tools.dlrm``, D = 64,
 8 user and 8 item fields), and prints medians, pairs/s, ratios and the input
 bytes fed per request.
 """
@@ -1222,7 +1222,7 @@ _OPTIONS = (
 
 
 def _reference_models(seed):
-    from jizhi import dlrm, demo
+    from jizhi.tools import dlrm, demo
     f_user = sum(1 for f in demo._fields(1) if f.side == "user")
     f_item = len(demo._fields(1)) - f_user
     return {

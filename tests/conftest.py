@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 
 from jizhi.client import Client
-from jizhi.demo import generate_trace, init_demo
-from jizhi.reference import ReferenceScorer
+from jizhi.tools.demo import generate_trace, init_demo
+from jizhi.tools.reference import ReferenceScorer
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:

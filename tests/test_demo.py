@@ -9,8 +9,8 @@ import pytest
 
 from jizhi.cube.build import read_all, write_cube
 from jizhi.cube.signature import sign
-from jizhi.demo import generate_trace, init_demo
-from jizhi.reference import ReferenceScorer
+from jizhi.tools.demo import generate_trace, init_demo
+from jizhi.tools.reference import ReferenceScorer
 
 USERS = 500
 ITEMS = 5000

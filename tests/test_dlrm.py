@@ -1,6 +1,6 @@
-"""A DLRM with its embedding tables, made into a bundle by ``python -m jizhi.dlrm make`` and served by jizhid.
+"""A DLRM with its embedding tables, made into a bundle by ``python -m jizhi.tools.dlrm make`` and served by jizhid.
 
-The command builds the ids-form model (``jizhi.dlrm.build_with_tables``,
+The command builds the ids-form model (``jizhi.tools.dlrm.build_with_tables``,
 small tables here), imports it with jizhi's importer, writes a trace and the
 pipeline files ``dlrm.toml`` (structured features on) and
 ``dlrm_per_pair.toml`` (``structured = false``: every stage per pair). A real jizhid serves both
@@ -19,7 +19,8 @@ import onnxruntime as ort
 import pytest
 
 from conftest import Launcher
-from jizhi import dlrm, structured
+from jizhi import structured
+from jizhi.tools import dlrm
 
 SEED = 3
 MAX_VOCAB = 300             # every table cut to at most 300 rows: the import takes about a second
@@ -32,10 +33,10 @@ PIPELINES = ("dlrm", "dlrm_per_pair")
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """(OUT_DIR, the command's stdout) of ``python -m jizhi.dlrm make`` with small sizes."""
+    """(OUT_DIR, the command's stdout) of ``python -m jizhi.tools.dlrm make`` with small sizes."""
     out = tmp_path_factory.mktemp("dlrm") / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "jizhi.dlrm", "make", str(out), "--seed", str(SEED), "--max-vocab", str(MAX_VOCAB),
+        [sys.executable, "-m", "jizhi.tools.dlrm", "make", str(out), "--seed", str(SEED), "--max-vocab", str(MAX_VOCAB),
          "--users", str(USERS), "--items", str(ITEMS), "--check-pairs", "300", "--trace-requests",
          str(TRACE_REQUESTS), "--candidates", str(CANDIDATES), "--pool", "1", "--quiet"],
         capture_output=True, text=True, timeout=MAKE_TIMEOUT_S)

@@ -24,7 +24,7 @@ import pytest
 from conftest import Launcher, wait_until
 from daemon_helpers import broker_pid, jizhictl_ok, log_lines, popen, rss_bytes, score_ok, wait_ready
 from jizhi.client import Client
-from jizhi.demo import publish, stage_version
+from jizhi.tools.demo import publish, stage_version
 
 SHM_FULL = r"/dev/shm is full: {what}: (\d+) bytes needed \([\d.]+ MiB\), (\d+) bytes \([\d.]+ MiB\) free"
 

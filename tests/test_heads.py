@@ -17,9 +17,9 @@ import onnx
 import pytest
 
 from jizhi.bundle import Bundle, same_features
-from jizhi.demo import init_demo, write_head
+from jizhi.tools.demo import init_demo, write_head
 from jizhi.errors import BundleError
-from jizhi.reference import ReferenceScorer
+from jizhi.tools.reference import ReferenceScorer
 from jizhi.validate import CHECKS, validate
 
 USERS = 300
@@ -223,7 +223,7 @@ def test_a_head_listing_a_cube_file_fails_the_files_check(models, head):
 
 
 def test_python_m_jizhi_demo_head_writes_a_head_and_refuses_an_existing_version(models, base):
-    argv = [sys.executable, "-m", "jizhi.demo", "head", "--models", models, "--name", "light",
+    argv = [sys.executable, "-m", "jizhi.tools.demo", "head", "--models", models, "--name", "light",
             "--base", base, "--hidden", "16", "--seed", "3", "--quiet"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
@@ -232,8 +232,8 @@ def test_python_m_jizhi_demo_head_writes_a_head_and_refuses_an_existing_version(
     assert manifest_of(path)["head"] is True
     again = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert again.returncode == 2
-    assert again.stderr == f"python -m jizhi.demo head: {path} exists already (choose another --version)\n"
-    usage = subprocess.run([sys.executable, "-m", "jizhi.demo", "head", "--help"],
+    assert again.stderr == f"python -m jizhi.tools.demo head: {path} exists already (choose another --version)\n"
+    usage = subprocess.run([sys.executable, "-m", "jizhi.tools.demo", "head", "--help"],
                            capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert usage.returncode == 0 and "head = true" in usage.stdout and "no cube and no profiles" in usage.stdout
 

@@ -158,7 +158,7 @@ def test_pooling_through_a_partial_hot_tier_equals_pooling_the_deduplicated_lmdb
 def test_the_ceiling_scores_what_the_reference_scores(demo_bundle, demo_trace, reference):
     # jizhictl bench --ceiling: the fused stages in one process over a private hot table of the whole cube.
     from collections import defaultdict
-    from jizhi.bench import CeilingScorer
+    from jizhi.tools.bench import CeilingScorer
     scorer = CeilingScorer(demo_bundle)
     before = set(os.listdir("/dev/shm"))
     q = np.arange(3)

@@ -14,7 +14,7 @@ item embeddings lies in a band ``[lo, hi)``. Two bands:
   it when the recorded traffic had new items; otherwise the first minutes of
   serving do, and the previous version serves again.
 
-Expected scores come from ``jizhi.reference.ReferenceScorer`` on the bad
+Expected scores come from ``jizhi.tools.reference.ReferenceScorer`` on the bad
 version's own directory, so every reply is checked exactly: the top-10 of the
 finite reference scores, and ``invalid_scores`` equal to the reference's NaN
 count.
@@ -36,8 +36,8 @@ from onnx import helper, numpy_helper
 from conftest import (Launcher, assert_topk, demo_pipeline_text, free_port, unknown_ids, wait_until,
                       write_text)
 from daemon_helpers import Load, jizhictl_ok, log_lines, log_time
-from jizhi.demo import publish, stage_version
-from jizhi.reference import ReferenceScorer
+from jizhi.tools.demo import publish, stage_version
+from jizhi.tools.reference import ReferenceScorer
 from jizhi.workers.ranker import rank
 from jizhi.workers.stage import CANDIDATE, INVALID_NAN_BITS, Batch, Selection
 

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import DEMO_ITEMS, assert_topk, demo_pipeline_text, write_text
-from jizhi import demo, dlrm, itemside, structured
+from jizhi import itemside, structured
+from jizhi.tools import demo, dlrm
 from jizhi.workers.model_inference import session_options
 
 TOLERANCE = 1e-5

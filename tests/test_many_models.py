@@ -1,7 +1,7 @@
 """Many models in one pipeline (multi-objective heads, a cascade), A/B groups, critical-path-first dispatch.
 
 Real daemons on a private model directory: the demo (version 1, hard links of the session's demo
-bundle) and head bundles written by ``jizhi.demo.write_head`` on its features. Expected scores come
+bundle) and head bundles written by ``jizhi.tools.demo.write_head`` on its features. Expected scores come
 from ``ReferenceScorer(demo, dense=head)``, the per-pair reference of each head.
 """
 import copy
@@ -13,10 +13,10 @@ import pytest
 
 from conftest import Launcher, assert_topk, positions, wait_until, write_text
 from daemon_helpers import Load, jizhictl_ok
-from jizhi.demo import write_head
+from jizhi.tools.demo import write_head
 from jizhi.errors import PipelineError
 from jizhi.pipeline import Pipeline, compile_pipeline
-from jizhi.reference import ReferenceScorer
+from jizhi.tools.reference import ReferenceScorer
 from jizhi.workers.ab_dispatch import Router
 from jizhi.workers.combiner import select_top
 

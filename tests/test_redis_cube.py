@@ -16,7 +16,7 @@ from daemon_helpers import JIZHICTL, Load, jizhictl, jizhictl_ok, log_lines
 from jizhi.bundle import Bundle
 from jizhi.cube import redis as R
 from jizhi.cube.signature import sign
-from jizhi.redis_local import LocalCluster, free_port_block, server_binary
+from jizhi.tools.redis_local import LocalCluster, free_port_block, server_binary
 
 if server_binary() is None:
     if os.environ.get("JIZHI_REQUIRE_REDIS"):

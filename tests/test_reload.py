@@ -2,7 +2,7 @@
 
 Every test gets its own copy of the demo model directory (it publishes
 versions into it) and a real jizhid serving the default plan (etc/pipelines/
-demo.toml: fused, pool 2). Versions are made by ``jizhi.demo.stage_version``
+demo.toml: fused, pool 2). Versions are made by ``jizhi.tools.demo.stage_version``
 (a real copy in ``<models>/.incoming``) and published by one rename, as the
 documentation tells operators to do.
 """
@@ -16,8 +16,8 @@ import pytest
 
 from conftest import Launcher, assert_topk, demo_pipeline_text, wait_until, write_text
 from daemon_helpers import Load, broker_pid, jizhictl, jizhictl_ok, log_lines
-from jizhi.demo import publish, stage_version
-from jizhi.reference import ReferenceScorer
+from jizhi.tools.demo import publish, stage_version
+from jizhi.tools.reference import ReferenceScorer
 
 RATE = 100          # requests/s offered by the test's clients: about half of what this setup sustains
 SWITCH_BOUND_S = 30.0   # a liveness bound, not a speed figure (docs/benchmarks.md, "Hot reload", measures that):

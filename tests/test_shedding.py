@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from jizhi import arena
-from jizhi.bench import Trace
+from jizhi.tools.bench import Trace
 from jizhi.shedding import (MIN_KEEP, Control, Controller, LearnedPolicy, RulePolicy, keep_counts, load_policy,
-                            needed_counts, overlap_at, recall_features, save_policy, train)
+                            recall_features)
+from jizhi.tools.shedtrain import needed_counts, overlap_at, save_policy, train
 from jizhi.workers.combiner import select_top
 
 

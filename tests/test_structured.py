@@ -14,7 +14,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from jizhi import demo, dlrm, structured
+from jizhi import structured
+from jizhi.tools import demo, dlrm
 from jizhi.workers.model_inference import session_options
 
 TOLERANCE = 1e-5

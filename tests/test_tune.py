@@ -1,4 +1,4 @@
-"""The offline tuner (jizhi/tune.py): its search space, its overlay files, and
+"""The offline tuner (jizhi/tools/tune.py): its search space, its overlay files, and
 one real tune end to end (two evaluations and one comparison round, each a
 real jizhid started and stopped by the tuner)."""
 import json
@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, processes_mentioning, shm_segments
 from jizhi import config
 from jizhi.pipeline import compile_pipeline, read_pipeline
-from jizhi.tune import (ARENA, HOT_TIER, PIPELINE_FILE, QCACHE_WINDOW, REPORT, SETTINGS_FILE, search_space,
+from jizhi.tools.tune import (ARENA, HOT_TIER, PIPELINE_FILE, QCACHE_WINDOW, REPORT, SETTINGS_FILE, search_space,
                         write_overlay)
 
 TUNE_TIMEOUT_S = 240   # 4 daemons x (start + 1 s warm-up + 3 s + stop), with room for a slow shared machine
@@ -138,12 +138,12 @@ def test_a_short_tune_measures_two_points_then_the_default_against_the_chosen_an
     np.savez(trace, users=demo_trace.users, offsets=demo_trace.offsets, items=demo_trace.items,
              recall_scores=demo_trace.recall_scores)
     out = tmp_path / "tune"
-    argv = [sys.executable, "-m", "jizhi.tune", "--models", str(demo_models), "--trace", str(trace),
+    argv = [sys.executable, "-m", "jizhi.tools.tune", "--models", str(demo_models), "--trace", str(trace),
             "--pipeline", "demo", "--rate", "20", "--slo-p99", "500", "--evals", "2", "--repeats", "1",
             "--duration", "3", "--warmup", "1", "--allow-repeat", "--quiet", "--out", str(out)]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=TUNE_TIMEOUT_S, cwd=REPO,
                        stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, f"jizhi.tune exited {r.returncode}\n{r.stderr}\n{r.stdout}"
+    assert r.returncode == 0, f"jizhi.tools.tune exited {r.returncode}\n{r.stderr}\n{r.stdout}"
     report = json.loads((out / REPORT).read_text())
     assert report["status"] == "done"
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from jizhi.bundle import Bundle
-from jizhi.demo import FAULTS, init_demo, publish, stage_version
+from jizhi.tools.demo import FAULTS, init_demo, publish, stage_version
 from jizhi.errors import BundleError
-from jizhi.reference import ReferenceScorer
+from jizhi.tools.reference import ReferenceScorer
 from jizhi.validate import CHECKS
 
 USERS = 500

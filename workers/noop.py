@@ -1,6 +1,6 @@
 """noop: stages that do (almost) no work, for measuring the broker itself.
 
-Used by the broker micro-benchmark (``python -m jizhi.microbench``): a chain
+Used by the broker micro-benchmark (``python -m jizhi.tools.microbench``): a chain
 of ``Passthrough`` stages ending in ``Noop`` costs what routing costs (the
 event to the worker, the DONE back, the arena reads and writes of a tiny
 column) and nothing else, so events routed per second and CPU per stage hop

@@ -7,7 +7,7 @@ of requests against such a bundle. ``stage_version`` and ``publish`` make
 further versions of a demo bundle (other dense weights, or deliberately bad
 ones for tests) and drop them into the watch directory the way a model
 pipeline should: copy into ``<models>/.incoming/``, then one rename.
-``write_head`` (and ``python -m jizhi.demo head``) writes a head bundle: a
+``write_head`` (and ``python -m jizhi.tools.demo head``) writes a head bundle: a
 dense graph of its own served on the demo's features (docs/formats.md).
 
 The demo model is a small DLRM: 13 dense user features; user fields
@@ -340,7 +340,7 @@ def _dense_model(weights, f_user, f_item, sigmoid=True, layers=_LAYERS, dense_fe
         logit = "prob"
     nodes.append(helper.make_node("Squeeze", [logit, "axis1"], ["score"]))
 
-    return bundle_model(nodes, initializers, graph_name, "jizhi.demo", dense_features, f_user, f_item, dim)
+    return bundle_model(nodes, initializers, graph_name, "jizhi.tools.demo", dense_features, f_user, f_item, dim)
 
 
 def bundle_model(nodes, initializers, graph_name, producer, dense_features, f_user, f_item, dim):
@@ -375,7 +375,7 @@ def _calibrate(seed, version_dir, weights, user_ids, item_ids, dense=None, last=
     manifest), the profiles and cube the head is scored on. Returns the new
     weights.
     """
-    from jizhi.reference import ReferenceScorer
+    from jizhi.tools.reference import ReferenceScorer
 
     rng = _rng(seed, _S_CALIBRATION)
     cdf = _zipf_cdf(item_ids.shape[0], _ZIPF_POPULARITY)
@@ -533,7 +533,7 @@ def generate_trace(bundle_dir, path, requests=2000, candidates=500, spearman=0.8
     with ``np.savez`` (the zip's timestamps make the file bytes, not the
     arrays, differ between runs).
     """
-    from jizhi.reference import ReferenceScorer
+    from jizhi.tools.reference import ReferenceScorer
 
     if not -1.0 <= spearman <= 1.0:
         raise ValueError(f"spearman {spearman} is not in [-1, 1]")
@@ -603,7 +603,7 @@ def _read_demo_manifest(version_dir):
                    for f in manifest.get("fields", []))
     files = [(e["path"], e["size"], e["sha256"]) for e in manifest.get("files", [])]
     if not files or _manifest_text(fields, files, manifest.get("name", ""), manifest.get("version", 0)) != text:
-        raise ValueError(f"{path}: not a complete manifest written by jizhi.demo")
+        raise ValueError(f"{path}: not a complete manifest written by jizhi.tools.demo")
     return manifest, fields
 
 
@@ -892,7 +892,7 @@ def write_head(models_dir, name, version=1, base=None, hidden=HEAD_HIDDEN, seed=
     return version_dir
 
 
-# --- python -m jizhi.demo -----------------------------------------------------
+# --- python -m jizhi.tools.demo -----------------------------------------------------
 
 def _widths(text):
     try:
@@ -905,7 +905,7 @@ def _widths(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jizhi.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jizhi.tools.demo", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     h = commands.add_parser(
         "head", help="write a head bundle (dense only) on the demo's features",
@@ -935,10 +935,10 @@ def main(argv=None):
         path = write_head(args.models, args.name, version=args.version, base=args.base, hidden=args.hidden,
                           seed=args.seed, progress=not args.quiet)
     except FileExistsError as e:
-        print(f"python -m jizhi.demo head: {e} exists already (choose another --version)", file=sys.stderr)
+        print(f"python -m jizhi.tools.demo head: {e} exists already (choose another --version)", file=sys.stderr)
         return 2
     except (BundleError, ValueError) as e:
-        print(f"python -m jizhi.demo head: {e}", file=sys.stderr)
+        print(f"python -m jizhi.tools.demo head: {e}", file=sys.stderr)
         return 2
     print(f"head: {path}")
     print(f'a pipeline on its base serves it with a stage:\n  [[stage]]\n  processor = "model_inference"\n'

@@ -1,7 +1,7 @@
 """A DLRM-shaped dense model: in bundle input form, and as a team exports it with its tables.
 
 Runs offline, in the process that calls it (tests, the structured-features
-benchmark, ``python -m jizhi.dlrm make``). Two builders of one network:
+benchmark, ``python -m jizhi.tools.dlrm make``). Two builders of one network:
 
 * ``build`` returns a ``dense.onnx`` ModelProto with the inputs of
   docs/formats.md: ``dense`` f32[U,13], ``user_emb`` f32[U,F_user,dim],
@@ -36,10 +36,10 @@ fan_out)), b ~ N(0, 1/fan_out); each layer draws from its own stream
 ``default_rng([seed, layer])``, so the same arguments give the same bytes,
 and both builders give the same layers for the same seed.
 
-``python -m jizhi.dlrm make OUT_DIR`` (``make``) writes ``model.onnx`` and
+``python -m jizhi.tools.dlrm make OUT_DIR`` (``make``) writes ``model.onnx`` and
 ``fields.toml`` of ``build_with_tables``, imports them with jizhi's
 importer into ``OUT_DIR/models/dlrm/1``, writes a request trace
-``OUT_DIR/trace.npz`` (``jizhi.demo.generate_trace``) and two pipeline
+``OUT_DIR/trace.npz`` (``jizhi.tools.demo.generate_trace``) and two pipeline
 files, ``OUT_DIR/dlrm.toml`` (structured features on) and
 ``OUT_DIR/dlrm_per_pair.toml`` (``structured = false``: every stage per pair).
 """
@@ -53,7 +53,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jizhi.demo import ONNX_IR_VERSION, ONNX_OPSET, bundle_model
+from jizhi.tools.demo import ONNX_IR_VERSION, ONNX_OPSET, bundle_model
 
 DENSE_FEATURES = 13
 BOTTOM = (512, 256)   # hidden widths; the last bottom layer outputs ``dim``
@@ -172,7 +172,7 @@ def build(seed, dim=64, n_user_fields=8, n_item_fields=8, *, sigmoid=True):
                       net.const(f"{name}.end", np.array([k + 1], dtype=np.int64)), "axis1"], [name]))
     out = net.interaction_and_top(bottom, vectors, sigmoid)
     net.node("Squeeze", [out, "axis1"], ["score"])
-    return bundle_model(net.nodes, net.initializers, "jizhi_dlrm", "jizhi.dlrm", DENSE_FEATURES, n_user_fields,
+    return bundle_model(net.nodes, net.initializers, "jizhi_dlrm", "jizhi.tools.dlrm", DENSE_FEATURES, n_user_fields,
                         n_item_fields, dim)
 
 
@@ -277,7 +277,7 @@ def build_with_tables(seed, dim=64, n_user_fields=8, n_item_fields=8, vocab=None
     graph = helper.make_graph(net.nodes, "jizhi_dlrm_tables", inputs,
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["B", 1])],
                               initializer=net.initializers)
-    model = helper.make_model(graph, producer_name="jizhi.dlrm", producer_version="1",
+    model = helper.make_model(graph, producer_name="jizhi.tools.dlrm", producer_version="1",
                               opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
     model.ir_version = ONNX_IR_VERSION
     onnx.checker.check_model(model, full_check=True)
@@ -286,7 +286,7 @@ def build_with_tables(seed, dim=64, n_user_fields=8, n_item_fields=8, vocab=None
 
 def fields_toml(fields, output="prob"):
     """FIELDS.toml text (docs/formats.md, "Importing a model") for ``build_with_tables``' model."""
-    lines = ["# FIELDS.toml of jizhi.dlrm.build_with_tables: what every input of the model is",
+    lines = ["# FIELDS.toml of jizhi.tools.dlrm.build_with_tables: what every input of the model is",
              f'output = "{output}"', "", "[dense]", f'input = "{DENSE_INPUT}"', 'side = "user"',
              f"features = {DENSE_FEATURES}"]
     for f in fields:
@@ -305,7 +305,7 @@ def pipeline_text(name, structured=True, pool=2, batch=8, batch_wait_ms=3):
     ``structured``: the pipeline's ``structured`` (False: every stage per pair, jizhi/pipeline.py).
     """
     lines = [
-        "# The imported DLRM (python -m jizhi.dlrm make), fused like etc/pipelines/demo.toml;",
+        "# The imported DLRM (python -m jizhi.tools.dlrm make), fused like etc/pipelines/demo.toml;",
         "# structured features " + ("on (the default)." if structured else
                                     "off: every stage works per pair, for comparison."),
         f'name = "{name}"', f'model = "{MODEL_NAME}"', 'version = "latest"', 'on_unknown = "default"',
@@ -341,10 +341,10 @@ def make(out_dir, *, seed=0, dim=64, n_user_fields=8, n_item_fields=8, vocab=Non
 
     ``out_dir/model.onnx`` and ``fields.toml`` (``build_with_tables(seed,
     dim, n_user_fields, n_item_fields, vocab)``), imported by
-    ``jizhi.importer.import_model`` (what ``jizhictl import`` runs: ``users``
+    ``jizhi.tools.importer.import_model`` (what ``jizhictl import`` runs: ``users``
     and ``items`` generated profiles, ``check_pairs`` pairs checked against
     the original model) into ``out_dir/models/dlrm/1``; with
-    ``trace_requests``, ``out_dir/trace.npz`` by ``jizhi.demo.generate_trace``
+    ``trace_requests``, ``out_dir/trace.npz`` by ``jizhi.tools.demo.generate_trace``
     (users uniform, ``candidates`` items per request by Zipf popularity,
     recall scores at Spearman ``spearman`` with the reference scores); the
     pipeline files ``out_dir/dlrm.toml`` and ``out_dir/dlrm_per_pair.toml``
@@ -352,8 +352,8 @@ def make(out_dir, *, seed=0, dim=64, n_user_fields=8, n_item_fields=8, vocab=Non
     BundleError when the import fails (it then leaves no version).
     """
     from jizhi.bundle import write_text
-    from jizhi.demo import generate_trace
-    from jizhi.importer import import_model
+    from jizhi.tools.demo import generate_trace
+    from jizhi.tools.importer import import_model
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     models_dir = os.path.join(out_dir, "models")
@@ -388,7 +388,7 @@ def _size_text(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jizhi.dlrm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jizhi.tools.dlrm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     m = commands.add_parser("make", help="model.onnx with its tables -> jizhictl import -> bundle, trace, pipelines",
                             description=make.__doc__.split("\n\n")[0])
@@ -416,10 +416,10 @@ def main(argv=None):
                     check_pairs=args.check_pairs, trace_requests=args.trace_requests, candidates=args.candidates,
                     spearman=args.spearman, pool=args.pool, progress=not args.quiet)
     except FileExistsError as e:
-        print(f"python -m jizhi.dlrm make: {e} exists already (choose another OUT_DIR)", file=sys.stderr)
+        print(f"python -m jizhi.tools.dlrm make: {e} exists already (choose another OUT_DIR)", file=sys.stderr)
         return 2
     except (BundleError, ValueError) as e:
-        print(f"python -m jizhi.dlrm make: {e}", file=sys.stderr)
+        print(f"python -m jizhi.tools.dlrm make: {e}", file=sys.stderr)
         return 2
     print(f"model:     {made.model} ({_size_text(made.model)})")
     print(f"fields:    {made.fields}")

@@ -17,14 +17,14 @@ One run, on the time axis of the load (seconds from its first arrival):
   **switch window** of a reload is ``[t_rename, t_released + 1 s]``;
 * after the last release, ``--after`` seconds more of load, then a drain.
 
-Load: open loop, as ``jizhictl bench`` (jizhi/bench.py): Poisson arrivals at
+Load: open loop, as ``jizhictl bench`` (jizhi/tools/bench.py): Poisson arrivals at
 ``--rate`` from one DEALER socket, the trace's requests in order, latency
 from each request's *intended* send time, errors by wire code, and *lost*
 for no reply within deadline + 1 s. The run's length is not known in advance
 (it depends on how long the reloads take), so the requests are encoded a
 little ahead of their send time instead of all before the start (~6 us each).
 The versions are staged (copied into ``<models>/.incoming`` with new dense
-weights, ``jizhi.demo.stage_version``, ~66 MB each for the demo) *before* the
+weights, ``jizhi.tools.demo.stage_version``, ~66 MB each for the demo) *before* the
 load starts: copying and hashing in the generator's process while it sends
 would charge the generator's own stalls to the server. Publishing is the
 rename alone, as a training pipeline does it.
@@ -82,7 +82,7 @@ import numpy as np
 import zmq
 
 from jizhi import protocol
-from jizhi.bench import drain_replies, load_socket, machine_busy_s
+from jizhi.tools.bench import drain_replies, load_socket, machine_busy_s
 
 WARMUP_S = 3.0               # load before the steady window, not counted
 RELEASE_TAIL_S = 1.0         # the switch window ends this long after the release
@@ -510,7 +510,7 @@ class ReloadDriver(threading.Thread):
         return {v["version"]: v for v in summary[self.model]["versions"]}
 
     def drive(self):
-        from jizhi.demo import publish
+        from jizhi.tools.demo import publish
         t_next = self.first_publish_at
         old = self.serving
         for n, (version, staged) in enumerate(self.staged, 1):
@@ -958,9 +958,9 @@ def bench_reload_command(endpoint, run_dir, models_dir, pipeline, trace_path, bu
           --models /tmp/rb/models --trace trace.npz --rate 160 --json reload.json
     """
     from jizhi import control
-    from jizhi.bench import Progress, ServerCpu, Trace, environment, resolve_bundle, wait_for_quiet
+    from jizhi.tools.bench import Progress, ServerCpu, Trace, environment, resolve_bundle, wait_for_quiet
     from jizhi.client import Client
-    from jizhi.demo import stage_version
+    from jizhi.tools.demo import stage_version
 
     if trace_path and requests:
         raise click.UsageError("give --trace or --requests (with --bundle), not both")
@@ -1009,7 +1009,7 @@ def bench_reload_command(endpoint, run_dir, models_dir, pipeline, trace_path, bu
     if not trace_path:
         import tempfile
 
-        from jizhi.demo import generate_trace
+        from jizhi.tools.demo import generate_trace
         tmp = tempfile.NamedTemporaryFile(prefix="jizhi-trace-", suffix=".npz", delete=False)
         tmp.close()
         trace_path = tmp.name
@@ -1103,4 +1103,4 @@ def bench_reload_command(endpoint, run_dir, models_dir, pipeline, trace_path, bu
 
 
 if __name__ == "__main__":
-    bench_reload_command(prog_name="python -m jizhi.reloadbench")
+    bench_reload_command(prog_name="python -m jizhi.tools.reloadbench")

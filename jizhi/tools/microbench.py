@@ -1,4 +1,4 @@
-"""The broker micro-benchmark: ``python -m jizhi.microbench``.
+"""The broker micro-benchmark: ``python -m jizhi.tools.microbench``.
 
 Measures what routing costs, with stages that do no work: events routed per
 second and CPU per stage hop, with the workers' prefetch window at 1 against
@@ -49,7 +49,7 @@ import numpy as np
 import zmq
 
 from jizhi import arena, protocol
-from jizhi.bench import ServerCpu, environment, load_socket, machine_busy_s, self_cpu_s, wait_for_quiet
+from jizhi.tools.bench import ServerCpu, environment, load_socket, machine_busy_s, self_cpu_s, wait_for_quiet
 from jizhi.client import Client
 
 READY_TIMEOUT_S = 120.0
@@ -263,7 +263,7 @@ def run(args):
     work = Path(tempfile.mkdtemp(prefix="jizhi-microbench-"))
     results = []
     try:
-        from jizhi.demo import init_demo
+        from jizhi.tools.demo import init_demo
         print(f"microbench: demo bundle in {work}", file=sys.stderr)
         version_dir = init_demo(work / "demo", users=500, items=5000, progress=False)
         models = work / "demo" / "models"
@@ -325,7 +325,7 @@ def _ints(text):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        prog="python -m jizhi.microbench",
+        prog="python -m jizhi.tools.microbench",
         description="Broker micro-benchmark: events routed per second and CPU per stage hop through a chain of "
                     "no-op stages, for each prefetch window and micro-batch size. Starts and stops its own jizhid "
                     "per prefetch value (a demo bundle in a temporary directory).")

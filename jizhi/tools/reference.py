@@ -1,6 +1,6 @@
 """The reference scorer: a direct, independent computation of a bundle's scores.
 
-Runs offline, in one process (tests, ``jizhi.demo`` when it calibrates the
+Runs offline, in one process (tests, ``jizhi.tools.demo`` when it calibrates the
 demo model and generates a trace, the ceiling). It shares no code with the
 serving stages beyond the signature hash and the bundle format, so the
 serving pipeline can be checked against it. It holds the whole cube in RAM;

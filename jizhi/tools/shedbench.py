@@ -61,7 +61,7 @@ def run_timeline(endpoint, trace, pipeline, times, *, deadline_ms=1000, top_k=10
     Returns ``{"rows", "due", "latency_ms", "status" (ok|code|lost), "shed_ratio", "ids" (the
     returned item ids of each OK reply), "info": [(t, info)]}``; every request is answered or counted lost (no reply within
     its deadline + 1 s)."""
-    from jizhi.bench import load_socket
+    from jizhi.tools.bench import load_socket
     ctx = zmq.Context.instance()
     sock = load_socket(endpoint, ctx)
     probe = ctx.socket(zmq.DEALER)
@@ -243,7 +243,7 @@ def _command():
           jizhictl bench-shape --trace trace.npz --pipeline demo_shed --peak-rate 1400 --plot day.png
           jizhictl bench-shape --trace trace.npz --shape step --base-rate 300 --peak-rate 1500
         """
-        from jizhi.bench import Trace
+        from jizhi.tools.bench import Trace
         trace = Trace(trace_path)
         if duration is None:
             duration = {"diurnal": period, "step": step_at + 2 * step_s, "constant": 60.0}[shape]

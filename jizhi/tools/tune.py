@@ -27,7 +27,7 @@ An **evaluation** (``Testbed.measure``) starts its own jizhid (a fresh
 instance name, a free loopback port, a private run directory, the config with
 ``metrics.listen = ""``), waits until it is ready, every pool is full and
 the hot tier's first generation is built, then runs one open-loop point of
-``jizhi.bench.LoadGenerator``: ``--warmup`` seconds not counted, ``--duration``
+``jizhi.tools.bench.LoadGenerator``: ``--warmup`` seconds not counted, ``--duration``
 seconds measured at ``--rate`` requests/s, with the CPU of every process of
 the run read from /proc (``ServerCpu``). Every evaluation replays the same
 requests at the same arrival times (a fresh generator per daemon), so the
@@ -443,7 +443,7 @@ class Testbed:
         and measure again (``retries`` times) when they used more while it ran.
         Noise inflates both CPU per pair and p99, so a disturbed record is not kept
         when a clean one can be had; the earlier attempts stay in the record."""
-        from jizhi.bench import wait_for_quiet
+        from jizhi.tools.bench import wait_for_quiet
         earlier = []
         for attempt in range(self.retries + 1):
             if self.max_other_cores is not None:
@@ -467,7 +467,7 @@ class Testbed:
         (0: unset; None: inherited from this process, the shipped default);
         ``hot_tier_mb``: to know whether to wait for the first hot tier.
         """
-        from jizhi.bench import LoadGenerator, ServerCpu
+        from jizhi.tools.bench import LoadGenerator, ServerCpu
         self.count += 1
         instance = f"tune{os.getpid()}n{self.count}"
         files = self.work_dir / "evals" / tag
@@ -578,7 +578,7 @@ class Testbed:
         """SIGTERM, a bounded wait, then SIGKILL to the run's process group; then
         the instance's /dev/shm entries (removed if any, and reported)."""
         from jizhi import arena
-        from jizhi.bench import ServerCpu
+        from jizhi.tools.bench import ServerCpu
         out = {"killed": False}
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -720,7 +720,7 @@ def run_tune(*, trace_path, slo_ms, rate, evals, duration_s, warmup_s, repeats, 
     import warnings
 
     from jizhi import config as config_mod
-    from jizhi.bench import Trace, check_trace_length, environment
+    from jizhi.tools.bench import Trace, check_trace_length, environment
     from jizhi.errors import ConfigError, PipelineError
     from jizhi.pipeline import compile_pipeline, pipeline_path, read_pipeline
 
@@ -998,4 +998,4 @@ def tune_command(trace_path, slo_ms, rate, evals, duration_s, warmup_s, repeats,
 
 
 if __name__ == "__main__":
-    tune_command(prog_name="python -m jizhi.tune")
+    tune_command(prog_name="python -m jizhi.tools.tune")

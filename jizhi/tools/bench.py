@@ -1042,7 +1042,7 @@ def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, 
     version_dir = resolve_bundle(bundle) if bundle else None
     tmp = None
     if not trace_path:
-        from jizhi.demo import generate_trace
+        from jizhi.tools.demo import generate_trace
         tmp = tempfile.NamedTemporaryFile(prefix="jizhi-trace-", suffix=".npz", delete=False)
         tmp.close()
         trace_path = tmp.name
@@ -1155,4 +1155,4 @@ def _load(endpoint, pipeline, trace_path, rate, rates, find_max_flag, start_rate
 
 
 if __name__ == "__main__":
-    bench_command(prog_name="python -m jizhi.bench")
+    bench_command(prog_name="python -m jizhi.tools.bench")

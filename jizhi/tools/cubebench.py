@@ -72,7 +72,7 @@ def request_key_sets(version_dir, trace_path=None, requests=500, candidates=500,
 
     tmp = None
     if trace_path is None:
-        from jizhi.demo import generate_trace
+        from jizhi.tools.demo import generate_trace
         fd, tmp = tempfile.mkstemp(prefix="jizhi-cube-bench-", suffix=".npz")
         os.close(fd)
         if log:
@@ -143,7 +143,7 @@ def key_batches(cube_keys, batch, count, weights=None, seed=0):
 # --- timing -------------------------------------------------------------------------
 
 def _busy_s():
-    from jizhi.bench import machine_busy_s
+    from jizhi.tools.bench import machine_busy_s
     return machine_busy_s()
 
 
@@ -195,7 +195,7 @@ def run(cube=None, bundle=None, batch=4096, duration_s=3.0, repeats=5, draw="tra
     directory, model directory or demo directory) whose trace weights the
     keys. ``draw``: "trace" (needs a bundle; a bare cube is drawn uniformly) or "uniform".
     """
-    from jizhi.bench import environment
+    from jizhi.tools.bench import environment
     from jizhi.cube.store import Cube
     from jizhi.cube.table import RamTable
 

@@ -52,7 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 from jizhi.bundle import FORMAT, KINDS, Bundle, file_entries, save_array, save_field, toml_value, write_text
 from jizhi.cube.build import Table, TableError, build_cube
 from jizhi.cube.signature import sign, sign_padded
-from jizhi.demo import _distinct_ids, _Progress
+from jizhi.tools.demo import _distinct_ids, _Progress
 from jizhi.errors import BundleError
 from jizhi.pipeline import load_class
 from jizhi.workers.stage import Batch

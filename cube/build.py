@@ -16,6 +16,8 @@ transaction in memory; ``build_cube`` makes a cube from input tables
 refuses bad input with a ``TableError`` that names the file and the reason.
 """
 import os
+import shutil
+import tomllib
 
 import lmdb
 import numpy as np
@@ -243,7 +245,7 @@ def _open_npz(path):
 
 
 def _open_parquet(path):
-    try:
+    try:     # an optional dependency (the parquet extra), imported only by the table that needs it
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
@@ -322,7 +324,6 @@ class CubePlan:
 
     def write(self, txn_entries=None, progress=None):
         """Write the cube (see ``build_cube``); returns {"keys", "dim", "transactions", "bytes"}."""
-        import shutil
         out_dir, dim, count = self.out_dir, self.dim, len(self)
         if os.path.lexists(out_dir):
             raise TableError(f"{out_dir} exists already (a cube is written into a new directory)")
@@ -472,7 +473,6 @@ def locate_cube(path):
             version = os.path.join(p, str(max(versions)))
     if version is None:
         raise TableError(f"{path}: neither a cube (no data.mdb) nor a bundle version (no manifest.toml)")
-    import tomllib
     with open(os.path.join(version, "manifest.toml"), "rb") as f:
         try:
             dim = int(tomllib.load(f).get("dim", 0)) or None

@@ -16,12 +16,21 @@ committed state, never a half-written one).
 if __name__ == "__main__":
     from jizhi import lifeline
     lifeline.hold()   # first, before the imports below: this process must never outlive jizhid
+import argparse
+import logging
 import os
+import signal
+import sys
+import time
 
 import lmdb
 import numpy as np
 
+from jizhi import logs
+from jizhi.cube.hot import Control, KeyCounts
+from jizhi.cube.remote import open_backend
 from jizhi.cube.store import getmulti
+from jizhi.stats import Stats
 
 DEFAULT_MAP_BYTES = 1 << 30
 
@@ -157,13 +166,6 @@ def manage_main(argv=None):
     remote backend in one batch. While the version's hot tier (``--hot-control``)
     holds the whole cube, nothing reads the disk cache, and the manager idles.
     """
-    import argparse
-    import signal
-    import time
-
-    from jizhi.cube.hot import KeyCounts
-    from jizhi.cube.remote import open_backend
-    from jizhi.stats import Stats
     ap = argparse.ArgumentParser(prog="python -m jizhi.cube.cache", description=manage_main.__doc__.split("\n")[0])
     ap.add_argument("--env", required=True, help="the cache's LMDB directory (created)")
     ap.add_argument("--remote", required=True, help="the backend URL (cube/remote.py)")
@@ -175,9 +177,6 @@ def manage_main(argv=None):
     ap.add_argument("--interval-s", type=float, default=1.0)
     ap.add_argument("--hot-control", help="the version's hot-tier control segment (idle while it is whole)")
     args = ap.parse_args(argv)
-    import logging
-
-    from jizhi import logs
     logs.setup("jizhi.cube.cache")
     log = logging.getLogger("jizhi.cube.cache")
     running = [True]
@@ -194,7 +193,6 @@ def manage_main(argv=None):
     while running[0]:
         time.sleep(args.interval_s)
         if args.hot_control and control is None:
-            from jizhi.cube.hot import Control
             try:
                 control = Control(args.hot_control)
             except FileNotFoundError:
@@ -220,5 +218,4 @@ def manage_main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(manage_main())

@@ -38,7 +38,7 @@ import time
 import numpy as np
 from numba import njit
 
-from jizhi.arena import map_segment
+from jizhi import shm
 
 MAGIC = 0x4A5A484F54  # "JZHOT"
 HEADER_WORDS = 8
@@ -209,7 +209,7 @@ class HotTable:
 
     def __init__(self, name):
         self.name = name
-        self.mm, _ = map_segment(name, writable=False)
+        self.mm, _ = shm.attach(name, writable=False)
         self.header, self.keys, self.vals = _views(self.mm)
         self.capacity = int(self.header[1])
         self.dim = int(self.header[2])
@@ -230,7 +230,7 @@ def fill(name, keys, vectors, generation):
     n = keys.shape[0]
     capacity = capacity_for(n)
     dim = vectors.shape[1]
-    mm, _ = map_segment(name, size=table_bytes(capacity, dim))
+    mm, _ = shm.attach(name, size=table_bytes(capacity, dim))
     try:
         header = np.ndarray((HEADER_WORDS,), dtype=np.int64, buffer=mm)
         header[1], header[2], header[3], header[5] = capacity, dim, n, generation
@@ -246,14 +246,13 @@ def fill(name, keys, vectors, generation):
 def private_table(keys, vectors):
     """A table of all of ``keys`` in a fresh segment, mapped and already unlinked: this process's
     own (the storage micro-benchmark, the ceiling); nothing is left in /dev/shm whatever happens next."""
-    from jizhi import arena
-    name = f"{arena.PREFIX}private-{os.getpid()}-{time.monotonic_ns()}.hot.g1"
-    arena.create(name, table_bytes(capacity_for(keys.shape[0]), vectors.shape[1]))
+    name = f"{shm.PREFIX}private-{os.getpid()}-{time.monotonic_ns()}.hot.g1"
+    shm.create(name, table_bytes(capacity_for(keys.shape[0]), vectors.shape[1]))
     try:
         fill(name, keys, vectors, 1)
         return HotTable(name)
     finally:
-        arena.unlink(name)
+        shm.unlink(name)
 
 
 class Control:
@@ -261,7 +260,7 @@ class Control:
 
     def __init__(self, name, writable=False):
         self.name = name
-        self.mm, _ = map_segment(name, writable)
+        self.mm, _ = shm.attach(name, writable)
         self.words = np.ndarray((CTL_WORDS,), dtype=np.int64, buffer=self.mm)
 
     @property
@@ -471,18 +470,17 @@ def build_main(argv=None):
             # a remote cube that fits the budget is held whole, as a local one is: listed from its shards
             keys, total = cube.all_keys(), count
     else:
-        from jizhi.cube.store import open_cube
+        from jizhi.cube.store import cube_keys, open_cube
         cube = open_cube(args.cube, args.dim)
         keys = np.load(args.keys) if args.keys else cube_keys(cube)
         total = keys.shape[0]
     keys = np.unique(keys[:max_keys].astype(np.uint64))
     vectors, found = cube.lookup(keys)
     keys, vectors = keys[found], vectors[found]
-    from jizhi import arena
     from jizhi.errors import ShmFull
     capacity = capacity_for(keys.shape[0])
     try:
-        arena.create(args.segment, table_bytes(capacity, args.dim))
+        shm.create(args.segment, table_bytes(capacity, args.dim))
     except ShmFull as e:
         print(json.dumps({"error": str(e)}))    # the supervisor logs it with the exit code
         return 1
@@ -491,13 +489,6 @@ def build_main(argv=None):
                       "bytes": table_bytes(capacity, args.dim),
                       "build_ms": round((time.monotonic() - t0) * 1000, 1)}))
     return 0
-
-
-def cube_keys(cube):
-    """Every key of a cube, from one read-only cursor pass (the builder's, not the hot path)."""
-    with cube.env.begin(buffers=True) as txn:
-        raw = b"".join(bytes(k) for k in txn.cursor().iternext(keys=True, values=False))
-    return np.frombuffer(raw, dtype="<u8").copy()
 
 
 # Compile at import, not in the first request.

@@ -1,12 +1,10 @@
-"""Cube backends that are not a local, immutable LMDB file: the interface and a slow local one.
+"""Cube backends that are not a local, immutable LMDB file: a slow local one, and each from its URL.
 
-A remote backend answers batch lookups of sorted unique signatures:
-``lookup(keys uint64[K]) -> (vectors float32[K, dim], found bool[K])``,
-missing keys reading the default vector (zeros). Every round trip costs
-latency, so the levels above it (cube/cache.py: the local disk cache, and the
-shared-memory hot tier) exist to avoid calling it. A later backend speaks to
-Redis Cluster; ``SlowLocal`` stands in for it in tests and benchmarks: a
-local LMDB cube behind a deliberate delay per call and per key.
+A remote backend (the interface: cube/backend.py) answers batch lookups of
+sorted unique signatures, missing keys reading the default vector (zeros).
+``RedisCube`` (cube/redis.py) speaks to Redis Cluster; ``SlowLocal`` stands
+in for it in tests and benchmarks: a local LMDB cube behind a deliberate
+delay per call and per key.
 
 URLs (``open_backend``):
 
@@ -17,28 +15,7 @@ URLs (``open_backend``):
 import time
 from urllib.parse import parse_qs, urlparse
 
-
-class Backend:
-    """The interface. ``calls`` and ``keys_read`` count round trips and keys asked for."""
-
-    dim = 0
-
-    def __init__(self):
-        self.calls = 0
-        self.keys_read = 0
-
-    def lookup(self, keys):
-        raise NotImplementedError
-
-    def key_count(self):
-        """Keys of the whole cube when the backend can list them (``all_keys``), else -1."""
-        return -1
-
-    def all_keys(self):
-        raise NotImplementedError
-
-    def close(self):
-        pass
+from jizhi.cube.backend import Backend
 
 
 class SlowLocal(Backend):
@@ -46,7 +23,7 @@ class SlowLocal(Backend):
 
     def __init__(self, path, dim, delay_ms=2.0, per_key_us=0.0):
         super().__init__()
-        from jizhi.cube.store import Cube
+        from jizhi.cube.store import Cube       # (imported here for the reason given in open_backend)
         self.cube = Cube(path, dim, reader="liblmdb")
         self.dim = int(dim)
         self.delay_s = float(delay_ms) / 1000.0
@@ -83,6 +60,8 @@ def open_backend(url, dim, background=False):
         return SlowLocal(u.path, dim, delay_ms=float(q.get("delay_ms", 2.0)),
                          per_key_us=float(q.get("per_key_us", 0.0)))
     if u.scheme == "redis":
+        # Imported here, not at the top: the supervisor imports this module for remote_url and never
+        # reads a cube, and these modules compile Numba kernels at import (seconds on a cold cache).
         from jizhi.cube.redis import RedisCube
         return RedisCube(url, dim, timeout_ms=BACKGROUND_TIMEOUT_MS if background else None, background=background)
     raise ValueError(f"unknown cube backend {url!r} (known: slow+file://PATH?delay_ms=..&per_key_us=.., "

@@ -108,6 +108,13 @@ def getmulti(env, keys, dim):
     return out, found
 
 
+def cube_keys(cube):
+    """Every key of a cube, from one read-only cursor pass (a builder's or the push's, not the hot path)."""
+    with cube.env.begin(buffers=True) as txn:
+        raw = b"".join(bytes(k) for k in txn.cursor().iternext(keys=True, values=False))
+    return np.frombuffer(raw, dtype="<u8").copy()
+
+
 def open_cube(path, dim):
     """The process's one Cube for ``path`` (opening an env twice is illegal)."""
     key = str(path)

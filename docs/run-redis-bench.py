@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from jizhi.tools.bench import Trace, proc_cpu_s                           # noqa: E402
 from jizhi.bundle import Bundle                                     # noqa: E402
 from jizhi.cube import redis as R                                   # noqa: E402
+from jizhi.cube.push import push                                       # noqa: E402
 from jizhi.tools.cubebench import request_key_sets                       # noqa: E402
 from jizhi.cube.build import read_all                               # noqa: E402
 from jizhi.tools.redis_local import LocalCluster                          # noqa: E402
@@ -89,7 +90,7 @@ def client_cpu(cluster, bundle, sets, strategies):
     keys, vectors = read_all(bundle.cube_path)
     out = {}
     for strategy in strategies:
-        R.push([bundle], cluster.url, strategy)
+        push([bundle], cluster.url, strategy)
         cube = R.RedisCube(f"{cluster.url}/{bundle.name}/{bundle.version}", bundle.dim, timeout_ms=5000)
         for q in sets[:5]:
             cube.lookup(q)
@@ -167,7 +168,7 @@ def serve_point(args, cluster, work, name, setting, remote, rate, seed, trace):
 
 def capacities(args, cluster, work, bundle, trace, settings):
     """{setting: {"local": req/s, "redis-S": req/s}}: find-max of each, settings in turn."""
-    R.push([bundle], cluster.url, args.capacities)
+    push([bundle], cluster.url, args.capacities)
     url = f"{cluster.url}/{{name}}/{{version}}?timeout_ms=50"
     out = {}
     for setting in settings:
@@ -270,7 +271,7 @@ def main():
                     configs.reverse()
                 for name, strategy in configs:
                     if strategy:
-                        R.push([bundle], cluster.url, strategy)
+                        push([bundle], cluster.url, strategy)
                     seed += 1
                     p = serve_point(args, cluster, work, name, setting, url if strategy else None, rate, seed, trace)
                     p["round"] = rnd

@@ -49,7 +49,8 @@ from jizhi.tools.bench import Trace                                             
 from jizhi.tools.demo import generate_trace                                     # noqa: E402
 from jizhi.tools.reference import ReferenceScorer                               # noqa: E402
 from jizhi.tools.shedbench import arrivals, plot_timeline, rate_fn, run_timeline, timeline_series   # noqa: E402
-from jizhi.tools.shedtrain import save_policy, train                             # noqa: E402
+from jizhi.shedding import save_policy                                          # noqa: E402
+from jizhi.tools.shedtrain import train                                         # noqa: E402
 
 class Truth:
     """Reference top-10 of trace rows, scored in full offline (cached per row)."""

@@ -20,7 +20,7 @@ mkdir -p "$W"
 [ -f "$TRACE" ] || $PY -c "from jizhi.tools.demo import generate_trace; generate_trace('$MODELS/demo/1', '$TRACE', requests=30000, candidates=500)"
 echo "start $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$W/run.log"
 
-# `jizhictl tune` once jizhi/cli.py registers it; the module itself otherwise (the same command).
+# `jizhictl tune` (jizhi/tools/commands.py registers it); the module itself otherwise (the same command).
 if .venv/bin/jizhictl tune --help > /dev/null 2>&1; then TUNE=(.venv/bin/jizhictl tune); else TUNE=($PY -m jizhi.tools.tune); fi
 set +e
 "${TUNE[@]}" --models "$MODELS" --trace "$TRACE" --pipeline etc/pipelines/demo.toml \

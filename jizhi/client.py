@@ -65,18 +65,10 @@ import numpy as np
 import zmq
 
 from jizhi import protocol
+from jizhi.endpoints import split as split_endpoints
 from jizhi.errors import RETRIABLE, RequestError
 
 BACKOFF_MAX_FACTOR = 16   # a node that keeps timing out is probed every 16 x backoff_s at most
-
-
-def split_endpoints(endpoint):
-    """``"tcp://a,tcp://b"`` or ``["tcp://a", "tcp://b"]`` -> ``["tcp://a", "tcp://b"]`` (blanks dropped)."""
-    parts = endpoint.split(",") if isinstance(endpoint, str) else list(endpoint)
-    out = [p.strip() for p in parts if p and p.strip()]
-    if not out:
-        raise ValueError(f"no endpoint in {endpoint!r}")
-    return out
 
 
 class Reply:

@@ -1,10 +1,11 @@
 """Configuration: one table of settings that documents and checks itself.
 
 Each setting declares its name (``section.key`` in ``jizhi.toml``), type,
-default, validator and description. ``jizhid --check-config`` and the settings
-reference in docs/configuration.md both come from ``SETTINGS``. Loading
-validates everything before anything is applied; the caller keeps its last
-good config when ``load`` raises ``ConfigError``.
+default, validator and description. ``jizhid --check-config`` prints its
+reference from ``SETTINGS`` (``describe``); docs/configuration.md is the same
+table, with the rules of the file (types, flags, reload), and changes with it.
+Loading validates everything before anything is applied; the caller keeps its
+last good config when ``load`` raises ``ConfigError``.
 
 Runs in the supervisor (jizhid), which hands the resolved values to its
 children through the compiled plan file; children never read jizhi.toml.
@@ -142,7 +143,7 @@ SETTINGS = [
             "Query cache capacity (user-item scores) when a pipeline has a query_cache stage; split into one "
             "region per writer (the ranker's wids), least recently stored replaced first."),
     Setting("autoscale.enabled", bool, False, _any,
-            "Move workers to the worker kind that is the bottleneck (jizhi/autoscale.py), within autoscale.budget."),
+            "Move workers to the worker kind that is the bottleneck (jizhi/supervisor/autoscale.py), within autoscale.budget."),
     Setting("autoscale.budget", int, 0, _nonneg,
             "Most workers of a pipeline's kinds together; 0: the sum of the pipeline file's pools."),
     Setting("autoscale.period_s", float, 1.0, _positive,
@@ -196,6 +197,10 @@ def load(path=None, overrides=None):
     ``path`` is a jizhi.toml (or None for defaults); ``overrides`` a dict of
     ``section.key`` -> value applied on top (command-line flags). Raises
     ConfigError naming the first bad setting, before anything is applied.
+    Called by jizhid at start and by the supervisor's reload with the same
+    overrides. An int is accepted for a float setting; the CURVE pair is set
+    together and must exist; an empty ``server.run_dir`` comes back resolved
+    ($RUNTIME_DIRECTORY, else ``default_run_dir``).
     """
     raw = {}
     if path is not None:

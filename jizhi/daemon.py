@@ -125,7 +125,7 @@ def _main(argv):
               file=sys.stderr)
         return 2
     from jizhi.rundir import InstanceBusy
-    from jizhi.supervisor import Supervisor
+    from jizhi.supervisor.arbiter import Supervisor
     if models != settings["server.models"]:
         overrides["server.models"] = models
         settings["server.models"] = models

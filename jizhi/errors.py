@@ -18,7 +18,7 @@ INTERNAL = "INTERNAL"
 CODES = (BAD_REQUEST, UNKNOWN_PIPELINE, OVERLOADED, DEADLINE_EXCEEDED, INTERNAL)
 RETRIABLE = frozenset((OVERLOADED, DEADLINE_EXCEEDED))
 
-# Worker process exit codes (workers/run.py -> jizhi/supervisor.py).
+# Worker process exit codes (workers/run.py -> jizhi/supervisor/children.py).
 EXIT_OK = 0
 EXIT_BOOT_FAILURE = 3        # bad arguments, plan unreadable, import error
 EXIT_MODEL_LOAD_FAILURE = 4  # bundle, profiles or ONNX session failed to load

@@ -79,6 +79,19 @@ def supervisor_alive():
     return _expected_parent is None or os.getppid() == _expected_parent
 
 
+def process_start():
+    """When this process started, on the time.monotonic() clock (from /proc/self/stat): a child's age,
+    its interpreter start and imports included."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.monotonic() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
 def _marked(pid, instance):
     """True when process ``pid`` belongs to our user and carries ``JIZHI_INSTANCE=instance``."""
     try:

@@ -18,7 +18,7 @@ last ``ring`` items of each. It is not persisted: a restart starts empty.
 import numpy as np
 from numba import njit
 
-from jizhi.arena import map_segment
+from jizhi import shm
 
 
 def segment_bytes(capacity, ring):
@@ -126,7 +126,7 @@ class Overlay:
     """One process's mapping of the overlay segment (writer: the broker only)."""
 
     def __init__(self, name, capacity, ring):
-        self.mm, _ = map_segment(name, size=segment_bytes(capacity, ring))
+        self.mm, _ = shm.attach(name, size=segment_bytes(capacity, ring))
         self.capacity, self.ring = capacity, ring
         self.keys, self.seq, self.count, self.items = _split(self.mm, capacity, ring)
 

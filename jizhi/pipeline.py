@@ -18,7 +18,6 @@ stage, or several stages fused into one process by ``[[fuse]]``), and the
 shared-memory *arenas* (every column that crosses a process boundary, plus
 the request inputs and the sink's outputs).
 """
-import importlib
 import tomllib
 from pathlib import Path
 
@@ -27,21 +26,9 @@ from jizhi.config import etc_dir
 from jizhi.errors import BundleError, PipelineError
 from jizhi.workers.data_reader import ON_UNKNOWN
 from jizhi.workers.ranker import SINK_OUTPUTS as SINK_STAGE_OUTPUTS
+from jizhi.workers.builtins import BUILTINS, load_class  # noqa: F401 (load_class: the compiler's callers use it)
 from jizhi.workers.stage import REQUEST_INPUTS
 
-BUILTINS = {
-    "data_reader": "jizhi.workers.data_reader:DataReader",
-    "feature_processor": "jizhi.workers.feature_processor:FeatureProcessor",
-    "cube_accessor": "jizhi.workers.cube_accessor:CubeAccessor",
-    "model_inference": "jizhi.workers.model_inference:ModelInference",
-    "ranker": "jizhi.workers.ranker:Ranker",
-    "query_cache": "jizhi.workers.query_cache:QueryCache",
-    "legacy_scorer": "jizhi.workers.legacy:LegacyScorer",
-    "combiner": "jizhi.workers.combiner:Combiner",
-    "cascade": "jizhi.workers.combiner:Cascade",
-    "ab_dispatch": "jizhi.workers.ab_dispatch:AbDispatch",
-    "shedder": "jizhi.workers.shedder:Shedder",
-}
 SINK_OUTPUTS = tuple(o.name for o in SINK_STAGE_OUTPUTS)
 
 
@@ -72,18 +59,6 @@ class Pipeline:
         """The document as a pipeline file's text (etc/pipelines/*.toml)."""
         from jizhi.tomlw import toml_text
         return toml_text({k: v for k, v in self.doc.items() if v != []})
-
-
-def load_class(path):
-    """Import a processor class from a built-in name or ``module:Class``."""
-    target = BUILTINS.get(path, path)
-    if ":" in target:
-        mod, _, cls = target.partition(":")
-    else:
-        mod, _, cls = target.rpartition(".")
-    if not mod:
-        raise ImportError(f"{path!r} is neither a built-in processor ({', '.join(BUILTINS)}) nor module:Class")
-    return getattr(importlib.import_module(mod), cls)
 
 
 def pipeline_path(name_or_path):

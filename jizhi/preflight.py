@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from jizhi import rundir
+from jizhi import endpoints, rundir
 from jizhi.errors import BundleError, PipelineError, RunDirError, ShmFull
 
 
@@ -76,23 +76,23 @@ def check(sup, demo_to_create=None):
 
 def endpoint_problem(endpoint):
     """Why a ZeroMQ ``tcp://`` or ``ipc://`` endpoint cannot be bound now, or None."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme == "ipc":
-        path = Path(rest)
-        if not os.path.isdir(path.parent or "."):
-            return f"no directory {path.parent}"
-        if path.exists():
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(str(path))
-                except OSError:
-                    return None     # a leftover file: the broker replaces it
-                return "in use (a process listens on that socket)"
-        return None
-    host, _, port = rest.rpartition(":")
-    if not port.isdigit():
-        return None     # a port ZeroMQ picks itself ("*"): nothing to check
-    return tcp_problem(host, int(port))
+    e = endpoints.parse(endpoint)
+    if e.scheme == "ipc":
+        if not e.abstract:      # (an abstract socket has no file and no directory)
+            parent = Path(e.path).parent
+            if not os.path.isdir(parent):
+                return f"no directory {parent}"
+            if not os.path.exists(e.path):
+                return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(e.unix_address)
+            except OSError:
+                return None     # a leftover file (the broker replaces it), or no listener
+            return "in use (a process listens on that socket)"
+    if e.scheme != "tcp" or e.port is None:
+        return None     # a port ZeroMQ picks itself ("*"), or another transport: nothing to check
+    return tcp_problem(e.host, e.port)
 
 
 def tcp_problem(host, port):

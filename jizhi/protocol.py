@@ -6,15 +6,14 @@ Two protocols live here:
   one raw little-endian frame per array the header lists. Any language with
   ZeroMQ and msgpack can speak it (README, "Wire protocol");
 * the **internal protocol** (backend, ipc, broker <-> workers and
-  supervisor -> broker): msgpack headers only; tensors stay in shared memory
-  and messages carry slot numbers, never payloads.
+  supervisor <-> broker): msgpack headers only; tensors stay in shared memory
+  and messages carry slot numbers, never payloads. Its types are the ``T_*``
+  constants below; one class per type (encode, decode) is in jizhi/messages.py.
 
 Nothing here unpickles anything. Decoders validate and raise
 ``RequestError(BAD_REQUEST, ...)`` (client side) or ``ValueError`` (internal);
 they never assert.
 """
-import os
-
 import msgpack
 import numpy as np
 
@@ -46,7 +45,7 @@ T_RETIRE = "retire"    # supervisor -> broker: send wid X nothing new, then STOP
 T_LEAVING = "leaving"  # worker -> broker: recycle me (max events / RSS): retire, then STOP
 T_RESYNC = "resync"    # broker -> worker: I do not know you (I restarted): send READY again
 T_INFO = "info"        # supervisor -> broker -> supervisor: the broker's figures
-# Model versions (hot reload, jizhi/registry.py): the supervisor adds a version's
+# Model versions (hot reload, jizhi/supervisor/registry.py): the supervisor adds a version's
 # plan and arenas, its workers register, the broker warms it up with recorded
 # requests and says WARM; the supervisor ACTIVATEs it (new admissions pin to
 # it); the old version drains and the broker says IDLE once its last request is
@@ -287,39 +286,12 @@ def decode_reply(frames):
 
 
 # ----------------------------------------------------------------------------
-# Internal protocol (broker <-> workers, supervisor -> broker)
-#
-# Event request rows: [slot, n, deadline, user, top_k, ret_all]
-#   slot     arena slot of the request (every arena is indexed by it)
-#   n        candidates in the request
-#   deadline absolute time.monotonic() seconds (CLOCK_MONOTONIC is one clock
-#            for every process on the host)
-# Done result rows: [slot, code_or_None, message_or_None, {count name: int}]
-
-
-def encode_ready(pipeline, group, wid, versions, window, boot=None, run_id=None):
-    """``boot``: {start_ms, load_ms}: process start to main, and the stages' setup (a reload's timeline).
-    ``run_id``: the run whose plan (and segments) the worker serves; a broker of another run refuses it."""
-    return [packb({"t": T_READY, "pipeline": pipeline, "group": group, "wid": wid, "run": run_id,
-                   "pid": os.getpid(), "versions": versions, "window": window, "boot": boot or {}})]
-
-
-def encode_event(eid, versions, rows):
-    """``versions``: {model: version} the event's requests were pinned to at admission."""
-    return [packb({"t": T_EVENT, "eid": eid, "versions": versions, "reqs": rows})]
-
-
-def encode_done(eid, results, service_us):
-    return [packb({"t": T_DONE, "eid": eid, "res": results, "svc": service_us})]
+# Internal protocol (broker <-> workers, supervisor <-> broker): one class per
+# message type, with its encode and decode, in jizhi/messages.py.
 
 
 def encode_simple(t, **fields):
+    """The frames of an internal message ``{**fields, "t": t}``: how the supervisor builds its messages
+    until it uses jizhi/messages.py, whose classes encode the same bytes."""
     fields["t"] = t
     return [packb(fields)]
-
-
-def decode_internal(frame):
-    msg = unpackb(frame)
-    if not isinstance(msg, dict) or "t" not in msg:
-        raise ValueError("internal message without a type")
-    return msg

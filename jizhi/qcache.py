@@ -7,7 +7,7 @@ never after feedback from that user has been acknowledged.
 
 Who does what
 -------------
-* The **supervisor** creates the segment (``init``: ``jizhi.arena.create``,
+* The **supervisor** creates the segment (``init``: ``jizhi.shm.create``,
   then the header) before it starts the broker, puts the returned spec (a
   small msgpack-able dict) into the run plan, and unlinks the segment at stop.
 * The **broker** is the single writer of the epoch table: when it admits a
@@ -99,7 +99,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from jizhi import arena
+from jizhi import shm
 
 MAGIC = int.from_bytes(b"JZQCACHE", "little")
 LAYOUT = 1
@@ -174,8 +174,8 @@ def init(path_or_name, writers, slots_per_writer, ways=DEFAULT_WAYS,
     epoch_buckets, window_ms = int(epoch_buckets), int(window_ms)
     _validate(writers, slots_per_writer, ways, epoch_buckets, window_ms)
     epochs_offset, slots_offset, total = _layout(writers, slots_per_writer, epoch_buckets)
-    arena.create(path_or_name, total)
-    mm, _ = arena.map_segment(path_or_name, size=total)
+    shm.create(path_or_name, total)
+    mm, _ = shm.attach(path_or_name, size=total)
     header = np.ndarray((HEADER_WORDS,), dtype=np.uint64, buffer=mm)
     header[H_LAYOUT] = LAYOUT
     header[H_WRITERS] = writers
@@ -442,7 +442,7 @@ class QueryCache:
 
     def __init__(self, segment, writers, slots, ways, epoch_buckets, window_ms=None):
         self.segment = segment
-        self.mm, _ = arena.map_segment(segment, size=segment_bytes(writers, slots, epoch_buckets))
+        self.mm, _ = shm.attach(segment, size=segment_bytes(writers, slots, epoch_buckets))
         self.header = np.ndarray((HEADER_WORDS,), dtype=np.uint64, buffer=self.mm)
         h = [int(x) for x in self.header[:H_SLOT_WORDS + 1]]
         expect = {H_MAGIC: MAGIC, H_LAYOUT: LAYOUT, H_WRITERS: writers, H_SLOTS: slots,

@@ -37,6 +37,8 @@ import socket
 import stat
 from pathlib import Path
 
+import msgpack
+
 from jizhi.errors import RunDirError
 
 LOCK_NAME = "instance.lock"
@@ -171,6 +173,13 @@ def write_file(path, data, mode=0o600):
     with open_new(tmp, mode) as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def read_plan(path):
+    """The run's plan file (msgpack, written by the supervisor with ``write_file``): what the broker and
+    every worker are started with."""
+    with open(path, "rb") as f:
+        return msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
 
 
 class InstanceBusy(Exception):

@@ -17,9 +17,10 @@ downstream (JIZHI, KDD 2021, section 6.2). Three parts decide how many:
   close call less, at the same mean (the worker keeps a running mean of the predicted needs).
   The previous cutoff and the queue enter through the quota, which the controller sets from
   them;
-* the **control segment** (``Control``): a few float64 words per pipeline in shared memory, one
-  writer (the supervisor), read by every shedder at each batch: the generation, the mode, the
-  quota, the policy's generation.
+* the **control state** (``Control``): per pipeline, one writer (the supervisor), read by every
+  shedder at each batch: the generation, the mode, the quota, the policy's generation (and the
+  figures the controller saw). A control state of jizhi/controlstate.py: each change is a new
+  immutable dict, the per-batch read is one word.
 
 ``jizhi.tools.shedtrain.train(trace, version_dir)`` (``jizhictl shed train``, an offline tool) scores a recorded trace fully offline
 with the reference scorer, finds for every request the smallest cutoff (by recall order) that
@@ -27,19 +28,23 @@ keeps its whole model top-K, and fits the need model on the features (ridge regr
 log of the needed fraction). The policy is a small JSON file.
 """
 import json
+import logging
 
 import numpy as np
 
-from jizhi import arena
+from jizhi import controlstate
+from jizhi.errors import ShmFull
+from jizhi.rundir import write_file
+
+log = logging.getLogger("jizhi.shedding")
 
 MODES = ("off", "auto", "manual")
 POLICIES = ("rule", "learned")
 FEATURES = ("bias", "rs_mean", "rs_std", "rs_max", "rs_min", "rs_gap", "log_n")
 MIN_KEEP = 0.02            # no request is cut below this fraction of its candidates (nor below top_k)
 
-# Control segment words.
-W_GEN, W_MODE, W_QUOTA, W_POLICY_GEN, W_QUEUE, W_P99 = range(6)
-WORDS = 8
+# What the control state reads before the supervisor's first publication.
+UNPUBLISHED = {"generation": 0, "mode": "off", "quota": 1.0, "policy_generation": 0, "queue": 0.0, "p99_ms": 0.0}
 
 
 def recall_features(offsets, rs):
@@ -119,6 +124,11 @@ def load_policy(path):
     return LearnedPolicy(doc) if doc.get("policy") == "learned" else RulePolicy()
 
 
+def save_policy(doc, path):
+    """Write a policy file (the supervisor, where its workers read it; ``jizhictl shed train``)."""
+    write_file(path, json.dumps(doc, indent=1).encode(), mode=0o644)   # atomically, never through a link
+
+
 # --- the load controller ---------------------------------------------------------------------
 
 class Controller:
@@ -148,32 +158,46 @@ class Controller:
         return self.quota
 
 
-# --- the control segment ------------------------------------------------------------------------
+# --- the control state ---------------------------------------------------------------------------
 
 class Control:
-    """The shedding control words of one pipeline (one writer: the supervisor)."""
+    """The shedding control state of one pipeline, segment ``jizhi.<instance>.<run>.<pipeline>.shed``
+    (its generation word; each generation's dict beside it). One writer: the supervisor
+    (``writable=True``; ``create=True`` makes the segment); every shedder reads it per batch."""
 
     def __init__(self, name, writable=False, create=False):
-        if create:
-            arena.create(name, WORDS * 8)
         self.name = name
-        self.mm, _ = arena.map_segment(name, writable, size=WORDS * 8)
-        self.words = np.ndarray((WORDS,), dtype=np.float64, buffer=self.mm)
+        self.full = False       # the last publication found /dev/shm full
+        if writable:
+            self.state = controlstate.Writer(name, create=create)
+        else:
+            self.state = controlstate.Reader(name)
 
     def publish(self, mode, quota, policy_gen, queue=0.0, p99=0.0):
-        w = self.words
-        w[W_MODE] = MODES.index(mode)
-        w[W_QUOTA] = quota
-        w[W_POLICY_GEN] = policy_gen
-        w[W_QUEUE] = queue
-        w[W_P99] = p99
-        w[W_GEN] = w[W_GEN] + 1
+        """False when /dev/shm had no room for the change: the shedders keep the values published
+        before (said once in the log, and once when a change gets through again)."""
+        if mode not in MODES:
+            raise ValueError(f"shedding mode {mode!r} is not one of {', '.join(MODES)}")
+        try:
+            self.state.publish({"mode": mode, "quota": float(quota), "policy_generation": int(policy_gen),
+                                "queue": float(queue), "p99_ms": float(p99)})
+        except ShmFull as e:
+            if not self.full:
+                log.error("shedding control %s: a change was not published, the shedders keep the previous "
+                          "values: %s", self.name, e)
+            self.full = True
+            return False
+        if self.full:
+            log.info("shedding control %s: changes are published again", self.name)
+            self.full = False
+        return True
 
     def read(self):
-        w = self.words.copy()
-        return {"generation": int(w[W_GEN]), "mode": MODES[int(w[W_MODE])], "quota": float(w[W_QUOTA]),
-                "policy_generation": int(w[W_POLICY_GEN]), "queue": float(w[W_QUEUE]), "p99_ms": float(w[W_P99])}
+        """``{generation, mode, quota, policy_generation, queue, p99_ms}``; the same dict until the next
+        change (do not change it). Generation 0: nothing published yet (mode off, quota 1)."""
+        values = self.state.read()
+        return values if values is not None else UNPUBLISHED
 
     def close(self):
-        self.words = None
-        self.mm.close()
+        """Drop the mapping; the writer also unlinks its live dict (the supervisor unlinks the segment)."""
+        self.state.close()

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from jizhi.arena import map_segment
+from jizhi import shm
 from jizhi.errors import CODES
 
 BUCKETS_US = np.array([50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500,
@@ -74,7 +74,7 @@ class Stats:
     """A mapping of the stats segment. Each process writes only its own rows."""
 
     def __init__(self, name, rows):
-        self.mm, _ = map_segment(name, size=segment_bytes(rows))
+        self.mm, _ = shm.attach(name, size=segment_bytes(rows))
         for pname, dt, shape, off in layout(rows)[0]:
             setattr(self, pname, np.ndarray(shape, dtype=dt, buffer=self.mm, offset=off))
         self.rows = rows

@@ -4,8 +4,8 @@ from daemon_helpers import Load
 import numpy as np
 import pytest
 
-from jizhi.autoscale import Autoscaler
-from jizhi.broker import RING, GroupStats
+from jizhi.supervisor.autoscale import Autoscaler
+from jizhi.broker.figures import RING, GroupStats
 from jizhi.pipeline import Pipeline
 
 

@@ -77,10 +77,10 @@ def test_pooling_is_the_mean_of_found_vectors_with_missing_ones_reading_zeros():
 
 
 def test_the_overlay_keeps_the_last_items_per_user_in_order(tmp_path):
-    from jizhi import arena
+    from jizhi import shm
     from jizhi.overlay import Overlay, merge_history, segment_bytes
     name = f"jizhi.testoverlay{np.random.default_rng().integers(1 << 30)}.overlay"
-    arena.create(name, segment_bytes(8, 3))
+    shm.create(name, segment_bytes(8, 3))
     try:
         ov = Overlay(name, 8, 3)
         for item in (1, 2, 3, 4):
@@ -100,4 +100,4 @@ def test_the_overlay_keeps_the_last_items_per_user_in_order(tmp_path):
             assert ov.append(u, 1)
         assert not ov.append(999, 1)
     finally:
-        arena.unlink(name)
+        shm.unlink(name)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from jizhi import arena
+from jizhi import shm
 from jizhi.cube import hot
 from jizhi.cube.build import write_cube
 from jizhi.cube.cache import DiskCache, HotLevel, Levels
@@ -38,7 +38,7 @@ def test_each_level_answers_only_what_the_faster_ones_lacked_and_counts_its_hits
     assert isinstance(backend, SlowLocal)
     seg = f"jizhi.test-cache-{__import__('os').getpid()}.g1"
     hot_keys = keys[:1000]
-    arena.create(seg, hot.table_bytes(hot.capacity_for(hot_keys.shape[0]), DIM))
+    shm.create(seg, hot.table_bytes(hot.capacity_for(hot_keys.shape[0]), DIM))
     try:
         hot.fill(seg, hot_keys, vecs[:1000], 1)
         cache = DiskCache(tmp_path / "disk", DIM, capacity=2000)
@@ -55,7 +55,7 @@ def test_each_level_answers_only_what_the_faster_ones_lacked_and_counts_its_hits
         assert backend.calls == 2 and backend.keys_read == 2000 + 303   # one round trip for the 303 misses
         cache.close()
     finally:
-        arena.unlink(seg)
+        shm.unlink(seg)
 
 
 def test_an_update_keeps_the_most_used_keys_within_capacity(tmp_path, remote_cube):

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import Launcher
-from jizhi import structured
+from jizhi.graph import structured
 from jizhi.tools import dlrm
 
 SEED = 3

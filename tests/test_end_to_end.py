@@ -13,7 +13,7 @@ from jizhi import protocol
 # per-pair graph; legacy scores one sample per pair; demo_pinned is a session group (its workers pinned
 # to core 0, two intra-op threads) running the per-pair graph on per-request columns (dnn structured = "off");
 # demo_itemcache reads the item-only part of its graph from a table built per item when the worker starts
-# (dnn item_cache = true, jizhi/itemside.py).
+# (dnn item_cache = true, jizhi/graph/itemside.py).
 PIPELINES = ("demo", "demo_unfused", "legacy", "demo_per_pair", "demo_pinned", "demo_itemcache")
 REQUESTS = (0, 1, 2, 3, 4, 5)
 

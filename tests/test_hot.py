@@ -15,7 +15,7 @@ import pytest
 
 from conftest import Launcher, assert_topk, wait_until
 from daemon_helpers import Load, jizhictl_ok, log_lines
-from jizhi import arena
+from jizhi import shm
 from jizhi.cube import hot
 from jizhi.cube.build import write_cube
 from jizhi.cube.store import Cube
@@ -26,7 +26,7 @@ def segs():
     names = []
     yield names
     for n in names:
-        arena.unlink(n)
+        shm.unlink(n)
 
 
 def _cube(tmp_path, count=5000, dim=8, with_zero=True):
@@ -75,7 +75,7 @@ def test_a_budget_holds_the_keys_that_fit_and_the_tiered_store_reads_the_rest_fr
     assert 0 < report["keys"] < keys.shape[0] and report["bytes"] <= budget
     ctl = f"jizhi.test-hot-{os.getpid()}-ctl"
     segs.append(ctl)
-    arena.create(ctl, hot.CTL_WORDS * 8)
+    shm.create(ctl, hot.CTL_WORDS * 8)
     store = hot.TieredStore(cube, {"control": ctl, "table": seg.rsplit(".g", 1)[0] + ".g{generation}"})
     store.refresh()
     assert store.table is None                  # nothing published yet: LMDB only
@@ -108,7 +108,7 @@ def test_a_tier_published_whole_answers_absent_keys_itself_and_a_partial_one_ask
     assert report["keys"] == report["cube_keys"] == keys.shape[0]
     ctl = f"jizhi.test-hot-{os.getpid()}-ctlw"
     segs.append(ctl)
-    arena.create(ctl, hot.CTL_WORDS * 8)
+    shm.create(ctl, hot.CTL_WORDS * 8)
     below = Counting(cube)
     store = hot.TieredStore(below, {"control": ctl, "table": seg.rsplit(".g", 1)[0] + ".g{generation}"})
     hot.Control(ctl, writable=True).publish(1, report["keys"], report["capacity"], whole=whole)

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from jizhi.bundle import Bundle
-from jizhi.cli import cli
+from jizhi.tools.commands import cli
 from jizhi.pipeline import load_class
 from jizhi.workers.stage import Batch
 

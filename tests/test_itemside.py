@@ -1,4 +1,4 @@
-"""Item-side precomputation (jizhi/itemside.py): the item-only part of the graph computed apart gives the
+"""Item-side precomputation (jizhi/graph/itemside.py): the item-only part of the graph computed apart gives the
 same scores, and the part left per pair does less work.
 
 Served through jizhid (the item table built from the demo bundle's cube, unknown items computed in the
@@ -11,9 +11,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import DEMO_ITEMS, assert_topk, demo_pipeline_text, write_text
-from jizhi import itemside, structured
+from jizhi.graph import itemside, structured
 from jizhi.tools import demo, dlrm
-from jizhi.workers.model_inference import session_options
+from jizhi.graph.session import session_options
 
 TOLERANCE = 1e-5
 

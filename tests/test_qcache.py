@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from jizhi import arena, qcache
+from jizhi import qcache, shm
 from jizhi.qcache import QueryCache
 
 _names = itertools.count(1)
@@ -81,8 +81,8 @@ def make_cache():
         except BufferError:
             pass
     for name in made:
-        arena.unlink(name)
-    assert not [n for n in made if (arena.SHM_DIR / n).exists()]
+        shm.unlink(name)
+    assert not [n for n in made if (shm.SHM_DIR / n).exists()]
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_attach_refuses_a_spec_that_does_not_match_the_header_and_init_refuses_b
         qcache.init(f"jizhi.test-qcache-{os.getpid()}-never", 1, 24, ways=4)   # 6 sets
     with pytest.raises(ValueError):
         qcache.init(f"jizhi.test-qcache-{os.getpid()}-never", 1, 16, epoch_buckets=100)
-    assert not (arena.SHM_DIR / f"jizhi.test-qcache-{os.getpid()}-never").exists()
+    assert not (shm.SHM_DIR / f"jizhi.test-qcache-{os.getpid()}-never").exists()
     cache = QueryCache.attach(spec)
     try:
         with pytest.raises(ValueError):

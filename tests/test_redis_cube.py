@@ -14,7 +14,11 @@ import pytest
 from conftest import assert_topk, demo_pipeline_text, wait_until, write_text
 from daemon_helpers import JIZHICTL, Load, jizhictl, jizhictl_ok, log_lines
 from jizhi.bundle import Bundle
-from jizhi.cube import redis as R
+from jizhi.cube.cluster import CRC_TABLE, crc16, key_slots, keyslot, slot_map
+from jizhi.cube.layout import STRATEGIES, bundle_tables, table_of
+from jizhi.cube.push import read_cube
+from jizhi.cube.redis import RedisCube
+from jizhi.cube.resp import call, command_starts, parse_mget
 from jizhi.cube.signature import sign
 from jizhi.tools.redis_local import LocalCluster, free_port_block, server_binary
 
@@ -35,7 +39,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cube(demo_bundle):
-    return R._read_cube(Bundle(demo_bundle))      # (other tests of this process may hold its env open)
+    return read_cube(Bundle(demo_bundle))      # (other tests of this process may hold its env open)
 
 
 def expected(cube, q):
@@ -60,33 +64,33 @@ def jizhictl_tool(name, *args):
 
 
 def test_the_table_of_a_signature_is_found_by_inverting_the_hash(demo_bundle):
-    tables = R.bundle_tables(Bundle(demo_bundle))
+    tables = bundle_tables(Bundle(demo_bundle))
     names = [t[0] for t in tables]
     assert "u_hist" not in names                  # a history shares i_id's table
     for i, (name, fid, vocab) in enumerate(tables):
         if name == "i_id":
             continue
-        got = R.table_of(sign(fid, np.arange(1, vocab + 1)), tables, 0)
+        got = table_of(sign(fid, np.arange(1, vocab + 1)), tables, 0)
         assert (got == i).all(), name
     # entity ids (any int64) claim no bounded table: they are the rest
     ids = np.random.default_rng(1).integers(10 ** 9, 2 ** 62, 1000)
-    assert (R.table_of(sign(10, ids), tables, 0) == len(tables)).all()
+    assert (table_of(sign(10, ids), tables, 0) == len(tables)).all()
 
 
 def test_key_slots_agree_with_redis_rules():
-    assert R.keyslot(b"123456789") == 0x31C3 % 16384       # the CRC16 check value
-    assert R.keyslot(b"{user1000}.following") == R.keyslot(b"user1000")
-    assert R.keyslot(b"{}x") == R.crc16(b"{}x") % 16384      # an empty tag hashes the whole key
+    assert keyslot(b"123456789") == 0x31C3 % 16384       # the CRC16 check value
+    assert keyslot(b"{user1000}.following") == keyslot(b"user1000")
+    assert keyslot(b"{}x") == crc16(b"{}x") % 16384      # an empty tag hashes the whole key
     keyb = np.frombuffer(b"{}jz:a:1:" + bytes(range(8)) + b"{}jz:a:1:" + b"\x7b\x7d" * 4, dtype=np.uint8).reshape(2, -1)
     slots = np.empty(2, dtype=np.int32)
-    R._slots(keyb.copy(), R.CRC_TABLE, slots)
-    assert list(slots) == [R.keyslot(bytes(k)) for k in keyb]
+    key_slots(keyb.copy(), CRC_TABLE, slots)
+    assert list(slots) == [keyslot(bytes(k)) for k in keyb]
 
 
 def test_commands_split_at_slot_changes_and_at_the_per_command_limit():
     s = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 3])
-    assert list(R.command_starts(s, 2)) == [0, 2, 3, 5, 7, 9, 10]
-    assert list(R.command_starts(np.full(5, 7), 1024)) == [0, 5]
+    assert list(command_starts(s, 2)) == [0, 2, 3, 5, 7, 9, 10]
+    assert list(command_starts(np.full(5, 7), 1024)) == [0, 5]
 
 
 def test_mget_replies_parse_the_same_in_any_chunking():
@@ -111,7 +115,7 @@ def test_mget_replies_parse_the_same_in_any_chunking():
         state = np.array([0, 0, -1], np.int64)
         errat = np.full(len(starts) - 1, -1, np.int64)
         for n in range(chunk, reply.shape[0] + chunk, chunk):
-            assert R._parse_mget(reply, min(n, reply.shape[0]), state, starts, order, rows, found, status, errat)
+            assert parse_mget(reply, min(n, reply.shape[0]), state, starts, order, rows, found, status, errat)
         assert state[1] == len(starts) - 1
         assert [i for i, e in enumerate(errat) if e >= 0] == [2]
         assert reply[errat[2]:errat[2] + 6].tobytes() == b"-MOVED"
@@ -126,7 +130,7 @@ def test_mget_replies_parse_the_same_in_any_chunking():
 # --- against the cluster --------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", R.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_reads_back_exactly_the_local_cube(cluster, demo_bundle, cube, strategy):
     b = Bundle(demo_bundle)
     r = jizhictl("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", strategy)
@@ -138,7 +142,7 @@ def test_every_strategy_reads_back_exactly_the_local_cube(cluster, demo_bundle, 
     text = jizhictl_ok("cube", "layout", demo_bundle, "--redis", cluster.url)
     trips = {"key": "round trips per lookup batch: 3", "table": "at most 3", "model": "at most 1"}[strategy]
     assert trips in text
-    backend = R.RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=2000)
+    backend = RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=2000)
     q = sample(cube)
     vectors, found = backend.lookup(q)
     want, want_found = expected(cube, q)
@@ -168,9 +172,9 @@ def test_the_cluster_tool_reports_each_node_and_background_readers_get_a_long_bu
 
 def test_a_cube_not_pushed_is_a_clear_error_and_a_bad_url_too(cluster):
     with pytest.raises(LookupError, match="jizhictl cube push"):
-        R.RedisCube(f"{cluster.url}/nosuch/3", 32)
+        RedisCube(f"{cluster.url}/nosuch/3", 32)
     with pytest.raises(ValueError, match="NAME/VERSION"):
-        R.RedisCube(cluster.url, 32)
+        RedisCube(cluster.url, 32)
     r = jizhictl("cube", "push", "/nonexistent-bundle", "--redis", cluster.url)
     assert r.returncode == 2
 
@@ -179,7 +183,7 @@ def test_a_cube_not_pushed_is_a_clear_error_and_a_bad_url_too(cluster):
 def test_a_frozen_shard_costs_one_budget_then_its_keys_degrade_and_recover(cluster, demo_bundle, cube):
     b = Bundle(demo_bundle)
     jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "key")
-    backend = R.RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=100, retry_ms=300)
+    backend = RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=100, retry_ms=300)
     q = sample(cube, seed=5)
     want, want_found = expected(cube, q)
     master = cluster.masters_of(cluster.ports[0])[0]
@@ -236,7 +240,7 @@ def test_jizhid_scores_through_the_redis_cube_equal_the_local_cube_and_survive_a
     # answered (degraded while the replica takes over), then the scores are exact again
     doc = json.loads(jizhictl_ok("cube", "layout", demo_bundle, "--redis", cluster.url, "--json"))
     unit = doc["units"][next(t["unit"] for t in doc["tables"] if t["name"] == "i_id")]
-    owner, nodes = R.slot_map(R.call("127.0.0.1", cluster.ports[0], ["CLUSTER", "SLOTS"]))
+    owner, nodes = slot_map(call("127.0.0.1", cluster.ports[0], ["CLUSTER", "SLOTS"]))
     victim = nodes[owner[unit["slot"]]][1]
     with Load(server.endpoint, demo_trace, pipeline="default", clients=2, rate=30, deadline_ms=10_000) as load:
         time.sleep(1.0)
@@ -334,12 +338,12 @@ def test_a_flushed_cluster_degrades_the_lookups_instead_of_reading_absent_keys_a
         cluster, demo_bundle, cube):
     b = Bundle(demo_bundle)
     jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "key")
-    backend = R.RedisCube(f"{cluster.url}/{b.name}/{b.version}?check_s=0.5", b.dim, timeout_ms=2000, retry_ms=100)
+    backend = RedisCube(f"{cluster.url}/{b.name}/{b.version}?check_s=0.5", b.dim, timeout_ms=2000, retry_ms=100)
     q = sample(cube, seed=11)
     want, want_found = expected(cube, q)
     assert np.array_equal(backend.lookup(q)[0], want)
     for port in cluster.masters_of(cluster.ports[0]):
-        R.call(cluster.host(port), port, ["FLUSHALL"])
+        call(cluster.host(port), port, ["FLUSHALL"])
     time.sleep(0.6)
     backend.lookup(q)                          # this one notices the layout record is gone
     before = backend.degraded
@@ -362,22 +366,22 @@ def test_keys_of_a_slot_being_migrated_are_read_through_ask_and_the_finished_mov
     jizhictl_ok("cube", "push", demo_bundle, "--redis", cluster.url, "--strategy", "table")
     doc = json.loads(jizhictl_ok("cube", "layout", demo_bundle, "--redis", cluster.url, "--json"))
     slot = doc["units"][next(t["unit"] for t in doc["tables"] if t["name"] == "i_cat1")]["slot"]
-    owner, nodes = R.slot_map(R.call(cluster.host(cluster.ports[0]), cluster.ports[0], ["CLUSTER", "SLOTS"]))
+    owner, nodes = slot_map(call(cluster.host(cluster.ports[0]), cluster.ports[0], ["CLUSTER", "SLOTS"]))
     a = nodes[owner[slot]]
     b_ = next(n for n in nodes if n != a)
-    ida = R.call(*a, ["CLUSTER", "MYID"]).decode()
-    idb = R.call(*b_, ["CLUSTER", "MYID"]).decode()
-    backend = R.RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=2000)
+    ida = call(*a, ["CLUSTER", "MYID"]).decode()
+    idb = call(*b_, ["CLUSTER", "MYID"]).decode()
+    backend = RedisCube(f"{cluster.url}/{b.name}/{b.version}", b.dim, timeout_ms=2000)
     q = sample(cube, seed=13)
     want, want_found = expected(cube, q)
 
     def move(keys):
-        R.call(*a, ["MIGRATE", b_[0], b_[1], "", 0, 5000, "KEYS", *keys])
+        call(*a, ["MIGRATE", b_[0], b_[1], "", 0, 5000, "KEYS", *keys])
 
     try:
-        R.call(*b_, ["CLUSTER", "SETSLOT", slot, "IMPORTING", ida])
-        R.call(*a, ["CLUSTER", "SETSLOT", slot, "MIGRATING", idb])
-        keys = R.call(*a, ["CLUSTER", "GETKEYSINSLOT", slot, 100_000])
+        call(*b_, ["CLUSTER", "SETSLOT", slot, "IMPORTING", ida])
+        call(*a, ["CLUSTER", "SETSLOT", slot, "MIGRATING", idb])
+        keys = call(*a, ["CLUSTER", "GETKEYSINSLOT", slot, 100_000])
         assert len(keys) > 1000
         move(keys[: len(keys) // 2])
         v, f = backend.lookup(q)
@@ -388,7 +392,7 @@ def test_keys_of_a_slot_being_migrated_are_read_through_ask_and_the_finished_mov
         assert np.array_equal(v, want) and backend.degraded == 0
     finally:
         for node in nodes:
-            R.call(*node, ["CLUSTER", "SETSLOT", slot, "NODE", idb])
+            call(*node, ["CLUSTER", "SETSLOT", slot, "NODE", idb])
     cluster.wait_ok(30)
     v, f = backend.lookup(q)                                   # the old owner answers MOVED
     assert np.array_equal(v, want) and backend.degraded == 0

@@ -23,7 +23,7 @@ from jizhi.config import default_run_dir
 BECOME = """
 import os, sys, socket, fcntl, time
 sys.path[:0] = [{repo!r}]
-import jizhi.cli, jizhi.control, zmq, msgpack, pwd
+import jizhi.ctl.main, jizhi.control, zmq, msgpack, pwd
 os.setgroups([])
 os.setgid({gid})
 os.setuid({uid})
@@ -178,12 +178,12 @@ def test_a_second_jizhid_of_the_instance_is_refused_in_its_run_directory_and_in_
 
 def test_jizhictl_as_a_user_without_access_says_so_in_one_line_and_exits_1(squatted, other):
     run_dir = squatted["run_dir"]
-    r = as_other(other, f"sys.exit(jizhi.cli.main(['status', '--run-dir', {str(run_dir)!r}]))")
+    r = as_other(other, f"sys.exit(jizhi.ctl.main.main(['status', '--run-dir', {str(run_dir)!r}]))")
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == (f"jizhictl: permission denied on {run_dir}/control.ipc: jizhid runs as uid 0 (root) and "
                         "only that user may operate it; run jizhictl as that user (sudo -u, or as root)\n")
     env = dict(os.environ, JIZHI_RUN_DIR=str(run_dir))
-    r = as_other(other, f"sys.exit(jizhi.cli.main(['stats', '--instance', {squatted['server'].instance!r}]))", env=env)
+    r = as_other(other, f"sys.exit(jizhi.ctl.main.main(['stats', '--instance', {squatted['server'].instance!r}]))", env=env)
     assert (r.returncode, r.stdout, r.stderr.count("\n")) == (1, "", 1), r.stderr
     assert r.stderr.startswith(f"jizhictl: permission denied on {run_dir}/control.ipc")
     r = subprocess.run([str(JIZHICTL), "status", "--run-dir", str(run_dir)], capture_output=True, text=True,

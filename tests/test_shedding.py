@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from jizhi import arena
+from jizhi import shm
 from jizhi.tools.bench import Trace
 from jizhi.shedding import (MIN_KEEP, Control, Controller, LearnedPolicy, RulePolicy, keep_counts, load_policy,
                             recall_features)
-from jizhi.tools.shedtrain import needed_counts, overlap_at, save_policy, train
+from jizhi.shedding import save_policy
+from jizhi.tools.shedtrain import needed_counts, overlap_at, train
 from jizhi.workers.combiner import select_top
 
 
@@ -89,7 +90,7 @@ def test_the_control_segment_is_read_as_written(tmp_path):
         w.close()
         r.close()
     finally:
-        arena.unlink(name)
+        shm.unlink(name)
 
 
 def test_training_keeps_the_mean_kept_fraction_and_the_policy_round_trips(demo_bundle, demo_trace, tmp_path):

@@ -16,16 +16,18 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import zmq
 
 from conftest import assert_topk, wait_until
 from daemon_helpers import broker_pid, log_lines, log_time
-from jizhi import protocol
 from jizhi.client import Client
 from jizhi.errors import OVERLOADED
+from jizhi.tools import loadgen
 
 RATE = 400
+HORIZON_S = 300.0     # the open-loop sender's arrivals: far longer than the test runs
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +36,25 @@ def server(launch_module):
 
 
 class OpenLoop:
-    """One DEALER sending a trace request every 1/``rate`` s on its own clock, reading replies as they come.
+    """One DEALER sending a trace request every 1/``rate`` s on its own clock, reading replies as they come:
+    jizhi.tools.loadgen's generator, in a thread of its own.
 
     ``sent``: {id: time.time() of the send}; ``replies``: {id: reply header}; ``disconnected``: time.time()
     when the DEALER saw its connection end (None: it did not)."""
 
     def __init__(self, endpoint, trace, rate):
-        self.endpoint = endpoint
-        self.trace = trace
-        self.interval_s = 1.0 / rate
-        self.sent = {}
+        requests = loadgen.Requests(trace.users, trace.offsets, trace.items, trace.recall_scores)
+        due = loadgen.interval_times(rate, HORIZON_S)
         self.replies = {}
         self.disconnected = None
-        self.sending = threading.Event()
-        self.sending.set()
-        self.done = threading.Event()
+        self.sock = loadgen.load_socket(endpoint)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.load = loadgen.OpenLoop(self.sock, requests, pipeline="demo", due=due,
+                                     rows=np.arange(due.shape[0]) % len(requests), deadline_ms=5000,
+                                     encode_ahead=loadgen.ENCODE_AHEAD, on_reply=self.keep)
+        self.load.watch(self.monitor, self.saw_disconnect)
+        self.wall = time.time() - time.monotonic()     # monotonic -> time.time(), to compare with log lines
+        self.final = None
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def __enter__(self):
@@ -56,51 +62,42 @@ class OpenLoop:
         return self
 
     def __exit__(self, *exc):
-        self.sending.clear()
+        self.load.stop()
         try:   # replies still on their way: until every request is answered or the connection ended
             wait_until(lambda: self.disconnected is not None or len(self.replies) >= len(self.sent), 2.0,
                        what="the last replies")
         except AssertionError:
             pass    # requests a stopped server never answers: the test counts them
-        self.done.set()
+        self.load.halt()
         self.thread.join(10)
         assert not self.thread.is_alive()
+        self.final = self.sent
+
+    @property
+    def sent(self):
+        if self.final is not None:
+            return self.final
+        sent_at = self.load.sent_at
+        return {int(i): float(sent_at[i]) + self.wall for i in np.flatnonzero(np.isfinite(sent_at))}
 
     def answered(self):
         return len(self.replies)
 
+    def keep(self, i, header, frames):
+        self.replies[header["id"]] = header
+
+    def saw_disconnect(self, now):
+        self.monitor.recv_multipart()
+        if self.disconnected is None:
+            self.disconnected = now + self.wall
+
     def run(self):
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(self.endpoint)
-        next_send, i = time.monotonic(), 0
         try:
-            while not self.done.is_set():
-                now = time.monotonic()
-                if self.sending.is_set() and now >= next_send:
-                    user, items, recall = self.trace[i % len(self.trace)]
-                    sock.send_multipart([b""] + protocol.encode_request(
-                        id=i, pipeline="demo", user=user, item_ids=items, recall_scores=recall, deadline_ms=5000))
-                    self.sent[i] = time.time()
-                    i += 1
-                    next_send += self.interval_s
-                    continue
-                wait_ms = max(0, int((next_send - now) * 1000)) if self.sending.is_set() else 50
-                if self.disconnected is None and monitor.poll(0):
-                    monitor.recv_multipart()
-                    self.disconnected = time.time()
-                if sock.poll(wait_ms):
-                    while sock.poll(0):
-                        frames = sock.recv_multipart()
-                        header = protocol.unpackb(frames[1])
-                        self.replies[header["id"]] = header
+            self.load.run(time.monotonic())
         finally:
-            sock.disable_monitor()
-            monitor.close(0)
-            sock.close(0)
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+            self.sock.close(0)
 
 
 def test_a_sigkilled_broker_loses_no_request_of_a_client_with_a_budget(server, demo_trace, trace_scores):

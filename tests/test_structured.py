@@ -1,4 +1,4 @@
-"""The structured-features graph pass (jizhi/structured.py): same scores, less work per pair.
+"""The structured-features graph pass (jizhi/graph/structured.py): same scores, less work per pair.
 
 Scores are compared through onnxruntime (``structured.check``) on random
 inputs: sigmoid scores in (0, 1) to 1e-5 absolute; logits (``sigmoid=False``,
@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from jizhi import structured
+from jizhi.graph import structured
 from jizhi.tools import demo, dlrm
-from jizhi.workers.model_inference import session_options
+from jizhi.graph.session import session_options
 
 TOLERANCE = 1e-5
 OPTIONS = [dict(split_layers=sl, split_interactions=si) for sl in (True, False) for si in (True, False)]

@@ -13,7 +13,7 @@ graph becomes NaN (never ranked) and is counted in ``invalid_scores``
 Structured features (RecServe), stage option ``structured`` (default: from
 the pipeline's ``structured = true|false``):
 
-* ``"on"`` (pipeline default): the bundle's graph goes through ``jizhi.structured.structure``
+* ``"on"`` (pipeline default): the bundle's graph goes through ``jizhi.graph.structured.structure``
   when the worker loads it: the part that depends only on the user runs on U
   rows (once per request) and is gathered per pair only where it meets item
   tensors; a first layer over a concatenation of user and item tensors, and
@@ -29,12 +29,12 @@ structured features on; default off): the part of the graph that depends only
 on the item (on the demo model, the item rows of the first top layer: 256 x
 256 multiply-adds per pair) is computed once per item of the bundle version
 when the worker opens it, into a table in the worker's memory
-(``jizhi.itemside``: items x floats x 4 bytes, 100 MiB for the demo's 100,000
+(``jizhi.graph.itemside``: items x floats x 4 bytes, 100 MiB for the demo's 100,000
 items; refused over ``item_cache_mb``, default 512, with a log line, and the
 worker then runs without it, as it does for a head model that has no item
 profiles of its own), and each candidate reads its row. The table takes about
 a second to build per worker and version, and is not counted in the memory
-check of a new version (jizhi/loader.py's estimate comes from validation).
+check of a new version (jizhi/supervisor/loader.py's estimate comes from validation).
 
 Several models in one pipeline: a stage option ``model = "ctr"`` runs that
 model's graph (a head bundle on the pipeline model's features, versioned on
@@ -47,26 +47,19 @@ feature processor and the cube accessor work per pair (user columns of P
 rows: each candidate carries its user's features); this stage then feeds
 ``user_index = 0..P-1``.
 """
+import functools
 import logging
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from jizhi.cube.pooling import pool_blocks
+from jizhi.cube.store import open_cube
+from jizhi.graph.itemside import ItemTable, split_items
+from jizhi.graph.session import session_options
+from jizhi.graph.structured import structure, unstructure
 from jizhi.workers.stage import CANDIDATE, Output, Stage
-
-
-def session_options(threads=1):
-    """SessionOptions for a worker process: ``threads`` intra-op threads (default one: processes,
-    not threads, share the cores), no spinning."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return so
 
 
 STRUCTURED = ("on", "off", "as_is")
@@ -116,13 +109,20 @@ def item_cache_mb(config):
 
 def load_model(path, mode):
     """The dense graph as this worker runs it (module docstring), and the pass's report (or None)."""
-    from jizhi.structured import structure, unstructure
     if mode == "as_is":
         return onnx.load(str(path)), None
     model = onnx.load(str(path))
     if mode == "off":
         return unstructure(model), None
     return structure(model)
+
+
+def _pool_items(bundle, sigs, lens):
+    """Pooled item embeddings f32[R, F_item, D] of these signatures, from the version's cube (ItemTable's pool).
+    The process's one Cube of the version (open_cube): in a fused worker the cube stage reads the same one,
+    so it is not closed here."""
+    (emb,), _ = pool_blocks(open_cube(bundle.cube_path, bundle.dim), [(sigs, lens)], bundle.dim, [bundle.item_sums])
+    return emb
 
 
 class ModelInference(Stage):
@@ -170,7 +170,6 @@ class ModelInference(Stage):
     def _item_table(self, model, bundle, config):
         """The serving graph with the item-only part read from a table built now (or ``model``
         unchanged when the graph has no item-only work or the table is refused)."""
-        from jizhi.itemside import ItemTable, split_items
         log = logging.getLogger("jizhi.worker")
         split = split_items(model)
         if split is None:
@@ -179,7 +178,8 @@ class ModelInference(Stage):
         try:
             items = ort.InferenceSession(split.items.SerializeToString(), sess_options=session_options(),
                                          providers=["CPUExecutionProvider"])
-            self.item_table = ItemTable(bundle, split, items, max_mb=item_cache_mb(config))
+            self.item_table = ItemTable(bundle, split, items, functools.partial(_pool_items, bundle),
+                                        max_mb=item_cache_mb(config))
         except Exception as e:  # a head bundle (no profiles, no cube), a table too large, ...: serve without
             log.warning("item_cache: no item table for %s (%s: %s); running without it", bundle.onnx_path,
                         type(e).__name__, e)

@@ -6,10 +6,11 @@ start it: reads the plan, opens its bundle/cube/sessions through each
 stage's ``setup``, attaches the arenas, connects a DEALER to the broker's
 backend and announces itself (READY with the versions it serves and its
 prefetch window). Then it loops: receive an event (a micro-batch of
-requests named by arena slot), skip requests whose deadline passed, run its
-stages in order, write the columns other groups read into the arenas, answer
-DONE with per-request results and per-stage service times. Heartbeats come
-from this same loop, so a worker stuck in a stage goes quiet.
+requests named by arena slot), skip requests whose ``deadline_s`` passed,
+run its stages in order, write the columns other groups read into the
+arenas, answer DONE with per-request results and per-stage service times
+(the messages are jizhi/messages.py's). Heartbeats come from this same loop,
+so a worker stuck in a stage goes quiet.
 
 Exit codes (jizhi/errors.py) tell the supervisor why a worker could not start.
 """
@@ -23,12 +24,12 @@ import signal
 import sys
 import time
 
-import msgpack
 import numpy as np
 import zmq
 
-from jizhi import lifeline, logs, protocol
+from jizhi import lifeline, logs, messages, rundir
 from jizhi.stats import C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, Stats, rss_bytes
+from jizhi.workers.builtins import load_class
 from jizhi.errors import (DEADLINE_EXCEEDED, EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE,
                           EXIT_MODEL_LOAD_FAILURE, EXIT_STALE_RUN, INTERNAL)
 
@@ -66,30 +67,12 @@ def restore_priority(cores=None):
                  os.getpriority(os.PRIO_PROCESS, 0), target)
 
 
-def process_start():
-    """When this process started, on the time.monotonic() clock (from /proc/self/stat)."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.monotonic() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.monotonic()
-
-
-def read_plan(path):
-    with open(path, "rb") as f:
-        return msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
-
-
 class Worker:
     """One worker process of one group of one pipeline."""
 
     def __init__(self, run, pipeline, group, wid, version):
         from jizhi.arena import Arenas
         from jizhi.bundle import Bundle
-        from jizhi.pipeline import load_class
         self.run = run
         entry = run["versions"][pipeline].get(str(version))
         if entry is None:
@@ -148,49 +131,62 @@ class Worker:
         self.running = True
         self.stale = False     # exiting as a process of an ended run (jizhi/lifeline.py)
 
-    def process_event(self, rows):
-        """Run the group's stages on one event; return (results, service_us)."""
+    def process_event(self, ev):
+        """Run the group's stages on the requests of one Event (jizhi/messages.py) whose deadline has not
+        passed; return its Done (the others failed DEADLINE_EXCEEDED)."""
         from jizhi.workers.stage import Batch
-        now = time.monotonic()
-        results, live = [], []
-        for r in rows:
-            if r[2] <= now:
-                results.append([r[0], DEADLINE_EXCEEDED, "deadline passed before the stage ran", {}])
-            else:
-                live.append(r)
-        svc = {}
-        if not live:
-            return results, svc
-        slots = [r[0] for r in live]
+        done = messages.Done(ev.eid, ev.slot)
+        deadline_s = np.array(ev.deadline_s, dtype=np.float64)
+        live = deadline_s > time.monotonic()
+        if live.all():
+            idx = None
+            slots, counts = ev.slot, ev.n
+        else:
+            idx = np.flatnonzero(live)
+            for s in np.asarray(ev.slot)[~live].tolist():
+                done.errors[s] = [DEADLINE_EXCEEDED, "deadline passed before the stage ran"]
+            if idx.shape[0] == 0:
+                return done
+            slots, counts = np.asarray(ev.slot)[idx].tolist(), np.asarray(ev.n)[idx].tolist()
+            deadline_s = deadline_s[idx]
+
+        def column(values, dtype):
+            a = np.array(values, dtype=dtype)
+            return a if idx is None else a[idx]
         try:
-            counts = [r[1] for r in live]
-            offsets = np.zeros(len(live) + 1, dtype=np.int64)
+            offsets = np.zeros(len(slots) + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
             cols = {c: self.arenas.read(c, slots, counts) for c in self.reads}
-            batch = Batch(np.array([r[3] for r in live], dtype=np.uint64),
-                          np.array([r[4] for r in live], dtype=np.int64),
-                          np.array([r[5] for r in live], dtype=bool),
-                          np.array([r[2] for r in live], dtype=np.float64), offsets, cols)
+            batch = Batch(column(ev.user, np.uint64), column(ev.top_k, np.int64), column(ev.ret_all, bool),
+                          deadline_s, offsets, cols)
         except Exception as e:
-            log.exception("malformed event of %d requests", len(live))
-            return results + [[s, INTERNAL, f"malformed event: {type(e).__name__}: {e}", {}] for s in slots], svc
+            log.exception("malformed event of %d requests", len(slots))
+            done.errors.update((s, [INTERNAL, f"malformed event: {type(e).__name__}: {e}"]) for s in slots)
+            return done
         try:
             for hook in self.boundary_hooks:
                 hook()   # the place to pick up a new hot-tier generation
-            self.run_stages(batch, svc, observe=self.stats is not None)
+            self.run_stages(batch, done.svc_us, observe=self.stats is not None)
             for c in self.writes:
                 self.arenas.write(c, slots, offsets, cols[c])
             if self.stats is not None:
                 for hook in self.report_hooks:
                     hook(self.stats.counters[self.row])
         except Exception as e:
-            log.exception("stage failed on an event of %d requests", len(live))
+            log.exception("stage failed on an event of %d requests", len(slots))
             msg = f"stage failed: {type(e).__name__}: {e}"
-            return results + [[s, INTERNAL, msg, {}] for s in slots], svc
-        for i, s in enumerate(slots):
-            code, msg = batch.failed.get(i, (None, None))
-            results.append([s, code, msg, {k: int(v[i]) for k, v in batch.counts.items()}])
-        return results, svc
+            done.errors.update((s, [INTERNAL, msg]) for s in slots)
+            return done
+        for i, (code, msg) in batch.failed.items():
+            done.errors[slots[i]] = [code, msg]
+        for name, per_request in batch.counts.items():
+            if idx is None:
+                done.counts[name] = per_request.tolist()
+            else:
+                full = np.zeros(len(ev.slot), dtype=np.int64)
+                full[idx] = per_request
+                done.counts[name] = full.tolist()
+        return done
 
     def run_stages(self, batch, svc, observe):
         """The group's stages, in order, on ``batch`` (its columns gain each stage's outputs)."""
@@ -249,7 +245,7 @@ class Worker:
             cols[c] = arr
         t0 = time.monotonic()
         batch = Batch(users, np.array([10], dtype=np.int64), np.zeros(1, dtype=bool),
-                      np.array([t0 + 600.0]), np.array([0, n], dtype=np.int64), cols)
+                      np.array([t0 + 600.0]), np.array([0, n], dtype=np.int64), cols)   # deadline_s: far
         batch.warmup = True
         try:
             self.run_stages(batch, {}, observe=False)
@@ -284,8 +280,8 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, ident.encode())
         sock.connect(backend)
         window = self.settings["workers.prefetch"]
-        ready = protocol.encode_ready(self.pipeline, self.group["name"], self.wid, self.versions, window, self.boot,
-                                      run_id=self.run["run_id"])
+        ready = messages.Ready(self.pipeline, self.group["name"], self.wid, self.versions, window, self.boot,
+                               run=self.run["run_id"], pid=os.getpid()).encode()
         sock.send_multipart(ready)
         hb_s = self.settings["workers.heartbeat_interval_s"]
         last_send = time.monotonic()
@@ -315,41 +311,40 @@ class Worker:
             if poller.poll(int(hb_s * 1000)):
                 frames = sock.recv_multipart(copy=True)
                 try:
-                    msg = protocol.decode_internal(frames[0])
-                except Exception:
+                    msg = messages.decode(frames)
+                except ValueError:
                     log.warning("dropping a malformed message from the broker")
                     continue
-                if msg["t"] == protocol.T_EVENT:
-                    if msg.get("versions") != self.versions:
+                if isinstance(msg, messages.Event):
+                    if msg.versions != self.versions:
                         # Routing is keyed by version set, so this is a broker bug; never score
                         # a request with a model it was not pinned to.
-                        results = [[r[0], INTERNAL, f"event pinned to {msg.get('versions')} reached a worker "
-                                    f"serving {self.versions}", {}] for r in msg["reqs"]]
-                        svc = {}
+                        why = f"event pinned to {msg.versions} reached a worker serving {self.versions}"
+                        done = messages.Done(msg.eid, msg.slot, {s: [INTERNAL, why] for s in msg.slot})
                     else:
-                        results, svc = self.process_event(msg["reqs"])
-                    sock.send_multipart(protocol.encode_done(msg["eid"], results, svc))
+                        done = self.process_event(msg)
+                    sock.send_multipart(done.encode())
                     last_send = time.monotonic()
                     self.events += 1
                     if st is not None:
                         st.counters[row, C_EVENTS] += 1
-                        st.counters[row, C_REQUESTS] += len(msg["reqs"])
-                        st.counters[row, C_FAILED] += sum(1 for r in results if r[1] is not None)
+                        st.counters[row, C_REQUESTS] += len(msg.slot)
+                        st.counters[row, C_FAILED] += len(done.errors)
                     if not leaving and self.should_recycle():
                         leaving = True
                         log.info("recycling after %d events (rss %d MiB): asking the broker to retire me",
                                  self.events, rss_bytes() >> 20)
-                        sock.send_multipart(protocol.encode_simple(protocol.T_LEAVING, wid=self.wid))
-                elif msg["t"] == protocol.T_STOP:
+                        sock.send_multipart(messages.Leaving(self.wid).encode())
+                elif isinstance(msg, messages.Stop):
                     break
-                elif msg["t"] == protocol.T_PRIORITY:
+                elif isinstance(msg, messages.Priority):
                     restore_priority(self.group.get("cores") or None)
-                elif msg["t"] == protocol.T_RESYNC:
+                elif isinstance(msg, messages.Resync):
                     log.info("the broker restarted; registering again")
                     sock.send_multipart(ready)
                     last_send = time.monotonic()
             if time.monotonic() - last_send >= hb_s:
-                sock.send_multipart(protocol.encode_simple(protocol.T_HEARTBEAT, wid=self.wid))
+                sock.send_multipart(messages.Heartbeat(self.wid).encode())
                 last_send = time.monotonic()
         sock.close(0)
 
@@ -373,7 +368,7 @@ def main(argv=None):
     logs.setup(f"jizhi.worker[{args.pipeline}/{args.group}/{args.wid}]")
 
     try:
-        run = read_plan(args.plan)
+        run = rundir.read_plan(args.plan)
         cores = run["pipelines"][args.pipeline]["groups"][args.group].get("cores") or []
         if cores:
             os.sched_setaffinity(0, cores)
@@ -382,7 +377,7 @@ def main(argv=None):
         load_ms = round((time.monotonic() - t0) * 1000, 1)
         warm_ms = worker.warm_up()
         log.info("warmed up: one batch through %s in %.0f ms", ", ".join(s for s, _, _ in worker.stages), warm_ms)
-        worker.boot = {"start_ms": round((t0 - process_start()) * 1000, 1), "load_ms": load_ms, "warm_ms": warm_ms}
+        worker.boot = {"start_ms": round((t0 - lifeline.process_start()) * 1000, 1), "load_ms": load_ms, "warm_ms": warm_ms}
     except SystemExit:
         raise
     except Exception as e:

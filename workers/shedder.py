@@ -4,11 +4,13 @@ Placed first in a pipeline (before the data reader) and fused with the stages af
 cut candidates are never read, hashed, looked up or scored; they rejoin at the ranker unscored
 (never in the top-K; NaN with ``return = "all"``; the reply's ``shed_ratio`` says how many).
 
-How many each request keeps is decided per batch from the pipeline's shedding control segment
-(jizhi/shedding.py): the mode (``off``: keep all; ``auto``: the supervisor's load controller sets
-the quota; ``manual``: ``jizhictl shed set``), the quota (mean fraction kept) and the policy
-(``rule``: every request keeps the quota; ``learned``: the quota is shared by the predicted need
-of each request, from its recall-score statistics). Never fewer than the request's top_k.
+How many each request keeps is decided per batch from the pipeline's shedding control state
+(jizhi/shedding.py; per batch one generation word is read, the values are decoded only when it
+changed: jizhi/controlstate.py): the mode (``off``: keep all; ``auto``: the supervisor's load
+controller sets the quota; ``manual``: ``jizhictl shed set``), the quota (mean fraction kept) and
+the policy (``rule``: every request keeps the quota; ``learned``: the quota is shared by the
+predicted need of each request, from its recall-score statistics). Never fewer than the
+request's top_k.
 """
 import logging
 

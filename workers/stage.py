@@ -58,17 +58,18 @@ class Batch:
     """A micro-batch of R requests.
 
     Attributes: ``users`` uint64[R], ``top_k`` int64[R], ``ret_all`` bool[R],
-    ``deadlines`` float64[R] (time.monotonic seconds), ``offsets``
+    ``deadline_s`` float64[R] (each request's deadline: an instant of
+    ``time.monotonic()``, seconds; jizhi/messages.py), ``offsets``
     int64[R+1], ``columns`` (name -> array), ``failed`` (request index ->
     (code, message)), ``counts`` (name -> int64[R]), ``warmup`` (True for
     the warm-up batch a worker runs before it serves).
     """
 
-    def __init__(self, users, top_k, ret_all, deadlines, offsets, columns):
+    def __init__(self, users, top_k, ret_all, deadline_s, offsets, columns):
         self.users = users
         self.top_k = top_k
         self.ret_all = ret_all
-        self.deadlines = deadlines
+        self.deadline_s = deadline_s
         self.offsets = offsets
         self.columns = columns
         self.failed = {}

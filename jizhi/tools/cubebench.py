@@ -40,6 +40,10 @@ import lmdb
 import numpy as np
 
 from jizhi.cube.build import locate_cube, read_all
+from jizhi.cube.hot import private_table
+from jizhi.cube.pooling import valid_signatures
+from jizhi.cube.store import Cube
+from jizhi.cube.table import RamTable
 
 TARGET_HOT_KEYS_S = 10e6        # issue 5: the hot tier, dim 32, one core
 TARGET_HOT_VS_GATHER = 0.70     # issue 5: the hot tier against the in-RAM gather
@@ -65,7 +69,6 @@ def trace_lookups(version_dir, trace_path=None, requests=500, candidates=500, se
 def request_key_sets(version_dir, trace_path=None, requests=500, candidates=500, seed=1, log=None, limit=None):
     """Per request of the trace (the first ``limit``), its sorted distinct signatures (see ``trace_lookups``)."""
     from jizhi.bundle import Bundle
-    from jizhi.cube.pooling import valid_signatures
     from jizhi.workers.data_reader import DataReader
     from jizhi.workers.feature_processor import FeatureProcessor
     from jizhi.workers.stage import Batch
@@ -196,8 +199,6 @@ def run(cube=None, bundle=None, batch=4096, duration_s=3.0, repeats=5, draw="tra
     keys. ``draw``: "trace" (needs a bundle; a bare cube is drawn uniformly) or "uniform".
     """
     from jizhi.tools.bench import environment
-    from jizhi.cube.store import Cube
-    from jizhi.cube.table import RamTable
 
     log = log or (lambda s: None)
     cube_dir, dim, version_dir = locate_cube(bundle or cube)
@@ -231,7 +232,6 @@ def run(cube=None, bundle=None, batch=4096, duration_s=3.0, repeats=5, draw="tra
         r = measure(fn, batches, duration_s, repeats, warmup_s=min(1.0, max(0.1, duration_s / 5)))
         rows.append(dict(name=name, label=label, agrees=agrees, **r))
 
-    from jizhi.cube.hot import private_table
     table = private_table(all_keys, vectors)   # mapped, its segment already unlinked
 
     def hot_lookup(k):

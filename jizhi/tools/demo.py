@@ -46,6 +46,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jizhi.bundle import Bundle, file_entries, find_version, save_array, save_field, toml_value, write_text
+from jizhi.ctl.progress import ProgressBar as _Progress
 from jizhi.cube.build import read_all, write_cube
 from jizhi.cube.signature import sign, sign_padded
 from jizhi.errors import BundleError
@@ -109,32 +110,6 @@ def _fields(items):
         _Field("i_multi0", 16, "item", "multihot", 5, 5000),
         _Field("i_multi1", 17, "item", "multihot", 5, 1000),
     )
-
-
-class _Progress:
-    """A one-line progress bar on stderr (``\\r``-rewritten); silent when disabled."""
-
-    def __init__(self, label, total, enabled):
-        self.label, self.total, self.enabled, self.done = label, max(int(total), 1), enabled, 0
-        self._draw("")
-
-    def _draw(self, note):
-        if not self.enabled:
-            return
-        width = 30
-        filled = width * self.done // self.total
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{self.done}/{self.total} {note:<24}")
-        sys.stderr.flush()
-
-    def advance(self, n=1, note=""):
-        self.done = min(self.done + n, self.total)
-        self._draw(note)
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def _rng(seed, *stream):

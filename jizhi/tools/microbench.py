@@ -44,12 +44,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import zmq
 
-from jizhi import arena, protocol
-from jizhi.tools.bench import ServerCpu, environment, load_socket, machine_busy_s, self_cpu_s, wait_for_quiet
+from jizhi import protocol, shm
+from jizhi.tools.loadgen import drain_replies, load_socket
+from jizhi.tools.procfs import ServerCpu, environment, machine_busy_s, self_cpu_s, wait_for_quiet
 from jizhi.client import Client
 
 READY_TIMEOUT_S = 120.0
@@ -127,14 +127,17 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        arena.remove_instance(self.instance)  # only after a crash is there anything left
+        shm.remove_instance(self.instance)  # only after a crash is there anything left
         self.log.close()
         return self.proc.returncode
 
 
 def drive(endpoint, frames, in_flight, warmup_s, duration_s, on_measure_start, on_measure_end):
     """Closed loop: keep ``in_flight`` requests outstanding; returns the figures
-    of the measured window. ``frames`` is a list of pre-encoded requests whose
+    of the measured window. (Not loadgen's ``OpenLoop``, which sends on a clock:
+    here a reply sends the next request, from frames encoded once and cycled, so
+    the generator's CPU per request stays what it was; the socket and the reply
+    reader are loadgen's.) ``frames`` is a list of pre-encoded requests whose
     ids are their positions; it is cycled, so it must be longer than
     ``in_flight`` (an id is never reused while outstanding)."""
     sock = load_socket(endpoint)
@@ -170,13 +173,8 @@ def drive(endpoint, frames, in_flight, warmup_s, duration_s, on_measure_start, o
             break
         if not poller.poll(1000):
             continue
-        while True:
-            try:
-                rep = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            h = msgpack.unpackb(rep[1], raw=False)
-            t0 = sent_at.pop(h.get("id"), None)
+        for rid, h in drain_replies(sock):
+            t0 = sent_at.pop(rid, None)
             if measuring and t0 is not None:
                 if h.get("status") == "ok":
                     ok += 1
@@ -190,12 +188,8 @@ def drive(endpoint, frames, in_flight, warmup_s, duration_s, on_measure_start, o
     end = time.monotonic() + 5.0
     while sent_at and time.monotonic() < end:
         if poller.poll(100):
-            while True:
-                try:
-                    rep = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                sent_at.pop(msgpack.unpackb(rep[1], raw=False).get("id"), None)
+            for rid, _ in drain_replies(sock):
+                sent_at.pop(rid, None)
     sock.close(0)
     lat = np.array(lat) if lat else np.zeros(1)
     return {"wall_s": wall, "ok": ok, "errors": dict(codes),
@@ -297,7 +291,7 @@ def run(args):
                 if rc != 0:
                     print(f"microbench: jizhid (prefetch {pf}) exited with code {rc}; log {d.log.name}",
                           file=sys.stderr)
-        leftovers = [p.name for p in arena.SHM_DIR.glob(f"{arena.PREFIX}mb{os.getpid()}p*")]
+        leftovers = [p.name for p in shm.SHM_DIR.glob(f"{shm.PREFIX}mb{os.getpid()}p*")]
         if leftovers:
             print(f"microbench: shared memory left behind: {leftovers}", file=sys.stderr)
     finally:

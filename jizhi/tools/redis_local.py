@@ -41,7 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from jizhi.cube.redis import RedisError, call, slot_map
+from jizhi.cube.cluster import slot_map
+from jizhi.cube.resp import RedisError, call
 
 CONF = """# written by jizhi-redis-cluster init; one node of a local cluster
 port {port}
@@ -80,7 +81,7 @@ def cli_binary():
 
 
 def command(port, *args, timeout_s=2.0, host="127.0.0.1"):
-    """One command to one node; the decoded reply (cube/redis.py's small RESP reader)."""
+    """One command to one node; the decoded reply (cube/resp.py's small RESP reader)."""
     return call(host, port, list(args), timeout_s=timeout_s)
 
 

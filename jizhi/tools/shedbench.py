@@ -9,9 +9,10 @@ A *shape* is an offered rate over time, compressed into minutes:
 * ``step``: ``--base-rate`` with a step to ``--peak-rate`` between ``--step-at`` and
   ``--step-at + --step-s`` seconds (an overload that starts and ends at once).
 
-Arrivals are a non-homogeneous Poisson process (per 100 ms bin a Poisson count at the bin's
-rate, uniform times within the bin); latency is measured from each request's intended send time.
-``run_timeline`` sends the trace's requests (in order, wrapping) over one DEALER socket, keeps
+Arrivals are a non-homogeneous Poisson process (``arrivals``, jizhi/tools/loadgen.py's
+``shaped_times``: per 100 ms bin a Poisson count at the bin's rate, uniform times within the
+bin); latency is measured from each request's intended send time. ``run_timeline`` sends the
+trace's requests (in order, wrapping) through loadgen's generator on one DEALER socket, keeps
 every reply's status, latency, ``shed_ratio`` and returned ids, and once a second asks the
 server's ``info`` for its pools and shedding state. ``timeline_series`` folds it into per-second
 series (offered and answered rates, p99, shed ratio, quota, pool sizes); ``plot_timeline`` draws
@@ -22,12 +23,12 @@ import math
 import time
 
 import numpy as np
-import zmq
 
 from jizhi import protocol
+from jizhi.tools.loadgen import (ENCODE_AHEAD, LOST, OK, PROGRESS_INTERVAL_S, InfoProbe, OpenLoop, load_socket,
+                                 shaped_times)
 
 SHAPES = ("constant", "diurnal", "step")
-BIN_S = 0.1
 
 
 def rate_fn(shape, peak, trough_ratio=10.0, period_s=120.0, base=None, step_at=10.0, step_s=20.0):
@@ -43,94 +44,49 @@ def rate_fn(shape, peak, trough_ratio=10.0, period_s=120.0, base=None, step_at=1
     raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
 
 
-def arrivals(fn, duration_s, seed=0):
-    """Sorted arrival times in [0, duration_s) of a Poisson process with rate ``fn(t)``."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for b in range(int(math.ceil(duration_s / BIN_S))):
-        t = b * BIN_S
-        n = rng.poisson(max(0.0, fn(t + BIN_S / 2)) * BIN_S)
-        out.append(np.sort(rng.uniform(t, min(t + BIN_S, duration_s), n)))
-    return np.concatenate(out) if out else np.zeros(0)
+arrivals = shaped_times     # (the name docs/run-shed-bench.py imports)
 
 
 def run_timeline(endpoint, trace, pipeline, times, *, deadline_ms=1000, top_k=10, first_row=0, progress=None,
                  info_every_s=1.0):
     """Send request ``first_row + i`` (wrapping over the trace) at ``times[i]`` seconds from now.
 
-    Returns ``{"rows", "due", "latency_ms", "status" (ok|code|lost), "shed_ratio", "ids" (the
-    returned item ids of each OK reply), "info": [(t, info)]}``; every request is answered or counted lost (no reply within
-    its deadline + 1 s)."""
-    from jizhi.tools.bench import load_socket
-    ctx = zmq.Context.instance()
-    sock = load_socket(endpoint, ctx)
-    probe = ctx.socket(zmq.DEALER)
-    probe.setsockopt(zmq.LINGER, 0)
-    probe.connect(endpoint)
+    jizhi/tools/loadgen.py's generator, the frames encoded a little ahead of their send time (a
+    timeline can be long), with an ``InfoProbe`` asking the server's info every ``info_every_s``;
+    ``progress(sent, total, seconds)`` is called every 0.5 s. Returns ``{"rows", "due",
+    "latency_ms", "status" (ok|code|lost), "shed_ratio", "ids" (the returned item ids of each OK
+    reply), "info": [(t, info)]}``; every request is answered or counted lost (no reply within its
+    deadline + 1 s)."""
     m = times.shape[0]
     rows = (first_row + np.arange(m)) % len(trace)
     status = np.array([""] * m, dtype=object)
-    lat = np.full(m, np.nan)
     shed = np.full(m, np.nan)
     ids = [None] * m
-    infos = []
-    t0 = time.monotonic() + 0.2
-    due = t0 + times
-    k, pending, next_info, info_pending = 0, 0, t0, False
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(probe, zmq.POLLIN)
-    lost_after = deadline_ms / 1000.0 + 1.0
-    last_progress = 0.0
-    while True:
-        now = time.monotonic()
-        while k < m and due[k] <= now:
-            r = rows[k]
-            a, b = trace.offsets[r], trace.offsets[r + 1]
-            sock.send_multipart([b""] + protocol.encode_request(
-                "score", id=k, pipeline=pipeline, user=int(trace.users[r]), item_ids=trace.items[a:b],
-                recall_scores=trace.recall[a:b], top_k=top_k, deadline_ms=deadline_ms))
-            k += 1
-            pending += 1
-        if now >= next_info and not info_pending:
-            probe.send_multipart([b""] + protocol.encode_request("info", id=-1))
-            info_pending, next_info = True, now + info_every_s
-        if k == m and pending <= 0:
-            break
-        if k == m and now > due[-1] + lost_after:
-            status[(status == "")] = "lost"
-            break
-        timeout = 20 if k == m else max(0, min(20, math.ceil((due[k] - now) * 1000)))
-        for s, _ in poller.poll(timeout):
-            if s is probe:
-                fr = probe.recv_multipart()
-                infos.append((time.monotonic() - t0, protocol.unpackb(fr[1])))
-                info_pending = False
-                continue
-            while True:
-                try:
-                    fr = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                h, arrays = protocol.decode_reply(fr[1:])
-                rid = h.get("id")
-                if not isinstance(rid, int) or not 0 <= rid < m or status[rid] != "":
-                    continue
-                pending -= 1
-                lat[rid] = (time.monotonic() - due[rid]) * 1000.0
-                if h.get("status") == "ok":
-                    status[rid] = "ok"
-                    shed[rid] = float(h.get("shed_ratio") or 0.0)
-                    ids[rid] = np.array(arrays["item_ids"])
-                else:
-                    status[rid] = h.get("code", "?")
-        if progress and now - last_progress > 0.5:
-            last_progress = now
-            progress(k, m, now - t0)
-    sock.close(0)
-    probe.close(0)
-    return {"rows": rows, "due": due - t0, "latency_ms": lat, "status": status, "shed_ratio": shed,
-            "ids": ids, "info": infos}
+
+    def keep(i, h, frames):
+        if h.get("status") == "ok":
+            shed[i] = float(h.get("shed_ratio") or 0.0)
+            ids[i] = np.array(protocol.decode_reply(frames[1:])[1]["item_ids"])
+        else:
+            status[i] = h.get("code", "?")
+
+    sock = load_socket(endpoint)
+    probe = InfoProbe(endpoint, info_every_s)
+    try:
+        load = OpenLoop(sock, trace, pipeline=pipeline, due=times, rows=rows, deadline_ms=deadline_ms, top_k=top_k,
+                        encode_ahead=ENCODE_AHEAD, on_reply=keep)
+        t0 = time.monotonic() + 0.2
+        probe.attach(load, t0)
+        if progress:
+            load.every(PROGRESS_INTERVAL_S, lambda now: progress(load.sent, m, now - t0))
+        load.run(t0)
+    finally:
+        sock.close(0)
+        probe.close()
+    status[load.status == OK] = "ok"
+    status[load.status == LOST] = "lost"
+    return {"rows": rows, "due": load.due - t0, "latency_ms": load.latency_ms(), "status": status,
+            "shed_ratio": shed, "ids": ids, "info": probe.infos}
 
 
 def timeline_series(result, pipeline, slo_ms):
@@ -243,7 +199,7 @@ def _command():
           jizhictl bench-shape --trace trace.npz --pipeline demo_shed --peak-rate 1400 --plot day.png
           jizhictl bench-shape --trace trace.npz --shape step --base-rate 300 --peak-rate 1500
         """
-        from jizhi.tools.bench import Trace
+        from jizhi.ctl.inputs import Trace
         trace = Trace(trace_path)
         if duration is None:
             duration = {"diurnal": period, "step": step_at + 2 * step_s, "constant": 60.0}[shape]

@@ -6,7 +6,6 @@ the need model of ``jizhi.shedding.LearnedPolicy`` on the recall-score features 
 on the log of the needed fraction). The policy is a small JSON file (``save_policy``), which the
 server reads with ``jizhi.shedding.load_policy``.
 """
-import json
 import os
 
 import numpy as np
@@ -101,8 +100,3 @@ def train(trace, version_dir, top_k=10, ridge=1e-3, quotas=(0.2, 0.3, 0.5), prog
                 "learned": {"kept": round(float(learned_keep.sum() / offs[-1]), 4),
                             "overlap": round(float(overlap_at(offs, rec, sco, learned_keep, top_k).mean()), 4)}})
     return doc, report
-
-
-def save_policy(doc, path):
-    from jizhi.rundir import write_file
-    write_file(path, json.dumps(doc, indent=1).encode(), mode=0o644)   # atomically, never through a link

@@ -1,8 +1,9 @@
 """The soak run: ``python -m jizhi.tools.soak`` (a benchmark, not a CI test).
 
 Drives a running jizhid with open-loop Poisson load at a fixed rate (70% of
-the measured capacity, say) for a long time, as consecutive windows of the
-load generator (jizhi/tools/bench.py), and records per window p50/p99, errors and
+the measured capacity, say) for a long time, as consecutive load points of
+``jizhictl bench`` (jizhi/tools/bench.py, on jizhi/tools/loadgen.py's
+generator), and records per window p50/p99, errors and
 the RSS of every process of the run (found through ``--run-dir``). The report
 answers: did any process's memory grow without bound, did p99 drift, were
 there errors. Requests repeat within the run when the trace is shorter than
@@ -14,7 +15,9 @@ import time
 
 import click
 
-from jizhi.tools.bench import LoadGenerator, ServerCpu, Trace
+from jizhi.ctl.inputs import Trace
+from jizhi.tools.bench import LoadGenerator
+from jizhi.tools.procfs import ServerCpu
 from jizhi.stats import rss_bytes
 
 

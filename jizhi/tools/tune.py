@@ -443,7 +443,7 @@ class Testbed:
         and measure again (``retries`` times) when they used more while it ran.
         Noise inflates both CPU per pair and p99, so a disturbed record is not kept
         when a clean one can be had; the earlier attempts stay in the record."""
-        from jizhi.tools.bench import wait_for_quiet
+        from jizhi.tools.procfs import wait_for_quiet
         earlier = []
         for attempt in range(self.retries + 1):
             if self.max_other_cores is not None:
@@ -467,7 +467,8 @@ class Testbed:
         (0: unset; None: inherited from this process, the shipped default);
         ``hot_tier_mb``: to know whether to wait for the first hot tier.
         """
-        from jizhi.tools.bench import LoadGenerator, ServerCpu
+        from jizhi.tools.bench import LoadGenerator
+        from jizhi.tools.procfs import ServerCpu
         self.count += 1
         instance = f"tune{os.getpid()}n{self.count}"
         files = self.work_dir / "evals" / tag
@@ -577,8 +578,8 @@ class Testbed:
     def _stop(self, proc, instance, run_dir):
         """SIGTERM, a bounded wait, then SIGKILL to the run's process group; then
         the instance's /dev/shm entries (removed if any, and reported)."""
-        from jizhi import arena
-        from jizhi.tools.bench import ServerCpu
+        from jizhi import shm
+        from jizhi.tools.procfs import ServerCpu
         out = {"killed": False}
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -597,9 +598,9 @@ class Testbed:
             except subprocess.TimeoutExpired:
                 pass
         out["exit_code"] = proc.returncode
-        left = sorted(p.name for p in arena.SHM_DIR.glob(f"{arena.PREFIX}{instance}.*"))
+        left = sorted(p.name for p in shm.SHM_DIR.glob(f"{shm.PREFIX}{instance}.*"))
         if left:
-            arena.remove_instance(instance)
+            shm.remove_instance(instance)
             self.log(f"  warning: jizhid {instance} left {len(left)} shared-memory segments; removed them")
         out["shm_left"] = left
         return out
@@ -720,7 +721,9 @@ def run_tune(*, trace_path, slo_ms, rate, evals, duration_s, warmup_s, repeats, 
     import warnings
 
     from jizhi import config as config_mod
-    from jizhi.tools.bench import Trace, check_trace_length, environment
+    from jizhi.ctl.inputs import Trace
+    from jizhi.tools.bench import check_trace_length
+    from jizhi.tools.procfs import environment
     from jizhi.errors import ConfigError, PipelineError
     from jizhi.pipeline import compile_pipeline, pipeline_path, read_pipeline
 

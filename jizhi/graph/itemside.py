@@ -12,7 +12,7 @@ the user part) is such a tensor; on the DLRM the item-item interaction block
 and its share of the first layer are.
 
 ``split_items(model)`` takes a bundle-form model (usually the output of
-``jizhi.structured.structure``) and returns an ``ItemSplit``:
+``jizhi.graph.structured.structure``) and returns an ``ItemSplit``:
 
 * ``items``: a model from ``item_emb`` f32[P, F_item, D] to the *frontier*
   tensors (item-only tensors that took a MatMul/Gemm to compute and are read
@@ -25,14 +25,14 @@ other tensors (``MatMul(Concat(parts, axis=-1), W)`` with a constant W) is
 split into ``Concat(item parts) @ W[item rows] + Concat(other parts) @
 W[other rows]``, the same way ``structure`` splits user parts off. Item-side
 tensors are ``item_emb`` and the outputs of nodes whose non-constant inputs
-are all item-side and that are row-wise (``jizhi.structured._rowwise``), so
+are all item-side and that are row-wise (``jizhi.graph.rows.rowwise``), so
 row p of every frontier tensor depends only on row p of ``item_emb``.
 
 ``ItemTable`` (used by ``workers/model_inference.py`` with the stage option
 ``item_cache = true``) builds, when the worker opens a bundle version, one
 table per frontier tensor with a row per item of the item profiles: the
-items' precomputed signatures pooled from the version's cube, in chunks,
-through the ``items`` model. A request's candidates then read their rows
+items' precomputed signatures pooled from the version's cube (by a function
+the worker passes in), in chunks, through the ``items`` model. A request's candidates then read their rows
 (one gather per tensor); a candidate whose id is not in the profiles (scored
 with empty bags, pipeline option ``on_unknown = "default"``) gets its rows
 from the ``items`` model run on its pooled embeddings in the batch. Scores
@@ -46,12 +46,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from jizhi.structured import _CONST, _DOMAINS, _Graph, _Writer, _attr, _axis, _has_subgraph, _rowwise
+from jizhi.bundle import Profiles
+from jizhi.graph.proto import DOMAINS, ITEM_INPUT, Graph, Writer, assemble, attr, has_subgraph, normalize_axis
+from jizhi.graph.rows import CONST, OTHER, rowwise
 
-ITEM_INPUT = "item_emb"
 _HEAVY = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "MatMulInteger", "QLinearMatMul"})
-_ITEM = "item"
-_OTHER = "other"
+_ITEM = "item"     # the item side's kind, beside rows.CONST and rows.OTHER
+
 
 @dataclasses.dataclass(frozen=True)
 class ItemSplit:
@@ -66,18 +67,18 @@ class ItemSplit:
 
 
 def _kinds(g, model):
-    """Tensor -> _ITEM / _CONST / _OTHER, in node order."""
-    kind = {v.name: (_ITEM if v.name == ITEM_INPUT else _OTHER) for v in model.graph.input}
-    kind.update((name, _CONST) for name in g.constants)
+    """Tensor -> _ITEM / CONST / OTHER, in node order."""
+    kind = {v.name: (_ITEM if v.name == ITEM_INPUT else OTHER) for v in model.graph.input}
+    kind.update((name, CONST) for name in g.constants)
     for node in model.graph.node:
-        kinds = [kind.get(n, _OTHER) for n in node.input if n]
-        if node.op_type == "Constant" or (kinds and all(k == _CONST for k in kinds)):
-            out = _CONST
-        elif all(k in (_CONST, _ITEM) for k in kinds) and _rowwise(
+        kinds = [kind.get(n, OTHER) for n in node.input if n]
+        if node.op_type == "Constant" or (kinds and all(k == CONST for k in kinds)):
+            out = CONST
+        elif all(k in (CONST, _ITEM) for k in kinds) and rowwise(
                 node, g, {i for i, n in enumerate(node.input) if n and kind.get(n) == _ITEM}):
             out = _ITEM
         else:
-            out = _OTHER
+            out = OTHER
         for name in node.output:
             if name:
                 kind[name] = out
@@ -87,9 +88,9 @@ def _kinds(g, model):
 def _split_item_layers(model):
     """Split MatMul(Concat(item and other parts, last axis), W) into an item part and the rest.
     Returns (model, descriptions)."""
-    g = _Graph(model)
+    g = Graph(model)
     kind = _kinds(g, model)
-    w = _Writer(g)
+    w = Writer(g)
     layers = []
     for node in model.graph.node:
         split = _item_layer(node, g, kind)
@@ -114,16 +115,16 @@ def _split_item_layers(model):
 
 def _item_layer(node, g, kind):
     """(item parts, other parts, W) of a splittable MatMul, each part (name, weight rows); or None."""
-    if node.domain not in _DOMAINS or node.op_type != "MatMul":
+    if node.domain not in DOMAINS or node.op_type != "MatMul":
         return None
     x, weights = node.input[0], g.value(node.input[1])
     if weights is None or weights.ndim != 2 or weights.dtype != np.float32 or g.rank(x) != 2:
         return None
     concat = g.producer.get(x)
-    if concat is None or concat.op_type != "Concat" or concat.domain not in _DOMAINS:
+    if concat is None or concat.op_type != "Concat" or concat.domain not in DOMAINS:
         return None
-    axis = _attr(concat, "axis")
-    if axis is None or _axis(axis, 2) != 1:
+    axis = attr(concat, "axis")
+    if axis is None or normalize_axis(axis, 2) != 1:
         return None
     parts, start = [], 0
     for name in concat.input:
@@ -144,12 +145,12 @@ def _item_layer(node, g, kind):
 def split_items(model):
     """The model's item-only work as a separate model (module docstring), or None when the
     model has none worth a table (no MatMul/Gemm on item-only tensors)."""
-    if any(_has_subgraph(node) for node in model.graph.node):
+    if any(has_subgraph(node) for node in model.graph.node):
         return None
     if ITEM_INPUT not in {v.name for v in model.graph.input}:
         return None
     model, layers = _split_item_layers(model)
-    g = _Graph(model)
+    g = Graph(model)
     kind = _kinds(g, model)
     heavy = set()            # item-side tensors that took a MatMul/Gemm to compute
     region = []              # their nodes
@@ -157,7 +158,7 @@ def split_items(model):
         outs = [n for n in node.output if n]
         if not outs or any(kind.get(n) != _ITEM for n in outs):
             continue
-        if (node.op_type in _HEAVY and node.domain in _DOMAINS) or any(n in heavy for n in node.input if n):
+        if (node.op_type in _HEAVY and node.domain in DOMAINS) or any(n in heavy for n in node.input if n):
             heavy.update(outs)
             region.append(node)
     in_region = {id(n) for n in region}
@@ -184,43 +185,25 @@ def split_items(model):
 
     # The item model: the item-side ancestors of the frontier.
     item_input = next(v for v in model.graph.input if v.name == ITEM_INPUT)
-    items = _assemble(model, model.graph.node, [item_input], frontier_inputs)
+    items, _ = assemble(model, model.graph.node, [item_input], frontier_inputs)
     # The serving model: everything but the region, the frontier as inputs.
-    serving = _assemble(model, [n for n in model.graph.node if id(n) not in in_region],
-                        list(model.graph.input) + frontier_inputs, list(model.graph.output))
+    serving, _ = assemble(model, [n for n in model.graph.node if id(n) not in in_region],
+                          list(model.graph.input) + frontier_inputs, list(model.graph.output))
     return ItemSplit(serving, items, tuple(dims), layers)
-
-
-def _assemble(source, nodes, inputs, outputs):
-    """A model of ``source``'s opsets and metadata: ``inputs`` to ``outputs`` through the ``nodes``
-    (in order) they need, with the initializers those read."""
-    needed, kept = {o.name for o in outputs}, []
-    for node in reversed(nodes):
-        if any(n in needed for n in node.output if n):
-            kept.append(node)
-            needed.update(n for n in node.input if n)
-    kept.reverse()
-    graph = helper.make_graph(kept, source.graph.name, inputs, outputs,
-                              initializer=[i for i in source.graph.initializer if i.name in needed])
-    model = onnx.ModelProto()
-    model.CopyFrom(source)
-    model.graph.CopyFrom(graph)
-    onnx.checker.check_model(model)
-    return model
 
 
 class ItemTable:
     """The frontier tensors of ``split`` for every item of a bundle version (module docstring).
 
-    ``session``: an onnxruntime session of ``split.items``. ``max_mb``: refuse
-    (ValueError) a table larger than this. ``chunk``: items pooled and run
-    per step while building.
+    ``session``: an onnxruntime session of ``split.items``. ``pool(sigs, lens)``:
+    the pooled item embeddings f32[R, F_item, D] of R items' signatures (uint64
+    [R, F_item, L], lengths int32 [R, F_item]), read from the version's cube by
+    the caller (the worker: the cube is a layer this package does not import).
+    ``max_mb``: refuse (ValueError) a table larger than this, before any pooling.
+    ``chunk``: items pooled and run per step while building.
     """
 
-    def __init__(self, bundle, split, session, max_mb=512, chunk=8192):
-        from jizhi.bundle import Profiles
-        from jizhi.cube.pooling import pool_blocks
-        from jizhi.cube.store import open_cube
+    def __init__(self, bundle, split, session, pool, max_mb=512, chunk=8192):
         self.split = split
         self.session = session
         self.items = Profiles(bundle, "item")
@@ -232,13 +215,10 @@ class ItemTable:
         self.names = [name for name, _ in split.frontier]
         self.tables = [np.empty((n, *d), dtype=np.float32) for _, d in split.frontier]
         t0 = time.monotonic()
-        # The process's one Cube of the version (open_cube): in a fused worker the cube stage reads the
-        # same one, so it is not closed here.
-        cube = open_cube(bundle.cube_path, bundle.dim)
         for a in range(0, n, chunk):
             rows = np.arange(a, min(n, a + chunk), dtype=np.int64)
             sigs, lens = self.items.item_signatures(rows, np.ones(rows.shape[0], dtype=np.bool_))
-            (emb,), _ = pool_blocks(cube, [(sigs, lens)], bundle.dim, [bundle.item_sums])
+            emb = pool(sigs, lens)
             for table, out in zip(self.tables, session.run(self.names, {ITEM_INPUT: emb})):
                 table[a:a + rows.shape[0]] = out
         self.build_s = time.monotonic() - t0

@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 
 from jizhi import lifeline
+from jizhi.shm import sigbus_cause
+from jizhi.rundir import write_file
 
 log = logging.getLogger("jizhi.registry")
 
@@ -98,7 +100,6 @@ def child_report(proc, rc):
     except ValueError:
         report = None
     if rc == -signal.SIGBUS:
-        from jizhi.arena import sigbus_cause
         return report, f"killed by SIGBUS ({sigbus_cause()})"
     return report, (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
 
@@ -190,7 +191,6 @@ class Registry:
             if version is None:
                 path.unlink(missing_ok=True)
             else:
-                from jizhi.rundir import write_file
                 write_file(path, f"{version}\n".encode(), mode=0o644)    # (never through a link)
         except OSError as e:
             persisted = False

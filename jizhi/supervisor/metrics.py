@@ -33,8 +33,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import CollectorRegistry
 
 from jizhi.errors import CODES
-from jizhi.registry import State
 from jizhi.stats import BANKS, BUCKETS_US, C_EVENTS, C_INVALID_SCORES, rss_bytes
+from jizhi.supervisor.loader import LoadState
+from jizhi.supervisor.registry import State
 
 log = logging.getLogger("jizhi.metrics")
 
@@ -90,7 +91,7 @@ class Collector:
         yield errors
         yield invalid
         yield events
-        info = sup.last_broker_info or {}
+        info = sup.reports.broker_info or {}
         queue = GaugeMetricFamily("jizhi_queue_depth", "Requests queued per group", labels=["pipeline", "group"])
         workers = GaugeMetricFamily("jizhi_pool_workers", "Workers registered with the broker",
                                     labels=["pipeline", "group"])
@@ -101,7 +102,7 @@ class Collector:
             for g, gs in p["groups"].items():
                 queue.add_metric([pname, g], gs["queue"])
                 workers.add_metric([pname, g], gs["workers"])
-        for (pname, g), n in sup.desired.items():
+        for (pname, g), n in sup.pools.desired.items():
             desired.add_metric([pname, g], n)
         yield queue
         yield workers
@@ -116,19 +117,19 @@ class Collector:
         yield rss
         up = GaugeMetricFamily("jizhi_ready", "1 when every stage has a warmed-up worker and no child is failing "
                                               "to start")
-        up.add_metric([], 1 if sup.readiness(info)[0] else 0)
+        up.add_metric([], 1 if sup.reports.readiness(info)[0] else 0)
         yield up
         # Read from the HTTP thread while the supervisor loop changes them: iterate over copies.
         serving = GaugeMetricFamily("jizhi_serving_version", "Model version new requests are pinned to",
                                     labels=["pipeline", "model"])
-        for pname, banks in list(sup.loaded.items()):
+        for pname, banks in list(sup.versions.loaded.items()):
             for ld in list(banks.values()):
-                if ld.state == "active":
+                if ld.state == LoadState.SERVING:
                     serving.add_metric([pname, ld.model], ld.version)
         yield serving
         states = GaugeMetricFamily("jizhi_model_versions", "Model versions on disk by state (jizhictl models)",
                                    labels=["model", "state"])
-        for model, recs in list(sup.registry.records.items()):
+        for model, recs in list(sup.versions.registry.records.items()):
             counts = collections.Counter(r.state.value for r in list(recs.values()))
             for st in State:
                 states.add_metric([model, st.value], counts.get(st.value, 0))
@@ -141,7 +142,7 @@ INFO_STALE_S = 5.0     # the broker's figures are asked for every second: older 
 def livez(sup):
     """(alive, one line): the supervisor's loop has turned within ``metrics.livez_stall_s``."""
     bound = sup.settings["metrics.livez_stall_s"]
-    beat = getattr(sup, "loop_beat", None)
+    beat = sup.loop_beat
     if beat is None:
         return False, "the supervisor loop has not started"
     age = time.monotonic() - beat
@@ -160,20 +161,20 @@ def readyz(sup, state=None):
     phase = "degraded: " if state.get("was_ready") else "starting: "
     if sup.stopping:
         return False, "stopping: draining in-flight requests, admitting nothing new"
-    info = sup.last_broker_info
+    info = sup.reports.broker_info
     if info is None:
         return False, "starting: the broker has not answered yet"
-    age = time.monotonic() - getattr(sup, "last_broker_info_at", 0.0)
+    age = time.monotonic() - sup.reports.broker_info_at
     if age > INFO_STALE_S:
         return False, f"{phase}the broker has not answered for {age:.1f} s"
     if info.get("draining"):
         return False, "draining: admitting nothing new (jizhictl resume admits again)"
-    ready, why = sup.readiness(info)
+    ready, why = sup.reports.readiness(info)
     if not ready:
         return False, phase + why
     pipes = info.get("pipelines", {})
     short = []
-    for (pname, g), n in sorted(list(sup.desired.items())):
+    for (pname, g), n in sorted(list(sup.pools.desired.items())):
         p = pipes.get(pname)
         if p is None or p.get("version") is None:
             return False, f"{phase}pipeline {pname} serves no version"
@@ -182,7 +183,7 @@ def readyz(sup, state=None):
             short.append(f"{pname}/{g} has {have} of {n} workers")
     for pname, p in pipes.items():
         # Per group the broker counts every loaded version's workers: check the serving version's own total.
-        want = sum(n for (pn, _), n in list(sup.desired.items()) if pn == pname)
+        want = sum(n for (pn, _), n in list(sup.pools.desired.items()) if pn == pname)
         have = (p.get("versions", {}).get(str(p.get("version"))) or {}).get("workers", want)
         if have < want and not any(s.startswith(f"{pname}/") for s in short):
             short.append(f"{pname} version {p['version']} has {have} of {want} workers")

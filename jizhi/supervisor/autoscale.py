@@ -27,8 +27,8 @@ forth. The mean wait per request over the period is reported with it (``last_wai
 
 Hysteresis: the same decision must come out of ``autoscale.sustain`` consecutive periods, and
 after a change nothing moves for ``autoscale.cooldown_s`` (the new worker starts, queues drain);
-a kind never goes below one worker. Workers are retired without dropping a request
-(``Supervisor.set_pool``).
+a kind never goes below one worker. The autoscaler only sets desired sizes (``Pools.set``,
+jizhi/supervisor/pools.py); the supervisor's ``manage()`` retires workers without dropping a request.
 """
 
 

@@ -1,12 +1,13 @@
 """The loader: one model version loaded (or loading) in one pipeline.
 
 Hot reload is source -> loader -> manager (STYLE.md, 9): the registry
-(``jizhi/registry.py``) is the source (which versions are on disk and valid,
-which one each policy wants); a ``Loader`` is one version in one pipeline; the
-supervisor is the manager (``Supervisor.converge_models``): it creates a
-loader for the version a policy wants, switches to it only when its workers
-are warm, and unloads the previous one once its last request is answered. It
-never unloads the serving version before another serves.
+(``jizhi/supervisor/registry.py``) is the source (which versions are on disk
+and valid, which one each policy wants); a ``Loader`` is one version in one
+pipeline; the version manager (``jizhi/supervisor/versions.py``) is the
+manager: it creates a loader for the version a policy wants, switches to it
+only when its workers are warm, and unloads the previous one once its last
+request is answered. It never unloads the serving version before another
+serves.
 
 A loader's constructor only records what it loads. ``load()`` compiles the
 pipeline against the version's bundle, checks the memory budget, creates the
@@ -16,28 +17,62 @@ workers, the serving version's and a new one's, the double buffer).
 ``unload()`` removes the arenas and tells the broker to forget the version,
 after its workers exited (which returned their memory).
 
+Loader states (``LoadState``: the registry's words for the same phases) and
+the legal transitions (``TRANSITIONS``; an illegal one is logged as a bug):
+
+==========  ==========================================================  ===================
+state       meaning                                                     next
+==========  ==========================================================  ===================
+loading     its workers start beside the serving ones and warm up       serving, failed
+serving     new requests are pinned to it                               draining, failed
+draining    answers what it holds after a newer version took over      stopping, failed
+stopping    answered its last request: ``manage()`` retires its         (unloaded)
+            workers, ``unload()`` follows when they are gone
+failed      broke while loading or serving; its workers are stopped     (unloaded)
+==========  ==========================================================  ===================
+
 Runs in the supervisor process only.
 """
+import enum
 import logging
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-from jizhi import arena, lifeline, protocol
-from jizhi.cube.hot import CTL_WORDS
-from jizhi.cube.remote import remote_url
+from jizhi import arena, lifeline, protocol, shm
 from jizhi.bundle import Bundle
+from jizhi.cube.hot import CTL_WORDS, Control
+from jizhi.cube.remote import remote_url
 from jizhi.errors import PipelineError, ShmFull
-from jizhi.registry import child_report
 from jizhi.pipeline import compile_pipeline
+from jizhi.supervisor.registry import child_report
 
 log = logging.getLogger("jizhi.supervisor")
 
-# Loader states (the manager's view of one version in one pipeline):
-# loading -> active -> draining -> stopping -> (unloaded); loading|active|draining -> failed -> (unloaded).
-LIVE = ("loading", "active", "draining")          # its workers are kept at the pool size
-BROKER_STATE = {"loading": "loading", "active": "active", "failed": "failed"}   # else "draining"
+
+class LoadState(str, enum.Enum):
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+L = LoadState
+TRANSITIONS = {
+    L.LOADING: {L.SERVING, L.FAILED},
+    L.SERVING: {L.DRAINING, L.FAILED},
+    L.DRAINING: {L.STOPPING, L.FAILED},
+    L.STOPPING: set(),
+    L.FAILED: set(),
+}
+LIVE = (L.LOADING, L.SERVING, L.DRAINING)          # its workers are kept at the pool size
+# What the plan file says of a version's state (the broker reads it when it restarts): the registry's
+# words. (The broker's `info` still says "active" for a serving version: jizhictl prints that word.)
+PLAN_FILE_STATE = {L.LOADING: "loading", L.SERVING: "serving", L.FAILED: "failed"}   # else "draining"
 
 
 class LoadRefused(Exception):
@@ -58,7 +93,7 @@ class Loader:
     supervisor numbers a pipeline's version sets).
     """
 
-    def __init__(self, pipeline, record, bank, state="loading", records=None, generation=None):
+    def __init__(self, pipeline, record, bank, state=LoadState.LOADING, records=None, generation=None, now=None):
         self.pipeline = pipeline
         self.record = record
         self.records = dict(records or {record.model: record})
@@ -66,13 +101,15 @@ class Loader:
         self.versions = {m: r.version for m, r in self.records.items()}
         self.version = record.version if generation is None else generation
         self.bank = bank
-        self.state = state
+        self.state = LoadState(state)
         self.plan = None
+        self.bundle = None          # the Bundle of its model, and of every model of the set ({model: Bundle})
+        self.bundles = {}
         self.segments = None
         self.warmup = None          # a few ids of the bundle, for a warm-up when no traffic was recorded
         self.expected_bytes = 0
         self.deaths = 0             # worker deaths while loading
-        self.t_start = time.monotonic()
+        self.t_start = time.monotonic() if now is None else now     # (the supervisor's clock)
         self.hot = None             # {control, table}: the hot tier's segments (cube/hot.py), when it has one
         self.hot_proc = None        # the builder while it runs
         self.hot_done = False       # the first build finished (built or failed)
@@ -89,6 +126,14 @@ class Loader:
         self.disk_capacity = 0
         self.disk_proc = None
 
+    def to(self, state):
+        """Move to ``state``; an illegal transition is logged as a bug (and applied)."""
+        state = LoadState(state)
+        if state not in TRANSITIONS[self.state]:
+            log.error("illegal load state transition: pipeline %s %s %s -> %s (a bug; applied anyway)",
+                      self.pipeline, self.describe(), self.state.value, state.value)
+        self.state = state
+
     def load(self, sup, doc, plan=None, announce=True):
         """Compile, check the budget, create the arenas and (``announce``) tell the broker.
 
@@ -101,7 +146,7 @@ class Loader:
                 raise LoadRefused("rejected", f"pipeline {self.pipeline} cannot use it: {e}")
         budget = sup.settings["models.memory_budget_mb"] << 20
         if announce:
-            n_workers = sum(sup.desired[(self.pipeline, g)] for g in plan["groups"])
+            n_workers = sum(sup.pools.desired[(self.pipeline, g)] for g in plan["groups"])
             per_worker = max(int((r.validation or {}).get("peak_rss_bytes") or 0) for r in self.records.values())
             self.expected_bytes = n_workers * per_worker + arenas_bytes(sup.settings, plan)
             if sup.settings["cube.hot_tier_mb"]:
@@ -122,15 +167,15 @@ class Loader:
             self.segments = create_arenas(sup, self.pipeline, plan)
             if sup.settings["cube.hot_tier_mb"] and any(
                     st["processor"] == "cube_accessor" for st in plan["stages"].values()):
-                prefix = arena.segment_name(sup.instance, sup.run_id, f"{self.pipeline}.v{self.version}", "hot")
-                arena.create(prefix + ".ctl", CTL_WORDS * 8)
+                prefix = shm.segment_name(sup.instance, sup.run_id, f"{self.pipeline}.v{self.version}", "hot")
+                shm.create(prefix + ".ctl", CTL_WORDS * 8)
                 sup.segments[(self.pipeline, self.version)]["hot.ctl"] = prefix + ".ctl"
                 self.hot = {"control": prefix + ".ctl", "table": prefix + ".g{generation}"}
         except ShmFull as e:
             if not announce:
                 raise       # at start: jizhid refuses to start (and removes every segment it made)
             for seg in sup.segments.pop((self.pipeline, self.version), {}).values():
-                arena.unlink(seg)
+                shm.unlink(seg)
             raise LoadRefused("refused", str(e))
         cube_cfg = next((st["config"] for st in plan["stages"].values() if st["processor"] == "cube_accessor"), {})
         if cube_cfg.get("remote"):
@@ -143,7 +188,7 @@ class Loader:
             sup.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": self.pipeline,
                                              "version": self.version, "plan": plan, "segments": self.segments,
                                              "warmup": self.warmup,
-                                             "pool": {g: sup.desired[(self.pipeline, g)] for g in plan["groups"]}})])
+                                             "pool": {g: sup.pools.desired[(self.pipeline, g)] for g in plan["groups"]}})])
             log.info("pipeline %s: loading %s beside the serving one (bank %d, workers at nice +%d, "
                      "expected %d MiB)", self.pipeline, self.describe(), self.bank,
                      sup.settings["models.load_nice"], self.expected_bytes >> 20)
@@ -155,7 +200,6 @@ class Loader:
 
     def start_hot_build(self, sup, keys_path=None):
         """Start the builder child of the next generation (niced): all cube keys, or ``keys_path`` (hottest first)."""
-        import subprocess
         gen = self.hot_published + 1
         seg = self.hot["table"].format(generation=gen)
         sup.segments[(self.pipeline, self.version)][f"hot.g{gen}"] = seg
@@ -169,7 +213,7 @@ class Loader:
             argv += ["--remote", self.remote]
         self.hot_building, self.hot_keys_path = gen, keys_path
         self.hot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env())
-        sup.as_loader(self.hot_proc.pid)
+        sup.versions.as_loader(self.hot_proc.pid)
         self.hot_started = time.monotonic()
 
     def poll_hot_build(self, sup):
@@ -191,12 +235,11 @@ class Loader:
         if report is None:
             seg = sup.segments[(self.pipeline, self.version)].pop(f"hot.g{gen}", None)
             if seg:
-                arena.unlink(seg)
+                shm.unlink(seg)
             log.error("pipeline %s: version %d's hot tier generation %d was not built (%s); %s", self.pipeline,
                       self.version, gen, how, "it keeps the previous one" if self.hot_published else
                       "it reads the LMDB cube only")
             return True
-        from jizhi.cube.hot import Control
         # whole: a build of every cube key (no LFU key list) that found them all
         whole = self.hot_keys_path is None and 0 < report["cube_keys"] == report["keys"]
         Control(self.hot["control"], writable=True).publish(gen, report["keys"], report["capacity"], whole=whole)
@@ -222,7 +265,7 @@ class Loader:
             if gen not in reader_generations:
                 self.hot_retired.remove(gen)
                 seg = sup.segments[(self.pipeline, self.version)].pop(f"hot.g{gen}", None)
-                if seg and arena.unlink(seg):
+                if seg and shm.unlink(seg):
                     log.info("pipeline %s: version %d's hot tier generation %d removed (no reader left)",
                              self.pipeline, self.version, gen)
 
@@ -237,7 +280,6 @@ class Loader:
 
     def start_disk_manager(self, sup, rows):
         """The disk cache's one writer (``python -m jizhi.cube.cache``), fed by ``rows``' key samples."""
-        import subprocess
         self.disk_proc = subprocess.Popen(
             lifeline.child_argv("jizhi.cube.cache", "--env", self.disk_cache, "--remote", self.remote,
                                 "--dim", self.bundle.dim, "--capacity", self.disk_capacity,
@@ -257,7 +299,6 @@ class Loader:
                 self.disk_proc.wait()
             self.disk_proc = None
         if self.disk_cache is not None:
-            import shutil
             shutil.rmtree(self.disk_cache, ignore_errors=True)
 
     def unload(self, sup):
@@ -265,7 +306,7 @@ class Loader:
         self.stop_hot_build()
         self.stop_disk_manager()
         sup.tell_broker(protocol.encode_simple(protocol.T_VERSION_DROP, pipeline=self.pipeline, version=self.version))
-        n = sum(arena.unlink(seg) for seg in sup.segments.pop((self.pipeline, self.version), {}).values())
+        n = sum(shm.unlink(seg) for seg in sup.segments.pop((self.pipeline, self.version), {}).values())
         log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned; %d arenas removed)",
                  self.pipeline, self.version, n)
 
@@ -287,7 +328,7 @@ class Loader:
         """What the plan file says of this version (children and a restarted broker read it)."""
         e = {"plan": self.plan, "segments": self.segments, "bank": self.bank, "hot": self.hot,
              "disk_cache": self.disk_cache,
-             "state": BROKER_STATE.get(self.state, "draining")}
+             "state": PLAN_FILE_STATE.get(self.state, "draining")}
         if self.warmup is not None:
             e["warmup"] = self.warmup
         return e
@@ -302,8 +343,8 @@ def create_arenas(sup, pipeline, plan):
     slots, maxc = sup.settings["limits.max_in_flight"], sup.settings["limits.max_candidates"]
     segs = sup.segments[(pipeline, plan["version"])] = {}    # (known before a creation fails: removed then)
     for col, spec in plan["arenas"].items():
-        seg = arena.segment_name(sup.instance, sup.run_id, f"{pipeline}.v{plan['version']}", col)
-        arena.create(seg, arena.arena_bytes(spec, slots, maxc))
+        seg = shm.segment_name(sup.instance, sup.run_id, f"{pipeline}.v{plan['version']}", col)
+        shm.create(seg, arena.arena_bytes(spec, slots, maxc))
         segs[col] = seg
     return segs
 

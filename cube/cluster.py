@@ -1,0 +1,160 @@
+"""Redis Cluster as the cube's reader and push see it: key slots, the slot map, the cube URL.
+
+A key's slot is CRC16 (XMODEM) of the key, or of its hash tag (the part
+between the first ``{`` and the next ``}``, when not empty), modulo 16,384;
+``key_slots`` computes the slots of a batch of fixed-length keys in one
+Numba kernel (compiled at import). ``Cluster`` holds which master owns each
+slot, learned with CLUSTER SLOTS from any node that answers, and sends the
+few single commands (GET, SET of a layout record) to one that does.
+"""
+import logging
+import time
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+from numba import njit
+
+from jizhi.cube.resp import RedisError, call
+
+# (one logger for every module of the Redis backend: its lines keep the name they always had)
+log = logging.getLogger("jizhi.cube.redis")
+
+SLOTS = 16384
+
+
+# --- CRC16 (XMODEM), Redis Cluster's key hash ------------------------------
+
+
+def _crc_table():
+    t = np.zeros(256, dtype=np.uint16)
+    for i in range(256):
+        c = i << 8
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1021) if c & 0x8000 else (c << 1)
+        t[i] = c & 0xFFFF
+    return t
+
+
+CRC_TABLE = _crc_table()
+
+
+def crc16(data):
+    c = 0
+    for b in data:
+        c = ((c << 8) & 0xFFFF) ^ int(CRC_TABLE[((c >> 8) ^ b) & 0xFF])
+    return c
+
+
+def keyslot(key):
+    """Redis Cluster's slot of ``key`` (bytes), hash tags included."""
+    s = key.find(b"{")
+    if s >= 0:
+        e = key.find(b"}", s + 1)
+        if e > s + 1:
+            key = key[s + 1:e]
+    return crc16(key) % SLOTS
+
+
+@njit(cache=True, nogil=True)
+def key_slots(keyb, table, out):
+    # Slots of fixed-length keys that carry no hash tag (the whole key is hashed).
+    for i in range(keyb.shape[0]):
+        c = np.uint32(0)
+        for j in range(keyb.shape[1]):
+            c = ((c << np.uint32(8)) & np.uint32(0xFFFF)) ^ np.uint32(table[((c >> np.uint32(8)) ^ keyb[i, j]) & 0xFF])
+        out[i] = c & np.uint32(SLOTS - 1)
+
+
+def slot_map(reply, asked="127.0.0.1"):
+    """``(slot -> node index int32[16384] (-1: unserved), [(host, port)])`` from a CLUSTER SLOTS reply.
+
+    ``asked``: the host the reply came from (a node that names no endpoint means that host)."""
+    owner = np.full(SLOTS, -1, dtype=np.int32)
+    nodes = []
+    for entry in reply:
+        lo, hi, master = int(entry[0]), int(entry[1]), entry[2]
+        host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+        addr = (host if host and host != "?" else asked, int(master[1]))
+        if addr not in nodes:
+            nodes.append(addr)
+        owner[lo:hi + 1] = nodes.index(addr)
+    return owner, nodes
+
+
+def parse_url(url):
+    """``(seeds [(host, port)], name, version, options)`` of a ``redis://`` cube URL."""
+    u = urlparse(url)
+    if u.scheme != "redis":
+        raise ValueError(f"not a redis:// URL: {url!r}")
+    seeds = []
+    for hp in u.netloc.split(","):
+        host, _, port = hp.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{url!r}: seed {hp!r} is not HOST:PORT")
+        seeds.append((host, int(port)))
+    parts = [p for p in u.path.split("/") if p]
+    name = version = None
+    if parts:
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ValueError(f"{url!r}: the path must be /NAME/VERSION (a pushed bundle's), got {u.path!r}")
+        name, version = parts[0], int(parts[1])
+    opts = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    return seeds, name, version, opts
+
+
+class Cluster:
+    """The slot map of a cluster, learned from any node that answers (seeds first, then known masters)."""
+
+    def __init__(self, seeds, timeout_s=1.0):
+        self.seeds = list(seeds)
+        self.timeout_s = timeout_s
+        self.owner = np.full(SLOTS, -1, dtype=np.int32)
+        self.nodes = []
+        self.refreshed = 0.0
+
+    def refresh(self, timeout_s=None, deadline=None, avoid=()):
+        """Reload the slot map; True when a node answered.
+
+        Asks the known masters, then the seeds, those in ``avoid`` (marked down) last, each for at
+        most ``timeout_s`` and all together until ``deadline`` (time.monotonic) if given.
+        """
+        last = None
+        order = list(dict.fromkeys(self.nodes + self.seeds))
+        order = [a for a in order if a not in avoid] + [a for a in order if a in avoid]
+        for host, port in order:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                owner, nodes = slot_map(call(host, port, ["CLUSTER", "SLOTS"], timeout_s or self.timeout_s,
+                                             deadline=deadline), asked=host)
+            except (OSError, RedisError, ValueError) as e:
+                last = e
+                continue
+            if nodes:
+                self.owner, self.nodes = owner, nodes
+                self.refreshed = time.monotonic()
+                return True
+        self.refreshed = time.monotonic()
+        log.debug("no node of %s answered CLUSTER SLOTS: %s", self.seeds, last)
+        return False
+
+    def command(self, args, timeout_s=None, deadline=None):
+        """A single-key or keyless command on any node that answers, following one MOVED redirect."""
+        last = None
+        for host, port in dict.fromkeys(self.nodes + self.seeds):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                return call(host, port, args, timeout_s or self.timeout_s, deadline=deadline)
+            except RedisError as e:
+                if str(e).startswith("MOVED"):
+                    h, _, p = str(e).split()[2].rpartition(":")
+                    return call(h or host, int(p), args, timeout_s or self.timeout_s, deadline=deadline)
+                raise
+            except OSError as e:
+                last = e
+        raise ConnectionError(f"no node of the cluster answers ({', '.join(f'{h}:{p}' for h, p in self.seeds)}): {last}")
+
+
+# Compile at import (from Numba's on-disk cache when present), not inside a lookup's budget.
+key_slots(np.zeros((1, 10), dtype=np.uint8), CRC_TABLE, np.zeros(1, dtype=np.int32))

@@ -1,0 +1,341 @@
+"""The tools' jizhictl commands, added to jizhictl's group (``jizhi.ctl.main.cli``); ``main`` runs them all.
+
+jizhictl sits below the tools: ``jizhi.ctl`` never imports ``jizhi.tools``.
+This module is the one place the two meet. It adds the tools' commands to
+the ctl's group and subgroups: ``bench``, ``bench-reload``, ``bench-shape``
+and ``tune`` (each defined by its tool), the ``demo`` group, ``import``,
+``shed train`` and ``cube bench`` (defined here). ``bin/jizhictl`` runs
+``main``: the whole CLI. The tools' heavy modules (numba, onnx,
+onnxruntime) are imported by the command that runs them, so jizhictl starts
+without them.
+"""
+import json
+import os
+from pathlib import Path
+
+import click
+
+from jizhi.ctl.cube import cube
+from jizhi.ctl.inputs import Trace, resolve_bundle
+from jizhi.ctl.main import cli, run
+from jizhi.ctl.reach import refused
+from jizhi.ctl.shed import shed
+from jizhi.errors import BundleError
+from jizhi.tools.bench import bench_command
+from jizhi.tools.reloadbench import bench_reload_command
+from jizhi.tools.shedbench import shape_command
+from jizhi.tools.tune import tune_command
+
+
+# -- demo ---------------------------------------------------------------------
+
+@click.group()
+def demo():
+    """Create the demo model bundle and request traces."""
+
+
+@demo.command("publish")
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--from", "source", type=int, default=1, show_default=True, help="Version to copy.")
+@click.option("--to", "version", type=int, required=True, help="The new version number.")
+@click.option("--seed", type=int, default=None, help="New dense weights from this seed (the version scores differently).")
+@click.option("--fault", type=click.Choice(["corrupt", "wrong_dim", "nan", "bad_onnx"]), default=None,
+              help="Make a deliberately bad version, to watch the server reject it.")
+def demo_publish(models_dir, source, version, seed, fault):
+    """Publish a new demo version the way a training pipeline should: copy into MODELS_DIR/.incoming, then rename.
+
+    A running jizhid notices it within models.poll_interval_s, validates it,
+    loads it beside the serving version and switches when it is warm.
+    """
+    from jizhi.tools.demo import publish, stage_version
+    src = Path(models_dir) / "demo" / str(source)
+    if not src.is_dir():
+        raise refused(f"no demo version {source} in {models_dir}")
+    staged = stage_version(models_dir, src, version, seed=seed, fault=fault)
+    try:
+        final = publish(staged, models_dir)
+    except FileExistsError as e:
+        raise refused(f"{e} exists already")
+    click.echo(f"published {final}" + (f" (fault: {fault})" if fault else ""))
+
+
+@demo.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--seed", default=7, show_default=True, help="Everything is deterministic from this seed.")
+@click.option("--users", default=10_000, show_default=True)
+@click.option("--items", default=100_000, show_default=True)
+@click.option("--trace-requests", default=0, show_default=True,
+              help="Also write DIRECTORY/trace.npz with this many requests (0: none).")
+@click.option("--candidates", default=500, show_default=True, help="Candidates per trace request.")
+@click.option("--spearman", default=0.8, show_default=True,
+              help="Target Spearman correlation between recall scores and the model's scores.")
+def demo_init(directory, seed, users, items, trace_requests, candidates, spearman):
+    """Write a complete demo bundle into DIRECTORY/models/demo/1.
+
+    A DLRM-style model (13 dense user features, 9 user and 8 item sparse
+    fields, embedding dim 32), its LMDB cube, columnar profiles of USERS users
+    and ITEMS items with Zipf-like popularity. Serve it with
+    `jizhid --models DIRECTORY/models`.
+    """
+    from jizhi.tools.demo import generate_trace, init_demo
+    try:
+        vdir = init_demo(directory, seed=seed, users=users, items=items)
+    except FileExistsError as e:
+        raise refused(f"{e} (remove it or choose another DIRECTORY)")
+    click.echo(f"bundle: {vdir}")
+    if trace_requests:
+        out = Path(directory) / "trace.npz"
+        generate_trace(vdir, out, requests=trace_requests, candidates=candidates, spearman=spearman, seed=seed)
+        click.echo(f"trace: {out}")
+
+
+@demo.command("head")
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--hidden", default="256,128", show_default=True,
+              help="Widths of the head's top MLP, comma-separated: 64 is light, 512,256,128 heavy.")
+@click.option("--seed", type=int, default=11, show_default=True, help="Its weights are deterministic from this seed.")
+def demo_head(models_dir, name, version, hidden, seed):
+    """Write a head bundle MODELS_DIR/NAME/VERSION on the demo's features.
+
+    A head is a dense-only model version (manifest `head = true`: dense.onnx,
+    no cube, no profiles) that a pipeline serves on the demo's features and
+    cube: a model_inference stage with `model = "NAME"`. The multi-objective,
+    cascade and A/B example pipelines (etc/pipelines/multi_objective.toml,
+    cascade.toml, ab.toml) use heads named ctr, cvr and dwell:
+
+    \b
+      jizhictl demo head MODELS ctr --hidden 64
+      jizhictl demo head MODELS cvr --hidden 256,128
+      jizhictl demo head MODELS dwell --hidden 512,256,128
+    """
+    from jizhi.tools.demo import write_head
+    try:
+        widths = tuple(int(x) for x in hidden.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{hidden!r} is not comma-separated widths, e.g. 256,128", param_hint="--hidden")
+    try:
+        vdir = write_head(models_dir, name, version=version, hidden=widths, seed=seed, progress=True)
+    except FileExistsError as e:
+        raise refused(f"{e} exists already (a version is written once; choose another --version)")
+    except (ValueError, BundleError) as e:
+        raise refused(str(e))
+    click.echo(f"head bundle: {vdir}")
+
+
+@demo.command("trace")
+@click.argument("version_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--requests", default=2000, show_default=True)
+@click.option("--candidates", default=500, show_default=True)
+@click.option("--spearman", default=0.8, show_default=True,
+              help="Mean Spearman correlation of recall scores with the model's scores, per request.")
+@click.option("--spread", default=0.0, show_default=True,
+              help="Requests differ: each its own correlation in SPEARMAN +- SPREAD, visible in the spread of its "
+                   "recall scores (for the learned shedding policy).")
+@click.option("--seed", default=1, show_default=True)
+def demo_trace(version_dir, out, requests, candidates, spearman, spread, seed):
+    """Write a request trace (OUT, .npz) for the bundle at VERSION_DIR.
+
+    The default 2000 requests replay without repeats for 20 s at 100 requests/s
+    (`jizhictl bench --trace OUT --rate 100 --duration 20`): a bench point needs
+    rate x duration distinct requests.
+    """
+    try:
+        version_dir = resolve_bundle(version_dir)   # a model directory: its newest version
+    except click.BadParameter as e:
+        e.param_hint = "VERSION_DIR"
+        raise
+    from jizhi.tools.demo import generate_trace     # (numba, onnx: after the arguments are checked)
+    generate_trace(version_dir, out, requests=requests, candidates=candidates, spearman=spearman, seed=seed,
+                   spread=spread)
+    click.echo(f"trace: {out}")
+
+
+# -- import: an ONNX model with its embedding tables -> a bundle version (offline) ----
+
+@click.command("import")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--fields", "fields_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="FIELDS.toml: which graph inputs are the dense features and each sparse field's ids.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="The bundle version directory to write, <models>/<name>/<version> (must not exist).")
+@click.option("--name", default=None, help="Model name in the manifest [default: MODEL's file stem].")
+@click.option("--version", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Version in the manifest (jizhid wants it to match the directory name).")
+@click.option("--profiles", "profiles_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Copy these profiles (a directory holding users/ and items/ in the bundle format) "
+                   "instead of generating random ones.")
+@click.option("--users", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Users to generate (without --profiles).")
+@click.option("--items", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Items to generate (without --profiles).")
+@click.option("--seed", default=1, show_default=True, help="Seed of the generated profiles and of the check's pairs.")
+@click.option("--hash-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The signature hash's seed (manifest hash_seed).")
+@click.option("--check-pairs", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Random (user, item) pairs scored by jizhi and by the original model.")
+def import_command(model, fields_path, out_dir, name, version, profiles_dir, users, items, seed, hash_seed,
+                   check_pairs):
+    """Import MODEL.onnx, a DLRM-style model holding its embedding tables, as a bundle version.
+
+    Every table (an initializer read by a Gather on axis 0, pooled by
+    ReduceSum/ReduceMean over the bag axis, or by the Loop torch.onnx.export
+    writes for nn.EmbeddingBag with mode sum or mean) moves into the LMDB
+    cube: row v under the signature of raw value v + 1 (raw value 0 means
+    missing). The graph is rewritten to take jizhi's inputs (dense,
+    user_emb, item_emb, user_index) and return score [P]. Profiles are
+    generated (or copied with --profiles). Then random pairs are scored by
+    jizhi's own stages and by the original model on the same ids; the
+    version is renamed into place only when every score agrees within
+    1e-5 + 1e-5 * |original|. Weights in an external data file next to
+    MODEL are read. docs/formats.md, "Importing a model", has the details.
+
+    \b
+    FIELDS.toml, for example:
+      output = "prob"            # the score output (default: the only output)
+      [dense]                    # optional; the dense features are per user
+      input = "dense_x"          # float32 [B, N]
+      [[fields]]                 # one per sparse field, in column order
+      name = "u_cat"             # file names in profiles/ use it
+      side = "user"              # user | item
+      kind = "onehot"            # onehot | multihot | history
+      input = "u_cat"            # padded ids: int64 [B] or [B, max_len]
+      [[fields]]
+      name = "u_tags"
+      side = "user"
+      kind = "multihot"
+      max_len = 5
+      input = "u_tags"           # int64 [B, 5]
+      padding_idx = 0            # short bags are padded with row 0 (a zero row)
+      [[fields]]
+      name = "i_tags"
+      side = "item"
+      kind = "multihot"
+      max_len = 8
+      indices = "tags_indices"   # EmbeddingBag: flat ids [N]
+      offsets = "tags_offsets"   # bag starts [B] (or [B+1], include_last_offset)
+    (optional per field: id = N, the field id hashed into signatures;
+    default its position in the file)
+
+    \b
+    Example:
+      jizhictl import dlrm.onnx --fields fields.toml --out models/dlrm/1
+
+    Exit codes: 0 imported and checked; 2 usage error, or refused (the
+    message names the FIELDS.toml entry, the graph input or the node and
+    op type), or the check failed. A refused or failed import writes
+    nothing to --out.
+    """
+    from jizhi.tools.importer import import_model
+    if os.path.lexists(out_dir):
+        raise click.BadParameter(f"{out_dir} exists already (a version is written into a new directory)",
+                                 param_hint="--out")
+    try:
+        import_model(model, fields_path, out_dir, name=name, version=version, users=users, items=items, seed=seed,
+                     hash_seed=hash_seed, profiles=profiles_dir, check_pairs=check_pairs,
+                     log=click.echo)
+    except (BundleError, FileExistsError) as e:
+        raise refused(str(e))
+
+
+# -- shed train, cube bench: subcommands of the ctl's groups -----------------------
+
+@click.command("train")
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="A recorded trace (jizhictl record, or jizhictl demo trace).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), required=True,
+              help="The model version that scores it offline.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The policy file to write (JSON).")
+@click.option("--top-k", default=10, show_default=True, help="The top-K whose quality the policy protects.")
+def shed_train(trace_path, bundle, out, top_k):
+    """Fit the learned pruning policy on a trace, scored fully offline.
+
+    For every request: the smallest cutoff (its best candidates by recall
+    score) that keeps its whole model top-K; a small model learns that need
+    from the request's recall-score statistics. Prints the quality (top-K
+    overlap) of the rule and of the learned policy at the same mean fraction
+    kept, on the trace and on a held-out quarter of it. Use it with
+    `jizhictl shed set --policy FILE` or shed.policy_file.
+    """
+    from jizhi.shedding import save_policy
+    from jizhi.tools.shedtrain import train
+    trace = Trace(trace_path)
+    bar = {"last": 0}
+
+    def progress(done, total):
+        if done - bar["last"] >= total / 20 or done == total:
+            bar["last"] = done
+            click.echo(f"\rscoring the trace offline: {done}/{total} requests", nl=done == total, err=True)
+
+    doc, report = train(trace, resolve_bundle(bundle), top_k=top_k, progress=progress)
+    save_policy(doc, out)
+    click.echo(f"policy: {out} (held-out R^2 of the log need {report['held_out_r2_log_need']}; "
+               f"a request needs {100 * report['mean_needed_fraction']:.1f} % of its candidates on average, "
+               f"median {100 * report['median_needed_fraction']:.1f} %)")
+    click.echo(f"{'quota':>6} {'subset':<9} {'rule kept':>9} {'overlap':>8} {'learned kept':>12} {'overlap':>8}")
+    for q in report["quality"]:
+        click.echo(f"{q['quota']:6.2f} {q['subset']:<9} {q['rule']['kept']:9.3f} {q['rule']['overlap']:8.4f} "
+                   f"{q['learned']['kept']:12.3f} {q['learned']['overlap']:8.4f}")
+
+
+@click.command("bench")
+@click.option("--cube", "cube_dir", type=click.Path(exists=True, file_okay=False),
+              help="A cube directory: keys are drawn uniformly from it.")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False),
+              help="A bundle (version, model or demo directory): keys are drawn with its trace's skew. "
+                   "Default: ~/.cache/jizhi/demo (make it with `jizhictl demo init ~/.cache/jizhi/demo`).")
+@click.option("--batch", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Distinct keys per lookup batch.")
+@click.option("--duration", "duration_s", type=click.FloatRange(min=0.01), default=3.0, show_default=True,
+              help="Seconds timed per method (after a warm-up).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed slices per method; the median is reported.")
+@click.option("--keys", "key_draw", type=click.Choice(["trace", "uniform"]), default="trace", show_default=True,
+              help="Draw keys by the trace's skew (needs a bundle) or uniformly.")
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
+              help="The trace to weight keys by (default: one generated from the bundle).")
+@click.option("--requests", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Requests of the generated trace (500 candidates each).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def cube_bench(cube_dir, bundle, batch, duration_s, repeats, key_draw, trace_path, requests, as_json):
+    """Storage micro-benchmark: keys/s per core of the hot tier, the LMDB cube (Numba reader and liblmdb),
+    a Python dict and an in-RAM numpy gather, on the same batches of sorted unique keys.
+
+    One process, one thread; run it on a quiet machine (docs/benchmarks.md,
+    "Storage micro-benchmarks"). Makes a hot-tier segment in /dev/shm and
+    unlinks it as soon as it is mapped.
+    """
+    if cube_dir and bundle:
+        raise click.UsageError("give --cube or --bundle, not both")
+    if not cube_dir and not bundle:
+        default = Path.home() / ".cache" / "jizhi" / "demo"
+        if not default.is_dir():
+            raise click.UsageError(f"give --cube or --bundle (no demo at {default}: "
+                                   f"`jizhictl demo init {default}` makes one)")
+        bundle = str(default)
+    from jizhi.cube.build import TableError
+    from jizhi.tools import cubebench
+    try:
+        r = cubebench.run(cube=cube_dir, bundle=bundle, batch=batch, duration_s=duration_s, repeats=repeats,
+                          draw=key_draw, trace_path=trace_path, requests=requests,
+                          log=lambda s: click.echo(s, err=True))
+    except TableError as e:
+        raise click.BadParameter(str(e), param_hint="--cube/--bundle")
+    click.echo(json.dumps(r, indent=2) if as_json else "\n".join(cubebench.format_report(r)))
+
+
+cli.add_command(demo)
+cli.add_command(import_command, "import")
+cli.add_command(bench_command, "bench")
+cli.add_command(bench_reload_command, "bench-reload")
+cli.add_command(shape_command, "bench-shape")
+cli.add_command(tune_command)
+shed.add_command(shed_train, "train")
+cube.add_command(cube_bench, "bench")
+
+
+def main(argv=None):
+    """jizhictl, the whole CLI: the ctl's commands and the tools'. Its exit code."""
+    return run(cli, argv)

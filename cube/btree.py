@@ -14,7 +14,7 @@ This reads LMDB's on-disk format version 1 (liblmdb 0.9, ``MDB_DATA_VERSION``
 duplicate keys. ``BTreeReader.open`` checks the meta page and then *verifies*
 itself against liblmdb on a sample of keys; the caller (cube/store.py) falls
 back to py-lmdb's ``getmulti`` when it refuses. Safe only because a loaded
-bundle is never written (DESIGN.md, "Model bundle").
+bundle is never written (docs/formats.md, "Publishing a version").
 
 Layout used (little-endian, 64-bit):
 page header 16 bytes: pgno u64, pad u16, flags u16 @10, lower u16 @12, upper u16 @14;
@@ -53,6 +53,18 @@ def _be64(b, o):
 G = 16  # keys searched in lockstep
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _nodes(b, page):
+    """How many nodes the page at byte offset ``page`` holds."""
+    return (np.int64(_u16(b, page + 12)) - 16) >> 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _node(b, page, i):
+    """Byte offset of node ``i`` of the page at byte offset ``page``."""
+    return page + np.int64(_u16(b, page + 16 + 2 * i))
+
+
 @njit(cache=True, nogil=True)
 def _lookup(buf, psize, root, depth, keys, out_bytes, found):
     # Keys are looked up G at a time, in lockstep: the binary-search probes of
@@ -76,12 +88,13 @@ def _lookup(buf, psize, root, depth, keys, out_bytes, found):
             kb[g] = x
             pg[g] = root
             found[start + g] = False
-        # branch levels: depth-1 of them
+        # Branch levels (depth-1 of them): the last node whose key is at most the key's (node 0 has
+        # none: it covers everything below node 1's). Two search loops, not one with a flag: one
+        # loop for both levels measured 1.5-2.5 % slower per key (2 M keys, depth 3).
         for level in range(depth - 1):
             for g in range(m):
                 base[g] = np.int64(pg[g]) * psize
-                n = (np.int64(_u16(buf, base[g] + 12)) - 16) >> 1
-                lo[g] = 1; hi[g] = n - 1; best[g] = 0
+                lo[g] = 1; hi[g] = _nodes(buf, base[g]) - 1; best[g] = 0
             active = True
             while active:
                 active = False
@@ -89,20 +102,18 @@ def _lookup(buf, psize, root, depth, keys, out_bytes, found):
                     if lo[g] <= hi[g]:
                         active = True
                         mid = (lo[g] + hi[g]) >> 1
-                        node = base[g] + np.int64(_u16(buf, base[g] + 16 + 2 * mid))
-                        if _be64(buf, node + 8) <= kb[g]:
+                        if _be64(buf, _node(buf, base[g], mid) + 8) <= kb[g]:
                             best[g] = mid
                             lo[g] = mid + 1
                         else:
                             hi[g] = mid - 1
             for g in range(m):
-                node = base[g] + np.int64(_u16(buf, base[g] + 16 + 2 * best[g]))
+                node = _node(buf, base[g], best[g])
                 pg[g] = _u16(buf, node) | (_u16(buf, node + 2) << np.uint64(16)) | (_u16(buf, node + 4) << np.uint64(32))
-        # leaf level
+        # leaf level: the node whose key equals the key's
         for g in range(m):
             base[g] = np.int64(pg[g]) * psize
-            n = (np.int64(_u16(buf, base[g] + 12)) - 16) >> 1
-            lo[g] = 0; hi[g] = n - 1; best[g] = -1
+            lo[g] = 0; hi[g] = _nodes(buf, base[g]) - 1; best[g] = -1
         active = True
         while active:
             active = False
@@ -110,7 +121,7 @@ def _lookup(buf, psize, root, depth, keys, out_bytes, found):
                 if lo[g] <= hi[g]:
                     active = True
                     mid = (lo[g] + hi[g]) >> 1
-                    node = base[g] + np.int64(_u16(buf, base[g] + 16 + 2 * mid))
+                    node = _node(buf, base[g], mid)
                     nk = _be64(buf, node + 8)
                     if nk == kb[g]:
                         best[g] = node

@@ -34,7 +34,6 @@ import platform
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -52,58 +51,42 @@ spec.loader.exec_module(mm)
 from jizhi.tools.bench import Trace                                       # noqa: E402
 from jizhi.client import Client                                     # noqa: E402
 from jizhi.errors import RequestError                               # noqa: E402
+from jizhi.tools.loadgen import ClientThreads                       # noqa: E402
 
 
-class ClosedLoop:
+class ClosedLoop(ClientThreads):
     """``threads`` threads, each its own ``Client(endpoints, **client_args)``, sending trace rows (a shared
     cursor) back to back, or each every ``threads / rate`` s when ``rate`` is given (a late thread sends at
-    once). Each logical request is one row of ``records``: (t_send, t_done, ok, attempts, candidates)."""
+    once; ``jizhi.tools.loadgen.ClientThreads``). Each logical request is one row of the records ``stop``
+    returns: (t_send, t_done, ok, attempts, candidates)."""
 
     def __init__(self, endpoints, trace, threads, rate=None, deadline_ms=1000, **client_args):
+        self.endpoints, self.client_args = endpoints, client_args
         self.trace, self.deadline_ms = trace, deadline_ms
-        self.interval_s = threads / rate if rate else 0.0
         self.rows = itertools.count(int(time.time()) % len(trace))
-        self.records, self.lock = [], threading.Lock()
-        self.stopping = threading.Event()
-        self.clients = [Client(endpoints, **client_args) for _ in range(threads)]
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
+        self.out = [[] for _ in range(threads)]      # each thread's own rows: no lock per request
+        super().__init__(threads, rate=rate, join_s=120)
 
-    def start(self):
-        for t in self.threads:
-            t.start()
-        return self
+    def connect(self, i):
+        return Client(self.endpoints, **self.client_args)
+
+    def send(self, i, client, n):
+        tr = self.trace
+        r = next(self.rows) % len(tr)
+        a, b = tr.offsets[r], tr.offsets[r + 1]
+        t0 = time.monotonic()
+        ok, attempts = 0.0, 0
+        try:
+            reply = client.score(int(tr.users[r]), tr.items[a:b], tr.recall[a:b], pipeline="demo", top_k=10,
+                                 deadline_ms=self.deadline_ms)
+            ok, attempts = 1.0, reply.attempts
+        except (TimeoutError, RequestError):
+            attempts = client.last_attempts
+        self.out[i].append((t0, time.monotonic(), ok, attempts, b - a))
 
     def stop(self):
-        self.stopping.set()
-        for t in self.threads:
-            t.join(120)
-        for c in self.clients:
-            c.close()
-        return np.array(self.records, dtype=np.float64).reshape(-1, 5)
-
-    def run(self, i):
-        tr, client = self.trace, self.clients[i]
-        next_send = time.monotonic() + i * self.interval_s / len(self.threads)
-        out = []
-        while not self.stopping.is_set():
-            if self.interval_s:
-                delay = next_send - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                next_send = max(next_send + self.interval_s, time.monotonic() - self.interval_s)
-            r = next(self.rows) % len(tr)
-            a, b = tr.offsets[r], tr.offsets[r + 1]
-            t0 = time.monotonic()
-            ok, attempts = 0.0, 0
-            try:
-                reply = client.score(int(tr.users[r]), tr.items[a:b], tr.recall[a:b], pipeline="demo", top_k=10,
-                                     deadline_ms=self.deadline_ms)
-                ok, attempts = 1.0, reply.attempts
-            except (TimeoutError, RequestError):
-                attempts = client.last_attempts
-            out.append((t0, time.monotonic(), ok, attempts, b - a))
-        with self.lock:
-            self.records.extend(out)
+        super().stop()
+        return np.array([row for rows in self.out for row in rows], dtype=np.float64).reshape(-1, 5)
 
     def node_stats(self):
         """The clients' counters summed by endpoint."""

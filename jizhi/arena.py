@@ -1,6 +1,6 @@
 """Shared-memory arenas: the tensors between stages.
 
-Ownership (DESIGN.md, "Tensors between stages"): only the supervisor creates
+Ownership (docs/architecture.md, "Shared memory"): only the supervisor creates
 and unlinks segments. It creates one arena per column of the compiled plan
 (``plan["arenas"]``) before it starts the broker, sized ``slots x
 max_candidates x row bytes`` (per-candidate columns) or ``slots x row bytes``

@@ -11,7 +11,8 @@ One endpoint (the default): one attempt per request; a timeout raises
 DEADLINE_EXCEEDED are retriable; a draining server answers OVERLOADED).
 
 Several endpoints (``Client("tcp://a:5555,tcp://b:5555")`` or a list), the
-scale-out of DESIGN.md: one REQ socket per node, each opened on first use.
+scale-out past one machine (README, "Past one machine"; nodes share no
+state): one REQ socket per node, each opened on first use.
 
 * **Spreading**: round-robin over the nodes that are not marked down; when
   every node is marked down, the one whose mark ends first (the least

@@ -1,12 +1,12 @@
 """Control state: the small facts the supervisor publishes for the other processes.
 
-DESIGN.md, "control state": rarely written values every worker reads at batch boundaries (today:
-each shedding pipeline's mode, quota and policy generation, jizhi/shedding.py), never on the
-per-item hot path. They go through shared-memory-dict, under the design's rules, because the
-library used as it comes tears a read that races a write (it rewrites one segment in place, with
-no lock by default), pickles, prefixes every name with ``sm_`` (out of reach of our sweep) and
-attaches through ``multiprocessing.shared_memory``, whose resource tracker unlinks the segment when
-any attaching process exits (on Python 3.11, every attach registers):
+Rarely written values every worker reads at batch boundaries (today: each shedding pipeline's
+mode, quota and policy generation, jizhi/shedding.py), never on the per-item hot path. They go
+through shared-memory-dict under the rules below, because the library used as it comes tears a
+read that races a write (it rewrites one segment in place, with no lock by default), pickles,
+prefixes every name with ``sm_`` (out of reach of our sweep) and attaches through
+``multiprocessing.shared_memory``, whose resource tracker unlinks the segment when any attaching
+process exits (on Python 3.11, every attach registers):
 
 * **one writer** (``Writer``, in the supervisor) per state, named by a base segment
   ``jizhi.<instance>.<run_id>.<what>`` (e.g. ``....<pipeline>.shed``);
@@ -27,8 +27,9 @@ any attaching process exits (on Python 3.11, every attach registers):
   ``Writer.close``, or, for a writer never closed, when its process exits; the supervisor unlinks
   the base at stop, and the sweep (``shm.remove_instance``) removes all of them after a crash.
 
-Measured (docs/architecture.md, "Shared memory"): the per-batch check 0.10 µs (the former float64
-words: 1.2 µs); a change 150 µs in the writer and 95 µs, once, in each reader.
+The segments and the measurements that chose these rules: docs/architecture.md, "Shared memory".
+Measured there: the per-batch check 0.10 µs (the former float64 words: 1.2 µs); a change 150 µs
+in the writer and 95 µs, once, in each reader.
 """
 import atexit
 import os
@@ -50,11 +51,13 @@ def dict_name(base, generation):
 
 
 class _Block:
-    """What shared-memory-dict reads and writes (``buf``, ``close``): a mapping made by jizhi/shm.py."""
+    """A mapping made by jizhi/shm.py and its one view ``buf`` (of items ``fmt``), closed together
+    (``close``: the view is released first, or the mapping could not close). What shared-memory-dict
+    reads and writes (bytes), and a state's generation word (``"Q"``)."""
 
-    def __init__(self, mm):
+    def __init__(self, mm, fmt="B"):
         self.mm = mm
-        self.buf = memoryview(mm)
+        self.buf = memoryview(mm).cast(fmt)
 
     def close(self):
         if self.mm is not None:
@@ -82,8 +85,8 @@ class Writer:
         if create:
             shm.create(base, WORD_BYTES)
         self.base = base
-        self.mm, _ = shm.attach(base, size=WORD_BYTES)
-        self.word = memoryview(self.mm).cast("Q")
+        self.block = _Block(shm.attach(base, size=WORD_BYTES)[0], "Q")
+        self.word = self.block.buf
         self.generation = self.word[0]
         self.values = None
 
@@ -119,10 +122,7 @@ class Writer:
         """Unlink the live dict and drop the mapping (the base is its creator's to unlink)."""
         if self.generation:
             _unlink(dict_name(self.base, self.generation))
-        if self.mm is not None:
-            self.word.release()
-            self.mm.close()
-            self.mm = None
+        self.block.close()
 
 
 class Reader:
@@ -130,8 +130,8 @@ class Reader:
 
     def __init__(self, base):
         self.base = base
-        self.mm, _ = shm.attach(base, writable=False, size=WORD_BYTES)
-        self.word = memoryview(self.mm).cast("Q")
+        self.block = _Block(shm.attach(base, writable=False, size=WORD_BYTES)[0], "Q")
+        self.word = self.block.buf
         self.generation = 0
         self.values = None
 
@@ -165,10 +165,7 @@ class Reader:
             return
 
     def close(self):
-        if self.mm is not None:
-            self.word.release()
-            self.mm.close()
-            self.mm = None
+        self.block.close()
 
 
 def _unlink(name):

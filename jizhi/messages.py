@@ -12,10 +12,9 @@ Nothing is pickled.
   for a frame that is no map, names no known type or lacks a field the type
   needs, and ignores keys it does not know.
 
-The wire bytes of the messages the supervisor sends or reads are the bytes its
-code builds today (``protocol.encode_simple`` puts ``"t"`` last, its
-``packb({"t": ...})`` maps put it first), so it can switch to these classes
-without any change on the wire; ``tests/test_broker_steps.py`` checks that.
+The supervisor's messages keep the bytes its code built by hand before these
+classes (some maps put ``"t"`` last, some first), so a broker and a supervisor
+of either age read each other; ``tests/test_broker_steps.py`` checks that.
 
 **The deadline** is ``deadline_s`` from admission to the stage: an instant of
 ``time.monotonic()``, in seconds (CLOCK_MONOTONIC is one clock for every
@@ -296,8 +295,8 @@ class Drain(Message):
 
 @dataclass(slots=True)
 class Resume(Message):
-    """Admit again after a drain. (The supervisor's code today also sends ``reply: false`` with it,
-    which means nothing here.)"""
+    """Admit again after a drain. (A supervisor of before these classes also sent ``reply: false`` with
+    it, which means nothing here.)"""
     T = protocol.T_RESUME
 
 

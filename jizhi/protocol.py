@@ -288,10 +288,3 @@ def decode_reply(frames):
 # ----------------------------------------------------------------------------
 # Internal protocol (broker <-> workers, supervisor <-> broker): one class per
 # message type, with its encode and decode, in jizhi/messages.py.
-
-
-def encode_simple(t, **fields):
-    """The frames of an internal message ``{**fields, "t": t}``: how the supervisor builds its messages
-    until it uses jizhi/messages.py, whose classes encode the same bytes."""
-    fields["t"] = t
-    return [packb(fields)]

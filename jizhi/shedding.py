@@ -1,4 +1,4 @@
-"""Load shedding: the pruning policies, their training, the load controller and the control segment.
+"""Load shedding: the pruning policies, the load controller and the control segment (training is offline: jizhi/tools/shedtrain.py).
 
 When the server is overloaded the ``shedder`` stage (workers/shedder.py), first in a pipeline,
 keeps only each request's best candidates by recall score, so the cut ones cost nothing

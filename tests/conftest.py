@@ -1,4 +1,5 @@
-"""Fixtures that start the real thing (STYLE.md, rule 13).
+"""Fixtures that start the real thing: tests drive a real jizhid with the real jizhictl and client,
+wait for a condition by polling it (``wait_until``), never for a fixed time, and leave nothing behind.
 
 * ``demo_bundle`` / ``demo_models`` / ``demo_trace`` / ``reference``: the full-size
   demo bundle, a small trace against it and the independent reference scorer,
@@ -12,6 +13,8 @@
   (bounded), kills the process group, and asserts that the supervisor exited
   0 and that no ``/dev/shm/jizhi.<instance>.*`` entry is left.
 * ``wait_until(predicate, timeout_s)``: polling, never a fixed sleep.
+* ``Clock``: a clock a unit test moves by hand, for the loops it steps without
+  processes.
 
 Test modules import the plain helpers with ``from conftest import ...``.
 """
@@ -76,6 +79,20 @@ def wait_until(predicate, timeout_s, interval_s=0.05, what=None):
         if time.monotonic() >= end:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
         time.sleep(interval_s)
+
+
+class Clock:
+    """A clock the test moves by hand (``advance``), read as ``clock()``: the time of a loop that a unit
+    test steps without processes (the broker's, the supervisor's)."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, s):
+        self.now += s
 
 
 def free_port():
@@ -340,6 +357,12 @@ class Launcher:
         self.models_dir = models_dir
         self.servers = []
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def start(self, pipelines=("demo",), config_text=None, ready_timeout_s=READY_TIMEOUT_S, wait_ready=True):
         instance = f"t{os.getpid()}x{next(_instances)}"
         run_dir = self.tmp_path_factory.mktemp(f"run-{instance}", numbered=False)
@@ -445,16 +468,14 @@ def trace_scores(demo_trace, reference):
 
 @pytest.fixture
 def launch(tmp_path_factory, demo_models):
-    launcher = Launcher(tmp_path_factory, demo_models)
-    yield launcher
-    launcher.close()
+    with Launcher(tmp_path_factory, demo_models) as launcher:
+        yield launcher
 
 
 @pytest.fixture(scope="module")
 def launch_module(tmp_path_factory, demo_models):
-    launcher = Launcher(tmp_path_factory, demo_models)
-    yield launcher
-    launcher.close()
+    with Launcher(tmp_path_factory, demo_models) as launcher:
+        yield launcher
 
 
 @pytest.hookimpl(hookwrapper=True)

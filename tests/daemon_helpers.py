@@ -1,7 +1,8 @@
 """Helpers for the daemon, security, fuzz and systemd tests (on top of conftest).
 
-* ``Load``: closed-loop load of several REQ client threads, recording every
-  attempt (send time, answer time, outcome, reply);
+* ``Load``: closed-loop load of several REQ client threads
+  (``jizhi.tools.loadgen.ClientThreads``), recording every attempt (send
+  time, answer time, outcome, reply);
 * ``jizhictl(...)``: run the real ``jizhictl`` and return the completed process;
 * ``popen(server, env)`` / ``wait_ready(server, client)``: start a conftest
   server that ``Launcher.start(wait_ready=False)`` registered (so conftest's
@@ -15,13 +16,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from conftest import REPO, assert_topk, wait_until
 from jizhi.client import Client
 from jizhi.errors import RETRIABLE, RequestError
+from jizhi.tools.loadgen import ClientThreads
 
 JIZHICTL = Path(sys.executable).parent / "jizhictl"
 JIZHID = Path(sys.executable).parent / "jizhid"
@@ -31,7 +32,7 @@ JIZHID = Path(sys.executable).parent / "jizhid"
 # Load
 
 
-class Load:
+class Load(ClientThreads):
     """``clients`` threads, each a REQ client sending trace requests back to back.
 
     Every attempt is a dict in ``records``: ``client``, ``seq`` (the logical
@@ -57,23 +58,8 @@ class Load:
         self.retry = retry
         self.give_up_s = give_up_s
         self.stop_on_draining = stop_on_draining
-        self.interval_s = clients / rate if rate else 0.0   # paced: each client sends every interval
         self.records = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        bound = self.timeout_s + 5 + (self.give_up_s if self.retry else 0)
-        for t in self.threads:
-            t.join(bound)
-        assert not any(t.is_alive() for t in self.threads), "a load client is stuck"
+        super().__init__(clients, rate=rate, join_s=self.timeout_s + 5 + (give_up_s if retry else 0))
 
     def attempt(self, client, i, seq, q):
         user, items, recall = self.trace[q]
@@ -93,31 +79,20 @@ class Load:
             self.records.append(rec)
         return rec
 
-    def run(self, i):
-        client = Client(self.endpoint, timeout_s=self.timeout_s)
-        q, seq = i, 0
-        next_send = time.monotonic() + i * self.interval_s / len(self.threads)
-        try:
-            while not self.stopping.is_set():
-                if self.interval_s:
-                    delay = next_send - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    next_send = max(next_send + self.interval_s, time.monotonic() - self.interval_s)
-                q = (q + len(self.threads)) % len(self.trace)
-                seq += 1
+    def connect(self, i):
+        return Client(self.endpoint, timeout_s=self.timeout_s)
+
+    def send(self, i, client, n):
+        q, seq = (i + (n + 1) * len(self.threads)) % len(self.trace), n + 1
+        rec = self.attempt(client, i, seq, q)
+        if self.retry:
+            end = rec["t_send"] + self.give_up_s
+            while rec["outcome"] != "ok" and time.monotonic() < end:
+                if rec["outcome"] not in RETRIABLE and rec["outcome"] != "timeout":
+                    break
+                time.sleep(min(1.0, (rec.get("retry_after_ms") or 20) / 1000))
                 rec = self.attempt(client, i, seq, q)
-                if self.retry:
-                    end = rec["t_send"] + self.give_up_s
-                    while rec["outcome"] != "ok" and time.monotonic() < end:
-                        if rec["outcome"] not in RETRIABLE and rec["outcome"] != "timeout":
-                            break
-                        time.sleep(min(1.0, (rec.get("retry_after_ms") or 20) / 1000))
-                        rec = self.attempt(client, i, seq, q)
-                if self.stop_on_draining and (rec["outcome"] == "timeout" or "draining" in rec.get("message", "")):
-                    return
-        finally:
-            client.close()
+        return self.stop_on_draining and (rec["outcome"] == "timeout" or "draining" in rec.get("message", ""))
 
     # -- reading the records --------------------------------------------------
 

@@ -6,9 +6,11 @@ repository root on PYTHONPATH). They exercise the user-processor contract
 
 * ``RecallAsScore``: a per-candidate ``score`` column equal to the request's
   recall scores, for the built-in ``ranker`` to rank (a user stage in front
-  of a built-in one, with its column crossing a process boundary);
+  of a built-in one, with its column crossing a process boundary); it
+  declares its columns by overriding ``inputs`` and ``outputs``;
 * ``RecallRanker``: a user sink that ranks by recall score with the built-in
-  ``jizhi.workers.ranker.rank``;
+  ``jizhi.workers.ranker.rank``; it declares its columns as
+  ``fixed_inputs`` and ``fixed_outputs``;
 * ``ExplodingRanker``: like ``RecallRanker``, but ``process`` raises for the
   user named by its stage option ``explode_user`` (a stage that crashes on
   some input);
@@ -39,13 +41,8 @@ class RecallAsScore(Stage):
 
 
 class RecallRanker(Stage):
-    @classmethod
-    def inputs(cls, config):
-        return ("recall_scores",)
-
-    @classmethod
-    def outputs(cls, config, bundle):
-        return SINK_OUTPUTS
+    fixed_inputs = ("recall_scores",)
+    fixed_outputs = SINK_OUTPUTS
 
     def process(self, batch):
         return rank(batch, batch["recall_scores"], None)

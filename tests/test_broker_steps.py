@@ -12,24 +12,14 @@ import msgpack
 import numpy as np
 import pytest
 
+from conftest import Clock
 from jizhi import config, messages, protocol
 from jizhi.arena import arena_shape
 from jizhi.broker.core import Broker
-from jizhi.broker.versions import VersionState
 from jizhi.errors import BAD_REQUEST, DEADLINE_EXCEEDED, INTERNAL, OVERLOADED, UNKNOWN_PIPELINE
+from jizhi.states import VersionState
 
 RUN_ID = "run-1"
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-    def advance(self, s):
-        self.t += s
 
 
 class Sink:
@@ -457,8 +447,13 @@ def test_an_activated_version_takes_new_requests_and_the_old_says_vidle_after_it
 # -- the messages ------------------------------------------------------------------------------
 
 
+def _fields_then_type(t, **fields):
+    """The bytes the supervisor built by hand before jizhi/messages.py: its fields, then ``"t"``."""
+    return [protocol.packb({**fields, "t": t})]
+
+
 def test_the_messages_the_supervisor_sends_and_reads_keep_todays_bytes():
-    enc = protocol.encode_simple
+    enc = _fields_then_type
     pk = protocol.packb
     same = [
         (messages.WorkerDead("p", "g", 1, 42), enc(protocol.T_WORKER_DEAD, pipeline="p", group="g", wid=1, pid=42)),

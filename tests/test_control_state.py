@@ -1,4 +1,4 @@
-"""jizhi/controlstate.py: the supervisor's published control state (DESIGN.md, "control state").
+"""jizhi/controlstate.py: the supervisor's published control state (docs/architecture.md, "Shared memory").
 
 One writer; each change a new immutable shared-memory-dict (JSON) named ``<base>.g<generation>``;
 the generation in a one-word array readers load per batch; no resource tracker; old dicts

@@ -77,9 +77,8 @@ def refs(models):
 
 @pytest.fixture
 def launch_many(tmp_path_factory, models):
-    launcher = Launcher(tmp_path_factory, models)
-    yield launcher
-    launcher.close()
+    with Launcher(tmp_path_factory, models) as launcher:
+        yield launcher
 
 
 def doc_of(pipeline):

@@ -8,7 +8,6 @@ supervisor could not (what its next start would reclaim), so teardown's /dev/shm
 """
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -18,6 +17,7 @@ from conftest import SHM, assert_topk, demo_pipeline_text, free_port, wait_until
 from daemon_helpers import jizhictl_ok
 from jizhi.client import Client
 from jizhi.errors import OVERLOADED, RequestError
+from jizhi.tools.loadgen import ClientThreads
 
 DEADLINE_MS = 2000
 ATTEMPT_TIMEOUT_S = 1.0
@@ -52,48 +52,33 @@ def kill_node(server):
     return left
 
 
-class MultiLoad:
+class MultiLoad(ClientThreads):
     """``clients`` threads, each its own multi-endpoint Client, sending trace requests back to back.
 
     Each logical request is one record: ``client``, ``q``, ``t_send``, ``t_done``, ``reply`` (or
-    ``error``: the exception a request ended with). ``clients_`` keeps each thread's Client for its
+    ``error``: the exception a request ended with). ``clients`` keeps each thread's Client for its
     ``stats()`` (read after the threads ended).
     """
 
     def __init__(self, endpoints, trace, clients=3, **client_args):
-        self.trace = trace
+        self.endpoints, self.trace, self.client_args = endpoints, trace, client_args
         self.records = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.clients = [Client(endpoints, **client_args) for _ in range(clients)]
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
+        super().__init__(clients)
 
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
+    def connect(self, i):
+        return Client(self.endpoints, **self.client_args)
 
-    def __exit__(self, *exc):
-        self.stopping.set()
-        for t in self.threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in self.threads), "a load client is stuck"
-        for c in self.clients:
-            c.close()
-
-    def run(self, i):
-        client, q = self.clients[i], i
-        while not self.stopping.is_set():
-            q = (q + len(self.threads)) % len(self.trace)
-            user, items, recall = self.trace[q]
-            rec = {"client": i, "q": q, "t_send": time.monotonic()}
-            try:
-                rec["reply"] = client.score(user, items, recall, pipeline="demo", top_k=10, deadline_ms=DEADLINE_MS)
-            except (TimeoutError, RequestError) as e:
-                rec["error"] = e
-            rec["t_done"] = time.monotonic()
-            with self.lock:
-                self.records.append(rec)
+    def send(self, i, client, n):
+        q = (i + (n + 1) * len(self.threads)) % len(self.trace)
+        user, items, recall = self.trace[q]
+        rec = {"client": i, "q": q, "t_send": time.monotonic()}
+        try:
+            rec["reply"] = client.score(user, items, recall, pipeline="demo", top_k=10, deadline_ms=DEADLINE_MS)
+        except (TimeoutError, RequestError) as e:
+            rec["error"] = e
+        rec["t_done"] = time.monotonic()
+        with self.lock:
+            self.records.append(rec)
 
     def snapshot(self):
         with self.lock:

@@ -31,9 +31,8 @@ def models(private_demo_models):
 
 @pytest.fixture
 def launch_private(tmp_path_factory, models):
-    launcher = Launcher(tmp_path_factory, models)
-    yield launcher
-    launcher.close()
+    with Launcher(tmp_path_factory, models) as launcher:
+        yield launcher
 
 
 def models_json(server):

@@ -15,7 +15,10 @@ stats rows) and calls the loop's verbs itself:
   changes the world;
 * ``murder()`` replaces a worker whose heartbeat stopped;
 * the version manager switches to a warm version, drains and unloads the old
-  one, and fails a version that is not warm in time.
+  one, and fails a version that is not warm in time;
+* the broker's messages are typed (jizhi/messages.py), each to its handler;
+  the registry, the loader and the broker say a version's state with one set
+  of words (jizhi/states.py).
 """
 import logging
 import signal
@@ -26,26 +29,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jizhi import config, protocol
+from conftest import Clock
+from jizhi import config, messages, protocol
 from jizhi import stats as stats_mod
+from jizhi.states import VersionState
 from jizhi.supervisor.arbiter import Supervisor
 from jizhi.supervisor.children import BROKER, MAX_BACKOFF_S, RESTART_BUDGET, YOUNG_S, Child, Kind, WorkerKey
 from jizhi.supervisor.commands import handle
-from jizhi.supervisor.loader import Loader, LoadState
-from jizhi.supervisor.registry import Registry, State, VersionRecord
+from jizhi.supervisor.loader import Loader
+from jizhi.supervisor.registry import Registry, VersionRecord
 
 BACKOFF_S = 0.5     # workers.restart_backoff_s of these tests
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, s):
-        self.now += s
 
 
 class FakeProcess:
@@ -101,7 +95,7 @@ class Stepper:
                                               counters=np.zeros((n, stats_mod.N_COUNTERS), dtype=np.int64))
         sup.versions.registry = Registry(tmp_path / "models", settings, {"demo": None})
         sup.versions.models_of = {"demo": ["demo"]}
-        self.v1 = self.version(1, bank=0, state=LoadState.SERVING, record_state=State.SERVING)
+        self.v1 = self.version(1, bank=0, state=VersionState.SERVING, record_state=VersionState.SERVING)
         sup.pools.start("demo", "scorer", pool)
         sup.children[BROKER] = Child.broker(["broker"])
 
@@ -334,7 +328,7 @@ def test_a_worker_that_never_starts_its_loop_is_killed_after_the_boot_timeout(st
 def test_a_warm_version_serves_the_old_one_drains_and_is_unloaded_once_its_workers_are_gone(step):
     sup = step.sup
     sup.manage()
-    v2 = step.version(2, bank=1, state=LoadState.LOADING, record_state=State.LOADING)
+    v2 = step.version(2, bank=1, state=VersionState.LOADING, record_state=VersionState.LOADING)
     v2.record.t_load = 0.0
     sup.manage()
     loading = step.workers(bank=1)
@@ -349,14 +343,14 @@ def test_a_warm_version_serves_the_old_one_drains_and_is_unloaded_once_its_worke
     assert loading[1].proc is not None
     step.messages()
 
-    sup.on_broker_message({"t": protocol.T_WARM, "pipeline": "demo", "version": 2, "ok": True, "took_ms": 5})
-    assert (v2.state, step.v1.state) == (LoadState.SERVING, LoadState.DRAINING)
-    assert (v2.record.state, step.v1.record.state) == (State.SERVING, State.DRAINING)
+    sup.on_broker_message(messages.Warm("demo", 2, True, took_ms=5))
+    assert (v2.state, step.v1.state) == (VersionState.SERVING, VersionState.DRAINING)
+    assert (v2.record.state, step.v1.record.state) == (VersionState.SERVING, VersionState.DRAINING)
     assert step.messages() == [{"t": protocol.T_ACTIVATE, "pipeline": "demo", "version": 2}]
     assert sup.versions.find_serving("demo") is v2
 
-    sup.on_broker_message({"t": protocol.T_VERSION_IDLE, "pipeline": "demo", "version": 1})
-    assert step.v1.state == LoadState.STOPPING
+    sup.on_broker_message(messages.VersionIdle("demo", 1))
+    assert step.v1.state == VersionState.STOPPING
     sup.manage()
     old = step.workers(bank=0)
     assert sorted((m["t"], m["wid"]) for m in step.messages()) == [(protocol.T_RETIRE, 0), (protocol.T_RETIRE, 1)]
@@ -368,24 +362,24 @@ def test_a_warm_version_serves_the_old_one_drains_and_is_unloaded_once_its_worke
     assert list(sup.versions.loaded["demo"]) == [1]
     assert [m for m in step.messages() if m["t"] == protocol.T_VERSION_DROP] == [
         {"t": protocol.T_VERSION_DROP, "pipeline": "demo", "version": 1}]
-    assert step.v1.record.state == State.STANDBY
+    assert step.v1.record.state == VersionState.STANDBY
     assert sorted(step.workers(bank=1)) == [0, 1] and step.workers(bank=0) == {}
 
 
 def test_a_version_not_warm_within_the_boot_timeout_fails_and_its_workers_stop(step):
     sup = step.sup
     sup.manage()
-    v2 = step.version(2, bank=1, state=LoadState.LOADING, record_state=State.LOADING)
+    v2 = step.version(2, bank=1, state=VersionState.LOADING, record_state=VersionState.LOADING)
     sup.manage()
     step.messages()
     limit = sup.settings["workers.boot_timeout_s"] + 60
     step.clock.advance(limit)
     sup.versions.converge_models()
-    assert v2.state == LoadState.LOADING
+    assert v2.state == VersionState.LOADING
     step.clock.advance(0.1)
     sup.versions.converge_models()
-    assert v2.state == LoadState.FAILED and step.v1.state == LoadState.SERVING
-    assert v2.record.state == State.FAILED and v2.record.error == f"not ready and warm within {limit:g} s"
+    assert v2.state == VersionState.FAILED and step.v1.state == VersionState.SERVING
+    assert v2.record.state == VersionState.FAILED and v2.record.error == f"not ready and warm within {limit:g} s"
     assert step.messages() == [{"t": protocol.T_VERSION_FAIL, "pipeline": "demo", "version": 2,
                                 "reason": f"not ready and warm within {limit:g} s"}]
     stopping = step.workers(bank=1)     # wid 0 started, wid 1 waiting for it
@@ -397,3 +391,46 @@ def test_a_version_not_warm_within_the_boot_timeout_fails_and_its_workers_stop(s
     assert list(sup.versions.loaded["demo"]) == [0]
     assert step.workers(bank=1) == {}
     assert sorted(step.workers(bank=0)) == [0, 1]
+
+
+def test_the_broker_s_messages_reach_one_handler_per_type_and_a_malformed_one_is_logged_and_dropped(step, caplog):
+    sup = step.sup
+    sup.on_broker_message(messages.Info({"run_id": "another"}))
+    assert sup.reports.broker_info == {"run_id": "another"}
+    sup.on_broker_message(messages.Invalid("demo", 1, 20, 100, 4.5))
+    assert step.v1.record.state == VersionState.FAILED
+    assert step.v1.record.error.startswith("20 of 100 scores not finite (NaN or infinite), 20.00% > ")
+    sup.on_broker_message(messages.Drained())     # (only the stop waits for it: nothing happens here)
+    frames = iter([b"\xc1", protocol.packb({"t": "nope"}), messages.VersionIdle("demo", 1).encode()[0]])
+    sup.ctl = types.SimpleNamespace(recv=lambda: next(frames))
+    with caplog.at_level(logging.WARNING, logger="jizhi.supervisor"):
+        assert sup.read_broker() is None and sup.read_broker() is None
+    assert sup.read_broker() == messages.VersionIdle("demo", 1)
+    assert caplog.text.count("dropping a malformed message from the broker") == 2
+
+
+def test_a_drain_and_a_resume_go_to_the_broker_as_its_typed_messages(step):
+    step.sup.set_draining(True)
+    step.sup.set_draining(False)
+    assert [messages.decode(frames) for frames in step.sent] == [messages.Drain(reply=False), messages.Resume()]
+
+
+def test_one_set_of_state_words_each_owner_using_its_own_and_refusing_the_others(step):
+    from jizhi.broker import versions as broker_versions
+    from jizhi.supervisor import loader, registry
+    tables = [registry.TRANSITIONS, loader.TRANSITIONS, broker_versions.TRANSITIONS]
+    for table in tables:
+        assert all(set(nexts) <= set(table) for nexts in table.values())
+    assert set().union(*tables) == set(VersionState)
+    with pytest.raises(ValueError):
+        step.v1.to(VersionState.WARM)           # the broker's word, not a loader's
+    with pytest.raises(ValueError):
+        step.v1.record.to(VersionState.STOPPING)    # the loader's word, not the registry's
+    # On the wire, info says "active" for serving (jizhictl prints it); the plan file says a stopping
+    # version is still draining (the broker has no stopping).
+    assert VersionState.SERVING.wire == "active" and VersionState.DRAINING.wire == "draining"
+    assert VersionState.from_wire("active") is VersionState.from_wire("serving") is VersionState.SERVING
+    assert step.v1.entry()["state"] == "serving"
+    step.v1.to(VersionState.DRAINING)
+    step.v1.to(VersionState.STOPPING)
+    assert step.v1.entry()["state"] == "draining"

@@ -12,8 +12,9 @@ import pytest
 from conftest import REPO, processes_mentioning, shm_segments
 from jizhi import config
 from jizhi.pipeline import compile_pipeline, read_pipeline
-from jizhi.tools.tune import (ARENA, HOT_TIER, PIPELINE_FILE, QCACHE_WINDOW, REPORT, SETTINGS_FILE, search_space,
-                        write_overlay)
+from jizhi.tools.tune import REPORT
+from jizhi.tools.tunespace import (ARENA, HOT_TIER, PIPELINE_FILE, QCACHE_WINDOW, SETTINGS_FILE, search_space,
+                                   write_overlay)
 
 TUNE_TIMEOUT_S = 240   # 4 daemons x (start + 1 s warm-up + 3 s + stop), with room for a slow shared machine
 

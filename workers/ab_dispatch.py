@@ -103,10 +103,6 @@ class AbDispatch(Stage):
     in_broker = True
 
     @classmethod
-    def inputs(cls, config):
-        return ()
-
-    @classmethod
     def outputs(cls, config, bundle):
         parse_groups(config)
         return ()

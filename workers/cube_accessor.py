@@ -20,10 +20,7 @@ from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 class CubeAccessor(Stage):
     name = "cube_accessor"
-
-    @classmethod
-    def inputs(cls, config):
-        return ("user_sigs", "user_lens", "item_sigs", "item_lens")
+    fixed_inputs = ("user_sigs", "user_lens", "item_sigs", "item_lens")
 
     @classmethod
     def outputs(cls, config, bundle):

@@ -26,10 +26,7 @@ ON_UNKNOWN = ("default", "drop", "reject")
 
 class DataReader(Stage):
     name = "data_reader"
-
-    @classmethod
-    def inputs(cls, config):
-        return ("item_ids",)
+    fixed_inputs = ("item_ids",)
 
     @classmethod
     def outputs(cls, config, bundle):

@@ -10,10 +10,7 @@ from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 class FeatureProcessor(Stage):
     name = "feature_processor"
-
-    @classmethod
-    def inputs(cls, config):
-        return ("user_values", "user_lens")
+    fixed_inputs = ("user_values", "user_lens")
 
     @classmethod
     def outputs(cls, config, bundle):

@@ -23,14 +23,8 @@ from jizhi.workers.stage import Stage
 
 class LegacyScorer(Stage):
     name = "legacy_scorer"
-
-    @classmethod
-    def inputs(cls, config):
-        return ("item_ids",)
-
-    @classmethod
-    def outputs(cls, config, bundle):
-        return SINK_OUTPUTS
+    fixed_inputs = ("item_ids",)
+    fixed_outputs = SINK_OUTPUTS
 
     def setup(self, config, bundle):
         self.bundle = bundle

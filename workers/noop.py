@@ -25,14 +25,8 @@ from jizhi.workers.stage import REQUEST, Output, Stage
 
 class Noop(Stage):
     name = "noop"
-
-    @classmethod
-    def inputs(cls, config):
-        return ("item_ids",)
-
-    @classmethod
-    def outputs(cls, config, bundle):
-        return SINK_OUTPUTS
+    fixed_inputs = ("item_ids",)
+    fixed_outputs = SINK_OUTPUTS
 
     def process(self, batch):
         counts = np.diff(batch.offsets)

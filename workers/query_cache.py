@@ -103,10 +103,7 @@ class Bypass:
 
 class QueryCache(Stage):
     name = "query_cache"
-
-    @classmethod
-    def inputs(cls, config):
-        return ("item_ids",)
+    fixed_inputs = ("item_ids",)
 
     @classmethod
     def outputs(cls, config, bundle):

@@ -20,14 +20,8 @@ SINK_OUTPUTS = (Output("order", CANDIDATE, "int32"), Output("out_scores", CANDID
 class Ranker(Stage):
     name = "ranker"
     sees_all_candidates = True   # candidates dropped earlier (query-cache hits) rejoin here
-
-    @classmethod
-    def inputs(cls, config):
-        return ("score", "keep?", "item_ids", "qc_hit?", "qc_score?", "qc_epoch?", "qc_share?")
-
-    @classmethod
-    def outputs(cls, config, bundle):
-        return SINK_OUTPUTS
+    fixed_inputs = ("score", "keep?", "item_ids", "qc_hit?", "qc_score?", "qc_epoch?", "qc_share?")
+    fixed_outputs = SINK_OUTPUTS
 
     def setup(self, config, bundle):
         from jizhi.qcache import QueryCache

@@ -26,14 +26,7 @@ log = logging.getLogger("jizhi.worker")
 class Shedder(Stage):
     name = "shedder"
     narrows = True      # the stages after it must run in its worker (the compiler checks)
-
-    @classmethod
-    def inputs(cls, config):
-        return ("recall_scores",)
-
-    @classmethod
-    def outputs(cls, config, bundle):
-        return ()
+    fixed_inputs = ("recall_scores",)    # and writes no column: it narrows the batch (``_select``)
 
     def setup(self, config, bundle):
         spec = config.get("_shed") or {}

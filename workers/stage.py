@@ -124,20 +124,25 @@ class Batch:
 
 
 class Stage:
-    """Base class of stage processors. Subclasses override the four methods."""
+    """Base class of stage processors. Subclasses override the four methods; a stage whose columns
+    do not depend on its config or bundle declares them as ``fixed_inputs``/``fixed_outputs`` instead
+    of overriding ``inputs``/``outputs``."""
 
     #: the built-in name (``processor = "data_reader"``); user classes are named by import path
     name = None
+    #: what ``inputs`` and ``outputs`` return unless a subclass overrides them
+    fixed_inputs = ()
+    fixed_outputs = ()
 
     @classmethod
     def inputs(cls, config):
         """Names of the columns ``process`` reads (request inputs or earlier outputs)."""
-        return ()
+        return cls.fixed_inputs
 
     @classmethod
     def outputs(cls, config, bundle):
         """The ``Output``s ``process`` returns; ``bundle`` is the model's Bundle or None."""
-        return ()
+        return cls.fixed_outputs
 
     def setup(self, config, bundle):
         """Open what the stage needs (profiles, cube, sessions). Runs in the worker after start."""

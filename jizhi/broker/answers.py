@@ -18,8 +18,8 @@ import logging
 import numpy as np
 
 from jizhi import messages, protocol
-from jizhi.broker.versions import VersionState
 from jizhi.errors import CODES
+from jizhi.states import VersionState
 from jizhi.stats import C_INVALID_SCORES, C_REQUESTS
 from jizhi.workers.stage import INVALID_NAN_BITS, INVALID_SCORES
 

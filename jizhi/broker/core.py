@@ -28,10 +28,11 @@ from jizhi.broker.admission import STOP_RETRY_MS, Admission
 from jizhi.broker.answers import Answers
 from jizhi.broker.dispatch import Dispatcher, PipelineState
 from jizhi.broker.roster import Roster
-from jizhi.broker.versions import Generation, Versions, VersionState
+from jizhi.broker.versions import Generation, Versions
 from jizhi.errors import OVERLOADED
 from jizhi.overlay import Overlay
 from jizhi.qcache import QueryCache
+from jizhi.states import VersionState
 from jizhi.stats import C_PID, Stats
 
 log = logging.getLogger("jizhi.broker")

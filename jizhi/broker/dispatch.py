@@ -27,8 +27,8 @@ import logging
 from jizhi import messages
 from jizhi.broker.admission import RetryHints
 from jizhi.broker.figures import GroupStats, RequestStats
-from jizhi.broker.versions import VersionState
 from jizhi.errors import DEADLINE_EXCEEDED, INTERNAL
+from jizhi.states import VersionState
 from jizhi.workers.ab_dispatch import Router
 
 log = logging.getLogger("jizhi.broker")

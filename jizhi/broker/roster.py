@@ -16,8 +16,8 @@ answered INTERNAL instead (it may be what kills them).
 import logging
 
 from jizhi import messages
-from jizhi.broker.versions import VersionState
 from jizhi.errors import INTERNAL
+from jizhi.states import VersionState
 
 log = logging.getLogger("jizhi.broker")
 

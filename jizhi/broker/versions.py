@@ -10,9 +10,9 @@ says VIDLE, and the supervisor DROPs it after its workers stopped. A version
 whose files broke is failed (VFAIL): its requests are answered OVERLOADED
 with a retry hint and its workers retired.
 
-Version states (``VersionState``), the registry's words (jizhi/supervisor/registry.py)
-for the states a version has in the broker, and their legal transitions
-(``TRANSITIONS``; an illegal one is logged as a bug):
+Version states (``VersionState``, jizhi/states.py: the registry's and the
+loader's words too) that a version has in the broker, and the broker's legal
+transitions (``TRANSITIONS``; an illegal one is logged as a bug):
 
 ========  =========================================================  ==========================
 state     meaning                                                    next
@@ -24,11 +24,10 @@ draining  answers what it holds after a newer version took over     serving, fai
 failed    its files broke or its warm-up failed; serves nothing      -
 ========  =========================================================  ==========================
 
-On the wire the broker keeps the words of today's peers: ``info`` says
-``active`` for serving (``jizhictl status`` prints it), and the plan file's
-``active`` (the supervisor's loader writes it) is read as serving.
+On the wire ``info`` says ``active`` for serving (``jizhictl status`` prints
+it), and a plan file's ``active`` is read as serving: ``VersionState.wire``
+and ``from_wire``, jizhi/states.py.
 """
-import enum
 import logging
 
 import numpy as np
@@ -36,30 +35,12 @@ import numpy as np
 from jizhi import messages
 from jizhi.arena import Arenas
 from jizhi.errors import OVERLOADED
+from jizhi.states import VersionState
 
 log = logging.getLogger("jizhi.broker")
 
 SUPERVISOR = b"supervisor"  # the supervisor's identity on the backend
 WARMUP_BUDGET_S = 30.0      # a warm-up request's time to its deadline (the new workers run at low priority)
-WIRE_SERVING = "active"     # serving, as info says it (jizhictl prints it); a plan file of an older supervisor says it too
-
-
-class VersionState(str, enum.Enum):
-    LOADING = "loading"
-    WARM = "warm"
-    SERVING = "serving"
-    DRAINING = "draining"
-    FAILED = "failed"
-
-    @property
-    def wire(self):
-        """The word ``info`` uses (module docstring)."""
-        return WIRE_SERVING if self is VersionState.SERVING else self.value
-
-    @classmethod
-    def from_wire(cls, word):
-        return cls.SERVING if word == WIRE_SERVING else cls(word)
-
 
 V = VersionState
 TRANSITIONS = {

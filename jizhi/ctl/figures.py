@@ -1,8 +1,8 @@
-"""The daemon's figures for people: the tables and lines of `jizhictl stats`, `top` and `cube info`.
+"""The daemon's figures for people: the tables and lines of `jizhictl status`, `stats`, `top` and `cube info`.
 
-Each function takes the ``stats`` control command's result (a dict, as
-``jizhi.control.call`` returns it) and returns text; nothing here talks to
-the daemon. Latencies arrive in microseconds and are printed by ``fmt_us``.
+Each function takes the ``stats`` control command's result (``status_text``:
+the ``status`` command's; a dict, as ``jizhi.control.call`` returns it) and
+returns text; nothing here talks to the daemon. Latencies arrive in microseconds and are printed by ``fmt_us``.
 """
 
 
@@ -14,6 +14,30 @@ def fmt_us(v):
 def ratio(r):
     """A fraction as a percentage; "-" for none (no lookups yet)."""
     return "-" if r is None else f"{100 * r:.1f}%"
+
+
+def status_text(st):
+    """``jizhictl status``: the daemon's health, endpoints and models, one row per process."""
+    lines = [f"jizhid instance {st['instance']}  pid {st['pid']}  up {st['uptime_s']}s  health {st['health']}"]
+    if st.get("not_ready") and st["health"] != "ready":
+        lines.append(f"not ready: {st['not_ready']}")
+    lines.append(f"frontend {st['frontend']}  models {st['models']}  pipelines {', '.join(st['pipelines'])}")
+    for problem in st.get("model_problems", []):
+        lines.append(f"model version not served: {problem}")
+    lines.append(f"{'process':<28} {'version':>7} {'pid':>7} {'state':<10} {'uptime':>8} {'restarts':>8} {'rss':>9}")
+    for p in st["processes"]:
+        rss = f"{p['rss_bytes'] / 2**20:.0f}MiB" if p.get("rss_bytes") else "-"
+        up = f"{p['uptime_s']}s" if p.get("uptime_s") is not None else "-"
+        ver = "-" if p.get("version") is None else p["version"]
+        lines.append(f"{p['name']:<28} {ver:>7} {p['pid'] or '-':>7} {p['state']:<10} {up:>8} {p['restarts']:>8} "
+                     f"{rss:>9}")
+    return "\n".join(lines)
+
+
+def stats_text(info):
+    """``jizhictl stats``: the counters and groups table, the storage, A/B and version lines."""
+    parts = (stats_table(info), storage_lines(info), ab_lines(info), versions_lines(info))
+    return "\n".join(x for x in parts if x)
 
 
 def stats_table(info):

@@ -1,9 +1,9 @@
 """jizhictl's commands that speak the client protocol to jizhid's frontend: info and query.
 
 The same ZeroMQ protocol any client speaks (``jizhi.client``, docs/protocol.md),
-at ``--endpoint``; several comma-separated endpoints are the scale-out of
-DESIGN.md. A local endpoint with nothing listening is said at once
-(``reach.exit_if_not_running``), a remote one after ``--timeout``.
+at ``--endpoint``; several comma-separated endpoints are several jizhid nodes
+(README, "Past one machine"). A local endpoint with nothing listening is said
+at once (``reach.exit_if_not_running``), a remote one after ``--timeout``.
 """
 import json
 import sys

@@ -20,6 +20,7 @@ by ``client`` when a command needs it: the commands that never talk to the
 frontend start without it.
 """
 import ipaddress
+import json
 import os
 import socket
 import sys
@@ -52,6 +53,19 @@ def run_dir_option(f):
                           "/run/jizhi (systemd), then /tmp/jizhi-<uid>-<instance>.")(f)
     f = click.option("--instance", default="default", show_default=True, help="Instance name (server.instance).")(f)
     return f
+
+
+def json_option(help="Print JSON."):
+    """``--json`` (``as_json``): the command prints the daemon's reply as JSON (``show``)."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def show(reply, as_json, text):
+    """Print a control command's ``reply``: JSON with ``--json``, else ``text(reply)``, lines for people
+    (nothing when they are none)."""
+    out = json.dumps(reply, indent=2) if as_json else text(reply)
+    if out:
+        click.echo(out)
 
 
 def control_help(name, op=None):

@@ -5,48 +5,26 @@ one class per command) over the run directory's control socket
 (``reach.ask``) and prints the result. Its --help is that class's docstring
 (``reach.control_command``): the registry is the one place it is written.
 """
-import json
 import time
 
 import click
 
 from jizhi.ctl import figures
-from jizhi.ctl.reach import ask, control_command, refused, run_dir_option
+from jizhi.ctl.reach import ask, control_command, json_option, refused, run_dir_option, show
 
 
 @control_command("status")
 @run_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def status(run_dir, instance, as_json):
-    st = ask(run_dir, instance, "status")
-    if as_json:
-        click.echo(json.dumps(st, indent=2))
-        return
-    click.echo(f"jizhid instance {st['instance']}  pid {st['pid']}  up {st['uptime_s']}s  health {st['health']}")
-    if st.get("not_ready") and st["health"] != "ready":
-        click.echo(f"not ready: {st['not_ready']}")
-    click.echo(f"frontend {st['frontend']}  models {st['models']}  pipelines {', '.join(st['pipelines'])}")
-    for problem in st.get("model_problems", []):
-        click.echo(f"model version not served: {problem}")
-    click.echo(f"{'process':<28} {'version':>7} {'pid':>7} {'state':<10} {'uptime':>8} {'restarts':>8} {'rss':>9}")
-    for p in st["processes"]:
-        rss = f"{p['rss_bytes'] / 2**20:.0f}MiB" if p.get("rss_bytes") else "-"
-        up = f"{p['uptime_s']}s" if p.get("uptime_s") is not None else "-"
-        ver = "-" if p.get("version") is None else p["version"]
-        click.echo(f"{p['name']:<28} {ver:>7} {p['pid'] or '-':>7} {p['state']:<10} {up:>8} {p['restarts']:>8} {rss:>9}")
+    show(ask(run_dir, instance, "status"), as_json, figures.status_text)
 
 
 @control_command("stats")
 @run_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def stats(run_dir, instance, as_json):
-    info = ask(run_dir, instance, "stats")
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    parts = (figures.stats_table(info), figures.storage_lines(info), figures.ab_lines(info),
-             figures.versions_lines(info))
-    click.echo("\n".join(x for x in parts if x))
+    show(ask(run_dir, instance, "stats"), as_json, figures.stats_text)
 
 
 # ignore_unknown_options: N = -1 is a value (refused by its range), not an option
@@ -77,19 +55,20 @@ def resume(run_dir, instance):
 @control_command("reload")
 @run_dir_option
 @click.argument("model", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON (with every pool's size, config, set_by).")
+@json_option("Print the reply as JSON (with every pool's size, config, set_by).")
 def reload(run_dir, instance, model, as_json):
-    r = ask(run_dir, instance, "reload", {"model": model} if model else None)
-    if as_json:
-        click.echo(json.dumps(r, indent=2))
-        return
-    click.echo(f"applied: {', '.join(r['applied']) or 'nothing'}")
+    show(ask(run_dir, instance, "reload", {"model": model} if model else None), as_json, _reload_text)
+
+
+def _reload_text(r):
+    lines = [f"applied: {', '.join(r['applied']) or 'nothing'}"]
     if r.get("kept"):
-        click.echo(f"kept: {', '.join(r['kept'])}")
+        lines.append(f"kept: {', '.join(r['kept'])}")
     if r.get("new_versions"):
-        click.echo(f"new model versions: {', '.join(r['new_versions'])}")
+        lines.append(f"new model versions: {', '.join(r['new_versions'])}")
     if r["needs_restart"]:
-        click.echo(f"changed but needs a restart: {', '.join(r['needs_restart'])}")
+        lines.append(f"changed but needs a restart: {', '.join(r['needs_restart'])}")
+    return "\n".join(lines)
 
 
 def _when(ts):
@@ -99,28 +78,31 @@ def _when(ts):
 @control_command("models")
 @run_dir_option
 @click.argument("model", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def models(run_dir, instance, model, as_json):
     r = ask(run_dir, instance, "models")
     if model is not None:
         if model not in r:
             raise refused(f"no model {model!r} is served (served: {', '.join(r)})")
         r = {model: r[model]}
-    if as_json:
-        click.echo(json.dumps(r, indent=2))
-        return
+    show(r, as_json, _models_text)
+
+
+def _models_text(r):
+    lines = []
     for name, m in r.items():
-        click.echo(f"model {name}  policy {m['policy']} ({m['policy_from']})  target {m['target']}")
-        click.echo(f"  {'version':>7} {'state':<10} {'appeared':>8} {'serving':>8} {'detect':>7} {'validate':>8} "
-                   f"{'start':>6} {'load':>6} {'warm':>6} {'total':>7}  error")
+        lines.append(f"model {name}  policy {m['policy']} ({m['policy_from']})  target {m['target']}")
+        lines.append(f"  {'version':>7} {'state':<10} {'appeared':>8} {'serving':>8} {'detect':>7} {'validate':>8} "
+                     f"{'start':>6} {'load':>6} {'warm':>6} {'total':>7}  error")
         for v in m["versions"]:
             t = v["timings_ms"]
 
             def ms(k):
                 return "-" if t.get(k) is None else f"{t[k]:.0f}"
-            click.echo(f"  {v['version']:>7} {v['state']:<10} {_when(v['renamed_at']):>8} {_when(v['serving_since']):>8} "
-                       f"{ms('detection'):>7} {ms('validation'):>8} {ms('start'):>6} {ms('load'):>6} "
-                       f"{ms('warm_up'):>6} {ms('total'):>7}  {v['error'] or ''}")
+            lines.append(f"  {v['version']:>7} {v['state']:<10} {_when(v['renamed_at']):>8} "
+                         f"{_when(v['serving_since']):>8} {ms('detection'):>7} {ms('validation'):>8} "
+                         f"{ms('start'):>6} {ms('load'):>6} {ms('warm_up'):>6} {ms('total'):>7}  {v['error'] or ''}")
+    return "\n".join(lines)
 
 
 @control_command("pin")

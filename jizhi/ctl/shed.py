@@ -4,12 +4,11 @@
 control command (``reach.ask``). Training a learned policy offline (``shed
 train``) is a tool: ``jizhi.tools.commands`` adds it to this group.
 """
-import json
 import os
 
 import click
 
-from jizhi.ctl.reach import ask, control_command, control_help, run_dir_option
+from jizhi.ctl.reach import ask, control_command, control_help, json_option, run_dir_option, show
 
 
 @click.group(help=control_help("shed"))
@@ -29,10 +28,9 @@ def _shed_lines(r):
 
 @control_command("shed", op="status")
 @run_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def shed_status(run_dir, instance, as_json):
-    r = ask(run_dir, instance, "shed", {"op": "status"})
-    click.echo(json.dumps(r, indent=2) if as_json else _shed_lines(r))
+    show(ask(run_dir, instance, "shed", {"op": "status"}), as_json, _shed_lines)
 
 
 @control_command("shed", op="auto")

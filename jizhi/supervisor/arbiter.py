@@ -3,7 +3,7 @@
 It compiles the pipelines, verifies the bundles, removes a crashed run's
 leftovers, creates every shared-memory segment, writes the plan file the
 children read, starts the broker and every worker as fresh interpreters, and
-then loops over a few verbs (STYLE.md, 3):
+then loops over a few verbs:
 
 * signal handlers only enqueue; the loop calls ``handle_<signal>``;
 * ``reap()`` collects exited children and logs how they died, telling the
@@ -13,8 +13,8 @@ then loops over a few verbs (STYLE.md, 3):
   versions its policy wants (versions.py);
 * ``manage()`` converges every pool to its desired size, with a restart
   backoff for children that die young (children.py);
-* ``serve_control()`` answers the broker's messages and the control commands
-  (commands/);
+* ``serve_control()`` answers the broker's messages (one handler per type of
+  jizhi/messages.py, ``broker_handlers``) and the control commands (commands/);
 * ``load_control.ask()`` hands the broker's recent figures to shedding and
   the autoscalers (loadcontrol.py).
 
@@ -44,16 +44,17 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from jizhi import control, lifeline, notify, protocol, rundir
+from jizhi import control, lifeline, messages, notify, protocol, rundir
 from jizhi import stats as stats_mod
 from jizhi.shm import unlink
+from jizhi.states import VersionState
 from jizhi.supervisor import boot, metrics
 from jizhi.supervisor.children import (BROKER, MAX_BACKOFF_S, RESTART_BUDGET, YOUNG_S, Child, WorkerKey,
                                        describe_exit, popen)
 from jizhi.supervisor.commands import handle as handle_command
 from jizhi.supervisor.hot import HotTiers
 from jizhi.supervisor.loadcontrol import LoadControl
-from jizhi.supervisor.loader import LIVE, LoadState
+from jizhi.supervisor.loader import LIVE
 from jizhi.supervisor.pools import Pools
 from jizhi.supervisor.reports import Reports
 from jizhi.supervisor.versions import VersionManager
@@ -68,7 +69,7 @@ class Supervisor:
     def __init__(self, settings, models_dir, pipelines, config_path=None, overrides=None,
                  clock=time.monotonic, spawner=popen, to_broker=None):
         """``clock``: monotonic seconds; ``spawner(argv, env)``: starts a child's process; ``to_broker(frames)``:
-        sends to the broker (None: the broker socket, once ``serve`` opened it)."""
+        sends a message's frames to the broker (None: the broker socket, once ``serve`` opened it)."""
         self.settings = settings
         self.config_path = config_path
         self.overrides = overrides or {}
@@ -98,6 +99,15 @@ class Supervisor:
         self.hot_tiers = HotTiers(self)
         self.load_control = LoadControl(self)
         self.reports = Reports(self)
+        # What the broker's messages do: one handler per type, each given the decoded message. A type
+        # missing here (one the supervisor sends, or DRAINED, which only the stop waits for) is ignored.
+        self.broker_handlers = {
+            messages.Warm: self.versions.on_warm,
+            messages.VersionIdle: self.versions.on_version_idle,
+            messages.Invalid: self.versions.on_invalid,
+            messages.Load: self.load_control.on_load,
+            messages.Info: self.reports.on_info,
+        }
 
     # -- start --------------------------------------------------------------
 
@@ -192,7 +202,7 @@ class Supervisor:
             if now - last_info > (1.0 if self.reports.ready_logged else 0.2):
                 # The broker's figures, cached for the metrics endpoint and readiness.
                 last_info = now
-                self.tell_broker(protocol.encode_simple(protocol.T_INFO))
+                self.tell_broker(messages.Info())
             self.serve_control(poller, timeout_ms=100)
         return self.shutdown()
 
@@ -238,8 +248,7 @@ class Supervisor:
             else:
                 log.warning("%s pid=%d died: %s", child.name, pid, how)
             if child.is_worker:
-                self.tell_broker(protocol.encode_simple(protocol.T_WORKER_DEAD, pipeline=child.pipeline,
-                                                        group=child.group, wid=child.wid, pid=pid))
+                self.tell_broker(messages.WorkerDead(child.pipeline, child.group, child.wid, pid))
                 if rc != 0 and not child.retiring:
                     self.versions.worker_died(child, rc, how)
             if child.exited(rc, how, self.clock(), self.settings["workers.restart_backoff_s"]):
@@ -296,7 +305,7 @@ class Supervisor:
                                 and child.wid >= n and not child.retiring:
                             self.retire(child)
             for bank, ld in list(banks.items()):
-                if ld.state in (LoadState.STOPPING, LoadState.FAILED) and not any(
+                if ld.state in (VersionState.STOPPING, VersionState.FAILED) and not any(
                         c.is_worker and (c.pipeline, c.bank) == (pipeline, bank) for c in self.children.values()):
                     self.versions.unload(ld)
         now = self.clock()
@@ -324,7 +333,9 @@ class Supervisor:
         """Wait up to ``timeout_ms`` for the broker's messages and control commands, and answer them."""
         for sock, _ in poller.poll(timeout_ms):
             if sock is self.ctl:
-                self.on_broker_message(protocol.unpackb(self.ctl.recv()))
+                msg = self.read_broker()
+                if msg is not None:
+                    self.on_broker_message(msg)
             else:
                 self.on_control()
 
@@ -335,7 +346,7 @@ class Supervisor:
         key = WorkerKey(loaded.pipeline, group, wid, loaded.bank)
         argv = lifeline.child_argv("jizhi.workers.run", "--plan", self.plan_path, "--pipeline", loaded.pipeline,
                                    "--group", group, "--wid", wid, "--version", loaded.version)
-        if loaded.state == LoadState.LOADING:
+        if loaded.state == VersionState.LOADING:
             # A new version loads beside serving workers: at lower CPU priority until it serves.
             argv += ["--nice", str(self.settings["models.load_nice"])]
             cores = self.versions.load_cores()
@@ -373,8 +384,7 @@ class Supervisor:
         child.retire_by = self.clock() + self.settings["workers.drain_timeout_s"]
         if child.proc is None:
             return
-        self.tell_broker(protocol.encode_simple(protocol.T_RETIRE, pipeline=child.pipeline, group=child.group,
-                                                wid=child.wid, pid=child.proc.pid))
+        self.tell_broker(messages.Retire(child.pipeline, child.group, child.wid, child.proc.pid))
         log.info("retiring %s/%s/%d pid=%d", child.pipeline, child.group, child.wid, child.proc.pid)
 
     def stop_bank(self, pipeline, bank, within_s):
@@ -417,9 +427,11 @@ class Supervisor:
         # The umask already kept group and others out; the socket needs no execute bit (0600, as documented).
         os.chmod(self.run_dir / control.SOCKET_NAME, 0o600)
 
-    def tell_broker(self, frames):
-        """Send to the broker without waiting. Before the sockets open (at start) no broker runs: nothing is
-        sent (what it must know is in the plan file, or in its first replies)."""
+    def tell_broker(self, msg):
+        """Send ``msg`` (a jizhi/messages.py message) to the broker without waiting. Before the sockets open
+        (at start) no broker runs: nothing is sent (what it must know is in the plan file, or in its first
+        replies)."""
+        frames = msg.encode()
         if self.to_broker is not None:
             self.to_broker(frames)
         elif self.ctl is not None:
@@ -428,30 +440,34 @@ class Supervisor:
             except zmq.ZMQError:
                 pass
 
-    def ask_broker(self, frames, want, timeout_s=2.0):
-        """Send to the broker and wait for a reply of type ``want`` (other messages are handled)."""
-        self.tell_broker(frames)
+    def ask_broker(self, question, timeout_s=2.0):
+        """Send ``question`` (INFO, LOAD, RECORD) to the broker and wait for its answer, a message of the same
+        type; other messages that arrive meanwhile are handled. Returns None when none came in time."""
+        self.tell_broker(question)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.ctl.poll(max(1, int((end - time.monotonic()) * 1000))):
-                msg = protocol.unpackb(self.ctl.recv())
+                msg = self.read_broker()
+                if msg is None:
+                    continue
                 self.on_broker_message(msg)
-                if msg.get("t") == want:
+                if type(msg) is type(question):
                     return msg
         return None
 
+    def read_broker(self):
+        """The broker's next message, decoded (jizhi/messages.py); None for a malformed one (logged, dropped)."""
+        try:
+            return messages.decode([self.ctl.recv()])
+        except ValueError as e:
+            log.warning("dropping a malformed message from the broker: %s", e)
+            return None
+
     def on_broker_message(self, msg):
-        t = msg.get("t")
-        if t == protocol.T_WARM:
-            self.versions.on_warm(msg)
-        elif t == protocol.T_VERSION_IDLE:
-            self.versions.on_version_idle(msg)
-        elif t == protocol.T_INVALID:
-            self.versions.on_invalid(msg)
-        elif t == protocol.T_LOAD:
-            self.load_control.on_load(msg["load"])
-        elif t == protocol.T_INFO:
-            self.reports.on_info(msg["info"])
+        """A decoded message from the broker, to its handler (``broker_handlers``)."""
+        handler = self.broker_handlers.get(type(msg))
+        if handler is not None:
+            handler(msg)
 
     def on_control(self):
         try:
@@ -469,14 +485,15 @@ class Supervisor:
     # -- what control commands call ------------------------------------------
 
     def set_draining(self, on):
-        self.tell_broker(protocol.encode_simple(protocol.T_DRAIN if on else protocol.T_RESUME, reply=False))
+        self.tell_broker(messages.Drain(reply=False) if on else messages.Resume())
         log.info("draining: %s", "on (admitting nothing new)" if on else "off (admitting again)")
 
     def record(self, op):
-        reply = self.ask_broker([protocol.packb({"t": protocol.T_RECORD, "op": op})], protocol.T_RECORD, 5.0)
+        """``jizhictl record``: the broker's {records, dropped, recording} after ``op`` (start, fetch, stop)."""
+        reply = self.ask_broker(messages.Record(op=op), 5.0)
         if reply is None:
             raise control.ControlError("the broker did not answer (is it restarting?)")
-        return reply
+        return {"records": reply.records, "dropped": reply.dropped, "recording": reply.recording}
 
     # -- stop ---------------------------------------------------------------
 
@@ -485,13 +502,12 @@ class Supervisor:
         notify.notify("STOPPING=1", "STATUS=draining")
         broker = self.children.get(BROKER)
         if broker and broker.running():
-            self.tell_broker(protocol.encode_simple(protocol.T_DRAIN))
+            self.tell_broker(messages.Drain())
             end = time.monotonic() + self.settings["workers.drain_timeout_s"]
             while time.monotonic() < end:
                 self.loop_beat = time.monotonic()
                 if self.ctl.poll(50):
-                    msg = protocol.unpackb(self.ctl.recv())
-                    if msg.get("t") == protocol.T_DRAINED:
+                    if isinstance(self.read_broker(), messages.Drained):
                         log.info("drained: every admitted request was answered")
                         break
                 if broker.proc.poll() is not None:

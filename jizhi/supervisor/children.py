@@ -16,7 +16,7 @@ that.
 
 A *spawner* starts a child's process: ``spawner(argv, env)`` returns an
 object with ``pid``, ``poll()``, ``send_signal()``, ``kill()`` and
-``wait()``: ``popen`` (a fresh interpreter, STYLE.md 5) in jizhid, a fake in
+``wait()``: ``popen`` (a fresh interpreter: docs/architecture.md, "Processes") in jizhid, a fake in
 the unit tests that step the loop (tests/test_supervisor_steps.py).
 
 Runs in the supervisor process only.

@@ -19,7 +19,7 @@ Runs in the supervisor process only.
 """
 import logging
 
-from jizhi import protocol, shedding, shm
+from jizhi import messages, shedding, shm
 from jizhi.control import ControlError
 from jizhi.supervisor.autoscale import Autoscaler
 from jizhi.supervisor.pools import AUTOSCALER
@@ -98,11 +98,13 @@ class LoadControl:
         settings = self.sup.settings
         self.next_load = now + min(settings["shed.period_s"] if self.shed else 1e9,
                                    settings["autoscale.period_s"] if self.autoscalers else 1e9)
-        self.sup.tell_broker(protocol.encode_simple(protocol.T_LOAD))
+        self.sup.tell_broker(messages.Load())
 
-    def on_load(self, load):
-        """The broker's recent figures: the load controller of every pipeline in mode auto, the autoscalers."""
+    def on_load(self, msg):
+        """The broker's LOAD (``messages.Load``), its recent figures: the load controller of every pipeline
+        in mode auto, the autoscalers."""
         sup = self.sup
+        load = msg.load or {}
         now = sup.clock()
         for name, scaler in self.autoscalers.items():
             fig = (load.get(name) or {}).get("groups")
@@ -154,8 +156,7 @@ class LoadControl:
         yet: its first LOAD reply tells it (``tell_broker`` sends nothing before the sockets open)."""
         st["control"].publish(st["mode"], st["quota"], st["policy_gen"] if st["policy"] != "rule" else 0,
                               st["in_flight"], st["p99_ms"] or 0.0)
-        self.sup.tell_broker([protocol.packb({"t": protocol.T_SHED, "pipeline": name, "mode": st["mode"],
-                                              "quota": round(st["quota"], 4), "policy": st["policy"]})])
+        self.sup.tell_broker(messages.Shed(name, st["mode"], round(st["quota"], 4), st["policy"]))
 
     def shed_command(self, args):
         """``jizhictl shed``: status | auto | off | set (quota, policy), for one pipeline or all."""

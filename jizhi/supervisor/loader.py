@@ -1,6 +1,7 @@
 """The loader: one model version loaded (or loading) in one pipeline.
 
-Hot reload is source -> loader -> manager (STYLE.md, 9): the registry
+Hot reload is source -> loader -> manager, as TF Serving has it
+(docs/architecture.md, "Model versions (hot reload)"): the registry
 (``jizhi/supervisor/registry.py``) is the source (which versions are on disk
 and valid, which one each policy wants); a ``Loader`` is one version in one
 pipeline; the version manager (``jizhi/supervisor/versions.py``) is the
@@ -17,8 +18,9 @@ workers, the serving version's and a new one's, the double buffer).
 ``unload()`` removes the arenas and tells the broker to forget the version,
 after its workers exited (which returned their memory).
 
-Loader states (``LoadState``: the registry's words for the same phases) and
-the legal transitions (``TRANSITIONS``; an illegal one is logged as a bug):
+Loader states (``VersionState``, jizhi/states.py: the registry's and the
+broker's words for the same phases) and the loader's legal transitions
+(``TRANSITIONS``; an illegal one is logged as a bug):
 
 ==========  ==========================================================  ===================
 state       meaning                                                     next
@@ -33,7 +35,6 @@ failed      broke while loading or serving; its workers are stopped     (unloade
 
 Runs in the supervisor process only.
 """
-import enum
 import logging
 import shutil
 import subprocess
@@ -42,26 +43,19 @@ from pathlib import Path
 
 import numpy as np
 
-from jizhi import arena, lifeline, protocol, shm
+from jizhi import arena, lifeline, messages, shm
 from jizhi.bundle import Bundle
 from jizhi.cube.hot import CTL_WORDS, Control
 from jizhi.cube.remote import remote_url
 from jizhi.errors import PipelineError, ShmFull
 from jizhi.pipeline import compile_pipeline
+from jizhi.states import VersionState
 from jizhi.supervisor.registry import child_report
 
 log = logging.getLogger("jizhi.supervisor")
 
 
-class LoadState(str, enum.Enum):
-    LOADING = "loading"
-    SERVING = "serving"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-L = LoadState
+L = VersionState
 TRANSITIONS = {
     L.LOADING: {L.SERVING, L.FAILED},
     L.SERVING: {L.DRAINING, L.FAILED},
@@ -70,9 +64,9 @@ TRANSITIONS = {
     L.FAILED: set(),
 }
 LIVE = (L.LOADING, L.SERVING, L.DRAINING)          # its workers are kept at the pool size
-# What the plan file says of a version's state (the broker reads it when it restarts): the registry's
-# words. (The broker's `info` still says "active" for a serving version: jizhictl prints that word.)
-PLAN_FILE_STATE = {L.LOADING: "loading", L.SERVING: "serving", L.FAILED: "failed"}   # else "draining"
+# What the plan file says of a version's state (the broker reads it when it restarts): the same word,
+# but the broker has no stopping (a stopping version is still draining to it).
+PLAN_FILE_STATE = {L.STOPPING: L.DRAINING}
 
 
 class LoadRefused(Exception):
@@ -93,7 +87,7 @@ class Loader:
     supervisor numbers a pipeline's version sets).
     """
 
-    def __init__(self, pipeline, record, bank, state=LoadState.LOADING, records=None, generation=None, now=None):
+    def __init__(self, pipeline, record, bank, state=VersionState.LOADING, records=None, generation=None, now=None):
         self.pipeline = pipeline
         self.record = record
         self.records = dict(records or {record.model: record})
@@ -101,7 +95,7 @@ class Loader:
         self.versions = {m: r.version for m, r in self.records.items()}
         self.version = record.version if generation is None else generation
         self.bank = bank
-        self.state = LoadState(state)
+        self.state = VersionState(state)
         self.plan = None
         self.bundle = None          # the Bundle of its model, and of every model of the set ({model: Bundle})
         self.bundles = {}
@@ -120,15 +114,18 @@ class Loader:
         self.hot_retired = []       # replaced generations, unlinked once no reader holds them
         self.hot_counts = None      # KeyCounts of sampled lookups (LFU), when the tier holds part of the cube
         self.hot_next_rebuild = 0.0
-        self.warm_msg = None        # the broker's WARM, held until the hot tier is built
+        self.warm_msg = None        # the broker's WARM (messages.Warm), held until the hot tier is built
         self.remote = None          # the cube's backend URL when it is not local (cube/remote.py)
         self.disk_cache = None      # its disk cache's directory, and the cache manager child
         self.disk_capacity = 0
         self.disk_proc = None
 
     def to(self, state):
-        """Move to ``state``; an illegal transition is logged as a bug (and applied)."""
-        state = LoadState(state)
+        """Move to ``state``; an illegal transition is logged as a bug (and applied), a word that is no
+        loader's state (``warm``, ``standby``...) raises ValueError."""
+        state = VersionState(state)
+        if state not in TRANSITIONS:
+            raise ValueError(f"{state.value!r} is not a state of a loader")
         if state not in TRANSITIONS[self.state]:
             log.error("illegal load state transition: pipeline %s %s %s -> %s (a bug; applied anyway)",
                       self.pipeline, self.describe(), self.state.value, state.value)
@@ -185,10 +182,8 @@ class Loader:
             self.disk_cache = str(sup.run_dir / f"disk-{self.pipeline}-v{self.version}")
         if announce:
             sup.write_run()
-            sup.tell_broker([protocol.packb({"t": protocol.T_VERSION_ADD, "pipeline": self.pipeline,
-                                             "version": self.version, "plan": plan, "segments": self.segments,
-                                             "warmup": self.warmup,
-                                             "pool": {g: sup.pools.desired[(self.pipeline, g)] for g in plan["groups"]}})])
+            sup.tell_broker(messages.VersionAdd(self.pipeline, self.version, plan, self.segments, self.warmup,
+                                                {g: sup.pools.desired[(self.pipeline, g)] for g in plan["groups"]}))
             log.info("pipeline %s: loading %s beside the serving one (bank %d, workers at nice +%d, "
                      "expected %d MiB)", self.pipeline, self.describe(), self.bank,
                      sup.settings["models.load_nice"], self.expected_bytes >> 20)
@@ -305,7 +300,7 @@ class Loader:
         """After its workers exited: the broker forgets the version, its arenas are unlinked."""
         self.stop_hot_build()
         self.stop_disk_manager()
-        sup.tell_broker(protocol.encode_simple(protocol.T_VERSION_DROP, pipeline=self.pipeline, version=self.version))
+        sup.tell_broker(messages.VersionDrop(self.pipeline, self.version))
         n = sum(shm.unlink(seg) for seg in sup.segments.pop((self.pipeline, self.version), {}).values())
         log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned; %d arenas removed)",
                  self.pipeline, self.version, n)
@@ -328,7 +323,7 @@ class Loader:
         """What the plan file says of this version (children and a restarted broker read it)."""
         e = {"plan": self.plan, "segments": self.segments, "bank": self.bank, "hot": self.hot,
              "disk_cache": self.disk_cache,
-             "state": PLAN_FILE_STATE.get(self.state, "draining")}
+             "state": PLAN_FILE_STATE.get(self.state, self.state).value}
         if self.warmup is not None:
             e["warmup"] = self.warmup
         return e

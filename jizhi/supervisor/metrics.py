@@ -34,8 +34,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from jizhi.errors import CODES
 from jizhi.stats import BANKS, BUCKETS_US, C_EVENTS, C_INVALID_SCORES, rss_bytes
-from jizhi.supervisor.loader import LoadState
-from jizhi.supervisor.registry import State
+from jizhi.states import VersionState
+from jizhi.supervisor.registry import TRANSITIONS as REGISTRY_TRANSITIONS
 
 log = logging.getLogger("jizhi.metrics")
 
@@ -124,14 +124,14 @@ class Collector:
                                     labels=["pipeline", "model"])
         for pname, banks in list(sup.versions.loaded.items()):
             for ld in list(banks.values()):
-                if ld.state == LoadState.SERVING:
+                if ld.state == VersionState.SERVING:
                     serving.add_metric([pname, ld.model], ld.version)
         yield serving
         states = GaugeMetricFamily("jizhi_model_versions", "Model versions on disk by state (jizhictl models)",
                                    labels=["model", "state"])
         for model, recs in list(sup.versions.registry.records.items()):
             counts = collections.Counter(r.state.value for r in list(recs.values()))
-            for st in State:
+            for st in REGISTRY_TRANSITIONS:     # the registry's states (jizhictl models shows them)
                 states.add_metric([model, st.value], counts.get(st.value, 0))
         yield states
 

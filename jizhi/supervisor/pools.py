@@ -5,7 +5,7 @@ keyed ``(pipeline, group)``. Its *desired* size comes from the pipeline file
 at start; at run time ``jizhictl scale`` (``SCALE``) and the autoscaler
 (``AUTOSCALER``) set it too, and the source is remembered. Setting a size
 changes nothing else: the supervisor loop's ``manage()`` starts or retires
-workers until the pools match (STYLE.md, 4).
+workers until the pools match (docs/architecture.md, "Resource manager").
 
 A reload meets each pool with the config's value again (``reload``): a size
 set at run time is kept while the config's value for that pool stays what it

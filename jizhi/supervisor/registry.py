@@ -16,7 +16,8 @@ rejected or failed), or ``pinned VERSION`` (from the pipeline file's
 deleted here: older ones stay on disk as the fallback when a serving version
 fails.
 
-Version states (``State``), as ``jizhictl models`` shows them, and the legal
+Version states (``VersionState``, jizhi/states.py: the words the loader and
+the broker use too), as ``jizhictl models`` shows them, and the registry's legal
 transitions (``TRANSITIONS``; an illegal one is logged as a bug):
 
 ==========  ==========================================================  ==============================
@@ -39,7 +40,6 @@ failed      broke while loading or serving (file truncated, workers    available
 Any state may become ``removed`` (its directory disappeared); a version that
 reappears starts again as ``available``.
 """
-import enum
 import json
 import logging
 import os
@@ -51,27 +51,14 @@ from pathlib import Path
 from jizhi import lifeline
 from jizhi.shm import sigbus_cause
 from jizhi.rundir import write_file
+from jizhi.states import VersionState
 
 log = logging.getLogger("jizhi.registry")
 
 PIN_FILE = ".pinned"
 
 
-class State(str, enum.Enum):
-    AVAILABLE = "available"
-    VALIDATING = "validating"
-    VALID = "valid"
-    REJECTED = "rejected"
-    REFUSED = "refused"
-    LOADING = "loading"
-    SERVING = "serving"
-    DRAINING = "draining"
-    STANDBY = "standby"
-    FAILED = "failed"
-    REMOVED = "removed"
-
-
-S = State
+S = VersionState
 TRANSITIONS = {
     S.AVAILABLE: {S.VALIDATING, S.VALID},
     S.VALIDATING: {S.VALID, S.REJECTED},
@@ -109,7 +96,7 @@ class VersionRecord:
         self.model = model
         self.version = version
         self.path = Path(path)
-        self.state = State.AVAILABLE
+        self.state = VersionState.AVAILABLE
         self.error = None
         self.seen = time.monotonic()
         self.seen_wall = time.time()
@@ -125,9 +112,12 @@ class VersionRecord:
         self.proc_started = 0.0
 
     def to(self, state, error=None):
-        """Move to ``state`` (with the reason when it is a bad one). Same state: only the error changes."""
-        state = State(state)
-        if state != self.state and state != State.REMOVED and state not in TRANSITIONS[self.state]:
+        """Move to ``state`` (with the reason when it is a bad one). Same state: only the error changes.
+        A word that is no state of the registry (``warm``, ``stopping``) raises ValueError."""
+        state = VersionState(state)
+        if state not in TRANSITIONS:
+            raise ValueError(f"{state.value!r} is not a state of the registry")
+        if state != self.state and state != VersionState.REMOVED and state not in TRANSITIONS[self.state]:
             log.error("illegal version state transition: model %s version %d %s -> %s (a bug; applied anyway)",
                       self.model, self.version, self.state.value, state.value)
         self.state, self.error = state, error
@@ -185,7 +175,7 @@ class Registry:
                 raise KeyError(f"model {model} version {version} is {rec.state}"
                                + (f": {rec.error}" if rec.error else ""))
             if rec.state == "failed":
-                rec.to(State.AVAILABLE)   # an explicit pin retries a failed version
+                rec.to(VersionState.AVAILABLE)   # an explicit pin retries a failed version
         persisted = True
         try:
             if version is None:
@@ -248,7 +238,7 @@ class Registry:
             for v, rec in recs.items():
                 if v not in on_disk and rec.state != "removed":
                     log.warning("model %s version %d: its directory is gone", model, v)
-                    rec.to(State.REMOVED, "directory removed")
+                    rec.to(VersionState.REMOVED, "directory removed")
         for rec in new:
             log.info("model %s version %d appeared (%s)", rec.model, rec.version, rec.path)
         return new
@@ -259,14 +249,14 @@ class Registry:
             if model is None or m == model:
                 for rec in recs.values():
                     if rec.state == "refused":
-                        rec.to(State.AVAILABLE)
+                        rec.to(VersionState.AVAILABLE)
         self.next_scan = 0.0
         return self.scan()
 
     # -- validation (a child process) ---------------------------------------------
 
     def validate(self, rec, as_loader=None):
-        rec.to(State.VALIDATING)
+        rec.to(VersionState.VALIDATING)
         rec.proc = subprocess.Popen(lifeline.child_argv("jizhi.validate", rec.path, "--name", rec.model,
                                                         "--version", rec.version),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -311,12 +301,12 @@ class Registry:
         rec.validation = report
         rec.timings_ms["validation"] = round(took_s * 1000, 1)
         if error is None:
-            rec.to(State.VALID)
+            rec.to(VersionState.VALID)
             log.info("model %s version %d: valid (validated in %.0f ms)", rec.model, rec.version, took_s * 1000)
         else:
             self.reject(rec, error)
 
-    def reject(self, rec, error, state=State.REJECTED):
+    def reject(self, rec, error, state=VersionState.REJECTED):
         rec.to(state, error)
         state = rec.state.value
         log.error("model %s version %d %s: %s", rec.model, rec.version, state, error)

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 
-from jizhi import notify, protocol
+from jizhi import messages, notify
 from jizhi import stats as stats_mod
 from jizhi.control import ControlError
 from jizhi.supervisor.children import BROKER
@@ -42,9 +42,13 @@ class Reports:
         self.cube_base = {}             # pipeline -> CUBE_COUNTERS of workers that exited
         self.cube_samples = collections.deque(maxlen=16)   # (time, cube_totals()) every 5 s: the last minute
 
-    def on_info(self, info):
-        """The broker's info: cached; the first time it says ready, the boot timeline and the ready line."""
+    def on_info(self, msg):
+        """The broker's INFO (``messages.Info``), its figures: cached; the first time it says ready, the boot
+        timeline and the ready line."""
         sup = self.sup
+        info = msg.info
+        if info is None:
+            return      # (a question, not an answer: nothing to cache)
         self.broker_info = info
         self.broker_info_at = time.monotonic()     # /readyz: figures older than a few s are stale
         if not self.ready_logged and self.readiness(info)[0]:
@@ -109,10 +113,11 @@ class Reports:
                           "last_death": c.last_death,
                           "uptime_s": round(now - c.started, 1) if c.proc else None,
                           "restarts": c.restarts, "rss_bytes": stats_mod.rss_bytes(c.pid) if c.pid else None})
-        info = sup.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
-        ready, why = self.readiness(info and info["info"])
+        info = sup.ask_broker(messages.Info())
+        info = None if info is None else info.info
+        ready, why = self.readiness(info)
         health = "unknown (broker did not answer)" if info is None else ("ready" if ready else "starting")
-        if info is not None and info["info"].get("draining"):
+        if info is not None and info.get("draining"):
             health = "draining"
         if any(p["state"] == "degraded" for p in procs):
             health = "degraded"
@@ -126,11 +131,11 @@ class Reports:
 
     def stats(self):
         sup = self.sup
-        info = sup.ask_broker(protocol.encode_simple(protocol.T_INFO), protocol.T_INFO)
-        if info is None:
+        info = sup.ask_broker(messages.Info())
+        if info is None or info.info is None:
             raise ControlError("the broker did not answer (is it restarting?)")
         # One uptime, jizhid's (the supervisor's start), as `status` says it; the broker's own age apart.
-        return dict(info["info"], uptime_s=round(time.monotonic() - sup.t_start, 1),
+        return dict(info.info, uptime_s=round(time.monotonic() - sup.t_start, 1),
                     models=sup.versions.registry.summary(), cube=self.cube_figures())
 
     # -- cube figures: hot-tier hit ratio per pipeline ----------------------------

@@ -1,6 +1,7 @@
 """The version manager: which model version set each pipeline serves, and switching without a gap.
 
-Hot reload is source -> loader -> manager (STYLE.md, 9). The registry
+Hot reload is source -> loader -> manager, as TF Serving has it
+(docs/architecture.md, "Model versions (hot reload)"). The registry
 (``registry.py``) is the source; a ``Loader`` (``loader.py``) is one version
 set of a pipeline in one bank; the ``VersionManager`` is the manager. Every
 turn of the supervisor loop, ``converge_models()`` notices new versions on
@@ -26,13 +27,14 @@ import signal
 import time
 from pathlib import Path
 
-from jizhi import config, notify, protocol
+from jizhi import config, messages, notify
 from jizhi.bundle import Bundle
 from jizhi.control import ControlError
 from jizhi.errors import BundleError, ConfigError, PipelineError
 from jizhi.pipeline import compile_pipeline, pipeline_models, read_pipeline
-from jizhi.supervisor.loader import LIVE, Loader, LoadRefused, LoadState
-from jizhi.supervisor.registry import Registry, State
+from jizhi.states import VersionState
+from jizhi.supervisor.loader import LIVE, Loader, LoadRefused
+from jizhi.supervisor.registry import Registry
 
 log = logging.getLogger("jizhi.supervisor")
 
@@ -114,7 +116,7 @@ class VersionManager:
                 self.registry.reject(rec, str(e))
                 continue
             rec.timings_ms["validation"] = round((time.monotonic() - t0) * 1000, 1)   # (the start's check)
-            rec.to(State.VALID)
+            rec.to(VersionState.VALID)
             log.info("bundle verified: %s", rec.path)
             return v
 
@@ -122,7 +124,7 @@ class VersionManager:
         """At start: each pipeline's boot version set, serving in bank 0 (its arenas created, no broker yet)."""
         for name, plan in plans.items():
             records = {m: self.registry.records[m][v] for m, v in plan["versions"].items()}
-            ld = Loader(name, records[plan["model"]], 0, LoadState.SERVING, records=records,
+            ld = Loader(name, records[plan["model"]], 0, VersionState.SERVING, records=records,
                         generation=plan["version"], now=self.sup.clock())
             self.loaded[name] = {0: ld}
             ld.load(self.sup, self.docs[name], plan=plan, announce=False)
@@ -132,7 +134,7 @@ class VersionManager:
         for plan in plans.values():
             for m, v in plan["versions"].items():
                 rec = self.registry.records[m][v]
-                rec.to(State.SERVING)
+                rec.to(VersionState.SERVING)
                 rec.loaded_wall = time.time()
 
     def next_generation(self, pipeline):
@@ -158,7 +160,7 @@ class VersionManager:
     def find_serving(self, pipeline):
         """The pipeline's serving Loader, or None."""
         for ld in self.loaded.get(pipeline, {}).values():
-            if ld.state == LoadState.SERVING:
+            if ld.state == VersionState.SERVING:
                 return ld
         return None
 
@@ -167,13 +169,13 @@ class VersionManager:
         out = {}
         for banks in self.loaded.values():
             for ld in banks.values():
-                if ld.state == LoadState.SERVING:
+                if ld.state == VersionState.SERVING:
                     out.update(ld.versions)
         return out
 
     def loading_banks(self):
         return {(p, ld.bank) for p, banks in self.loaded.items() for ld in banks.values()
-                if ld.state == LoadState.LOADING}
+                if ld.state == VersionState.LOADING}
 
     # -- the lifecycle --------------------------------------------------------
 
@@ -194,7 +196,7 @@ class VersionManager:
                         if broken:
                             self.fail_version(ld, f"its files changed under it: {broken}", model)
         for pipeline, banks in self.loaded.items():
-            loading = [ld for ld in banks.values() if ld.state == LoadState.LOADING]
+            loading = [ld for ld in banks.values() if ld.state == VersionState.LOADING]
             limit = self.sup.settings["workers.boot_timeout_s"] + 60
             for ld in loading:
                 if now - ld.t_start > limit:
@@ -220,7 +222,7 @@ class VersionManager:
             for rec in records.values():
                 if serving is not None and rec is serving.records.get(rec.model):
                     continue    # serving here already
-                if rec.state == State.VALIDATING:
+                if rec.state == VersionState.VALIDATING:
                     waiting = True
                 elif rec.validation is None or not rec.validation.get("ok"):
                     rec.timings_ms = {k: v for k, v in rec.timings_ms.items() if k == "detection"}
@@ -243,32 +245,32 @@ class VersionManager:
         try:
             ld.load(self.sup, self.docs[pipeline])
         except LoadRefused as e:
-            self.registry.reject(rec, str(e), state=State(e.state))
+            self.registry.reject(rec, str(e), state=VersionState(e.state))
             return
         banks[ld.bank] = ld
         self.sup.write_run()
         for r in ld.records.values():
-            if r.state == State.VALID:     # (another pipeline of the same model may have it loaded already)
-                r.to(State.LOADING)
+            if r.state == VersionState.VALID:     # (another pipeline of the same model may have it loaded already)
+                r.to(VersionState.LOADING)
         rec.t_load = time.monotonic()
 
     def on_warm(self, msg):
-        """The broker's WARM: a loading version's workers warmed up (or failed to)."""
-        ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), (LoadState.LOADING,))
+        """The broker's WARM (``messages.Warm``): a loading version's workers warmed up (or failed to)."""
+        ld = self.find_loaded(msg.pipeline, msg.version, (VersionState.LOADING,))
         if ld is None:
             return
         rec = ld.record
-        if not msg.get("ok"):
-            self.fail_version(ld, f"warm-up: {msg.get('error')}")
+        if not msg.ok:
+            self.fail_version(ld, f"warm-up: {msg.error}")
             return
         if ld.hot is not None and not ld.hot_done:
             ld.warm_msg = msg       # switched in once its hot tier is built too
             return
-        boot = msg.get("boot") or {}
+        boot = msg.boot
         now = time.monotonic()
-        t_ready = now - msg.get("took_ms", 0) / 1000.0
+        t_ready = now - (msg.took_ms or 0) / 1000.0
         rec.timings_ms.update({"start": boot.get("start_ms"), "load": boot.get("load_ms"),
-                               "ready": round((t_ready - rec.t_load) * 1000, 1), "warm_up": msg.get("took_ms")})
+                               "ready": round((t_ready - rec.t_load) * 1000, 1), "warm_up": msg.took_ms})
         self.activate(ld, rec)
 
     def activate(self, ld, rec):
@@ -277,20 +279,20 @@ class VersionManager:
         old = self.find_serving(ld.pipeline)
         t0 = time.monotonic()
         if old is not None:
-            old.to(LoadState.DRAINING)
+            old.to(VersionState.DRAINING)
             for orec in old.records.values():
-                if orec.state == State.SERVING and not any(
-                        orec in o.records.values() and o.state == LoadState.SERVING
+                if orec.state == VersionState.SERVING and not any(
+                        orec in o.records.values() and o.state == VersionState.SERVING
                         for banks in self.loaded.values() for o in banks.values() if o is not old) \
                         and orec not in ld.records.values():
-                    orec.to(State.DRAINING)
-        ld.to(LoadState.SERVING)
+                    orec.to(VersionState.DRAINING)
+        ld.to(VersionState.SERVING)
         sup.run["pipelines"][ld.pipeline] = ld.plan
         sup.write_run()
-        sup.tell_broker(protocol.encode_simple(protocol.T_ACTIVATE, pipeline=ld.pipeline, version=ld.version))
+        sup.tell_broker(messages.Activate(ld.pipeline, ld.version))
         for r in ld.records.values():
-            if r.state != State.SERVING:
-                r.to(State.SERVING)
+            if r.state != VersionState.SERVING:
+                r.to(VersionState.SERVING)
                 r.loaded_wall = time.time()
         rec.timings_ms["switch"] = round((time.monotonic() - t0) * 1000, 2)
         # A version new in this run: from its rename; one served again (pin, fallback): from the decision.
@@ -302,26 +304,27 @@ class VersionManager:
         notify.notify(f"STATUS=serving {ld.describe()}")
 
     def on_version_idle(self, msg):
-        """The broker's VIDLE: a draining version answered its last request."""
-        ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), (LoadState.DRAINING,))
+        """The broker's VIDLE (``messages.VersionIdle``): a draining version answered its last request."""
+        ld = self.find_loaded(msg.pipeline, msg.version, (VersionState.DRAINING,))
         if ld is not None:
-            ld.to(LoadState.STOPPING)    # manage() retires its workers; unload() follows when they are gone
+            ld.to(VersionState.STOPPING)    # manage() retires its workers; unload() follows when they are gone
 
     def on_invalid(self, msg):
-        """The broker judged a serving version's first ``models.invalid_watch_s``: its share of NaN or
-        infinite scores passed ``models.max_invalid_share``. The version is failed and the previous good
-        one is loaded, validated and warmed up by ``converge_models`` (the target skips failed versions);
+        """The broker's INVALID (``messages.Invalid``): it judged a serving version's first
+        ``models.invalid_watch_s`` and its share of NaN or infinite scores passed ``models.max_invalid_share``.
+        The version is failed and the previous good one is loaded, validated and warmed up by
+        ``converge_models`` (the target skips failed versions);
         unlike a version whose files broke, it answers meanwhile (its replies drop those candidates and
         count them), and drains once the previous one serves: no request is refused for it."""
-        ld = self.find_loaded(msg.get("pipeline"), msg.get("version"), (LoadState.SERVING,))
+        ld = self.find_loaded(msg.pipeline, msg.version, (VersionState.SERVING,))
         if ld is None or ld.record is None:
             return
-        candidates = max(1, msg.get("candidates", 0))
-        reason = (f"{msg.get('invalid')} of {msg.get('candidates')} scores not finite (NaN or infinite), "
-                  f"{msg.get('invalid', 0) / candidates:.2%} > models.max_invalid_share "
-                  f"{self.sup.settings['models.max_invalid_share']:g}, in its first {msg.get('serving_s')} s of "
+        candidates = max(1, msg.candidates)
+        reason = (f"{msg.invalid} of {msg.candidates} scores not finite (NaN or infinite), "
+                  f"{msg.invalid / candidates:.2%} > models.max_invalid_share "
+                  f"{self.sup.settings['models.max_invalid_share']:g}, in its first {msg.serving_s} s of "
                   "serving")
-        self.registry.reject(ld.record, reason, state=State.FAILED)
+        self.registry.reject(ld.record, reason, state=VersionState.FAILED)
         ld.record.validation = None
         fallback = self.registry.target(ld.record.model)
         log.error("pipeline %s: serving version %d failed; it answers (those candidates dropped) %s", ld.pipeline,
@@ -333,15 +336,14 @@ class VersionManager:
         """``model``: the model whose files broke (default: the one whose new version this load brought)."""
         sup = self.sup
         was = ld.state
-        ld.to(LoadState.FAILED)
+        ld.to(VersionState.FAILED)
         rec = ld.records.get(model, ld.record)
         if rec is not None:
-            self.registry.reject(rec, reason, state=State.FAILED)
+            self.registry.reject(rec, reason, state=VersionState.FAILED)
             rec.validation = None
         sup.write_run()
-        sup.tell_broker(protocol.encode_simple(protocol.T_VERSION_FAIL, pipeline=ld.pipeline, version=ld.version,
-                                               reason=reason))
-        if was == LoadState.SERVING:
+        sup.tell_broker(messages.VersionFail(ld.pipeline, ld.version, reason))
+        if was == VersionState.SERVING:
             log.error("pipeline %s: serving version %d failed; falling back to the previous good version",
                       ld.pipeline, ld.version)
             notify.notify(f"STATUS=degraded: {ld.describe()} failed ({reason}); falling back")
@@ -360,11 +362,11 @@ class VersionManager:
         ld = self.loaded[child.pipeline].get(child.bank)
         if ld is None or ld.version != child.version:
             return
-        if ld.state == LoadState.LOADING:
+        if ld.state == VersionState.LOADING:
             ld.deaths += 1
             if ld.deaths >= self.sup.settings["models.load_attempts"]:
                 self.fail_version(ld, f"its workers died while loading ({ld.deaths}x, last: {how})")
-        elif ld.state in (LoadState.SERVING, LoadState.DRAINING):
+        elif ld.state in (VersionState.SERVING, VersionState.DRAINING):
             model, broken = ld.changed_files()
             if rc == -signal.SIGBUS or broken:
                 self.fail_version(ld, f"a worker was {how}" + (f"; {broken}" if broken else
@@ -375,10 +377,10 @@ class VersionManager:
         del self.loaded[ld.pipeline][ld.bank]
         self.sup.write_run()
         ld.unload(self.sup)
-        for rec in ld.records.values() if ld.state == LoadState.STOPPING else ():
+        for rec in ld.records.values() if ld.state == VersionState.STOPPING else ():
             still = any(rec in o.records.values() for banks in self.loaded.values() for o in banks.values())
-            if not still and rec.state != State.FAILED:    # (failed while serving: on_invalid)
-                rec.to(State.STANDBY)
+            if not still and rec.state != VersionState.FAILED:    # (failed while serving: on_invalid)
+                rec.to(VersionState.STANDBY)
                 rec.validation = None     # validated again before it serves again
 
     # -- loading work's CPU ---------------------------------------------------
@@ -473,4 +475,4 @@ class VersionManager:
                 plan["groups"][sname]["router"] = cfg
                 plan["stages"][sname]["config"] = cfg
         sup.write_run()
-        sup.tell_broker([protocol.packb({"t": protocol.T_ROUTES, "pipeline": pipeline, "routes": routes})])
+        sup.tell_broker(messages.Routes(pipeline, routes))

@@ -38,6 +38,10 @@ in flight, on this module's socket and reply reader.
 
 The loop does per send an encode only in ``encode_ahead`` mode and per reply one msgpack
 decode; everything else over the requests (late ones, a progress figure) is numpy on the arrays.
+
+Closed loop, ``ClientThreads``: client threads that each send one request at a time, for what
+measures a client's own behaviour under load (its retries, its choice among nodes): the tests'
+loads and the multi-node benchmark.
 """
 import collections
 import contextlib
@@ -48,6 +52,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import click
@@ -380,6 +385,75 @@ class OpenLoop:
             if period is not None:
                 heapq.heappush(timers, (now + period, next(self._seq), fn, period))
             fn(now)
+
+
+# ----------------------------------------------------------------------------
+# Closed loop
+
+
+class ClientThreads:
+    """Closed-loop load: ``threads`` threads, each with a client of its own sending one logical
+    request at a time (its retries, its choice among several nodes are the client's), back to back,
+    or, with ``rate`` (requests/s of all the threads together), each every ``threads / rate`` s: a
+    thread whose answer came late sends at once, and one that fell behind makes up at most one
+    interval. For what wants a client's own behaviour under load (the tests' loads, the multi-node
+    benchmark); a rate that must not depend on the answers is ``OpenLoop``'s.
+
+    A subclass gives ``connect(i)``, thread ``i``'s client (made on that thread, closed when it
+    ends; ``clients[i]``, whose figures stay readable after), and ``send(i, client, n)``, the
+    thread's ``n``-th logical request (from 0), recorded as the subclass wants under ``lock``;
+    ``send`` returns True to end its thread. ``start()`` (or ``with``) starts the threads, ``stop()``
+    ends them: each finishes the request it is in, within ``join_s``, or AssertionError ("a load
+    client is stuck").
+    """
+
+    def __init__(self, threads, rate=None, join_s=60.0):
+        self.interval_s = threads / rate if rate else 0.0
+        self.join_s = join_s
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.clients = [None] * threads
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def connect(self, i):
+        raise NotImplementedError
+
+    def send(self, i, client, n):
+        raise NotImplementedError
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        for t in self.threads:
+            t.join(self.join_s)
+        assert not any(t.is_alive() for t in self.threads), "a load client is stuck"
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _run(self, i):
+        client = self.clients[i] = self.connect(i)
+        next_send = time.monotonic() + i * self.interval_s / len(self.threads)
+        try:
+            for n in itertools.count():
+                if self.stopping.is_set():
+                    return
+                if self.interval_s:
+                    delay = next_send - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    next_send = max(next_send + self.interval_s, time.monotonic() - self.interval_s)
+                if self.send(i, client, n):
+                    return
+        finally:
+            client.close()
 
 
 class InfoProbe:

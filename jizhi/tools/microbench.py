@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,16 +49,11 @@ import zmq
 from jizhi import protocol, shm
 from jizhi.tools.loadgen import drain_replies, load_socket
 from jizhi.tools.procfs import ServerCpu, environment, machine_busy_s, self_cpu_s, wait_for_quiet
+from jizhi.tools.testbed import free_port, jizhid_argv
 from jizhi.client import Client
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pipeline_toml(name, hops, batch):
@@ -89,10 +83,7 @@ class Daemon:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.run_dir = str(run_dir)
         self.instance = instance
-        script = Path(sys.executable).parent / "jizhid"
-        head = [str(script)] if script.exists() else [sys.executable, "-c",
-                                                      "import sys; from jizhi.daemon import main; sys.exit(main())"]
-        self.argv = head + ["--models", str(models), "--instance", instance, "--frontend", self.endpoint,
+        self.argv = jizhid_argv() + ["--models", str(models), "--instance", instance, "--frontend", self.endpoint,
                             "--pipelines", ",".join(str(p) for p in pipelines), "--run-dir", self.run_dir,
                             "--config", str(config)]
         self.log = open(log_path, "wb")

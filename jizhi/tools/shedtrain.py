@@ -13,40 +13,40 @@ import numpy as np
 from jizhi.shedding import FEATURES, MIN_KEEP, LearnedPolicy, keep_counts, recall_features
 
 
+def _requests(offsets, top_k):
+    """``(i, a, b, k)`` for each request ``i`` of ``offsets`` with a candidate: its candidates are
+    ``[a, b)`` and its top-K is the best ``k = min(top_k, b - a)`` of them."""
+    for i in range(offsets.shape[0] - 1):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        if b > a and top_k > 0:
+            yield i, a, b, min(top_k, b - a)
+
+
+def _best(scores, k):
+    """Positions of the ``k`` (>= 1) largest of ``scores``, in no order."""
+    return np.argpartition(-scores, k - 1)[:k]
+
+
 def needed_counts(offsets, recall, scores, top_k):
     """int64 [R]: for each request, the smallest number of its best candidates by recall score that
     holds its whole top-``top_k`` by model score (a loop over requests; offline only)."""
     out = np.zeros(offsets.shape[0] - 1, dtype=np.int64)
-    for i in range(out.shape[0]):
-        a, b = offsets[i], offsets[i + 1]
-        n = b - a
-        k = min(top_k, n)
-        if k == 0:
-            continue
-        by_recall = np.argsort(-recall[a:b], kind="stable")
-        rank = np.empty(n, dtype=np.int64)
-        rank[by_recall] = np.arange(n)
-        top = np.argpartition(-scores[a:b], k - 1)[:k]
-        out[i] = int(rank[top].max()) + 1
+    for i, a, b, k in _requests(offsets, top_k):
+        rank = np.empty(b - a, dtype=np.int64)
+        rank[np.argsort(-recall[a:b], kind="stable")] = np.arange(b - a)
+        out[i] = int(rank[_best(scores[a:b], k)].max()) + 1
     return out
 
 
 def overlap_at(offsets, recall, scores, keep, top_k):
     """float64 [R]: overlap of the top-``top_k`` (by model score) of each request's ``keep`` best
-    candidates by recall with its full top-``top_k``."""
-    out = np.zeros(offsets.shape[0] - 1, dtype=np.float64)
-    for i in range(out.shape[0]):
-        a, b = offsets[i], offsets[i + 1]
-        n = b - a
-        k = min(top_k, n)
-        if k == 0:
-            out[i] = 1.0
-            continue
+    candidates by recall with its full top-``top_k`` (1 for a request without candidates)."""
+    out = np.ones(offsets.shape[0] - 1, dtype=np.float64)
+    for i, a, b, k in _requests(offsets, top_k):
         kept = np.argsort(-recall[a:b], kind="stable")[:keep[i]]
-        full = set(np.argpartition(-scores[a:b], k - 1)[:k].tolist())
-        s = scores[a:b][kept]
+        full = set(_best(scores[a:b], k).tolist())
         kk = min(k, kept.shape[0])
-        mine = kept[np.argpartition(-s, kk - 1)[:kk]] if kk else kept[:0]
+        mine = kept[_best(scores[a:b][kept], kk)] if kk else kept[:0]
         out[i] = len(full.intersection(mine.tolist())) / k
     return out
 

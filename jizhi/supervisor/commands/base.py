@@ -9,7 +9,7 @@ class Command:
     that sends it; the class docstring is that jizhictl command's ``--help`` text (jizhictl shows it);
     ``validate(args)`` raises ControlError for arguments it refuses and returns them; ``execute(sup,
     args)`` runs in the supervisor loop and returns the reply's result. A command changes desired
-    state; the loop's reconcile pass changes the world (STYLE.md, 4).
+    state; the loop's reconcile pass changes the world (docs/architecture.md, "Resource manager").
     """
     name = None
 

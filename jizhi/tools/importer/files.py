@@ -12,9 +12,10 @@ import shutil
 import numpy as np
 
 from jizhi.bundle import FORMAT, save_array, save_field, toml_value
+from jizhi.ctl.progress import ProgressBar as _Progress
 from jizhi.cube.build import Table, TableError, build_cube
 from jizhi.cube.signature import sign, sign_padded
-from jizhi.tools.demo import _distinct_ids, _Progress
+from jizhi.tools.demo.sampling import _distinct_ids
 from jizhi.tools.importer.fields import refuse
 from jizhi.tools.importer.rewrite import SCORE
 

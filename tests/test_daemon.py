@@ -442,9 +442,13 @@ def test_the_prometheus_endpoint_has_stage_histograms_request_counts_queues_pool
         assert samples[("jizhi_stage_service_seconds_sum", labels)] > 0
 
     def gauges_current():
+        # The broker's gauges come from its figures, asked for once a second: a snapshot taken while one
+        # of the 12 requests was in flight (held batch_wait_ms for company, it counts as queued) is stale;
+        # wait for one taken after them.
         _, s = scrape()
-        return s if s.get(("jizhi_pool_workers", (("group", "scorer"), ("pipeline", "demo")))) == 2 else None
-    samples = wait_until(gauges_current, 10, what="the metrics to show two scorer workers")
+        workers = s.get(("jizhi_pool_workers", (("group", "scorer"), ("pipeline", "demo"))))
+        return s if workers == 2 and s.get(("jizhi_in_flight", (("pipeline", "demo"),))) == 0 else None
+    samples = wait_until(gauges_current, 10, what="the metrics to show two scorer workers and nothing in flight")
     assert samples[("jizhi_queue_depth", (("group", "scorer"), ("pipeline", "demo")))] == 0
     assert samples[("jizhi_pool_desired", (("group", "scorer"), ("pipeline", "demo")))] == 2
     errors = {dict(k[1])["code"]: v for k, v in samples.items() if k[0] == "jizhi_errors_total"}

@@ -18,7 +18,7 @@ from jizhi.bundle import Bundle
 from jizhi.cube import pooling
 from jizhi.cube.build import read_all
 from jizhi.cube.hot import TieredStore, private_table
-from jizhi.pipeline import load_class
+from jizhi.workers.builtins import load_class
 from jizhi.workers.stage import Batch
 
 

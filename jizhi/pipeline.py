@@ -26,7 +26,7 @@ from jizhi.config import etc_dir
 from jizhi.errors import BundleError, PipelineError
 from jizhi.workers.data_reader import ON_UNKNOWN
 from jizhi.workers.ranker import SINK_OUTPUTS as SINK_STAGE_OUTPUTS
-from jizhi.workers.builtins import BUILTINS, load_class  # noqa: F401 (load_class: the compiler's callers use it)
+from jizhi.workers.builtins import BUILTINS, load_class
 from jizhi.workers.stage import REQUEST_INPUTS
 
 SINK_OUTPUTS = tuple(o.name for o in SINK_STAGE_OUTPUTS)

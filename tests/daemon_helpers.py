@@ -90,7 +90,7 @@ class Load(ClientThreads):
             while rec["outcome"] != "ok" and time.monotonic() < end:
                 if rec["outcome"] not in RETRIABLE and rec["outcome"] != "timeout":
                     break
-                time.sleep(min(1.0, (rec.get("retry_after_ms") or 20) / 1000))
+                time.sleep(min(1.0, (rec.get("retry_after_ms") or 20) / 1000))   # the server's retry hint, honoured: a client's backoff, not a wait for a condition
                 rec = self.attempt(client, i, seq, q)
         return self.stop_on_draining and (rec["outcome"] == "timeout" or "draining" in rec.get("message", ""))
 

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jizhi.bundle import Bundle
 from jizhi.tools.commands import cli
-from jizhi.pipeline import load_class
+from jizhi.workers.builtins import load_class
 from jizhi.workers.stage import Batch
 
 DIM = 8

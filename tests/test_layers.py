@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,24 +38,19 @@ def test_imports_follow_the_layers_and_no_file_imports_another_in_a_cycle(tmp_pa
     assert "0 broken" in r.stdout, r.stdout
 
 
-def test_the_linter_sees_an_import_against_the_layers(tmp_path):
-    """The check can fail: a stage processor that imports the broker breaks the layers contract."""
+@pytest.mark.parametrize("module, line, broken", [
+    # a stage processor that imports the broker breaks the layers contract
+    ("workers/noop.py", "import jizhi.broker.core", "jizhi.workers.noop -> jizhi.broker.core"),
+    # two modules of the cube that import each other break the acyclic contract
+    ("cube/backend.py", "import jizhi.cube.redis", "No import cycle between two files"),
+], ids=["an import against the layers", "a cycle between two files"])
+def test_the_check_can_fail(tmp_path, module, line, broken):
     src = installed_layout(tmp_path / "src")
-    with open(src / "jizhi" / "workers" / "noop.py", "a") as f:
-        f.write("\nimport jizhi.broker.core  # noqa: E402,F401\n")
+    with open(src / "jizhi" / module, "a") as f:
+        f.write(f"\n{line}  # noqa: E402,F401\n")
     r = lint_imports(src)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "jizhi.workers.noop -> jizhi.broker.core" in r.stdout, r.stdout
-
-
-def test_the_linter_sees_a_cycle_between_two_files(tmp_path):
-    """The check can fail: two modules of the cube that import each other break the acyclic contract."""
-    src = installed_layout(tmp_path / "src")
-    with open(src / "jizhi" / "cube" / "backend.py", "a") as f:
-        f.write("\nimport jizhi.cube.redis  # noqa: E402,F401\n")
-    r = lint_imports(src)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "No import cycle between two files" in r.stdout and "BROKEN" in r.stdout, r.stdout
+    assert broken in r.stdout and "BROKEN" in r.stdout, r.stdout
 
 
 def test_the_architecture_page_lists_every_module():

@@ -105,7 +105,7 @@ def test_a_batch_of_several_requests_scores_the_reference_per_request_and_per_pa
     # The stage processors in one process, as a fused worker runs them, on a micro-batch of 3 requests:
     # per pair (pipeline structured = false) every user column has a row per candidate.
     from jizhi.bundle import Bundle
-    from jizhi.pipeline import load_class
+    from jizhi.workers.builtins import load_class
     from jizhi.workers.stage import Batch
     bundle = Bundle(demo_bundle)
     config = {"on_unknown": "default", "per_pair": per_pair, "structured": "off" if per_pair else "on"}
@@ -132,7 +132,7 @@ def test_a_request_left_without_candidates_in_a_narrowed_batch_counts_zero(demo_
     # The query cache drops every candidate of some requests (all hits): the stages after it see
     # requests with no candidate, the last one included, and must count 0 for them.
     from jizhi.bundle import Bundle
-    from jizhi.pipeline import load_class
+    from jizhi.workers.builtins import load_class
     from jizhi.workers.stage import CANDIDATE, Batch, Selection
     bundle = Bundle(demo_bundle)
     config = {"on_unknown": "default", "per_pair": per_pair, "structured": "off" if per_pair else "on"}

@@ -50,7 +50,7 @@ class CeilingScorer:
         from jizhi.cube.hot import private_table
         from jizhi.cube.table import RamTable
         from jizhi.cube.build import read_all
-        from jizhi.pipeline import load_class
+        from jizhi.workers.builtins import load_class
         bundle = Bundle(version_dir)
         # Read the whole cube before cube_accessor opens it: LMDB forbids one
         # environment open twice in a process.

@@ -13,7 +13,7 @@ import numpy as np
 
 from jizhi.bundle import Bundle
 from jizhi.ctl.progress import ProgressBar as _Progress
-from jizhi.pipeline import load_class
+from jizhi.workers.builtins import load_class
 from jizhi.tools.importer.fields import refuse
 from jizhi.tools.importer.files import S_CHECK, raw_bags
 from jizhi.workers.stage import Batch

@@ -67,21 +67,26 @@ def _session_options():
 def load_model(path):
     """``(ModelProto with its weights, onnxruntime session)`` of the model at ``path``, both checked.
 
-    ``onnx.checker.check_model`` runs on the path with ``full_check`` (strict
-    shape inference; a path, not a proto, so models over 2 GB and external
-    data work); weights in an external data file are read from the model's
-    directory. Raises BundleError naming what failed.
+    ``onnx.checker.check_model`` runs with ``full_check`` (strict shape
+    inference) on the loaded model, weights in an external data file read
+    from the model's directory (on the path for a model over 2 GB). Raises
+    BundleError naming what failed.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         refuse(f"{path}: no such file")
     try:
-        onnx.checker.check_model(path, full_check=True)
+        model = onnx.load(path, load_external_data=True)
+    except Exception as e:   # protobuf's DecodeError, a missing external data file, ...
+        refuse(f"{path}: onnx cannot read the model: {type(e).__name__}: {e}")
+    try:
+        # The loaded proto when it fits in one protobuf (every tensor readable, even shape constants
+        # kept in the external data file, which a check on the path cannot read); the path otherwise.
+        onnx.checker.check_model(model if model.ByteSize() < 2 ** 31 - 1 else path, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         refuse(f"{path}: onnx.checker rejects the model: {e}")
-    except Exception as e:   # protobuf's DecodeError and friends: not an ONNX file at all
-        refuse(f"{path}: onnx cannot read the model: {type(e).__name__}: {e}")
-    model = onnx.load(path, load_external_data=True)
+    except Exception as e:
+        refuse(f"{path}: onnx cannot check the model: {type(e).__name__}: {e}")
     try:
         session = ort.InferenceSession(path, sess_options=_session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:   # onnxruntime raises its own Fail/InvalidGraph/... types

@@ -56,6 +56,7 @@ def original_feeds(analysis, version_dir, user_rows, item_rows):
     if analysis.dense_input is not None:
         feeds[analysis.dense_input] = np.ascontiguousarray(
             np.load(os.path.join(users, "dense.npy"), mmap_mode="r")[user_rows], dtype=np.float32)
+    stacked = {}     # stacked input -> {slot: the field's own array}
     for lk in analysis.lookups:
         f = lk.field
         user = f.side == "user"
@@ -64,12 +65,21 @@ def original_feeds(analysis, version_dir, user_rows, item_rows):
         if f.input is not None:
             ids = np.full(values.shape, f.padding_idx or 0, dtype=np.int64)
             ids[valid] = values[valid] - 1
-            feeds[f.input] = (ids[:, 0] if lk.input_rank == 1 else ids).astype(analysis.dtypes[f.input])
+            own = {f.input: ids[:, 0] if lk.input_rank == 1 else ids}
         else:
             offsets = np.zeros(lens.shape[0] + 1, dtype=np.int64)
             np.cumsum(lens, out=offsets[1:])
-            feeds[f.indices] = (values[valid] - 1).astype(analysis.dtypes[f.indices])
-            feeds[f.offsets] = (offsets if lk.last_offset else offsets[:-1]).astype(analysis.dtypes[f.offsets])
+            own = {f.indices: values[valid] - 1, f.offsets: offsets if lk.last_offset else offsets[:-1]}
+        for name, array in own.items():
+            if f.stacked:
+                stacked.setdefault(name, {})[f.index] = (array, lk.stack_axis)
+            else:
+                feeds[name] = array.astype(analysis.dtypes[name])
+    for name, slots in stacked.items():
+        # Slot k of axis a: the fields' arrays stacked in slot order (bags of a stacked EmbeddingBag input
+        # are all full, so every slot's flat ids have one length).
+        axis = next(iter(slots.values()))[1]
+        feeds[name] = np.stack([slots[k][0] for k in sorted(slots)], axis=axis).astype(analysis.dtypes[name])
     return feeds
 
 

@@ -14,7 +14,7 @@ import tomllib
 from jizhi.bundle import KINDS
 from jizhi.errors import BundleError
 
-_FIELD_KEYS = {"name", "id", "side", "kind", "max_len", "input", "padding_idx", "indices", "offsets"}
+_FIELD_KEYS = {"name", "id", "side", "kind", "max_len", "input", "padding_idx", "indices", "offsets", "index", "axis"}
 _DENSE_KEYS = {"input", "side", "features"}
 _TOP_KEYS = {"output", "dense", "fields"}
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -34,10 +34,16 @@ class FieldSpec:
     padding_idx: int | None = None    # the row short padded bags are filled with
     indices: str | None = None        # EmbeddingBag: flat ids [N]
     offsets: str | None = None        # EmbeddingBag: bag starts [B] (or [B+1])
+    index: int | None = None          # a stacked input: this field is slot ``index`` of axis ``axis``
+    axis: int | None = None           # the stacking axis (None: found from the input's shape)
 
     @property
     def inputs(self):
         return (self.input,) if self.input is not None else (self.indices, self.offsets)
+
+    @property
+    def stacked(self):
+        return self.index is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +119,7 @@ def read_fields(path):
         refuse(f"{path}: no [[fields]] (one per sparse feature of the model)")
     fields, names, ids, claimed = [], set(), {}, {}
     if dense_input is not None:
-        claimed[dense_input] = "[dense]"
+        claimed[(dense_input, None)] = "[dense]"
     for position, f in enumerate(raw_fields, 1):
         where = f"{path}: [[fields]] #{position}"
         if not isinstance(f, dict):
@@ -149,6 +155,13 @@ def read_fields(path):
                    f"not {'both' if has_input else 'neither'}")
         if has_bag and not ("indices" in f and "offsets" in f):
             refuse(f"{where}: an EmbeddingBag field needs both indices and offsets")
+        index = axis = None
+        if "index" in f:
+            index = _int(where, "index", f["index"], 0)
+        if "axis" in f:
+            if index is None:
+                refuse(f"{where}: axis goes with index (the slot of a stacked input this field is)")
+            axis = _int(where, "axis", f["axis"], 0)
         padding_idx = None
         if "padding_idx" in f:
             if not has_input:
@@ -158,10 +171,18 @@ def read_fields(path):
                          input=_str(where, "input", f["input"]) if has_input else None,
                          padding_idx=padding_idx,
                          indices=_str(where, "indices", f["indices"]) if has_bag else None,
-                         offsets=_str(where, "offsets", f["offsets"]) if has_bag else None)
+                         offsets=_str(where, "offsets", f["offsets"]) if has_bag else None,
+                         index=index, axis=axis)
         for graph_input in spec.inputs:
-            if graph_input in claimed:
-                refuse(f"{where}: graph input {graph_input!r} is also claimed by {claimed[graph_input]}")
-            claimed[graph_input] = f"field {name!r}"
+            # A whole input is claimed once; a stacked one once per slot (index).
+            clash = next((who for (other, slot), who in claimed.items() if other == graph_input
+                          and (slot is None or index is None or slot == index)), None)
+            if clash is not None:
+                hint = ("" if index is not None else
+                        f"; if {graph_input!r} stacks several fields, give each field its slot with index = k "
+                        f"(and axis = the stacking axis when the input's shape does not tell)")
+                slot_text = f" slot {index}" if index is not None else ""
+                refuse(f"{where}: graph input {graph_input!r}{slot_text} is also claimed by {clash}{hint}")
+            claimed[(graph_input, index)] = f"field {name!r}"
         fields.append(spec)
     return Spec(path, dense_input, dense_features, output, tuple(fields))

@@ -39,9 +39,12 @@ def table_owners(lookups):
 
 
 def _shortest_bag(lookup):
-    """The shortest bag the original model can be given: padded ids without padding_idx are always full."""
+    """The shortest bag the original model can be given: padded ids without padding_idx are always full,
+    and so are the bags of a stacked EmbeddingBag input (one length of flat ids for every slot)."""
     f = lookup.field
-    return f.max_len if f.input is not None and f.padding_idx is None else 0
+    if f.input is not None:
+        return f.max_len if f.padding_idx is None else 0
+    return f.max_len if f.stacked else 0
 
 
 def _raw_values(rng, lookup, n):
@@ -139,7 +142,7 @@ def copy_profiles(source, version_dir, analysis):
                 if shortest and np.any(lens < shortest):
                     r = int(np.flatnonzero(lens < shortest)[0])
                     refuse(f"{where}: row {r} has {int(lens[r])} values, but field {f.name!r}'s input "
-                           f"{f.input!r} always takes {shortest} ids (no padding_idx)")
+                           f"{f.inputs[0]!r} always takes {shortest} ids (no padding_idx, or a stacked EmbeddingBag input)")
                 low = 1
                 names += [f.name + ".values", f.name + ".offsets"]
             bad = (values < low) | (values > vocab)

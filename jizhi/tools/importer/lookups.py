@@ -13,6 +13,7 @@ import collections
 import dataclasses
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jizhi.graph.proto import attr, constant_value, opset_version, static_dims
@@ -158,8 +159,11 @@ class Lookup:
     keepdim: bool
     pooling: str          # sum | mean, as the graph computes it (max_len 1: either)
     where: str            # the node that reads the table, for messages
-    input_rank: int = 2   # padded ids: rank of the graph input ([B] or [B, L])
+    input_rank: int = 2   # padded ids: rank of the field's ids as the model takes them ([B] or [B, L])
     last_offset: bool = False   # EmbeddingBag: offsets hold B+1 entries (include_last_offset)
+    stack_axis: int | None = None   # a stacked input: the axis its fields are stacked on
+    block: int = 0        # > 0: one Gather looks up all ``block`` fields of a stacked input at once; ``pooled``
+                          # is then [B, block, D] and this field is slot ``field.index`` of it
     vectors: np.ndarray = dataclasses.field(default=None, repr=False)   # the table, float32 [V, D]
 
 
@@ -207,23 +211,28 @@ def _pooling_node(scope, rows, field, bag_axis, what):
     return node, _POOLING[node.op_type], bool(attr(node, "keepdims", 1))
 
 
-def _padded_lookup(scope, field, graph_input):
-    """The lookup of a field whose ids come padded: Gather (+ ReduceSum/ReduceMean)."""
-    dims = static_dims(graph_input)
-    tensors = _ids_tensors(scope, field.input, len(dims) if dims is not None else None)
+def _padded_lookup(scope, field, root, dims, what):
+    """The lookup of a field whose ids come padded: Gather (+ ReduceSum/ReduceMean).
+
+    ``root``: the tensor of the field's ids (the graph input, or its slot of a
+    stacked input), of static ``dims``; ``what`` names it in messages.
+    """
+    tensors = _ids_tensors(scope, root, len(dims) if dims is not None else None)
     gathers = [(node, tensors[t]) for t in tensors for node, position in scope.consumers.get(t, ())
                if node.op_type == "Gather" and position == 1]
     if not gathers:
-        refuse(f"field {field.name!r}: input {field.input!r} is not read by an embedding lookup (a Gather of "
+        refuse(f"field {field.name!r}: {what} is not read by an embedding lookup (a Gather of "
                f"a table's rows, possibly after Cast/Reshape/Squeeze/Unsqueeze/Flatten)")
     if len(gathers) > 1:
-        refuse(f"field {field.name!r}: input {field.input!r} feeds {len(gathers)} lookups "
+        refuse(f"field {field.name!r}: {what} feeds {len(gathers)} lookups "
                f"({', '.join(node_text(n) for n, _ in gathers)}): jizhi maps one table per field")
     gather, rank = gathers[0]
     table_name, table = _table(scope, gather, field)
     if dims is not None and len(dims) == 2 and isinstance(dims[1], int) and dims[1] != field.max_len:
-        refuse(f"field {field.name!r}: input {field.input!r} holds {dims[1]} ids per example, "
-               f"FIELDS.toml says max_len = {field.max_len}")
+        stacked = "" if field.stacked else (
+            f" (if it stacks {dims[1]} one-hot fields, give each its slot: index = k)")
+        refuse(f"field {field.name!r}: {what} holds {dims[1]} ids per example, "
+               f"FIELDS.toml says max_len = {field.max_len}{stacked}")
     lookup = Lookup(field, table_name, gather.output[0], False, "mean", node_text(gather),
                     input_rank=len(dims) if dims is not None else 2, vectors=table)
     if rank is None:
@@ -282,22 +291,27 @@ def _slice_from(scope, name, start):
     return node.input[0]
 
 
-def _bag_lookup(scope, field, indices_input, offsets_input):
+def _bag_lookup(scope, field, indices_root, offsets_root, index_dims, offset_dims):
     """The lookup of an EmbeddingBag field (indices + offsets): the Loop torch.onnx.export writes.
 
-    Outside the loop: ``O = Concat(offsets, len(indices))`` (or ``offsets``
-    itself with include_last_offset), ``starts = O[0:]``, ``ends = O[1:]``;
-    in the body, for iteration i: ``Slice(indices, starts[i], ends[i])``,
-    ``Gather(table, that)`` (or ``Slice`` of ``Gather(table, indices)``
-    computed before the loop), ``ReduceSum``/``ReduceMean`` over axis 0 into a
-    scan output.
+    ``indices_root`` / ``offsets_root``: the field's flat ids and bag starts
+    (graph inputs, or a row of stacked inputs), of static dims ``index_dims``
+    / ``offset_dims``.
+
+    TorchScript's form (``dynamo=False``), outside the loop: ``O =
+    Concat(offsets, len(indices))`` (or ``offsets`` itself with
+    include_last_offset), ``starts = O[0:]``, ``ends = O[1:]``; in the body,
+    for iteration i: ``Slice(indices, starts[i], ends[i])``, ``Gather(table,
+    that)`` (or ``Slice`` of ``Gather(table, indices)`` computed before the
+    loop), ``ReduceSum``/``ReduceMean`` over axis 0 into a scan output. The
+    dynamo exporter's form: ``_sequence_bag_lookup``.
     """
-    index_dims, offset_dims = static_dims(indices_input), static_dims(offsets_input)
     if index_dims is not None and len(index_dims) != 1 or offset_dims is not None and len(offset_dims) != 1:
         refuse(f"field {field.name!r}: EmbeddingBag indices and offsets are 1-D; {field.indices!r} is "
-               f"{_shape_text(index_dims)}, {field.offsets!r} is {_shape_text(offset_dims)}")
-    indices = _ids_tensors(scope, field.indices, 1)
-    offsets = _ids_tensors(scope, field.offsets, 1)
+               f"{_shape_text(index_dims)}, {field.offsets!r} is {_shape_text(offset_dims)}"
+               + ("" if field.stacked else " (if they stack one row per table, give each field index = k)"))
+    indices = _ids_tensors(scope, indices_root, 1)
+    offsets = _ids_tensors(scope, offsets_root, 1)
     outside = {node.output[0]: node for t in indices for node, position in scope.consumers.get(t, ())
                if node.op_type == "Gather" and position == 1}
     found = []
@@ -307,10 +321,14 @@ def _bag_lookup(scope, field, indices_input, offsets_input):
         for node in attr(loop, "body").node:
             if node.op_type == "Slice" and (node.input[0] in indices or node.input[0] in outside):
                 found.append((loop, node))
+    if not found and outside:
+        return _sequence_bag_lookup(scope, field, indices, offsets, outside)
     if not found:
+        readers = ", ".join(node_text(n) for t in indices for n, _ in scope.consumers.get(t, ())
+                            if n.op_type not in ID_CHAIN) or "nothing"
         refuse(f"field {field.name!r}: indices {field.indices!r} are not sliced by an EmbeddingBag loop (a Loop "
                f"whose body takes indices[offsets[i]:offsets[i+1]], gathers those rows of a table and sums or "
-                f"averages them)")
+               f"averages them), nor gathered from a table before one; they are read by {readers}")
     if len(found) > 1:
         refuse(f"field {field.name!r}: indices {field.indices!r} are sliced by "
                f"{', '.join(f'{node_text(cut)} in {node_text(loop)}' for loop, cut in found)}: "
@@ -373,6 +391,121 @@ def _bag_lookup(scope, field, indices_input, offsets_input):
     return Lookup(field, table_name, pooled, keepdim, pooling, where, last_offset=last_offset, vectors=table)
 
 
+def _subgraph_nodes(node):
+    """Every node of ``node``'s subgraphs, at any depth."""
+    out = []
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for inner in g.node:
+                out.append(inner)
+                out.extend(_subgraph_nodes(inner))
+    return out
+
+
+def _ones(scope, name, depth=6):
+    """True when ``name`` is all ones: a constant of ones, or Expand/ConstantOfShape of one (through
+    Unsqueeze/Reshape/Cast/Identity)."""
+    for _ in range(depth):
+        value = scope.constant(name)
+        if value is not None:
+            return bool(np.all(np.asarray(value) == 1))
+        scope_of, name = scope.source(name)
+        node = scope_of.producer.get(name)
+        if node is None:
+            return False
+        if node.op_type == "ConstantOfShape":
+            v = attr(node, "value")
+            return v is not None and bool(np.all(numpy_helper.to_array(v) == 1))
+        if node.op_type not in ("Expand", "Unsqueeze", "Reshape", "Cast", "Squeeze", "CastLike"):
+            return False
+        name = node.input[0]
+    return False
+
+
+def _sequence_bag_lookup(scope, field, indices, offsets, outside):
+    """The EmbeddingBag form of torch's dynamo exporter.
+
+    Before the loop: ``rows = Gather(table, indices)``, multiplied by
+    per-sample weights of ones (``Mul(rows, Unsqueeze(Expand(1, ...)))``:
+    folded away; any other weights are refused), ``O = Concat(offsets,
+    len(indices))``; a ``Loop`` whose body (an ``If`` for empty bags)
+    slices ``rows[O[i]:O[i+1]]`` and reduces it (``ReduceSum``; mean:
+    ``ReduceMean`` or a sum divided by the count), appending each bag to a
+    sequence (``SequenceInsert``) that ``ConcatFromSequence(axis=0)`` turns
+    into the pooled [B, D]. The import's check proves the rest numerically.
+    """
+    if len(outside) > 1:
+        refuse(f"field {field.name!r}: indices {field.indices!r} feed {len(outside)} lookups "
+               f"({', '.join(node_text(n) for n in outside.values())}): jizhi maps one table per field")
+    gather = next(iter(outside.values()))
+    table_name, table = _table(scope, gather, field)
+    rows, todo = {gather.output[0]}, [gather.output[0]]
+    while todo:
+        name = todo.pop()
+        for node, position in scope.consumers.get(name, ()):
+            if node.op_type == "Identity":
+                rows.add(node.output[0])
+                todo.append(node.output[0])
+            elif node.op_type == "Mul":
+                weights = node.input[1 - position]
+                if not _ones(scope, weights):
+                    refuse(f"{node_text(node)} multiplies field {field.name!r}'s embeddings by per-sample weights "
+                           f"{weights!r}: jizhi pools plain bags (sum or mean); weights of ones are folded away, "
+                           f"others cannot be served")
+                rows.add(node.output[0])
+                todo.append(node.output[0])
+    loops = [n for n in scope.graph.node if n.op_type == "Loop"
+             and any(i in rows for inner in _subgraph_nodes(n) for i in inner.input)]
+    if len(loops) != 1:
+        names = ", ".join(node_text(n) for n in loops) or "no Loop"
+        refuse(f"{node_text(gather)} gathers field {field.name!r}'s rows before the loop, and {names} reads them: "
+               f"an EmbeddingBag is one Loop over its bags (export with dynamo=False if this one is not)")
+    loop = loops[0]
+    inner = _subgraph_nodes(loop)
+    ops = {n.op_type for n in inner}
+    for op in ("ReduceMax", "ReduceMin", "ReduceProd"):
+        if op in ops:
+            refuse(f"{node_text(loop)} pools field {field.name!r}'s bag with {op}: jizhi pools bags by sum or "
+                   f"mean only")
+    if "ReduceMean" in ops or "Div" in ops:
+        pooling = "mean"
+    elif "ReduceSum" in ops:
+        pooling = "sum"
+    else:
+        refuse(f"{node_text(loop)} (field {field.name!r}): no ReduceSum or ReduceMean over the bag in its body; "
+               f"expected the EmbeddingBag loop torch.onnx.export writes")
+    read = {i for n in inner for i in n.input}
+    concat = [scope.producer[name] for name in read if name in scope.producer
+              and scope.producer[name].op_type == "Concat" and len(scope.producer[name].input) == 2
+              and scope.producer[name].input[0] in offsets]
+    if concat and _derives_from_length(scope, concat[0].input[1], indices):
+        last_offset = False
+    elif read & set(offsets):
+        last_offset = True
+    else:
+        refuse(f"{node_text(loop)} (field {field.name!r}): its bag bounds are neither offsets {field.offsets!r} "
+               f"nor Concat(offsets, len(indices))")
+    outputs = [o for o in loop.output if o]
+    pooled = None
+    for name in outputs:
+        for node, _ in scope.consumers.get(name, ()):
+            if node.op_type == "ConcatFromSequence" and attr(node, "axis", 0) == 0 and not attr(node, "new_axis", 0):
+                pooled = node.output[0]
+    if pooled is None:
+        refuse(f"{node_text(loop)} (field {field.name!r}): its bags are not gathered by a ConcatFromSequence on "
+               f"axis 0 into the pooled [B, D]")
+    while True:
+        readers = scope.consumers.get(pooled, [])
+        if len(readers) == 1 and readers[0][0].op_type in ("Cast", "Identity") \
+                and attr(readers[0][0], "to", TensorProto.FLOAT) == TensorProto.FLOAT:
+            pooled = readers[0][0].output[0]
+            continue
+        break
+    where = f"{node_text(gather)}, pooled per bag in {node_text(loop)}"
+    return Lookup(field, table_name, pooled, False, pooling, where, last_offset=last_offset, vectors=table)
+
+
 def _shape_text(dims):
     if dims is None:
         return "[?]"
@@ -382,6 +515,127 @@ def _shape_text(dims):
 def _type_text(value_info):
     elem = value_info.type.tensor_type.elem_type
     return f"{TensorProto.DataType.Name(elem).lower()} {_shape_text(static_dims(value_info))}"
+
+
+# --- stacked inputs ------------------------------------------------------------------
+
+def _stack_axes(spec, inputs):
+    """{graph input: its stacking axis} for the inputs whose fields name a slot (index).
+
+    The axis is the fields' ``axis``, or the first of axes 0 and 1 with a
+    fixed size (``[F, B]``: 0, ``[B, F]`` and ``[B, F, L]``: 1); the other
+    one of the two is the batch axis and must be dynamic; every slot of the
+    axis must be a field.
+    """
+    stacks = {}
+    for name, v in inputs.items():
+        group = [f for f in spec.fields if name in f.inputs and f.stacked]
+        if not group:
+            continue
+        dims = static_dims(v)
+        given = {f.axis for f in group if f.axis is not None}
+        if len(given) > 1:
+            refuse(f"{spec.path}: the fields of input {name!r} give different axes {sorted(given)}")
+        if dims is None or len(dims) < 2:
+            refuse(f"graph input {name!r} is {_type_text(v)}: a stacked input has a batch axis and a field axis")
+        if given:
+            axis = given.pop()
+            if axis > 1:
+                refuse(f"{spec.path}: input {name!r}: axis = {axis}; fields are stacked on axis 0 ([F, B]) or "
+                       f"axis 1 ([B, F] or [B, F, L])")
+        else:
+            fixed = [a for a in (0, 1) if isinstance(dims[a], int)]
+            if not fixed:
+                refuse(f"graph input {name!r} is {_type_text(v)}: neither axis 0 nor axis 1 has a fixed size, so "
+                       f"the axis its fields are stacked on is unknown: give axis = 0 or 1 with each field's index")
+            axis = fixed[0]
+        batch = 1 - axis
+        if dims[batch] is not None:
+            refuse(f"graph input {name!r} is {_type_text(v)}: its fields are stacked on axis {axis}, so axis "
+                   f"{batch} is the batch axis, which is fixed; export the model with a dynamic batch axis "
+                   f"(dynamic_axes / dynamic_shapes)")
+        size = dims[axis]
+        slots = sorted(f.index for f in group)
+        if size is not None and slots != list(range(size)):
+            missing = sorted(set(range(size)) - set(slots))
+            extra = [k for k in slots if k >= size]
+            refuse(f"graph input {name!r} ({_type_text(v)}) stacks {size} fields on axis {axis}: "
+                   + (f"slot(s) {missing} are not described in {spec.path}" if missing else
+                      f"index {extra[0]} is past its last slot"))
+        stacks[name] = axis
+    return stacks
+
+
+def _slot(scope, name, index, axis):
+    """The tensor of slot ``index`` of the stacked input ``name`` on ``axis``: the output of
+    ``Gather(name, index, axis)`` (a constant scalar index), or of ``Squeeze(Slice(name, index,
+    index + 1, axis), axis)``; None when the model reads no such slot."""
+    for node, position in scope.consumers.get(name, ()):
+        if position != 0:
+            continue
+        if node.op_type == "Gather" and attr(node, "axis", 0) == axis:
+            k = scope.constant(node.input[1])
+            if k is not None and np.asarray(k).ndim == 0 and int(k) == index:
+                return node.output[0]
+        if node.op_type == "Slice" and len(node.input) >= 4:
+            starts, ends, axes = (scope.ints(node.input[i]) for i in (1, 2, 3))
+            if starts == [index] and ends == [index + 1] and axes == [axis]:
+                for squeeze, _ in scope.consumers.get(node.output[0], ()):
+                    if squeeze.op_type == "Squeeze" and _axes(scope, squeeze) == [axis]:
+                        return squeeze.output[0]
+    return None
+
+
+def _field_ids(scope, field, name, inputs, stacks):
+    """(tensor, static dims, how a message names it) of the field's ids in input ``name``."""
+    dims = static_dims(inputs[name])
+    if name not in stacks:
+        return name, dims, f"input {name!r}"
+    axis = stacks[name]
+    root = _slot(scope, name, field.index, axis)
+    if root is None:
+        readers = ", ".join(node_text(n) for n, _ in scope.consumers.get(name, ())) or "nothing"
+        refuse(f"field {field.name!r}: slot {field.index} (axis {axis}) of input {name!r} is not taken out by a "
+               f"Gather({name}, {field.index}, axis={axis}) or a Slice + Squeeze; {name!r} is read by {readers}")
+    return root, [d for a, d in enumerate(dims) if a != axis], f"slot {field.index} of input {name!r}"
+
+
+def _block_lookups(scope, group, name, dims, axis):
+    """The lookups of a stacked input whose fields are looked up at once: ``Gather(table, ids
+    [B, F])`` -> [B, F, D] (one-hot fields), or ``Gather(table, ids [B, F, L])`` -> [B, F, L, D]
+    pooled over axis 2 by one ReduceSum/ReduceMean (keepdims 0) -> [B, F, D]."""
+    first = group[0]
+    rank = len(dims)
+    if axis != 1 or rank not in (2, 3):
+        refuse(f"field {first.name!r}: input {name!r} ({_shape_text(dims)}) is read whole by a lookup; jizhi "
+               f"reads a whole stacked input as [B, F] (one id per field) or [B, F, L] (bags of L)")
+    lens = {f.max_len for f in group}
+    want = 1 if rank == 2 else dims[2]
+    if len(lens) != 1 or (want is not None and lens != {want}):
+        refuse(f"fields {', '.join(repr(f.name) for f in group)} of input {name!r} ({_shape_text(dims)}): "
+               f"every field of a stacked input read whole has max_len = {want} (FIELDS.toml says "
+               f"{', '.join(str(f.max_len) for f in group)})")
+    tensors = _ids_tensors(scope, name, rank)
+    gathers = [node for t in tensors for node, position in scope.consumers.get(t, ())
+               if node.op_type == "Gather" and position == 1]
+    if len(gathers) != 1:
+        refuse(f"fields {', '.join(repr(f.name) for f in group)}: input {name!r} is read by "
+               f"{len(gathers)} lookups ({', '.join(node_text(n) for n in gathers) or 'none'}) and no slot is "
+               f"taken out of it: jizhi reads a stacked input by one lookup, or slot by slot")
+    gather = gathers[0]
+    table_name, table = _table(scope, gather, first)
+    pooled, pooling = gather.output[0], "mean"
+    if rank == 3:
+        node, pooling, keepdim = _pooling_node(scope, gather.output[0], first, 2, "[B, F, L, D]")
+        if keepdim:
+            refuse(f"{node_text(node)} pools the bags of input {name!r} keeping the bag axis ([B, F, 1, D]): "
+                   f"export with keepdim=False (x.sum(dim=2))")
+        if pooling == "mean" and any(f.padding_idx is not None for f in group):
+            refuse(f"{node_text(node)} averages the padded bags of input {name!r}: the padding rows count in "
+                   f"that mean, jizhi's mean counts only the bag's values. Pool by sum, or use an EmbeddingBag")
+        pooled = node.output[0]
+    return [Lookup(f, table_name, pooled, False, pooling, node_text(gather), input_rank=rank - 1,
+                   stack_axis=axis, block=len(group), vectors=table) for f in group]
 
 
 @dataclasses.dataclass
@@ -420,12 +674,19 @@ def analyse(model, spec):
         if name not in inputs:
             refuse(f"{spec.path}: {who} names input {name!r}, which the model does not have "
                    f"(its inputs: {', '.join(inputs)})")
+    stacks = _stack_axes(spec, inputs)
     for name, v in inputs.items():
         if name not in claimed:
             refuse(f"graph input {name!r} ({_type_text(v)}) is not described in {spec.path}: name it as a "
                    f"field's input, indices or offsets, or as [dense] input")
         dims = static_dims(v)
+        if name in stacks:
+            continue
         if dims and dims[0] is not None:
+            if len(dims) > 1 and dims[1] is None:
+                refuse(f"graph input {name!r} is {_type_text(v)}: its first axis is fixed and its batch axis is "
+                       f"axis 1; if it stacks {dims[0]} fields (one row per table, as dlrm_s_pytorch.py exports "
+                       f"offsets and indices), give each field its row in {spec.path}: index = k (axis = 0)")
             refuse(f"graph input {name!r} has a fixed first dimension ({_type_text(v)}): jizhi scores "
                    f"batches of any size; export the model with a dynamic batch axis (dynamic_axes)")
     for f in spec.fields:
@@ -463,12 +724,25 @@ def analyse(model, spec):
     if dims is not None and not (len(dims) == 1 or len(dims) == 2 and dims[1] == 1):
         refuse(f"output {output!r} is {_type_text(out)}: a score is one float per example ([B] or [B, 1])")
 
-    lookups = []
+    lookups = {}
+    for name, axis in stacks.items():
+        group = sorted((f for f in spec.fields if f.input == name), key=lambda f: f.index)
+        if group and not any(_slot(scope, name, f.index, axis) for f in group):
+            for lk in _block_lookups(scope, group, name, static_dims(inputs[name]), axis):
+                lookups[lk.field.name] = lk
     for f in spec.fields:
+        if f.name in lookups:
+            continue
         if f.input is not None:
-            lookups.append(_padded_lookup(scope, f, inputs[f.input]))
+            root, dims, what = _field_ids(scope, f, f.input, inputs, stacks)
+            lk = _padded_lookup(scope, f, root, dims, what)
         else:
-            lookups.append(_bag_lookup(scope, f, inputs[f.indices], inputs[f.offsets]))
+            index_root, index_dims, _ = _field_ids(scope, f, f.indices, inputs, stacks)
+            offset_root, offset_dims, _ = _field_ids(scope, f, f.offsets, inputs, stacks)
+            lk = _bag_lookup(scope, f, index_root, offset_root, index_dims, offset_dims)
+        lk.stack_axis = stacks.get(f.inputs[0])
+        lookups[f.name] = lk
+    lookups = [lookups[f.name] for f in spec.fields]
 
     tables = {}
     for lk in lookups:

@@ -140,7 +140,21 @@ def rewrite(model, spec, analysis):
         source = USER_EMB_PP if side == "user" else "item_emb"
         column = col_name[lk.field.name]
         index, start, end, axis = const_name[lk.field.name]
-        if lk.keepdim:
+        if lk.block:
+            # All fields of a stacked input looked up at once: [P, F, D], columns j0 .. j0 + F - 1.
+            if lk.field.index != 0:
+                continue
+            group = [x for x in lookups if x.pooled == lk.pooled]
+            cols = [columns[x.field.name] for x in sorted(group, key=lambda x: x.field.index)]
+            if len({c[0] for c in cols}) != 1 or [c[1] for c in cols] != list(range(j, j + len(cols))):
+                refuse(f"fields {', '.join(repr(x.field.name) for x in group)} are looked up together "
+                       f"({lk.where}) as one [B, {len(group)}, D] block: give them one side and list them in "
+                       f"FIELDS.toml one after another in slot order (index 0, 1, ...)")
+            for name, value in ((start, j), (end, j + len(cols)), (axis, 1)):
+                constants.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
+            head.append(helper.make_node("Slice", [source, start, end, axis], [column],
+                                         name=f"jizhi.columns.{lk.field.name}"))
+        elif lk.keepdim:
             # [P, 1, D], as the model's [B, 1, D].
             for name, value in ((start, j), (end, j + 1), (axis, 1)):
                 constants.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))

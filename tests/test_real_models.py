@@ -18,10 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 torch = pytest.importorskip("torch", reason="torch is a test dependency (pip install -e '.[test]')")
+from torch import nn  # noqa: E402
 import torch_models as tm  # noqa: E402  (needs torch)
-from test_import import jizhi_scores  # noqa: E402
-
-from jizhi.bundle import Bundle  # noqa: E402
 from jizhi.tools.commands import cli  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -38,35 +36,9 @@ def run_import(fixture, out, *args):
     return result.exit_code, result.output
 
 
-def profile_bags(bundle, side, field, rows):
-    """Table rows of a field's bags for profile ``rows`` (raw value - 1), newest max_len kept."""
-    base = bundle.path / "profiles" / (side + "s")
-    if field.kind == "onehot":
-        values = np.load(base / f"{field.name}.npy")[rows]
-        return [[int(v) - 1] if v else [] for v in values]
-    values = np.load(base / f"{field.name}.values.npy")
-    offsets = np.load(base / f"{field.name}.offsets.npy")
-    return [[int(v) - 1 for v in values[max(offsets[r], offsets[r + 1] - field.max_len):offsets[r + 1]]]
-            for r in rows]
-
-
 def assert_scores_like_pytorch(fixture, version):
     """Fresh random pairs: jizhi's stage processors on the bundle against the PyTorch module itself."""
-    bundle = Bundle(version)
-    rng = np.random.default_rng(7)
-    user_ids = np.load(version / "profiles" / "users" / "ids.npy")
-    item_ids = np.load(version / "profiles" / "items" / "ids.npy")
-    user_rows = rng.choice(user_ids.shape[0], REQUESTS, replace=False)
-    item_rows = rng.choice(item_ids.shape[0], REQUESTS * PER)
-    offsets = np.arange(REQUESTS + 1, dtype=np.int64) * PER
-    jizhi = np.asarray(jizhi_scores(version, user_ids[user_rows], offsets, item_ids[item_rows]))
-    pair_users = np.repeat(user_rows, PER)
-    dense = np.load(version / "profiles" / "users" / "dense.npy")[pair_users]
-    bags = []
-    for f in fixture.fields:
-        rows = pair_users if f.side == "user" else item_rows
-        bags.append(profile_bags(bundle, f.side, f, rows))
-    original = fixture.torch_scores(dense, bags)
+    jizhi, original = tm.score_pairs(fixture, version, REQUESTS, PER)
     assert jizhi.shape == original.shape == (REQUESTS * PER,)
     diff = np.abs(jizhi.astype(np.float64) - original)
     assert np.all(diff <= TOLERANCE + TOLERANCE * np.abs(original)), f"max |jizhi - PyTorch| = {diff.max():.3g}"
@@ -122,3 +94,67 @@ def test_the_criteo_layout_without_slots_says_how_to_name_them(tmp_path):
     assert result.exit_code != 0
     assert "index = k" in result.output
 
+
+
+class _Bags(nn.Module):
+    """One user and one item EmbeddingBag, a linear head: the smallest model of a refused pooling."""
+
+    def __init__(self, mode, weighted):
+        super().__init__()
+        torch.manual_seed(0)
+        self.u = nn.EmbeddingBag(50, 8, mode=mode)
+        self.i = nn.EmbeddingBag(60, 8, mode="sum")
+        self.lin = nn.Linear(16, 1)
+        self.weighted = weighted
+
+    def forward(self, ui, uo, ii, io, w=None):
+        a = self.u(ui, uo, per_sample_weights=w) if self.weighted else self.u(ui, uo)
+        return torch.sigmoid(self.lin(torch.cat([a, self.i(ii, io)], dim=1)))
+
+
+_BAGS_FIELDS = """
+[[fields]]
+name = "u"
+side = "user"
+kind = "multihot"
+max_len = 3
+indices = "ui"
+offsets = "uo"
+
+[[fields]]
+name = "i"
+side = "item"
+kind = "multihot"
+max_len = 3
+indices = "ii"
+offsets = "io"
+"""
+
+
+@pytest.mark.parametrize("mode,weighted,dynamo,words", [
+    ("max", False, False, ["node '/u/ReduceMax' (ReduceMax)", "sum or mean only"]),
+    ("max", False, True, ["(Loop) pools field 'u''s bag with ReduceMax", "sum or mean only"]),
+    ("sum", True, False, ["graph input 'w'", "per_sample_weights", "export the model without them"]),
+    ("sum", True, True, ["graph input 'w'", "per_sample_weights", "export the model without them"]),
+], ids=["max-script", "max-dynamo", "weights-script", "weights-dynamo"])
+def test_a_bag_jizhi_cannot_pool_is_refused_saying_what_and_where(tmp_path, mode, weighted, dynamo, words):
+    module = _Bags(mode, weighted).eval()
+    args = (torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2, 3]), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 3]))
+    names = ["ui", "uo", "ii", "io"]
+    if weighted:
+        args += (torch.rand(5),)
+        names.append("w")
+    path = tmp_path / "bags.onnx"
+    if dynamo:
+        torch.onnx.export(module, args, str(path), dynamo=True, input_names=names, output_names=["prob"],
+                          dynamic_shapes=({0: torch.export.Dim.DYNAMIC},) * len(names))
+    else:
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=names, output_names=["prob"],
+                          dynamic_axes={n: {0: "n_" + n} for n in names})
+    fields = tmp_path / "fields.toml"
+    fields.write_text(_BAGS_FIELDS)
+    result = CliRunner().invoke(cli, ["import", str(path), "--fields", str(fields), "--out", str(tmp_path / "m" / "1")])
+    assert result.exit_code == 2, result.output
+    for w in words:
+        assert w in result.output, result.output
+    assert "Traceback" not in result.output

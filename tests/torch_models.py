@@ -27,9 +27,15 @@ Layouts (``LAYOUTS``), the inputs the exported graph takes:
   [B, 13], ``offsets`` [F, B] and ``indices`` [F, B] (one id per bag), row k
   read by table k; the batch axis is axis 1;
 * ``bf``: fields stacked the other way and one shared ``nn.Embedding`` (row 0
-  the padding row): ``user_single`` [B, 3] (one-hot), ``user_multi`` [B, 2, L]
-  (multi-hot, padded with 0, sum-pooled), ``item_single`` [B, 3], ``item_multi``
-  [B, 2, L]; the interaction's first Concat nests the per-side vectors.
+  the padding row): ``user_single`` [B, S] (one-hot), ``user_multi`` [B, 2, L]
+  (multi-hot, padded with 0, sum-pooled), ``item_single`` [B, S], ``item_multi``
+  [B, 2, L] (S = ``Size.per_side`` - 2); the blocks are concatenated and
+  unbound into field vectors before the interaction.
+
+``Size``: ``TEST`` (small, for the tests) and ``BENCH`` (issue 20's DLRM
+shape, for docs/run-real-models-bench.py). ``score_pairs`` scores pairs of
+an imported bundle's profiles through jizhi's stage processors and through
+the PyTorch module on the same raw ids.
 
 Exporters (``EXPORTERS``): ``script`` (``dynamo=False``, TorchScript) and
 ``dynamo`` (torch's default). ``opset`` and ``external`` (weights in an
@@ -42,6 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from jizhi.bundle import Bundle
+from jizhi.workers.builtins import load_class
+from jizhi.workers.stage import Batch
+
 FAMILIES = ("dlrm_sum", "dlrm_mean", "dcn")
 EXPORTERS = ("script", "dynamo")
 LAYOUTS = ("tables", "fb", "bf")
@@ -53,9 +63,24 @@ def combinations():
     can reproduce; the importer refuses it, naming the node (tests/test_real_models.py)."""
     return [(f, e, l) for f in FAMILIES for e in EXPORTERS for l in LAYOUTS if (f, l) != ("dlrm_mean", "bf")]
 DENSE = 13
-DIM = 16
 BAG = 5                   # multi-hot bag length
-N_USER, N_ITEM = 6, 6     # sparse fields per side (tables and fb layouts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """How big a fixture is. ``per_side`` sparse fields per side; in the ``bf`` layout ``per_side - 2``
+    one-hot and 2 multi-hot per side; ``rows`` per table (``bf``: of the one shared table)."""
+    dim: int
+    bottom: tuple         # hidden widths of the bottom MLP (its last layer outputs dim)
+    top: tuple            # hidden widths of the top MLP (DLRM) or the deep MLP (DCN)
+    per_side: int
+    rows: int
+
+
+TEST = Size(dim=16, bottom=(32,), top=(64, 32), per_side=5, rows=300)
+# The shape of issue 20's DLRM: 16 sparse fields (8 user, 8 item; four multi-hot bags of 5), 13 dense
+# features, bottom MLP 13-64-32, dot interaction, top MLP 256-128-1; 200,000 rows of dim 32 in all.
+BENCH = Size(dim=32, bottom=(64,), top=(256, 128), per_side=8, rows=12_500)
 
 
 @dataclasses.dataclass
@@ -95,19 +120,19 @@ def _interact_dot(x, ly):
 class _Net(nn.Module):
     """Bottom MLP, an interaction over the pooled field vectors, top MLP: the part every layout shares."""
 
-    def __init__(self, family, n_vectors, seed):
+    def __init__(self, family, n_vectors, size, seed):
         super().__init__()
         self.family = family
-        self.bot = _mlp([DENSE, 32, DIM], seed)
+        self.bot = _mlp([DENSE, *size.bottom, size.dim], seed)
         if family == "dcn":
-            width = DIM * n_vectors
+            width = size.dim * n_vectors
             torch.manual_seed(seed + 1)
             self.cross = nn.ModuleList([nn.Linear(width, width) for _ in range(2)])
-            self.deep = _mlp([width, 64, 32], seed + 2)
-            self.head = _mlp([width + 32, 1], seed + 3, sigmoid=True)
+            self.deep = _mlp([width, *size.top], seed + 2)
+            self.head = _mlp([width + size.top[-1], 1], seed + 3, sigmoid=True)
         else:
             pairs = n_vectors * (n_vectors - 1) // 2
-            self.top = _mlp([DIM + pairs, 64, 32, 1], seed + 1, sigmoid=True)
+            self.top = _mlp([size.dim + pairs, *size.top, 1], seed + 1, sigmoid=True)
 
     def finish(self, dense_x, ly):
         x = self.bot(dense_x)
@@ -123,12 +148,12 @@ class _Net(nn.Module):
 class TablesModel(nn.Module):
     """One EmbeddingBag per table, one (indices, offsets) input pair per table."""
 
-    def __init__(self, family, fields, seed):
+    def __init__(self, family, fields, size, seed):
         super().__init__()
         mode = "mean" if family == "dlrm_mean" else "sum"
         torch.manual_seed(seed + 10)
-        self.emb = nn.ModuleList([nn.EmbeddingBag(f.rows, DIM, mode=mode) for f in fields])
-        self.net = _Net(family, 1 + len(fields), seed)
+        self.emb = nn.ModuleList([nn.EmbeddingBag(f.rows, size.dim, mode=mode) for f in fields])
+        self.net = _Net(family, 1 + len(fields), size, seed)
 
     def forward(self, dense_x, *bags):
         ly = [e(bags[2 * k], bags[2 * k + 1]) for k, e in enumerate(self.emb)]
@@ -138,12 +163,12 @@ class TablesModel(nn.Module):
 class CriteoModel(nn.Module):
     """dlrm_s_pytorch.py's layout: stacked offsets [F, B] and indices [F, B], row k for table k."""
 
-    def __init__(self, family, fields, seed):
+    def __init__(self, family, fields, size, seed):
         super().__init__()
         mode = "mean" if family == "dlrm_mean" else "sum"
         torch.manual_seed(seed + 10)
-        self.emb = nn.ModuleList([nn.EmbeddingBag(f.rows, DIM, mode=mode) for f in fields])
-        self.net = _Net(family, 1 + len(fields), seed)
+        self.emb = nn.ModuleList([nn.EmbeddingBag(f.rows, size.dim, mode=mode) for f in fields])
+        self.net = _Net(family, 1 + len(fields), size, seed)
 
     def forward(self, dense_x, offsets, indices):
         ly = [e(indices[k], offsets[k]) for k, e in enumerate(self.emb)]
@@ -153,18 +178,18 @@ class CriteoModel(nn.Module):
 class StackedModel(nn.Module):
     """Fields stacked on axis 1 ([B, F] one-hot, [B, F, L] multi-hot), one shared table, row 0 padding."""
 
-    def __init__(self, family, rows, seed):
+    def __init__(self, family, size, seed):
         super().__init__()
         torch.manual_seed(seed + 10)
-        self.emb = nn.Embedding(rows, DIM, padding_idx=0)
+        self.emb = nn.Embedding(size.rows, size.dim, padding_idx=0)
         self.mean = family == "dlrm_mean"
-        self.net = _Net(family, 1 + 10, seed)
+        self.net = _Net(family, 1 + 2 * size.per_side, size, seed)
 
     def pool(self, bags):
         return self.emb(bags).mean(dim=2) if self.mean else self.emb(bags).sum(dim=2)
 
     def forward(self, dense_x, user_single, user_multi, item_single, item_multi):
-        us = self.emb(user_single)                  # [B, 3, D]
+        us = self.emb(user_single)                  # [B, per_side - 2, D]
         um = self.pool(user_multi)                  # [B, 2, D]
         its = self.emb(item_single)
         im = self.pool(item_multi)
@@ -173,21 +198,21 @@ class StackedModel(nn.Module):
         return self.net.finish(dense_x, ly)
 
 
-def fields_of(layout, rows):
+def fields_of(layout, size):
     """The FieldInfo list of a layout, in the model's table order."""
     if layout == "bf":
         out = []
         for side in ("user", "item"):
-            out += [FieldInfo(f"{side[0]}_s{k}", side, "onehot", 1, rows, True) for k in range(3)]
-            out += [FieldInfo(f"{side[0]}_m{k}", side, "multihot", BAG, rows, True) for k in range(2)]
+            out += [FieldInfo(f"{side[0]}_s{k}", side, "onehot", 1, size.rows, True)
+                    for k in range(size.per_side - 2)]
+            out += [FieldInfo(f"{side[0]}_m{k}", side, "multihot", BAG, size.rows, True) for k in range(2)]
         return out
     out = []
-    for k in range(max(N_USER, N_ITEM)):
-        for side, n in (("user", N_USER), ("item", N_ITEM)):
-            if k < n:
-                multi = layout == "tables" and k % 3 == 2
-                out.append(FieldInfo(f"{side[0]}{k}", side, "multihot" if multi else "onehot",
-                                     BAG if multi else 1, rows + 7 * k))
+    for k in range(size.per_side):
+        for side in ("user", "item"):
+            multi = layout == "tables" and k % 3 == 2
+            out.append(FieldInfo(f"{side[0]}{k}", side, "multihot" if multi else "onehot",
+                                 BAG if multi else 1, size.rows + 7 * k))
     return out
 
 
@@ -267,16 +292,16 @@ def _example_bags(fields, b, rng):
     return bags
 
 
-def make(family, exporter, layout, out_dir, *, rows=300, seed=1, opset=None, external=False):
+def make(family, exporter, layout, out_dir, *, size=TEST, seed=1, opset=None, external=False):
     """Build, export and describe one fixture in ``out_dir``; a ``Fixture``."""
     os.makedirs(out_dir, exist_ok=True)
-    fields = fields_of(layout, rows)
+    fields = fields_of(layout, size)
     if layout == "tables":
-        module = TablesModel(family, fields, seed)
+        module = TablesModel(family, fields, size, seed)
     elif layout == "fb":
-        module = CriteoModel(family, fields, seed)
+        module = CriteoModel(family, fields, size, seed)
     else:
-        module = StackedModel(family, rows, seed)
+        module = StackedModel(family, size, seed)
     module.eval()
     model_path = os.path.join(out_dir, "model.onnx")
     fields_path = os.path.join(out_dir, "fields.toml")
@@ -323,3 +348,47 @@ def make(family, exporter, layout, out_dir, *, rows=300, seed=1, opset=None, ext
     with open(fields_path, "w") as f:
         f.write(fields_toml(layout, fields))
     return fixture
+
+
+# --- jizhi against PyTorch ---------------------------------------------------------------
+
+def _profile_bags(version, field, rows):
+    """Table rows of a field's bags for profile ``rows`` (raw value - 1), the newest max_len kept."""
+    base = os.path.join(version, "profiles", field.side + "s")
+    if field.kind == "onehot":
+        values = np.load(os.path.join(base, f"{field.name}.npy"))[rows]
+        return [[int(v) - 1] if v else [] for v in values]
+    values = np.load(os.path.join(base, f"{field.name}.values.npy"))
+    offsets = np.load(os.path.join(base, f"{field.name}.offsets.npy"))
+    return [[int(v) - 1 for v in values[max(offsets[r], offsets[r + 1] - field.max_len):offsets[r + 1]]]
+            for r in rows]
+
+
+def jizhi_scores(version, users, offsets, items):
+    """Scores of requests through jizhi's stage processors on the bundle version, set up as a worker does."""
+    bundle = Bundle(version)
+    batch = Batch(users, np.diff(offsets), np.zeros(users.shape[0], dtype=bool), np.full(users.shape[0], np.inf),
+                  offsets, {"item_ids": items, "recall_scores": np.full(items.shape[0], 0.5, dtype=np.float32)})
+    for name in ("data_reader", "feature_processor", "cube_accessor", "model_inference"):
+        stage = load_class(name)()
+        stage.setup({"on_unknown": "default", "_overlay": None}, bundle)
+        batch.columns.update(stage.process(batch))
+    assert not batch.failed, batch.failed
+    return np.asarray(batch["score"], dtype=np.float32)
+
+
+def score_pairs(fixture, version, requests=4, per=40, seed=7):
+    """(jizhi, pytorch): scores of ``requests`` random users x ``per`` random items of the imported
+    ``version``'s profiles, by jizhi's stages and by the fixture's PyTorch module on the same raw ids."""
+    version = os.fspath(version)
+    rng = np.random.default_rng(seed)
+    user_ids = np.load(os.path.join(version, "profiles", "users", "ids.npy"))
+    item_ids = np.load(os.path.join(version, "profiles", "items", "ids.npy"))
+    user_rows = rng.choice(user_ids.shape[0], requests, replace=False)
+    item_rows = rng.choice(item_ids.shape[0], requests * per)
+    offsets = np.arange(requests + 1, dtype=np.int64) * per
+    jizhi = jizhi_scores(version, user_ids[user_rows], offsets, item_ids[item_rows])
+    pair_users = np.repeat(user_rows, per)
+    dense = np.load(os.path.join(version, "profiles", "users", "dense.npy"))[pair_users]
+    bags = [_profile_bags(version, f, pair_users if f.side == "user" else item_rows) for f in fixture.fields]
+    return jizhi, fixture.torch_scores(dense, bags)

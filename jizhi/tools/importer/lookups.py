@@ -677,8 +677,13 @@ def analyse(model, spec):
     stacks = _stack_axes(spec, inputs)
     for name, v in inputs.items():
         if name not in claimed:
+            dims = static_dims(v)
+            weights = ("; a float [N] input beside EmbeddingBag indices is usually per_sample_weights, which "
+                       "jizhi cannot serve (it pools plain bags): export the model without them"
+                       if v.type.tensor_type.elem_type == TensorProto.FLOAT and dims is not None and len(dims) == 1
+                       else "")
             refuse(f"graph input {name!r} ({_type_text(v)}) is not described in {spec.path}: name it as a "
-                   f"field's input, indices or offsets, or as [dense] input")
+                   f"field's input, indices or offsets, or as [dense] input{weights}")
         dims = static_dims(v)
         if name in stacks:
             continue

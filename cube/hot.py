@@ -129,10 +129,11 @@ def _lookup(keys, tkeys, tvals, has_zero, out, found):
 
 
 @njit(cache=True, nogil=True)
-def _pool_hot(sigs, lens, sums, tkeys, tvals, has_zero, out, miss_at, miss_keys, sample, step, phase):
+def _pool_hot(sigs, lens, sums, defaults, tkeys, tvals, has_zero, out, miss_at, miss_keys, sample, step, phase):
     """Pool the bags of one block straight from the table (no dedup, no gather).
 
-    sigs [R, F, L], lens [R, F], sums [F] (sum pooling, else mean), out [R, F, D].
+    sigs [R, F, L], lens [R, F], sums [F] (sum pooling, else mean), defaults [F, D]
+    (each field's default vector: an empty bag pools to it), out [R, F, D].
     A bag's misses are left for the caller: their flat bag index r * F + f in
     ``miss_at`` and key in ``miss_keys``; the bag's hits are already scaled by
     1 / len for mean pooling. Every ``step``-th key from ``phase`` on goes into
@@ -169,8 +170,12 @@ def _pool_hot(sigs, lens, sums, tkeys, tvals, has_zero, out, miss_at, miss_keys,
                 for d in range(D):
                     acc[d] += v[d]
             o = out[r, f]
+            if n == 0:
+                for d in range(D):
+                    o[d] = defaults[f, d]
+                continue
             scale = np.float32(1.0)
-            if n > 0 and not sums[f]:
+            if not sums[f]:
                 scale = np.float32(1.0) / np.float32(n)
             for d in range(D):
                 o[d] = acc[d] * scale
@@ -178,18 +183,21 @@ def _pool_hot(sigs, lens, sums, tkeys, tvals, has_zero, out, miss_at, miss_keys,
 
 
 @njit(cache=True, nogil=True)
-def _add_misses(miss_at, inv, vectors, found, lens, sums, out, missing):
-    """Add the slower levels' vectors of a block's misses to their bags; count absent keys per row."""
+def _add_misses(miss_at, inv, vectors, found, lens, sums, defaults, out, missing):
+    """Add the slower levels' vectors of a block's misses to their bags (a key absent from every level: its
+    field's default vector); count absent keys per row."""
     F = lens.shape[1]
     D = out.shape[2]
     for m in range(miss_at.shape[0]):
         b = miss_at[m]
         r, f = b // F, b % F
         v = inv[m]
+        scale = np.float32(1.0) if sums[f] else np.float32(1.0) / np.float32(lens[r, f])
         if not found[v]:
             missing[r] += 1
+            for d in range(D):
+                out[r, f, d] += defaults[f, d] * scale
             continue
-        scale = np.float32(1.0) if sums[f] else np.float32(1.0) / np.float32(lens[r, f])
         for d in range(D):
             out[r, f, d] += vectors[v, d] * scale
 
@@ -220,8 +228,8 @@ class HotTable:
     def lookup_into(self, keys, out, found):
         return _lookup(keys, self.keys, self.vals, self.has_zero, out, found)
 
-    def pool_into(self, sigs, lens, sums, out, miss_at, miss_keys, sample, step, phase):
-        return _pool_hot(sigs, lens, sums, self.keys, self.vals, self.has_zero, out, miss_at, miss_keys,
+    def pool_into(self, sigs, lens, sums, defaults, out, miss_at, miss_keys, sample, step, phase):
+        return _pool_hot(sigs, lens, sums, defaults, self.keys, self.vals, self.has_zero, out, miss_at, miss_keys,
                          sample, step, phase)
 
 
@@ -345,12 +353,13 @@ class TieredStore:
         """True when a hot table is attached: ``pool`` then serves the batch (cube/pooling.py)."""
         return self.table is not None
 
-    def pool(self, blocks, sums):
+    def pool(self, blocks, sums, defaults):
         """``pool_blocks`` through the hot table: every signature is probed where it lies, and
-        only the misses (deduplicated) go to the slower levels. Returns ``(pooled, missing)``."""
+        only the misses (deduplicated) go to the slower levels. ``defaults``: per block, float32 [F, dim]
+        (each field's default vector). Returns ``(pooled, missing)``."""
         pooled, missing, misses = [], [], []
         sample = np.zeros(SAMPLE_PER_BATCH, dtype=np.uint64)
-        for (sigs, lens), sm in zip(blocks, sums):
+        for (sigs, lens), sm, dv in zip(blocks, sums, defaults):
             lens = np.ascontiguousarray(lens, dtype=np.int32)
             sigs = np.ascontiguousarray(sigs, dtype=np.uint64)
             sm = np.ascontiguousarray(sm, dtype=np.bool_)
@@ -360,14 +369,14 @@ class TieredStore:
             miss_at = np.empty(n, dtype=np.int64)
             miss_keys = np.empty(n, dtype=np.uint64)
             step = max(1, n // SAMPLE_PER_BATCH)
-            _, hits, nm, ns = self.table.pool_into(sigs, lens, sm, out, miss_at, miss_keys, sample, step,
-                                                       (self.lookups // 7) % step)
+            _, hits, nm, ns = self.table.pool_into(sigs, lens, sm, dv, out, miss_at, miss_keys, sample, step,
+                                                   (self.lookups // 7) % step)
             self.sample(sample[:ns])
             self.lookups += hits      # the misses count once each below, when the levels read them
             self.hot_hits += hits
             pooled.append(out)
             missing.append(np.zeros(r, dtype=np.int64))
-            misses.append((miss_at[:nm], miss_keys[:nm], lens, sm))
+            misses.append((miss_at[:nm], miss_keys[:nm], lens, sm, dv))
         if any(m[0].shape[0] for m in misses):
             # One deduplicated read of every block's misses from the levels below.
             uniq, inv = np.unique(np.concatenate([m[1] for m in misses]), return_inverse=True)
@@ -378,8 +387,9 @@ class TieredStore:
             self.lookups += uniq.shape[0]
             inv = inv.astype(np.int64, copy=False).reshape(-1)
             p = 0
-            for (at, _, lens, sm), out, miss in zip(misses, pooled, missing):
-                _add_misses(at, inv[p:p + at.shape[0]], vectors, found, lens, sm, out, miss)
+            found = np.ascontiguousarray(found, dtype=np.bool_)
+            for (at, _, lens, sm, dv), out, miss in zip(misses, pooled, missing):
+                _add_misses(at, inv[p:p + at.shape[0]], vectors, found, lens, sm, dv, out, miss)
                 p += at.shape[0]
         return pooled, missing
 
@@ -496,10 +506,12 @@ _tk = np.zeros(16, np.uint64)
 _tv = np.zeros((17, 2), np.float32)
 _insert(np.array([3], np.uint64), np.ones((1, 2), np.float32), _tk, _tv)
 _lookup(np.array([3, 5], np.uint64), _tk, _tv, 0, np.zeros((2, 2), np.float32), np.zeros(2, np.bool_))
-_pool_hot(np.array([[[3, 5]]], np.uint64), np.array([[2]], np.int32), np.zeros(1, np.bool_), _tk, _tv, 0,
-          np.zeros((1, 1, 2), np.float32), np.zeros(2, np.int64), np.zeros(2, np.uint64), np.zeros(2, np.uint64), 1, 0)
+_pool_hot(np.array([[[3, 5]]], np.uint64), np.array([[2]], np.int32), np.zeros(1, np.bool_),
+          np.zeros((1, 2), np.float32), _tk, _tv, 0, np.zeros((1, 1, 2), np.float32), np.zeros(2, np.int64), np.zeros(2, np.uint64),
+          np.zeros(2, np.uint64), 1, 0)
 _add_misses(np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones((1, 2), np.float32), np.ones(1, np.bool_),
-            np.ones((1, 1), np.int32), np.zeros(1, np.bool_), np.zeros((1, 1, 2), np.float32), np.zeros(1, np.int64))
+            np.ones((1, 1), np.int32), np.zeros(1, np.bool_), np.zeros((1, 2), np.float32),
+            np.zeros((1, 1, 2), np.float32), np.zeros(1, np.int64))
 del _tk, _tv
 
 if __name__ == "__main__":

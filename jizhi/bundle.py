@@ -8,6 +8,7 @@ read-only (nothing here allocates per entity; lookups are gathers).
 """
 import hashlib
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,20 @@ from jizhi.tomlw import toml_value  # noqa: F401 (the writers below and their ca
 FORMAT = 1
 KINDS = ("onehot", "multihot", "history")
 POOLINGS = ("mean", "sum")
+# default_vector (docs/formats.md): what an empty bag and a signature missing from the cube read, per field.
+DEFAULT_VECTORS = ("zeros", "mean", "row:N")
+_ROW = re.compile(r"row:([1-9][0-9]{0,18})")
+
+
+def parse_default_vector(value):
+    """``("zeros", None)``, ``("mean", None)`` or ``("row", N)`` of a manifest's ``default_vector``; None when
+    ``value`` is none of them (``row:N``: N a raw value of the field's table, 1 <= N < 2**63)."""
+    if value in ("zeros", "mean"):
+        return value, None
+    m = _ROW.fullmatch(value) if isinstance(value, str) else None
+    if m is None or int(m.group(1)) >= 2 ** 63:
+        return None
+    return "row", int(m.group(1))
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,8 @@ class Field:
     max_len: int
     hash_id: int  # the field id its signatures are hashed with (shares=...)
     pooling: str = "mean"   # mean | sum
+    vocab: int = 0          # raw values 1..vocab of a bounded table (0: not given)
+    default_vector: str = "zeros"   # zeros | mean | row:N (the field's own, else the manifest's)
 
 
 def _checked(cond, message):
@@ -61,6 +78,10 @@ class Bundle:
         self.dim = int(m.get("dim", 0))
         _checked(self.dim > 0, f"{mpath}: dim must be > 0")
         self.hash_seed = int(m.get("hash_seed", 0))
+        self.default_vector = m.get("default_vector", "zeros")
+        _checked(parse_default_vector(self.default_vector) is not None,
+                 f"{mpath}: default_vector = {self.default_vector!r} is not one of zeros, mean, row:N "
+                 f"(N a raw value of the field's table, e.g. row:1)")
         # A head bundle is dense only: it is served on another (base) model's cube and profiles.
         self.head = m.get("head", False)
         _checked(isinstance(self.head, bool), f"{mpath}: head must be true or false, got {self.head!r}")
@@ -77,6 +98,11 @@ class Bundle:
             _checked(f.get("side") in ("user", "item"), f"{mpath}: field {f.get('name')!r} side must be user or item")
             _checked(f.get("pooling", "mean") in POOLINGS,
                      f"{mpath}: field {f.get('name')!r} pooling must be one of {POOLINGS}")
+            _checked(parse_default_vector(f.get("default_vector", "zeros")) is not None,
+                     f"{mpath}: field {f.get('name')!r} default_vector = {f.get('default_vector')!r} is not one "
+                     f"of zeros, mean, row:N (N a raw value of the field's table, e.g. row:1)")
+            _checked(isinstance(f.get("vocab", 0), int) and not isinstance(f.get("vocab", 0), bool)
+                     and f.get("vocab", 0) >= 0, f"{mpath}: field {f.get('name')!r} vocab must be an integer >= 0")
             ids[f["name"]] = int(f["id"])
         fields = []
         for f in raw_fields:
@@ -84,7 +110,8 @@ class Bundle:
             _checked(share is None or share in ids, f"{mpath}: field {f['name']!r} shares unknown field {share!r}")
             fields.append(Field(f["name"], int(f["id"]), f["side"], f["kind"],
                                 int(f.get("max_len", 1)), ids[share] if share else int(f["id"]),
-                                f.get("pooling", "mean")))
+                                f.get("pooling", "mean"), int(f.get("vocab", 0)),
+                                f.get("default_vector", self.default_vector)))
         self.user_fields = [f for f in fields if f.side == "user"]
         self.item_fields = [f for f in fields if f.side == "item"]
         self.user_len = max([f.max_len for f in self.user_fields] or [1])
@@ -151,8 +178,8 @@ def same_features(base, head):
     reader, feature and cube stages compute, so everything those depend on must be
     the same: ``dim``, ``hash_seed``, ``[dense] user_features``, the number of user
     and of item fields, and per field in column order (``user_fields`` then
-    ``item_fields``) its name, id, side, kind, max_len, hash id (``shares``) and
-    pooling. Reads only the two manifests (both already parsed); any process may call it.
+    ``item_fields``) its name, id, side, kind, max_len, hash id (``shares``),
+    pooling and default vector. Reads only the two manifests (both already parsed); any process may call it.
     """
     where = f"base {base.name} version {base.version}, head {head.name} version {head.version}"
     for what, b, h in (("dim", base.dim, head.dim), ("hash_seed", base.hash_seed, head.hash_seed),
@@ -164,7 +191,7 @@ def same_features(base, head):
     for side, base_fields, head_fields in (("user", base.user_fields, head.user_fields),
                                            ("item", base.item_fields, head.item_fields)):
         for column, (b, h) in enumerate(zip(base_fields, head_fields)):
-            for attribute in ("name", "id", "side", "kind", "max_len", "hash_id", "pooling"):
+            for attribute in ("name", "id", "side", "kind", "max_len", "hash_id", "pooling", "default_vector"):
                 bv, hv = getattr(b, attribute), getattr(h, attribute)
                 if bv != hv:
                     what = "hash id (the id of the field it shares)" if attribute == "hash_id" else attribute

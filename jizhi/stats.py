@@ -7,7 +7,8 @@ them, indexed by bank x max_pool + wid) and a row per pipeline for the broker. A
 row, from the loop that does the work: a heartbeat timestamp
 (``time.monotonic()``), its pid, counters, and per-stage service-time
 histograms. The broker writes its pipelines' rows: request latency
-histograms, errors by code, candidates dropped for a non-finite score.
+histograms, errors by code, candidates dropped for a non-finite score,
+ok replies to a user the profiles do not know.
 The supervisor reads every row (heartbeats for
 hung workers, the Prometheus endpoint, ``jizhictl stats``); nothing per event
 travels to it over a socket.
@@ -32,9 +33,11 @@ C_PID, C_EVENTS, C_REQUESTS, C_FAILED, C_RSS, C_LOOKUPS, C_HOT_HITS, C_HOT_GEN, 
 C_REMOTE_DEGRADED, C_REMOTE_TRIPS = 10, 11
 # a pipeline's row (the broker): candidates dropped from ok replies because their score was NaN or infinite
 C_INVALID_SCORES = 12
+# a pipeline's row (the broker): ok replies whose user the profiles do not know (the reply's unknown_user)
+C_UNKNOWN_USERS = 13
 KEY_RING = 4096   # sampled keys kept per worker row (the supervisor reads them every cube.hot_rebuild_s)
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
-N_COUNTERS = 13
+N_COUNTERS = 14
 
 
 def layout(rows):

@@ -19,7 +19,10 @@ The checks run in this order, each timed, and stop at the first failure:
 ``cube``      the LMDB cube opens read-only, is non-empty, and a sample of
               its entries has 8-byte keys and ``dim`` finite float32s;
 ``profiles``  the columnar user and item profiles open with the manifest's
-              shapes;
+              shapes; every raw value is in its field's range (a field of a
+              bounded table: 1..vocab, 0 = missing for onehot; any field: not
+              negative; docs/formats.md, "Bounded tables"); every field's
+              default vector (``default_vector``) can be computed;
 ``smoke``     the real stage classes, chained as a fused worker runs them,
               score every item of the catalogue (10 to a request, users
               spread over the profile; a catalogue over 1,000,000 items: an
@@ -54,6 +57,7 @@ import time
 import numpy as np
 
 from jizhi.bundle import Bundle, Profiles
+from jizhi.cube.pooling import default_vectors, table_is_bounded
 from jizhi.cube.store import open_cube
 from jizhi.errors import BundleError
 from jizhi.workers.cube_accessor import CubeAccessor
@@ -137,6 +141,30 @@ def _check_tensor(kind, arg, want_type, want_shape):
     if why is not None:
         _fail(f"onnx {kind} {arg.name!r}: expected {_tensor_text(want_type, want_shape)}, "
               f"the graph has {_tensor_text(arg.type, shape)}{why}")
+
+
+def _check_values(where, side, field, ids, col, bounded):
+    """Every raw value of ``field``'s profile column ``col`` (onehot: int64 [R]; else (values, offsets)) in its
+    range, vectorised; the first one out (and how many) in one line naming the file, the row and its id."""
+    onehot = field.kind == "onehot"
+    values = np.asarray(col if onehot else col[0])
+    lo = 0 if onehot else 1
+    bad = (values < lo) | (values > field.vocab) if bounded else values < 0
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    n = int(np.count_nonzero(bad))
+    row = i if onehot else int(np.searchsorted(np.asarray(col[1]), i, side="right")) - 1
+    file = f"{field.name}.npy" if onehot else f"{field.name}.values.npy"
+    entry = "" if onehot else f", bag entry {i - int(col[1][row])}"
+    if bounded:
+        why = (f"outside {lo}..{field.vocab} (vocab = {field.vocab}"
+               + (", 0 = missing)" if onehot else ")"))
+    else:
+        why = "negative (a raw value of a table of entity ids is an id, below 2**63)"
+    more = f"; {n - 1} more such value{'s' if n > 2 else ''} in this file" if n > 1 else ""
+    _fail(f"{where}/{file}: {side} field {field.name!r}, row {row} ({side} id {int(ids[row])}){entry}: "
+          f"raw value {int(values[i])} is {why}{more}")
 
 
 def _required_files(bundle):
@@ -253,6 +281,8 @@ class _Checks:
 
     def profiles(self):
         b = self.bundle
+        cube = open_cube(b.cube_path, b.dim)
+        bounded = {}        # (table, vocab) -> whether vocab bounds its raw values
         for side in ("user", "item"):
             p = Profiles(b, side)
             where = f"{b.path}/profiles/{side}s"
@@ -273,6 +303,10 @@ class _Checks:
                             or (np.diff(offsets) < 0).any()):
                         _fail(f"{where}/{f.name}.offsets.npy is not {rows + 1} non-decreasing offsets "
                               f"from 0 to len({f.name}.values.npy)")
+                table = (f.hash_id, f.vocab)
+                if table not in bounded:
+                    bounded[table] = table_is_bounded(cube, f.hash_id, f.vocab, b.hash_seed)
+                _check_values(where, side, f, ids, p.cols[f.name], bounded[table])
             if side == "user":
                 want = (rows, b.dense_features)
                 if p.dense.shape != want or p.dense.dtype != np.float32:
@@ -287,6 +321,11 @@ class _Checks:
                     _fail(f"{where}/sig_lens.npy is {p.sig_lens.dtype} {p.sig_lens.shape}, expected int32 {want[:2]}")
                 if p.sig_lens.min() < 0 or p.sig_lens.max() > b.item_len:
                     _fail(f"{where}/sig_lens.npy has bag lengths outside 0..{b.item_len}")
+        for side in ("user", "item"):
+            try:
+                default_vectors(b, side)     # the process's: the smoke check's stages reuse them
+            except BundleError as e:
+                _fail(f"{b.path}/manifest.toml: {e}")
 
     def skipped(self):
         """The checks of CHECKS that do not apply to this bundle (known once the manifest is read)."""

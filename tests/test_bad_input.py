@@ -353,14 +353,19 @@ def test_unknown_items_under_reject_are_bad_request(client, demo_trace, referenc
     assert_topk(r, items, trace_scores[5], 10)
 
 
-def test_an_unknown_user_is_scored_with_default_features(client, demo_trace, reference):
+def test_an_unknown_user_is_scored_with_default_features_and_counted(client, demo_trace, reference):
     _, items, recall = demo_trace[6]
     known_users = reference.profiles["user"]["ids"]
     user = 12345
     assert not np.isin(np.uint64(user), known_users)
     expected, _ = reference.score(user, items)
+    before = client.info()["pipelines"]["demo"]["unknown_users"]
     r = client.score(user, items, recall, ret="all", deadline_ms=30_000)
     np.testing.assert_allclose(r.scores, expected, rtol=0, atol=1e-5)
+    assert r["unknown_user"] == 1
+    assert client.score(demo_trace[6][0], items, recall, deadline_ms=30_000)["unknown_user"] == 0
+    # counted once per reply to an unknown user, in the broker's figures (jizhictl stats)
+    assert client.info()["pipelines"]["demo"]["unknown_users"] == before + 1
 
 
 def expected_missing_signatures(reference, user, items):

@@ -426,10 +426,13 @@ def test_the_prometheus_endpoint_has_stage_histograms_request_counts_queues_pool
     with server.client() as c:
         for q in range(12):
             score_ok(c, demo_trace, trace_scores, q)
+        assert c.score(12345, demo_trace[0][1], top_k=10, deadline_ms=30_000)["unknown_user"] == 1
     text, samples = scrape()
     info = server.info()
-    assert latency_count(samples) - latency_count(first) == 12
+    assert latency_count(samples) - latency_count(first) == 13
     assert latency_count(samples) == info["answered"]   # every OK answer of this broker, and only those
+    unknown = ("jizhi_unknown_users_total", (("pipeline", "demo"),))
+    assert samples[unknown] - first[unknown] == 1 and samples[unknown] == info["pipelines"]["demo"]["unknown_users"]
 
     assert "jizhi_stage_service_seconds_bucket{" in text and 'le="0.0001"' in text
     edges = [f"{b / 1e6:g}" for b in BUCKETS_US[:-1]] + ["+Inf"]

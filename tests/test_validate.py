@@ -6,6 +6,7 @@ published once (``versions``), then validated by the real entry point,
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -13,7 +14,9 @@ import tomllib
 import numpy as np
 import pytest
 
-from jizhi.bundle import Bundle
+from jizhi.bundle import Bundle, file_entries, write_text
+from jizhi.cube.signature import sign
+from jizhi.tomlw import toml_text
 from jizhi.tools.demo import FAULTS, init_demo, publish, stage_version
 from jizhi.errors import BundleError
 from jizhi.tools.reference import ReferenceScorer
@@ -179,3 +182,131 @@ def test_stage_version_refuses_a_damaged_source_and_leaves_nothing_staged(models
     with pytest.raises(ValueError, match="dense.onnx differs from its manifest entry"):
         stage_version(models, versions["corrupt"], 11)
     assert not os.path.exists(os.path.join(models, ".incoming", "demo.11"))
+
+
+# ---------------------------------------------------------------------------
+# Raw values against their field's table, and default_vector (docs/formats.md, "Bounded tables")
+
+
+def variant(source, dest, manifest_edit=None, profile_edit=None):
+    """A copy of the version ``source`` at ``dest`` (``<models>/<name>/<version>``): ``profile_edit(dest)``
+    changes its files, ``manifest_edit(manifest dict)`` its manifest, which is written again with
+    ``dest``'s version number and its recomputed [[files]]. Returns ``dest``."""
+    shutil.copytree(source, dest)
+    if profile_edit is not None:
+        profile_edit(dest)
+    with open(os.path.join(dest, "manifest.toml"), "rb") as f:
+        manifest = tomllib.load(f)
+    manifest["version"] = int(os.path.basename(dest))
+    if manifest_edit is not None:
+        manifest_edit(manifest)
+    manifest["files"] = [{"path": p, "size": n, "sha256": h} for p, n, h in file_entries(dest)]
+    write_text(os.path.join(dest, "manifest.toml"), toml_text(manifest))
+    return os.fspath(dest)
+
+
+def set_values(rel, change):
+    """A ``profile_edit``: ``change(array)`` on the array of ``rel`` (a path in the version), saved in place."""
+    def edit(version_dir):
+        path = os.path.join(version_dir, rel)
+        array = np.load(path)
+        change(array)
+        np.save(path, array, allow_pickle=False)
+    return edit
+
+
+def bag_start(version_dir, side, field, row):
+    return int(np.load(os.path.join(version_dir, "profiles", side + "s", field + ".offsets.npy"))[row])
+
+
+def first_bag(version_dir, side, field, length):
+    """The first row whose ``field`` bag holds at least ``length`` values."""
+    offsets = np.load(os.path.join(version_dir, "profiles", side + "s", field + ".offsets.npy"))
+    return int(np.flatnonzero(np.diff(offsets) >= length)[0])
+
+
+def entity_id(version_dir, side, row):
+    return int(np.load(os.path.join(version_dir, "profiles", side + "s", "ids.npy"))[row])
+
+
+OUT_OF_RANGE = {
+    # case: (side, field, row (onehot), bag entry (None: onehot), value, further bad values [(index in the file,
+    #        value)] after it, what the line ends with)
+    "onehot_over_vocab": ("user", "u_cat0", 17, None, 1001, None,
+                          "raw value 1001 is outside 0..1000 (vocab = 1000, 0 = missing)"),
+    "onehot_negative": ("item", "i_cat2", 3, None, -2, [(9, 501)],
+                        "raw value -2 is outside 0..500 (vocab = 500, 0 = missing); 1 more such value in this file"),
+    "bag_over_vocab": ("item", "i_multi0", None, 2, 5001, None, "raw value 5001 is outside 1..5000 (vocab = 5000)"),
+    "bag_negative": ("user", "u_multi1", None, 1, -5, [(-1, -1), (-2, 2001)],
+                     "raw value -5 is outside 1..2000 (vocab = 2000); 2 more such values in this file"),
+    "bag_zero": ("user", "u_multi0", None, 0, 0, None, "raw value 0 is outside 1..5000 (vocab = 5000)"),
+    "history_negative": ("user", "u_hist", None, 3, -7, None,
+                         "raw value -7 is negative (a raw value of a table of entity ids is an id, below 2**63)"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE))
+def test_a_raw_value_out_of_its_fields_range_is_refused_naming_field_row_id_and_value(models, v1, case):
+    side, field, row, entry, value, more, ends = OUT_OF_RANGE[case]
+    version = 20 + list(OUT_OF_RANGE).index(case)
+    onehot = entry is None
+    if not onehot:
+        row = first_bag(v1, side, field, entry + 1)
+    rel = f"profiles/{side}s/{field}.npy" if onehot else f"profiles/{side}s/{field}.values.npy"
+    at = row if onehot else bag_start(v1, side, field, row) + entry
+
+    def change(array):
+        array[at] = value
+        for i, v in more or ():
+            array[i] = v
+    version_dir = variant(v1, os.path.join(models, "demo", str(version)), profile_edit=set_values(rel, change))
+    code, result = run_validate(version_dir, "--name", "demo", "--version", str(version))
+    assert code == 1
+    where = f", bag entry {entry}" if not onehot else ""
+    assert (result["ok"], result["check"]) == (False, "profiles")
+    assert result["error"] == (f"{version_dir}/{rel}: {side} field {field!r}, row {row} "
+                               f"({side} id {entity_id(v1, side, row)}){where}: {ends}")
+
+
+def test_entity_ids_and_bags_longer_than_max_len_are_not_refused(models, v1):
+    # u_hist (max_len 50) reads the i_id table of entity ids: raw values are item ids, far above its vocab.
+    items = np.load(os.path.join(v1, "profiles", "items", "ids.npy")).view(np.int64)
+
+    def longer(version_dir):
+        d = os.path.join(version_dir, "profiles", "users")
+        values, offsets = (np.load(os.path.join(d, f"u_hist.{n}.npy")) for n in ("values", "offsets"))
+        extra = items[:70]      # user row 0's bag becomes 70 + its own values long
+        np.save(os.path.join(d, "u_hist.values.npy"), np.concatenate([extra, values]), allow_pickle=False)
+        np.save(os.path.join(d, "u_hist.offsets.npy"), np.concatenate([[0], offsets[1:] + extra.shape[0]]),
+                allow_pickle=False)
+    version_dir = variant(v1, os.path.join(models, "demo", "30"), profile_edit=longer)
+    lens = np.diff(np.load(os.path.join(version_dir, "profiles", "users", "u_hist.offsets.npy")))
+    assert lens[0] > 50 and (items > 2 * ITEMS).all()
+    code, result = run_validate(version_dir, "--name", "demo", "--version", "30")
+    assert (code, result["ok"], result["error"]) == (0, True, None)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(default_vector="avg"),
+     "{dir}/manifest.toml: default_vector = 'avg' is not one of zeros, mean, row:N "
+     "(N a raw value of the field's table, e.g. row:1)"),
+    (lambda m: m["fields"][2].update(default_vector="row:0"),
+     "{dir}/manifest.toml: field 'u_cat2' default_vector = 'row:0' is not one of zeros, mean, row:N "
+     "(N a raw value of the field's table, e.g. row:1)"),
+], ids=("manifest", "field"))
+def test_an_unknown_default_vector_is_refused_by_the_manifest_check(models, v1, edit, message):
+    version = 31 if "avg" in message else 32
+    version_dir = variant(v1, os.path.join(models, "demo", str(version)), manifest_edit=edit)
+    code, result = run_validate(version_dir, "--name", "demo", "--version", str(version))
+    assert (code, result["ok"], result["check"]) == (1, False, "manifest")
+    assert result["error"] == message.format(dir=version_dir)
+
+
+def test_a_default_row_the_table_lacks_is_refused(models, v1):
+    version_dir = variant(v1, os.path.join(models, "demo", "33"),
+                          manifest_edit=lambda m: m["fields"][0].update(default_vector="row:1001"))
+    code, result = run_validate(version_dir, "--name", "demo", "--version", "33")
+    assert (code, result["ok"], result["check"]) == (1, False, "profiles")
+    assert result["error"] == (f'{version_dir}/manifest.toml: field \'u_cat0\': default_vector = "row:1001", but the '
+                               f"cube stores no vector for raw value 1001 of its table "
+                               f"(signature {int(sign(1, [1001])[0]):#018x})")

@@ -6,12 +6,15 @@ LMDB (or a remote cube) are deduplicated, so a signature shared by many
 candidates (a category, a popular item in histories) is read once; the
 shared-memory hot tier is probed for every signature where it lies, which
 costs less than the sort deduplication needs. Signatures missing from the cube
-read the default vector and are counted as ``missing_signatures``.
+read their field's default vector and are counted as ``missing_signatures``;
+an empty bag pools to it. The default vectors (manifest ``default_vector``:
+zeros, mean or row:N) are computed once, when the stage sets up the bundle
+(``cube.pooling.default_vectors``).
 """
 import numpy as np
 
 from jizhi.cube.hot import TieredStore
-from jizhi.cube.pooling import pool_blocks
+from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.store import open_cube
 from jizhi.stats import (C_DISK_HITS, C_HOT_GEN, C_HOT_HITS, C_LOOKUPS, C_REMOTE_DEGRADED, C_REMOTE_KEYS,
                          C_REMOTE_TRIPS)
@@ -31,6 +34,7 @@ class CubeAccessor(Stage):
     def setup(self, config, bundle):
         self.dim = bundle.dim
         self.sums = [bundle.user_sums, bundle.item_sums]
+        self.defaults = [default_vectors(bundle, "user"), default_vectors(bundle, "item")]
         self.per_pair = bool(config.get("per_pair"))
         self.levels = None
         if config.get("remote"):
@@ -67,7 +71,7 @@ class CubeAccessor(Stage):
     def process(self, batch):
         (user_emb, item_emb), (umiss, imiss) = pool_blocks(
             self.store, [(batch["user_sigs"], batch["user_lens"]),
-                        (batch["item_sigs"], batch["item_lens"])], self.dim, self.sums)
+                        (batch["item_sigs"], batch["item_lens"])], self.dim, self.sums, self.defaults)
         if self.per_pair:
             # The user's row is repeated per pair: count it once (0 for a request left without candidates).
             first = np.minimum(batch.offsets[:-1], max(umiss.shape[0] - 1, 0))

@@ -9,7 +9,9 @@ Unknown item ids are not errors (new items appear every hour): the pipeline
 option ``on_unknown`` says what to do with them: ``default`` scores them with
 empty bags (the default vectors), ``drop`` removes them from the ranking,
 ``reject`` fails the request with BAD_REQUEST. They are counted in the reply
-as ``unknown_items`` in every case.
+as ``unknown_items`` in every case. A user the profiles do not know is
+scored with zero dense features and empty bags (each field's default
+vector) and counted in the reply as ``unknown_user`` (0 or 1).
 
 The user's recent behaviour from ``feedback`` (the online overlay,
 jizhi/overlay.py) is merged over the snapshot's history field here.
@@ -49,6 +51,7 @@ class DataReader(Stage):
 
     def process(self, batch):
         urows, uknown = self.users.rows(batch.users)
+        batch.count("unknown_user", ~uknown)
         users = batch.users
         if self.per_pair:
             pair = batch.candidate_request()

@@ -12,7 +12,7 @@ different kernels.
 import numpy as np
 
 from jizhi.bundle import Profiles
-from jizhi.cube.pooling import pool_blocks
+from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.signature import sign_padded
 from jizhi.cube.store import open_cube
 from jizhi.overlay import Overlay
@@ -31,6 +31,7 @@ class LegacyScorer(Stage):
         self.users = Profiles(bundle, "user")
         self.items = Profiles(bundle, "item")
         self.cube = open_cube(bundle.cube_path, bundle.dim)
+        self.defaults = [default_vectors(bundle, "user"), default_vectors(bundle, "item")]
         self.session = open_session(bundle.onnx_path)
         self.overlay = Overlay.attach(config.get("_overlay"))
 
@@ -49,7 +50,7 @@ class LegacyScorer(Stage):
             irows, iknown = self.items.rows(items)
             isigs, ilens = self.items.item_signatures(irows, iknown)
             (uemb, iemb), (um, im) = pool_blocks(self.cube, [(usigs, lens), (isigs, ilens)], b.dim,
-                                                 [b.user_sums, b.item_sums])
+                                                 [b.user_sums, b.item_sums], self.defaults)
             s, = self.session.run([b.onnx_output], {
                 "dense": dense, "user_emb": uemb, "item_emb": iemb,
                 "user_index": np.arange(p, dtype=np.int64)})
@@ -57,5 +58,6 @@ class LegacyScorer(Stage):
             unknown.append(int((~iknown).sum()))
             missing.append(int(um[0] + im.sum()))
         batch.count("unknown_items", unknown)
+        batch.count("unknown_user", ~self.users.rows(batch.users)[1])
         batch.count("missing_signatures", missing)
         return rank(batch, batch.drop_invalid(np.concatenate(scores)), None)

@@ -54,7 +54,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from jizhi.cube.pooling import pool_blocks
+from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.store import open_cube
 from jizhi.graph.itemside import ItemTable, split_items
 from jizhi.graph.session import session_options
@@ -121,7 +121,8 @@ def _pool_items(bundle, sigs, lens):
     """Pooled item embeddings f32[R, F_item, D] of these signatures, from the version's cube (ItemTable's pool).
     The process's one Cube of the version (open_cube): in a fused worker the cube stage reads the same one,
     so it is not closed here."""
-    (emb,), _ = pool_blocks(open_cube(bundle.cube_path, bundle.dim), [(sigs, lens)], bundle.dim, [bundle.item_sums])
+    (emb,), _ = pool_blocks(open_cube(bundle.cube_path, bundle.dim), [(sigs, lens)], bundle.dim, [bundle.item_sums],
+                            [default_vectors(bundle, "item")])
     return emb
 
 

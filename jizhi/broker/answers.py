@@ -20,7 +20,7 @@ import numpy as np
 from jizhi import messages, protocol
 from jizhi.errors import CODES
 from jizhi.states import VersionState
-from jizhi.stats import C_INVALID_SCORES, C_REQUESTS
+from jizhi.stats import C_INVALID_SCORES, C_REQUESTS, C_UNKNOWN_USERS
 from jizhi.workers.stage import INVALID_NAN_BITS, INVALID_SCORES
 
 log = logging.getLogger("jizhi.broker")
@@ -111,13 +111,19 @@ class Answers:
         if b.stats is not None:
             b.stats.observe(pipe.row, 0, total_us)
             b.stats.counters[pipe.row, C_REQUESTS] += 1
+        # 0 or 1: a pipeline whose branches each read the profiles counts the user once per branch.
+        unknown_user = 1 if req.counts.get("unknown_user", 0) else 0
+        if unknown_user:
+            pipe.unknown_users += 1
+            if b.stats is not None:
+                b.stats.counters[pipe.row, C_UNKNOWN_USERS] += 1
         pairs = int(n - np.count_nonzero(np.isnan(scores)))     # pairs that got a score
         pipe.requests.add(total_us, pairs)
         if pipe.shedding is not None:
             pipe.requests.shed = 0.98 * pipe.requests.shed + 0.02 * req.counts.get("shed", 0)
             pipe.requests.cands = 0.98 * pipe.requests.cands + 0.02 * n
         extra = {"missing_signatures": req.counts.get("missing_signatures", 0), "cached": req.counts.get("cached", 0),
-                 "invalid_scores": invalid}
+                 "invalid_scores": invalid, "unknown_user": unknown_user}
         if req.ab:
             for router, name in req.ab.items():
                 pipe.ab_stats[router][name]["requests"].add(total_us, pairs)

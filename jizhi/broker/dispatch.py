@@ -65,6 +65,7 @@ class PipelineState:
         self.qc_hits = 0
         self.invalid_scores = 0     # candidates dropped from ok replies for a NaN or infinite score
         self.invalid_logged = (0.0, 0)   # when the last log line about them went out, and the count then
+        self.unknown_users = 0      # ok replies whose user the profiles do not know (unknown_user 1)
         # A/B dispatch (workers/ab_dispatch.py): groups the broker routes itself, and the A/B group of
         # every group in a branch; per A/B group figures.
         self.routers = {}

@@ -134,7 +134,8 @@ def pipeline_info(p):
            "model_versions": serving.versions if serving else None,
            "versions": versions, "ready": p.ready(),
            "in_flight": p.in_flight(), "slots": p.slots, "groups": groups,
-           "requests": p.requests.snapshot(), "invalid_scores": p.invalid_scores}
+           "requests": p.requests.snapshot(), "invalid_scores": p.invalid_scores,
+           "unknown_users": p.unknown_users}
     if p.has_qcache:
         out["query_cache"] = {"candidates": p.qc_candidates, "hits": p.qc_hits}
     if p.shedding is not None:

@@ -41,22 +41,23 @@ def stats_text(info):
 
 
 def stats_table(info):
-    """The counters line, one row per pipeline (latency, invalid scores) and one per stage group (pool, queue,
-    wait and service times)."""
+    """The counters line, one row per pipeline (latency, unknown users, invalid scores) and one per stage group
+    (pool, queue, wait and service times)."""
     lines = []
     lines.append(f"answered {info['answered']}  errors {info['errors'] or '{}'}  malformed {info['malformed']}  "
                  f"draining {info['draining']}  up {info['uptime_s']}s"
                  + (f" (broker up {info['broker_uptime_s']}s)" if info.get("broker_uptime_s") is not None
                     and abs(info["broker_uptime_s"] - info["uptime_s"]) >= 1 else ""))
     lines.append(f"{'pipeline':<26} {'in flight':>9} {'ok/s':>7} {'pairs/s':>9} {'p50':>9} {'p99':>9} {'p99.9':>9} "
-                 f"{'invalid':>9}")
+                 f"{'unk.users':>9} {'invalid':>9}")
     for pname, p in info["pipelines"].items():
         rq = p.get("requests", {})
         lat = rq.get("latency_us", {})
-        # invalid: candidates dropped from ok replies since the broker started (a NaN or infinite score)
+        # unk.users: ok replies to a user the profiles do not know; invalid: candidates dropped from ok replies
+        # (a NaN or infinite score); both since the broker started
         lines.append(f"{pname:<26} {p['in_flight']:>9} {rq.get('ok_per_s', 0):>7} {rq.get('pairs_per_s', 0):>9,.0f} "
                      f"{fmt_us(lat.get('p50')):>9} {fmt_us(lat.get('p99')):>9} {fmt_us(lat.get('p99_9')):>9} "
-                     f"{p.get('invalid_scores', 0):>9,}")
+                     f"{p.get('unknown_users', 0):>9,} {p.get('invalid_scores', 0):>9,}")
     lines.append(f"{'pipeline/group':<26} {'workers':>7} {'queue':>6} {'events/s':>9} {'wait p50':>9} {'wait p99':>9} "
                  f"{'svc p50':>9} {'svc p99':>9}")
     for pname, p in info["pipelines"].items():

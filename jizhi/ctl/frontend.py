@@ -160,7 +160,8 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
         click.echo(json.dumps(out, indent=2, default=str))
     elif r.ok:
         click.echo(f"pipeline {pipeline}  user {user}  candidates {len(items)}  model_versions {r['model_versions']}  "
-                   f"unknown_items {r['unknown_items']}  missing_signatures {r.get('missing_signatures', 0)}"
+                   f"unknown_items {r['unknown_items']}  unknown_user {r.get('unknown_user', 0)}"
+                   f"  missing_signatures {r.get('missing_signatures', 0)}"
                    f"  invalid_scores {r.get('invalid_scores', 0)}"
                    + (f"  answered by {r.endpoint} (attempt {r.attempts})" if "," in endpoint else ""))
         click.echo(f"{'rank':>4}  {'item_id':>20}  score")

@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import CollectorRegistry
 
 from jizhi.errors import CODES
-from jizhi.stats import BANKS, BUCKETS_US, C_EVENTS, C_INVALID_SCORES, rss_bytes
+from jizhi.stats import BANKS, BUCKETS_US, C_EVENTS, C_INVALID_SCORES, C_UNKNOWN_USERS, rss_bytes
 from jizhi.states import VersionState
 from jizhi.supervisor.registry import TRANSITIONS as REGISTRY_TRANSITIONS
 
@@ -65,6 +65,8 @@ class Collector:
         errors = CounterMetricFamily("jizhi_errors", "Error replies by code", labels=["pipeline", "code"])
         invalid = CounterMetricFamily("jizhi_invalid_scores", "Candidates dropped from ok replies because their "
                                       "score was NaN or infinite", labels=["pipeline"])
+        unknown_users = CounterMetricFamily("jizhi_unknown_users", "Ok replies to a user the profiles do not know "
+                                            "(scored with the default vectors)", labels=["pipeline"])
         events = CounterMetricFamily("jizhi_worker_events", "Events processed per worker",
                                      labels=["pipeline", "group", "wid"])
         for pname, plan in sup.run["pipelines"].items():
@@ -74,6 +76,7 @@ class Collector:
             for ci, code in enumerate(CODES):
                 errors.add_metric([pname, code], int(st.errors[prow, ci]))
             invalid.add_metric([pname], int(st.counters[prow, C_INVALID_SCORES]))
+            unknown_users.add_metric([pname], int(st.counters[prow, C_UNKNOWN_USERS]))
             for g, group in plan["groups"].items():
                 base = rows[f"{pname}/{g}"]
                 pool = sup.settings["workers.max_pool"]
@@ -90,6 +93,7 @@ class Collector:
         yield req_h
         yield errors
         yield invalid
+        yield unknown_users
         yield events
         info = sup.reports.broker_info or {}
         queue = GaugeMetricFamily("jizhi_queue_depth", "Requests queued per group", labels=["pipeline", "group"])

@@ -18,11 +18,16 @@ What a score is, spelled out (docs/formats.md gives the files):
   hash_seed)``, where ``hash_id`` is the field's id, or for a field with
   ``shares`` the id of the shared field; item signatures are recomputed from
   raw values, ``sigs.npy`` is not read (so it can be checked against this);
-* a signature reads its cube vector, or zeros when it is missing from the
-  cube (``default_vector = "zeros"``);
+* a signature reads its cube vector, or its field's default vector when it
+  is missing from the cube; the default vector (``default_vector``, the
+  field's own else the manifest's): ``"zeros"``; ``"mean"``, the mean of
+  the vectors the field's table stores, those of raw values 1..vocab when
+  the cube stores any of them (a bounded table), else those of the raw
+  values the profiles of the fields reading the table hold (a table of
+  entity ids); ``"row:N"``, the vector of raw value N;
 * mean pooling: the sum of the bag's vectors divided by the bag length
-  (missing signatures count), an empty bag pools to zeros; a field with
-  ``pooling = "sum"``: the sum;
+  (missing signatures count), an empty bag pools to the default vector; a
+  field with ``pooling = "sum"``: the sum, an empty bag the default vector;
 * ``dense.onnx`` maps ``dense``, ``user_emb``, ``item_emb``, ``user_index``
   to ``score``; with a head bundle (``dense=``), the head's graph does,
   on the base version's features.
@@ -66,8 +71,6 @@ class ReferenceScorer:
             onnx_path, self.output = self._head_graph(os.fspath(dense))
         self.dim = int(self.manifest["dim"])
         self.hash_seed = int(self.manifest["hash_seed"])
-        if self.manifest.get("default_vector", "zeros") != "zeros":
-            raise ValueError(f"unsupported default_vector {self.manifest['default_vector']!r}")
         fields = self.manifest["fields"]
         ids_by_name = {f["name"]: int(f["id"]) for f in fields}
         for f in fields:
@@ -82,6 +85,10 @@ class ReferenceScorer:
         self.cube_keys, self.cube_vectors = read_all(os.path.join(self.version_dir, "cube"))
         if self.cube_vectors.shape[0] and self.cube_vectors.shape[1] != self.dim:
             raise ValueError(f"cube dim {self.cube_vectors.shape[1]} != manifest dim {self.dim}")
+        top = self.manifest.get("default_vector", "zeros")
+        for side in ("user", "item"):
+            for f in self.fields[side]:
+                f["default"] = self._default(f, f.get("default_vector", top))
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
@@ -145,15 +152,42 @@ class ReferenceScorer:
         values[valid] = flat[(starts[:, None] + np.arange(max_len))[valid]]
         return values, lens
 
-    def _vectors(self, signatures):
-        """Cube vectors of ``signatures``; zeros for those missing from the cube."""
+    def _vectors(self, signatures, default=None):
+        """Cube vectors of ``signatures``; ``default`` (zeros) for those missing from the cube; and the hits."""
         out = np.zeros((signatures.shape[0], self.dim), dtype=np.float32)
+        if default is not None:
+            out[:] = default
         if self.cube_keys.shape[0] == 0:
-            return out
+            return out, np.zeros(signatures.shape[0], dtype=bool)
         pos = np.minimum(np.searchsorted(self.cube_keys, signatures), self.cube_keys.shape[0] - 1)
         hit = self.cube_keys[pos] == signatures
         out[hit] = self.cube_vectors[pos[hit]]
-        return out
+        return out, hit
+
+    def _default(self, field, value):
+        """The default vector float32 [dim] of ``field`` for its ``default_vector`` ``value``."""
+        h = field["hash_id"]
+        if value == "zeros":
+            return np.zeros(self.dim, dtype=np.float32)
+        if value == "mean":
+            vectors, hit = self._vectors(sign(h, np.arange(1, int(field.get("vocab", 0)) + 1), self.hash_seed))
+            if not hit.any():   # a table of entity ids: the raw values its fields' profiles hold
+                values = []
+                for side in ("user", "item"):
+                    for f in self.fields[side]:
+                        if f["hash_id"] == h:
+                            data = self.profiles[side][f["name"]]
+                            values.append(data[data != 0] if f["kind"] == "onehot" else data[0])
+                vectors, hit = self._vectors(sign(h, np.unique(np.concatenate(values)), self.hash_seed))
+            if not hit.any():
+                raise ValueError(f"field {field['name']}: default_vector mean of a table the cube does not hold")
+            return vectors[hit].astype(np.float64).mean(axis=0).astype(np.float32)
+        if isinstance(value, str) and value.startswith("row:") and value[4:].isdigit() and int(value[4:]) >= 1:
+            vector, hit = self._vectors(sign(h, np.array([int(value[4:])]), self.hash_seed))
+            if not hit[0]:
+                raise ValueError(f"field {field['name']}: default_vector {value}: no such row in the cube")
+            return vector[0]
+        raise ValueError(f"field {field['name']}: unsupported default_vector {value!r}")
 
     def embeddings(self, side, rows):
         """Pooled embeddings float32 [len(rows), F_side, dim] for profile ``rows`` (-1 = unknown)."""
@@ -163,12 +197,13 @@ class ReferenceScorer:
             values, lens = self._bag(side, field, rows)
             valid = np.arange(values.shape[1]) < lens[:, None]
             vectors = np.zeros(values.shape + (self.dim,), dtype=np.float32)
-            vectors[valid] = self._vectors(sign(field["hash_id"], values[valid], self.hash_seed))
+            vectors[valid] = self._vectors(sign(field["hash_id"], values[valid], self.hash_seed), field["default"])[0]
             total = vectors.sum(axis=1)
             if field.get("pooling", "mean") == "sum":
                 out[:, column, :] = total
             else:
                 out[:, column, :] = total / np.maximum(lens, 1).astype(np.float32)[:, None]
+            out[lens == 0, column, :] = field["default"]
         return out
 
     def score_requests(self, users, offsets, items):

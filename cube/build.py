@@ -22,6 +22,8 @@ import tomllib
 import lmdb
 import numpy as np
 
+from jizhi.cube.store import opened_cube
+
 _PAGE_BYTES = 4096
 # LMDB node header (8) plus the page's 2-byte pointer to the node.
 _NODE_OVERHEAD_BYTES = 10
@@ -422,7 +424,9 @@ def read_all(path):
     An empty cube returns float32 [0, 0] vectors.
     """
     path = os.fspath(path)
-    env = lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=True)
+    # LMDB refuses a second environment on one file in a process: read through the one a stage opened.
+    cube = opened_cube(path)
+    env = cube.env if cube is not None else lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=True)
     try:
         with env.begin(buffers=False) as txn:
             entries = txn.stat()["entries"]
@@ -432,7 +436,8 @@ def read_all(path):
                 key_parts.append(key)
                 value_parts.append(value)
     finally:
-        env.close()
+        if cube is None:
+            env.close()
     if entries == 0:
         return np.empty(0, dtype=np.uint64), np.empty((0, 0), dtype=np.float32)
     keys = np.frombuffer(b"".join(key_parts), dtype="<u8").astype(np.uint64)

@@ -115,6 +115,11 @@ def cube_keys(cube):
     return np.frombuffer(raw, dtype="<u8").copy()
 
 
+def opened_cube(path):
+    """The process's Cube for ``path`` if ``open_cube`` opened it, else None."""
+    return _OPEN.get(str(path))
+
+
 def open_cube(path, dim):
     """The process's one Cube for ``path`` (opening an env twice is illegal)."""
     key = str(path)

@@ -41,10 +41,24 @@ import torch_models as tm  # noqa: E402
 from jizhi.tools.dlrm import pipeline_text  # noqa: E402
 from jizhi.tools.demo import generate_trace  # noqa: E402
 from jizhi.tools.importer import import_model  # noqa: E402
-from jizhi.tools.structbench import flops_table  # noqa: E402
+from jizhi.graph.floor import floor  # noqa: E402
+from jizhi.graph.flops import flops  # noqa: E402
+from jizhi.graph.itemside import split_items  # noqa: E402
+from jizhi.graph.structured import structure, unstructure  # noqa: E402
 
 CANDIDATES = 500
 PIPELINES = (("per_pair", False, False), ("structured", True, False), ("items", True, True))
+
+
+def flops_table(model, candidates):
+    """MatMul/Gemm FLOPs per pair at ``candidates`` per user, as `python -m jizhi.tools.structbench report`
+    computes them: the per-pair graph, structured, structured + item table, the analytic floor."""
+    structured, report = structure(model)
+    split = split_items(structured)
+    return {"per_pair": flops(unstructure(model)).at(candidates), "structured": report.flops_after.at(candidates),
+            "items": flops(split.serving).at(candidates) if split is not None else report.flops_after.at(candidates),
+            "floor": floor(model).per_pair, "layers_split": len(report.split_layers),
+            "interactions_split": len(report.split_interactions)}
 
 
 def pipelines(directory):
@@ -134,7 +148,7 @@ def main():
         row["import_s"] = time.perf_counter() - started
         jizhi, torch_scores = tm.score_pairs(fixture, version, requests=8, per=100)
         row["max_diff"] = float(np.max(np.abs(jizhi.astype(np.float64) - torch_scores)))
-        row.update(flops_table(onnx.load(os.path.join(version, "dense.onnx")), version, CANDIDATES))
+        row.update(flops_table(onnx.load(os.path.join(version, "dense.onnx")), CANDIDATES))
         if any(s in label for s in loaded):
             row["rps"] = throughput(work, version, args.duration)
         row["imports"] = True

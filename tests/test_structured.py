@@ -137,7 +137,9 @@ def _interaction_model(selection, *, reshape_form=True, gemm=True, select_by="Ga
     the parts unsqueezed to [P,1,DIM]), Z = T @ T^T; the entries ``selection`` of Z
     flattened by Reshape(Z, [0, F*F]) picked by ``select_by``: "Gather" (axis 1),
     "Slice" (a range of them, as many), "all" (no selection: every entry), or
-    "GatherND" (on Z transposed to [F, F, P], no flattening). The top layer is a
+    "GatherND" (on Z transposed to [F, F, P], no flattening, transposed back to
+    [P, k]) or "GatherND mixing pairs" (the same, reshaped to [P, k] without the
+    Transpose: each row reads other pairs' entries). The top layer is a
     Gemm (transB=1, alpha, beta) or a MatMul and an Add."""
     f_user, f_item = 2, 3
     n = 1 + f_user + f_item
@@ -169,7 +171,7 @@ def _interaction_model(selection, *, reshape_form=True, gemm=True, select_by="Ga
         helper.make_node("Transpose", ["T"], ["T_t"], perm=[0, 2, 1]),
         helper.make_node("MatMul", ["T", "T_t"], ["Z"]),
     ]
-    if select_by != "GatherND":
+    if not select_by.startswith("GatherND"):
         nodes.append(helper.make_node("Reshape", ["Z", "z_shape"], ["Z_flat"]))
     else:
         del weights["z_shape"]
@@ -178,11 +180,15 @@ def _interaction_model(selection, *, reshape_form=True, gemm=True, select_by="Ga
         nodes.append(helper.make_node("Slice", ["Z_flat", "s0", "s1", "axis1"], ["R"]))
     elif select_by == "all":
         nodes.append(helper.make_node("Identity", ["Z_flat"], ["R"]))
-    elif select_by == "GatherND":
+    elif select_by.startswith("GatherND"):
         weights["sel_ij"] = np.array([divmod(i, n) for i in selection], dtype=np.int64)
         nodes += [helper.make_node("Transpose", ["Z"], ["Z_last"], perm=[1, 2, 0]),
-                  helper.make_node("GatherND", ["Z_last", "sel_ij"], ["R_t"]),
-                  helper.make_node("Transpose", ["R_t"], ["R"], perm=[1, 0])]
+                  helper.make_node("GatherND", ["Z_last", "sel_ij"], ["R_t"])]
+        if select_by == "GatherND":
+            nodes.append(helper.make_node("Transpose", ["R_t"], ["R"], perm=[1, 0]))
+        else:
+            weights["r_shape"] = np.array([-1, k], dtype=np.int64)
+            nodes.append(helper.make_node("Reshape", ["R_t", "r_shape"], ["R"]))
     else:
         nodes.append(helper.make_node("Gather", ["Z_flat", "sel"], ["R"], axis=1))
     nodes.append(helper.make_node("Concat", ["b", "R"], ["top_in"], axis=1))
@@ -290,22 +296,36 @@ def test_an_interaction_with_any_selected_entries_is_split(reshape_form, gemm):
             assert structured.check(model, structured_model, users, pairs, seed) <= TOLERANCE
 
 
-@pytest.mark.parametrize("select_by", ["Slice", "all"])
-def test_an_interaction_read_whole_is_split_and_read_in_its_original_order(select_by):
+@pytest.mark.parametrize("select_by, entries", [("Slice", 21), ("all", 36)])
+def test_an_interaction_read_whole_or_sliced_is_split_and_read_in_its_original_order(select_by, entries):
+    # A Slice of the flattened product is a selection of the entries it reads (the canonical pre-pass).
     model = _interaction_model(UPPER_WITH_DIAGONAL, select_by=select_by)
     structured_model, report = structured.structure(model)
-    assert len(report.split_interactions) == 1 and "36 entries" in report.split_interactions[0]
+    assert len(report.split_interactions) == 1 and f"{entries} entries" in report.split_interactions[0]
     assert len(report.split_layers) == 1
     for seed, (users, pairs) in enumerate(SHAPES):
         assert structured.check(model, structured_model, users, pairs, seed) <= TOLERANCE
 
 
-def test_an_unrecognised_interaction_selection_is_left_per_pair_with_the_same_scores():
+def test_a_selection_by_gathernd_on_the_transposed_product_is_split():
+    # Transpose(Z, [1, 2, 0]) -> GatherND -> Transpose([1, 0]): how the dynamo exporter writes Z[:, li, lj].
     model = _interaction_model(UPPER_WITH_DIAGONAL, select_by="GatherND")
     structured_model, report = structured.structure(model)
+    assert len(report.split_interactions) == 1 and "21 entries" in report.split_interactions[0]
+    assert len(report.split_layers) == 1
+    assert not any(n.op_type == "GatherND" for n in structured_model.graph.node)
+    for seed, (users, pairs) in enumerate(SHAPES):
+        assert structured.check(model, structured_model, users, pairs, seed) <= TOLERANCE
+
+
+def test_an_unrecognised_interaction_selection_is_left_per_pair_with_the_same_scores():
+    # The probe of the region after Z reads other pairs' entries in a row: not a selection, left as it is.
+    model = _interaction_model(UPPER_WITH_DIAGONAL, select_by="GatherND mixing pairs")
+    structured_model, report = structured.structure(model)
     assert report.split_interactions == ()
-    assert report.split_layers == ()          # R comes out of a Transpose [k, P] -> [P, k]: not provably per pair
+    assert report.split_layers == ()          # R comes out of a Reshape [k, P] -> [P, k]: not provably per pair
     assert "b.U" in _gather_sources(structured_model)   # the bottom MLP still runs on U rows
+    assert any(n.op_type == "GatherND" for n in structured_model.graph.node)
     for seed, (users, pairs) in enumerate(SHAPES):
         assert structured.check(model, structured_model, users, pairs, seed) <= TOLERANCE
 
@@ -317,6 +337,33 @@ def test_a_softmax_over_the_batch_axis_is_left_per_pair_with_the_same_scores(axi
     softmax = next(n for n in structured_model.graph.node if n.op_type == "Softmax")
     assert _producer(structured_model, softmax.input[0]).op_type == "Gather"   # h gathered before it
     assert len(report.moved_nodes) == 2                                        # MatMul, Relu
+    for seed, (users, pairs) in enumerate(SHAPES):
+        assert structured.check(model, structured_model, users, pairs, seed) <= TOLERANCE
+
+
+def test_computed_view_shapes_are_folded_only_where_the_batch_stays_first():
+    # h [P, 8] viewed as [2P, 4] (a computed shape that doubles the batch: left computed) and back as
+    # [P, 8] (Shape(h)[0] first: the canonical pre-pass makes it the constant [0, 8], and h2 moves to U rows).
+    model = _user_meets_item([
+        helper.make_node("Shape", ["h"], ["h_shape"]),
+        helper.make_node("Gather", ["h_shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Mul", ["batch", "two"], ["batch2"]),
+        helper.make_node("Unsqueeze", ["batch2", "axis0"], ["batch2_1d"]),
+        helper.make_node("Unsqueeze", ["batch", "axis0"], ["batch_1d"]),
+        helper.make_node("Concat", ["batch2_1d", "four"], ["doubled"], axis=0),
+        helper.make_node("Concat", ["batch_1d", "eight"], ["back"], axis=0),
+        helper.make_node("Reshape", ["h", "doubled"], ["h_doubled"]),
+        helper.make_node("Relu", ["h_doubled"], ["h_doubled_relu"]),
+        helper.make_node("Reshape", ["h_doubled_relu", "back"], ["h_back"]),
+        helper.make_node("Reshape", ["h", "back"], ["h_same"]),
+        helper.make_node("Add", ["h_back", "h_same"], ["h2"]),
+    ], {"zero": np.array(0, np.int64), "two": np.array(2, np.int64), "axis0": np.array([0], np.int64),
+        "four": np.array([4], np.int64), "eight": np.array([8], np.int64)})
+    structured_model, report = structured.structure(model)
+    assert any("constant target [0, 8]" in line for line in report.canonical)
+    assert not any("h_doubled:" in line for line in report.canonical)
+    assert any(n.op_type == "Shape" for n in structured_model.graph.node)   # [2P, 4] is still computed
+    assert "Reshape -> h_same" in report.moved_nodes and "Reshape -> h_back" not in report.moved_nodes
     for seed, (users, pairs) in enumerate(SHAPES):
         assert structured.check(model, structured_model, users, pairs, seed) <= TOLERANCE
 

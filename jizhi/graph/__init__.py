@@ -12,11 +12,16 @@ processes; every pass takes a ModelProto and returns a new one.
   ``Graph`` a pass reads and the ``Writer`` it writes with). The importer
   (``jizhi.tools.importer``) uses it too.
 * ``rows``: tensor kinds by rows and the ops that are row-wise.
+* ``ops``: a few ONNX ops in numpy (shape computations, data movement).
+* ``canonical``: the pre-pass both passes run first (torch.onnx.export's
+  forms made the ones they recognise, same scores).
 * ``structured``: the structured-features pass (``structure``,
   ``unstructure``, ``check``), with ``structurer`` (its walk and layer
   split), ``interactions`` (its interaction split) and ``flops`` (the
   MatMul/Gemm FLOPs it reports).
 * ``itemside``: the item-side split and the item table built from it.
+* ``floor``: the analytic floor, the FLOPs per pair of only the work that
+  depends on both a user and an item tensor.
 * ``session``: the onnxruntime session options a worker runs a graph with.
 
 The benchmark of the passes is ``python -m jizhi.tools.structbench``.

@@ -12,7 +12,8 @@ the user part) is such a tensor; on the DLRM the item-item interaction block
 and its share of the first layer are.
 
 ``split_items(model)`` takes a bundle-form model (usually the output of
-``jizhi.graph.structured.structure``) and returns an ``ItemSplit``:
+``jizhi.graph.structured.structure``), puts it in canonical form first
+(jizhi/graph/canonical.py: same scores) and returns an ``ItemSplit``:
 
 * ``items``: a model from ``item_emb`` f32[P, F_item, D] to the *frontier*
   tensors (item-only tensors that took a MatMul/Gemm to compute and are read
@@ -47,6 +48,7 @@ import onnx
 from onnx import helper
 
 from jizhi.bundle import Profiles
+from jizhi.graph.canonical import canonicalise
 from jizhi.graph.proto import DOMAINS, ITEM_INPUT, Graph, Writer, assemble, attr, has_subgraph, normalize_axis
 from jizhi.graph.rows import CONST, OTHER, rowwise
 
@@ -149,7 +151,7 @@ def split_items(model):
         return None
     if ITEM_INPUT not in {v.name for v in model.graph.input}:
         return None
-    model, layers = _split_item_layers(model)
+    model, layers = _split_item_layers(canonicalise(model).model)
     g = Graph(model)
     kind = _kinds(g, model)
     heavy = set()            # item-side tensors that took a MatMul/Gemm to compute

@@ -12,7 +12,8 @@ arguments (a ``Writer`` holds the graph being written), no onnxruntime; a
   ``ITEM_INPUT`` (``item_emb`` f32[P,F_item,D]) and ``USER_INDEX``
   (int64[P]: each pair's user row);
 * a node's attributes (``attr``), a Constant node's value
-  (``constant_value``), a value_info's static dims (``static_dims``), a
+  (``constant_value``), a value_info's static dims (``static_dims``) and
+  its dims with their names (``symbolic_dims``, ``symbolic_shapes``), a
   negative axis made positive (``normalize_axis``), a node's subgraphs
   (``subgraphs``, ``has_subgraph``), every node of a graph and its subgraphs
   (``walk``, ``reads``), the default domain's opset (``opset_version``);
@@ -135,6 +136,27 @@ def assemble(source, nodes, inputs, outputs, initializers=()):
     return model, kept
 
 
+def symbolic_dims(value_info):
+    """A value_info's dims: an int when static, the dim's name (a str) when symbolic, None when unknown;
+    None without a shape."""
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+
+
+def symbolic_shapes(model):
+    """{tensor: ``symbolic_dims``} of a model's inputs, value_infos, outputs and initializers."""
+    shapes = {}
+    for value_info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        dims = symbolic_dims(value_info)
+        if dims is not None:
+            shapes[value_info.name] = dims
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
 def value_shapes(model):
     """{tensor: static dims} of a model's inputs, value_infos, outputs (``static_dims``) and initializers."""
     shapes = {}
@@ -150,18 +172,20 @@ def value_shapes(model):
 # --- a pass's input and output ------------------------------------------------------------
 
 class Graph:
-    """The input model as a pass reads it: shapes (onnx shape inference),
+    """The input model as a pass reads it: shapes (onnx shape inference; ``data_prop``: with
+    its propagation of shape values), symbolic dims (``symbols``: int, dim name or None),
     constant values (initializers and Constant nodes), producers, consumers."""
 
-    def __init__(self, model):
+    def __init__(self, model, data_prop=False):
         self.model = model
         graph = model.graph
         self.opset = opset_version(model, 1)
         try:
-            inferred = shape_inference.infer_shapes(model)
+            inferred = shape_inference.infer_shapes(model, data_prop=data_prop)
         except Exception:  # a graph shape inference rejects is simply not understood
             inferred = model
         self.shapes = value_shapes(inferred)
+        self.symbols = symbolic_shapes(inferred)
         self.types = {}     # tensor -> ONNX element type, where inference tells
         for value_info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
             if value_info.type.HasField("tensor_type"):
@@ -175,6 +199,7 @@ class Graph:
                 if value is not None:
                     self.values[node.output[0]] = value
                     self.shapes[node.output[0]] = tuple(value.shape)
+                    self.symbols[node.output[0]] = tuple(value.shape)
         self.constants = set(self.initializers) | set(self.values)
         self.producer = {}
         self.consumers = defaultdict(list)
@@ -256,7 +281,8 @@ class Writer:
 
     def const(self, base, array):
         name = self.fresh(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.asarray(array)    # np.ascontiguousarray would make a scalar 1-D
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array) if array.ndim else array, name))
         return name
 
     def concat(self, names, axis, base):

@@ -26,8 +26,9 @@ including 0; ArgMax/ArgMin, Softmax/LogSoftmax/Hardmax on an axis other than 0
 BatchNormalization in inference mode; CumSum on a constant axis other than 0.
 Any other op, an op in another domain, a node with a subgraph, or an operand
 whose rank or constant value is not known (shape inference, initializers and
-Constant nodes only: no constant folding) is not row-wise: its inputs are
-gathered per pair first. Correctness first: nothing is moved on a guess.
+Constant nodes only; the passes fold shape computations first,
+jizhi/graph/canonical.py) is not row-wise: its inputs are gathered per pair
+first. Correctness first: nothing is moved on a guess.
 """
 import dataclasses
 
@@ -40,18 +41,18 @@ CONST, USER, PAIR_OF_USER, PAIR, OTHER = "const", "user", "pair_of_user", "pair"
 USER_SIDE, PAIR_SIDE = "user", "pair"
 _UNKNOWN = object()     # axes_input: axes given by a tensor that is not a constant
 
-_UNARY = frozenset({
+UNARY = frozenset({
     "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "Ceil", "Celu", "Cos", "Cosh",
     "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN",
     "LeakyRelu", "Log", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu", "Shrink",
     "Sigmoid", "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
 })
-_BROADCASTING = frozenset({
+BROADCASTING = frozenset({
     "Add", "And", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Clip", "Div", "Equal", "Greater",
     "GreaterOrEqual", "Less", "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Or", "Pow", "PRelu",
     "Sub", "Sum", "Where", "Xor",
 })
-_REDUCE = frozenset({
+REDUCE = frozenset({
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
     "ReduceProd", "ReduceSum", "ReduceSumSquare",
 })
@@ -110,9 +111,9 @@ def rowwise(node, g, batch):
             return False
         return len(shape) < out_rank or (len(shape) == out_rank and shape[0] == 1)
 
-    if op in _UNARY:
+    if op in UNARY:
         return first_only
-    if op in _BROADCASTING:
+    if op in BROADCASTING:
         if out_rank is None:
             return False
         for i, name in enumerate(inputs):
@@ -183,7 +184,7 @@ def rowwise(node, g, batch):
         return normalize_axis(attr(node, "axis", 0), in_rank) != 0
     if op == "Gather":
         return normalize_axis(attr(node, "axis", 0), in_rank) != 0
-    if op in _REDUCE:
+    if op in REDUCE:
         axes = axes_input(node, g)
         if axes is _UNKNOWN:
             return False

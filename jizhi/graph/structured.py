@@ -27,6 +27,15 @@ API
 
 How the pass sees a graph
 -------------------------
+``structure`` first puts the graph in canonical form
+(jizhi/graph/canonical.py, same scores): shape computations that do not
+depend on the batch folded into constants, Reshape targets that keep the
+batch first made ``[0, dims...]``, unbound and nested Concats seen through,
+an interaction's T made a Concat of [P, k, D] parts and the data movement
+that selects entries of an interaction product Z rewritten as
+``Gather(Flatten(Z, axis=1), s, axis=1)`` when a probe proves it is one. The
+walk below reads the canonical graph.
+
 Every tensor gets a kind, in node order: *const* (initializers, Constant
 nodes, ops on constants only), *user* (U rows: ``dense``, ``user_emb`` and
 row-wise ops on them), *pair of user* (P rows, but equal to
@@ -44,12 +53,23 @@ user_index)``. Unused nodes and initializers are dropped at the end.
 Row-wise ops (a Gather on axis 0 moves past them): the list is in
 jizhi/graph/rows.py. Any other op, an op in another domain, a node with a
 subgraph, or an operand whose rank or constant value is not known (shape
-inference, initializers and Constant nodes only: no constant folding) is not
+inference, initializers and Constant nodes of the canonical graph) is not
 row-wise: its inputs are gathered per pair first. Correctness first: nothing
 is moved on a guess.
 
 Recognised forms
 ----------------
+The forms below are those of the canonical graph; the canonical pre-pass
+brings to them what torch.onnx.export writes from the reference DLRM
+(``cat([x] + ly).view(batch, -1, d)``, ``bmm(T, T^T)``, ``Z[:, li, lj]``,
+``cat([x, Zflat])``) with either exporter: TorchScript's computed view shape
+(Shape -> Gather -> Unsqueeze -> Concat) and its Transpose -> Flatten ->
+Gather (computed index) -> Reshape -> Transpose -> Reshape selection;
+dynamo's ``Reshape(.., [-1, F, D], allowzero=1)``, Transpose -> GatherND ->
+Transpose selection and ``GatherND(x, Unsqueeze(user_index))`` gathers; field
+vectors Concat'ed inside another Concat, or stacked in [B, k, D] blocks,
+Concat'ed and unbound (Split or Slice, then Squeeze).
+
 * Layer split (``split_layers``): ``MatMul(X, W)`` with an initializer W of
   rank 2, or ``Gemm(X, W, C)`` with transA=0 (alpha, beta and transB folded
   into the new weights), where X is a ``Concat`` on its last axis (rank >= 2,
@@ -66,12 +86,13 @@ Recognised forms
   ``Reshape(Concat(parts, axis=1), [0|-1, F, D])`` of rank-2 parts [P,k*D],
   each part pair-of-user or pair, with at least one of each. The selected
   entries are those of a ``Gather(Zf, idx, axis=1)`` with constant 1-D idx
-  (any entries: DLRM selects the strictly lower triangle), or all F*F of
-  them, in order, when Zf is read by anything else (a model that feeds the
-  whole flattened product to its top MLP). The user-user entries are
-  computed on U rows (``Tu @ Tu^T``), the user-item entries per pair as
-  ``Gather(Tu, user_index) @ Ti^T`` and the item-item ones as ``Ti @ Ti^T``
-  (onnxruntime folds the Transposes into the MatMuls). Parts that are
+  (any entries: DLRM selects the strictly lower triangle; the canonical
+  pre-pass writes any proven selection this way, a Slice of Zf included),
+  or all F*F of them, in order, when Zf is read by anything else (a model
+  that feeds the whole flattened product to its top MLP). The user-user
+  entries are computed on U rows (``Tu @ Tu^T``), the user-item entries per
+  pair as ``Gather(Tu, user_index) @ Ti^T`` and the item-item ones as ``Ti @
+  Ti^T`` (onnxruntime folds the Transposes into the MatMuls). Parts that are
   contiguous rows of one tensor on axis 1 (unit-step ``Slice``s, or
   ``Unsqueeze(Gather(x, k, axis=1), [1])`` with a constant scalar k) are
   read as one Slice, or as the tensor itself (DLRM's fields cut out of
@@ -80,28 +101,36 @@ Recognised forms
   the selected ones. Consumed by a layer split, the blocks feed it directly,
   the weight rows permuted to match (no reordering per pair); any other
   consumer reads the entries in their original order (a Concat and a column
-  Gather per pair; a Slice of Zf, say, reads those). Not recognised (left
-  per pair): a Z of two different tensors, a Z read without being flattened
-  first (a GatherND on Z, say), and Reshapes whose shape is computed
-  (Shape -> Gather -> Concat, as torch.onnx.export writes for ``.view(batch,
-  -1, d)``) rather than a constant.
+  Gather per pair).
+* Not recognised (left per pair, named in the report's ``not_split``): a
+  product of two tensors of which one mixes user and item data but that is
+  not T @ T^T of one T (``interaction at node N: not recognised``); DCN's
+  cross layers ``x0 * (x W + b) + x`` (``cross layer (x0 * (x W + b) + x)
+  -> N: not split``; their first layer on x0 is a layer split all the same);
+  a selection of Z's entries that the probe does not prove (one that mixes
+  pairs, say).
 Anything else stays per pair and gives the same scores.
 
 Report
 ------
 ``StructureReport``: nodes now computed on U rows, layers split,
-interactions split, the Gathers by user_index left (the meet points), and
+interactions split, those left per pair (``not_split``), the canonical
+pre-pass's rewrites, the Gathers by user_index left (the meet points), and
 MatMul/Gemm FLOPs per pair and per user of the input and the output model
 (``flops``: from shapes inferred at three (U, P) sizes; FLOPs per pair at c
 candidates per user is ``per_pair + per_user / c``).
 
 Where it is written
 -------------------
-This module holds the API; the walk and the layer split are
-jizhi/graph/structurer.py, the interaction split jizhi/graph/interactions.py,
-the row-wise ops jizhi/graph/rows.py, ``flops`` jizhi/graph/flops.py. The
+This module holds the API; the canonical pre-pass is
+jizhi/graph/canonical.py (its numpy ops jizhi/graph/ops.py), the walk and the
+layer split jizhi/graph/structurer.py, the interaction split
+jizhi/graph/interactions.py, the row-wise ops jizhi/graph/rows.py, ``flops``
+jizhi/graph/flops.py, the analytic floor (the FLOPs per pair of only the work
+that depends on both a user and an item tensor) jizhi/graph/floor.py. The
 benchmark (naive against structured, with every option, on the demo model
-and the DLRM) and ``report MODEL.onnx`` are ``python -m
+and the DLRM) and ``report MODEL.onnx`` (per model: FLOPs per pair of the
+per-pair, structured and item-table graphs and the floor) are ``python -m
 jizhi.tools.structbench``.
 """
 import dataclasses
@@ -109,6 +138,7 @@ import dataclasses
 import numpy as np
 import onnx
 
+from jizhi.graph.canonical import canonicalise
 from jizhi.graph.flops import Flops, flops
 from jizhi.graph.proto import USER_INDEX, USER_INPUTS, Graph, Writer, has_subgraph, static_dims
 from jizhi.graph.rows import CONST, OTHER, USER, is_user_gather, rowwise
@@ -131,7 +161,10 @@ class StructureReport:
     ``gathers``: the tensors gathered by user_index in the output model (where
     user-only tensors meet item-side ones or non-row-wise ops);
     ``flops_before`` / ``flops_after``: ``flops`` of the input and output models;
-    ``note``: why the model was left as it is, if it was.
+    ``note``: why the model was left as it is, if it was; ``not_split``: the
+    interactions left per pair, by name (``interaction at node N: not
+    recognised``, ``cross layer (x0 * (x W + b) + x) -> N: not split``);
+    ``canonical``: what the canonical pre-pass rewrote (jizhi/graph/canonical.py).
     """
     moved_nodes: tuple
     split_layers: tuple
@@ -140,15 +173,19 @@ class StructureReport:
     flops_before: Flops
     flops_after: Flops
     note: str = ""
+    not_split: tuple = ()
+    canonical: tuple = ()
 
     def summary(self, candidates=500):
         lines = [
             *([f"note: {self.note}"] if self.note else []),
+            f"canonical pre-pass: {len(self.canonical)} rewrites",
             f"nodes moved to U rows: {len(self.moved_nodes)}",
             f"layers split: {len(self.split_layers)}",
             *(f"  {line}" for line in self.split_layers),
             f"interactions split: {len(self.split_interactions)}",
             *(f"  {line}" for line in self.split_interactions),
+            *(f"{line}" for line in self.not_split),
             f"gathers by user_index: {len(self.gathers)} ({', '.join(self.gathers)})",
         ]
         for label, f in (("before", self.flops_before), ("after", self.flops_after)):
@@ -175,7 +212,8 @@ def structure(model, *, split_layers=True, split_interactions=True):
         before = flops(model)
         return same, StructureReport((), (), (), _user_gathers(same), before, before,
                                      note="a node has a subgraph (If, Loop, Scan): model left as it is")
-    s = Structurer(model, split_layers, split_interactions)
+    canonical = canonicalise(model)
+    s = Structurer(canonical.model, split_layers, split_interactions)
     new = s.run()
     moved = []
     for node in s.w.kept:
@@ -183,7 +221,7 @@ def structure(model, *, split_layers=True, split_interactions=True):
         if original is not None:
             moved.append(f"{original.op_type} -> {original.output[0]}")
     report = StructureReport(tuple(moved), tuple(s.layers), tuple(s.interactions), _user_gathers(new),
-                             flops(model), flops(new))
+                             flops(model), flops(new), not_split=tuple(s.not_split), canonical=canonical.changes)
     return new, report
 
 

@@ -34,6 +34,7 @@ class Structurer(InteractionSplit):
         self.segments = {}       # tensor -> [Segment] (last-axis decomposition)
         self.absorbed = set()    # outputs of nodes a layer split computed already
         self.layers, self.interactions = [], []
+        self.not_split = []      # the report's lines on interactions left per pair
         graph = model.graph
         for value_info in graph.input:
             name = value_info.name
@@ -70,7 +71,54 @@ class Structurer(InteractionSplit):
                     self._decompose_concat(node)
         for name in g.outputs:
             self._pair(name)
-        return self.w.model(g.model)
+        new = self.w.model(g.model)
+        self._unsplit({o for node in self.w.kept for o in node.output})
+        return new
+
+    # -- what is left per pair --
+
+    def _unsplit(self, alive):
+        """Name the interactions left per pair in the new model: a product of two tensors of
+        which one mixes user and item data (``interaction at node N: not recognised``), and
+        DCN's cross layers ``x0 * (x W + b) + x`` on such tensors."""
+        g = self.g
+        sides = {v.name: (1 if v.name in USER_INPUTS else 0 if v.name == USER_INDEX else 2)
+                 for v in g.model.graph.input if v.name not in g.constants}    # 1 user, 2 item, 3 both
+        for node in g.model.graph.node:
+            side = 0
+            for name in node.input:
+                side |= sides.get(name, 0)
+            for name in node.output:
+                if name:
+                    sides[name] = side
+        for node in g.model.graph.node:
+            if node.domain not in DOMAINS or not node.output or node.output[0] not in alive \
+                    or self.kind.get(node.output[0]) not in (PAIR, OTHER):
+                continue
+            if node.op_type == "MatMul" and self.split_interactions_on \
+                    and not any(n in g.constants for n in node.input) and 3 in (sides.get(n) for n in node.input):
+                self.not_split.append(f"interaction at node {node.name or node.output[0]}: not recognised")
+            elif node.op_type == "Add" and len(node.input) == 2 and sides.get(node.output[0]) == 3:
+                for m, x in (node.input, reversed(node.input)):
+                    if self._cross(m, x):
+                        self.not_split.append(f"cross layer (x0 * (x W + b) + x) -> {node.output[0]}: not split")
+                        break
+
+    def _cross(self, m, x):
+        """True when ``m`` is ``Mul(x0, y)`` with y = ``x W (+ b)`` (MatMul or Gemm with a constant W)."""
+        g = self.g
+        mul = g.producer.get(m)
+        if mul is None or mul.op_type != "Mul" or mul.domain not in DOMAINS or len(mul.input) != 2:
+            return False
+        for y in mul.input:
+            node = g.producer.get(y)
+            if node is not None and node.op_type == "Add" and node.domain in DOMAINS:
+                linear = [g.producer.get(n) for n in node.input if n not in g.constants]
+                node = linear[0] if len(linear) == 1 else None
+            if node is not None and node.op_type in ("MatMul", "Gemm") and node.domain in DOMAINS \
+                    and node.input[0] == x and node.input[1] in g.constants:
+                return True
+        return False
 
     def _batch(self, node, kinds):
         return {i for i, name in enumerate(node.input) if name and self.kind.get(name) in kinds}

@@ -6,15 +6,21 @@ intra-op thread, the worker's session options (``jizhi.graph.session``)::
 
     python -m jizhi.tools.structbench bench [--users 8] [--candidates 100,500,1000]
                                             [--repeats 7] [--seed 0]
-    python -m jizhi.tools.structbench report MODEL.onnx [--candidates 500]
+    python -m jizhi.tools.structbench report MODEL.onnx [MODEL.onnx ...] [--candidates 500]
 
 ``bench`` times ``unstructure(model)`` against ``structure(model, ...)``
 with every option (and, with both splits, the item-only part read from a
 table of 100,000 items, as stage option ``item_cache`` serves it), for the
 demo model and the DLRM (``jizhi.tools.dlrm``, D = 64, 8 user and 8 item
 fields), and prints medians, pairs/s, ratios and the input bytes fed per
-request. ``report`` prints what ``structure`` moves in an ONNX model
-(``StructureReport.summary``). The pass itself: jizhi/graph/structured.py.
+request. ``report`` prints, per model, what ``structure`` moves
+(``StructureReport.summary``: the layers and interactions split, those left
+per pair by name) and the MatMul/Gemm FLOPs per pair at ``--candidates``
+candidates per user of the per-pair graph (``unstructure``), the structured
+graph, the structured graph with its item-only part read from the item table
+(the serving graph of ``split_items``) and the analytic floor
+(jizhi/graph/floor.py: only the work that depends on both a user and an item
+tensor). The pass itself: jizhi/graph/structured.py.
 """
 import argparse
 import os
@@ -25,6 +31,7 @@ import time
 import numpy as np
 import onnx
 
+from jizhi.graph.floor import floor
 from jizhi.graph.flops import flops
 from jizhi.graph.itemside import split_items
 from jizhi.graph.proto import USER_INDEX, USER_INPUTS, static_dims
@@ -143,6 +150,23 @@ def bench(users=8, candidates=(100, 500, 1000), repeats=7, seed=0, out=sys.stdou
                       f"{medians[0] / median:8.2f} {f.at(c) / 1e3:10.1f}", file=out)
 
 
+def report(model, candidates=500, label="model"):
+    """The ``report`` command's text for one bundle-form model (module docstring)."""
+    structured_model, summary = structure(model)
+    split = split_items(structured_model)
+    rows = [("per-pair graph (unstructure)", flops(unstructure(model)).at(candidates)),
+            ("structured", summary.flops_after.at(candidates)),
+            ("structured + item table", flops(split.serving).at(candidates) if split is not None else None),
+            ("floor (user x item work only)", floor(model).per_pair)]
+    lines = [f"## {label}", summary.summary(candidates),
+             f"item table: {', '.join(split.layers) or 'no layer split'}; {split.floats_per_item} floats per item"
+             if split is not None else "item table: none (no item-only MatMul/Gemm work)",
+             f"MatMul/Gemm FLOPs per pair at {candidates} candidates:"]
+    for name, value in rows:
+        lines.append(f"  {name:<32} " + ("-" if value is None else f"{value:12,.0f}"))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jizhi.tools.structbench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,15 +175,15 @@ def main(argv=None):
     b.add_argument("--candidates", default="100,500,1000", help="comma-separated candidates per user")
     b.add_argument("--repeats", type=int, default=7)
     b.add_argument("--seed", type=int, default=0)
-    r = commands.add_parser("report", help="print what structure() moves in an ONNX model")
-    r.add_argument("model")
+    r = commands.add_parser("report", help="print what structure() moves in ONNX models and their FLOPs per pair")
+    r.add_argument("model", nargs="+")
     r.add_argument("--candidates", type=int, default=500)
     args = parser.parse_args(argv)
     if args.command == "bench":
         bench(args.users, tuple(int(c) for c in args.candidates.split(",")), args.repeats, args.seed)
     else:
-        _, report = structure(onnx.load(args.model))
-        print(report.summary(args.candidates))
+        for path in args.model:
+            print(report(onnx.load(path), args.candidates, label=path))
     return 0
 
 

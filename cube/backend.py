@@ -2,7 +2,8 @@
 
 A remote backend answers batch lookups of sorted unique signatures:
 ``lookup(keys uint64[K]) -> (vectors float32[K, dim], found bool[K])``,
-missing keys reading the default vector (zeros). Every round trip costs
+a missing key zeros with found False (pooling then reads its field's default vector,
+docs/formats.md). Every round trip costs
 latency, so the levels above it (the local disk cache and the shared-memory
 hot tier) exist to avoid calling it. The backends: ``SlowLocal``
 (cube/remote.py, which also opens a backend from its URL) and ``RedisCube``

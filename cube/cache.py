@@ -108,7 +108,7 @@ class Levels:
     """Storage levels, fastest first: each is asked only for what the ones before it lacked.
 
     ``hits[name]`` counts the keys each level answered; ``missing`` the keys no
-    level had (they read the default vector, zeros).
+    level had (they read their field's default vector).
     """
 
     def __init__(self, levels, dim):

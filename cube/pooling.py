@@ -140,14 +140,18 @@ def _table_sum(cube, hash_id, values, seed):
     return v.sum(axis=0, dtype=np.float64), v.shape[0]
 
 
-def table_is_bounded(cube, hash_id, vocab, seed):
-    """True when ``vocab`` bounds the raw values of table ``hash_id``: the cube stores the signature of at
-    least one raw value in 1..vocab (the keys cube/layout.py's ``table_of`` gives the table). A table of
-    entity ids (the demo's ``i_id``, whose raw values are the items' ids) stores none, nor does a field
-    without ``vocab``. Probes BOUND_PROBE values spread over 1..vocab, then, only when they miss, the
-    whole range in TABLE_CHUNK steps."""
-    if vocab <= 0:
+def table_is_bounded(cube, hash_id, vocab, seed, raw=None):
+    """True when ``vocab`` bounds the raw values of table ``hash_id``. The manifest says so with the field's
+    ``raw``: ``"rows"`` (raw value = row + 1, 1..vocab: bounded), ``"ids"`` (entity ids: not bounded). A
+    bundle written before ``raw`` existed says nothing: bounded when the cube stores the signature of at
+    least one raw value in 1..vocab (the keys cube/layout.py's ``table_of`` gives the table), which a
+    table of entity ids whose ids happen to fall in 1..vocab fools; writers say ``raw``. Probes
+    BOUND_PROBE values spread over 1..vocab, then, only when they miss, the whole range in TABLE_CHUNK
+    steps."""
+    if vocab <= 0 or raw == "ids":
         return False
+    if raw == "rows":
+        return True
     probe = np.unique(np.linspace(1, vocab, min(vocab, BOUND_PROBE)).astype(np.int64))
     if _stored(cube, sign(hash_id, probe, seed)).shape[0]:
         return True
@@ -178,7 +182,7 @@ def _table_mean(bundle, cube, field, profiles):
     (no raw value of 1..vocab stored) of the raw values its fields' profiles hold."""
     h, seed = field.hash_id, bundle.hash_seed
     total, count = np.zeros(bundle.dim, np.float64), 0
-    for a in range(1, field.vocab + 1, TABLE_CHUNK):
+    for a in range(1, (0 if field.raw == "ids" else field.vocab) + 1, TABLE_CHUNK):
         s, n = _table_sum(cube, h, np.arange(a, min(a + TABLE_CHUNK, field.vocab + 1), dtype=np.int64), seed)
         total += s
         count += n

@@ -89,7 +89,7 @@ def throughput(work, version, duration):
     shutil.rmtree(run_dir, ignore_errors=True)
     endpoint = "tcp://127.0.0.1:5598"
     log = open(os.path.join(work, "jizhid.log"), "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "jizhi.daemon", "--config", config, "--models", models,
+    daemon = subprocess.Popen([sys.executable, os.path.join(HERE, "..", "bin", "jizhid"), "--config", config, "--models", models,
                                "--instance", "realbench", "--frontend", endpoint, "--pipelines", ",".join(files),
                                "--run-dir", run_dir], stdout=log, stderr=subprocess.STDOUT, cwd=work,
                               start_new_session=True)

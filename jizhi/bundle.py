@@ -38,6 +38,10 @@ def parse_default_vector(value):
     return "row", int(m.group(1))
 
 
+# A field's ``raw`` (docs/formats.md): how its raw values map to its table's rows.
+RAW_KINDS = ("rows", "ids")
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
@@ -49,6 +53,7 @@ class Field:
     pooling: str = "mean"   # mean | sum
     vocab: int = 0          # raw values 1..vocab of a bounded table (0: not given)
     default_vector: str = "zeros"   # zeros | mean | row:N (the field's own, else the manifest's)
+    raw: str | None = None  # rows: raw values are table rows + 1 (1..vocab); ids: entity ids; None: not said
 
 
 def _checked(cond, message):
@@ -101,17 +106,22 @@ class Bundle:
             _checked(parse_default_vector(f.get("default_vector", "zeros")) is not None,
                      f"{mpath}: field {f.get('name')!r} default_vector = {f.get('default_vector')!r} is not one "
                      f"of zeros, mean, row:N (N a raw value of the field's table, e.g. row:1)")
+            _checked(f.get("raw", "rows") in RAW_KINDS,
+                     f"{mpath}: field {f.get('name')!r} raw = {f.get('raw')!r} is not one of {', '.join(RAW_KINDS)}")
             _checked(isinstance(f.get("vocab", 0), int) and not isinstance(f.get("vocab", 0), bool)
                      and f.get("vocab", 0) >= 0, f"{mpath}: field {f.get('name')!r} vocab must be an integer >= 0")
             ids[f["name"]] = int(f["id"])
         fields = []
+        raw_of = {f["name"]: f.get("raw") for f in raw_fields}
         for f in raw_fields:
             share = f.get("shares")
             _checked(share is None or share in ids, f"{mpath}: field {f['name']!r} shares unknown field {share!r}")
             fields.append(Field(f["name"], int(f["id"]), f["side"], f["kind"],
                                 int(f.get("max_len", 1)), ids[share] if share else int(f["id"]),
                                 f.get("pooling", "mean"), int(f.get("vocab", 0)),
-                                f.get("default_vector", self.default_vector)))
+                                f.get("default_vector", self.default_vector),
+                                # A field sharing a table reads it as the owner does (a history of item ids).
+                                f.get("raw", raw_of.get(share) if share else None)))
         self.user_fields = [f for f in fields if f.side == "user"]
         self.item_fields = [f for f in fields if f.side == "item"]
         self.user_len = max([f.max_len for f in self.user_fields] or [1])

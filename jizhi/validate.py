@@ -305,7 +305,7 @@ class _Checks:
                               f"from 0 to len({f.name}.values.npy)")
                 table = (f.hash_id, f.vocab)
                 if table not in bounded:
-                    bounded[table] = table_is_bounded(cube, f.hash_id, f.vocab, b.hash_seed)
+                    bounded[table] = table_is_bounded(cube, f.hash_id, f.vocab, b.hash_seed, f.raw)
                 _check_values(where, side, f, ids, p.cols[f.name], bounded[table])
             if side == "user":
                 want = (rows, b.dense_features)

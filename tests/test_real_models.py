@@ -60,11 +60,13 @@ def test_a_model_as_torch_exports_it_imports_and_scores_like_pytorch(tmp_path, f
     assert_scores_like_pytorch(fixture, version)
 
 
-@pytest.mark.parametrize("exporter,opset,external", [("script", 11, False), ("script", 17, True),
-                                                     ("dynamo", 18, True)], ids=["opset11", "opset17-external",
-                                                                                  "dynamo-external"])
-def test_opsets_and_external_weights_import(tmp_path, exporter, opset, external):
-    fixture = tm.make("dlrm_sum", exporter, "tables", tmp_path / "export", seed=6, opset=opset, external=external)
+@pytest.mark.parametrize("exporter,layout,opset,external", [
+    ("script", "tables", 11, False), ("script", "bf", 11, False), ("script", "fb", 11, False),
+    ("script", "tables", 17, True), ("dynamo", "fb", 18, True),
+], ids=["opset11-tables", "opset11-bf", "opset11-fb", "opset17-external", "dynamo-external"])
+def test_opsets_and_external_weights_import(tmp_path, exporter, layout, opset, external):
+    # Opset 11: ReduceSum and Squeeze take their axes as an attribute; 13 and later as an input.
+    fixture = tm.make("dlrm_sum", exporter, layout, tmp_path / "export", seed=6, opset=opset, external=external)
     if external:
         assert (tmp_path / "export" / "model.onnx.data").stat().st_size > 10_000
     version = tmp_path / "models" / "m" / "1"
@@ -158,3 +160,33 @@ def test_a_bag_jizhi_cannot_pool_is_refused_saying_what_and_where(tmp_path, mode
     for w in words:
         assert w in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def _swap_first_two_fields(text):
+    """FIELDS.toml with its first two [[fields]] entries in the other order."""
+    head, *entries = text.split("[[fields]]")
+    entries[0], entries[1] = entries[1], entries[0]
+    return head + "".join("[[fields]]" + e for e in entries)
+
+
+@pytest.mark.parametrize("layout,edit,words", [
+    ("bf", _swap_first_two_fields, ["one after another in slot order", "[B, 3, D] block"]),
+    ("fb", lambda t: t.replace("index = 7\n", "index = 2\n"), ["slot 2 is also claimed by field 'u1'"]),
+    ("fb", lambda t: t[:t.rindex("[[fields]]")], ["slot(s) [7] are not described"]),
+    ("fb", lambda t: t.replace("index = 0\n", "index = 0\naxis = 1\n", 1).replace("index = 1\n", "index = 1\naxis = 0\n", 1),
+     ["give different axes [0, 1]"]),
+    ("fb", lambda t: t.replace("index = 0\n", "index = 0\naxis = 1\n", 1),
+     ["stacked on axis 1, so axis 0 is the batch axis, which is fixed"]),
+    ("bf", lambda t: t.replace('max_len = 5\ninput = "user_multi"', 'max_len = 4\ninput = "user_multi"', 1),
+     ["every field of a stacked input read whole has max_len = 5"]),
+], ids=["block-out-of-order", "slot-twice", "slot-missing", "two-axes", "wrong-axis", "bag-length"])
+def test_a_stacked_input_described_wrong_is_refused_saying_what_to_write(tmp_path, layout, edit, words):
+    fixture = tm.make("dlrm_sum", "script", layout, tmp_path / "export", seed=5)
+    fields = tmp_path / "fields.toml"
+    fields.write_text(edit(open(fixture.fields_path).read()))
+    result = CliRunner().invoke(cli, ["import", fixture.model_path, "--fields", str(fields), "--out",
+                                      str(tmp_path / "m" / "1")])
+    assert result.exit_code == 2, result.output
+    for w in words:
+        assert w in result.output, result.output
+    assert not (tmp_path / "m").exists()

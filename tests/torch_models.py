@@ -25,7 +25,9 @@ Layouts (``LAYOUTS``), the inputs the exported graph takes:
   (``nn.EmbeddingBag(indices, offsets)``), fields interleaved user, item, user...;
 * ``fb``: the Criteo layout of ``dlrm_s_pytorch.py --save-onnx``: ``dense_x``
   [B, 13], ``offsets`` [F, B] and ``indices`` [F, B] (one id per bag), row k
-  read by table k; the batch axis is axis 1;
+  read by table k, the batch axis axis 1; the multi-hot fields (the same as
+  ``tables``'s) stacked the same way in ``bag_offsets`` [M, B] and
+  ``bag_indices`` [M, L * B] (full bags of L);
 * ``bf``: fields stacked the other way and one shared ``nn.Embedding`` (row 0
   the padding row): ``user_single`` [B, S] (one-hot), ``user_multi`` [B, 2, L]
   (multi-hot, padded with 0, sum-pooled), ``item_single`` [B, S], ``item_multi``
@@ -160,18 +162,32 @@ class TablesModel(nn.Module):
         return self.net.finish(dense_x, ly)
 
 
+def _stack_slots(fields):
+    """[(stack, slot)] of each field in the ``fb`` layout: one-hot fields in the ``indices`` stack,
+    multi-hot ones in the ``bag_indices`` stack, each in field order."""
+    count, out = {}, []
+    for f in fields:
+        stack = "bag" if f.kind == "multihot" else "one"
+        out.append((stack, count.get(stack, 0)))
+        count[stack] = count.get(stack, 0) + 1
+    return out
+
+
 class CriteoModel(nn.Module):
-    """dlrm_s_pytorch.py's layout: stacked offsets [F, B] and indices [F, B], row k for table k."""
+    """dlrm_s_pytorch.py's layout: stacked offsets [F, B] and indices [F, B], row k for table k (and the
+    multi-hot fields' full bags stacked as bag_offsets [M, B], bag_indices [M, L * B])."""
 
     def __init__(self, family, fields, size, seed):
         super().__init__()
         mode = "mean" if family == "dlrm_mean" else "sum"
         torch.manual_seed(seed + 10)
         self.emb = nn.ModuleList([nn.EmbeddingBag(f.rows, size.dim, mode=mode) for f in fields])
+        self.slots = _stack_slots(fields)
         self.net = _Net(family, 1 + len(fields), size, seed)
 
-    def forward(self, dense_x, offsets, indices):
-        ly = [e(indices[k], offsets[k]) for k, e in enumerate(self.emb)]
+    def forward(self, dense_x, offsets, indices, bag_offsets, bag_indices):
+        ly = [e(indices[k], offsets[k]) if stack == "one" else e(bag_indices[k], bag_offsets[k])
+              for e, (stack, k) in zip(self.emb, self.slots)]
         return self.net.finish(dense_x, ly)
 
 
@@ -210,7 +226,7 @@ def fields_of(layout, size):
     out = []
     for k in range(size.per_side):
         for side in ("user", "item"):
-            multi = layout == "tables" and k % 3 == 2
+            multi = layout in ("tables", "fb") and k % 3 == 2
             out.append(FieldInfo(f"{side[0]}{k}", side, "multihot" if multi else "onehot",
                                  BAG if multi else 1, size.rows + 7 * k))
     return out
@@ -225,7 +241,9 @@ def fields_toml(layout, fields):
         if layout == "tables":
             lines += [f'indices = "idx_{k}"', f'offsets = "off_{k}"']
         elif layout == "fb":
-            lines += ['indices = "indices"', 'offsets = "offsets"', f"index = {k}"]
+            stack, slot = _stack_slots(fields)[k]
+            prefix = "bag_" if stack == "bag" else ""
+            lines += [f'indices = "{prefix}indices"', f'offsets = "{prefix}offsets"', f"index = {slot}"]
         else:
             group = f"{f.side}_{'single' if f.kind == 'onehot' else 'multi'}"
             lines += [f'input = "{group}"', f"index = {int(f.name[3:])}", "padding_idx = 0"]
@@ -259,9 +277,14 @@ class Fixture:
                 offsets = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
                 args += [torch.from_numpy(flat), torch.from_numpy(offsets)]
         elif self.layout == "fb":
-            indices = np.array([[x[0] for x in bag] for bag in bags], dtype=np.int64)
-            offsets = np.tile(np.arange(b, dtype=np.int64), (len(bags), 1))
-            args += [torch.from_numpy(offsets), torch.from_numpy(indices)]
+            for stack in ("one", "bag"):
+                rows = [bag for bag, (s, _) in zip(bags, _stack_slots(self.fields)) if s == stack]
+                lengths = {len(x) for bag in rows for x in bag}
+                assert len(lengths) == 1, f"the {stack} stack takes full bags of one length, not {lengths}"
+                n = lengths.pop()
+                indices = np.array([[v for x in bag for v in x] for bag in rows], dtype=np.int64)
+                offsets = np.tile(np.arange(b, dtype=np.int64) * n, (len(rows), 1))
+                args += [torch.from_numpy(offsets), torch.from_numpy(indices)]
         else:
             groups = {}
             for f, bag in zip(self.fields, bags):
@@ -280,14 +303,14 @@ class Fixture:
             return self.module(*self.inputs(dense, bags)).numpy().reshape(-1)
 
 
-def _example_bags(fields, b, rng):
+def _example_bags(fields, b, rng, full=False):
     bags = []
     for f in fields:
         low = 1 if f.padding else 0
         if f.kind == "onehot":
             bags.append([[int(rng.integers(low, f.rows))] for _ in range(b)])
         else:
-            bags.append([list(rng.integers(low, f.rows, size=int(rng.integers(1, f.max_len + 1))))
+            bags.append([list(rng.integers(low, f.rows, size=f.max_len if full else int(rng.integers(1, f.max_len + 1))))
                          for _ in range(b)])
     return bags
 
@@ -308,13 +331,14 @@ def make(family, exporter, layout, out_dir, *, size=TEST, seed=1, opset=None, ex
     fixture = Fixture(family, exporter, layout, model_path, fields_path, fields, module)
     rng = np.random.default_rng(seed)
     b = 4
-    example = fixture.inputs(rng.standard_normal((b, DENSE)).astype(np.float32), _example_bags(fields, b, rng))
+    example = fixture.inputs(rng.standard_normal((b, DENSE)).astype(np.float32),
+                             _example_bags(fields, b, rng, full=layout == "fb"))
     names = ["dense_x"]
     if layout == "tables":
         for k in range(len(fields)):
             names += [f"idx_{k}", f"off_{k}"]
     elif layout == "fb":
-        names += ["offsets", "indices"]
+        names += ["offsets", "indices", "bag_offsets", "bag_indices"]
     else:
         names += ["user_single", "user_multi", "item_single", "item_multi"]
     kwargs = dict(input_names=names, output_names=["prob"], external_data=external)
@@ -322,7 +346,8 @@ def make(family, exporter, layout, out_dir, *, size=TEST, seed=1, opset=None, ex
         if layout == "tables":
             axes = {n: {0: ("N" + n[4:] if n.startswith("idx") else "B")} for n in names}
         elif layout == "fb":
-            axes = {"dense_x": {0: "B"}, "offsets": {1: "B"}, "indices": {1: "B"}}
+            axes = {"dense_x": {0: "B"}, "offsets": {1: "B"}, "indices": {1: "B"}, "bag_offsets": {1: "B"},
+                    "bag_indices": {1: "LB"}}
         else:
             axes = {n: {0: "B"} for n in names}
         axes["prob"] = {0: "B"}
@@ -335,7 +360,7 @@ def make(family, exporter, layout, out_dir, *, size=TEST, seed=1, opset=None, ex
             # equal the batch in the example, so let torch.export relate the dims itself (DYNAMIC).
             shapes = [{0: batch}, tuple({0: torch.export.Dim.DYNAMIC} for _ in range(2 * len(fields)))]
         elif layout == "fb":
-            shapes = [{0: batch}, {1: batch}, {1: batch}]
+            shapes = [{0: batch}, {1: batch}, {1: batch}, {1: batch}, {1: torch.export.Dim.DYNAMIC}]
         else:
             shapes = [{0: batch}] * 5
         torch.onnx.export(module, example, model_path, dynamo=True, opset_version=opset or 18,

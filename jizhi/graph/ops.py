@@ -85,7 +85,9 @@ def _slice(node, values, opset):
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if step == 0:
             raise Unsupported("Slice step 0")
-        index[_axis(axis, data.ndim)] = slice(*slice(start, end, step).indices(data.shape[_axis(axis, data.ndim)]))
+        # numpy clamps starts and ends as ONNX does (negative ones count from the end; an end past the
+        # first element with a negative step runs to it); slice.indices() would turn end -1 into the last.
+        index[_axis(axis, data.ndim)] = slice(start, end, step)
     return [data[tuple(index)]]
 
 

@@ -73,11 +73,14 @@ class ReferenceScorer:
         self.hash_seed = int(self.manifest["hash_seed"])
         fields = self.manifest["fields"]
         ids_by_name = {f["name"]: int(f["id"]) for f in fields}
+        raw_by_name = {f["name"]: f.get("raw") for f in fields}
         for f in fields:
             if f.get("pooling", "mean") not in ("mean", "sum"):
                 raise ValueError(f"field {f['name']}: unsupported pooling {f['pooling']!r}")
         self.fields = {
-            side: [dict(f, hash_id=ids_by_name[f["shares"]] if "shares" in f else int(f["id"]))
+            # raw: rows | ids | None (not said); a field sharing a table reads it as its owner does
+            side: [dict(f, hash_id=ids_by_name[f["shares"]] if "shares" in f else int(f["id"]),
+                        raw=f.get("raw", raw_by_name.get(f.get("shares"))))
                    for f in fields if f["side"] == side]
             for side in ("user", "item")
         }
@@ -170,7 +173,8 @@ class ReferenceScorer:
         if value == "zeros":
             return np.zeros(self.dim, dtype=np.float32)
         if value == "mean":
-            vectors, hit = self._vectors(sign(h, np.arange(1, int(field.get("vocab", 0)) + 1), self.hash_seed))
+            rows = 0 if field["raw"] == "ids" else int(field.get("vocab", 0))
+            vectors, hit = self._vectors(sign(h, np.arange(1, rows + 1), self.hash_seed))
             if not hit.any():   # a table of entity ids: the raw values its fields' profiles hold
                 values = []
                 for side in ("user", "item"):

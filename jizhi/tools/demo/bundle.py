@@ -182,8 +182,15 @@ def _manifest_text(name, version, fields, files, *, head=False, dim=DIM, hash_se
 def _field_entries(fields):
     """The manifest's (key, value) pairs of each of the demo's ``fields`` (``_Field``)."""
     return [(("name", f.name), ("id", f.id), ("side", f.side), ("kind", f.kind), ("max_len", f.max_len),
-             ("vocab", f.vocab), ("pooling", "mean")) + ((("shares", f.shares),) if f.shares is not None else ())
+             ("vocab", f.vocab), ("pooling", "mean"))
+            + ((("shares", f.shares),) if f.shares is not None else (("raw", _raw(f)),))
             for f in fields]
+
+
+def _raw(field):
+    """The manifest's ``raw`` of a demo field: ``i_id`` holds the items' own ids, the others table rows + 1
+    (``u_hist`` shares ``i_id``'s table and so reads it as ids)."""
+    return "ids" if field.name == "i_id" else "rows"
 
 
 @contextlib.contextmanager

@@ -244,6 +244,8 @@ def manifest_text(name, version, analysis, hash_seed, source, files):
         owner = owners[lk.table]
         if owner is not lk:
             lines.append(f"shares = {toml_value(owner.field.name)}")
+        else:
+            lines.append('raw = "rows"')     # raw value = table row + 1, 1..vocab
     for path, size, digest in files:
         lines += ["", "[[files]]", f"path = {toml_value(path)}", f"size = {size}", f"sha256 = {toml_value(digest)}"]
     return "\n".join(lines) + "\n"

@@ -80,7 +80,7 @@ def throughput(work, version, duration):
     """{pipeline: max requests/s} of one jizhid serving the three pipelines, find-max each in turn."""
     models = os.path.dirname(os.path.dirname(version))
     trace = os.path.join(work, "trace.npz")
-    generate_trace(version, trace, requests=20000, candidates=CANDIDATES)
+    generate_trace(version, trace, requests=20000, candidates=CANDIDATES, progress=False)
     files = pipelines(work)
     config = os.path.join(work, "jizhi.toml")
     with open(config, "w") as f:
@@ -100,8 +100,10 @@ def throughput(work, version, duration):
         time.sleep(20)
         out = os.path.join(work, "bench.json")
         subprocess.run([sys.executable, "-m", "jizhi.tools.bench", "--endpoint", endpoint, "--trace", trace,
-                        "--pipeline", ",".join(name for name, _, _ in PIPELINES), "--find-max", "--start-rate", "50",
+                        "--pipeline", ",".join(name for name, _, _ in PIPELINES), "--find-max", "--start-rate", "100",
                         "--duration", str(duration), "--warmup", "2", "--slo-ms", "50", "--max-points", "8",
+                        # a shared machine: wait for it to be quiet, re-run a point others disturbed
+                        "--cpu", "--run-dir", run_dir, "--max-other-cores", "0.3",
                         "--json", out, "--quiet"], check=True, cwd=work)
         runs = json.load(open(out))["runs"]
         return {r["pipeline"]: (r["max"] or {}).get("offered_rps", 0.0) for r in runs}

@@ -139,7 +139,11 @@ def _check(version_dir, analysis, session, stages, pairs, seed, progress):
         for start in range(0, total, ORIGINAL_BATCH):
             stop = min(total, start + ORIGINAL_BATCH)
             feeds = original_feeds(analysis, version_dir, pair_users[start:stop], item_rows[start:stop])
-            out = np.asarray(session.run([analysis.output], feeds)[0]).reshape(-1)
+            try:
+                out = np.asarray(session.run([analysis.output], feeds)[0]).reshape(-1)
+            except Exception as e:   # onnxruntime's own error types: the feeds FIELDS.toml describes do not fit
+                refuse(f"check: the original model cannot run on the inputs FIELDS.toml describes "
+                       f"({', '.join(f'{k} {list(v.shape)}' for k, v in feeds.items())}): {e}")
             if out.shape[0] != stop - start:
                 refuse(f"check: the original model's output {analysis.output!r} has {out.shape[0]} values for "
                        f"{stop - start} examples")

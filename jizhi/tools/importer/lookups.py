@@ -13,10 +13,9 @@ import collections
 import dataclasses
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jizhi.graph.proto import attr, constant_value, opset_version, static_dims
+from jizhi.graph.proto import attr, constant_value, opset_version, static_dims, subgraphs, walk
 from jizhi.tools.importer.fields import FieldSpec, refuse
 
 MIN_OPSET = 11           # Slice with inputs, Loop with scan outputs as torch writes them
@@ -393,14 +392,7 @@ def _bag_lookup(scope, field, indices_root, offsets_root, index_dims, offset_dim
 
 def _subgraph_nodes(node):
     """Every node of ``node``'s subgraphs, at any depth."""
-    out = []
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            for inner in g.node:
-                out.append(inner)
-                out.extend(_subgraph_nodes(inner))
-    return out
+    return [inner for graph in subgraphs(node) for inner in walk(graph)]
 
 
 def _ones(scope, name, depth=6):
@@ -556,6 +548,9 @@ def _stack_axes(spec, inputs):
                    f"(dynamic_axes / dynamic_shapes)")
         size = dims[axis]
         slots = sorted(f.index for f in group)
+        if size is None and slots != list(range(len(slots))):
+            refuse(f"graph input {name!r} ({_type_text(v)}) stacks fields on axis {axis}: slots "
+                   f"{sorted(set(range(slots[-1] + 1)) - set(slots))} are not described in {spec.path}")
         if size is not None and slots != list(range(size)):
             missing = sorted(set(range(size)) - set(slots))
             extra = [k for k in slots if k >= size]

@@ -45,26 +45,9 @@ DLRM_INTERACTION = ("13 vectors of 16 (7 user, 6 item), 78 entries: 21 user-user
                     "42 user-item and 15 item-item per pair")
 
 
-def _mlp(sizes, seed, sigmoid=False):
-    torch.manual_seed(seed)
-    layers = []
-    for k in range(len(sizes) - 1):
-        layers.append(torch.nn.Linear(sizes[k], sizes[k + 1]))
-        if k < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers, *([torch.nn.Sigmoid()] if sigmoid else []))
-
-
-def _interact_dot(x, ly):
-    """The reference DLRM's ``interact_features`` with ``arch_interaction_op == "dot"`` (dlrm_s_pytorch.py)."""
-    batch_size, d = x.shape
-    t = torch.cat([x] + ly, dim=1).view((batch_size, -1, d))
-    z = torch.bmm(t, torch.transpose(t, 1, 2))
-    _, ni, nj = z.shape
-    li = torch.tensor([i for i in range(ni) for j in range(i)])
-    lj = torch.tensor([j for i in range(nj) for j in range(i)])
-    zflat = z[:, li, lj]
-    return torch.cat([x] + [zflat], dim=1)
+# The reference network's pieces, as tests/torch_models.py writes them for the imported fixtures.
+_mlp = torch_models._mlp
+_interact_dot = torch_models._interact_dot
 
 
 class BundleModel(torch.nn.Module):

@@ -50,9 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jizhi.bundle import Bundle
-from jizhi.workers.builtins import load_class
-from jizhi.workers.stage import Batch
+from test_import import jizhi_scores
 
 FAMILIES = ("dlrm_sum", "dlrm_mean", "dcn")
 EXPORTERS = ("script", "dynamo")
@@ -389,19 +387,6 @@ def _profile_bags(version, field, rows):
             for r in rows]
 
 
-def jizhi_scores(version, users, offsets, items):
-    """Scores of requests through jizhi's stage processors on the bundle version, set up as a worker does."""
-    bundle = Bundle(version)
-    batch = Batch(users, np.diff(offsets), np.zeros(users.shape[0], dtype=bool), np.full(users.shape[0], np.inf),
-                  offsets, {"item_ids": items, "recall_scores": np.full(items.shape[0], 0.5, dtype=np.float32)})
-    for name in ("data_reader", "feature_processor", "cube_accessor", "model_inference"):
-        stage = load_class(name)()
-        stage.setup({"on_unknown": "default", "_overlay": None}, bundle)
-        batch.columns.update(stage.process(batch))
-    assert not batch.failed, batch.failed
-    return np.asarray(batch["score"], dtype=np.float32)
-
-
 def score_pairs(fixture, version, requests=4, per=40, seed=7):
     """(jizhi, pytorch): scores of ``requests`` random users x ``per`` random items of the imported
     ``version``'s profiles, by jizhi's stages and by the fixture's PyTorch module on the same raw ids."""
@@ -412,7 +397,7 @@ def score_pairs(fixture, version, requests=4, per=40, seed=7):
     user_rows = rng.choice(user_ids.shape[0], requests, replace=False)
     item_rows = rng.choice(item_ids.shape[0], requests * per)
     offsets = np.arange(requests + 1, dtype=np.int64) * per
-    jizhi = jizhi_scores(version, user_ids[user_rows], offsets, item_ids[item_rows])
+    jizhi = np.asarray(jizhi_scores(version, user_ids[user_rows], offsets, item_ids[item_rows]), dtype=np.float32)
     pair_users = np.repeat(user_rows, per)
     dense = np.load(os.path.join(version, "profiles", "users", "dense.npy"))[pair_users]
     bags = [_profile_bags(version, f, pair_users if f.side == "user" else item_rows) for f in fixture.fields]

@@ -145,11 +145,12 @@ def symbolic_dims(value_info):
     return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
 
 
-def symbolic_shapes(model):
-    """{tensor: ``symbolic_dims``} of a model's inputs, value_infos, outputs and initializers."""
+def _shapes(model, dims_of):
+    """{tensor: ``dims_of(value_info)``} of a model's inputs, value_infos and outputs, and its initializers'
+    dims."""
     shapes = {}
     for value_info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
-        dims = symbolic_dims(value_info)
+        dims = dims_of(value_info)
         if dims is not None:
             shapes[value_info.name] = dims
     for init in model.graph.initializer:
@@ -157,16 +158,14 @@ def symbolic_shapes(model):
     return shapes
 
 
+def symbolic_shapes(model):
+    """{tensor: ``symbolic_dims``} of a model's inputs, value_infos, outputs and initializers."""
+    return _shapes(model, symbolic_dims)
+
+
 def value_shapes(model):
     """{tensor: static dims} of a model's inputs, value_infos, outputs (``static_dims``) and initializers."""
-    shapes = {}
-    for value_info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
-        value_dims = static_dims(value_info)
-        if value_dims is not None:
-            shapes[value_info.name] = value_dims
-    for init in model.graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    return shapes
+    return _shapes(model, static_dims)
 
 
 # --- a pass's input and output ------------------------------------------------------------

@@ -32,7 +32,8 @@ Refusals raise ``BundleError`` naming the FIELDS.toml entry, the graph input
 or the node (its name and op type) that cannot be imported.
 
 The steps, one module each: ``fields`` (FIELDS.toml, ``refuse``),
-``lookups`` (finding the tables and pooled bags: ``analyse``), ``rewrite``
+``lookups`` (finding the tables and pooled bags: ``analyse``, with ``scope``
+for the graph and ``bags`` for EmbeddingBag loops), ``rewrite``
 (the bundle's graph), ``files`` (profiles, signatures, cube, manifest) and
 ``check`` (the proof); this module loads the model and runs them in order
 (``import_model``). The ONNX helpers are jizhi.graph.proto's, shared with the

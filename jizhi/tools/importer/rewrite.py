@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jizhi.graph.proto import ITEM_INPUT, USER_INDEX, USER_INPUTS, live, static_dims, subgraphs, walk
 from jizhi.tools.importer.fields import refuse
-from jizhi.tools.importer.lookups import ID_CHAIN, node_text
+from jizhi.tools.importer.scope import ID_CHAIN, node_text
 
 DENSE_PP = "dense_pp"
 USER_EMB_PP = "user_emb_pp"

@@ -80,6 +80,9 @@ class Cube:
 
     def close(self):
         self.env.close()
+        # The process's registry must not hand out a closed environment (open_cube, opened_cube).
+        if _OPEN.get(self.path) is self:
+            del _OPEN[self.path]
 
 
 def getmulti(env, keys, dim):

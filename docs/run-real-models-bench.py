@@ -41,24 +41,19 @@ import torch_models as tm  # noqa: E402
 from jizhi.tools.dlrm import pipeline_text  # noqa: E402
 from jizhi.tools.demo import generate_trace  # noqa: E402
 from jizhi.tools.importer import import_model  # noqa: E402
-from jizhi.graph.floor import floor  # noqa: E402
-from jizhi.graph.flops import flops  # noqa: E402
-from jizhi.graph.itemside import split_items  # noqa: E402
-from jizhi.graph.structured import structure, unstructure  # noqa: E402
+from jizhi.tools.structbench import figures  # noqa: E402
 
 CANDIDATES = 500
 PIPELINES = (("per_pair", False, False), ("structured", True, False), ("items", True, True))
 
 
 def flops_table(model, candidates):
-    """MatMul/Gemm FLOPs per pair at ``candidates`` per user, as `python -m jizhi.tools.structbench report`
-    computes them: the per-pair graph, structured, structured + item table, the analytic floor."""
-    structured, report = structure(model)
-    split = split_items(structured)
-    return {"per_pair": flops(unstructure(model)).at(candidates), "structured": report.flops_after.at(candidates),
-            "items": flops(split.serving).at(candidates) if split is not None else report.flops_after.at(candidates),
-            "floor": floor(model).per_pair, "layers_split": len(report.split_layers),
-            "interactions_split": len(report.split_interactions)}
+    """MatMul/Gemm FLOPs per pair at ``candidates`` per user (`python -m jizhi.tools.structbench report`'s
+    figures; a model without an item table counts its structured graph there), and what was split."""
+    report, _, values = figures(model, candidates)
+    if values["items"] is None:
+        values["items"] = values["structured"]
+    return {**values, "layers_split": len(report.split_layers), "interactions_split": len(report.split_interactions)}
 
 
 def pipelines(directory):

@@ -150,14 +150,24 @@ def bench(users=8, candidates=(100, 500, 1000), repeats=7, seed=0, out=sys.stdou
                       f"{medians[0] / median:8.2f} {f.at(c) / 1e3:10.1f}", file=out)
 
 
-def report(model, candidates=500, label="model"):
-    """The ``report`` command's text for one bundle-form model (module docstring)."""
+def figures(model, candidates=500):
+    """``(StructureReport, ItemSplit or None, {figure: FLOPs per pair})`` of one bundle-form model: MatMul/Gemm
+    FLOPs per pair at ``candidates`` candidates per user of the per-pair graph (``per_pair``), the structured
+    graph (``structured``), the structured graph with the item table (``items``: None without one) and the
+    analytic floor (``floor``)."""
     structured_model, summary = structure(model)
     split = split_items(structured_model)
-    rows = [("per-pair graph (unstructure)", flops(unstructure(model)).at(candidates)),
-            ("structured", summary.flops_after.at(candidates)),
-            ("structured + item table", flops(split.serving).at(candidates) if split is not None else None),
-            ("floor (user x item work only)", floor(model).per_pair)]
+    return summary, split, {"per_pair": flops(unstructure(model)).at(candidates),
+                            "structured": summary.flops_after.at(candidates),
+                            "items": flops(split.serving).at(candidates) if split is not None else None,
+                            "floor": floor(model).per_pair}
+
+
+def report(model, candidates=500, label="model"):
+    """The ``report`` command's text for one bundle-form model (module docstring)."""
+    summary, split, values = figures(model, candidates)
+    rows = [("per-pair graph (unstructure)", values["per_pair"]), ("structured", values["structured"]),
+            ("structured + item table", values["items"]), ("floor (user x item work only)", values["floor"])]
     lines = [f"## {label}", summary.summary(candidates),
              f"item table: {', '.join(split.layers) or 'no layer split'}; {split.floats_per_item} floats per item"
              if split is not None else "item table: none (no item-only MatMul/Gemm work)",

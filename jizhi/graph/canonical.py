@@ -345,18 +345,13 @@ def _split_piece(g, node, name):
     axis = _norm(attr(node, "axis", 0), len(shape))
     if axis is None or shape[axis] is None:
         return None
-    if g.opset >= 13:
-        sizes = g.ints(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-        if len(node.input) > 1 and node.input[1] and sizes is None:
+    given = None
+    if g.opset >= 13 and len(node.input) > 1 and node.input[1]:
+        given = g.ints(node.input[1])
+        if given is None:
             return None
-    else:
-        sizes = attr(node, "split")
-        sizes = list(sizes) if sizes is not None else None
-    n = len(node.output)
+    sizes = ops.split_sizes(node, g.opset, shape[axis], given)
     if sizes is None:
-        chunk = -(-shape[axis] // n)
-        sizes = [min(chunk, max(0, shape[axis] - k * chunk)) for k in range(n)]
-    if len(sizes) != n or sum(sizes) != shape[axis]:
         return None
     k = list(node.output).index(name)
     return node.input[0], axis, int(sum(sizes[:k])), int(sizes[k])

@@ -91,20 +91,28 @@ def _slice(node, values, opset):
     return [data[tuple(index)]]
 
 
-def _split(node, values, opset):
-    data = values[0]
-    axis = _axis(attr(node, "axis", 0), data.ndim)
-    outputs = len(node.output)
+def split_sizes(node, opset, length, given=None):
+    """The sizes of a Split's outputs along an axis of ``length``: ``given`` (its sizes input, opset 13 and
+    later), the ``split`` attribute (older opsets), else equal chunks with the last one smaller; None when
+    they do not add up to ``length`` or do not match the outputs."""
     if opset >= 13:
-        sizes = _ints(values[1]) if len(values) > 1 and values[1] is not None else None
+        sizes = given
     else:
         sizes = attr(node, "split")
         sizes = list(sizes) if sizes is not None else None
+    outputs = len(node.output)
     if sizes is None:
-        n = data.shape[axis]
-        chunk = -(-n // outputs)
-        sizes = [min(chunk, max(0, n - k * chunk)) for k in range(outputs)]
-    if sum(sizes) != data.shape[axis] or len(sizes) != outputs:
+        chunk = -(-length // outputs)
+        sizes = [min(chunk, max(0, length - k * chunk)) for k in range(outputs)]
+    return [int(x) for x in sizes] if len(sizes) == outputs and sum(sizes) == length else None
+
+
+def _split(node, values, opset):
+    data = values[0]
+    axis = _axis(attr(node, "axis", 0), data.ndim)
+    given = _ints(values[1]) if opset >= 13 and len(values) > 1 and values[1] is not None else None
+    sizes = split_sizes(node, opset, data.shape[axis], given)
+    if sizes is None:
         raise Unsupported("Split sizes do not add up")
     return np.split(data, np.cumsum(sizes)[:-1], axis=axis)
 

@@ -17,6 +17,7 @@ Buckets are chosen for sub-millisecond to 100 ms stage times (microseconds,
 upper bounds; the last is +Inf).
 """
 import os
+import time
 
 import numpy as np
 
@@ -38,6 +39,14 @@ C_UNKNOWN_USERS = 13
 KEY_RING = 4096   # sampled keys kept per worker row (the supervisor reads them every cube.hot_rebuild_s)
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
 N_COUNTERS = 14
+# The CPU account (``jizhictl bench --cpu``): CPU nanoseconds of the thread that does a process's work, by
+# phase. A worker row: its stages by index (0 .. MAX_STAGES - 1), then its runtime's phases. The broker:
+# one row of its own (``broker_cpu_ns``), by phase.
+WORKER_PHASES = ("receive", "assemble", "write", "done")
+W_RECEIVE, W_ASSEMBLE, W_WRITE, W_DONE = range(MAX_STAGES, MAX_STAGES + len(WORKER_PHASES))
+N_CPU = MAX_STAGES + len(WORKER_PHASES)
+BROKER_PHASES = ("admission", "dispatch", "done", "reply", "housekeeping")
+B_ADMISSION, B_DISPATCH, B_DONE, B_REPLY, B_HOUSEKEEPING = range(len(BROKER_PHASES))
 
 
 def layout(rows):
@@ -47,6 +56,8 @@ def layout(rows):
              ("errors", np.int64, (rows, len(CODES))),
              ("hist", np.int64, (rows, MAX_STAGES, NB)),
              ("sum_us", np.int64, (rows, MAX_STAGES)),
+             ("cpu_ns", np.int64, (rows, N_CPU)),
+             ("broker_cpu_ns", np.int64, (len(BROKER_PHASES),)),
              # cube_accessor workers: a ring of sampled looked-up keys (the hot tier's LFU input)
              ("keys", np.uint64, (rows, KEY_RING)),
              ("keys_pos", np.int64, (rows,))]
@@ -102,6 +113,35 @@ class Stats:
         b = int(np.searchsorted(BUCKETS_US, us))
         self.hist[row, stage_index, min(b, NB - 1)] += 1
         self.sum_us[row, stage_index] += int(us)
+
+
+class CpuPhases:
+    """This thread's CPU time by phase, added to ``out`` (int64 nanoseconds, indexed by phase).
+
+    ``enter(p)`` ... ``leave()``: the CPU between them goes to ``p``, less what phases entered inside it
+    took (each nanosecond counts once, in the innermost phase). A phase that raises must still ``leave``
+    (``try/finally``). Each call reads the thread's CPU clock (``CLOCK_THREAD_CPUTIME_ID``: about 0.75 us
+    here, a system call), so phases are per batch or per burst, a few per request at most.
+    """
+
+    __slots__ = ("out", "stack", "t")
+
+    def __init__(self, out=None):
+        self.out = np.zeros(max(N_CPU, len(BROKER_PHASES)), dtype=np.int64) if out is None else out
+        self.stack = []
+        self.t = 0
+
+    def enter(self, phase):
+        now = time.thread_time_ns()
+        if self.stack:
+            self.out[self.stack[-1]] += now - self.t
+        self.stack.append(phase)
+        self.t = now
+
+    def leave(self):
+        now = time.thread_time_ns()
+        self.out[self.stack.pop()] += now - self.t
+        self.t = now
 
 
 def rss_bytes(pid=None):

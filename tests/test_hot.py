@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import Launcher, assert_topk, wait_until
-from daemon_helpers import Load, jizhictl_ok, log_lines
+from daemon_helpers import JIZHICTL, Load, jizhictl_ok, log_lines
 from jizhi import shm
 from jizhi.cube import hot
 from jizhi.cube.build import write_cube
@@ -155,23 +155,68 @@ def test_pooling_through_a_partial_hot_tier_equals_pooling_the_deduplicated_lmdb
     assert 0 < store.hot_hits < store.lookups
 
 
-def test_the_ceiling_scores_what_the_reference_scores(demo_bundle, demo_trace, reference):
-    # jizhictl bench --ceiling: the fused stages in one process over a private hot table of the whole cube.
+def test_the_ceiling_scores_what_the_reference_scores_in_every_mode(demo_bundle, demo_trace, reference):
+    # jizhictl bench --ceiling: the fused stages in one process over a private hot table of the whole cube,
+    # in each pipeline the model is served in. Same scores in every mode: what makes them comparable.
     from collections import defaultdict
     from jizhi.tools.bench import CeilingScorer
-    scorer = CeilingScorer(demo_bundle)
     before = set(os.listdir("/dev/shm"))
     q = np.arange(3)
     offsets = np.concatenate([[0], np.cumsum([len(demo_trace[i][1]) for i in q])]).astype(np.int64)
     items = np.concatenate([demo_trace[i][1] for i in q])
     recall = np.concatenate([demo_trace[i][2] for i in q])
     users = np.array([demo_trace[i][0] for i in q], np.uint64)
-    batch = scorer.score(users, offsets, items, recall, 10, defaultdict(float))
-    for i in q:
-        want, _ = reference.score(*demo_trace[i][:2])
-        np.testing.assert_allclose(batch["score"][offsets[i]:offsets[i + 1]], want, rtol=1e-5, atol=1e-6)
-    assert scorer.stages[2][1].store.hot_hits > 0
+    scores = {}
+    for mode in ("per_pair", "structured", "items"):
+        scorer = CeilingScorer(demo_bundle, mode)
+        reader, dnn = scorer.stages[0][1], scorer.stages[3][1]
+        assert (reader.per_pair, dnn.per_pair) == ((True, True) if mode == "per_pair" else (False, False))
+        assert (dnn.item_table is not None) == (mode == "items")
+        assert (scorer.item_table_build_s is not None) == (mode == "items")
+        stage_us = defaultdict(float)
+        batch = scorer.score(users, offsets, items, recall, 10, stage_us)
+        assert sorted(stage_us) == sorted(["reader", "features", "cube", "dnn", "rank"])
+        assert all(v >= 0 for v in stage_us.values()) and stage_us["dnn"] > 0
+        scores[mode] = np.array(batch["score"])
+        for i in q:
+            want, _ = reference.score(*demo_trace[i][:2])
+            np.testing.assert_allclose(scores[mode][offsets[i]:offsets[i + 1]], want, rtol=1e-5, atol=1e-6)
+        assert scorer.stages[2][1].store.hot_hits > 0
+    np.testing.assert_allclose(scores["per_pair"], scores["structured"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores["items"], scores["structured"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown ceiling mode 'fast': one of per_pair, structured, items"):
+        CeilingScorer(demo_bundle, "fast")
     assert not [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("jizhi.private")]
+
+
+def test_bench_ceiling_measures_each_mode_asked_in_one_run(demo_bundle, tmp_path):
+    # One core (one ceiling process per mode) and a fraction of a second per mode: the run, not its figures.
+    out = tmp_path / "ceiling.json"
+    argv = [str(JIZHICTL), "bench", "--ceiling", "--ceiling-mode", "per_pair,structured,items", "--bundle",
+            demo_bundle, "--requests", "20", "--candidates", "50", "--duration", "0.2", "--warmup", "0",
+            "--json", str(out), "--quiet"]
+    core = min(os.sched_getaffinity(0))
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                       preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    assert r.returncode == 0, r.stderr + r.stdout
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("ceiling")] == [
+        "ceiling per_pair", "ceiling structured", "ceiling items"]
+    assert sum("mean CPU (thread time) us per request by stage: reader" in line for line in lines) == 3
+    result = json.loads(out.read_text())
+    assert "ceiling" not in result
+    ceilings = result["ceilings"]
+    assert [c["mode"] for c in ceilings] == ["per_pair", "structured", "items"]
+    for c in ceilings:
+        assert c["processes"] == 1 and c["requests"] > 0 and c["stage_clock"] == "thread_time"
+        assert list(c["stage_us_per_request"]) == ["reader", "features", "cube", "dnn", "rank"]
+        assert (c["item_table_build_s"] is not None) == (c["mode"] == "items")
+
+    r = subprocess.run(argv[:3] + ["--ceiling-mode", "structured,fast"] + argv[5:], capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2
+    assert "unknown ceiling mode 'fast': one of per_pair, structured, items" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_key_counts_keep_the_most_used_keys_first_and_decay(tmp_path):

@@ -161,3 +161,30 @@ def test_served_with_the_hot_tier_off_the_cube_stage_still_reads_the_cube_the_ta
         r = client.score(user, items, recall, pipeline="itemcache", top_k=10, deadline_ms=30_000)
         assert_topk(r, items, trace_scores[q], 10)
     assert f"item_cache: {DEMO_ITEMS} items" in server.log_text()
+
+
+def test_item_rows_read_each_items_pooled_embeddings_once_per_version_with_the_same_scores(
+        launch, demo_trace, trace_scores, tmp_path):
+    """The cube stage's ``item_rows``: every item pooled once when the worker opens the version; a candidate
+    reads its row. Same scores as pooling per batch, also for ids the profiles do not know (their fields'
+    default vectors) and with the hot tier off (the rows are built from LMDB)."""
+    rows = write_text(tmp_path / "itemrows.toml", demo_pipeline_text(
+        "itemrows", options={"cube": ["item_rows = true"], "dnn": ["item_cache = true"]}))
+    plain = write_text(tmp_path / "plain.toml", demo_pipeline_text("plain"))
+    server = launch.start(pipelines=(str(rows), str(plain)),
+                          config_text='[metrics]\nlisten = ""\n[cube]\nhot_tier_mb = 0\n')
+    client = server.client()
+    for q in (0, 1):
+        user, items, recall = demo_trace[q]
+        r = client.score(user, items, recall, pipeline="itemrows", ret="all", deadline_ms=30_000)
+        np.testing.assert_allclose(r.scores, trace_scores[q], rtol=0, atol=1e-5)
+    user, items, recall = demo_trace[2]
+    unknown = np.array([2**63 + 5, 2**63 + 7], dtype=np.uint64)      # ids no profile has
+    items = np.concatenate([items[:50], unknown])
+    recall = np.concatenate([recall[:50], np.ones(2, np.float32)])
+    a = client.score(user, items, recall, pipeline="itemrows", ret="all", deadline_ms=30_000)
+    b = client.score(user, items, recall, pipeline="plain", ret="all", deadline_ms=30_000)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
+    assert a["unknown_items"] == b["unknown_items"] == 2
+    assert a.get("missing_signatures") == b.get("missing_signatures")
+    assert f"item_rows: {DEMO_ITEMS} items' pooled embeddings" in server.log_text()

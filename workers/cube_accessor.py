@@ -10,15 +10,78 @@ read their field's default vector and are counted as ``missing_signatures``;
 an empty bag pools to it. The default vectors (manifest ``default_vector``:
 zeros, mean or row:N) are computed once, when the stage sets up the bundle
 (``cube.pooling.default_vectors``).
+
+Stage option ``item_rows = true`` (default off; ``item_rows_mb``, default 512,
+bounds it): within a bundle version an item's signatures (precomputed in the
+item profiles) and the cube are fixed, so its pooled embeddings are too. The
+stage pools every item of the profiles once when it sets up the version and a
+candidate reads its row (one gather) instead of looking up and pooling its
+bags: the item part computed once per version, not once per pair. An id the
+profiles do not know reads its fields' default vectors, as its empty bags
+would. Not with a remote cube (a shard down while the table is built would
+fix default vectors into it for the version's life): refused with a log line,
+the stage then pools per batch. A stage before this one must not change the
+item signatures the reader gives (none of the built-ins does).
 """
+import logging
+import time
+
 import numpy as np
 
 from jizhi.cube.hot import TieredStore
 from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.store import open_cube
+from jizhi.bundle import Profiles
 from jizhi.stats import (C_DISK_HITS, C_HOT_GEN, C_HOT_HITS, C_LOOKUPS, C_REMOTE_DEGRADED, C_REMOTE_KEYS,
                          C_REMOTE_TRIPS)
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
+
+
+log = logging.getLogger("jizhi.worker")
+
+
+def item_rows_option(config):
+    on = config.get("item_rows", False)
+    if not isinstance(on, bool):
+        raise ValueError(f"item_rows must be true or false, got {on!r}")
+    mb = config.get("item_rows_mb", 512)
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb <= 0:
+        raise ValueError(f"item_rows_mb must be a positive number of MiB, got {mb!r}")
+    return on, mb
+
+
+class ItemRows:
+    """Every item's pooled embeddings f32[items, F_item, D] and missing-signature counts, pooled once from
+    ``store`` (the module docstring, ``item_rows``); ValueError when larger than ``max_mb``."""
+
+    def __init__(self, bundle, store, sums, defaults, max_mb, chunk=8192):
+        self.items = Profiles(bundle, "item")
+        n, f, dim = int(self.items.ids.shape[0]), len(bundle.item_fields), bundle.dim
+        self.mb = n * f * dim * 4 / 2**20
+        if self.mb > max_mb:
+            raise ValueError(f"the item rows would take {self.mb:.0f} MiB ({n} items x {f} fields x {dim} floats), "
+                             f"over item_rows_mb = {max_mb}")
+        self.default = np.ascontiguousarray(defaults, dtype=np.float32)
+        self.table = np.empty((n, f, dim), dtype=np.float32)
+        self.missing = np.empty(n, dtype=np.int64)
+        t0 = time.monotonic()
+        for a in range(0, n, chunk):
+            rows = np.arange(a, min(n, a + chunk), dtype=np.int64)
+            sigs, lens = self.items.item_signatures(rows, np.ones(rows.shape[0], dtype=np.bool_))
+            (emb,), (miss,) = pool_blocks(store, [(sigs, lens)], dim, [sums], [self.default])
+            self.table[a:a + rows.shape[0]] = emb
+            self.missing[a:a + rows.shape[0]] = miss
+        self.build_s = time.monotonic() - t0
+
+    def read(self, item_ids):
+        """(item_emb f32[P, F_item, D], missing int64[P]) of these candidates."""
+        rows, known = self.items.rows(item_ids)
+        emb = np.take(self.table, rows, axis=0)
+        missing = np.take(self.missing, rows)
+        if not known.all():
+            emb[~known] = self.default
+            missing[~known] = 0
+        return emb, missing
 
 
 class CubeAccessor(Stage):
@@ -26,7 +89,12 @@ class CubeAccessor(Stage):
     fixed_inputs = ("user_sigs", "user_lens", "item_sigs", "item_lens")
 
     @classmethod
+    def inputs(cls, config):
+        return cls.fixed_inputs + (("item_ids",) if config.get("item_rows") is True else ())
+
+    @classmethod
     def outputs(cls, config, bundle):
+        item_rows_option(config)    # a bad value fails the pipeline's compile, naming the stage
         return (Output("user_emb", CANDIDATE if config.get("per_pair") else REQUEST, "float32",
                        (len(bundle.user_fields), bundle.dim)),
                 Output("item_emb", CANDIDATE, "float32", (len(bundle.item_fields), bundle.dim)))
@@ -51,6 +119,20 @@ class CubeAccessor(Stage):
         # The version's shared-memory hot tier in front of it all (when the supervisor built one).
         self.store = TieredStore(lower, config.get("_hot"))
         self.store.refresh()
+        self.item_rows = None
+        on, max_mb = item_rows_option(config)
+        if on and self.levels is not None:
+            log.warning("item_rows: not with a remote cube (a shard down while the rows are built would fix "
+                        "default vectors into them); pooling item bags per batch")
+        elif on:
+            try:
+                self.item_rows = ItemRows(bundle, self.store, bundle.item_sums, self.defaults[1], max_mb)
+            except ValueError as e:
+                log.warning("item_rows: %s; pooling item bags per batch", e)
+            else:
+                r = self.item_rows
+                log.info("item_rows: %d items' pooled embeddings in %.0f MiB, built in %.2f s",
+                         r.table.shape[0], r.mb, r.build_s)
 
     def attach_sampler(self, ring, pos):
         self.store.attach_sampler(ring, pos)
@@ -69,9 +151,14 @@ class CubeAccessor(Stage):
             counters[C_REMOTE_TRIPS] = getattr(self.backend, "round_trips", self.backend.calls)
 
     def process(self, batch):
-        (user_emb, item_emb), (umiss, imiss) = pool_blocks(
-            self.store, [(batch["user_sigs"], batch["user_lens"]),
-                        (batch["item_sigs"], batch["item_lens"])], self.dim, self.sums, self.defaults)
+        if self.item_rows is not None:
+            (user_emb,), (umiss,) = pool_blocks(self.store, [(batch["user_sigs"], batch["user_lens"])], self.dim,
+                                                self.sums[:1], self.defaults[:1])
+            item_emb, imiss = self.item_rows.read(batch["item_ids"])
+        else:
+            (user_emb, item_emb), (umiss, imiss) = pool_blocks(
+                self.store, [(batch["user_sigs"], batch["user_lens"]),
+                            (batch["item_sigs"], batch["item_lens"])], self.dim, self.sums, self.defaults)
         if self.per_pair:
             # The user's row is repeated per pair: count it once (0 for a request left without candidates).
             first = np.minimum(batch.offsets[:-1], max(umiss.shape[0] - 1, 0))

@@ -28,7 +28,8 @@ import numpy as np
 import zmq
 
 from jizhi import lifeline, logs, messages, rundir
-from jizhi.stats import C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, Stats, rss_bytes
+from jizhi.stats import (C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, W_ASSEMBLE, W_DONE, W_RECEIVE, W_WRITE,
+                         CpuPhases, Stats, rss_bytes)
 from jizhi.workers.builtins import load_class
 from jizhi.errors import (DEADLINE_EXCEEDED, EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE,
                           EXIT_MODEL_LOAD_FAILURE, EXIT_STALE_RUN, INTERNAL)
@@ -128,12 +129,20 @@ class Worker:
         for st in self.plan["stages"].values():
             self.scope_of.update({n: spec["scope"] for n, spec in st["outputs"].items()})
         self.writes = self.group["writes"]
+        self.cpu = CpuPhases()    # the CPU account by phase; into this worker's stats row once it serves
         self.running = True
         self.stale = False     # exiting as a process of an ended run (jizhi/lifeline.py)
 
     def process_event(self, ev):
         """Run the group's stages on the requests of one Event (jizhi/messages.py) whose deadline has not
         passed; return its Done (the others failed DEADLINE_EXCEEDED)."""
+        self.cpu.enter(W_ASSEMBLE)
+        try:
+            return self._process_event(ev)
+        finally:
+            self.cpu.leave()
+
+    def _process_event(self, ev):
         from jizhi.workers.stage import Batch
         done = messages.Done(ev.eid, ev.slot)
         deadline_s = np.array(ev.deadline_s, dtype=np.float64)
@@ -167,11 +176,15 @@ class Worker:
             for hook in self.boundary_hooks:
                 hook()   # the place to pick up a new hot-tier generation
             self.run_stages(batch, done.svc_us, observe=self.stats is not None)
-            for c in self.writes:
-                self.arenas.write(c, slots, offsets, cols[c])
-            if self.stats is not None:
-                for hook in self.report_hooks:
-                    hook(self.stats.counters[self.row])
+            self.cpu.enter(W_WRITE)
+            try:
+                for c in self.writes:
+                    self.arenas.write(c, slots, offsets, cols[c])
+                if self.stats is not None:
+                    for hook in self.report_hooks:
+                        hook(self.stats.counters[self.row])
+            finally:
+                self.cpu.leave()
         except Exception as e:
             log.exception("stage failed on an event of %d requests", len(slots))
             msg = f"stage failed: {type(e).__name__}: {e}"
@@ -197,10 +210,14 @@ class Worker:
             if getattr(proc, "sees_all_candidates", False):
                 narrow.widen()
             t0 = time.perf_counter()
-            if narrow.empty:
-                out = self.empty_outputs(st, batch)   # every candidate was dropped before this stage
-            else:
-                out = proc.process(batch)
+            self.cpu.enter(si)
+            try:
+                if narrow.empty:
+                    out = self.empty_outputs(st, batch)   # every candidate was dropped before this stage
+                else:
+                    out = proc.process(batch)
+            finally:
+                self.cpu.leave()
             svc[sname] = us = int((time.perf_counter() - t0) * 1e6)
             if observe:
                 self.stats.observe(self.row, si, us)
@@ -295,6 +312,9 @@ class Worker:
             st.errors[row] = 0
             st.hist[row] = 0
             st.sum_us[row] = 0
+            st.cpu_ns[row] = 0
+            self.cpu = CpuPhases(st.cpu_ns[row])
+        cpu = self.cpu
         leaving = False
         next_check = 0.0
         while self.running:
@@ -309,12 +329,15 @@ class Worker:
             if st is not None:
                 st.heartbeat[row] = time.monotonic()   # from the work loop: a stuck stage stops it
             if poller.poll(int(hb_s * 1000)):
+                cpu.enter(W_RECEIVE)
                 frames = sock.recv_multipart(copy=True)
                 try:
                     msg = messages.decode(frames)
                 except ValueError:
                     log.warning("dropping a malformed message from the broker")
                     continue
+                finally:
+                    cpu.leave()
                 if isinstance(msg, messages.Event):
                     if msg.versions != self.versions:
                         # Routing is keyed by version set, so this is a broker bug; never score
@@ -323,6 +346,7 @@ class Worker:
                         done = messages.Done(msg.eid, msg.slot, {s: [INTERNAL, why] for s in msg.slot})
                     else:
                         done = self.process_event(msg)
+                    cpu.enter(W_DONE)
                     sock.send_multipart(done.encode())
                     last_send = time.monotonic()
                     self.events += 1
@@ -330,6 +354,7 @@ class Worker:
                         st.counters[row, C_EVENTS] += 1
                         st.counters[row, C_REQUESTS] += len(msg.slot)
                         st.counters[row, C_FAILED] += len(done.errors)
+                    cpu.leave()
                     if not leaving and self.should_recycle():
                         leaving = True
                         log.info("recycling after %d events (rss %d MiB): asking the broker to retire me",

@@ -23,6 +23,7 @@ candidate is not counted. That NaN is ``INVALID_NAN``, whose bits tell it from
 a dropped candidate's NaN where it matters: the broker leaves it out of a
 ``return: all`` reply, where a dropped candidate reads NaN.
 """
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,11 @@ class Batch:
     ``time.monotonic()``, seconds; jizhi/messages.py), ``offsets``
     int64[R+1], ``columns`` (name -> array), ``failed`` (request index ->
     (code, message)), ``counts`` (name -> int64[R]), ``warmup`` (True for
-    the warm-up batch a worker runs before it serves).
+    the warm-up batch a worker runs before it serves), ``narrowed_s``
+    (seconds the runtime spent narrowing and widening the columns around
+    dropped candidates: ``Selection``), ``qcache`` (the query cache's account
+    of this batch, which the ranker completes: workers/query_cache.py,
+    ``Account``; None without a query_cache stage in this worker).
     """
 
     def __init__(self, users, top_k, ret_all, deadline_s, offsets, columns):
@@ -77,6 +82,9 @@ class Batch:
         # A worker's warm-up batch before READY (workers/run.py): compute, but leave no trace in
         # shared state (a stage that caches or counts across requests skips that).
         self.warmup = False
+        # What dropping candidates costs: the query cache weighs it against what its hits save.
+        self.narrowed_s = 0.0
+        self.qcache = None
 
     @property
     def n_requests(self):
@@ -168,7 +176,8 @@ class Selection:
     ``sees_all_candidates = True`` (the ranker: dropped and cached candidates
     rejoin there) and the group's writes to shared memory see every candidate
     again: columns computed on the narrowed batch are widened with NaN (floats),
-    0 or False where a candidate was dropped.
+    0 or False where a candidate was dropped. The wall time of both is added
+    to the batch's ``narrowed_s`` (a cost of the stage that dropped them).
     """
 
     def __init__(self, batch, scope_of):
@@ -177,6 +186,7 @@ class Selection:
         self.full_offsets = batch.offsets
         self.n = batch.n_candidates
         self.sel = None            # indices into the full candidates, or None: all of them
+        self.dropped = None        # the complement of ``sel`` (computed when first widening)
         self.full = {}             # full-size versions of the columns that existed when narrowing
 
     def _candidate(self, name):
@@ -185,12 +195,17 @@ class Selection:
     def _widen(self, name, arr):
         if self.sel is None:
             return arr
+        arr = np.asarray(arr)
         base = self.full.get(name)
         if base is None:
-            arr = np.asarray(arr)
-            base = np.zeros((self.n,) + arr.shape[1:], dtype=arr.dtype)
-            if arr.dtype.kind == "f":
-                base[...] = np.nan
+            # Only the dropped rows are filled: the others are overwritten just below (a column of
+            # embeddings is a kilobyte per candidate; filling it all first doubled the widening).
+            base = np.empty((self.n,) + arr.shape[1:], dtype=arr.dtype)
+            if self.dropped is None:
+                kept = np.zeros(self.n, dtype=bool)
+                kept[self.sel] = True
+                self.dropped = np.flatnonzero(~kept)
+            base[self.dropped] = np.nan if arr.dtype.kind == "f" else 0
         else:
             base = base.copy()
         base[self.sel] = arr
@@ -201,12 +216,14 @@ class Selection:
         return self.sel is not None and self.sel.shape[0] == 0
 
     def select(self, idx):
+        t0 = time.perf_counter()
         cols = self.batch.columns
         for name in list(cols):
             if self._candidate(name):
                 self.full[name] = self._widen(name, cols[name])
         idx = np.asarray(idx, dtype=np.int64)
         self.sel = idx if self.sel is None else self.sel[idx]
+        self.dropped = None
         for name, full in self.full.items():
             cols[name] = full[self.sel]
         r = self.batch.n_requests
@@ -214,14 +231,18 @@ class Selection:
         offsets = np.zeros(r + 1, dtype=np.int64)
         np.cumsum(np.bincount(req[self.sel], minlength=r), out=offsets[1:])
         self.batch.offsets = offsets
+        self.batch.narrowed_s += time.perf_counter() - t0
 
     def widen(self):
         if self.sel is None:
             return
+        t0 = time.perf_counter()
         cols = self.batch.columns
         for name in list(cols):
             if self._candidate(name):
                 cols[name] = self._widen(name, cols[name])
         self.sel = None
+        self.dropped = None
         self.full = {}
         self.batch.offsets = self.full_offsets
+        self.batch.narrowed_s += time.perf_counter() - t0

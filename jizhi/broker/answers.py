@@ -20,7 +20,7 @@ import numpy as np
 from jizhi import messages, protocol
 from jizhi.errors import CODES
 from jizhi.states import VersionState
-from jizhi.stats import C_INVALID_SCORES, C_REQUESTS, C_UNKNOWN_USERS
+from jizhi.stats import B_REPLY, C_INVALID_SCORES, C_REQUESTS, C_UNKNOWN_USERS
 from jizhi.workers.stage import INVALID_NAN_BITS, INVALID_SCORES
 
 log = logging.getLogger("jizhi.broker")
@@ -60,6 +60,14 @@ class Answers:
         self.release_if_idle(req)
 
     def ok(self, req):
+        """Answer ``req`` from its slot: the top-k (or every candidate) and their scores."""
+        self.b.cpu.enter(B_REPLY)
+        try:
+            self._ok(req)
+        finally:
+            self.b.cpu.leave()
+
+    def _ok(self, req):
         b = self.b
         req.answered = True
         pipe = req.pipe

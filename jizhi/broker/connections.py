@@ -97,10 +97,16 @@ def _header(n):
     return 2 if n <= 255 else 9
 
 
+_statm = []     # the descriptor of /proc/self/statm, opened once: the guard reads it 200 times a second
+
+
 def anon_bytes():
-    """The broker's anonymous resident memory (heap, ZeroMQ's queues), without shared memory and files."""
-    with open("/proc/self/statm") as f:
-        fields = f.read().split()
+    """The broker's anonymous resident memory (heap, ZeroMQ's queues), without shared memory and files.
+
+    One ``pread`` of a descriptor kept open (1.7 us; an open, read and close took 32 us)."""
+    if not _statm:
+        _statm.append(os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+    fields = os.pread(_statm[0], 256, 0).split()
     return (int(fields[1]) - int(fields[2])) * PAGE
 
 

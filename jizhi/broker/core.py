@@ -33,7 +33,7 @@ from jizhi.errors import OVERLOADED
 from jizhi.overlay import Overlay
 from jizhi.qcache import QueryCache
 from jizhi.states import VersionState
-from jizhi.stats import C_PID, Stats
+from jizhi.stats import C_PID, CpuPhases, Stats
 
 log = logging.getLogger("jizhi.broker")
 
@@ -73,6 +73,10 @@ class Broker:
                 self.stats.errors[p.row] = 0
                 self.stats.hist[p.row] = 0
                 self.stats.sum_us[p.row] = 0
+        # The CPU account of the loop's thread by phase (jizhi/stats.py, BROKER_PHASES; `jizhictl bench --cpu`).
+        self.cpu = CpuPhases(self.stats.broker_cpu_ns if self.stats is not None else None)
+        if self.stats is not None:
+            self.stats.broker_cpu_ns[:] = 0
         self.default_pipeline = run["default_pipeline"]
         self.draining = False
         self.drain_requester = None

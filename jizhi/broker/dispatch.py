@@ -29,6 +29,7 @@ from jizhi.broker.admission import RetryHints
 from jizhi.broker.figures import GroupStats, RequestStats
 from jizhi.errors import DEADLINE_EXCEEDED, INTERNAL
 from jizhi.states import VersionState
+from jizhi.stats import B_DISPATCH
 from jizhi.workers.ab_dispatch import Router
 
 log = logging.getLogger("jizhi.broker")
@@ -258,16 +259,12 @@ class Dispatcher:
                 taken.append(req)
             if not taken:
                 return
-            eid = next(self.eids)
-            rows = []
-            for req in taken:
-                req.held += 1
-                wait_us = int((now - req.t_enq) * 1e6)
-                stats.add_wait(wait_us)
-                req.timings[wait_key] = wait_us
-                rows.append((req.slot, req.n, req.deadline_s, req.user, req.top_k, req.ret_all))
-            ev = messages.Event(eid, pipe.pinned[vkey], *zip(*rows))    # rows to columns, in one call
-            if not b.sink.backend(w.ident, ev.encode()):
+            b.cpu.enter(B_DISPATCH)
+            try:
+                sent = self.send_event(pipe, vkey, w, taken, now, stats, wait_key)
+            finally:
+                b.cpu.leave()
+            if not sent:
                 for req in taken:
                     req.held -= 1
                     chan.appendleft(req)
@@ -275,10 +272,25 @@ class Dispatcher:
                 workers = pipe.workers.get(key)
                 if not workers:
                     return
-                continue
-            w.inflight[eid] = (taken, now)
-            stats.events += 1
-            stats.requests += len(taken)
+
+    def send_event(self, pipe, vkey, w, taken, now, stats, wait_key):
+        """One Event of the requests ``taken`` to worker ``w``; False when it is unreachable."""
+        b = self.b
+        eid = next(self.eids)
+        rows = []
+        for req in taken:
+            req.held += 1
+            wait_us = int((now - req.t_enq) * 1e6)
+            stats.add_wait(wait_us)
+            req.timings[wait_key] = wait_us
+            rows.append((req.slot, req.n, req.deadline_s, req.user, req.top_k, req.ret_all))
+        ev = messages.Event(eid, pipe.pinned[vkey], *zip(*rows))    # rows to columns, in one call
+        if not b.sink.backend(w.ident, ev.encode()):
+            return False
+        w.inflight[eid] = (taken, now)
+        stats.events += 1
+        stats.requests += len(taken)
+        return True
 
     def on_done(self, w, done):
         """Worker ``w`` finished an event: answer its failures, the sink group's requests, advance the rest."""

@@ -30,6 +30,7 @@ from jizhi.broker.admission import STOP_RETRY_MS, request_id
 from jizhi.broker.connections import REFUSED_RETRY_MS, REPLY_QUEUE, REQUEST_QUEUE, ClientConnections
 from jizhi.broker.core import Broker
 from jizhi.errors import EXIT_BIND_FAILURE, EXIT_STALE_RUN, OVERLOADED
+from jizhi.stats import B_ADMISSION, B_DONE, B_HOUSEKEEPING
 
 log = logging.getLogger("jizhi.broker")
 
@@ -151,6 +152,14 @@ class Loop:
     def read_frontend(self, most=256):
         """Handle up to ``most`` of the client messages ZeroMQ holds (a connection past the limit is
         answered its refusal, whatever it sent); returns how many there were."""
+        cpu = self.broker.cpu
+        cpu.enter(B_ADMISSION)
+        try:
+            return self._read_frontend(most)
+        finally:
+            cpu.leave()
+
+    def _read_frontend(self, most):
         for n in range(most):
             try:
                 frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -169,11 +178,16 @@ class Loop:
 
     def read_backend(self):
         # Backend first: finishing work frees slots and credits for new work.
-        for _ in range(BACKEND_BURST):
-            frames = self.back.recv_multipart()
-            self.broker.on_backend(frames[0], frames[1:])
-            if not self.back.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                break
+        cpu = self.broker.cpu
+        cpu.enter(B_DONE)
+        try:
+            for _ in range(BACKEND_BURST):
+                frames = self.back.recv_multipart()
+                self.broker.on_backend(frames[0], frames[1:])
+                if not self.back.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    break
+        finally:
+            cpu.leave()
 
     def loop(self):
         b = self.broker
@@ -186,7 +200,9 @@ class Loop:
         while b.running:
             events = dict(poller.poll(b.dispatcher.poll_timeout_ms(b.clock(), POLL_MS)))
             if b.dispatcher.batch_timers:
+                b.cpu.enter(B_HOUSEKEEPING)
                 b.fire_timers(b.clock())
+                b.cpu.leave()
             if self.back in events:
                 self.read_backend()
             if self.clients.monitor in events:
@@ -205,7 +221,9 @@ class Loop:
                               "OVERLOADED and exiting", why)
                     self.stale = why
                     break
+            b.cpu.enter(B_HOUSEKEEPING)
             b.sweep(now)
+            b.cpu.leave()
         self.stop_frontend()
         self.back.close(0)
         zmq.Context.instance().term()

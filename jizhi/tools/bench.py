@@ -80,10 +80,11 @@ import numpy as np
 from jizhi.client import Client
 from jizhi.config import default_run_dir
 from jizhi.ctl.inputs import Trace, resolve_bundle
-from jizhi.tools.ceiling import CeilingScorer, print_ceiling, run_ceiling_settled
+from jizhi.tools.ceiling import CeilingScorer, parse_modes, print_ceiling, run_ceiling_settled
 from jizhi.tools.loadgen import (ERROR, LOST, NOT_SENT, OK, PENDING, PROGRESS_INTERVAL_S, OpenLoop, Progress,
                                  check_trace_args, drain_replies, load_socket, percentiles, trace_file, trace_options,
                                  uniform_times)
+from jizhi.tools.account import Account
 from jizhi.tools.procfs import ServerCpu, environment, machine_busy_s, proc_cpu_s, self_cpu_s, wait_for_quiet
 from jizhi.tools.sweep import find_max, plot_sweep, print_detail, print_points
 
@@ -120,7 +121,7 @@ class LoadGenerator:
     late reply from an earlier point is recognised and ignored.
     """
 
-    def __init__(self, endpoint, trace, *, deadline_ms, top_k, slo_ms, cpu=None, progress=True,
+    def __init__(self, endpoint, trace, *, deadline_ms, top_k, slo_ms, cpu=None, account=None, progress=True,
                  allow_repeat=False, max_other_cores=None, settle_s=60.0, retries=2, log=None):
         self.endpoint = endpoint
         self.trace = trace
@@ -128,6 +129,7 @@ class LoadGenerator:
         self.top_k = top_k
         self.slo_ms = slo_ms
         self.cpu = cpu
+        self.account = account      # jizhi/tools/account.py: the CPU by thread and phase (with cpu)
         self.progress = Progress(progress)
         self.allow_repeat = allow_repeat
         self.max_other_cores = max_other_cores
@@ -203,7 +205,8 @@ class LoadGenerator:
 
         def open_window(now):   # the measured window's CPU figures start at t0, on time
             window.update(server=self.cpu.snapshot() if self.cpu else {}, generator=self_cpu_s(),
-                          machine=machine_busy_s(), loadavg=os.getloadavg()[0], t=time.monotonic())
+                          machine=machine_busy_s(), loadavg=os.getloadavg()[0], t=time.monotonic(),
+                          account=self.account.snapshot() if self.account else None)
 
         load.call_at(t0, open_window)
         aborted = False
@@ -246,6 +249,7 @@ class LoadGenerator:
             window.update(server={}, generator=self_cpu_s(), machine=machine_busy_s(),
                           loadavg=os.getloadavg()[0], t=time.monotonic())
         cpu_after = self.cpu.snapshot() if self.cpu else {}
+        account_after = self.account.snapshot() if self.account and window.get("account") else None
         gen_after = self_cpu_s()
         mach_after = machine_busy_s()
         cpu_wall_s = time.monotonic() - window["t"]
@@ -285,6 +289,8 @@ class LoadGenerator:
                                     cpu_wall_s, n_ok, pipeline)
             # CPU the machine spent on anything but this server and this generator.
             res["cpu"]["foreign_cores"] = round(max(0.0, res["machine_busy_cores"] - res["cpu"]["cores_busy"]), 2)
+            if account_after is not None:
+                res["cpu"]["account"] = self.account.report(window["account"], account_after, n_ok)
         return res
 
 
@@ -343,6 +349,10 @@ def cpu_report(by_kind, generator_s, wall_s, answered, pipeline):
 @click.option("--ceiling", is_flag=True, help="Run the in-process ceiling instead of loading a server (needs --bundle).")
 @click.option("--batch", "ceiling_batch", type=click.IntRange(1), default=1, show_default=True,
               help="--ceiling: requests scored per call.")
+@click.option("--ceiling-mode", "ceiling_mode", metavar="MODES",
+              help="--ceiling: the pipelines to measure the model in, comma-separated, each in turn: per_pair "
+                   "(structured = false: every stage per pair, as a generic server), structured (the user part "
+                   "once per request), items (structured + the dnn's item_cache). Default: structured.")
 @click.option("--max-other-cores", type=click.FloatRange(min=0), default=None,
               help="A shared machine: before each point wait until other processes use at most this many cores, "
                    "and run a failed point again when they used more while it ran.")
@@ -357,8 +367,8 @@ def cpu_report(by_kind, generator_s, wall_s, answered, pipeline):
 @click.option("--quiet", is_flag=True, help="No progress line on stderr.")
 def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, rate, rates, find_max,
                   start_rate, precision, max_points, slo_ms, duration_s, warmup_s, deadline_ms, top_k,
-                  allow_repeat, cpu, run_dir, ceiling, ceiling_batch, max_other_cores, settle_s, retries, json_path,
-                  plot_path, quiet):
+                  allow_repeat, cpu, run_dir, ceiling, ceiling_batch, ceiling_mode, max_other_cores, settle_s,
+                  retries, json_path, plot_path, quiet):
     """Measure throughput and latency: open-loop Poisson load on a running
     jizhid (--rate, --rates or --find-max), or the in-process ceiling
     (--ceiling).
@@ -373,6 +383,7 @@ def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, 
       jizhictl bench --trace trace.npz --find-max --pipeline demo,legacy --cpu --run-dir /run/jizhi
       jizhictl bench --trace trace.npz --rates 100,200,300 --plot sweep.png
       jizhictl bench --ceiling --bundle models/demo/1 --trace trace.npz
+      jizhictl bench --ceiling --ceiling-mode per_pair,structured,items --bundle models/demo/1 --trace trace.npz
     """
     modes = sum([rate is not None, rates is not None, find_max])
     if ceiling and modes:
@@ -381,6 +392,12 @@ def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, 
         raise click.UsageError("give exactly one of --rate, --rates, --find-max (or --ceiling)")
     if ceiling and not bundle:
         raise click.UsageError("--ceiling needs --bundle (the version directory it scores)")
+    if ceiling_mode is not None and not ceiling:
+        raise click.UsageError("--ceiling-mode goes with --ceiling")
+    try:
+        ceiling_modes = parse_modes(ceiling_mode or "structured")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--ceiling-mode")
     check_trace_args(trace_path, bundle, requests)
     if plot_path and ceiling:
         raise click.UsageError("--plot draws load points (--rate, --rates or --find-max), not --ceiling")
@@ -395,12 +412,20 @@ def bench_command(endpoint, pipeline, trace_path, bundle, requests, candidates, 
         result = {"environment": environment(), "command": sys.argv, "trace": str(trace_path)}
         if ceiling:
             click.echo(f"ceiling: {version_dir}, {len(os.sched_getaffinity(0))} cores, {duration_s:g} s "
-                       f"after {warmup_s:g} s warm-up", err=True)
-            c = run_ceiling_settled(version_dir, trace_path, max_other_cores=max_other_cores, settle_s=settle_s,
-                                    retries=retries, log=lambda t: click.echo(t, err=True), duration_s=duration_s,
-                                    warmup_s=warmup_s, top_k=top_k, batch_size=ceiling_batch)
-            result["ceiling"] = c
-            print_ceiling(c, click.echo)
+                       f"after {warmup_s:g} s warm-up, mode {', '.join(ceiling_modes)}", err=True)
+            ceilings = []
+            for mode in ceiling_modes:
+                c = run_ceiling_settled(version_dir, trace_path, max_other_cores=max_other_cores, settle_s=settle_s,
+                                        retries=retries, log=lambda t: click.echo(t, err=True),
+                                        duration_s=duration_s, warmup_s=warmup_s, top_k=top_k,
+                                        batch_size=ceiling_batch, mode=mode)
+                ceilings.append(c)
+                print_ceiling(c, click.echo)
+            # One mode: the shape scripts read since before modes; several: a list, in the order asked.
+            if len(ceilings) == 1:
+                result["ceiling"] = ceilings[0]
+            else:
+                result["ceilings"] = ceilings
         else:
             result["runs"] = _load(endpoint, pipeline, trace_path, rate, rates, find_max, start_rate, precision,
                                    max_points, slo_ms, duration_s, warmup_s, deadline_ms, top_k, allow_repeat,
@@ -450,16 +475,17 @@ def _load(endpoint, pipeline, trace_path, rate, rates, find_max_flag, start_rate
         names.append(real)
     if not all(info.get("ready") for info in infos.values()):
         click.echo("warning: jizhid says it is not ready yet (some pool has no worker)", err=True)
-    server_cpu = None
+    server_cpu = account = None
     if cpu:
         run_dir = run_dir or default_run_dir("default")
         server_cpu = ServerCpu(run_dir)
+        account = Account(run_dir)
         found = server_cpu.processes()
         if not found:
             raise click.UsageError(f"--cpu: no process of a jizhid run found for run dir {run_dir} "
                                    f"(looked for --plan {server_cpu.plan} in /proc/*/cmdline)")
         click.echo(f"cpu: {len(found)} processes of the run in {run_dir}", err=True)
-    gen = LoadGenerator(endpoint, trace, deadline_ms=deadline_ms, top_k=top_k, slo_ms=slo_ms, cpu=server_cpu,
+    gen = LoadGenerator(endpoint, trace, deadline_ms=deadline_ms, top_k=top_k, slo_ms=slo_ms, cpu=server_cpu, account=account,
                         progress=not quiet, allow_repeat=allow_repeat, max_other_cores=max_other_cores,
                         settle_s=settle_s, retries=retries, log=lambda t: click.echo(t, err=True))
     runs = []

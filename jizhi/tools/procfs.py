@@ -105,6 +105,29 @@ class ServerCpu:
                 snap[pid] = (kind, st[0])
         return snap
 
+    def thread_snapshot(self):
+        """{pid: (kind, {"main" | "zmq_io" | "other_threads": cpu seconds})} now: each process's main
+        thread, ZeroMQ's background threads (named ``ZMQbg/...``) and the rest (jizhi/tools/account.py)."""
+        snap = {}
+        for pid, kind in self.processes().items():
+            parts = collections.defaultdict(float)
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                st = proc_cpu_s(f"{pid}/task/{tid}")
+                if st is None:
+                    continue
+                if tid == str(pid):
+                    parts["main"] += st[0]
+                elif (_read(f"/proc/{pid}/task/{tid}/comm") or b"").startswith(b"ZMQbg"):
+                    parts["zmq_io"] += st[0]
+                else:
+                    parts["other_threads"] += st[0]
+            snap[pid] = (kind, dict(parts))
+        return snap
+
     @staticmethod
     def delta(before, after):
         """CPU seconds per kind between two snapshots."""

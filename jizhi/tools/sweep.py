@@ -7,6 +7,8 @@ that runs one at a given rate.
 import click
 import numpy as np
 
+from jizhi.tools.account import format_account
+
 
 def find_max(run, start_rate, max_rate, precision, max_points, log=print):
     """Search the highest passing rate: double from ``start_rate`` until a
@@ -78,6 +80,11 @@ def print_detail(r, out=print):
         out(f"    {'load generator':<28}{c['generator_ms_per_s']:>8,.1f}{c['generator_us_per_request']:>12,.1f}")
         out(f"    server {c['server_us_per_request']:,.0f} us/request (this pipeline + broker + supervisor: "
             f"{c['pipeline_us_per_request']:,.0f}); with the generator {c['total_us_per_request']:,.0f}")
+        if c.get("account"):
+            out("  CPU account, us per answered request: each process kind's main thread by phase (the "
+                "stats segment), its other threads (/proc):")
+            for line in format_account(c["account"], c["generator_us_per_request"]):
+                out("  " + line)
 
 
 def plot_sweep(runs, path, slo_ms, title):

@@ -300,16 +300,26 @@ class Profiles:
                 # np.asarray: a plain ndarray view of the mapping (Numba wants no subclass).
                 self.cols[f.name] = (np.asarray(np.load(d / f"{f.name}.values.npy", mmap_mode="r")),
                                      np.asarray(np.load(d / f"{f.name}.offsets.npy", mmap_mode="r")))
+        # Plain ndarray views of the mappings: np.memmap's indexing costs more (4,000 rows of item
+        # signatures: 202 us as a memmap, 60 us through np.take on the view).
         if side == "user":
-            self.dense = np.load(d / "dense.npy", mmap_mode="r")
+            self.dense = np.asarray(np.load(d / "dense.npy", mmap_mode="r"))
         else:
-            self.sigs = np.load(d / "sigs.npy", mmap_mode="r")
-            self.sig_lens = np.load(d / "sig_lens.npy", mmap_mode="r")
+            self.sigs = np.asarray(np.load(d / "sigs.npy", mmap_mode="r"))
+            self.sig_lens = np.asarray(np.load(d / "sig_lens.npy", mmap_mode="r"))
 
     def rows(self, ids):
-        """(rows int64, known bool) of ``ids`` (uint64); unknown rows read 0."""
+        """(rows int64, known bool) of ``ids`` (uint64); unknown rows read 0.
+
+        Many ids are searched in sorted order (a candidate list's 4,000 ids in 10,000: 254 us against 345
+        searched as they come: the binary searches share their cache lines)."""
         ids = np.asarray(ids, dtype=np.uint64)
-        pos = np.searchsorted(self.ids, ids)
+        if ids.shape[0] > 256:
+            order = np.argsort(ids)
+            pos = np.empty(ids.shape[0], dtype=np.int64)
+            pos[order] = np.searchsorted(self.ids, ids[order])
+        else:
+            pos = np.searchsorted(self.ids, ids)
         pos_c = np.minimum(pos, self.ids.shape[0] - 1)
         known = self.ids[pos_c] == ids
         return np.where(known, pos_c, 0).astype(np.int64), known
@@ -344,7 +354,7 @@ class Profiles:
 
     def item_signatures(self, rows, known):
         """Items: precomputed (sigs uint64 [P, F, L], lens int32 [P, F]); unknown -> empty bags."""
-        sigs = self.sigs[rows]
-        lens = np.asarray(self.sig_lens[rows], dtype=np.int32)
+        sigs = np.take(self.sigs, rows, axis=0)
+        lens = np.take(self.sig_lens, rows, axis=0).astype(np.int32, copy=False)
         lens[~known] = 0
         return sigs, lens

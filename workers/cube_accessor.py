@@ -73,9 +73,9 @@ class ItemRows:
             self.missing[a:a + rows.shape[0]] = miss
         self.build_s = time.monotonic() - t0
 
-    def read(self, item_ids):
-        """(item_emb f32[P, F_item, D], missing int64[P]) of these candidates."""
-        rows, known = self.items.rows(item_ids)
+    def read(self, rows, known):
+        """(item_emb f32[P, F_item, D], missing int64[P]) of the candidates of these item profile rows
+        (``Profiles.rows``)."""
         emb = np.take(self.table, rows, axis=0)
         missing = np.take(self.missing, rows)
         if not known.all():
@@ -154,7 +154,7 @@ class CubeAccessor(Stage):
         if self.item_rows is not None:
             (user_emb,), (umiss,) = pool_blocks(self.store, [(batch["user_sigs"], batch["user_lens"])], self.dim,
                                                 self.sums[:1], self.defaults[:1])
-            item_emb, imiss = self.item_rows.read(batch["item_ids"])
+            item_emb, imiss = self.item_rows.read(*batch.profile_rows(self.item_rows.items, batch["item_ids"]))
         else:
             (user_emb, item_emb), (umiss, imiss) = pool_blocks(
                 self.store, [(batch["user_sigs"], batch["user_lens"]),

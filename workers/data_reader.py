@@ -57,7 +57,7 @@ class DataReader(Stage):
             pair = batch.candidate_request()
             urows, uknown, users = urows[pair], uknown[pair], users[pair]
         dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
-        irows, iknown = self.items.rows(batch["item_ids"])
+        irows, iknown = batch.profile_rows(self.items, batch["item_ids"])
         sigs, ilens = self.items.item_signatures(irows, iknown)
         unknown = batch.per_request_sum(~iknown)
         batch.count("unknown_items", unknown)

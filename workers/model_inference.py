@@ -202,6 +202,7 @@ class ModelInference(Stage):
             else batch.candidate_request(),
         }
         if self.item_table is not None:
-            feeds.update(self.item_table.feeds(batch["item_ids"], item_emb))
+            ids = batch["item_ids"]
+            feeds.update(self.item_table.feeds(ids, item_emb, batch.profile_rows(self.item_table.items, ids)))
         score, = self.session.run([self.output], {k: v for k, v in feeds.items() if k in self.feeds})
         return {self.column: batch.drop_invalid(score.reshape(-1))}

@@ -85,6 +85,18 @@ class Batch:
         # What dropping candidates costs: the query cache weighs it against what its hits save.
         self.narrowed_s = 0.0
         self.qcache = None
+        self._rows = {}         # profile_rows: (bundle path, side) -> (ids array, (rows, known))
+
+    def profile_rows(self, profiles, ids):
+        """``profiles.rows(ids)`` (jizhi/bundle.py), once per batch and ids array: the data reader, the cube
+        stage's item rows and the dnn's item table each need the candidates' rows."""
+        key = (str(profiles.bundle.path), profiles.side)
+        hit = self._rows.get(key)
+        if hit is not None and hit[0] is ids:
+            return hit[1]
+        found = profiles.rows(ids)
+        self._rows[key] = (ids, found)
+        return found
 
     @property
     def n_requests(self):
@@ -199,7 +211,7 @@ class Selection:
         base = self.full.get(name)
         if base is None:
             # Only the dropped rows are filled: the others are overwritten just below (a column of
-            # embeddings is a kilobyte per candidate; filling it all first doubled the widening).
+            # embeddings is a kilobyte per candidate; filling it all first wrote it twice).
             base = np.empty((self.n,) + arr.shape[1:], dtype=arr.dtype)
             if self.dropped is None:
                 kept = np.zeros(self.n, dtype=bool)

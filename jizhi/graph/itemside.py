@@ -226,10 +226,11 @@ class ItemTable:
         self.build_s = time.monotonic() - t0
         self.mb = mb
 
-    def feeds(self, item_ids, item_emb):
+    def feeds(self, item_ids, item_emb, found=None):
         """{frontier name: f32[P, ...]} for these candidates (``item_emb``: their pooled embeddings,
-        read only for ids the profiles do not know)."""
-        rows, known = self.items.rows(item_ids)
+        read only for ids the profiles do not know; ``found``: ``self.items.rows(item_ids)`` if the
+        caller has it already)."""
+        rows, known = self.items.rows(item_ids) if found is None else found
         out = {name: np.take(table, rows, axis=0) for name, table in zip(self.names, self.tables)}
         if not known.all():
             unknown = np.flatnonzero(~known)

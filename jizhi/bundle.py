@@ -295,7 +295,7 @@ class Profiles:
         self.cols = {}
         for f in self.fields:
             if f.kind == "onehot":
-                self.cols[f.name] = np.load(d / f"{f.name}.npy", mmap_mode="r")
+                self.cols[f.name] = np.asarray(np.load(d / f"{f.name}.npy", mmap_mode="r"))
             else:
                 # np.asarray: a plain ndarray view of the mapping (Numba wants no subclass).
                 self.cols[f.name] = (np.asarray(np.load(d / f"{f.name}.values.npy", mmap_mode="r")),

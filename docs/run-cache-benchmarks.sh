@@ -34,7 +34,8 @@ run() {     # run NAME PIPELINES
 
 # ROUNDS rounds (default 2), the three configurations alternating, so a slow spell of the shared
 # machine does not land on one configuration only; the summary quotes each round and the median.
-# ONLY="hot both" measures some of them; EXTRA='[qcache]\nmin_hit_ratio = 0\n' is appended to every config.
+# ONLY="hot both" measures some of them; EXTRA='[qcache]\nbypass = "off"\n' (the query cache forced on) is
+# appended to every config.
 ROUNDS=${ROUNDS:-2}
 ONLY=${ONLY:-off hot both}
 for R in $(seq "$ROUNDS"); do

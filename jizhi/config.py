@@ -175,15 +175,23 @@ SETTINGS = [
             "A learned pruning policy (jizhictl shed train); empty: the rule (every request keeps the quota)."),
     Setting("qcache.window_s", float, 120.0, _positive,
             "A cached score is reused for this long after it was computed."),
-    Setting("qcache.min_hit_ratio", float, 0.05, lambda v: None if 0.0 <= v <= 1.0 else "must be from 0 to 1",
-            "Below this hit ratio (over the last qcache.eval_candidates looked up) the query cache costs more "
-            "than it saves: a worker then looks up and stores only 1 in qcache.sample_users users (so it keeps "
-            "measuring) until the ratio is back. 0: always on."),
+    Setting("qcache.bypass", str, "auto", lambda v: None if v in ("auto", "off") else "auto or off",
+            "auto: each worker weighs what the query cache costs per candidate (lookup, store, narrowing the batch "
+            "around the hits) against what it saves (its hit ratio x the time per candidate of the stages a hit "
+            "skips), measured over every qcache.eval_candidates looked up, and bypasses it while it does not pay: "
+            "then only 1 in qcache.sample_users users looks it up and stores (so it keeps measuring), until it "
+            "would pay 1.5 times over. off: never bypassed (still measured; jizhictl stats shows the figures)."),
+    Setting("qcache.min_hit_ratio", float, 0.0, lambda v: None if 0.0 <= v <= 1.0 else "must be from 0 to 1",
+            "A floor under qcache.bypass = auto: below this hit ratio the query cache is bypassed even when "
+            "its measured costs say it pays (back on at 1.5 times it). 0: no floor, the costs alone decide. "
+            "(Before the costs were measured this was the only rule, at 0.05, and 0 meant always on: that is "
+            "qcache.bypass = off now.)"),
     Setting("qcache.sample_users", int, 16, lambda v: None if v >= 1 and v & (v - 1) == 0 else "must be a power of two",
             "While the query cache is bypassed, 1 in this many users (by a hash of the user) still uses it, "
             "with 1 / this many of the table (so their hit ratio estimates the cache's in full use)."),
     Setting("qcache.eval_candidates", int, 200_000, _positive,
-            "How many looked-up candidates a worker's hit ratio is measured over before it decides again."),
+            "How many looked-up candidates a worker measures the query cache's hit ratio, costs and savings over "
+            "before it judges again whether the cache pays."),
     Setting("workers.drain_timeout_s", float, 10.0, _positive,
             "SIGTERM: how long in-flight requests may take to finish before workers are stopped."),
 ]

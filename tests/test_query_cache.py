@@ -112,18 +112,115 @@ def test_a_cache_that_rarely_hits_is_bypassed_for_all_but_a_sample_of_users(laun
         assert_topk(again[q], demo_trace[q][1], trace_scores[q], 10)
 
 
-def test_the_bypass_judges_after_warming_and_comes_back_on_at_twice_the_threshold():
+US = 1e-6
+
+
+def _batch(b, looked, hits, cost_us, saved_us, narrowed=0, narrowed_us=0.0):
+    """One made-up batch: ``cost_us`` per looked-up candidate, ``saved_us`` per computed candidate, and the
+    narrowing of ``narrowed`` candidates at ``narrowed_us`` each."""
+    b.observe(looked, hits, cost_s=looked * cost_us * US, narrowed=narrowed, narrowed_s=narrowed * narrowed_us * US,
+              computed=looked - hits, down_s=(looked - hits) * saved_us * US)
+
+
+def test_the_cache_pays_while_its_hit_ratio_times_what_a_hit_saves_exceeds_what_it_costs():
     from jizhi.workers.query_cache import Bypass
-    b = Bypass(min_hit_ratio=0.1, sample_users=4, eval_candidates=100, capacity=1000)
-    b.observe(400, 0)                 # warming: min(capacity, 4 x eval) = 400 candidates are not judged
-    assert b.on
-    b.observe(100, 5)                 # 5 % < 10 %: bypassed
-    assert not b.on and b.share == 4
-    b.observe(100, 50)                # the sample's part of the table warms first (400 / 4)
-    b.observe(100, 15)                # 15 %: above the threshold, under twice it
+    b = Bypass(sample_users=4, eval_candidates=100)
+    _batch(b, 100, 20, cost_us=0.5, saved_us=3.0)     # 20 % x 3 us = 0.6 us > 0.5 us: pays
+    assert b.on and b.judgements == 1
+    assert (round(b.hit_ratio, 6), round(b.saved_us, 6), round(b.cost_us, 6)) == (0.2, 3.0, 0.5)
+    _batch(b, 60, 9, cost_us=0.5, saved_us=3.0)       # not judged before 100 candidates looked up
+    assert b.judgements == 1
+    _batch(b, 40, 6, cost_us=0.5, saved_us=3.0)       # 15 % x 3 us = 0.45 us < 0.5 us: bypassed
+    assert not b.on and b.share == 4 and b.switches == 1
+    _batch(b, 100, 24, cost_us=0.5, saved_us=3.0)     # 0.72 us: pays, but not 1.5 times over (hysteresis)
     assert not b.on
-    b.observe(100, 25)                # 25 % >= 20 %: on again
-    assert b.on and b.share == 1
-    b.observe(400, 0)                 # warming again
-    b.observe(100, 11)                # 11 % keeps it on
-    assert b.on
+    _batch(b, 100, 26, cost_us=0.5, saved_us=3.0)     # 0.78 us > 1.5 x 0.5 us: on again
+    assert b.on and b.share == 1 and b.switches == 2
+    _batch(b, 100, 20, cost_us=0.5, saved_us=3.0)     # back to 0.6 us > 0.5 us: stays on
+    assert b.on and b.judgements == 5
+
+
+def test_the_narrowing_counts_per_candidate_of_the_batches_narrowed_and_the_floor_overrides_the_costs():
+    from jizhi.workers.query_cache import Bypass
+    b = Bypass(sample_users=4, eval_candidates=100)
+    # Sampled while bypassed: 100 candidates looked up in batches of 1,600, narrowed around their hits.
+    b.on = False
+    _batch(b, 100, 40, cost_us=0.1, saved_us=3.0, narrowed=1600, narrowed_us=0.3)
+    assert b.on and round(b.cost_us, 6) == 0.4        # 1.2 us > 1.5 x (0.1 + 0.3) us
+    _batch(b, 100, 10, cost_us=0.1, saved_us=3.0, narrowed=100, narrowed_us=0.3)
+    assert not b.on                                   # 0.3 us < 0.4 us
+    floor = Bypass(min_hit_ratio=0.1, sample_users=4, eval_candidates=100)
+    _batch(floor, 100, 8, cost_us=0.1, saved_us=100.0)    # 8 us saved > 0.1 us, but 8 % < the floor's 10 %
+    assert not floor.on
+    _batch(floor, 100, 14, cost_us=0.1, saved_us=100.0)   # 14 % < 1.5 x the floor
+    assert not floor.on
+    _batch(floor, 100, 16, cost_us=0.1, saved_us=100.0)
+    assert floor.on
+
+
+def test_the_bypass_judges_after_warming_never_without_a_saving_measured_and_never_when_off():
+    from jizhi.workers.query_cache import Bypass
+    b = Bypass(sample_users=4, eval_candidates=100, capacity=1000)
+    _batch(b, 400, 0, cost_us=1.0, saved_us=1.0)      # warming: min(capacity, 4 x eval) = 400 candidates
+    assert b.on and b.judgements == 0
+    _batch(b, 100, 100, cost_us=0.1, saved_us=0.0)    # everything hit, nothing computed: no saving measured yet
+    assert b.on and b.judgements == 0
+    _batch(b, 100, 0, cost_us=0.1, saved_us=1.0)      # 100 hits of 200 x 1 us = 0.5 us > 0.1 us
+    assert b.on and b.judgements == 1 and round(b.hit_ratio, 6) == 0.5
+    _batch(b, 100, 0, cost_us=0.1, saved_us=1.0)      # no hit: bypassed
+    assert not b.on
+    _batch(b, 100, 100, cost_us=0.1, saved_us=0.0)    # the sample's part of the table warms first (400 / 4)
+    assert b.judgements == 2
+    _batch(b, 100, 100, cost_us=0.1, saved_us=0.0)    # all hit: the last saving measured (1 us) stands
+    assert b.on and b.judgements == 3
+    forced = Bypass(sample_users=4, eval_candidates=100, always_on=True)
+    _batch(forced, 100, 0, cost_us=1.0, saved_us=1.0)
+    assert forced.on and forced.judgements == 1 and forced.switches == 0 and forced.cost_us == 1.0
+
+
+@pytest.fixture(scope="module")
+def judged(launch_module, tmp_path_factory):
+    """A jizhid judging its query cache every 500 candidates (after 2,000 that warm it): pipeline ``fresh``
+    gets traffic that does not repeat, ``again`` every request 4 times; one worker each."""
+    d = tmp_path_factory.mktemp("judged")
+    text = (Path(__file__).parent.parent / "etc" / "pipelines" / "demo_cached.toml").read_text()
+    paths = []
+    for name in ("fresh", "again"):
+        paths.append(d / f"{name}.toml")
+        paths[-1].write_text(text.replace('name = "demo_cached"', f'name = "{name}"').replace("pool = 2", "pool = 1"))
+    return launch_module.start(pipelines=paths, config_text="[qcache]\nentries = 16384\neval_candidates = 500\n")
+
+
+def _judgement(server, pipeline):
+    import json
+    from daemon_helpers import jizhictl_ok
+    fig = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"][pipeline]["qcache_workers"]
+    line = next(x for x in jizhictl_ok("stats", run_dir=server.run_dir).splitlines()
+                if x.startswith(f"{pipeline}: query cache ") and "workers" in x)
+    return fig, line
+
+
+def test_on_traffic_that_does_not_repeat_the_cache_bypasses_itself_and_jizhictl_stats_says_why(judged, demo_trace):
+    with judged.client() as c:
+        for q in range(len(demo_trace)):      # 24 users x 300 candidates, each once
+            _score(c, *demo_trace[q], pipeline="fresh")
+    fig, line = _judgement(judged, "fresh")
+    assert (fig["workers"], fig["judged"], fig["bypassed"], fig["switches"]) == (1, 1, 1, 1)
+    assert fig["saves_us"] < fig["costs_us"]
+    assert line == (f"fresh: query cache bypassed by 1 of 1 workers: hit ratio {100 * fig['hit_ratio']:.1f}%, "
+                    f"saves {fig['saves_us']:.2f} us per candidate ({fig['hit_saves_us']:.2f} us per hit), "
+                    f"costs {fig['costs_us']:.2f} us; 1 switches since start")
+    assert "query cache bypassed: hit ratio" in judged.log_text()
+
+
+def test_on_traffic_that_repeats_the_cache_stays_on_and_answers_every_repeat(judged, demo_trace):
+    with judged.client() as c:
+        for q in range(10):                   # 10 users x 300 candidates, each 4 times in a row
+            user, items, recall = demo_trace[q]
+            _score(c, user, items, recall, pipeline="again")
+            for _ in range(3):
+                assert _score(c, user, items, recall, pipeline="again")["cached"] == items.shape[0]
+    fig, line = _judgement(judged, "again")
+    assert (fig["workers"], fig["judged"], fig["bypassed"], fig["switches"]) == (1, 1, 0, 0)
+    assert fig["saves_us"] > fig["costs_us"] and fig["hit_ratio"] >= 0.5
+    assert line.startswith(f"again: query cache on in 1 of 1 workers: hit ratio {100 * fig['hit_ratio']:.1f}%, saves ")

@@ -13,31 +13,59 @@ The savings need the stages it saves in the same worker (a fused group, as in
 the default plan); in an unfused plan the dropped candidates are widened back
 when the group writes its columns, and later groups compute them anyway.
 
-A cache that rarely hits costs more than it saves (a lookup and a store touch
-a random slot of a table larger than the CPU caches for every candidate).
-Each worker measures the hit ratio over ``qcache.eval_candidates`` looked-up
-candidates; below ``qcache.min_hit_ratio`` it *bypasses* the cache: only 1 in
-``qcache.sample_users`` users (by a hash of the user) is looked up and stored,
-which keeps the measurement going, and the rest skip both. The sampled users
-use only their share (1 / sample_users) of the table's sets: with all of it,
-they would keep 16 times the history per user that the cache holds in full
-use (it is bounded by its size, not its window, at high rates), and the
-estimate would be 10x too high (measured: 20-27 % sampled against 2-3 % in
-full use), so the cache would switch on and off. Back above the ratio, every
-user uses all of the table again. After each switch the part of the table
-now in use starts cold (the two uses hash to different sets), so the
-candidates looked up first only warm it and are not judged: as many as the
-table holds (its share of them while bypassed), at most 4 x
-``qcache.eval_candidates``. ``qc_share`` tells
-the ranker which requests to store and with which share (0: none). It
-comes back on at twice ``qcache.min_hit_ratio`` (hysteresis).
+Every cache pays for itself or steps aside. Each worker weighs what the
+cache costs against what its hits save, both measured on its own batches in
+CPU time of its thread (``time.thread_time``: what the worker's throughput is
+made of, and not inflated when the worker is descheduled, as wall time is on
+a busy machine; a stage that waits, on a remote cube say, saves wall time
+this does not count), and judges again after every
+``qcache.eval_candidates`` looked-up candidates (``Bypass``):
+
+* **cost** per candidate: the lookup (this stage) and the store and merge
+  (the ranker) per candidate looked up, plus the runtime's narrowing and
+  widening of the batch's columns around the hits (``Batch.narrowed_s``,
+  workers/stage.py) per candidate of the batches narrowed;
+* **saving** per hit: what the stages between this one and the ranker in
+  this worker take per candidate they compute (from this stage's return to
+  the ranker's start, less the narrowing; to the end of the group, in
+  ``report``, when no ranker follows in this worker). It is their average,
+  which overstates a hit's saving by their cost per batch (about 10 % on
+  the demo);
+* the **hit ratio** h of the candidates looked up.
+
+It pays when ``h x saving > cost``. When it does not (or h is below the floor
+``qcache.min_hit_ratio``), the worker *bypasses* the cache: only 1 in
+``qcache.sample_users`` users (by a hash of the user) is looked up and
+stored, which keeps the measurement going, and the rest skip both (a batch
+without such a user costs a hash per request and no lookup or store). The
+sampled users use only their share (1 / sample_users) of
+the table's sets: with all of it, they would keep 16 times the history per
+user that the cache holds in full use (it is bounded by its size, not its
+window, at high rates), and the estimate would be 10x too high (measured:
+20-27 % sampled against 2-3 % in full use), so the cache would switch on and
+off. It comes back on only when it would pay 1.5 times over (``h x saving >
+1.5 x cost``, and h at least 1.5 x the floor): near the break-even the sampled
+estimate and the full use's figure straddle it. After each switch the part of
+the table now in use starts cold (the two uses hash to different sets), so
+the candidates looked up first only warm it and are not judged: as many as
+the table holds (its share of them while bypassed), at most 4 x
+``qcache.eval_candidates``. ``qcache.bypass = "off"`` keeps the cache on
+whatever it costs (still measured). ``qc_share`` tells the ranker which
+requests to store and with which share (0: none).
+
+Each worker publishes its state and last judgement in its stats row
+(``report``: jizhi/stats.py, ``C_QC_*``); ``jizhictl stats`` says how many
+workers bypass the cache and why (jizhi/supervisor/reports.py).
 """
 import logging
+import time
 import zlib
 
 import numpy as np
 
 from jizhi.qcache import QueryCache as Cache
+from jizhi.stats import (C_QC_COST_NS, C_QC_HIT_PPM, C_QC_JUDGED, C_QC_SAVED_NS, C_QC_STATE, C_QC_SWITCHES,
+                         QC_BYPASSED, QC_ON)
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 
@@ -49,20 +77,62 @@ def version_key(pipeline, versions):
 
 log = logging.getLogger("jizhi.worker")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+RETURN = 1.5     # a bypassed cache comes back on when it would pay this many times over (hysteresis)
+
+
+class Account:
+    """What the query cache cost and saved on one batch of one worker (the module docstring's terms).
+
+    Made by the query_cache stage (``batch.qcache``: its lookup's time, candidates looked up and hit);
+    the ranker of the same worker calls ``arrive`` at its start and adds its store's and merge's time to
+    ``cost_s``; ``QueryCache.report`` (the end of the event) arrives in its place when no ranker follows.
+    Then the stage's ``Bypass`` weighs it (``settle``). CPU seconds of the thread (``time.thread_time``).
+    """
+
+    __slots__ = ("batch", "candidates", "looked", "hits", "cost_s", "left_s", "narrowed", "narrowed_s", "down_s")
+
+    def __init__(self, batch, looked, hits, cost_s):
+        self.batch = batch            # until it arrives: its narrowing time is final only then
+        self.candidates = batch.n_candidates
+        self.looked, self.hits, self.cost_s = looked, hits, cost_s
+        self.narrowed, self.narrowed_s = 0, 0.0
+        self.down_s = None            # the stages after the cache, once arrived
+        self.left_s = time.thread_time()
+
+    def arrive(self, now_s):
+        """The stages between the cache and here are done: their time, less the narrowing and widening."""
+        if self.down_s is not None:
+            return
+        self.narrowed_s = self.batch.narrowed_s
+        self.narrowed = self.candidates if self.narrowed_s else 0
+        self.down_s = max(0.0, now_s - self.left_s - self.narrowed_s)
+        self.batch = None
 
 
 class Bypass:
-    """This worker's decision to use the query cache for every user or for a sample (module docstring)."""
+    """This worker's decision to use the query cache for every user or for a sample (module docstring).
 
-    def __init__(self, min_hit_ratio=0.0, sample_users=16, eval_candidates=200_000, capacity=0):
+    ``observe`` adds one batch's figures; after every ``eval_candidates`` looked-up candidates (past the
+    warm-up after a switch) it judges: ``hit_ratio``, ``saved_us`` and ``cost_us`` per candidate are the
+    last judgement's figures (None before the first), ``judgements`` and ``switches`` count.
+    ``always_on``: never bypass (``qcache.bypass = "off"``); it still judges.
+    """
+
+    def __init__(self, min_hit_ratio=0.0, sample_users=16, eval_candidates=200_000, capacity=0, always_on=False):
         self.min_hit_ratio = float(min_hit_ratio)
         self.sample_users = np.uint64(max(1, int(sample_users)))
         self.eval_candidates = int(eval_candidates)
+        self.always_on = bool(always_on)
         self.warmup = min(int(capacity), 4 * self.eval_candidates)   # candidates that warm the table in full use
         self.on = True
         self.warming = self.warmup             # candidates to look up before the next judgement
-        self.looked = 0
-        self.hits = 0
+        self._zero()
+        self.hit_ratio = self.saved_us = self.cost_us = None
+        self.judgements = self.switches = 0
+
+    def _zero(self):
+        self.looked = self.hits = self.narrowed = self.computed = 0
+        self.cost_s = self.narrowed_s = self.down_s = 0.0
 
     @property
     def share(self):
@@ -75,30 +145,64 @@ class Bypass:
             return np.ones(users.shape[0], dtype=bool)
         return ((users * _GOLDEN) >> np.uint64(40)) % self.sample_users == 0
 
-    def observe(self, looked, hits):
+    def settle(self, account):
+        """Weigh a batch's ``Account`` (one that never arrived measured its cost, not its saving)."""
+        down_s = account.down_s
+        self.observe(account.looked, account.hits, account.cost_s, account.narrowed, account.narrowed_s,
+                     0 if down_s is None else account.candidates - account.hits, down_s or 0.0)
+
+    def observe(self, looked, hits, cost_s=0.0, narrowed=0, narrowed_s=0.0, computed=0, down_s=0.0):
+        """One batch: ``looked`` candidates looked up, ``hits`` found, ``cost_s`` seconds of lookup, store and
+        merge; ``narrowed`` candidates narrowed and widened around the hits in ``narrowed_s``; ``computed``
+        candidates the stages after the cache computed in ``down_s``."""
         if self.warming > 0:
             self.warming -= looked
             return
         self.looked += looked
         self.hits += hits
-        if self.min_hit_ratio <= 0 or self.looked < self.eval_candidates:
+        self.cost_s += cost_s
+        self.narrowed += narrowed
+        self.narrowed_s += narrowed_s
+        self.computed += computed
+        self.down_s += down_s
+        if self.looked < self.eval_candidates:
             return
+        self.judge()
+
+    def judge(self):
+        """Whether the cache pays, from the figures since the last judgement; switch if it changed."""
         ratio = self.hits / self.looked
-        # Hysteresis: back on only at twice the ratio that keeps it on (near the threshold the
-        # sampled estimate and the full use's figure straddle it).
-        on = ratio >= self.min_hit_ratio * (1 if self.on else 2)
-        if on != self.on:
-            if on:
-                log.info("query cache on again: hit ratio %.1f%% over the last %d candidates of sampled users "
-                         ">= 2 x qcache.min_hit_ratio %.0f%%", 100 * ratio, self.looked, 100 * self.min_hit_ratio)
-            else:
-                log.info("query cache bypassed: hit ratio %.1f%% over the last %d candidates < qcache.min_hit_ratio "
-                         "%.0f%% (it would cost more than it saves); 1 in %d users still uses it", 100 * ratio,
-                         self.looked, 100 * self.min_hit_ratio, self.sample_users)
-        if on != self.on:
-            self.warming = self.warmup if on else self.warmup // int(self.sample_users)
-        self.on = on
-        self.looked = self.hits = 0
+        if self.computed:
+            saved = self.down_s / self.computed
+        elif self.saved_us is not None:
+            saved = self.saved_us / 1e6        # every candidate hit: what the last computed ones took
+        else:
+            return          # nothing computed yet, so no saving measured: go on measuring
+        narrowing = self.narrowed_s / self.narrowed if self.narrowed else 0.0
+        cost = self.cost_s / self.looked + narrowing
+        self.hit_ratio, self.saved_us, self.cost_us = ratio, saved * 1e6, cost * 1e6
+        self.judgements += 1
+        over = 1.0 if self.on else RETURN
+        by_cost = ratio * saved > over * cost
+        by_ratio = ratio >= over * self.min_hit_ratio
+        looked = self.looked
+        self._zero()
+        if (by_cost and by_ratio) == self.on or self.always_on:
+            return
+        self.on = not self.on
+        self.switches += 1
+        why = (f"hit ratio {100 * ratio:.1f}% x {saved * 1e6:.2f} us a hit saves = {ratio * saved * 1e6:.2f} us "
+               f"saved per candidate, against {'' if over == 1 else f'{over:g} x '}{cost * 1e6:.2f} us it costs "
+               f"({narrowing * 1e6:.2f} us of it narrowing the batch around the hits), over the last {looked:,} "
+               f"candidates looked up")
+        if not by_ratio:
+            why += f"; under {'' if over == 1 else f'{over:g} x '}qcache.min_hit_ratio {100 * self.min_hit_ratio:g}%"
+        if self.on:
+            log.info("query cache on again: %s", why)
+            self.warming = self.warmup
+        else:
+            log.info("query cache bypassed: %s; 1 in %d users still uses it", why, self.sample_users)
+            self.warming = self.warmup // int(self.sample_users)
 
 
 class QueryCache(Stage):
@@ -116,30 +220,67 @@ class QueryCache(Stage):
         self.key = version_key(config.get("_pipeline"), config.get("_versions") or {bundle.name: bundle.version})
         self.bypass = Bypass(spec.get("min_hit_ratio", 0.0), spec.get("sample_users", 16),
                              spec.get("eval_candidates", 200_000),
-                             self.cache.writers * self.cache.slots_per_writer if self.cache else 0)
+                             self.cache.writers * self.cache.slots_per_writer if self.cache else 0,
+                             always_on=spec.get("bypass", "auto") == "off")
+        self.pending = None       # the last batch's Account, until weighed
+
+    def settle(self):
+        if self.pending is not None:
+            self.bypass.settle(self.pending)
+            self.pending = None
+
+    def report(self, counters):
+        """The end of the event (workers/run.py): weigh its account (the stages after the cache end here
+        when no ranker followed it in this worker); publish the state and the last judgement."""
+        if self.cache is None:
+            return
+        if self.pending is not None:
+            self.pending.arrive(time.thread_time())     # (no-op when the ranker arrived)
+        self.settle()
+        b = self.bypass
+        counters[C_QC_STATE] = QC_ON if b.on else QC_BYPASSED
+        if b.judgements:
+            counters[C_QC_HIT_PPM] = round(b.hit_ratio * 1e6)
+            counters[C_QC_SAVED_NS] = round(b.saved_us * 1000)
+            counters[C_QC_COST_NS] = round(b.cost_us * 1000)
+        counters[C_QC_JUDGED] = b.judgements
+        counters[C_QC_SWITCHES] = b.switches
 
     def process(self, batch):
+        self.settle()     # (report did, unless this worker has no stats row: then nothing was saved that we saw)
         users, offsets, items = batch.users, batch.offsets, batch["item_ids"]
-        n = items.shape[0]
+        n, r = items.shape[0], batch.n_requests
         if self.cache is None:
             return {"qc_hit": np.zeros(n, bool), "qc_score": np.zeros(n, np.float32),
-                    "qc_epoch": np.zeros(batch.n_requests, np.uint32), "qc_share": np.zeros(batch.n_requests, np.int32)}
-        epochs = self.cache.epochs_of(users)     # before anything is computed: feedback from now on wins
+                    "qc_epoch": np.zeros(r, np.uint32), "qc_share": np.zeros(r, np.int32), "_select": None}
+        t0 = time.thread_time()
         on = self.bypass.users_on(users)
         share = self.bypass.share
         if on.all():
+            epochs = self.cache.epochs_of(users)     # before anything is computed: feedback from now on wins
             scores, hit = self.cache.lookup(users, offsets, items, self.key, share=share)
+            looked = n
         else:
             scores, hit = np.zeros(n, np.float32), np.zeros(n, bool)
-            if on.any():
-                # The sampled requests' candidates (a loop over requests, not candidates).
-                rows = np.flatnonzero(on)
-                idx = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows])
-                sub = np.concatenate([[0], np.cumsum(np.diff(offsets)[rows])]).astype(np.int64)
+            rows = np.flatnonzero(on)
+            if rows.shape[0]:
+                # The sampled requests' candidates, without a loop over requests.
+                epochs = self.cache.epochs_of(users)
+                counts = np.diff(offsets)
+                idx = np.flatnonzero(np.repeat(on, counts))
+                sub = np.zeros(rows.shape[0] + 1, np.int64)
+                np.cumsum(counts[rows], out=sub[1:])
                 scores[idx], hit[idx] = self.cache.lookup(users[rows], sub, items[idx], self.key, share=share)
+                looked = idx.shape[0]
+            else:
+                epochs = np.zeros(r, np.uint32)      # nobody stores: no epoch is needed
+                looked = 0
+        hits = int(np.count_nonzero(hit)) if looked else 0
+        select = np.flatnonzero(~hit) if hits else None    # no hit: nothing to narrow
+        if hits:
+            batch.count("cached", batch.per_request_sum(hit))
         if not batch.warmup:
-            self.bypass.observe(int(np.diff(offsets)[on].sum()), int(hit.sum()))
-        batch.count("cached", batch.per_request_sum(hit))
+            # A batch whose users all bypass the cache looked nothing up: its few microseconds are the bypass's.
+            batch.qcache = self.pending = Account(batch, looked, hits, time.thread_time() - t0 if looked else 0.0)
         return {"qc_hit": hit, "qc_score": scores, "qc_epoch": epochs,
-                "qc_share": np.where(on, share, 0).astype(np.int32),
-                "_select": np.flatnonzero(~hit) if hit.any() else None}   # no hit: nothing to narrow
+                "qc_share": np.where(on, share, 0).astype(np.int32), "_select": select}

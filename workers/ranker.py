@@ -8,6 +8,8 @@ reply from these two columns and the request's item ids, so the ranker never
 copies ids. An infinite score is never ranked either: it is counted in
 ``invalid_scores`` like a model's NaN (workers/stage.py, ``drop_invalid``).
 """
+import time
+
 import numpy as np
 
 from jizhi.workers.stage import CANDIDATE, INVALID_NAN, INVALID_SCORES, Output, Stage
@@ -37,21 +39,38 @@ class Ranker(Stage):
         score, keep = batch["score"], batch.columns.get("keep")
         hit = batch.columns.get("qc_hit")
         if hit is not None:
-            # Cached scores rejoin; what was computed here is stored under the epochs read before computing it.
+            score, keep = self.merge_cached(batch, score, keep, hit)
+        return rank(batch, score, keep)
+
+    def merge_cached(self, batch, score, keep, hit):
+        """Cached scores rejoin; what was computed here is stored under the epochs read before computing it,
+        for the requests that use the cache (``qc_share`` > 0). The time this takes is the query cache's
+        cost, and this stage's start ends what its hits save (``batch.qcache``, workers/query_cache.py)."""
+        t0 = time.thread_time()
+        account = batch.qcache
+        if account is not None:
+            account.arrive(t0)
+        share = batch.columns.get("qc_share")
+        if share is None:
+            share = np.ones(batch.n_requests, np.int32)
+        stores = share > 0           # requests bypassing the cache store nothing
+        if self.cache is not None and not batch.warmup and stores.any():
             fresh = ~hit & np.isfinite(score)
-            share = batch.columns.get("qc_share")
-            if share is None:
-                share = np.ones(batch.n_requests, np.int32)
-            fresh &= np.repeat(share > 0, np.diff(batch.offsets))    # requests bypassing the cache store nothing
+            if not stores.all():
+                fresh &= np.repeat(stores, np.diff(batch.offsets))
             if keep is not None:
                 fresh &= keep
-                keep = keep | hit
-            if self.cache is not None and fresh.any() and not batch.warmup:
+            if fresh.any():
                 # One share per batch (the query_cache stage decides it per batch).
                 self.cache.store(self.writer, batch.users, batch.offsets, batch["item_ids"], score,
                                  self.key, batch["qc_epoch"], mask=fresh, share=int(share.max()))
+        if hit.any():
+            if keep is not None:
+                keep = keep | hit
             score = np.where(hit, batch["qc_score"], score)
-        return rank(batch, score, keep)
+        if account is not None and account.looked:     # (without a lookup, this was the bypass's cost)
+            account.cost_s += time.thread_time() - t0
+        return score, keep
 
 
 def rank(batch, score, keep):

@@ -188,8 +188,9 @@ class Selection:
     ``sees_all_candidates = True`` (the ranker: dropped and cached candidates
     rejoin there) and the group's writes to shared memory see every candidate
     again: columns computed on the narrowed batch are widened with NaN (floats),
-    0 or False where a candidate was dropped. The wall time of both is added
-    to the batch's ``narrowed_s`` (a cost of the stage that dropped them).
+    0 or False where a candidate was dropped. The CPU time of both
+    (``time.thread_time``) is added to the batch's ``narrowed_s``: a cost of
+    the stage that dropped them.
     """
 
     def __init__(self, batch, scope_of):
@@ -228,7 +229,7 @@ class Selection:
         return self.sel is not None and self.sel.shape[0] == 0
 
     def select(self, idx):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         cols = self.batch.columns
         for name in list(cols):
             if self._candidate(name):
@@ -243,12 +244,12 @@ class Selection:
         offsets = np.zeros(r + 1, dtype=np.int64)
         np.cumsum(np.bincount(req[self.sel], minlength=r), out=offsets[1:])
         self.batch.offsets = offsets
-        self.batch.narrowed_s += time.perf_counter() - t0
+        self.batch.narrowed_s += time.thread_time() - t0
 
     def widen(self):
         if self.sel is None:
             return
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         cols = self.batch.columns
         for name in list(cols):
             if self._candidate(name):
@@ -257,4 +258,4 @@ class Selection:
         self.dropped = None
         self.full = {}
         self.batch.offsets = self.full_offsets
-        self.batch.narrowed_s += time.perf_counter() - t0
+        self.batch.narrowed_s += time.thread_time() - t0

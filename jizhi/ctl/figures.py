@@ -84,7 +84,27 @@ def storage_lines(info):
         if c.get("qcache_candidates"):
             lines.append(f"{pname}: query cache {ratio(c['qcache_ratio'])} of {c['qcache_candidates']:,} candidates "
                          f"since start, {ratio(last.get('qcache_ratio'))} last minute")
+        if c.get("qcache_workers"):
+            lines.append(f"{pname}: {qcache_line(c['qcache_workers'])}")
     return "\n".join(lines)
+
+
+def qcache_line(q):
+    """Whether the query cache pays, from its workers' last judgements (jizhi/supervisor/reports.py,
+    ``qcache_workers``): "query cache bypassed by 2 of 2 workers: hit ratio 2.8%, saves 0.10 us per
+    candidate (3.40 us per hit), costs 0.45 us"."""
+    state = f"bypassed by {q['bypassed']}" if q["bypassed"] else f"on in {q['workers']}"
+    state += f" of {q['workers']} workers"
+    if q.get("hit_ratio") is None:
+        text = f"query cache {state} (measuring: not judged yet)"
+    else:
+        text = (f"query cache {state}: hit ratio {ratio(q['hit_ratio'])}, saves {q['saves_us']:.2f} us per candidate "
+                f"({q['hit_saves_us']:.2f} us per hit), costs {q['costs_us']:.2f} us")
+    if q.get("mode") == "off":
+        text += " (qcache.bypass = off: never bypassed)"
+    if q.get("switches"):
+        text += f"; {q['switches']} switches since start"
+    return text
 
 
 def ab_lines(info):

@@ -5,7 +5,9 @@
 * ``status`` and ``stats``: ``jizhictl status`` and ``jizhictl stats``;
 * cube figures: hot-tier, disk-cache and query-cache hit ratios per pipeline,
   since start and over the last minute (stats rows of live workers, plus what
-  exited workers counted: ``keep_cube_counts``);
+  exited workers counted: ``keep_cube_counts``); whether the query cache pays
+  (``qcache_workers``: how many live workers bypass it, and their last
+  judgement, workers/query_cache.py);
 * the boot timeline: at ready, the load timeline of the versions served since
   the start, as a reloaded version gets one when it switches in.
 
@@ -195,5 +197,35 @@ class Reports:
                 fig["last_minute"] = {"lookups": dl, "hot_hits": dh, "hot_ratio": ratio(dh, dl),
                                       "qcache_candidates": dc, "qcache_hits": dq, "qcache_ratio": ratio(dq, dc),
                                       "seconds": round(now - old[0], 1)}
+            qw = self.qcache_workers(p)
+            if qw is not None:
+                fig["qcache_workers"] = qw
             out[p] = fig
+        return out
+
+    def qcache_workers(self, pipeline):
+        """The query cache in ``pipeline``'s live workers (their stats rows' ``C_QC_*``), or None without one:
+        ``workers`` that served with it, how many ``bypassed`` it, ``judged`` it and ``switches`` (summed);
+        the mean of their last judgements: ``hit_ratio``, ``hit_saves_us`` (what a hit saves),
+        ``saves_us`` and ``costs_us`` (per candidate looked up: the cache pays when saves > costs)."""
+        sup = self.sup
+        c = sup.stats_shm.counters
+        rows = [sup.worker_row(ch.key) for ch in list(sup.children.values())
+                if ch.is_worker and ch.pipeline == pipeline and ch.running()]
+        rows = [r for r in rows if c[r, stats_mod.C_QC_STATE]]
+        if not rows:
+            return None
+        judged = [r for r in rows if c[r, stats_mod.C_QC_JUDGED]]
+        out = {"workers": len(rows), "judged": len(judged),
+               "bypassed": sum(int(c[r, stats_mod.C_QC_STATE] == stats_mod.QC_BYPASSED) for r in rows),
+               "switches": sum(int(c[r, stats_mod.C_QC_SWITCHES]) for r in rows),
+               "mode": (sup.qcache or {}).get("bypass", "auto")}     # what the workers were started with
+        if judged:
+            ratio = [int(c[r, stats_mod.C_QC_HIT_PPM]) / 1e6 for r in judged]
+            per_hit = [int(c[r, stats_mod.C_QC_SAVED_NS]) / 1000 for r in judged]
+            cost = [int(c[r, stats_mod.C_QC_COST_NS]) / 1000 for r in judged]
+            n = len(judged)
+            out.update(hit_ratio=round(sum(ratio) / n, 4), hit_saves_us=round(sum(per_hit) / n, 3),
+                       saves_us=round(sum(h * s for h, s in zip(ratio, per_hit)) / n, 3),
+                       costs_us=round(sum(cost) / n, 3))
         return out

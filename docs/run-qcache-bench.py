@@ -1,0 +1,263 @@
+"""docs/benchmarks.md, "The query cache pays for itself or steps aside (issue 20)": the query cache on against off.
+
+One jizhid per trace serves two pipelines on the demo bundle, both fused (pool 2, batch 8, `batch_wait_ms` 3):
+`demo_cached` (etc/pipelines/demo_cached.toml: the query cache in front, default settings: `qcache.bypass =
+"auto"`) and `uncached`, the same file without its `query_cache` stage, so that the cache is the only difference
+(etc/pipelines/demo.toml lacks demo_cached's `item_cache = true`). Two traces of N = 500 candidates per request:
+
+* `little` (little repetition): the demo's trace (jizhi/tools/demo, `generate_trace`): each request's user drawn
+  uniformly from the bundle's users, its candidates by Zipf popularity; what repeats, repeats by chance.
+* `jizhi` (the JIZHI paper's traffic: about 20 % of candidates repeating within 2 minutes), built from `little`
+  with numpy: a request is a user's *return* with probability p: it takes the user of the request d before it
+  (d uniform in 1 .. W) and a random `--overlap` (half) of that request's candidates, the rest its own
+  candidates from `little`; p is solved for `--repeat` from the share measured on `little`, then corrected
+  once from the share measured on the result.
+
+Repetition, as defined and measured on each trace: the share of all candidates whose (user, item) pair was a
+candidate of one of the W requests before (W = `--window-requests`, 1,000). Replayed at r requests/s these W
+requests span W / r seconds, so the share is "within 2 minutes" at every rate >= W / 120 s (8.3 requests/s
+for 1,000), that is at every rate find-max tries, and W requests of 500 candidates fit in the query cache's
+default 1 M entries (`qcache.entries`: 2,097 requests' worth). The share anywhere in the trace is printed too.
+
+For each trace and pipeline: `jizhictl bench --find-max --cpu` (p99 <= 50 ms; `--warmup 0`, because the
+bench's warm-up replays the previous point's last requests, which would hit the cache and inflate its hit
+ratio), then the query cache's hit ratio over the whole run and its workers' last judgement (`jizhictl stats
+--json`: cube.demo_cached). Prints a markdown table: trace, pipeline, max pairs/s, p99 at the max, hit ratio,
+server CPU us per request at the max, and max pairs/s cached / uncached; writes OUT/results.json.
+
+    python docs/run-qcache-bench.py --out /tmp/jizhi-qcache [--duration 15] [--precision 0.1] [--max-points 7]
+                                    [--requests 20000] [--traces little,jizhi] [--bundle MODELS/demo/1]
+                                    [--extra '[qcache]\\nbypass = "off"\\n']
+
+With the defaults a full run takes about 15 minutes on 2 cores: the bundle and the traces (2 min), two jizhid
+starts, four find-max runs of at most 7 points of 15 s.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+CANDIDATES = 500
+CACHED, UNCACHED = "demo_cached", "uncached"
+
+
+def repetition(users, offsets, items, window):
+    """(share of candidates whose (user, item) pair was a candidate of one of the ``window`` requests before,
+    share whose pair was a candidate of any request before)."""
+    q = np.repeat(np.arange(users.shape[0], dtype=np.int64), np.diff(offsets))
+    u = users[q]
+    order = np.lexsort((q, items, u))       # by user, then item, then request
+    u, it, q = u[order], items[order], q[order]
+    again = (u[1:] == u[:-1]) & (it[1:] == it[:-1])      # a request's candidates are distinct: q grew
+    within = again & (q[1:] - q[:-1] <= window)
+    n = max(items.shape[0], 1)
+    return int(np.count_nonzero(within)) / n, int(np.count_nonzero(again)) / n
+
+
+def with_returns(trace, p, window, overlap, seed):
+    """``trace`` (users, offsets, items, recall_scores of N candidates each) with returns (module docstring)."""
+    users, items, recall = trace["users"].copy(), trace["items"].copy(), trace["recall_scores"].copy()
+    n = users.shape[0]
+    items, recall = items.reshape(n, CANDIDATES), recall.reshape(n, CANDIDATES)
+    rng = np.random.default_rng(seed)
+    returns = np.flatnonzero(rng.random(n) < p)
+    returns = returns[returns > 0]
+    sources = np.maximum(returns - rng.integers(1, window + 1, returns.shape[0]), 0)
+    k = int(round(overlap * CANDIDATES))
+    # In request order: a source is final before a later request returns to it (a loop over requests, each
+    # step numpy over its candidates).
+    for q, s in zip(returns.tolist(), sources.tolist()):
+        pick = rng.choice(CANDIDATES, k, replace=False)
+        again = items[s, pick]
+        own = np.flatnonzero(~np.isin(items[q], again))[:CANDIDATES - k]
+        items[q] = np.concatenate([again, items[q, own]])
+        recall[q] = np.concatenate([recall[s, pick], recall[q, own]])
+        users[q] = users[s]
+    return {"users": users, "offsets": trace["offsets"], "items": items.reshape(-1), "recall_scores": recall.reshape(-1)}
+
+
+def make_traces(bundle, out, requests, window, overlap, target, seed=3):
+    """{name: (path, (within, anywhere))}: the two traces, written to OUT, and their measured repetition."""
+    from jizhi.tools.demo import generate_trace
+    little = os.path.join(out, "little.npz")
+    if not os.path.exists(little):
+        generate_trace(bundle, little, requests=requests, candidates=CANDIDATES, progress=False)
+    with np.load(little, allow_pickle=False) as z:
+        base = {k: z[k] for k in ("users", "offsets", "items", "recall_scores")}
+    r0 = repetition(base["users"], base["offsets"], base["items"], window)
+    p = min(1.0, max(0.0, (target - r0[0]) / (overlap * (1.0 - r0[0]))))
+    trace = with_returns(base, p, window, overlap, seed)
+    r = repetition(trace["users"], trace["offsets"], trace["items"], window)
+    if r[0] > r0[0]:        # one correction: the share grows about linearly with p
+        p = min(1.0, p * (target - r0[0]) / (r[0] - r0[0]))
+        trace = with_returns(base, p, window, overlap, seed)
+        r = repetition(trace["users"], trace["offsets"], trace["items"], window)
+    path = os.path.join(out, "jizhi.npz")
+    np.savez(path, **trace)
+    print(f"traces: {requests:,} requests x {CANDIDATES}; repeating within {window:,} requests: little "
+          f"{100 * r0[0]:.1f}% (anywhere {100 * r0[1]:.1f}%), jizhi {100 * r[0]:.1f}% (anywhere {100 * r[1]:.1f}%; "
+          f"returns p = {p:.3f}, overlap {overlap:g})", flush=True)
+    return {"little": (little, r0), "jizhi": (path, r)}
+
+
+def pipeline_files(out):
+    """demo_cached as shipped, and ``uncached``: the same without its query_cache stage."""
+    import tomllib
+    from jizhi.tomlw import toml_text
+    src = os.path.join(ROOT, "etc", "pipelines", "demo_cached.toml")
+    with open(src, "rb") as f:
+        doc = tomllib.load(f)
+    cache = [st["name"] for st in doc["stage"] if st["processor"] == "query_cache"]
+    doc["name"] = UNCACHED
+    doc["stage"] = [st for st in doc["stage"] if st["name"] not in cache]
+    for fuse in doc["fuse"]:
+        fuse["stages"] = [s for s in fuse["stages"] if s not in cache]
+    path = os.path.join(out, UNCACHED + ".toml")
+    with open(path, "w") as f:
+        f.write(toml_text(doc))
+    return [path, src]
+
+
+def jizhictl(*args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "jizhictl"), *args], capture_output=True, text=True,
+                       check=True)
+    return r.stdout
+
+
+def wait_for_tiers(log_path, want, timeout_s=300):
+    """jizhid says ready before the hot tiers are built: wait for one per pipeline."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with open(log_path) as f:
+            if sum("hot tier generation 1:" in line for line in f) >= want:
+                return
+        time.sleep(1)
+    print("warning: not every hot tier was reported built; measuring anyway", flush=True)
+
+
+def run_trace(args, name, trace, files, out):
+    """One jizhid, both pipelines find-max'ed on ``trace``: {pipeline: figures}."""
+    work = os.path.join(out, name)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    config = os.path.join(work, "jizhi.toml")
+    with open(config, "w") as f:
+        f.write('[metrics]\nlisten = ""\n' + args.extra.encode().decode("unicode_escape"))
+    run_dir = os.path.join(work, "run")
+    endpoint = f"tcp://127.0.0.1:{args.port}"
+    log_path = os.path.join(work, "jizhid.log")
+    models = os.path.dirname(os.path.dirname(args.bundle))
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen([sys.executable, os.path.join(ROOT, "bin", "jizhid"), "--config", config,
+                                   "--models", models, "--instance", "qcbench", "--frontend", endpoint,
+                                   "--pipelines", ",".join(files), "--run-dir", run_dir],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
+    out_rows = {}
+    try:
+        subprocess.run([sys.executable, "-m", "jizhi.client", "--wait-ready", endpoint], check=True, timeout=300,
+                       cwd=work)
+        wait_for_tiers(log_path, len(files))
+        for pipeline in (UNCACHED, CACHED):
+            before = json.loads(jizhictl("stats", "--json", "--run-dir", run_dir))["cube"][pipeline]
+            result = os.path.join(work, f"{pipeline}.json")
+            cmd = [sys.executable, "-m", "jizhi.tools.bench", "--endpoint", endpoint, "--trace", trace,
+                   "--pipeline", pipeline, "--find-max", "--start-rate", str(args.start_rate),
+                   "--precision", str(args.precision), "--max-points", str(args.max_points),
+                   "--duration", str(args.duration), "--warmup", "0", "--slo-ms", "50",
+                   "--cpu", "--run-dir", run_dir, "--json", result, "--quiet"]
+            if args.max_other_cores is not None:
+                cmd += ["--max-other-cores", str(args.max_other_cores)]
+            print(f"== {name} / {pipeline}", flush=True)
+            subprocess.run(cmd, check=True, cwd=work)
+            after = json.loads(jizhictl("stats", "--json", "--run-dir", run_dir))["cube"][pipeline]
+            run = json.load(open(result))["runs"][0]
+            best = run.get("max") or {}
+            cand = after["qcache_candidates"] - before["qcache_candidates"]
+            row = {"max_pairs_s": best.get("goodput_pairs_s", 0.0), "max_rps": best.get("offered_rps", 0.0),
+                   "p99_ms": best.get("p99_ms"), "note": run.get("note"),
+                   "cpu_us_per_request": (best.get("cpu") or {}).get("server_us_per_request"),
+                   "hit_ratio": (after["qcache_hits"] - before["qcache_hits"]) / cand if cand else None,
+                   "judgement": after.get("qcache_workers")}
+            if row["judgement"]:
+                from jizhi.ctl.figures import qcache_line
+                print(f"   {qcache_line(row['judgement'])}", flush=True)
+            out_rows[pipeline] = row
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+    return out_rows
+
+
+def table(results, traces, window):
+    lines = [f"| trace (repeating within {window:,} requests) | pipeline | max pairs/s | p99 at the max | "
+             "query-cache hit ratio | server CPU us/request | cached / uncached |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, rows in results.items():
+        label = f"{name} ({100 * traces[name][1][0]:.1f} %)"
+        off = rows[UNCACHED]["max_pairs_s"]
+        for pipeline in (UNCACHED, CACHED):
+            r = rows[pipeline]
+            hit = "-" if r["hit_ratio"] is None else f"{100 * r['hit_ratio']:.1f} %"
+            p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f} ms"
+            cpu = "-" if r["cpu_us_per_request"] is None else f"{r['cpu_us_per_request']:,.0f}"
+            ratio = f"{r['max_pairs_s'] / off:.2f}" if pipeline == CACHED and off else ""
+            lines.append(f"| {label} | {pipeline} | {r['max_pairs_s']:,.0f} | {p99} | {hit} | {cpu} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--bundle", help="the demo bundle's version directory (default: made in OUT/demo)")
+    parser.add_argument("--traces", default="little,jizhi", help="which traces to load: little, jizhi or both")
+    parser.add_argument("--requests", type=int, default=20000, help="requests per trace (find-max's cap is "
+                        "requests / duration per second)")
+    parser.add_argument("--window-requests", type=int, default=1000, help="W: a repeat is within this many requests")
+    parser.add_argument("--repeat", type=float, default=0.20, help="the jizhi trace's share of repeating candidates")
+    parser.add_argument("--overlap", type=float, default=0.5, help="share of a return's candidates seen before")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds measured per point")
+    parser.add_argument("--precision", type=float, default=0.1, help="find-max stops within this fraction")
+    parser.add_argument("--max-points", type=int, default=7)
+    parser.add_argument("--start-rate", type=float, default=100.0)
+    parser.add_argument("--max-other-cores", type=float, default=None,
+                        help="a shared machine: passed to jizhictl bench (wait for quiet, re-run disturbed points)")
+    parser.add_argument("--extra", default="", help="TOML appended to jizhid's config (\\n for new lines)")
+    parser.add_argument("--port", type=int, default=5596)
+    args = parser.parse_args()
+    out = os.path.realpath(args.out)
+    os.makedirs(out, exist_ok=True)
+    started = time.time()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} {os.cpu_count()} cores, load "
+          f"{open('/proc/loadavg').read().split()[:3]}", flush=True)
+    if not args.bundle:
+        args.bundle = os.path.join(out, "demo", "models", "demo", "1")
+        if not os.path.isdir(args.bundle):
+            from jizhi.tools.demo import init_demo
+            init_demo(os.path.join(out, "demo"), progress=False)
+    args.bundle = os.path.realpath(args.bundle)
+    traces = make_traces(args.bundle, out, args.requests, args.window_requests, args.overlap, args.repeat)
+    files = pipeline_files(out)
+    results = {}
+    for name in (t for t in args.traces.split(",") if t):
+        results[name] = run_trace(args, name, traces[name][0], files, out)
+    git = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"git": git.strip(), "args": vars(args), "minutes": round((time.time() - started) / 60, 1),
+                   "repetition": {k: v[1] for k, v in traces.items()}, "results": results}, f, indent=1)
+    print()
+    print(table(results, traces, args.window_requests))
+    print(f"\n({(time.time() - started) / 60:.1f} min; {os.path.join(out, 'results.json')})")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,10 +13,11 @@ Then, in the same run: the CPU account of each pipeline at one offered rate (`ji
 (`--find-max --cpu`), and the in-process ceilings of the same model (`jizhictl bench --ceiling
 --ceiling-mode per_pair,structured,items`, one pinned process per core, closed loop).
 
-    python docs/run-cost-account.py --bundle MODELS/NAME/VERSION --out /tmp/jza [--rate 300] [--duration 20]
+    python docs/run-cost-account.py --bundle MODELS/NAME/VERSION --out /tmp/jza [--rate 200] [--duration 20]
                                     [--pipelines per_pair,structured,items,legacy] [--skip-max] [--skip-ceiling]
 
-The bundle's model directory is served read-only. Prints markdown tables and writes OUT/results.json.
+The bundle's model directory is served read-only. Writes OUT/results.json and prints its markdown tables
+(again with `--summarize OUT/results.json`).
 """
 import argparse
 import json
@@ -73,19 +74,94 @@ def wait_for_tiers(log_path, pipelines, timeout_s=300):
     print("warning: not every hot tier was reported built; measuring anyway", flush=True)
 
 
+def _account_rows(point, label):
+    """Markdown rows of one point's CPU account: one per process kind of its pipeline, the generator."""
+    c = point.get("cpu") or {}
+    rows = []
+    for kind, e in (c.get("account") or {}).items():
+        if "/" in kind and not kind.startswith(point["pipeline"] + "/"):
+            continue
+        parts = e["parts"]
+        phases = ", ".join(f"{k} {v:,.0f}" for k, v in (e.get("phases") or {}).items())
+        rows.append(f"| {label} | {kind} | {e['us']:,.0f} | {parts.get('main', 0):,.0f}"
+                    f"{' (' + phases + ')' if phases else ''} | {parts.get('zmq_io', 0):,.0f} | "
+                    f"{parts.get('other_threads', 0):,.0f} |")
+    if c:
+        rows.append(f"| {label} | load generator | {c['generator_us_per_request']:,.0f} | | | |")
+        rows.append(f"| {label} | **total** | **{c['total_us_per_request']:,.0f}** | | | |")
+    return rows
+
+
+def summarize(results, out=print):
+    """The markdown tables of a run (docs/benchmarks.md)."""
+    ceilings = {}
+    for c in (results.get("ceiling") or {}).get("ceilings") or [(results.get("ceiling") or {}).get("ceiling")]:
+        if c:
+            ceilings[c.get("mode", "structured")] = c
+    if ceilings:
+        out("| in-process ceiling | pairs/s | requests/s | p99 | CPU us/request | by stage (us/request) |")
+        out("|---|---:|---:|---:|---:|---|")
+        for mode, c in ceilings.items():
+            stages = ", ".join(f"{k} {v:,.0f}" for k, v in c["stage_us_per_request"].items())
+            out(f"| {mode} | {c['pairs_s']:,.0f} | {c['rps']:,.1f} | {c['p99_ms']} ms | "
+                f"{c['cpu_us_per_request']:,.0f} | {stages} |")
+        out("")
+    for key, title in (("account", "at the same offered rate"), ("max", "at each pipeline's max")):
+        runs = (results.get(key) or {}).get("runs") or []
+        if not runs:
+            continue
+        out(f"CPU account {title}, us per answered request:")
+        out("")
+        out("| pipeline, point | process | total | main thread (phases) | ZeroMQ I/O | other threads |")
+        out("|---|---|---:|---|---:|---:|")
+        for r in runs:
+            p = r.get("max") if key == "max" else (r["points"][0] if r["points"] else None)
+            if p:
+                label = f"{r['pipeline']} @ {p['offered_rps']:g}/s (p99 {p['p99_ms']} ms)"
+                for row in _account_rows(p, label):
+                    out(row)
+        out("")
+    runs = (results.get("max") or {}).get("runs") or []
+    if runs:
+        legacy = next((r["max"]["goodput_pairs_s"] for r in runs if r["pipeline"] == "legacy" and r["max"]), None)
+        out("| pipeline | max pairs/s (p99 <= 50 ms) | p99 | / per-pair ceiling | / structured ceiling | "
+            "/ items ceiling | / legacy |")
+        out("|---|---:|---:|---:|---:|---:|---:|")
+        for r in runs:
+            m = r["max"]
+            if not m:
+                out(f"| {r['pipeline']} | no passing point | | | | | |")
+                continue
+            g = m["goodput_pairs_s"]
+
+            def ratio(base):
+                return f"{g / base:.2f}x" if base else "-"
+            out(f"| {r['pipeline']} | {g:,.0f} | {m['p99_ms']} ms | "
+                f"{ratio(ceilings.get('per_pair', {}).get('pairs_s'))} | "
+                f"{ratio(ceilings.get('structured', {}).get('pairs_s'))} | "
+                f"{ratio(ceilings.get('items', {}).get('pairs_s'))} | {ratio(legacy)} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", required=True, help="the model's version directory MODELS/NAME/VERSION")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--bundle", help="the model's version directory MODELS/NAME/VERSION (required)")
+    parser.add_argument("--out", help="a directory for the run's files (required)")
     parser.add_argument("--trace", help="a trace of the model (default: 20,000 requests x 500 generated)")
-    parser.add_argument("--rate", type=float, default=300.0, help="offered requests/s of the account points")
+    parser.add_argument("--rate", type=float, default=200.0, help="offered requests/s of the account points")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--ceiling-batch", type=int, default=8, help="requests per ceiling call (jizhi's batch)")
     parser.add_argument("--skip-max", action="store_true")
     parser.add_argument("--skip-ceiling", action="store_true")
     parser.add_argument("--port", type=int, default=5597)
+    parser.add_argument("--summarize", metavar="RESULTS", help="only print the tables of a run's results.json")
     args = parser.parse_args()
+    if args.summarize:
+        with open(args.summarize) as f:
+            summarize(json.load(f))
+        return
+    if not args.bundle or not args.out:
+        parser.error("--bundle and --out are required (or --summarize RESULTS)")
     bundle = os.path.realpath(args.bundle)
     model = os.path.basename(os.path.dirname(bundle))
     models = os.path.dirname(os.path.dirname(bundle))
@@ -147,6 +223,7 @@ def main():
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"results: {os.path.join(out, 'results.json')}")
+    summarize(results)
 
 
 if __name__ == "__main__":

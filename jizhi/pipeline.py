@@ -24,6 +24,7 @@ from pathlib import Path
 from jizhi.bundle import Bundle, find_version, same_features
 from jizhi.config import etc_dir
 from jizhi.errors import BundleError, PipelineError
+from jizhi.stats import MAX_STAGES
 from jizhi.workers.data_reader import ON_UNKNOWN
 from jizhi.workers.ranker import SINK_OUTPUTS as SINK_STAGE_OUTPUTS
 from jizhi.workers.builtins import BUILTINS, load_class
@@ -268,6 +269,9 @@ def compile_pipeline(doc, models_dir, pinned_version=None, versions=None, genera
         members = f.get("stages", [])
         if not gname or not members:
             raise PipelineError(f"pipeline {name!r}: a [[fuse]] needs a name and stages")
+        if len(members) > MAX_STAGES:
+            # (a worker's stats row keeps a histogram and a CPU account per stage, MAX_STAGES of them)
+            raise PipelineError(f"fuse {gname!r}: {len(members)} stages; a group fuses at most {MAX_STAGES}")
         for m in members:
             if m not in stages:
                 raise PipelineError(f"fuse {gname!r}: stage {m!r} is not defined")

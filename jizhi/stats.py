@@ -47,8 +47,12 @@ KEY_RING = 4096   # sampled keys kept per worker row (the supervisor reads them 
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
 N_COUNTERS = 20
 # The CPU account (``jizhictl bench --cpu``): CPU nanoseconds of the thread that does a process's work, by
-# phase. A worker row: its stages by index (0 .. MAX_STAGES - 1), then its runtime's phases. The broker:
-# one row of its own (``broker_cpu_ns``), by phase.
+# phase. A worker row: its stages by index (0 .. MAX_STAGES - 1), then its runtime's phases: receive (read
+# and decode an event), assemble (everything of an event outside its stages and writes: deadlines, the
+# arena reads, narrowing), write (the arenas), done (encode and send). The broker: one row of its own
+# (``broker_cpu_ns``): admission (the frontend's messages read and admitted), dispatch (events built and
+# sent), done (every backend message: DONE, and also READY, heartbeats and the supervisor's), reply (ok
+# replies built and sent; error replies count where they arise), housekeeping (timers and the sweep).
 WORKER_PHASES = ("receive", "assemble", "write", "done")
 W_RECEIVE, W_ASSEMBLE, W_WRITE, W_DONE = range(MAX_STAGES, MAX_STAGES + len(WORKER_PHASES))
 N_CPU = MAX_STAGES + len(WORKER_PHASES)

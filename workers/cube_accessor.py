@@ -126,7 +126,9 @@ class CubeAccessor(Stage):
                         "default vectors into them); pooling item bags per batch")
         elif on:
             try:
-                self.item_rows = ItemRows(bundle, self.store, bundle.item_sums, self.defaults[1], max_mb)
+                # From the cube itself, not through the hot tier: its lookup counters (the hit ratio the
+                # supervisor reads) count requests' lookups only.
+                self.item_rows = ItemRows(bundle, lower, bundle.item_sums, self.defaults[1], max_mb)
             except ValueError as e:
                 log.warning("item_rows: %s; pooling item bags per batch", e)
             else:

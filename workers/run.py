@@ -129,6 +129,13 @@ class Worker:
         for st in self.plan["stages"].values():
             self.scope_of.update({n: spec["scope"] for n, spec in st["outputs"].items()})
         self.writes = self.group["writes"]
+        # Per stage: the columns read by it or a later stage of this group, or written to shared memory
+        # (what a narrowed batch must widen before that stage: Selection.widen).
+        later, self.needed_from = set(self.writes), []
+        for _, _, st in reversed(self.stages):
+            later |= set(st["inputs"])
+            self.needed_from.insert(0, frozenset(later))
+        self.needed_at_end = frozenset(self.writes)
         self.cpu = CpuPhases()    # the CPU account by phase; into this worker's stats row once it serves
         self.running = True
         self.stale = False     # exiting as a process of an ended run (jizhi/lifeline.py)
@@ -208,7 +215,7 @@ class Worker:
         narrow = Selection(batch, self.scope_of)
         for si, (sname, proc, st) in enumerate(self.stages):
             if getattr(proc, "sees_all_candidates", False):
-                narrow.widen()
+                narrow.widen(self.needed_from[si])
             t0 = time.perf_counter()
             self.cpu.enter(si)
             try:
@@ -228,7 +235,7 @@ class Worker:
                 cols[name] = arr
             if out.get("_select") is not None:
                 narrow.select(out["_select"])
-        narrow.widen()
+        narrow.widen(self.needed_at_end)
 
     def warm_up(self):
         """One batch through every stage before this worker reports READY (so before jizhid says ready).
@@ -330,9 +337,8 @@ class Worker:
                 st.heartbeat[row] = time.monotonic()   # from the work loop: a stuck stage stops it
             if poller.poll(int(hb_s * 1000)):
                 cpu.enter(W_RECEIVE)
-                frames = sock.recv_multipart(copy=True)
                 try:
-                    msg = messages.decode(frames)
+                    msg = messages.decode(sock.recv_multipart(copy=True))
                 except ValueError:
                     log.warning("dropping a malformed message from the broker")
                     continue
@@ -347,14 +353,16 @@ class Worker:
                     else:
                         done = self.process_event(msg)
                     cpu.enter(W_DONE)
-                    sock.send_multipart(done.encode())
-                    last_send = time.monotonic()
-                    self.events += 1
-                    if st is not None:
-                        st.counters[row, C_EVENTS] += 1
-                        st.counters[row, C_REQUESTS] += len(msg.slot)
-                        st.counters[row, C_FAILED] += len(done.errors)
-                    cpu.leave()
+                    try:
+                        sock.send_multipart(done.encode())
+                        last_send = time.monotonic()
+                        self.events += 1
+                        if st is not None:
+                            st.counters[row, C_EVENTS] += 1
+                            st.counters[row, C_REQUESTS] += len(msg.slot)
+                            st.counters[row, C_FAILED] += len(done.errors)
+                    finally:
+                        cpu.leave()
                     if not leaving and self.should_recycle():
                         leaving = True
                         log.info("recycling after %d events (rss %d MiB): asking the broker to retire me",

@@ -246,14 +246,20 @@ class Selection:
         self.batch.offsets = offsets
         self.batch.narrowed_s += time.thread_time() - t0
 
-    def widen(self):
+    def widen(self, keep=None):
+        """Every candidate again. ``keep``: the columns still read or written from here on (the worker
+        runtime's); a per-candidate column outside it is left out of the batch instead of widened (on
+        the demo's fused plan the embeddings and signatures, a kilobyte and more per candidate)."""
         if self.sel is None:
             return
         t0 = time.thread_time()
         cols = self.batch.columns
         for name in list(cols):
             if self._candidate(name):
-                cols[name] = self._widen(name, cols[name])
+                if keep is None or name in keep:
+                    cols[name] = self._widen(name, cols[name])
+                else:
+                    del cols[name]
         self.sel = None
         self.dropped = None
         self.full = {}

@@ -201,8 +201,10 @@ class Loop:
             events = dict(poller.poll(b.dispatcher.poll_timeout_ms(b.clock(), POLL_MS)))
             if b.dispatcher.batch_timers:
                 b.cpu.enter(B_HOUSEKEEPING)
-                b.fire_timers(b.clock())
-                b.cpu.leave()
+                try:
+                    b.fire_timers(b.clock())
+                finally:
+                    b.cpu.leave()
             if self.back in events:
                 self.read_backend()
             if self.clients.monitor in events:
@@ -222,8 +224,10 @@ class Loop:
                     self.stale = why
                     break
             b.cpu.enter(B_HOUSEKEEPING)
-            b.sweep(now)
-            b.cpu.leave()
+            try:
+                b.sweep(now)
+            finally:
+                b.cpu.leave()
         self.stop_frontend()
         self.back.close(0)
         zmq.Context.instance().term()

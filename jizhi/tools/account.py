@@ -11,7 +11,8 @@ Runs in the benchmark's process, never inside jizhid, and only reads. Two source
   each stage by name, write, done).
 
 A process's main thread less its phases is its *loop* (poll, heartbeats, what no phase names). A worker
-that restarted inside the window starts its row again from zero: its delta is what the new process did.
+or a broker that restarted inside the window (another pid in its row) starts its account again from
+zero: its delta is what the new process did.
 """
 import collections
 import os
@@ -19,7 +20,7 @@ import os
 import numpy as np
 
 from jizhi import rundir
-from jizhi.stats import BANKS, BROKER_PHASES, MAX_STAGES, WORKER_PHASES, Stats
+from jizhi.stats import BANKS, BROKER_PHASES, C_PID, MAX_STAGES, WORKER_PHASES, Stats
 from jizhi.tools.procfs import ServerCpu
 
 PARTS = ("main", "zmq_io", "other_threads")   # a process's threads (ServerCpu.thread_snapshot)
@@ -34,6 +35,7 @@ class Account:
         self.stats = Stats.attach(run.get("stats"))
         per_group = BANKS * run["settings"]["workers.max_pool"]
         self.groups = {}    # "pipeline/group" -> (first row, rows, stage names)
+        self.broker_rows = [r for k, r in (run.get("stats") or {}).get("map", {}).items() if "/" not in k]
         for pname, plan in run["pipelines"].items():
             for gname, g in plan["groups"].items():
                 first = (run.get("stats") or {}).get("map", {}).get(f"{pname}/{gname}")
@@ -48,6 +50,7 @@ class Account:
         if self.stats is not None:
             snap["cpu_ns"] = self.stats.cpu_ns.copy()
             snap["broker_cpu_ns"] = self.stats.broker_cpu_ns.copy()
+            snap["pids"] = self.stats.counters[:, C_PID].copy()
         return snap
 
     def report(self, before, after, answered):
@@ -75,25 +78,30 @@ class Account:
         if "cpu_ns" not in after or "cpu_ns" not in before:
             return None
         if kind == "broker":
-            d = np.maximum(after["broker_cpu_ns"] - before["broker_cpu_ns"], 0)
+            restarted = any(after["pids"][r] != before["pids"][r] for r in self.broker_rows)
+            d = after["broker_cpu_ns"] - (0 if restarted else before["broker_cpu_ns"])
             return dict(zip(BROKER_PHASES, d.tolist()))
         if kind not in self.groups:
             return None
         first, n, stages = self.groups[kind]
         a, b = after["cpu_ns"][first:first + n], before["cpu_ns"][first:first + n]
-        restarted = (a < b).any(axis=1)   # a new process in the row: count it from zero
+        restarted = after["pids"][first:first + n] != before["pids"][first:first + n]   # a new process
         d = np.where(restarted[:, None], a, a - b).sum(axis=0)
         phases = {name: int(d[i]) for i, name in enumerate(stages[:MAX_STAGES])}
         phases.update((name, int(d[MAX_STAGES + i])) for i, name in enumerate(WORKER_PHASES))
         return phases
 
 
-def format_account(account, generator_us=None):
-    """Lines of text: one per process kind, its threads and its main thread's phases, us per request."""
+def format_account(account, generator_us=None, pipeline=None):
+    """Lines of text: one per process kind, its threads and its main thread's phases, us per request.
+    With ``pipeline``, the workers of other pipelines (idle while it is measured) share one line."""
     lines = []
-    total = 0.0
+    total = others = 0.0
     for kind, e in account.items():
         total += e["us"]
+        if pipeline is not None and "/" in kind and not kind.startswith(pipeline + "/"):
+            others += e["us"]
+            continue
         parts = e["parts"]
         bits = [f"ZeroMQ I/O {parts.get('zmq_io', 0):,.0f}"] if parts.get("zmq_io") else []
         if parts.get("other_threads"):
@@ -102,6 +110,8 @@ def format_account(account, generator_us=None):
         if "phases" in e:
             main += " (" + ", ".join(f"{k} {v:,.0f}" for k, v in e["phases"].items()) + ")"
         lines.append(f"  {kind:<24} {e['us']:>8,.0f}  " + "; ".join([main] + bits))
+    if others:
+        lines.append(f"  {'other pipelines':<24} {others:>8,.0f}")
     if generator_us is not None:
         total += generator_us
         lines.append(f"  {'load generator':<24} {generator_us:>8,.0f}")

@@ -48,7 +48,11 @@ Definitions used in the output (per point, over the measured window):
   times, ``wait_<group>`` queue waits, ``total`` in the broker);
 * with ``--cpu``: the CPU time of every process of the jizhid run (found in
   /proc by the run directory's plan file), per process kind, as ms per
-  second and microseconds per answered request, and the generator's own.
+  second and microseconds per answered request, and the generator's own;
+  and the CPU account (jizhi/tools/account.py): each process kind's threads
+  (main, ZeroMQ I/O, others) and its main thread by phase (the broker's
+  admission, dispatch, done, reply, housekeeping; a worker's receive,
+  assemble, each stage, write, done), us per answered request.
 
 A point passes when p99 <= ``--slo-ms``, no error and nothing lost.
 ``--find-max`` doubles the rate from ``--start-rate`` until a point fails,
@@ -343,7 +347,9 @@ def cpu_report(by_kind, generator_s, wall_s, answered, pipeline):
               help="Deadline sent with every request; no reply within deadline + 1 s counts as lost.")
 @click.option("--top-k", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--allow-repeat", is_flag=True, help="Allow a trace shorter than rate x duration (requests repeat).")
-@click.option("--cpu", is_flag=True, help="Measure the CPU of jizhid's processes (found through --run-dir).")
+@click.option("--cpu", is_flag=True, help="Measure the CPU of jizhid's processes (found through --run-dir): per "
+              "process kind, and the account per answered request by thread and phase (broker: admission, "
+              "dispatch, done, reply; workers: receive, assemble, each stage, write, done).")
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="--cpu: jizhid's run directory (default: server.run_dir's default for instance 'default').")
 @click.option("--ceiling", is_flag=True, help="Run the in-process ceiling instead of loading a server (needs --bundle).")
@@ -479,11 +485,11 @@ def _load(endpoint, pipeline, trace_path, rate, rates, find_max_flag, start_rate
     if cpu:
         run_dir = run_dir or default_run_dir("default")
         server_cpu = ServerCpu(run_dir)
-        account = Account(run_dir)
         found = server_cpu.processes()
         if not found:
             raise click.UsageError(f"--cpu: no process of a jizhid run found for run dir {run_dir} "
                                    f"(looked for --plan {server_cpu.plan} in /proc/*/cmdline)")
+        account = Account(run_dir)
         click.echo(f"cpu: {len(found)} processes of the run in {run_dir}", err=True)
     gen = LoadGenerator(endpoint, trace, deadline_ms=deadline_ms, top_k=top_k, slo_ms=slo_ms, cpu=server_cpu, account=account,
                         progress=not quiet, allow_repeat=allow_repeat, max_other_cores=max_other_cores,

@@ -53,8 +53,8 @@ def _in_ram(obj):
 STAGES = (("reader", "data_reader"), ("features", "feature_processor"), ("cube", "cube_accessor"),
           ("dnn", "model_inference"), ("rank", "ranker"))
 
-# The pipelines jizhi serves one model in: mode -> (pipeline structured = ..., dnn stage options).
-# mode -> (the pipeline's structured, the dnn stage's options, the cube stage's options)
+# The pipelines jizhi serves one model in: mode -> (the pipeline's structured, the dnn stage's options,
+# the cube stage's options).
 MODES = {"per_pair": (False, {}, {}), "structured": (True, {}, {}),
          "items": (True, {"item_cache": True}, {"item_rows": True})}
 
@@ -143,8 +143,12 @@ class CeilingScorer:
             if dnn.item_table is None:      # refused (too large) or nothing item-only: it would measure structured
                 raise ValueError(f"ceiling mode items: the dnn stage built no item table for {version_dir} "
                                  "(its log line says why)")
+            if cube.item_rows is None:      # refused (over item_rows_mb): the cube would pool every item bag
+                raise ValueError(f"ceiling mode items: the cube stage built no item rows for {version_dir} "
+                                 "(its log line says why)")
             _in_ram(dnn.item_table.items)
-            self.item_table_build_s = dnn.item_table.build_s
+            _in_ram(cube.item_rows.items)
+            self.item_table_build_s = round(dnn.item_table.build_s + cube.item_rows.build_s, 2)
 
     def score(self, users, offsets, items, recall, top_k, stage_us):
         """Score one batch of requests; adds each stage's CPU time (us, this thread's) to ``stage_us``."""
@@ -322,6 +326,6 @@ def print_ceiling(c, out=print):
     clock = "CPU (thread time)" if c.get("stage_clock") == "thread_time" else "wall"
     out(f"  mean {clock} us per request by stage: "
         + ", ".join(f"{k} {v:,.0f}" for k, v in c["stage_us_per_request"].items())
-        + (f"; item table built in set-up ({c['item_table_build_s']} s, not measured)"
+        + (f"; item table and item rows built in set-up ({c['item_table_build_s']} s, not measured)"
            if c.get("item_table_build_s") is not None else ""))
 

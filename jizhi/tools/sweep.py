@@ -83,7 +83,7 @@ def print_detail(r, out=print):
         if c.get("account"):
             out("  CPU account, us per answered request: each process kind's main thread by phase (the "
                 "stats segment), its other threads (/proc):")
-            for line in format_account(c["account"], c["generator_us_per_request"]):
+            for line in format_account(c["account"], c["generator_us_per_request"], r["pipeline"]):
                 out("  " + line)
 
 

@@ -16,6 +16,7 @@ listener on a free port, with a short ``metrics.livez_stall_s``. In order:
 * SIGTERM with a request held in flight: 503 "stopping" (``/livez`` still 200)
   until the drain ends and jizhid exits 0.
 """
+import json
 import os
 import signal
 import threading
@@ -176,6 +177,34 @@ def test_bench_plot_draws_a_png_of_a_rate_sweep(server, demo_trace, tmp_path):
     assert f"plot written to {png}" in r.stderr
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_bench_cpu_accounts_for_a_requests_cpu_by_process_thread_and_phase(server, demo_trace, tmp_path):
+    """``jizhictl bench --cpu`` (jizhi/tools/account.py): each process kind's threads from /proc, and the main
+    thread of the broker and of every worker by phase, from the stats segment, in us per answered request."""
+    from jizhi.stats import BROKER_PHASES, WORKER_PHASES
+    trace, out = tmp_path / "trace.npz", tmp_path / "bench.json"
+    np.savez(trace, users=demo_trace.users, offsets=demo_trace.offsets, items=demo_trace.items,
+             recall_scores=demo_trace.recall_scores)
+    r = jizhictl("bench", "--endpoint", server.endpoint, "--pipeline", "demo", "--trace", trace, "--rate", 15,
+                 "--duration", 1, "--warmup", 0.2, "--quiet", "--cpu", "--run-dir", server.run_dir, "--json", out)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "CPU account, us per answered request" in r.stdout
+    point = json.loads(out.read_text())["runs"][0]["points"][0]
+    assert point["ok"] > 0
+    account = point["cpu"]["account"]
+    broker, scorer = account["broker"], account["demo/scorer"]
+    assert list(broker["phases"]) == [*BROKER_PHASES, "loop"]
+    assert list(scorer["phases"]) == ["reader", "features", "cube", "dnn", "rank", *WORKER_PHASES, "loop"]
+    for e, work in ((broker, ("admission", "dispatch", "done", "reply")), (scorer, ("reader", "cube", "dnn", "rank"))):
+        assert all(e["phases"][k] > 0 for k in work), e
+        # The phases are the main thread's CPU, split: together no more than it, give or take /proc's clock
+        # tick at each end of the window (10 ms over this short point's requests).
+        tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+        assert sum(v for k, v in e["phases"].items() if k != "loop") <= e["parts"]["main"] + 2 * tick_us / point["ok"], e
+        assert e["us"] >= e["parts"]["main"] > 0
+    assert scorer["phases"]["dnn"] > scorer["phases"]["features"]      # the model, not the hashing, costs most
+    assert "sleepy/" not in r.stdout.split("CPU account")[1]           # another pipeline's idle workers: one line
 
 
 def test_readyz_is_503_stopping_while_sigterm_drains_a_held_request(server, demo_trace):

@@ -51,7 +51,8 @@ class SocketSink:
 
     def client(self, envelope, frames):
         try:
-            self.front.send_multipart(envelope + frames, flags=zmq.DONTWAIT, copy=False)
+            # (copy=True: for frames this small a copy costs less than pyzmq's zero-copy Frames)
+            self.front.send_multipart(envelope + frames, flags=zmq.DONTWAIT)
         except zmq.Again:
             # REPLY_QUEUE replies wait for this client already: it does not read them (README, "Limits").
             self.clients.dropped["not_reading"] += 1
@@ -160,17 +161,24 @@ class Loop:
             cpu.leave()
 
     def _read_frontend(self, most):
+        front = self.front
         for n in range(most):
+            # The routing id as a Frame (its descriptor, ZMQ_SRCFD, tells the connection: the guard), the
+            # rest as bytes: a copying receive of small frames costs less than Frame objects (measured:
+            # 44 against 54 us for a 4-frame request, sent and received).
             try:
-                frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = [front.recv(zmq.NOBLOCK, copy=False)]
             except zmq.Again:
                 return n
+            while front.rcvmore:
+                frames.append(front.recv())
             try:
                 conn = self.clients.on_message(frames)
+                frames[0] = frames[0].bytes
                 if conn is not None and conn.refused:
-                    self.refuse_connection(conn, [f.buffer for f in frames])
+                    self.refuse_connection(conn, frames)
                 else:
-                    self.broker.on_client([f.buffer for f in frames])
+                    self.broker.on_client(frames)
             except Exception:
                 log.exception("unexpected error handling a client message")
                 self.broker.admission.malformed += 1

@@ -207,10 +207,17 @@ class LoadGenerator:
         t0 = time.monotonic() + warmup_s + 0.05
         window = {}
 
+        def cpu_now():
+            """(ServerCpu's snapshot, the account's): one walk of /proc (the generator's loop waits for it)."""
+            if self.account is not None:
+                snap = self.account.snapshot()
+                return Account.per_process(snap), snap
+            return (self.cpu.snapshot() if self.cpu else {}), None
+
         def open_window(now):   # the measured window's CPU figures start at t0, on time
-            window.update(server=self.cpu.snapshot() if self.cpu else {}, generator=self_cpu_s(),
-                          machine=machine_busy_s(), loadavg=os.getloadavg()[0], t=time.monotonic(),
-                          account=self.account.snapshot() if self.account else None)
+            server, account = cpu_now()
+            window.update(server=server, generator=self_cpu_s(), machine=machine_busy_s(),
+                          loadavg=os.getloadavg()[0], t=time.monotonic(), account=account)
 
         load.call_at(t0, open_window)
         aborted = False
@@ -252,8 +259,9 @@ class LoadGenerator:
         if not window:  # an aborted point may end inside the warm-up: the window opens now
             window.update(server={}, generator=self_cpu_s(), machine=machine_busy_s(),
                           loadavg=os.getloadavg()[0], t=time.monotonic())
-        cpu_after = self.cpu.snapshot() if self.cpu else {}
-        account_after = self.account.snapshot() if self.account and window.get("account") else None
+        cpu_after, account_after = cpu_now()
+        if not window.get("account"):
+            account_after = None
         gen_after = self_cpu_s()
         mach_after = machine_busy_s()
         cpu_wall_s = time.monotonic() - window["t"]

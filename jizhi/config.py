@@ -181,6 +181,10 @@ SETTINGS = [
             "skips), measured over every qcache.eval_candidates looked up, and bypasses it while it does not pay: "
             "then only 1 in qcache.sample_users users looks it up and stores (so it keeps measuring), until it "
             "would pay 1.5 times over. off: never bypassed (still measured; jizhictl stats shows the figures)."),
+    Setting("qcache.start", str, "bypassed", lambda v: None if v in ("bypassed", "on") else "bypassed or on",
+            "How each worker's query cache starts (qcache.bypass = auto): bypassed (only the sampled users use it "
+            "until it shows it pays: turning the cache on never makes traffic that does not repeat slower, even "
+            "before the first judgement) or on (every user from the first request; judged after the warm-up)."),
     Setting("qcache.min_hit_ratio", float, 0.0, lambda v: None if 0.0 <= v <= 1.0 else "must be from 0 to 1",
             "A floor under qcache.bypass = auto: below this hit ratio the query cache is bypassed even when "
             "its measured costs say it pays (back on at 1.5 times it). 0: no floor, the costs alone decide. "

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import assert_topk
 
-CONFIG = "[qcache]\nwindow_s = 2.0\n"
+CONFIG = "[qcache]\nwindow_s = 2.0\nstart = \"on\"\n"    # every user from the first request
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,8 @@ def test_a_cache_that_rarely_hits_is_bypassed_for_all_but_a_sample_of_users(laun
     text = text.replace('name = "demo_cached"', 'name = "cached1"').replace("pool = 2", "pool = 1")
     (tmp_path / "cached1.toml").write_text(text)
     server = launch.start(pipelines=[tmp_path / "cached1.toml"],
-                          config_text="[qcache]\nmin_hit_ratio = 0.9\neval_candidates = 500\nsample_users = 2\n")
+                          config_text="[qcache]\nmin_hit_ratio = 0.9\neval_candidates = 500\nsample_users = 2\n"
+                                      "start = \"on\"\n")
     sampler = Bypass(sample_users=2)
     sampler.on = False
     with server.client() as c:
@@ -124,7 +125,7 @@ def _batch(b, looked, hits, cost_us, saved_us, narrowed=0, narrowed_us=0.0):
 
 def test_the_cache_pays_while_its_hit_ratio_times_what_a_hit_saves_exceeds_what_it_costs():
     from jizhi.workers.query_cache import Bypass
-    b = Bypass(sample_users=4, eval_candidates=100)
+    b = Bypass(sample_users=4, eval_candidates=100, start_on=True)
     _batch(b, 100, 20, cost_us=0.5, saved_us=3.0)     # 20 % x 3 us = 0.6 us > 0.5 us: pays
     assert b.on and b.judgements == 1
     assert (round(b.hit_ratio, 6), round(b.saved_us, 6), round(b.cost_us, 6)) == (0.2, 3.0, 0.5)
@@ -142,14 +143,14 @@ def test_the_cache_pays_while_its_hit_ratio_times_what_a_hit_saves_exceeds_what_
 
 def test_the_narrowing_counts_per_candidate_of_the_batches_narrowed_and_the_floor_overrides_the_costs():
     from jizhi.workers.query_cache import Bypass
-    b = Bypass(sample_users=4, eval_candidates=100)
+    b = Bypass(sample_users=4, eval_candidates=100, start_on=True)
     # Sampled while bypassed: 100 candidates looked up in batches of 1,600, narrowed around their hits.
     b.on = False
     _batch(b, 100, 40, cost_us=0.1, saved_us=3.0, narrowed=1600, narrowed_us=0.3)
     assert b.on and round(b.cost_us, 6) == 0.4        # 1.2 us > 1.5 x (0.1 + 0.3) us
     _batch(b, 100, 10, cost_us=0.1, saved_us=3.0, narrowed=100, narrowed_us=0.3)
     assert not b.on                                   # 0.3 us < 0.4 us
-    floor = Bypass(min_hit_ratio=0.1, sample_users=4, eval_candidates=100)
+    floor = Bypass(min_hit_ratio=0.1, sample_users=4, eval_candidates=100, start_on=True)
     _batch(floor, 100, 8, cost_us=0.1, saved_us=100.0)    # 8 us saved > 0.1 us, but 8 % < the floor's 10 %
     assert not floor.on
     _batch(floor, 100, 14, cost_us=0.1, saved_us=100.0)   # 14 % < 1.5 x the floor
@@ -160,7 +161,7 @@ def test_the_narrowing_counts_per_candidate_of_the_batches_narrowed_and_the_floo
 
 def test_the_bypass_judges_after_warming_never_without_a_saving_measured_and_never_when_off():
     from jizhi.workers.query_cache import Bypass
-    b = Bypass(sample_users=4, eval_candidates=100, capacity=1000)
+    b = Bypass(sample_users=4, eval_candidates=100, capacity=1000, start_on=True)
     _batch(b, 400, 0, cost_us=1.0, saved_us=1.0)      # warming: min(capacity, 4 x eval) = 400 candidates
     assert b.on and b.judgements == 0
     _batch(b, 100, 100, cost_us=0.1, saved_us=0.0)    # everything hit, nothing computed: no saving measured yet
@@ -178,6 +179,22 @@ def test_the_bypass_judges_after_warming_never_without_a_saving_measured_and_nev
     assert forced.on and forced.judgements == 1 and forced.switches == 0 and forced.cost_us == 1.0
 
 
+def test_by_default_the_cache_starts_bypassed_and_comes_on_once_its_sample_shows_it_pays():
+    """qcache.start = "bypassed": traffic that does not repeat never pays for every user's lookups, even
+    before the first judgement; the sampled users warm their share of the table, then are judged."""
+    from jizhi.workers.query_cache import Bypass
+    b = Bypass(sample_users=4, eval_candidates=100, capacity=1000)
+    assert not b.on and b.share == 4 and b.warming == 100           # the sample's share of min(1000, 400)
+    users = np.arange(1, 4001, dtype=np.uint64)
+    assert 0.2 < b.users_on(users).mean() < 0.3                      # 1 in 4 users looks it up
+    _batch(b, 100, 50, cost_us=0.1, saved_us=3.0)                   # warming: not judged
+    assert not b.on and b.judgements == 0
+    _batch(b, 100, 10, cost_us=0.5, saved_us=3.0)                   # 0.3 us saved < 1.5 x 0.5 us: stays bypassed
+    assert not b.on and b.judgements == 1 and b.switches == 0
+    _batch(b, 100, 40, cost_us=0.1, saved_us=3.0)                   # 1.2 us > 1.5 x 0.1 us: on for every user
+    assert b.on and b.share == 1 and b.switches == 1
+
+
 @pytest.fixture(scope="module")
 def judged(launch_module, tmp_path_factory):
     """A jizhid judging its query cache every 500 candidates (after 2,000 that warm it): pipeline ``fresh``
@@ -188,7 +205,7 @@ def judged(launch_module, tmp_path_factory):
     for name in ("fresh", "again"):
         paths.append(d / f"{name}.toml")
         paths[-1].write_text(text.replace('name = "demo_cached"', f'name = "{name}"').replace("pool = 2", "pool = 1"))
-    return launch_module.start(pipelines=paths, config_text="[qcache]\nentries = 16384\neval_candidates = 500\n")
+    return launch_module.start(pipelines=paths, config_text="[qcache]\nentries = 16384\neval_candidates = 500\nstart = \"on\"\n")
 
 
 def _judgement(server, pipeline):

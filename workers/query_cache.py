@@ -50,7 +50,12 @@ the table now in use starts cold (the two uses hash to different sets), so
 the candidates looked up first only warm it and are not judged: as many as
 the table holds (its share of them while bypassed), at most 4 x
 ``qcache.eval_candidates``. ``qcache.bypass = "off"`` keeps the cache on
-whatever it costs (still measured). ``qc_share`` tells the ranker which
+whatever it costs (still measured). A worker starts bypassed (``qcache.start``,
+default ``bypassed``): the sample must show the cache pays before every user
+uses it, so a cache turned on for traffic that does not repeat costs only the
+sample's share from the first request (measured on the demo with the item
+part once per version: a hit saves 3.3 us a candidate and the cache costs
+0.6-1.1 us, so it pays only past a hit ratio of about 20-30 %). ``qc_share`` tells the ranker which
 requests to store and with which share (0: none).
 
 Each worker publishes its state and last judgement in its stats row
@@ -115,17 +120,20 @@ class Bypass:
     ``observe`` adds one batch's figures; after every ``eval_candidates`` looked-up candidates (past the
     warm-up after a switch) it judges: ``hit_ratio``, ``saved_us`` and ``cost_us`` per candidate are the
     last judgement's figures (None before the first), ``judgements`` and ``switches`` count.
-    ``always_on``: never bypass (``qcache.bypass = "off"``); it still judges.
+    ``always_on``: never bypass (``qcache.bypass = "off"``); it still judges. ``start_on``: start with every
+    user (``qcache.start = "on"``); else bypassed, until the sample shows the cache pays.
     """
 
-    def __init__(self, min_hit_ratio=0.0, sample_users=16, eval_candidates=200_000, capacity=0, always_on=False):
+    def __init__(self, min_hit_ratio=0.0, sample_users=16, eval_candidates=200_000, capacity=0, always_on=False,
+                 start_on=False):
         self.min_hit_ratio = float(min_hit_ratio)
         self.sample_users = np.uint64(max(1, int(sample_users)))
         self.eval_candidates = int(eval_candidates)
         self.always_on = bool(always_on)
         self.warmup = min(int(capacity), 4 * self.eval_candidates)   # candidates that warm the table in full use
-        self.on = True
-        self.warming = self.warmup             # candidates to look up before the next judgement
+        self.on = bool(always_on or start_on)
+        # candidates to look up before the next judgement (bypassed: the sample warms its share of the table)
+        self.warming = self.warmup if self.on else self.warmup // int(self.sample_users)
         self._zero()
         self.hit_ratio = self.saved_us = self.cost_us = None
         self.judgements = self.switches = 0
@@ -221,7 +229,8 @@ class QueryCache(Stage):
         self.bypass = Bypass(spec.get("min_hit_ratio", 0.0), spec.get("sample_users", 16),
                              spec.get("eval_candidates", 200_000),
                              self.cache.writers * self.cache.slots_per_writer if self.cache else 0,
-                             always_on=spec.get("bypass", "auto") == "off")
+                             always_on=spec.get("bypass", "auto") == "off",
+                             start_on=spec.get("start", "bypassed") == "on")
         self.pending = None       # the last batch's Account, until weighed
 
     def settle(self):

@@ -76,7 +76,8 @@ def create_qcache(sup, plans):
         slots *= 2
     seg = segment(sup, "qcache")
     spec = qcache.init(seg, writers, slots, ways=ways, window_ms=int(settings["qcache.window_s"] * 1000))
-    spec.update(bypass=settings["qcache.bypass"], min_hit_ratio=settings["qcache.min_hit_ratio"],
+    spec.update(bypass=settings["qcache.bypass"], start=settings["qcache.start"],
+                min_hit_ratio=settings["qcache.min_hit_ratio"],
                 sample_users=settings["qcache.sample_users"], eval_candidates=settings["qcache.eval_candidates"])
     sup.segments["_qcache"] = {"qcache": seg}
     log.info("query cache: %d regions x %d entries (%d MiB), window %.0f s", writers, slots,

@@ -23,10 +23,11 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
+
+from jizhi.tools.testbed import stop_session, wait_for_hot_tiers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
@@ -60,18 +61,6 @@ def bench(args, out_json, cwd):
     print("$ " + " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, cwd=cwd)
     return json.load(open(out_json))
-
-
-def wait_for_tiers(log_path, pipelines, timeout_s=300):
-    """jizhid says ready before the hot tiers are built: wait for one per pipeline with a cube stage."""
-    want = len([p for p in pipelines if p != "legacy"])
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        with open(log_path) as f:
-            if sum("hot tier generation 1:" in line for line in f) >= want:
-                return
-        time.sleep(1)
-    print("warning: not every hot tier was reported built; measuring anyway", flush=True)
 
 
 def _account_rows(point, label):
@@ -202,7 +191,8 @@ def main():
     try:
         subprocess.run([sys.executable, "-m", "jizhi.client", "--wait-ready", endpoint], check=True, timeout=300,
                        cwd=out)
-        wait_for_tiers(log_path, names)
+        if not wait_for_hot_tiers(log_path, len([p for p in names if p != "legacy"])):
+            print("warning: not every hot tier was reported built; measuring anyway", flush=True)
         common = ["--endpoint", endpoint, "--trace", trace, "--cpu", "--run-dir", run_dir, "--slo-ms", "50",
                   "--warmup", "3", "--duration", str(args.duration)]
         results["account"] = bench([*common, "--pipeline", ",".join(names), "--rate", str(args.rate)],
@@ -214,11 +204,7 @@ def main():
                                     "--max-other-cores", "0.3"],
                                    os.path.join(out, "max.json"), out)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
+        stop_session(daemon)
     results["ended"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

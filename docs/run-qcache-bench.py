@@ -36,12 +36,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from jizhi.tools.testbed import stop_session, wait_for_hot_tiers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
@@ -132,17 +133,6 @@ def jizhictl(*args):
     return r.stdout
 
 
-def wait_for_tiers(log_path, want, timeout_s=300):
-    """jizhid says ready before the hot tiers are built: wait for one per pipeline."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        with open(log_path) as f:
-            if sum("hot tier generation 1:" in line for line in f) >= want:
-                return
-        time.sleep(1)
-    print("warning: not every hot tier was reported built; measuring anyway", flush=True)
-
-
 def run_trace(args, name, trace, files, out):
     """One jizhid, both pipelines find-max'ed on ``trace``: {pipeline: figures}."""
     work = os.path.join(out, name)
@@ -164,7 +154,8 @@ def run_trace(args, name, trace, files, out):
     try:
         subprocess.run([sys.executable, "-m", "jizhi.client", "--wait-ready", endpoint], check=True, timeout=300,
                        cwd=work)
-        wait_for_tiers(log_path, len(files))
+        if not wait_for_hot_tiers(log_path, len(files)):
+            print("warning: not every hot tier was reported built; measuring anyway", flush=True)
         for pipeline in (UNCACHED, CACHED):
             before = json.loads(jizhictl("stats", "--json", "--run-dir", run_dir))["cube"][pipeline]
             result = os.path.join(work, f"{pipeline}.json")
@@ -191,11 +182,7 @@ def run_trace(args, name, trace, files, out):
                 print(f"   {qcache_line(row['judgement'])}", flush=True)
             out_rows[pipeline] = row
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
+        stop_session(daemon)
     return out_rows
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from jizhi.tools.dlrm import pipeline_text  # noqa: E402
 from jizhi.tools.demo import generate_trace  # noqa: E402
 from jizhi.tools.importer import import_model  # noqa: E402
 from jizhi.tools.structbench import figures  # noqa: E402
+from jizhi.tools.testbed import stop_session  # noqa: E402
 
 CANDIDATES = 500
 PIPELINES = (("per_pair", False, False), ("structured", True, False), ("items", True, True))
@@ -103,11 +103,7 @@ def throughput(work, version, duration):
         runs = json.load(open(out))["runs"]
         return {r["pipeline"]: (r["max"] or {}).get("offered_rps", 0.0) for r in runs}
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
+        stop_session(daemon)
         log.close()
 
 

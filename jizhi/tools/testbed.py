@@ -272,6 +272,30 @@ class Testbed:
         return out
 
 
+def wait_for_hot_tiers(log_path, want, timeout_s=300):
+    """jizhid says ready before the hot tiers are built: wait until its log reports ``want`` first
+    generations (one per pipeline with a cube stage); False when ``timeout_s`` passed first (the docs'
+    benchmark scripts then measure anyway, saying so)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with open(log_path, errors="replace") as f:
+            if sum("hot tier generation 1:" in line for line in f) >= want:
+                return True
+        time.sleep(1)
+    return False
+
+
+def stop_session(proc, timeout_s=STOP_TIMEOUT_S):
+    """SIGTERM to a jizhid started in its own session, a bounded wait, then SIGKILL to that session's
+    process group (the docs' benchmark scripts)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def _tail(path, lines=30):
     try:
         text = Path(path).read_text(errors="replace").splitlines()[-lines:]

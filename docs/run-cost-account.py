@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from jizhi.pipeline import Pipeline
+from jizhi.tools.ceiling import mode_pipeline
 from jizhi.tools.testbed import stop_session, wait_for_hot_tiers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,24 +38,11 @@ PIPELINES = ("per_pair", "structured", "items", "legacy")
 
 
 def pipeline_text(name, model):
-    """The pipeline file ``name`` for ``model`` (module docstring)."""
+    """The pipeline file ``name`` for ``model`` (module docstring): a ceiling mode's fused pipeline
+    (jizhi/tools/ceiling.py, ``mode_pipeline``), served with the shipped plan's pool, batch and wait."""
     if name == "legacy":
-        return (f'name = "legacy"\nmodel = "{model}"\nversion = "latest"\non_unknown = "default"\n\n'
-                '[[stage]]\nname = "legacy"\nprocessor = "legacy_scorer"\npool = 2\nbatch = 1\n')
-    lines = [f'name = "{name}"', f'model = "{model}"', 'version = "latest"', 'on_unknown = "default"']
-    if name == "per_pair":
-        lines.append("structured = false")
-    stages = (("reader", "data_reader", []), ("features", "feature_processor", []),
-              ("cube", "cube_accessor", ["item_rows = true"] if name == "items" else []),
-              ("dnn", "model_inference", ["item_cache = true"] if name == "items" else []),
-              ("rank", "ranker", []))
-    for i, (stage, processor, options) in enumerate(stages):
-        lines += ["", "[[stage]]", f'name = "{stage}"', f'processor = "{processor}"', *options]
-        if i + 1 < len(stages):
-            lines.append(f'next = ["{stages[i + 1][0]}"]')
-    lines += ["", "[[fuse]]", 'name = "scorer"', 'stages = ["reader", "features", "cube", "dnn", "rank"]',
-              "pool = 2", "batch = 8", "batch_wait_ms = 3"]
-    return "\n".join(lines) + "\n"
+        return Pipeline("legacy", model).stage("legacy", "legacy_scorer", pool=2, batch=1).toml()
+    return mode_pipeline(name, model, name, pool=2, batch=8, batch_wait_ms=3).toml()
 
 
 def bench(args, out_json, cwd):

@@ -132,11 +132,14 @@ class Bypass:
         self.always_on = bool(always_on)
         self.warmup = min(int(capacity), 4 * self.eval_candidates)   # candidates that warm the table in full use
         self.on = bool(always_on or start_on)
-        # candidates to look up before the next judgement (bypassed: the sample warms its share of the table)
-        self.warming = self.warmup if self.on else self.warmup // int(self.sample_users)
+        self.warming = self._warmup()          # candidates to look up before the next judgement
         self._zero()
         self.hit_ratio = self.saved_us = self.cost_us = None
         self.judgements = self.switches = 0
+
+    def _warmup(self):
+        """Candidates that warm the part of the table now in use (bypassed: the sample's share of it)."""
+        return self.warmup if self.on else self.warmup // int(self.sample_users)
 
     def _zero(self):
         self.looked = self.hits = self.narrowed = self.computed = 0
@@ -207,10 +210,9 @@ class Bypass:
             why += f"; under {'' if over == 1 else f'{over:g} x '}qcache.min_hit_ratio {100 * self.min_hit_ratio:g}%"
         if self.on:
             log.info("query cache on again: %s", why)
-            self.warming = self.warmup
         else:
             log.info("query cache bypassed: %s; 1 in %d users still uses it", why, self.sample_users)
-            self.warming = self.warmup // int(self.sample_users)
+        self.warming = self._warmup()
 
 
 class QueryCache(Stage):

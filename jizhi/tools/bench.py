@@ -366,7 +366,8 @@ def cpu_report(by_kind, generator_s, wall_s, answered, pipeline):
 @click.option("--ceiling-mode", "ceiling_mode", metavar="MODES",
               help="--ceiling: the pipelines to measure the model in, comma-separated, each in turn: per_pair "
                    "(structured = false: every stage per pair, as a generic server), structured (the user part "
-                   "once per request), items (structured + the dnn's item_cache). Default: structured.")
+                   "once per request), items (structured + the item part once per version: the cube's item_rows, the dnn's "
+                   "item_cache). Default: structured.")
 @click.option("--max-other-cores", type=click.FloatRange(min=0), default=None,
               help="A shared machine: before each point wait until other processes use at most this many cores, "
                    "and run a failed point again when they used more while it ran.")

@@ -78,18 +78,25 @@ def parse_modes(text):
     return modes
 
 
+def mode_pipeline(name, model, mode, version="latest", pool=1, batch=8, batch_wait_ms=0):
+    """The fused pipeline (a ``jizhi.pipeline.Pipeline``) that serves ``model`` in ``mode`` (``MODES``):
+    what the ceiling compiles, and what docs/run-cost-account.py serves beside it."""
+    from jizhi.pipeline import Pipeline
+    check_mode(mode)
+    structured, dnn_options, cube_options = MODES[mode]
+    p = Pipeline(name, model=model, version=version, on_unknown="default")
+    p.doc["structured"] = structured
+    p.front(["dnn"]).stage("dnn", "model_inference", next=["rank"], **dnn_options).stage("rank", "ranker")
+    next(st for st in p.doc["stage"] if st["name"] == "cube").update(cube_options)
+    return p.fuse("scorer", [name for name, _ in STAGES], pool=pool, batch=batch, batch_wait_ms=batch_wait_ms)
+
+
 def stage_configs(bundle, mode):
     """``{stage name: config}``: what ``compile_pipeline`` gives the five stages of the fused
     pipeline ``mode`` names, on ``bundle``'s version (``<models>/<name>/<version>``).
     Raises ValueError for an unknown mode or a version the compiler cannot find there."""
-    from jizhi.pipeline import Pipeline, compile_pipeline
-    check_mode(mode)
-    structured, dnn_options, cube_options = MODES[mode]
-    p = Pipeline(f"ceiling_{mode}", model=bundle.name, version=bundle.version, on_unknown="default")
-    p.doc["structured"] = structured
-    p.front(["dnn"]).stage("dnn", "model_inference", next=["rank"], **dnn_options).stage("rank", "ranker")
-    next(st for st in p.doc["stage"] if st["name"] == "cube").update(cube_options)
-    p.fuse("scorer", [name for name, _ in STAGES])
+    from jizhi.pipeline import compile_pipeline
+    p = mode_pipeline(f"ceiling_{mode}", bundle.name, mode, version=bundle.version)
     models_dir = bundle.path.parent.parent
     try:
         plan = compile_pipeline(p.doc, models_dir)

@@ -27,7 +27,7 @@ server CPU us per request at the max, and max pairs/s cached / uncached; writes 
 
     python docs/run-qcache-bench.py --out /tmp/jizhi-qcache [--duration 15] [--precision 0.1] [--max-points 7]
                                     [--requests 20000] [--traces little,jizhi] [--bundle MODELS/demo/1]
-                                    [--extra '[qcache]\\nbypass = "off"\\n']
+                                    [--extra '[qcache]\\nbypass = "off"\\n'] [--item-part per-candidate]
 
 With the defaults a full run takes about 15 minutes on 2 cores: the bundle and the traces (2 min), two jizhid
 starts, four find-max runs of at most 7 points of 15 s.
@@ -109,13 +109,22 @@ def make_traces(bundle, out, requests, window, overlap, target, seed=3):
     return {"little": (little, r0), "jizhi": (path, r)}
 
 
-def pipeline_files(out):
-    """demo_cached as shipped, and ``uncached``: the same without its query_cache stage."""
+def pipeline_files(out, item_part="once"):
+    """demo_cached as shipped, and ``uncached``: the same without its query_cache stage. ``item_part``
+    "per-candidate": both without the item part once per version (the cube's ``item_rows``, the dnn's
+    ``item_cache``), so a candidate costs what `demo.toml`'s structured pipeline makes it cost."""
     import tomllib
     from jizhi.tomlw import toml_text
     src = os.path.join(ROOT, "etc", "pipelines", "demo_cached.toml")
     with open(src, "rb") as f:
         doc = tomllib.load(f)
+    if item_part == "per-candidate":
+        for st in doc["stage"]:
+            st.pop("item_rows", None)
+            st.pop("item_cache", None)
+        src = os.path.join(out, CACHED + ".toml")
+        with open(src, "w") as f:
+            f.write(toml_text(doc))
     cache = [st["name"] for st in doc["stage"] if st["processor"] == "query_cache"]
     doc["name"] = UNCACHED
     doc["stage"] = [st for st in doc["stage"] if st["name"] not in cache]
@@ -220,6 +229,9 @@ def main():
                         help="a shared machine: passed to jizhictl bench (wait for quiet, re-run disturbed points)")
     parser.add_argument("--extra", default="", help="TOML appended to jizhid's config (\\n for new lines)")
     parser.add_argument("--port", type=int, default=5596)
+    parser.add_argument("--item-part", choices=("once", "per-candidate"), default="once",
+                        help="once: demo_cached as shipped (item_rows, item_cache); per-candidate: both pipelines "
+                        "without them (a candidate costs about twice as much: what a hit saves)")
     args = parser.parse_args()
     out = os.path.realpath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -233,7 +245,7 @@ def main():
             init_demo(os.path.join(out, "demo"), progress=False)
     args.bundle = os.path.realpath(args.bundle)
     traces = make_traces(args.bundle, out, args.requests, args.window_requests, args.overlap, args.repeat)
-    files = pipeline_files(out)
+    files = pipeline_files(out, args.item_part)
     results = {}
     for name in (t for t in args.traces.split(",") if t):
         results[name] = run_trace(args, name, traces[name][0], files, out)

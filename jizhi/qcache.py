@@ -354,8 +354,8 @@ def _store(region, users, offsets, items, score_bits, version, epochs_in, now_ms
         user = users[r]
         ve = version | (np.uint64(epochs_in[r]) << _S32)
         for i in range(offsets[r], offsets[r + 1]):
-            if i + AHEAD < n:
-                _prefetch_set(flat, set_words, sets[i + AHEAD])
+            if i + AHEAD < n and (not use_mask or mask[i + AHEAD]):
+                _prefetch_set(flat, set_words, sets[i + AHEAD])     # (not the sets of masked candidates)
             if use_mask and not mask[i]:
                 continue
             item = items[i]

@@ -159,6 +159,18 @@ def test_the_narrowing_counts_per_candidate_of_the_batches_narrowed_and_the_floo
     assert floor.on
 
 
+def test_a_bypassed_cache_spreads_its_whole_batch_work_over_the_batch_not_over_the_sample():
+    """While bypassed only the sampled users look up; the numpy work around the kernels runs over every
+    candidate of the batch, as in full use: per candidate of the batch, so the estimate is full use's."""
+    from jizhi.workers.query_cache import Bypass
+    b = Bypass(sample_users=8, eval_candidates=500)
+    # A batch of 4,000 candidates, 500 of them looked up: kernels 0.2 us each, 400 us of numpy around them.
+    b.observe(500, 100, cost_s=(500 * 0.2 + 400) * US, computed=400, down_s=400 * 3.0 * US,
+              kernel_s=500 * 0.2 * US, batched=4000)
+    assert b.judgements == 1 and round(b.cost_us, 6) == 0.3            # 0.2 + 400 / 4,000, not 0.2 + 400 / 500
+    assert b.on                                                         # 20 % x 3 us = 0.6 > 1.5 x 0.3
+
+
 def test_the_bypass_judges_after_warming_never_without_a_saving_measured_and_never_when_off():
     from jizhi.workers.query_cache import Bypass
     b = Bypass(sample_users=4, eval_candidates=100, capacity=1000, start_on=True)

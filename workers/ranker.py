@@ -50,6 +50,8 @@ class Ranker(Stage):
         account = batch.qcache
         if account is not None:
             account.arrive(t0)
+            if not account.looked:
+                return score, keep      # nobody in this batch used the cache: no hit, nothing to store
         share = batch.columns.get("qc_share")
         if share is None:
             share = np.ones(batch.n_requests, np.int32)
@@ -62,8 +64,11 @@ class Ranker(Stage):
                 fresh &= keep
             if fresh.any():
                 # One share per batch (the query_cache stage decides it per batch).
+                k0 = time.thread_time()
                 self.cache.store(self.writer, batch.users, batch.offsets, batch["item_ids"], score,
                                  self.key, batch["qc_epoch"], mask=fresh, share=int(share.max()))
+                if account is not None:
+                    account.kernel_s += time.thread_time() - k0
         if hit.any():
             if keep is not None:
                 keep = keep | hit

@@ -3,7 +3,7 @@
 jizhictl sits below the tools: ``jizhi.ctl`` never imports ``jizhi.tools``.
 This module is the one place the two meet. It adds the tools' commands to
 the ctl's group and subgroups: ``bench``, ``bench-reload``, ``bench-shape``
-and ``tune`` (each defined by its tool), the ``demo`` group, ``import``,
+and ``tune`` (each defined by its tool), the ``demo`` and ``profiles`` groups, ``import``,
 ``shed train`` and ``cube bench`` (defined here). ``bin/jizhictl`` runs
 ``main``: the whole CLI. The tools' heavy modules (numba, onnx,
 onnxruntime) are imported by the command that runs them, so jizhictl starts
@@ -240,6 +240,73 @@ def import_command(model, fields_path, out_dir, name, version, profiles_dir, use
         raise refused(str(e))
 
 
+# -- profiles -----------------------------------------------------------------
+
+@click.group()
+def profiles():
+    """User and item profiles: build a snapshot from a team's files."""
+
+
+@profiles.command("build")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="A model version directory: its manifest says the fields, their kinds, max_len, tables and hashing.")
+@click.option("--users", type=click.Path(dir_okay=False), default=None,
+              help="The users' file: .parquet, .csv, .jsonl or .npz, one row per user.")
+@click.option("--items", type=click.Path(dir_okay=False), default=None,
+              help="The items' file: .parquet, .csv, .jsonl or .npz, one row per item.")
+@click.option("--spec", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TOML: the id and dense columns, and per field its column, first_row, missing values and "
+                   "CSV separator (default: columns named as the fields, values already raw).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="The snapshot directory to write (users/, items/, profiles.toml); must not exist.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Rows read and checked at a time (memory stays bounded for any file size).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def profiles_build(model_dir, users, items, spec, out, chunk_rows, force, quiet):
+    """Build a profile snapshot from Parquet, CSV, JSON lines or numpy .npz files.
+
+    Each file has one row per entity: an id column and one column per field
+    of the model (a bag is a list column; in CSV a cell of values separated
+    by the field's sep), the users' file also the dense features. The
+    team's values are mapped to the model's raw values as the spec declares
+    (first_row: the value of the table's first row; missing: the values
+    that mean missing). Every row is checked; the first bad one stops the
+    build with its file, line or row, column and reason, and nothing is
+    written. The result is the columnar snapshot of docs/formats.md:
+    copy it into a version's profiles/ or give it to jizhictl import
+    --profiles.
+
+    \b
+    SPEC.toml, for example:
+      [users]
+      id = "user_id"
+      dense = ["age", "ctr_7d"]        # or one list column: dense = "dense"
+      [users.fields.u_city]
+      column = "city"
+      first_row = 0                    # the team's rows start at 0
+      missing = [-1]
+      [items.fields.i_tags]
+      sep = "|"                        # CSV: "3|17|42"
+
+    \b
+    Example:
+      jizhictl profiles build --model models/dlrm/1 --users users.parquet \\
+          --items items.csv --spec spec.toml --out snapshots/2026-12-07
+
+    Exit codes: 0 built; 2 usage error or a bad input (one line names it).
+    """
+    from jizhi.ctl.progress import ProgressBar
+    from jizhi.tools.profilebuild import build_profiles
+    try:
+        rows = build_profiles(model_dir, out, users=users, items=items, spec=spec, chunk_rows=chunk_rows,
+                              progress=None if quiet else (lambda label, total: ProgressBar(label, total, True)),
+                              force=force)
+    except BundleError as e:
+        raise refused(str(e))
+    click.echo(f"built {out}: " + ", ".join(f"{rows[k]:,} {k}" for k in ("users", "items") if k in rows))
+
+
 # -- shed train, cube bench: subcommands of the ctl's groups -----------------------
 
 @click.command("train")
@@ -328,6 +395,7 @@ def cube_bench(cube_dir, bundle, batch, duration_s, repeats, key_draw, trace_pat
 
 cli.add_command(demo)
 cli.add_command(import_command, "import")
+cli.add_command(profiles)
 cli.add_command(bench_command, "bench")
 cli.add_command(bench_reload_command, "bench-reload")
 cli.add_command(shape_command, "bench-shape")

@@ -30,12 +30,14 @@ Segment layout (little-endian; offsets in bytes)
 ------------------------------------------------
 ::
 
-    0     header     uint64[16]  magic "JZQCACHE", layout, writers,
+    0     header     uint64[64]  magic "JZQCACHE", layout, writers,
                                  slots_per_writer, ways, epoch_buckets,
                                  window_ms, time base (time.monotonic_ns()
                                  of the creator), epochs offset, slots
-                                 offset, words per slot
-    128   epochs     uint32[epoch_buckets]       (padded to 64 bytes)
+                                 offset, words per slot; from word 16,
+                                 each pipeline's mode (bypassed or on,
+                                 for all its workers: H_MODES)
+    512   epochs     uint32[epoch_buckets]       (padded to 64 bytes)
     ...   slots      uint64[writers, sets, ways, 6]   sets = slots / ways
 
 A slot is six words (48 bytes; with 4 or 8 ways a set starts on a cache line)::
@@ -102,8 +104,8 @@ from numba.extending import intrinsic
 from jizhi import shm
 
 MAGIC = int.from_bytes(b"JZQCACHE", "little")
-LAYOUT = 1
-HEADER_WORDS = 16
+LAYOUT = 2
+HEADER_WORDS = 64
 SLOT_WORDS = 6
 DEFAULT_WAYS = 4
 DEFAULT_EPOCH_BUCKETS = 1 << 16
@@ -112,6 +114,11 @@ DEFAULT_WINDOW_MS = 120_000
 # Header word indexes.
 H_MAGIC, H_LAYOUT, H_WRITERS, H_SLOTS, H_WAYS, H_EPOCH_BUCKETS = 0, 1, 2, 3, 4, 5
 H_WINDOW_MS, H_TIME_BASE_NS, H_EPOCHS_OFFSET, H_SLOTS_OFFSET, H_SLOT_WORDS = 6, 7, 8, 9, 10
+# Words H_MODES.. of the header: whether every user uses the cache or a sample does (workers/query_cache.py,
+# Bypass), one word per pipeline and version set (its uint32 key | mode << 32; 0: free), shared by that
+# pipeline's workers: a worker's full use finds only what the others stored.
+H_MODES = 16
+MODE_BYPASSED, MODE_ON = 1, 2
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -474,6 +481,30 @@ class QueryCache:
         """Drop this process's mapping (the segment stays; the supervisor unlinks it)."""
         self.header = self.epochs = self.slots = None
         self.mm.close()
+
+    def mode_slot(self, key, mode):
+        """The header word of ``key`` 's mode (claimed with ``mode`` if no word holds the key yet), or None
+        when every word is taken (the caller decides alone then). Words are aligned 8-byte words, read and
+        written whole; two processes claiming one free word for two keys leave one of them: the other finds
+        its key gone at its next ``mode_of`` and claims again."""
+        key = (int(key) & 0xFFFFFFFF) or 1
+        words = self.header[H_MODES:]
+        mine = np.flatnonzero((words & np.uint64(0xFFFFFFFF)) == np.uint64(key))
+        if mine.shape[0]:
+            return H_MODES + int(mine[0])
+        free = np.flatnonzero(words == 0)
+        if not free.shape[0]:
+            return None
+        self.header[H_MODES + int(free[0])] = np.uint64(key | (int(mode) << 32))
+        return H_MODES + int(free[0])
+
+    def mode_of(self, slot, key):
+        """The mode in word ``slot`` if it still holds ``key``, else 0."""
+        w = int(self.header[slot])
+        return w >> 32 if (w & 0xFFFFFFFF) == ((int(key) & 0xFFFFFFFF) or 1) else 0
+
+    def set_mode(self, slot, key, mode):
+        self.header[slot] = np.uint64(((int(key) & 0xFFFFFFFF) or 1) | (int(mode) << 32))
 
     def now_ms(self):
         """Milliseconds since the segment's time base (one clock for every process)."""

@@ -171,6 +171,44 @@ def test_a_bypassed_cache_spreads_its_whole_batch_work_over_the_batch_not_over_t
     assert b.on                                                         # 20 % x 3 us = 0.6 > 1.5 x 0.3
 
 
+def test_a_pipelines_workers_share_one_mode_and_another_pipeline_keeps_its_own(tmp_path):
+    """A worker alone in full use would find only its own stores: one worker's switch is every worker's of
+    the same pipeline (the segment's mode word), from their next batch; a worker started later takes it."""
+    import os
+    from jizhi import qcache
+    from jizhi.workers.query_cache import QueryCache as Stage
+    name = f"jizhi.test-qmode-{os.getpid()}"
+    spec = qcache.init(name, writers=2, slots_per_writer=1024)
+    try:
+        bundle = type("B", (), {"name": "demo", "version": 1})()
+        conf = {"_qcache": dict(spec, sample_users=4, eval_candidates=100)}
+
+        def worker(pipeline):
+            w = Stage()
+            w.setup(dict(conf, _pipeline=pipeline), bundle)
+            return w
+        a, b, other = worker("p"), worker("p"), worker("q")
+        assert not a.bypass.on and not b.bypass.on and not other.bypass.on
+        _batch(a.bypass, a.bypass.warming, 0, cost_us=0.1, saved_us=3.0)   # (warms the sample's share first)
+        _batch(a.bypass, 100, 40, cost_us=0.1, saved_us=3.0)        # pays: a switches on
+        assert a.bypass.on
+        a.settle()                                                  # a publishes
+        b.settle()                                                  # b follows at its next batch
+        assert b.bypass.on and b.bypass.switches == 1
+        other.settle()
+        assert not other.bypass.on                                  # pipeline q: its own word
+        late = worker("p")                                          # a restarted worker takes the state
+        assert late.bypass.on
+        _batch(b.bypass, b.bypass.warming, 0, cost_us=0.1, saved_us=3.0)
+        _batch(b.bypass, 100, 0, cost_us=0.1, saved_us=3.0)         # b judges it does not pay
+        b.settle()
+        a.settle()
+        late.settle()
+        assert not a.bypass.on and not late.bypass.on
+    finally:
+        os.unlink(f"/dev/shm/{name}")
+
+
 def test_the_bypass_judges_after_warming_never_without_a_saving_measured_and_never_when_off():
     from jizhi.workers.query_cache import Bypass
     b = Bypass(sample_users=4, eval_candidates=100, capacity=1000, start_on=True)

@@ -20,10 +20,11 @@ and deduplicates only the misses it sends to the slower levels.
 import numpy as np
 from numba import njit
 
-from jizhi.bundle import Profiles, parse_default_vector
+from jizhi.bundle import parse_default_vector
 from jizhi.cube.signature import sign
 from jizhi.cube.store import open_cube
 from jizhi.errors import BundleError
+from jizhi.profilestore import profiles as store_profiles
 
 # default_vectors: raw values looked up per step when a table is enumerated (bounded memory).
 TABLE_CHUNK = 1 << 18
@@ -167,7 +168,7 @@ def _profile_values(bundle, hash_id, profiles):
         if f.hash_id != hash_id:
             continue
         if f.side not in profiles:
-            profiles[f.side] = Profiles(bundle, f.side)
+            profiles[f.side] = store_profiles(bundle, f.side)
         col = profiles[f.side].cols[f.name]
         if f.kind == "onehot":
             col = np.asarray(col)

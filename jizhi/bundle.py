@@ -131,6 +131,13 @@ class Bundle:
         self.user_sums = np.array([f.pooling == "sum" for f in self.user_fields], dtype=np.bool_)
         self.item_sums = np.array([f.pooling == "sum" for f in self.item_fields], dtype=np.bool_)
         self.files = m.get("files", [])
+        # [profiles] store = DIR: the version reads a profile store's snapshots (jizhi/profilestore.py), not its
+        # own profiles/; a relative DIR is relative to the models directory (<models>/<name>/<version>).
+        prof = m.get("profiles", {})
+        _checked(isinstance(prof, dict) and set(prof) <= {"store"} and isinstance(prof.get("store", ""), str),
+                 f"{mpath}: [profiles] takes one key, store = \"DIR\" (a profile store's directory)")
+        store = prof.get("store")
+        self.profile_store = None if not store else (self.path.parent.parent / store).resolve()
 
     def verify(self):
         """Check every listed file's size and sha256, and that no file of the version resolves outside its
@@ -283,14 +290,22 @@ def _gather_ragged(values, offsets, rows, known, L, out_vals, out_lens, col):
 class Profiles:
     """The columnar snapshot of one side (users or items), memory-mapped."""
 
-    def __init__(self, bundle, side):
+    def __init__(self, bundle, side, root=None):
+        """``root``: the snapshot directory (``users/``, ``items/``); default the version's own ``profiles/``
+        (a version that reads a profile store has none: jizhi/profilestore.py's ``source`` opens its snapshot)."""
         self.bundle = bundle
         self.side = side
-        d = bundle.path / "profiles" / (side + "s")
+        if root is None:
+            if bundle.profile_store is not None:
+                raise BundleError(f"{bundle.path} reads profile store {bundle.profile_store}: open its snapshot "
+                                  "with jizhi.profilestore.source(bundle)")
+            root = bundle.path / "profiles"
+        self.root = Path(root)
+        d = self.root / (side + "s")
         try:
             self.ids = np.asarray(np.load(d / "ids.npy", mmap_mode="r"))
         except FileNotFoundError:
-            raise BundleError(f"{bundle.path}: no {side} profiles (profiles/{side}s/ids.npy)")
+            raise BundleError(f"{self.root}: no {side} profiles ({side}s/ids.npy)")
         self.fields = bundle.user_fields if side == "user" else bundle.item_fields
         self.cols = {}
         for f in self.fields:

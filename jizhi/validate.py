@@ -56,10 +56,11 @@ import time
 
 import numpy as np
 
-from jizhi.bundle import Bundle, Profiles
+from jizhi.bundle import Bundle
 from jizhi.cube.pooling import default_vectors, table_is_bounded
 from jizhi.cube.store import open_cube
 from jizhi.errors import BundleError
+from jizhi.profilestore import profiles as store_profiles
 from jizhi.workers.cube_accessor import CubeAccessor
 from jizhi.workers.data_reader import DataReader
 from jizhi.workers.feature_processor import FeatureProcessor
@@ -171,9 +172,11 @@ def _required_files(bundle):
     """Paths the workers map, which the manifest must therefore list."""
     if bundle.head:
         return [bundle.manifest.get("onnx", {}).get("file", "dense.onnx")]
-    required = [bundle.manifest.get("onnx", {}).get("file", "dense.onnx"), "cube/data.mdb",
-                "profiles/users/ids.npy", "profiles/users/dense.npy",
-                "profiles/items/ids.npy", "profiles/items/sigs.npy", "profiles/items/sig_lens.npy"]
+    required = [bundle.manifest.get("onnx", {}).get("file", "dense.onnx"), "cube/data.mdb"]
+    if bundle.profile_store is not None:
+        return required         # its profiles are a store's snapshots, checked by profilestore.fits
+    required += ["profiles/users/ids.npy", "profiles/users/dense.npy",
+                 "profiles/items/ids.npy", "profiles/items/sigs.npy", "profiles/items/sig_lens.npy"]
     for f in bundle.user_fields + bundle.item_fields:
         directory = f"profiles/{f.side}s/"
         if f.kind == "onehot":
@@ -283,9 +286,16 @@ class _Checks:
         b = self.bundle
         cube = open_cube(b.cube_path, b.dim)
         bounded = {}        # (table, vocab) -> whether vocab bounds its raw values
+        if b.profile_store is not None:
+            from jizhi.profilestore import newest_fitting
+            found, refused = newest_fitting(b.profile_store, b)
+            if found is None:
+                _fail(f"{b.path}/manifest.toml: [profiles] store = {str(b.profile_store)!r}: no snapshot there fits "
+                      f"this version (" + ("; ".join(f"snapshot {n}: {w}" for n, w in refused)
+                                           or "no complete snapshot") + ")")
         for side in ("user", "item"):
-            p = Profiles(b, side)
-            where = f"{b.path}/profiles/{side}s"
+            p = store_profiles(b, side)
+            where = f"{p.root}/{side}s"
             ids = p.ids
             if ids.dtype != np.uint64 or ids.ndim != 1 or ids.shape[0] == 0:
                 _fail(f"{where}/ids.npy is {ids.dtype} {ids.shape}, expected a non-empty uint64 [R]")
@@ -366,7 +376,7 @@ class _Checks:
             self._smoke_head()
             return
         b = self.bundle
-        user_ids, item_ids = (Profiles(b, side).ids for side in ("user", "item"))
+        user_ids, item_ids = (store_profiles(b, side).ids for side in ("user", "item"))
         if item_ids.shape[0] > SMOKE_MAX_ITEMS:
             item_ids = item_ids[np.linspace(0, item_ids.shape[0] - 1, SMOKE_MAX_ITEMS).astype(np.int64)]
         n_items, n_users = item_ids.shape[0], user_ids.shape[0]
@@ -408,7 +418,7 @@ class _Checks:
         if bad:
             onnx_file = os.path.relpath(b.onnx_path, b.path)
             _fail(f"{bad} of {n_items} smoke scores are not finite (NaN or inf); {onnx_file} on every item of "
-                  f"the catalogue{'' if n_items == Profiles(b, 'item').ids.shape[0] else ' (an even sample)'}, "
+                  f"the catalogue{'' if n_items == store_profiles(b, 'item').ids.shape[0] else ' (an even sample)'}, "
                   f"{per} to a user; the first: user {example[0]}, item {example[1]}")
 
     def _smoke_head(self):

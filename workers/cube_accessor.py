@@ -31,7 +31,7 @@ import numpy as np
 from jizhi.cube.hot import TieredStore
 from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.store import open_cube
-from jizhi.bundle import Profiles
+from jizhi.profilestore import profiles as store_profiles, source as profile_source
 from jizhi.stats import (C_DISK_HITS, C_HOT_GEN, C_HOT_HITS, C_LOOKUPS, C_REMOTE_DEGRADED, C_REMOTE_KEYS,
                          C_REMOTE_TRIPS)
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
@@ -54,8 +54,8 @@ class ItemRows:
     """Every item's pooled embeddings f32[items, F_item, D] and missing-signature counts, pooled once from
     ``store`` (the module docstring, ``item_rows``); ValueError when larger than ``max_mb``."""
 
-    def __init__(self, bundle, store, sums, defaults, max_mb, chunk=8192):
-        self.items = Profiles(bundle, "item")
+    def __init__(self, bundle, store, sums, defaults, max_mb, chunk=8192, items=None):
+        self.items = store_profiles(bundle, "item") if items is None else items
         n, f, dim = int(self.items.ids.shape[0]), len(bundle.item_fields), bundle.dim
         self.mb = n * f * dim * 4 / 2**20
         if self.mb > max_mb:
@@ -120,27 +120,41 @@ class CubeAccessor(Stage):
         self.store = TieredStore(lower, config.get("_hot"))
         self.store.refresh()
         self.item_rows = None
+        self._rows_args = None
         on, max_mb = item_rows_option(config)
         if on and self.levels is not None:
             log.warning("item_rows: not with a remote cube (a shard down while the rows are built would fix "
                         "default vectors into them); pooling item bags per batch")
         elif on:
-            try:
-                # From the cube itself, not through the hot tier: its lookup counters (the hit ratio the
-                # supervisor reads) count requests' lookups only.
-                self.item_rows = ItemRows(bundle, lower, bundle.item_sums, self.defaults[1], max_mb)
-            except ValueError as e:
-                log.warning("item_rows: %s; pooling item bags per batch", e)
-            else:
-                r = self.item_rows
-                log.info("item_rows: %d items' pooled embeddings in %.0f MiB, built in %.2f s",
-                         r.table.shape[0], r.mb, r.build_s)
+            self._rows_args = (bundle, lower, bundle.item_sums, self.defaults[1], max_mb)
+            self.profiles = profile_source(bundle)
+            self.profiles.register(self)
+            self._build_item_rows()
+
+    def _build_item_rows(self):
+        """The item rows of the profiles' current snapshot (again after a switch: jizhi/profilestore.py)."""
+        self.rows_generation = self.profiles.items_generation
+        try:
+            # From the cube itself, not through the hot tier: its lookup counters (the hit ratio the
+            # supervisor reads) count requests' lookups only.
+            self.item_rows = ItemRows(*self._rows_args, items=self.profiles.items)
+        except ValueError as e:
+            self.item_rows = None
+            log.warning("item_rows: %s; pooling item bags per batch", e)
+        else:
+            r = self.item_rows
+            log.info("item_rows: %d items' pooled embeddings in %.0f MiB, built in %.2f s (profile snapshot %d)",
+                     r.table.shape[0], r.mb, r.build_s, self.profiles.snapshot)
 
     def attach_sampler(self, ring, pos):
         self.store.attach_sampler(ring, pos)
 
     def batch_boundary(self):
         self.store.refresh()
+        if self._rows_args is not None:
+            self.profiles.poll(self)
+            if self.profiles.items_generation != self.rows_generation:
+                self._build_item_rows()
 
     def report(self, counters):
         counters[C_LOOKUPS] = self.store.lookups

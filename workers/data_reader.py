@@ -15,12 +15,17 @@ vector) and counted in the reply as ``unknown_user`` (0 or 1).
 
 The user's recent behaviour from ``feedback`` (the online overlay,
 jizhi/overlay.py) is merged over the snapshot's history field here.
+
+A version that reads a profile store (``[profiles] store``) reads its newest
+snapshot that fits, switched at batch boundaries (jizhi/profilestore.py);
+each request counts the snapshot it read as ``profile_snapshot``, which the
+reply carries.
 """
 import numpy as np
 
-from jizhi.bundle import Profiles
 from jizhi.errors import BAD_REQUEST
 from jizhi.overlay import Overlay
+from jizhi.profilestore import source as profile_source
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 ON_UNKNOWN = ("default", "drop", "reject")
@@ -45,11 +50,26 @@ class DataReader(Stage):
     def setup(self, config, bundle):
         self.on_unknown = config.get("on_unknown", "default")
         self.per_pair = bool(config.get("per_pair"))
-        self.users = Profiles(bundle, "user")
-        self.items = Profiles(bundle, "item")
+        # The version's profiles: its own, or a profile store's current snapshot (jizhi/profilestore.py),
+        # switched at a batch boundary (this stage polls the store when it is the version's first reader).
+        self.source = profile_source(bundle)
+        self.source.register(self)
         self.overlay = Overlay.attach(config.get("_overlay"))
 
+    def batch_boundary(self):
+        self.source.poll(self)
+
+    @property
+    def users(self):
+        return self.source.users
+
+    @property
+    def items(self):
+        return self.source.items
+
     def process(self, batch):
+        if self.source.store is not None:
+            batch.count("profile_snapshot", np.full(batch.n_requests, self.source.snapshot, dtype=np.int64))
         urows, uknown = self.users.rows(batch.users)
         batch.count("unknown_user", ~uknown)
         users = batch.users

@@ -11,11 +11,11 @@ different kernels.
 """
 import numpy as np
 
-from jizhi.bundle import Profiles
 from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.signature import sign_padded
 from jizhi.cube.store import open_cube
 from jizhi.overlay import Overlay
+from jizhi.profilestore import source as profile_source
 from jizhi.workers.model_inference import open_session
 from jizhi.workers.ranker import SINK_OUTPUTS, rank
 from jizhi.workers.stage import Stage
@@ -28,15 +28,28 @@ class LegacyScorer(Stage):
 
     def setup(self, config, bundle):
         self.bundle = bundle
-        self.users = Profiles(bundle, "user")
-        self.items = Profiles(bundle, "item")
+        self.source = profile_source(bundle)     # its own profiles, or a store's snapshot (jizhi/profilestore.py)
+        self.source.register(self)
         self.cube = open_cube(bundle.cube_path, bundle.dim)
         self.defaults = [default_vectors(bundle, "user"), default_vectors(bundle, "item")]
         self.session = open_session(bundle.onnx_path)
         self.overlay = Overlay.attach(config.get("_overlay"))
 
+    def batch_boundary(self):
+        self.source.poll(self)
+
+    @property
+    def users(self):
+        return self.source.users
+
+    @property
+    def items(self):
+        return self.source.items
+
     def process(self, batch):
         b = self.bundle
+        if self.source.store is not None:
+            batch.count("profile_snapshot", np.full(batch.n_requests, self.source.snapshot, dtype=np.int64))
         scores, unknown, missing = [], [], []
         for i in range(batch.n_requests):
             a, e = batch.offsets[i], batch.offsets[i + 1]

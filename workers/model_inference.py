@@ -59,6 +59,7 @@ from jizhi.cube.store import open_cube
 from jizhi.graph.itemside import ItemTable, split_items
 from jizhi.graph.session import session_options
 from jizhi.graph.structured import structure, unstructure
+from jizhi.profilestore import source as profile_source
 from jizhi.workers.stage import CANDIDATE, Output, Stage
 
 
@@ -155,6 +156,7 @@ class ModelInference(Stage):
         else:
             logging.getLogger("jizhi.worker").info("structured features %s", mode)
         self.item_table = None
+        self._table_args = None
         if item_cache(config) and mode == "on":
             model = self._item_table(model, bundle, config)
         elif item_cache(config):
@@ -179,8 +181,11 @@ class ModelInference(Stage):
         try:
             items = ort.InferenceSession(split.items.SerializeToString(), sess_options=session_options(),
                                          providers=["CPUExecutionProvider"])
-            self.item_table = ItemTable(bundle, split, items, functools.partial(_pool_items, bundle),
-                                        max_mb=item_cache_mb(config))
+            self.profiles = profile_source(bundle)
+            self.profiles.register(self)
+            self._table_args = (bundle, split, items, functools.partial(_pool_items, bundle), item_cache_mb(config))
+            self.table_generation = self.profiles.items_generation
+            self.item_table = ItemTable(*self._table_args[:4], max_mb=self._table_args[4], items=self.profiles.items)
         except Exception as e:  # a head bundle (no profiles, no cube), a table too large, ...: serve without
             log.warning("item_cache: no item table for %s (%s: %s); running without it", bundle.onnx_path,
                         type(e).__name__, e)
@@ -190,6 +195,18 @@ class ModelInference(Stage):
         log.info("item_cache: %d items x %d floats (%s) in %.0f MiB, built in %.2f s", t.tables[0].shape[0],
                  split.floats_per_item, ", ".join(t.names), t.mb, t.build_s)
         return split.serving
+
+    def batch_boundary(self):
+        """A new profile snapshot (jizhi/profilestore.py): the item table of its items, built again."""
+        if self.item_table is None or self._table_args is None:
+            return
+        self.profiles.poll(self)
+        if self.profiles.items_generation == self.table_generation:
+            return
+        self.table_generation = self.profiles.items_generation
+        self.item_table = ItemTable(*self._table_args[:4], max_mb=self._table_args[4], items=self.profiles.items)
+        logging.getLogger("jizhi.worker").info("item_cache: item table of profile snapshot %d built in %.2f s",
+                                               self.profiles.snapshot, self.item_table.build_s)
 
     def process(self, batch):
         item_emb = np.ascontiguousarray(batch["item_emb"], dtype=np.float32)

@@ -85,12 +85,12 @@ class Batch:
         # What dropping candidates costs: the query cache weighs it against what its hits save.
         self.narrowed_s = 0.0
         self.qcache = None
-        self._rows = {}         # profile_rows: (bundle path, side) -> (ids array, (rows, known))
+        self._rows = {}         # profile_rows: (snapshot directory, side) -> (ids array, (rows, known))
 
     def profile_rows(self, profiles, ids):
         """``profiles.rows(ids)`` (jizhi/bundle.py), once per batch and ids array: the data reader, the cube
         stage's item rows and the dnn's item table each need the candidates' rows."""
-        key = (str(profiles.bundle.path), profiles.side)
+        key = (str(profiles.root), profiles.side)
         hit = self._rows.get(key)
         if hit is not None and hit[0] is ids:
             return hit[1]

@@ -132,6 +132,8 @@ class Answers:
             pipe.requests.cands = 0.98 * pipe.requests.cands + 0.02 * n
         extra = {"missing_signatures": req.counts.get("missing_signatures", 0), "cached": req.counts.get("cached", 0),
                  "invalid_scores": invalid, "unknown_user": unknown_user}
+        if "profile_snapshot" in req.counts:      # a version reading a profile store: the snapshot it read
+            extra["profile_snapshot"] = int(req.counts["profile_snapshot"])
         if req.ab:
             for router, name in req.ab.items():
                 pipe.ab_stats[router][name]["requests"].add(total_us, pairs)

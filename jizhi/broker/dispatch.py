@@ -322,7 +322,9 @@ class Dispatcher:
                 b.answers.error(req, err[0], err[1] or err[0])
                 continue
             for k, col in counts:
-                req.counts[k] = req.counts.get(k, 0) + col[i]
+                # (a snapshot number is not a count: branches that each read the profiles read the same one)
+                req.counts[k] = max(req.counts.get(k, 0), col[i]) if k == "profile_snapshot" \
+                    else req.counts.get(k, 0) + col[i]
             req.timings.update(svc)
             if group == pipe.sink:
                 b.answers.ok(req)

@@ -47,10 +47,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from jizhi.bundle import Profiles
 from jizhi.graph.canonical import canonicalise
 from jizhi.graph.proto import DOMAINS, ITEM_INPUT, Graph, Writer, assemble, attr, has_subgraph, normalize_axis
 from jizhi.graph.rows import CONST, OTHER, rowwise
+from jizhi.profilestore import profiles as store_profiles
 
 _HEAVY = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "MatMulInteger", "QLinearMatMul"})
 _ITEM = "item"     # the item side's kind, beside rows.CONST and rows.OTHER
@@ -205,10 +205,10 @@ class ItemTable:
     ``chunk``: items pooled and run per step while building.
     """
 
-    def __init__(self, bundle, split, session, pool, max_mb=512, chunk=8192):
+    def __init__(self, bundle, split, session, pool, max_mb=512, chunk=8192, items=None):
         self.split = split
         self.session = session
-        self.items = Profiles(bundle, "item")
+        self.items = store_profiles(bundle, "item") if items is None else items
         n = int(self.items.ids.shape[0])
         mb = n * split.floats_per_item * 4 / 2**20
         if mb > max_mb:

@@ -244,7 +244,7 @@ def import_command(model, fields_path, out_dir, name, version, profiles_dir, use
 
 @click.group()
 def profiles():
-    """User and item profiles: build a snapshot from a team's files."""
+    """User and item profiles: build a snapshot from a team's files, publish it into a store, list a store."""
 
 
 @profiles.command("build")
@@ -257,13 +257,17 @@ def profiles():
 @click.option("--spec", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML: the id and dense columns, and per field its column, first_row, missing values and "
                    "CSV separator (default: columns named as the fields, values already raw).")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
+@click.option("--out", type=click.Path(file_okay=False), default=None,
               help="The snapshot directory to write (users/, items/, profiles.toml); must not exist.")
+@click.option("--store", type=click.Path(file_okay=False), default=None,
+              help="Publish into this profile store instead: the next snapshot STORE/N; a side not given is "
+                   "carried over (hard-linked) from the newest snapshot. Serving versions that read the store "
+                   "switch to it at a batch boundary.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Rows read and checked at a time (memory stays bounded for any file size).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def profiles_build(model_dir, users, items, spec, out, chunk_rows, force, quiet):
+def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force, quiet):
     """Build a profile snapshot from Parquet, CSV, JSON lines or numpy .npz files.
 
     Each file has one row per entity: an id column and one column per field
@@ -301,10 +305,59 @@ def profiles_build(model_dir, users, items, spec, out, chunk_rows, force, quiet)
     try:
         rows = build_profiles(model_dir, out, users=users, items=items, spec=spec, chunk_rows=chunk_rows,
                               progress=None if quiet else (lambda label, total: ProgressBar(label, total, True)),
-                              force=force)
+                              force=force, store=store)
     except BundleError as e:
         raise refused(str(e))
-    click.echo(f"built {out}: " + ", ".join(f"{rows[k]:,} {k}" for k in ("users", "items") if k in rows))
+    what = f"snapshot {rows['snapshot']} of {store} ({rows['path']})" if store else rows["path"]
+    click.echo(f"built {what}: " + ", ".join(f"{rows[k]:,} {k}" for k in ("users", "items") if k in rows))
+
+
+@profiles.command("list")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--models", "models_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A models directory: say which of its versions read the store, and which snapshot each takes.")
+def profiles_list(store, models_dir):
+    """The snapshots of profile store STORE, newest last, and the model versions that read it.
+
+    A version reads a store when its manifest has [profiles] store = "DIR"
+    (a relative DIR: relative to the models directory); it serves the newest
+    snapshot that fits it (the same hashing, fields, kinds, max_len and
+    tables), switching at a batch boundary when a new one is published.
+    """
+    from jizhi.bundle import Bundle
+    from jizhi.profilestore import newest_fitting, read_manifest, snapshots
+    numbers = snapshots(store)
+    if not numbers:
+        raise refused(f"{store}: no complete snapshot (a snapshot is STORE/N with its profiles.toml)")
+    for n in numbers:
+        m = read_manifest(os.path.join(store, str(n)))
+        rows = m.get("rows", {})
+        carried = m.get("carried", {})
+        note = "".join(f", {side} carried over" for side in carried)
+        click.echo(f"{n:>6}  {m.get('built', '?')}  {rows.get('users', 0):,} users, {rows.get('items', 0):,} items"
+                   f"  (built for {m.get('model')} version {m.get('model_version')}{note})")
+    if models_dir is None:
+        return
+    real = os.path.realpath(store)
+    readers = 0
+    for name in sorted(os.listdir(models_dir)):
+        base = os.path.join(models_dir, name)
+        if not os.path.isdir(base):
+            continue
+        for v in sorted((d for d in os.listdir(base) if d.isdigit()), key=int):
+            try:
+                b = Bundle(os.path.join(base, v))
+            except BundleError:
+                continue
+            if b.profile_store is None or os.path.realpath(b.profile_store) != real:
+                continue
+            readers += 1
+            found, refused_ = newest_fitting(b.profile_store, b)
+            took = f"snapshot {found[0]}" if found else "no snapshot fits"
+            click.echo(f"read by {name} version {v}: {took}"
+                       + "".join(f"; snapshot {k} does not fit ({why})" for k, why in refused_))
+    if not readers:
+        click.echo(f"no version in {models_dir} reads this store")
 
 
 # -- shed train, cube bench: subcommands of the ctl's groups -----------------------

@@ -49,6 +49,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import tomllib
 from dataclasses import dataclass, field as dc_field
 
@@ -702,24 +703,44 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def build_profiles(model_dir, out, users=None, items=None, spec=None, chunk_rows=DEFAULT_CHUNK_ROWS, progress=None,
-                   force=False):
+def build_profiles(model_dir, out=None, users=None, items=None, spec=None, chunk_rows=DEFAULT_CHUNK_ROWS,
+                   progress=None, force=False, store=None):
     """Build the snapshot at ``out`` from ``users`` and ``items`` (paths; at least one) for the model version at
-    ``model_dir``; returns ``{"users": rows, "items": rows, "path": out}``. ``progress(label, total)``: a
-    progress bar (``jizhi.ctl.progress.ProgressBar``-like) or None. Raises ``BuildError`` (one line) for bad
-    input; nothing is left at ``out`` then."""
+    ``model_dir``; returns ``{"users": rows, "items": rows, "path": out, "snapshot": N or None}``.
+
+    ``store``: publish into a profile store instead (jizhi/profilestore.py): the snapshot becomes
+    ``<store>/<N>``, N one past the newest; a side not given is carried over from the newest snapshot (its
+    files hard-linked, or copied across file systems), after checking it fits the model.
+    ``progress(label, total)``: a progress bar (``jizhi.ctl.progress.ProgressBar``-like) or None. Raises
+    ``BuildError`` (one line) for bad input; nothing is left at ``out`` (or in the store) then."""
     from jizhi.bundle import Bundle
     from jizhi.cube.pooling import table_is_bounded
     from jizhi.cube.store import open_cube
+    from jizhi.profilestore import field_schema, fits, snapshots
     from jizhi.tomlw import toml_text
     bundle = Bundle(model_dir)
     sources = {s: p for s, p in (("user", users), ("item", items)) if p}
     if not sources:
         raise BuildError("nothing to build: give --users FILE, --items FILE or both")
+    if (out is None) == (store is None):
+        raise BuildError("give one of --out DIR (a snapshot directory) and --store DIR (a profile store)")
     for p in sources.values():
         if not os.path.isfile(p):
             raise BuildError(f"{p}: no such file")
-    if os.path.exists(out) and not force:
+    previous = None
+    if store is not None:
+        os.makedirs(store, exist_ok=True)
+        have = snapshots(store)
+        previous = os.path.join(store, str(have[-1])) if have else None
+        if len(sources) < 2:
+            if previous is None:
+                raise BuildError(f"{store} has no snapshot yet: the first one needs --users and --items")
+            why = fits(previous, bundle)
+            if why is not None:
+                raise BuildError(f"the side not given would be carried over from {previous}, which does not fit "
+                                 f"model {bundle.name} version {bundle.version}: {why}")
+        out = os.path.join(store, str((have[-1] if have else 0) + 1))
+    elif os.path.exists(out) and not force:
         raise BuildError(f"{out} exists (a snapshot is never changed in place: build a new one, or --force)")
     if int(chunk_rows) < 1:
         raise BuildError("--chunk-rows must be >= 1")
@@ -749,6 +770,12 @@ def build_profiles(model_dir, out, users=None, items=None, spec=None, chunk_rows
         rows = {}
         for s in sides.values():
             rows[s.side + "s"] = build_side(s, bundle, incoming, int(chunk_rows), progress)
+        carried = {}
+        for side in ("users", "items"):
+            if side not in rows and previous is not None:
+                _carry(os.path.join(previous, side), os.path.join(incoming, side))
+                rows[side] = int(np.load(os.path.join(incoming, side, "ids.npy"), mmap_mode="r").shape[0])
+                carried[side] = previous
         files = []
         for top, _, names in os.walk(incoming):
             for name in sorted(names):
@@ -756,16 +783,40 @@ def build_profiles(model_dir, out, users=None, items=None, spec=None, chunk_rows
                 files.append({"path": os.path.relpath(full, incoming).replace(os.sep, "/"),
                               "size": os.path.getsize(full), "sha256": _sha256(full)})
         doc = {"format": SNAPSHOT_FORMAT, "model": bundle.name, "model_version": bundle.version,
-               "hash_seed": bundle.hash_seed, "rows": rows,
+               "hash_seed": bundle.hash_seed, "dense_features": bundle.dense_features,
+               "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
                "sources": {k + "s": os.path.abspath(v) for k, v in sources.items()},
-               "files": sorted(files, key=lambda e: e["path"])}
+               "fields": field_schema(bundle), "files": sorted(files, key=lambda e: e["path"])}
+        if carried:
+            doc["carried"] = carried
         with open(os.path.join(incoming, "profiles.toml"), "w") as f:
             f.write("# Written by jizhictl profiles build, last: the files below are complete.\n" + toml_text(doc))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(incoming, out)
+        if store is None:
+            if os.path.exists(out):
+                shutil.rmtree(out)
+            os.rename(incoming, out)
+        else:
+            while True:         # another build published N meanwhile: take the next number
+                try:
+                    os.rename(incoming, out)
+                    break
+                except OSError:
+                    if not os.path.exists(out):
+                        raise
+                    out = os.path.join(store, str(int(os.path.basename(out)) + 1))
     except BaseException:
         shutil.rmtree(incoming, ignore_errors=True)
         raise
     rows["path"] = out
+    rows["snapshot"] = int(os.path.basename(out)) if store is not None else None
     return rows
+
+
+def _carry(src, dst):
+    """A side's files from the previous snapshot: hard links (nothing copied), or copies across devices."""
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        try:
+            os.link(os.path.join(src, name), os.path.join(dst, name))
+        except OSError:
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))

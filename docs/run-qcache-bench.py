@@ -23,7 +23,10 @@ For each trace and pipeline: `jizhictl bench --find-max --cpu` (p99 <= 50 ms; `-
 bench's warm-up replays the previous point's last requests, which would hit the cache and inflate its hit
 ratio), then the query cache's hit ratio over the whole run and its workers' last judgement (`jizhictl stats
 --json`: cube.demo_cached). Prints a markdown table: trace, pipeline, max pairs/s, p99 at the max, hit ratio,
-server CPU us per request at the max, and max pairs/s cached / uncached; writes OUT/results.json.
+server CPU us per request at the max, and max pairs/s cached / uncached; then, after each find-max, one point at
+`--cpu-rate` (200 requests/s) on the trace with its users relabelled (``relabelled``) for the server's CPU per
+request of both pipelines at the same rate (at each one's own max the batches differ: a lower max runs smaller
+batches, dearer per request); writes OUT/results.json.
 
     python docs/run-qcache-bench.py --out /tmp/jizhi-qcache [--duration 15] [--precision 0.1] [--max-points 7]
                                     [--requests 20000] [--traces little,jizhi] [--bundle MODELS/demo/1]
@@ -83,6 +86,22 @@ def with_returns(trace, p, window, overlap, seed):
         recall[q] = np.concatenate([recall[s, pick], recall[q, own]])
         users[q] = users[s]
     return {"users": users, "offsets": trace["offsets"], "items": items.reshape(-1), "recall_scores": recall.reshape(-1)}
+
+
+def relabelled(bundle, path, seed=11):
+    """``path`` with every user replaced through one random bijection of the bundle's users, written beside it
+    (``<name>-fixed.npz``): the same repetition and the same work, but pairs that the find-max points before
+    it never sent, so the fixed-rate point's hits are the trace's own repeats, not the find-max's leftovers."""
+    ids = np.load(os.path.join(bundle, "profiles", "users", "ids.npy"))
+    perm = np.random.default_rng(seed).permutation(ids.shape[0])
+    with np.load(path, allow_pickle=False) as z:
+        trace = {k: z[k] for k in z.files}
+    rows = np.searchsorted(ids, trace["users"])
+    known = (rows < ids.shape[0]) & (ids[np.minimum(rows, ids.shape[0] - 1)] == trace["users"])
+    trace["users"] = np.where(known, ids[perm[np.minimum(rows, ids.shape[0] - 1)]], trace["users"])
+    fixed = path[:-len(".npz")] + f"-relabelled{seed}.npz"
+    np.savez(fixed, **trace)
+    return fixed
 
 
 def make_traces(bundle, out, requests, window, overlap, target, seed=3):
@@ -166,6 +185,10 @@ def run_trace(args, name, trace, files, out):
         if not wait_for_hot_tiers(log_path, len(files)):
             print("warning: not every hot tier was reported built; measuring anyway", flush=True)
         for pipeline in (UNCACHED, CACHED):
+            row = out_rows[pipeline] = {"max_pairs_s": None, "p99_ms": None, "cpu_us_per_request": None,
+                                        "hit_ratio": None}
+            if args.fixed_only:
+                continue
             before = json.loads(jizhictl("stats", "--json", "--run-dir", run_dir))["cube"][pipeline]
             result = os.path.join(work, f"{pipeline}.json")
             cmd = [sys.executable, "-m", "jizhi.tools.bench", "--endpoint", endpoint, "--trace", trace,
@@ -181,15 +204,49 @@ def run_trace(args, name, trace, files, out):
             run = json.load(open(result))["runs"][0]
             best = run.get("max") or {}
             cand = after["qcache_candidates"] - before["qcache_candidates"]
-            row = {"max_pairs_s": best.get("goodput_pairs_s", 0.0), "max_rps": best.get("offered_rps", 0.0),
-                   "p99_ms": best.get("p99_ms"), "note": run.get("note"),
-                   "cpu_us_per_request": (best.get("cpu") or {}).get("server_us_per_request"),
-                   "hit_ratio": (after["qcache_hits"] - before["qcache_hits"]) / cand if cand else None,
-                   "judgement": after.get("qcache_workers")}
-            if row["judgement"]:
-                from jizhi.ctl.figures import qcache_line
-                print(f"   {qcache_line(row['judgement'])}", flush=True)
-            out_rows[pipeline] = row
+            row.update({"max_pairs_s": best.get("goodput_pairs_s", 0.0), "max_rps": best.get("offered_rps", 0.0),
+                        "p99_ms": best.get("p99_ms"), "note": run.get("note"),
+                        "cpu_us_per_request": (best.get("cpu") or {}).get("server_us_per_request"),
+                        "hit_ratio": (after["qcache_hits"] - before["qcache_hits"]) / cand if cand else None})
+        # The same offered rate for both pipelines, alternating (the machine drifts by 10-20 % between points
+        # minutes apart: one point each would measure the drift): CPU per request where batches are alike (at
+        # each one's own max they are not: a lower max runs smaller batches, dearer per request). Each point
+        # replays the trace with its users relabelled anew, so no point hits what an earlier one stored.
+        def fixed_point(pipeline, seed, duration, tag):
+            path = os.path.join(work, f"{pipeline}-{tag}.json")
+            cmd = [sys.executable, "-m", "jizhi.tools.bench", "--endpoint", endpoint, "--trace",
+                   relabelled(args.bundle, trace, seed), "--pipeline", pipeline, "--rates", str(args.cpu_rate),
+                   "--duration", str(duration), "--warmup", "0", "--slo-ms", "50", "--cpu", "--run-dir", run_dir,
+                   "--json", path, "--quiet", "--allow-repeat"]
+            if args.max_other_cores is not None:
+                cmd += ["--max-other-cores", str(args.max_other_cores)]
+            subprocess.run(cmd, check=True, cwd=work)
+            return json.load(open(path))["runs"][0]["points"][0]
+        print(f"== {name}: {args.cpu_rate:g} requests/s, a {args.fixed_warm:g} s warm-up each (the cache judges "
+              f"itself), then {args.rounds} alternating rounds of {args.duration:g} s", flush=True)
+        for pipeline in (UNCACHED, CACHED):
+            fixed_point(pipeline, 100, args.fixed_warm, "warm")
+        before = json.loads(jizhictl("stats", "--json", "--run-dir", run_dir))["cube"][CACHED]
+        for k in range(args.rounds):
+            for pipeline in (UNCACHED, CACHED):
+                point = fixed_point(pipeline, 11 + k, args.duration, f"round{k}")
+                out_rows[pipeline].setdefault("fixed", []).append(
+                    {"cpu_us_per_request": (point.get("cpu") or {}).get("server_us_per_request"),
+                     "p99_ms": point.get("p99_ms"), "ok": point.get("ok"), "sent": point.get("sent")})
+                print(f"   round {k + 1} {pipeline}: server CPU {out_rows[pipeline]['fixed'][-1]['cpu_us_per_request']:,.0f} "
+                      f"us/request, p99 {point.get('p99_ms'):.1f} ms", flush=True)
+        after = json.loads(jizhictl("stats", "--json", "--run-dir", run_dir))["cube"][CACHED]
+        cand = after["qcache_candidates"] - before["qcache_candidates"]
+        out_rows[CACHED]["fixed_hit_ratio"] = (after["qcache_hits"] - before["qcache_hits"]) / cand if cand else None
+        out_rows[CACHED]["judgement"] = after.get("qcache_workers")
+        for pipeline in (UNCACHED, CACHED):
+            cpu = [p["cpu_us_per_request"] for p in out_rows[pipeline]["fixed"]]
+            out_rows[pipeline]["fixed_rps"] = args.cpu_rate
+            out_rows[pipeline]["fixed_cpu_us_per_request"] = float(np.median(cpu))
+            out_rows[pipeline]["fixed_p99_ms"] = float(np.median([p["p99_ms"] for p in out_rows[pipeline]["fixed"]]))
+        if out_rows[CACHED]["judgement"]:
+            from jizhi.ctl.figures import qcache_line
+            print(f"   {qcache_line(out_rows[CACHED]['judgement'])}", flush=True)
     finally:
         stop_session(daemon)
     return out_rows
@@ -197,17 +254,28 @@ def run_trace(args, name, trace, files, out):
 
 def table(results, traces, window):
     lines = [f"| trace (repeating within {window:,} requests) | pipeline | max pairs/s | p99 at the max | "
-             "query-cache hit ratio | server CPU us/request | cached / uncached |", "|---|---|---:|---:|---:|---:|---:|"]
+             "hit ratio (find-max) | server CPU us/request, fixed rate (median of rounds; each round) | p99, fixed rate "
+             "(median) | hit ratio (rounds) | cached / uncached: max, CPU |",
+             "|---|---|---:|---:|---:|---|---:|---:|---|"]
     for name, rows in results.items():
         label = f"{name} ({100 * traces[name][1][0]:.1f} %)"
         off = rows[UNCACHED]["max_pairs_s"]
+        off_cpu = rows[UNCACHED].get("fixed_cpu_us_per_request")
         for pipeline in (UNCACHED, CACHED):
             r = rows[pipeline]
             hit = "-" if r["hit_ratio"] is None else f"{100 * r['hit_ratio']:.1f} %"
+            mx = "-" if r["max_pairs_s"] is None else f"{r['max_pairs_s']:,.0f}"
             p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f} ms"
-            cpu = "-" if r["cpu_us_per_request"] is None else f"{r['cpu_us_per_request']:,.0f}"
-            ratio = f"{r['max_pairs_s'] / off:.2f}" if pipeline == CACHED and off else ""
-            lines.append(f"| {label} | {pipeline} | {r['max_pairs_s']:,.0f} | {p99} | {hit} | {cpu} | {ratio} |")
+            fixed = r.get("fixed_cpu_us_per_request")
+            each = ", ".join(f"{p['cpu_us_per_request']:,.0f}" for p in r.get("fixed", []))
+            fixed_text = "-" if fixed is None else f"{fixed:,.0f} @ {r['fixed_rps']:g}/s ({each})"
+            fp99 = "-" if r.get("fixed_p99_ms") is None else f"{r['fixed_p99_ms']:.1f} ms"
+            fhit = "-" if r.get("fixed_hit_ratio") is None else f"{100 * r['fixed_hit_ratio']:.1f} %"
+            ratios = ""
+            if pipeline == CACHED:
+                ratios = (f"{r['max_pairs_s'] / off:.2f}" if off and r["max_pairs_s"] else "-") + ", " + \
+                    (f"{fixed / off_cpu:.2f}" if fixed and off_cpu else "-")
+            lines.append(f"| {label} | {pipeline} | {mx} | {p99} | {hit} | {fixed_text} | {fp99} | {fhit} | {ratios} |")
     return "\n".join(lines)
 
 
@@ -229,6 +297,12 @@ def main():
                         help="a shared machine: passed to jizhictl bench (wait for quiet, re-run disturbed points)")
     parser.add_argument("--extra", default="", help="TOML appended to jizhid's config (\\n for new lines)")
     parser.add_argument("--port", type=int, default=5596)
+    parser.add_argument("--cpu-rate", type=float, default=200.0,
+                        help="the alternating fixed-rate points' rate (requests/s), for the CPU per request")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of fixed-rate points")
+    parser.add_argument("--fixed-warm", type=float, default=60.0,
+                        help="seconds of each pipeline at the fixed rate before the rounds (the cache judges itself)")
+    parser.add_argument("--fixed-only", action="store_true", help="no find-max: only the fixed-rate rounds")
     parser.add_argument("--item-part", choices=("once", "per-candidate"), default="once",
                         help="once: demo_cached as shipped (item_rows, item_cache); per-candidate: both pipelines "
                         "without them (a candidate costs about twice as much: what a hit saves)")

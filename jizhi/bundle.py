@@ -54,6 +54,7 @@ class Field:
     vocab: int = 0          # raw values 1..vocab of a bounded table (0: not given)
     default_vector: str = "zeros"   # zeros | mean | row:N (the field's own, else the manifest's)
     raw: str | None = None  # rows: raw values are table rows + 1 (1..vocab); ids: entity ids; None: not said
+    context: bool = False   # a request-level value the request carries (context = true), not in the profiles
 
 
 def _checked(cond, message):
@@ -110,6 +111,9 @@ class Bundle:
                      f"{mpath}: field {f.get('name')!r} raw = {f.get('raw')!r} is not one of {', '.join(RAW_KINDS)}")
             _checked(isinstance(f.get("vocab", 0), int) and not isinstance(f.get("vocab", 0), bool)
                      and f.get("vocab", 0) >= 0, f"{mpath}: field {f.get('name')!r} vocab must be an integer >= 0")
+            _checked(f.get("context", False) in (True, False) and (not f.get("context") or f.get("side") == "user"),
+                     f"{mpath}: field {f.get('name')!r} context must be true or false, and only a user-side field "
+                     f"is a context field (a request-level value)")
             ids[f["name"]] = int(f["id"])
         fields = []
         raw_of = {f["name"]: f.get("raw") for f in raw_fields}
@@ -121,7 +125,8 @@ class Bundle:
                                 f.get("pooling", "mean"), int(f.get("vocab", 0)),
                                 f.get("default_vector", self.default_vector),
                                 # A field sharing a table reads it as the owner does (a history of item ids).
-                                f.get("raw", raw_of.get(share) if share else None)))
+                                f.get("raw", raw_of.get(share) if share else None),
+                                bool(f.get("context", False))))
         self.user_fields = [f for f in fields if f.side == "user"]
         self.item_fields = [f for f in fields if f.side == "item"]
         self.user_len = max([f.max_len for f in self.user_fields] or [1])
@@ -309,6 +314,8 @@ class Profiles:
         self.fields = bundle.user_fields if side == "user" else bundle.item_fields
         self.cols = {}
         for f in self.fields:
+            if f.context:
+                continue        # the request carries it (workers/data_reader.py): no column
             if f.kind == "onehot":
                 self.cols[f.name] = np.asarray(np.load(d / f"{f.name}.npy", mmap_mode="r"))
             else:
@@ -351,6 +358,8 @@ class Profiles:
         vals = np.zeros((U, F, L), dtype=np.int64)
         lens = np.zeros((U, F), dtype=np.int32)
         for c, f in enumerate(self.fields):
+            if f.context:
+                continue        # empty unless the request gives it
             if f.kind == "onehot":
                 v = np.asarray(self.cols[f.name][rows])
                 vals[:, c, 0] = v

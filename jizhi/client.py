@@ -292,12 +292,14 @@ class Client:
         return Reply(header, arrays, self.last_endpoint, self.last_attempts)
 
     def score(self, user, item_ids, recall_scores=None, *, pipeline="default", top_k=10, ret="topk",
-              deadline_ms=None, context=None, check=True, heads=False):
+              deadline_ms=None, context=None, check=True, heads=False, features=None):
         """Score one request. Raises RequestError on an error reply when ``check``. ``heads``: also
-        each head's scores of the returned items (``Reply.heads``) in a multi-objective pipeline."""
+        each head's scores of the returned items (``Reply.heads``) in a multi-objective pipeline.
+        ``context``: {context field: raw value or values}; ``features``: the user's own {field: raw value
+        or values, "dense": [numbers]}, over the profiles' for this request (README, "Wire protocol")."""
         r = self.request("score", user=user, item_ids=np.asarray(item_ids, dtype=np.uint64),
                          recall_scores=recall_scores, pipeline=pipeline, top_k=top_k, ret=ret,
-                         deadline_ms=deadline_ms, context=context, heads=heads)
+                         deadline_ms=deadline_ms, context=context, heads=heads, features=features)
         if check and not r.ok:
             raise RequestError(r["code"], r["message"], r.get("retry_after_ms"))
         return r

@@ -199,7 +199,9 @@ class Event(Message):
     """A micro-batch of requests for one group, pinned to ``versions`` ({model: version}) at
     admission. Columns aligned by position, one entry per request: ``slot`` its arena slot (every
     arena is indexed by it), ``n`` its candidates, ``deadline_s`` its deadline (module docstring),
-    ``user``, ``top_k``, ``ret_all`` (``return: all``)."""
+    ``user``, ``top_k``, ``ret_all`` (``return: all``), ``feats`` (the request's own features: a small
+    map of raw values, or None; workers/data_reader.py). On the wire ``feats`` is left out when no
+    request of the event has any."""
     T = protocol.T_EVENT
     eid: int
     versions: dict
@@ -209,17 +211,24 @@ class Event(Message):
     user: list
     top_k: list
     ret_all: list
+    feats: list = None
 
     def to_map(self):
-        return {"t": self.T, "eid": self.eid, "versions": self.versions, "slot": self.slot, "n": self.n,
-                "deadline_s": self.deadline_s, "user": self.user, "top_k": self.top_k, "ret_all": self.ret_all}
+        m = {"t": self.T, "eid": self.eid, "versions": self.versions, "slot": self.slot, "n": self.n,
+             "deadline_s": self.deadline_s, "user": self.user, "top_k": self.top_k, "ret_all": self.ret_all}
+        if self.feats is not None and any(f is not None for f in self.feats):
+            m["feats"] = list(self.feats)
+        return m
 
     @classmethod
     def from_map(cls, m):
-        ev = cls(m["eid"], m["versions"], m["slot"], m["n"], m["deadline_s"], m["user"], m["top_k"], m["ret_all"])
+        ev = cls(m["eid"], m["versions"], m["slot"], m["n"], m["deadline_s"], m["user"], m["top_k"], m["ret_all"],
+                 m.get("feats"))
         # (a column that is no list fails here or where the worker makes it an array: a malformed event)
         if not len(ev.slot) == len(ev.n) == len(ev.deadline_s) == len(ev.user) == len(ev.top_k) == len(ev.ret_all):
             raise ValueError("columns of different lengths")
+        if ev.feats is not None and (not isinstance(ev.feats, list) or len(ev.feats) != len(ev.slot)):
+            raise ValueError("feats is not one entry per request")
         return ev
 
 

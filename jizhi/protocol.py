@@ -141,6 +141,10 @@ def decode_request(body, limits):
     context = header.get("context", {})
     if not isinstance(context, dict):
         raise _bad("context must be a map")
+    features = header.get("features", {})
+    if not isinstance(features, dict):
+        raise _bad("features must be a map")
+    feats = _request_features(context, features)
     top_k = header.get("top_k", 10)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise _bad("top_k must be a positive integer")
@@ -189,10 +193,51 @@ def decode_request(body, limits):
             raise _bad("recall_scores and item_ids differ in length")
         if not np.isfinite(recall).all():
             raise _bad("recall_scores has NaN or infinite values")
-    req.update(pipeline=pipeline, user=user, context=context, top_k=top_k,
+    req.update(pipeline=pipeline, user=user, context=context, feats=feats, top_k=top_k,
                ret=ret, deadline_ms=deadline_ms, heads=bool(header.get("heads", False)),
                item_ids=items, recall_scores=recall)
     return req
+
+
+MAX_FEATURES = 64           # keys of context plus features
+MAX_FEATURE_VALUES = 4096   # values of one key (a bag, or the dense features)
+
+
+def _request_features(context, features):
+    """The request's own features, checked for shape only (the model's fields are checked by the worker
+    that reads them, workers/data_reader.py): ``{"context": {field: values}, "user": {field: values}}`` with
+    ``dense`` among the user's, or None when the request carries none. A value is an integer or a list of
+    integers (a bag); ``dense`` a list of numbers."""
+    if not context and not features:
+        return None
+    if len(context) + len(features) > MAX_FEATURES:
+        raise _bad(f"context and features hold {len(context) + len(features)} keys, over the limit of {MAX_FEATURES}")
+    out = {}
+    for where, given in (("context", context), ("features", features)):
+        checked = {}
+        for name, value in given.items():
+            if not isinstance(name, str):
+                raise _bad(f"{where}: keys must be field names (strings), got {name!r}")
+            if isinstance(value, list):
+                if len(value) > MAX_FEATURE_VALUES:
+                    raise _bad(f"{where}.{name}: {len(value)} values, over the limit of {MAX_FEATURE_VALUES}")
+                number = (int, float) if (where == "features" and name == "dense") else (int,)
+                if not all(isinstance(v, number) and not isinstance(v, bool) for v in value):
+                    raise _bad(f"{where}.{name}: expected a list of {'numbers' if len(number) == 2 else 'integers'}")
+                if number == (int,) and not all(0 <= v < 2 ** 63 for v in value):
+                    raise _bad(f"{where}.{name}: raw values are integers from 0 to 2**63 - 1")
+                if len(number) == 2 and not all(v == v and abs(v) != float("inf") for v in value):
+                    raise _bad(f"{where}.{name}: NaN or infinite value")
+            elif isinstance(value, int) and not isinstance(value, bool) and not (where == "features"
+                                                                                and name == "dense"):
+                if not 0 <= value < 2 ** 63:
+                    raise _bad(f"{where}.{name}: raw values are integers from 0 to 2**63 - 1")
+            else:
+                raise _bad(f"{where}.{name}: expected an integer or a list of integers"
+                           + (" (dense: a list of numbers)" if where == "features" else ""))
+            checked[name] = value
+        out["context" if where == "context" else "user"] = checked
+    return out
 
 
 def _u64(header, key):
@@ -217,7 +262,7 @@ def _decode_feedback(header, req):
 
 def encode_request(op="score", *, id=None, pipeline="default", user=None, item_ids=None,
                    recall_scores=None, context=None, top_k=10, ret="topk", deadline_ms=None,
-                   item=None, event=None, idempotency_id=None, heads=False):
+                   item=None, event=None, idempotency_id=None, heads=False, features=None):
     """Client side: the frames of a request (header, then array frames)."""
     header = {"v": VERSION, "op": op, "id": id}
     frames = []
@@ -240,6 +285,8 @@ def encode_request(op="score", *, id=None, pipeline="default", user=None, item_i
             header["deadline_ms"] = deadline_ms
         if heads:
             header["heads"] = True
+        if features:
+            header["features"] = features
     return [packb(header)] + frames
 
 

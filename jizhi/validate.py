@@ -178,6 +178,8 @@ def _required_files(bundle):
     required += ["profiles/users/ids.npy", "profiles/users/dense.npy",
                  "profiles/items/ids.npy", "profiles/items/sigs.npy", "profiles/items/sig_lens.npy"]
     for f in bundle.user_fields + bundle.item_fields:
+        if f.context:
+            continue            # a request-level value: no profile column
         directory = f"profiles/{f.side}s/"
         if f.kind == "onehot":
             required.append(directory + f"{f.name}.npy")
@@ -303,6 +305,8 @@ class _Checks:
                 _fail(f"{where}/ids.npy is not sorted ascending without duplicates")
             rows = ids.shape[0]
             for f in p.fields:
+                if f.context:
+                    continue
                 if f.kind == "onehot":
                     col = p.cols[f.name]
                     if col.shape != (rows,):

@@ -91,3 +91,19 @@ def write_table(fmt, cols, path):
             else:
                 arrays[k] = np.asarray(v)
         np.savez(path, **arrays)
+
+
+def profile_features(bundle_dir, user):
+    """The user's own profile values as a request's ``features`` (every non-context user field, dense)."""
+    b = Bundle(bundle_dir)
+    p = Profiles(b, "user")
+    r = int(np.searchsorted(p.ids, user))
+    assert p.ids[r] == user
+    feats = {"dense": [float(x) for x in p.dense[r]]}
+    for f in b.user_fields:
+        if f.kind == "onehot":
+            feats[f.name] = int(p.cols[f.name][r])
+        else:
+            values, offsets = p.cols[f.name]
+            feats[f.name] = [int(v) for v in values[offsets[r]:offsets[r + 1]]]
+    return feats

@@ -192,6 +192,27 @@ def test_the_node_client_s_top_k_equals_the_python_client_s_bit_for_bit(node_cli
     assert [int(line.split()[1]) for line in text.splitlines()[1:]] == [int(x) for x in expected.item_ids]
 
 
+def test_a_request_s_own_features_from_node_score_an_unknown_user_as_the_profiles_score_a_known_one(
+        node_client, server, client, demo_bundle, demo_trace):
+    """README, "Wire protocol": features in the request, from another language."""
+    from profile_helpers import profile_features
+    user, items, _ = demo_trace[3]
+    items = items[:40]
+    # JSON numbers are JavaScript Numbers: the history of item ids (above 2**53) is left out here.
+    feats = {k: v for k, v in profile_features(demo_bundle, user).items() if k != "u_hist"}
+    stranger = 2 ** 40 + 12345            # no profile: scored from the request alone
+    expected = client.score(stranger, items, top_k=10, features=feats)
+    got = client_json(node_client, server, "score", "--user", stranger, "--items", ",".join(map(str, items)),
+                      "--features", json.dumps(feats))
+    assert got["unknown_user"] == 1 and expected["unknown_user"] == 1
+    assert not np.allclose(client.score(stranger, items, top_k=10).scores, expected.scores)
+    assert [int(x) for x in got["item_ids"]] == [int(x) for x in expected.item_ids]
+    assert max(abs(a - b) for a, b in zip(got["scores"], expected.scores.tolist())) < 1e-6
+    bad = node(node_client, "client.js", "--endpoint", server.endpoint, "score", "--user", user, "--items",
+               ",".join(map(str, items)), "--features", '{"no_such_field": 1}', expect=1)
+    assert "BAD_REQUEST" in bad.stdout + bad.stderr and "features.no_such_field" in bad.stdout + bad.stderr
+
+
 # Read a trace request the way a careless JavaScript client would: its ids through Number.
 NUMBERS_SCRIPT = r"""
 const { call, scoreRequest } = require("./client.js");

@@ -16,6 +16,14 @@ vector) and counted in the reply as ``unknown_user`` (0 or 1).
 The user's recent behaviour from ``feedback`` (the online overlay,
 jizhi/overlay.py) is merged over the snapshot's history field here.
 
+A request may carry features of its own (the client protocol's ``context``
+and ``features``: README, "Wire protocol"): a context field's value (a user
+field declared ``context = true`` in the manifest, which no profile holds),
+and the user's own fields and ``dense`` features, which replace the
+profiles' for that request; a user the profiles do not know is scored from
+them. A name, type or length the model cannot take fails the request with
+BAD_REQUEST naming the field.
+
 A version that reads a profile store (``[profiles] store``) reads its newest
 snapshot that fits, switched at batch boundaries (jizhi/profilestore.py);
 each request counts the snapshot it read as ``profile_snapshot``, which the
@@ -29,6 +37,73 @@ from jizhi.profilestore import source as profile_source
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 ON_UNKNOWN = ("default", "drop", "reject")
+
+
+class BadFeature(ValueError):
+    """A request's feature that the model cannot take: its message names the field."""
+
+
+class RequestFields:
+    """The user-side fields a request may carry, by name: context fields (``context = true`` in the manifest:
+    request-level values, in the request's ``context``) and the user's own fields and ``dense`` (in its
+    ``features``, over the profiles' values for that request)."""
+
+    def __init__(self, bundle):
+        self.model = f"{bundle.name} version {bundle.version}"
+        self.columns = {f.name: (c, f) for c, f in enumerate(bundle.user_fields)}
+        self.dense = bundle.dense_features
+        self.context_names = [f.name for f in bundle.user_fields if f.context]
+        self.user_names = [f.name for f in bundle.user_fields if not f.context]
+
+    def bag(self, where, name, value):
+        """(column, raw values) of one given field; raises BadFeature naming it."""
+        found = self.columns.get(name)
+        if found is None:
+            names = self.context_names if where == "context" else self.user_names + ["dense"]
+            raise BadFeature(f"{where}.{name}: model {self.model} has no such {where} field (it takes: "
+                             f"{', '.join(names) or 'none'})")
+        c, f = found
+        if f.context != (where == "context"):
+            raise BadFeature(f"{where}.{name}: a {'context' if f.context else 'profile'} field of model {self.model}: "
+                             f"send it in {'context' if f.context else 'features'}")
+        bag = [value] if isinstance(value, int) else list(value)
+        if f.kind == "onehot":
+            if len(bag) > 1:
+                raise BadFeature(f"{where}.{name}: {len(bag)} values, a onehot field takes one")
+            bag = [v for v in bag if v != 0]        # 0: missing
+        elif f.kind == "history":
+            bag = bag[-f.max_len:]                  # its newest max_len values, as the profiles' serve
+        elif len(bag) > f.max_len:
+            raise BadFeature(f"{where}.{name}: {len(bag)} values, longer than the field's max_len {f.max_len}")
+        if f.raw == "rows" and f.vocab and any(not 1 <= v <= f.vocab for v in bag):
+            bad = next(v for v in bag if not 1 <= v <= f.vocab)
+            raise BadFeature(f"{where}.{name}: raw value {bad} is outside 1..{f.vocab} (the table's rows + 1)")
+        return c, bag
+
+
+def apply_request_features(batch, fields, dense, values, lens):
+    """Each request's own features (``batch.feats``) over its row of ``dense`` f32[R, D], ``values``
+    int64[R, F, L] and ``lens`` int32[R, F] (rows per request); a request with a feature the model cannot
+    take fails with BAD_REQUEST naming it. A loop over the requests that carry features and their few
+    values, never over candidates."""
+    for i, f in enumerate(batch.feats):
+        if f is None:
+            continue
+        try:
+            for where, given in (("context", f.get("context") or {}), ("features", f.get("user") or {})):
+                for name, value in given.items():
+                    if where == "features" and name == "dense":
+                        if len(value) != fields.dense:
+                            raise BadFeature(f"features.dense: {len(value)} values, model {fields.model} takes "
+                                             f"{fields.dense}")
+                        dense[i] = value
+                        continue
+                    c, bag = fields.bag(where, name, value)
+                    values[i, c, :] = 0
+                    values[i, c, :len(bag)] = bag
+                    lens[i, c] = len(bag)
+        except BadFeature as e:
+            batch.fail(i, BAD_REQUEST, str(e))
 
 
 class DataReader(Stage):
@@ -54,6 +129,7 @@ class DataReader(Stage):
         # switched at a batch boundary (this stage polls the store when it is the version's first reader).
         self.source = profile_source(bundle)
         self.source.register(self)
+        self.fields = RequestFields(bundle)
         self.overlay = Overlay.attach(config.get("_overlay"))
 
     def batch_boundary(self):
@@ -73,10 +149,19 @@ class DataReader(Stage):
         urows, uknown = self.users.rows(batch.users)
         batch.count("unknown_user", ~uknown)
         users = batch.users
-        if self.per_pair:
+        if batch.feats is not None:
+            # The requests' own features over their profile rows (one row per request), then per pair.
+            dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
+            apply_request_features(batch, self.fields, dense, values, lens)
+            if self.per_pair:
+                pair = batch.candidate_request()
+                dense, values, lens = dense[pair], values[pair], lens[pair]
+        elif self.per_pair:
             pair = batch.candidate_request()
             urows, uknown, users = urows[pair], uknown[pair], users[pair]
-        dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
+            dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
+        else:
+            dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
         irows, iknown = batch.profile_rows(self.items, batch["item_ids"])
         sigs, ilens = self.items.item_signatures(irows, iknown)
         unknown = batch.per_request_sum(~iknown)

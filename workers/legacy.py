@@ -14,6 +14,7 @@ import numpy as np
 from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.signature import sign_padded
 from jizhi.cube.store import open_cube
+from jizhi.errors import BAD_REQUEST
 from jizhi.overlay import Overlay
 from jizhi.profilestore import source as profile_source
 from jizhi.workers.model_inference import open_session
@@ -48,6 +49,9 @@ class LegacyScorer(Stage):
 
     def process(self, batch):
         b = self.bundle
+        for i, f in enumerate(batch.feats or ()):
+            if f is not None:       # (LEGACY reads the profiles only: never a score from other features)
+                batch.fail(i, BAD_REQUEST, "the legacy pipeline does not read a request's context or features")
         if self.source.store is not None:
             batch.count("profile_snapshot", np.full(batch.n_requests, self.source.snapshot, dtype=np.int64))
         scores, unknown, missing = [], [], []

@@ -175,6 +175,8 @@ class Worker:
             cols = {c: self.arenas.read(c, slots, counts) for c in self.reads}
             batch = Batch(column(ev.user, np.uint64), column(ev.top_k, np.int64), column(ev.ret_all, bool),
                           deadline_s, offsets, cols)
+            if ev.feats is not None:
+                batch.feats = list(ev.feats) if idx is None else [ev.feats[i] for i in idx.tolist()]
         except Exception as e:
             log.exception("malformed event of %d requests", len(slots))
             done.errors.update((s, [INTERNAL, f"malformed event: {type(e).__name__}: {e}"]) for s in slots)

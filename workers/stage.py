@@ -67,7 +67,9 @@ class Batch:
     (seconds the runtime spent narrowing and widening the columns around
     dropped candidates: ``Selection``), ``qcache`` (the query cache's account
     of this batch, which the ranker completes: workers/query_cache.py,
-    ``Account``; None without a query_cache stage in this worker).
+    ``Account``; None without a query_cache stage in this worker), ``feats``
+    (each request's own features, a map or None; None when no request has
+    any: workers/data_reader.py).
     """
 
     def __init__(self, users, top_k, ret_all, deadline_s, offsets, columns):
@@ -85,6 +87,9 @@ class Batch:
         # What dropping candidates costs: the query cache weighs it against what its hits save.
         self.narrowed_s = 0.0
         self.qcache = None
+        # The requests' own features (protocol: context and features), one map or None per request; None
+        # when no request of the batch carries any (workers/data_reader.py applies them).
+        self.feats = None
         self._rows = {}         # profile_rows: (snapshot directory, side) -> (ids array, (rows, known))
 
     def profile_rows(self, profiles, ids):

@@ -32,10 +32,23 @@ options:
   --top-k K          items to return (default 10)
   --pipeline NAME    pipeline (default: the server's first)
   --deadline-ms MS   the server's budget for the request (default: its own)
+  --context JSON     the model's context fields, e.g. '{"hour": 14}'
+  --features JSON    the user's own features over the profiles', e.g. '{"dense": [0.1, ...], "u_tags": [3, 7]}'
 
 exit codes: 0 ok, 1 error reply (its code is printed), 2 bad usage, 3 no reply in time, 4 other failure`;
 
 class UsageError extends Error {}
+
+function jsonMap(option, text) {
+  let v;
+  try {
+    v = JSON.parse(text);
+  } catch (err) {
+    throw new UsageError(`${option}: not JSON (${err.message})`);
+  }
+  if (v === null || typeof v !== "object" || Array.isArray(v)) throw new UsageError(`${option}: a JSON object, {"field": value}`);
+  return v;
+}
 class TimeoutError extends Error {}
 
 // -- the protocol ---------------------------------------------------------------------------------
@@ -88,7 +101,7 @@ function float32Frame(values) {
   return b;
 }
 
-function scoreRequest({ user, items, recall, topK, pipeline, deadlineMs }) {
+function scoreRequest({ user, items, recall, topK, pipeline, deadlineMs, context, features }) {
   const header = {
     v: 1, op: "score", id: 1, user, top_k: topK,
     arrays: [{ name: "item_ids", dtype: "uint64", shape: [items.length] }],
@@ -100,6 +113,10 @@ function scoreRequest({ user, items, recall, topK, pipeline, deadlineMs }) {
   }
   if (pipeline) header.pipeline = pipeline;
   if (deadlineMs) header.deadline_ms = deadlineMs;
+  // The request's own features (docs/protocol.md): {field: raw value or [values]}, and "dense": [numbers].
+  // JSON numbers: raw values must stay below 2^53 here (a BigInt for larger ones).
+  if (context) header.context = context;
+  if (features) header.features = features;
   return [header, frames];
 }
 
@@ -126,6 +143,8 @@ function parseArgs(argv) {
       case "--top-k": opts.topK = positiveInt(a, value()); break;
       case "--pipeline": opts.pipeline = value(); break;
       case "--deadline-ms": opts.deadlineMs = positiveInt(a, value()); break;
+      case "--context": opts.context = jsonMap(a, value()); break;
+      case "--features": opts.features = jsonMap(a, value()); break;
       case "-h": case "--help": opts.help = true; break;
       default:
         if (a.startsWith("-")) throw new UsageError(`unknown option ${a}`);
@@ -183,7 +202,8 @@ async function main(argv) {
       if (opts.recall && opts.recall.length !== opts.items.length) throw new UsageError("--recall needs one score per item");
       req = { user: opts.user, items: opts.items, recall: opts.recall };
     }
-    [header, frames] = scoreRequest({ ...req, topK: opts.topK, pipeline: opts.pipeline, deadlineMs: opts.deadlineMs });
+    [header, frames] = scoreRequest({ ...req, topK: opts.topK, pipeline: opts.pipeline, deadlineMs: opts.deadlineMs,
+      context: opts.context, features: opts.features });
   } else {
     throw new UsageError(`unknown command ${JSON.stringify(opts.command)}`);
   }

@@ -240,7 +240,7 @@ class Admission:
         budget_ms = m["deadline_ms"]
         deadline_s = t_recv + (budget_ms / 1000.0 if budget_ms is not None else self.default_budget_s)
         req = b.dispatcher.enqueue(pipe, gen, envelope, m["id"], m["user"], items, rs, m["top_k"], m["ret"] == "all",
-                                   deadline_s, t_recv)
+                                   deadline_s, t_recv, feats=m.get("feats"))
         req.heads = m.get("heads", False)
         self.admitted += 1
         if self.admitted % self.sample_every == 0:

@@ -39,7 +39,7 @@ class Request:
     """One admitted request (or a warm-up's), from admission to its answer and the release of its slot."""
     __slots__ = ("crashes", "rid", "envelope", "pipe", "gen", "slot", "n", "deadline_s", "user", "top_k",
                  "ret_all", "vkey", "pending", "held", "answered", "t_recv", "t_enq", "timings", "counts", "warm",
-                 "ab", "frontier", "heads")
+                 "ab", "frontier", "heads", "feats")
 
 
 class PipelineState:
@@ -154,9 +154,12 @@ class Dispatcher:
         self.eids = itertools.count(1)
         self.batch_timers = {}       # (pipeline, group, vkey) -> when a held partial batch is due
 
-    def enqueue(self, pipe, gen, envelope, rid, user, items, rs, top_k, ret_all, deadline_s, t_recv, warm=False):
-        """Pin a request to ``gen`` (one of its slots) and queue it at the pipeline's sources."""
+    def enqueue(self, pipe, gen, envelope, rid, user, items, rs, top_k, ret_all, deadline_s, t_recv, warm=False,
+                feats=None):
+        """Pin a request to ``gen`` (one of its slots) and queue it at the pipeline's sources. ``feats``: the
+        request's own features (protocol ``_request_features``), carried to every worker in the event."""
         req = Request()
+        req.feats = feats
         req.rid = rid
         req.envelope = envelope
         req.pipe = pipe
@@ -283,7 +286,7 @@ class Dispatcher:
             wait_us = int((now - req.t_enq) * 1e6)
             stats.add_wait(wait_us)
             req.timings[wait_key] = wait_us
-            rows.append((req.slot, req.n, req.deadline_s, req.user, req.top_k, req.ret_all))
+            rows.append((req.slot, req.n, req.deadline_s, req.user, req.top_k, req.ret_all, req.feats))
         ev = messages.Event(eid, pipe.pinned[vkey], *zip(*rows))    # rows to columns, in one call
         if not b.sink.backend(w.ident, ev.encode()):
             return False

@@ -186,7 +186,7 @@ class LoadGenerator:
         # Warm-up rows precede the measured rows in the trace; the measured
         # rows are distinct when m <= Q.
         rows = (self.cursor - w + np.arange(total)) % q
-        self.cursor = (self.cursor + m) % q
+        start = self.cursor
         ncand = self.trace.counts[rows]
         scored = np.zeros(total, dtype=np.float64)
         codes = collections.Counter()
@@ -256,6 +256,9 @@ class LoadGenerator:
         if self.progress.enabled:
             load.every(PROGRESS_INTERVAL_S, show)
         load.run(t0)
+        # The next point continues after the last request sent, not after the last one planned: a point that
+        # stopped early would otherwise leave a gap in the trace (a cache sees its repeats of the gap miss).
+        self.cursor = (start + max(0, load.sent - w)) % q
         if not window:  # an aborted point may end inside the warm-up: the window opens now
             window.update(server={}, generator=self_cpu_s(), machine=machine_busy_s(),
                           loadavg=os.getloadavg()[0], t=time.monotonic())

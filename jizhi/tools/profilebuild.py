@@ -123,6 +123,8 @@ def load_spec(spec_path, bundle, sources, bounded_of):
                              "(expected id, dense, fields)")
         columns = []
         for f in fields:
+            if f.context:
+                continue        # a request-level value: no profile column
             c = given.get(f.name, {})
             bad = set(c) - {"column", "first_row", "missing", "sep"}
             if bad:

@@ -40,6 +40,7 @@ from pathlib import Path
 from jizhi.errors import BundleError
 
 POLL_S = 1.0
+STEP_ITEMS = 2048   # items a derived table (item rows, item table) builds per batch boundary before a switch
 SNAPSHOT_FORMAT = 1
 MANIFEST = "profiles.toml"
 log = logging.getLogger("jizhi.profiles")
@@ -133,6 +134,9 @@ class ProfileSource:
         self.generation = 0         # bumped at each switch
         self.items_generation = 0   # bumped at a switch that changed the items (not carried over)
         self.owner = None           # the stage that polls (the first to register)
+        self.derivers = {}          # stage -> fn(items) -> a generator building its table a step at a time
+        self.prepared = {}          # stage -> its table of the items just switched to (taken by the stage)
+        self.pending = None         # (number, users, items, {stage: generator}) while the tables are built
         self._refused = set()
         if self.store is None:
             self.snapshot, root = 0, bundle.path / "profiles"
@@ -153,11 +157,47 @@ class ProfileSource:
         if self.owner is None:
             self.owner = stage
 
+    def add_deriver(self, stage, fn):
+        """``stage`` keeps a table derived from the items (``fn(items)``: a generator that builds it a step at
+        a time and returns it): a snapshot whose items changed switches only once every such table of its
+        items is ready, built one step per batch boundary (``poll``), and the stage then takes its table
+        from ``prepared``."""
+        self.derivers[stage] = fn
+
+    def _advance(self):
+        """One step of the pending snapshot's tables; True once all are built (False while building, or when
+        a build failed and the snapshot was given up)."""
+        n, users, items, builders = self.pending
+        for st, steps in list(builders.items()):
+            try:
+                next(steps)
+            except StopIteration as done:
+                self.prepared[st] = done.value
+                del builders[st]
+                continue
+            except Exception as e:     # a table too large for this snapshot, an unreadable file, ...
+                log.error("profile snapshot %d not used by %s version %d: building %s's table failed: %s: %s",
+                          n, self.bundle.name, self.bundle.version, type(st).__name__, type(e).__name__, e)
+                self._refused.add(n)
+                self.pending, self.prepared = None, {}
+                return False
+            return False               # one step per boundary: a batch waits for one chunk at most
+        return True
+
     def poll(self, stage, now=None):
         """At ``stage`` 's batch boundary: switch to a newer snapshot that fits, if any (only the owner
-        switches; at most every POLL_S). True when it switched."""
+        switches; at most every POLL_S; a snapshot whose items changed once the tables derived from them
+        are built, a step per boundary). True when it switched."""
         if self.store is None or stage is not self.owner:
             return False
+        if self.pending is not None:
+            if not self._advance():
+                return False
+            n, users, items, _ = self.pending
+            self.pending = None
+            t0 = time.monotonic()
+            return self._commit(n, users, items, t0, f"{sum(t.build_s for t in self.prepared.values()):.2f} s "
+                                                     "of table builds between batches")
         now = time.monotonic() if now is None else now
         if now < self._next_poll:
             return False
@@ -186,14 +226,23 @@ class ProfileSource:
                 log.error("profile snapshot %d not used by %s version %d: %s", found[0], self.bundle.name,
                           self.bundle.version, e)
             return False
+        if items is not self.items and self.derivers:
+            self.pending = (found[0], users, items, {st: fn(items) for st, fn in self.derivers.items()})
+            self.prepared = {}
+            log.info("profile snapshot %d: its items changed; building %d derived table(s) of %s items a step "
+                     "per batch before it serves", found[0], len(self.derivers), f"{items.ids.shape[0]:,}")
+            return False
+        return self._commit(found[0], users, items, t0, "opened")
+
+    def _commit(self, n, users, items, t0, how):
         old = self.snapshot
         if items is not self.items:
             self.items_generation += 1
-        self.users, self.items, self.snapshot = users, items, found[0]
+        self.users, self.items, self.snapshot = users, items, n
         self.generation += 1
-        log.info("profiles of %s version %d: snapshot %d -> %d (%s users, %s items, opened in %.1f ms)",
+        log.info("profiles of %s version %d: snapshot %d -> %d (%s users, %s items; %s, %.1f ms)",
                  self.bundle.name, self.bundle.version, old, self.snapshot, f"{users.ids.shape[0]:,}",
-                 f"{items.ids.shape[0]:,}", (time.monotonic() - t0) * 1e3)
+                 f"{items.ids.shape[0]:,}", how, (time.monotonic() - t0) * 1e3)
         return True
 
 

@@ -138,7 +138,7 @@ def test_a_snapshot_published_under_load_is_served_from_the_next_batch_without_a
         assert np.allclose(other_after.scores, other_before.scores, rtol=0, atol=1e-6)  # nobody else's
         log = server.log_text()
         assert "snapshot 1 -> 2" in log
-        assert "(profile snapshot 2)" not in log        # items carried over: demo_cached kept its item rows
+        assert not re.search(r"item_rows: .*profile snapshot 2", log)   # items carried over: rows kept
 
         # Snapshot 3 changes one item's category (users carried over): demo_cached builds its item rows and
         # item table again, and the item's score changes in both pipelines.
@@ -161,7 +161,10 @@ def test_a_snapshot_published_under_load_is_served_from_the_next_batch_without_a
                 was = dict(zip(after.item_ids.tolist(), after.scores.tolist()))
                 assert got[item] != was[item]
                 assert all(abs(got[int(i)] - was[int(i)]) < 1e-6 for i in items[1:20])
-        assert re.search(r"item_rows: .* \(profile snapshot 3\)", server.log_text())
+        log = server.log_text()
+        # demo_cached built its new item rows and item table a step per batch, then switched
+        assert re.search(r"item_rows: .*profile snapshot 3, built in .* of steps between batches", log)
+        assert re.search(r"item_cache: item table of profile snapshot 3 built in .* of steps between batches", log)
 
         # A snapshot that does not fit (built for another hashing) is refused, logged, and 3 stays.
         bad = store / "4"

@@ -31,7 +31,7 @@ import numpy as np
 from jizhi.cube.hot import TieredStore
 from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.store import open_cube
-from jizhi.profilestore import profiles as store_profiles, source as profile_source
+from jizhi.profilestore import STEP_ITEMS, profiles as store_profiles, source as profile_source
 from jizhi.stats import (C_DISK_HITS, C_HOT_GEN, C_HOT_HITS, C_LOOKUPS, C_REMOTE_DEGRADED, C_REMOTE_KEYS,
                          C_REMOTE_TRIPS)
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
@@ -54,7 +54,7 @@ class ItemRows:
     """Every item's pooled embeddings f32[items, F_item, D] and missing-signature counts, pooled once from
     ``store`` (the module docstring, ``item_rows``); ValueError when larger than ``max_mb``."""
 
-    def __init__(self, bundle, store, sums, defaults, max_mb, chunk=8192, items=None):
+    def __init__(self, bundle, store, sums, defaults, max_mb, chunk=8192, items=None, build=True):
         self.items = store_profiles(bundle, "item") if items is None else items
         n, f, dim = int(self.items.ids.shape[0]), len(bundle.item_fields), bundle.dim
         self.mb = n * f * dim * 4 / 2**20
@@ -64,14 +64,26 @@ class ItemRows:
         self.default = np.ascontiguousarray(defaults, dtype=np.float32)
         self.table = np.empty((n, f, dim), dtype=np.float32)
         self.missing = np.empty(n, dtype=np.int64)
-        t0 = time.monotonic()
+        self._store, self._sums, self._dim = store, sums, dim
+        self.build_s = 0.0
+        if build:
+            for _ in self.building(chunk):
+                pass
+
+    def building(self, chunk=8192):
+        """Pool every item, ``chunk`` items a step (a generator: one step per batch boundary while a new
+        profile snapshot is prepared, jizhi/profilestore.py); returns this ItemRows when done."""
+        n = self.table.shape[0]
         for a in range(0, n, chunk):
+            t0 = time.monotonic()
             rows = np.arange(a, min(n, a + chunk), dtype=np.int64)
             sigs, lens = self.items.item_signatures(rows, np.ones(rows.shape[0], dtype=np.bool_))
-            (emb,), (miss,) = pool_blocks(store, [(sigs, lens)], dim, [sums], [self.default])
+            (emb,), (miss,) = pool_blocks(self._store, [(sigs, lens)], self._dim, [self._sums], [self.default])
             self.table[a:a + rows.shape[0]] = emb
             self.missing[a:a + rows.shape[0]] = miss
-        self.build_s = time.monotonic() - t0
+            self.build_s += time.monotonic() - t0
+            yield
+        return self
 
     def read(self, rows, known):
         """(item_emb f32[P, F_item, D], missing int64[P]) of the candidates of these item profile rows
@@ -130,6 +142,9 @@ class CubeAccessor(Stage):
             self.profiles = profile_source(bundle)
             self.profiles.register(self)
             self._build_item_rows()
+            # A new snapshot's item rows are built a chunk per batch boundary before it serves.
+            self.profiles.add_deriver(self, lambda items: ItemRows(*self._rows_args, items=items, build=False)
+                                      .building(STEP_ITEMS))
 
     def _build_item_rows(self):
         """The item rows of the profiles' current snapshot (again after a switch: jizhi/profilestore.py)."""
@@ -154,7 +169,13 @@ class CubeAccessor(Stage):
         if self._rows_args is not None:
             self.profiles.poll(self)
             if self.profiles.items_generation != self.rows_generation:
-                self._build_item_rows()
+                ready = self.profiles.prepared.pop(self, None)
+                if ready is None:
+                    self._build_item_rows()       # (not prepared: built now, a pause)
+                else:
+                    self.item_rows, self.rows_generation = ready, self.profiles.items_generation
+                    log.info("item_rows: %d items' pooled embeddings of profile snapshot %d, built in %.2f s of "
+                             "steps between batches", ready.table.shape[0], self.profiles.snapshot, ready.build_s)
 
     def report(self, counters):
         counters[C_LOOKUPS] = self.store.lookups

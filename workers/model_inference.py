@@ -59,7 +59,7 @@ from jizhi.cube.store import open_cube
 from jizhi.graph.itemside import ItemTable, split_items
 from jizhi.graph.session import session_options
 from jizhi.graph.structured import structure, unstructure
-from jizhi.profilestore import source as profile_source
+from jizhi.profilestore import STEP_ITEMS, source as profile_source
 from jizhi.workers.stage import CANDIDATE, Output, Stage
 
 
@@ -186,6 +186,9 @@ class ModelInference(Stage):
             self._table_args = (bundle, split, items, functools.partial(_pool_items, bundle), item_cache_mb(config))
             self.table_generation = self.profiles.items_generation
             self.item_table = ItemTable(*self._table_args[:4], max_mb=self._table_args[4], items=self.profiles.items)
+            # A new snapshot's item table is built a chunk per batch boundary before it serves.
+            self.profiles.add_deriver(self, lambda items: ItemTable(*self._table_args[:4], max_mb=self._table_args[4],
+                                                                     items=items, build=False).building(STEP_ITEMS))
         except Exception as e:  # a head bundle (no profiles, no cube), a table too large, ...: serve without
             log.warning("item_cache: no item table for %s (%s: %s); running without it", bundle.onnx_path,
                         type(e).__name__, e)
@@ -204,9 +207,12 @@ class ModelInference(Stage):
         if self.profiles.items_generation == self.table_generation:
             return
         self.table_generation = self.profiles.items_generation
-        self.item_table = ItemTable(*self._table_args[:4], max_mb=self._table_args[4], items=self.profiles.items)
-        logging.getLogger("jizhi.worker").info("item_cache: item table of profile snapshot %d built in %.2f s",
-                                               self.profiles.snapshot, self.item_table.build_s)
+        ready = self.profiles.prepared.pop(self, None)
+        self.item_table = ready if ready is not None else \
+            ItemTable(*self._table_args[:4], max_mb=self._table_args[4], items=self.profiles.items)   # (a pause)
+        logging.getLogger("jizhi.worker").info("item_cache: item table of profile snapshot %d built in %.2f s%s",
+                                               self.profiles.snapshot, self.item_table.build_s,
+                                               " of steps between batches" if ready is not None else "")
 
     def process(self, batch):
         item_emb = np.ascontiguousarray(batch["item_emb"], dtype=np.float32)

@@ -205,7 +205,7 @@ class ItemTable:
     ``chunk``: items pooled and run per step while building.
     """
 
-    def __init__(self, bundle, split, session, pool, max_mb=512, chunk=8192, items=None):
+    def __init__(self, bundle, split, session, pool, max_mb=512, chunk=8192, items=None, build=True):
         self.split = split
         self.session = session
         self.items = store_profiles(bundle, "item") if items is None else items
@@ -216,15 +216,27 @@ class ItemTable:
                              f"floats), over item_cache_mb = {max_mb}")
         self.names = [name for name, _ in split.frontier]
         self.tables = [np.empty((n, *d), dtype=np.float32) for _, d in split.frontier]
-        t0 = time.monotonic()
+        self._pool = pool
+        self.build_s = 0.0
+        self.mb = mb
+        if build:
+            for _ in self.building(chunk):
+                pass
+
+    def building(self, chunk=8192):
+        """Compute every item's frontier tensors, ``chunk`` items a step (a generator, one step per batch
+        boundary while a new profile snapshot is prepared); returns this ItemTable when done."""
+        n = self.tables[0].shape[0] if self.tables else 0
         for a in range(0, n, chunk):
+            t0 = time.monotonic()
             rows = np.arange(a, min(n, a + chunk), dtype=np.int64)
             sigs, lens = self.items.item_signatures(rows, np.ones(rows.shape[0], dtype=np.bool_))
-            emb = pool(sigs, lens)
-            for table, out in zip(self.tables, session.run(self.names, {ITEM_INPUT: emb})):
+            emb = self._pool(sigs, lens)
+            for table, out in zip(self.tables, self.session.run(self.names, {ITEM_INPUT: emb})):
                 table[a:a + rows.shape[0]] = out
-        self.build_s = time.monotonic() - t0
-        self.mb = mb
+            self.build_s += time.monotonic() - t0
+            yield
+        return self
 
     def feeds(self, item_ids, item_emb, found=None):
         """{frontier name: f32[P, ...]} for these candidates (``item_emb``: their pooled embeddings,

@@ -267,7 +267,10 @@ def profiles():
               help="Rows read and checked at a time (memory stays bounded for any file size).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force, quiet):
+@click.option("--idle/--no-idle", default=True, show_default=True,
+              help="Run at the idle CPU priority (SCHED_IDLE): on a serving machine the build takes only the CPU "
+                   "jizhid leaves (measured: p99 3.6x steady during a build at normal priority).")
+def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force, quiet, idle):
     """Build a profile snapshot from Parquet, CSV, JSON lines or numpy .npz files.
 
     Each file has one row per entity: an id column and one column per field
@@ -302,6 +305,11 @@ def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force,
     """
     from jizhi.ctl.progress import ProgressBar
     from jizhi.tools.profilebuild import build_profiles
+    if idle:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))   # before numba's or arrow's threads start
+        except (OSError, AttributeError):
+            os.nice(19)
     try:
         rows = build_profiles(model_dir, out, users=users, items=items, spec=spec, chunk_rows=chunk_rows,
                               progress=None if quiet else (lambda label, total: ProgressBar(label, total, True)),

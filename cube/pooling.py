@@ -165,7 +165,7 @@ def _profile_values(bundle, hash_id, profiles):
     out): the rows a table of entity ids stores, as far as the bundle names them."""
     parts = []
     for f in bundle.user_fields + bundle.item_fields:
-        if f.hash_id != hash_id:
+        if f.hash_id != hash_id or f.context:
             continue
         if f.side not in profiles:
             profiles[f.side] = store_profiles(bundle, f.side)

@@ -40,7 +40,7 @@ from pathlib import Path
 from jizhi.errors import BundleError
 
 POLL_S = 1.0
-STEP_ITEMS = 2048   # items a derived table (item rows, item table) builds per batch boundary before a switch
+STEP_ITEMS = 512   # items a derived table (item rows, item table) builds per batch boundary before a switch
 SNAPSHOT_FORMAT = 1
 MANIFEST = "profiles.toml"
 log = logging.getLogger("jizhi.profiles")

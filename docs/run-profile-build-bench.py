@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "Profiles from a team's files (issue 21)": how long ``jizhictl profiles build`` takes.
+"""docs/benchmarks.md, "Profiles from a team's files: `jizhictl profiles build`": how long a build takes.
 
 Writes synthetic team files for the demo model's fields (ids at random, onehot categories as 0-based rows with
 -1 for about 5 % missing, bags as list columns, the users' 13 dense features as a list column, a history of up

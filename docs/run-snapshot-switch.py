@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "A profile snapshot published under load (issue 21)": p99 while a snapshot switches.
+"""docs/benchmarks.md, "A profile snapshot published under load": p99 while a snapshot switches.
 
 One jizhid serves the demo version reading a profile store (``[profiles] store``, jizhi/profilestore.py)
 through two pipelines, ``demo`` (etc/pipelines/demo.toml) and ``demo_cached`` (demo_cached.toml: item rows and

@@ -57,7 +57,8 @@ def snapshots(store):
         names = os.listdir(store)
     except FileNotFoundError:
         return []
-    return sorted(int(n) for n in names if n.isdigit() and os.path.isfile(os.path.join(store, n, MANIFEST)))
+    return sorted(int(n) for n in names if n.isascii() and n.isdigit()
+                  and os.path.isfile(os.path.join(store, n, MANIFEST)))
 
 
 def read_manifest(directory):
@@ -87,34 +88,51 @@ def fits(directory, bundle):
         return (f"{directory}: built with hash_seed {m.get('hash_seed')}, version {bundle.version} of {bundle.name} "
                 f"hashes with {bundle.hash_seed}")
     have = m.get("fields", {})
+    if not isinstance(have, dict):
+        return f"{directory}: {MANIFEST} has no [fields] table"
     for name, want in field_schema(bundle).items():
         got = have.get(name)
         if got is None:
             return f"{directory}: no field {name!r} (model {bundle.name} version {bundle.version} reads it)"
-        if list(got) != want:
+        if not isinstance(got, list) or list(got) != want:
             return (f"{directory}: field {name!r} is {got} (side, kind, max_len, vocab, hash id), model "
                     f"{bundle.name} version {bundle.version} has {want}")
     if bundle.dense_features != m.get("dense_features"):
         return (f"{directory}: {m.get('dense_features')} dense features, model {bundle.name} version "
                 f"{bundle.version} has {bundle.dense_features}")
+    # sigs.npy is [items, item fields in the builder's order, its longest item max_len]: the same layout
+    item_order = [f.name for f in bundle.item_fields]
+    if list(m.get("item_order", [])) != item_order or m.get("item_len") != bundle.item_len:
+        return (f"{directory}: item signatures laid out for item fields {m.get('item_order')} and bags of "
+                f"{m.get('item_len')}, model {bundle.name} version {bundle.version} reads {item_order} and "
+                f"{bundle.item_len}")
+    rows = m.get("rows", {})
+    if not isinstance(rows, dict) or not rows.get("users") or not rows.get("items"):
+        return f"{directory}: no users or no items ({MANIFEST} rows: {rows!r})"
     for entry in m.get("files", []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not isinstance(entry.get("size"), int):
+            return f"{directory}: a [[files]] entry of {MANIFEST} lacks a path or a size: {entry!r}"
         p = os.path.join(directory, entry["path"])
         try:
             size = os.stat(p).st_size
-        except FileNotFoundError:
+        except OSError:
             return f"{directory}: {entry['path']} is listed in {MANIFEST} but missing"
         if size != entry["size"]:
             return f"{directory}: {entry['path']} has {size} bytes, {MANIFEST} says {entry['size']}"
     return None
 
 
-def newest_fitting(store, bundle, after=0):
+def newest_fitting(store, bundle, after=0, skip=()):
     """(number, directory) of the newest snapshot of ``store`` newer than ``after`` that fits ``bundle``, or
-    None; with the reasons of the newer ones that do not fit (``[(number, why)]``)."""
+    None; with the reasons of the newer ones that do not fit (``[(number, why)]``). ``skip``: numbers not to
+    consider (refused already)."""
     refused = []
     for n in reversed(snapshots(store)):
         if n <= after:
             break
+        if n in skip:
+            continue
         d = os.path.join(store, str(n))
         why = fits(d, bundle)
         if why is None:
@@ -137,7 +155,8 @@ class ProfileSource:
         self.derivers = {}          # stage -> fn(items) -> a generator building its table a step at a time
         self.prepared = {}          # stage -> its table of the items just switched to (taken by the stage)
         self.pending = None         # (number, users, items, {stage: generator}) while the tables are built
-        self._refused = set()
+        self._refused = set()       # snapshot numbers that do not fit, or failed: never tried again
+        self._last_error = None
         if self.store is None:
             self.snapshot, root = 0, bundle.path / "profiles"
         else:
@@ -202,10 +221,21 @@ class ProfileSource:
         if now < self._next_poll:
             return False
         self._next_poll = now + POLL_S
-        if not snapshots(self.store) or snapshots(self.store)[-1] <= self.snapshot:
+        try:
+            return self._look()
+        except Exception as e:         # the store unreadable, a malformed snapshot: serve on, say so once
+            if str(e) != self._last_error:
+                self._last_error = str(e)
+                log.error("profile store %s of %s version %d: %s: %s; serving snapshot %d", self.store,
+                          self.bundle.name, self.bundle.version, type(e).__name__, e, self.snapshot)
+            return False
+
+    def _look(self):
+        have = snapshots(self.store)
+        if not have or have[-1] <= self.snapshot:
             return False
         from jizhi.bundle import Profiles
-        found, refused = newest_fitting(self.store, self.bundle, after=self.snapshot)
+        found, refused = newest_fitting(self.store, self.bundle, after=self.snapshot, skip=self._refused)
         for n, why in refused:
             if n not in self._refused:
                 self._refused.add(n)
@@ -218,7 +248,8 @@ class ProfileSource:
             users = Profiles(self.bundle, "user", Path(found[1]))
             # Items carried over (hard links to the current snapshot's files): the same profiles, so the
             # tables derived from them (item rows, item table) stay.
-            items = self.items if _same_side(self.items.root, found[1], "items") \
+            current = os.path.join(self.store, str(self.snapshot)) if self.snapshot else self.items.root
+            items = self.items if _same_side(current, found[1], "items") \
                 else Profiles(self.bundle, "item", Path(found[1]))
         except (BundleError, OSError, ValueError) as e:
             if found[0] not in self._refused:
@@ -227,7 +258,14 @@ class ProfileSource:
                           self.bundle.version, e)
             return False
         if items is not self.items and self.derivers:
-            self.pending = (found[0], users, items, {st: fn(items) for st, fn in self.derivers.items()})
+            try:
+                builders = {st: fn(items) for st, fn in self.derivers.items()}
+            except Exception as e:      # a table too large for this snapshot's items, ...: not this snapshot
+                self._refused.add(found[0])
+                log.error("profile snapshot %d not used by %s version %d: its item tables cannot be built: %s: %s",
+                          found[0], self.bundle.name, self.bundle.version, type(e).__name__, e)
+                return False
+            self.pending = (found[0], users, items, builders)
             self.prepared = {}
             log.info("profile snapshot %d: its items changed; building %d derived table(s) of %s items a step "
                      "per batch before it serves", found[0], len(self.derivers), f"{items.ids.shape[0]:,}")

@@ -204,10 +204,10 @@ MAX_FEATURE_VALUES = 4096   # values of one key (a bag, or the dense features)
 
 
 def _request_features(context, features):
-    """The request's own features, checked for shape only (the model's fields are checked by the worker
-    that reads them, workers/data_reader.py): ``{"context": {field: values}, "user": {field: values}}`` with
-    ``dense`` among the user's, or None when the request carries none. A value is an integer or a list of
-    integers (a bag); ``dense`` a list of numbers."""
+    """The request's own features, ``features`` checked for shape (the model's fields are checked by the
+    worker that reads them, workers/data_reader.py, which checks ``context`` too):
+    ``{"context": {field: value}, "user": {field: value}}`` with ``dense`` among the user's, or None when the
+    request carries none. A value is an integer or a list of integers (a bag); ``dense`` a list of numbers."""
     if not context and not features:
         return None
     if len(context) + len(features) > MAX_FEATURES:
@@ -218,6 +218,11 @@ def _request_features(context, features):
         for name, value in given.items():
             if not isinstance(name, str):
                 raise _bad(f"{where}: keys must be field names (strings), got {name!r}")
+            if where == "context":
+                # Checked by the worker against the model's context fields (a model without any ignores the
+                # context, whatever it holds, as this server did before context fields existed).
+                checked[name] = value
+                continue
             if isinstance(value, list):
                 if len(value) > MAX_FEATURE_VALUES:
                     raise _bad(f"{where}.{name}: {len(value)} values, over the limit of {MAX_FEATURE_VALUES}")

@@ -193,3 +193,23 @@ def test_a_store_build_of_one_side_needs_a_snapshot_to_carry_the_other_from(demo
         build_profiles(demo_bundle, users=str(tmp_path / "users.npz"), spec=str(tmp_path / "spec.toml"),
                        store=str(tmp_path / "store"))
     assert snapshots(tmp_path / "store") == []
+
+
+def test_one_build_at_a_time_per_store_and_a_snapshot_laid_out_for_other_item_fields_does_not_fit(
+        store_setup, tmp_path):
+    import fcntl
+    from jizhi.profilestore import fits
+    d, store, version = store_setup["dir"], store_setup["store"], store_setup["version"]
+    with open(store / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(BuildError, match="another jizhictl profiles build is publishing into this store"):
+            build_profiles(str(version), users=str(d / "users.npz"), spec=str(d / "spec.toml"), store=str(store))
+    snap = tmp_path / "snap"
+    shutil.copytree(store / "1", snap)
+    text = (snap / "profiles.toml").read_text()
+    order = re.search(r'item_order = \[(.*?)\]', text).group(1)
+    names = [n.strip() for n in order.split(",")]
+    swapped = ", ".join([names[1], names[0]] + names[2:])
+    (snap / "profiles.toml").write_text(text.replace(order, swapped))
+    why = fits(str(snap), Bundle(str(version)))
+    assert why is not None and "item signatures laid out for item fields" in why

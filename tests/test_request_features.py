@@ -35,9 +35,10 @@ def test_the_wire_carries_context_and_features_checked_for_shape():
     r = _decode(context={"hour": 3}, features={"dense": [0.5, 1], "u_tags": [1, 2]})
     assert r["feats"] == {"context": {"hour": 3}, "user": {"dense": [0.5, 1], "u_tags": [1, 2]}}
     assert _decode()["feats"] is None
+    # context values are the worker's to check (a model without context fields ignores them, as before)
+    assert _decode(context={"page": "home"})["feats"] == {"context": {"page": "home"}, "user": {}}
     for kw, why in (({"features": {"dense": 3}}, "features.dense: expected"),
                     ({"features": {"u": [1.5]}}, "features.u: expected a list of integers"),
-                    ({"context": {"h": "x"}}, "context.h: expected an integer"),
                     ({"features": {"u": -1}}, "features.u: raw values are integers from 0"),
                     ({"features": {"dense": [float("nan")]}}, "features.dense: NaN"),
                     ({"features": {"u": list(range(5000))}}, "over the limit of 4096")):
@@ -134,21 +135,32 @@ def test_a_request_with_features_never_uses_the_query_cache(served, demo_bundle,
     assert not _same(dict(zip(r.item_ids.tolist(), r.scores.tolist())), plain)
 
 
-@pytest.mark.parametrize("kw, why", [
-    ({"features": {"u_nope": 3}}, "features.u_nope: model demo version 1 has no such features field"),
-    ({"features": {"dense": [1.0] * 12}}, "features.dense: 12 values, model demo version 1 takes 13"),
-    ({"features": {"u_cat0": [3, 4]}}, "features.u_cat0: 2 values, a onehot field takes one"),
-    ({"features": {"u_multi0": [1, 2, 3, 4, 5, 6]}}, "features.u_multi0: 6 values, longer than the field's max_len 5"),
-    ({"features": {"u_cat0": 5000}}, "features.u_cat0: raw value 5000 is outside 1..1000"),
-    ({"context": {"hour": 3}}, "context.hour: model demo version 1 has no such context field"),
+@pytest.mark.parametrize("pipeline, kw, why", [
+    ("demo", {"features": {"u_nope": 3}}, "features.u_nope: model demo version 1 has no such features field"),
+    ("demo", {"features": {"dense": [1.0] * 12}}, "features.dense: 12 values, model demo version 1 takes 13"),
+    ("demo", {"features": {"u_cat0": [3, 4]}}, "features.u_cat0: 2 values, a onehot field takes one"),
+    ("demo", {"features": {"u_multi0": [1, 2, 3, 4, 5, 6]}},
+     "features.u_multi0: 6 values, longer than the field's max_len 5"),
+    ("demo", {"features": {"u_cat0": 5000}}, "features.u_cat0: raw value 5000 is outside 1..1000"),
+    ("ctx", {"context": {"hour": 3}}, "context.hour: model ctx version 1 has no such context field"),
+    ("ctx", {"context": {CONTEXT_FIELD: "x"}}, f"context.{CONTEXT_FIELD}: expected an integer or a list of integers"),
 ])
-def test_what_the_model_cannot_take_is_bad_request_naming_the_field(served, demo_trace, kw, why):
+def test_what_the_model_cannot_take_is_bad_request_naming_the_field(served, demo_trace, pipeline, kw, why):
     user, items, _ = demo_trace[4]
     with served.client() as c:
         with pytest.raises(RequestError) as e:
-            c.score(user, items, deadline_ms=10_000, **kw)
+            c.score(user, items, pipeline=pipeline, deadline_ms=10_000, **kw)
         assert e.value.code == "BAD_REQUEST" and why in e.value.message
-        assert c.score(user, items, deadline_ms=10_000).ok          # the next request is served
+        assert c.score(user, items, pipeline=pipeline, deadline_ms=10_000).ok      # the next request is served
+
+
+def test_a_model_without_context_fields_ignores_a_requests_context(served, demo_trace):
+    """As before context fields existed: any context, even one no model could read, is no error there."""
+    user, items, _ = demo_trace[6]
+    with served.client() as c:
+        _, plain = _all(c, user, items)
+        _, given = _all(c, user, items, context={"page": "home", "hour": 3})
+    assert _same(given, plain)
 
 
 def test_a_context_field_sent_as_a_feature_is_refused_naming_where_it_goes(served, demo_trace):

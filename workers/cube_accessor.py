@@ -50,6 +50,15 @@ def item_rows_option(config):
     return on, mb
 
 
+_MISSING = object()
+
+
+def _none():
+    """The steps of no table: done at once."""
+    return None
+    yield       # (a generator)
+
+
 class ItemRows:
     """Every item's pooled embeddings f32[items, F_item, D] and missing-signature counts, pooled once from
     ``store`` (the module docstring, ``item_rows``); ValueError when larger than ``max_mb``."""
@@ -143,8 +152,17 @@ class CubeAccessor(Stage):
             self.profiles.register(self)
             self._build_item_rows()
             # A new snapshot's item rows are built a chunk per batch boundary before it serves.
-            self.profiles.add_deriver(self, lambda items: ItemRows(*self._rows_args, items=items, build=False)
-                                      .building(STEP_ITEMS))
+            self.profiles.add_deriver(self, self._derive_rows)
+
+    def _derive_rows(self, items):
+        """The steps of a new snapshot's item rows (returning None, and pooling per batch, when they would
+        be over item_rows_mb)."""
+        try:
+            rows = ItemRows(*self._rows_args, items=items, build=False)
+        except ValueError as e:
+            log.warning("item_rows: %s; pooling item bags per batch", e)
+            return _none()
+        return rows.building(STEP_ITEMS)
 
     def _build_item_rows(self):
         """The item rows of the profiles' current snapshot (again after a switch: jizhi/profilestore.py)."""
@@ -169,13 +187,15 @@ class CubeAccessor(Stage):
         if self._rows_args is not None:
             self.profiles.poll(self)
             if self.profiles.items_generation != self.rows_generation:
-                ready = self.profiles.prepared.pop(self, None)
-                if ready is None:
+                ready = self.profiles.prepared.pop(self, _MISSING)
+                if ready is _MISSING:
                     self._build_item_rows()       # (not prepared: built now, a pause)
                 else:
                     self.item_rows, self.rows_generation = ready, self.profiles.items_generation
-                    log.info("item_rows: %d items' pooled embeddings of profile snapshot %d, built in %.2f s of "
-                             "steps between batches", ready.table.shape[0], self.profiles.snapshot, ready.build_s)
+                    if ready is not None:
+                        log.info("item_rows: %d items' pooled embeddings of profile snapshot %d, built in %.2f s "
+                                 "of steps between batches", ready.table.shape[0], self.profiles.snapshot,
+                                 ready.build_s)
 
     def report(self, counters):
         counters[C_LOOKUPS] = self.store.lookups

@@ -57,6 +57,11 @@ class RequestFields:
 
     def bag(self, where, name, value):
         """(column, raw values) of one given field; raises BadFeature naming it."""
+        if not (isinstance(value, int) and not isinstance(value, bool)) and not (
+                isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise BadFeature(f"{where}.{name}: expected an integer or a list of integers (raw values)")
+        if any(not 0 <= v < 2 ** 63 for v in ([value] if isinstance(value, int) else value)):
+            raise BadFeature(f"{where}.{name}: raw values are integers from 0 to 2**63 - 1")
         found = self.columns.get(name)
         if found is None:
             names = self.context_names if where == "context" else self.user_names + ["dense"]
@@ -66,11 +71,10 @@ class RequestFields:
         if f.context != (where == "context"):
             raise BadFeature(f"{where}.{name}: a {'context' if f.context else 'profile'} field of model {self.model}: "
                              f"send it in {'context' if f.context else 'features'}")
-        bag = [value] if isinstance(value, int) else list(value)
+        bag = [v for v in ([value] if isinstance(value, int) else value) if v != 0]    # 0: missing, as in profiles
         if f.kind == "onehot":
             if len(bag) > 1:
                 raise BadFeature(f"{where}.{name}: {len(bag)} values, a onehot field takes one")
-            bag = [v for v in bag if v != 0]        # 0: missing
         elif f.kind == "history":
             bag = bag[-f.max_len:]                  # its newest max_len values, as the profiles' serve
         elif len(bag) > f.max_len:
@@ -79,6 +83,14 @@ class RequestFields:
             bad = next(v for v in bag if not 1 <= v <= f.vocab)
             raise BadFeature(f"{where}.{name}: raw value {bad} is outside 1..{f.vocab} (the table's rows + 1)")
         return c, bag
+
+
+def uses_features(f, fields):
+    """True when a request's features (``f``, one entry of ``batch.feats``) change what it scores: the
+    user's own, or a context the model reads (a model without context fields ignores ``context``)."""
+    if f is None:
+        return False
+    return bool(f.get("user")) or bool(f.get("context") and (fields is None or fields.context_names))
 
 
 def apply_request_features(batch, fields, dense, values, lens):
@@ -90,7 +102,9 @@ def apply_request_features(batch, fields, dense, values, lens):
         if f is None:
             continue
         try:
-            for where, given in (("context", f.get("context") or {}), ("features", f.get("user") or {})):
+            # (a model without context fields ignores a request's context, as before they existed)
+            context = (f.get("context") or {}) if fields.context_names else {}
+            for where, given in (("context", context), ("features", f.get("user") or {})):
                 for name, value in given.items():
                     if where == "features" and name == "dense":
                         if len(value) != fields.dense:

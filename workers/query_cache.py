@@ -87,6 +87,8 @@ import numpy as np
 from jizhi.qcache import MODE_BYPASSED, MODE_ON, QueryCache as Cache
 from jizhi.stats import (C_QC_COST_NS, C_QC_HIT_PPM, C_QC_JUDGED, C_QC_SAVED_NS, C_QC_STATE, C_QC_SWITCHES,
                          QC_BYPASSED, QC_ON)
+from jizhi.profilestore import source as profile_source
+from jizhi.workers.data_reader import RequestFields, uses_features
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 
@@ -94,6 +96,15 @@ def version_key(pipeline, versions):
     """The cache's uint32 version field: scores of another pipeline or version set ``{model: version}``
     never match (in a multi-model pipeline a new version of any head is a new key)."""
     return zlib.crc32((pipeline or "").encode() + b"/" + ",".join(f"{m}={v}" for m, v in sorted(versions.items())).encode())
+
+
+def entry_key(key, profiles):
+    """``key`` (``version_key``) for a version with its own profiles; for one reading a profile store
+    (``profiles``: its ``ProfileSource``), mixed with the snapshot it serves now, so scores of another
+    snapshot never match (the query_cache stage looks up, and the ranker stores, under it)."""
+    if profiles is None or profiles.store is None:
+        return key
+    return zlib.crc32(f"{key}/{profiles.snapshot}".encode())
 
 
 log = logging.getLogger("jizhi.worker")
@@ -276,25 +287,35 @@ class QueryCache(Stage):
                              always_on=spec.get("bypass", "auto") == "off",
                              start_on=spec.get("start", "bypassed") == "on")
         self.pending = None       # the last batch's Account, until weighed
+        self._blank = {}          # read-only zero outputs of a batch nobody looks up, by dtype (grown as needed)
+        # A version reading a profile store: its entries are keyed by the snapshot too (a switch must not
+        # answer from scores the old snapshot's profiles computed). The worker's data reader switches it.
+        self.profiles = profile_source(bundle) if getattr(bundle, "profile_store", None) is not None else None
+        # The mode word is the pipeline's, whatever its versions (a reload does not claim another word).
+        self.mode_key = zlib.crc32((config.get("_pipeline") or "").encode())
+        self.fields = RequestFields(bundle) if hasattr(bundle, "user_fields") else None
         self.mode_slot = None
         if self.cache is not None and not self.bypass.always_on:
             self._claim()
+
+    def entry_key(self):
+        """The uint32 version field of this batch's entries (``version_key``, and the profile snapshot)."""
+        return entry_key(self.key, self.profiles)
 
     def _claim(self):
         """This pipeline's word of the shared mode; a worker started (or restarted) beside others takes
         their state, not ``qcache.start``."""
         want = MODE_ON if self.bypass.on else MODE_BYPASSED
-        self.mode_slot = self.cache.mode_slot(self.key, want)
+        self.mode_slot = self.cache.mode_slot(self.mode_key, want)
         if self.mode_slot is None:
             log.warning("query cache: no header word left for this pipeline's shared state; its workers "
                         "judge alone")
             return
-        mode = self.cache.mode_of(self.mode_slot, self.key)
+        mode = self.cache.mode_of(self.mode_slot, self.mode_key)
         if mode and mode != want:
             self.bypass.on = mode == MODE_ON
             self.bypass.warming = self.bypass._warmup()
         self.bypass.published = mode or want
-        self._blank = {}          # read-only zero outputs of a batch nobody looks up, by dtype (grown as needed)
 
     def settle(self):
         if self.pending is not None:
@@ -305,14 +326,14 @@ class QueryCache(Stage):
         # One state for a pipeline's workers (a worker alone in full use would find only its own stores:
         # measured, 12.5 % hits where the sample, which every worker keeps storing, saw 19.8 %): a switch this
         # worker's judgement made is published; one another worker made is followed.
-        mode = self.cache.mode_of(self.mode_slot, self.key)
+        mode = self.cache.mode_of(self.mode_slot, self.mode_key)
         want = MODE_ON if self.bypass.on else MODE_BYPASSED
         if not mode:                            # the word was taken from under us: claim one again
             self._claim()
             return
         if mode != want:
             if self.bypass.published != want:
-                self.cache.set_mode(self.mode_slot, self.key, want)     # this worker's own judgement
+                self.cache.set_mode(self.mode_slot, self.mode_key, want)     # this worker's own judgement
             else:
                 self.bypass.switch(mode == MODE_ON)
                 log.info("query cache %s, as another worker judged", "on" if self.bypass.on else "bypassed")
@@ -361,12 +382,12 @@ class QueryCache(Stage):
         on = self.bypass.users_on(users)
         if batch.feats is not None:
             # A request that carries its own features is scored from them: never from (or into) the cache.
-            on &= np.array([f is None for f in batch.feats], dtype=bool)
+            on &= np.array([not uses_features(f, self.fields) for f in batch.feats], dtype=bool)
         share = self.bypass.share
         if on.all():
             k0 = time.thread_time()
             epochs = self.cache.epochs_of(users)     # before anything is computed: feedback from now on wins
-            scores, hit = self.cache.lookup(users, offsets, items, self.key, share=share)
+            scores, hit = self.cache.lookup(users, offsets, items, self.entry_key(), share=share)
             kernel_s = time.thread_time() - k0
             looked = n
         else:
@@ -381,7 +402,7 @@ class QueryCache(Stage):
                 np.cumsum(counts[rows], out=sub[1:])
                 sampled = items[idx]
                 k0 = time.thread_time()
-                found, found_hit = self.cache.lookup(users[rows], sub, sampled, self.key, share=share)
+                found, found_hit = self.cache.lookup(users[rows], sub, sampled, self.entry_key(), share=share)
                 kernel_s = time.thread_time() - k0
                 scores[idx], hit[idx] = found, found_hit
                 looked = idx.shape[0]

@@ -27,13 +27,16 @@ class Ranker(Stage):
 
     def setup(self, config, bundle):
         from jizhi.qcache import QueryCache
-        from jizhi.workers.query_cache import version_key
+        from jizhi.profilestore import source as profile_source
+        from jizhi.workers.query_cache import entry_key, version_key
         self.cache = QueryCache.attach(config.get("_qcache"))
         self.writer = config.get("_wid", 0)
         if self.cache is not None and self.writer >= self.cache.writers:
             self.cache = None    # more workers than the cache has regions: this one only reads
         self.key = version_key(config.get("_pipeline"),
                                 config.get("_versions") or {bundle.name: bundle.version}) if bundle else 0
+        self.profiles = profile_source(bundle) if getattr(bundle, "profile_store", None) is not None else None
+        self.entry_key = entry_key
 
     def process(self, batch):
         score, keep = batch["score"], batch.columns.get("keep")
@@ -66,7 +69,8 @@ class Ranker(Stage):
                 # One share per batch (the query_cache stage decides it per batch).
                 k0 = time.thread_time()
                 self.cache.store(self.writer, batch.users, batch.offsets, batch["item_ids"], score,
-                                 self.key, batch["qc_epoch"], mask=fresh, share=int(share.max()))
+                                 self.entry_key(self.key, self.profiles), batch["qc_epoch"], mask=fresh,
+                                 share=int(share.max()))
                 if account is not None:
                     account.kernel_s += time.thread_time() - k0
         if hit.any():

@@ -316,6 +316,12 @@ def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force,
                               force=force, store=store)
     except BundleError as e:
         raise refused(str(e))
+    except OSError as e:       # a full disk, a store not writable, ...: one line, nothing published
+        raise refused(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except Exception as e:
+        if not type(e).__module__.startswith("pyarrow"):
+            raise
+        raise refused(f"pyarrow could not read the input: {e}")
     what = f"snapshot {rows['snapshot']} of {store} ({rows['path']})" if store else rows["path"]
     click.echo(f"built {what}: " + ", ".join(f"{rows[k]:,} {k}" for k in ("users", "items") if k in rows))
 
@@ -338,7 +344,11 @@ def profiles_list(store, models_dir):
     if not numbers:
         raise refused(f"{store}: no complete snapshot (a snapshot is STORE/N with its profiles.toml)")
     for n in numbers:
-        m = read_manifest(os.path.join(store, str(n)))
+        try:
+            m = read_manifest(os.path.join(store, str(n)))
+        except BundleError as e:
+            click.echo(f"{n:>6}  unreadable: {e}")
+            continue
         rows = m.get("rows", {})
         carried = m.get("carried", {})
         note = "".join(f", {side} carried over" for side in carried)

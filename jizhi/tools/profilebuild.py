@@ -28,7 +28,7 @@ never applied by hand::
 A bag (multihot, history) is a list column in Parquet and JSON lines, a cell
 of values separated by ``sep`` in CSV, and in .npz either a 2-D array padded
 with a ``missing`` value or the pair ``<column>.values`` / ``<column>.offsets``;
-the dense features are a list column (CSV: one cell of ``sep``-separated
+the dense features are a list column (CSV: one cell of space-separated
 numbers) or one column each (.npz: a 2-D float array, or one 1-D array each).
 
 The files are read in chunks of ``--chunk-rows`` rows (a progress bar per
@@ -194,17 +194,19 @@ def read_chunks(side, names, chunk_rows):
             start += batch.num_rows
     elif fmt == "csv":
         import pyarrow.csv as pcsv
+        import csv as pycsv
         try:
-            with open(path, "rb") as fh:
-                header = fh.readline().decode("utf-8").rstrip("\r\n").split(",")
-        except (OSError, UnicodeDecodeError) as e:
+            with open(path, newline="", encoding="utf-8") as fh:
+                have = [c.strip() for c in next(pycsv.reader(fh), [])]
+        except (OSError, UnicodeDecodeError, pycsv.Error) as e:
             raise BuildError(f"{path}: {e}")
-        have = [c.strip().strip('"') for c in header]
         wanted = [c for c in names if c in have]
         convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in wanted}, include_columns=wanted,
                                       strings_can_be_null=True)
         try:
+            # Empty lines are rows too (of nulls: refused, with their line), so a row's line is its index + 2.
             reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 22),
+                                   parse_options=pcsv.ParseOptions(ignore_empty_lines=False),
                                    convert_options=convert)
             start = 0
             for batch in reader:
@@ -229,8 +231,11 @@ def _jsonl_chunks(path, names, chunk_rows, pa):
                 arrays[c] = pa.array(values)
             except (pa.ArrowException, TypeError, ValueError, OverflowError):
                 kinds = [_json_kind(v) for v in values]
-                first = next(k for k in kinds if k != "null")
-                i = next(j for j, k in enumerate(kinds) if k not in ("null", first))
+                first = next((k for k in kinds if k != "null"), "null")
+                i = next((j for j, k in enumerate(kinds) if k not in ("null", first)), None)
+                if i is None:       # one kind, but mixed inside (a list of numbers and strings, ...)
+                    raise BuildError(f"{path}, lines {lines[0]}-{lines[-1]}, column {c!r}: values pyarrow cannot "
+                                     f"read as one type (a list mixing numbers and strings?)")
                 raise BuildError(f"{path}, line {lines[i]}, column {c!r}: a {kinds[i]} ({values[i]!r:.60}) where "
                                  f"earlier lines have a {first}")
         return Chunk(path, "jsonl", start, arrays, np.array(lines, dtype=np.int64))
@@ -581,7 +586,7 @@ def build_side(side, bundle, out, chunk_rows, progress):
             bar.advance(chunk.n)
     if bar:
         bar.close()
-    if not seen:
+    if not seen or not os.path.getsize(os.path.join(tmp, "ids.bin")):
         raise BuildError(f"{side.path}: no rows")
     return _finish(side, bundle, out, tmp, width, save_array)
 
@@ -716,10 +721,6 @@ def build_profiles(model_dir, out=None, users=None, items=None, spec=None, chunk
     ``progress(label, total)``: a progress bar (``jizhi.ctl.progress.ProgressBar``-like) or None. Raises
     ``BuildError`` (one line) for bad input; nothing is left at ``out`` (or in the store) then."""
     from jizhi.bundle import Bundle
-    from jizhi.cube.pooling import table_is_bounded
-    from jizhi.cube.store import open_cube
-    from jizhi.profilestore import field_schema, fits, snapshots
-    from jizhi.tomlw import toml_text
     bundle = Bundle(model_dir)
     sources = {s: p for s, p in (("user", users), ("item", items)) if p}
     if not sources:
@@ -729,9 +730,28 @@ def build_profiles(model_dir, out=None, users=None, items=None, spec=None, chunk
     for p in sources.values():
         if not os.path.isfile(p):
             raise BuildError(f"{p}: no such file")
+    if store is None:
+        return _build(bundle, sources, out, spec, chunk_rows, progress, force, None)
+    os.makedirs(store, exist_ok=True)
+    # One build at a time per store: a build carries a side over from the newest snapshot, which a
+    # concurrent build must not replace meanwhile (it would be published reverted).
+    import fcntl
+    with open(os.path.join(store, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BuildError(f"{store}: another jizhictl profiles build is publishing into this store; run this "
+                             "one after it")
+        return _build(bundle, sources, out, spec, chunk_rows, progress, force, store)
+
+
+def _build(bundle, sources, out, spec, chunk_rows, progress, force, store):
+    from jizhi.cube.pooling import table_is_bounded
+    from jizhi.cube.store import open_cube
+    from jizhi.profilestore import field_schema, fits, snapshots
+    from jizhi.tomlw import toml_text
     previous = None
     if store is not None:
-        os.makedirs(store, exist_ok=True)
         have = snapshots(store)
         previous = os.path.join(store, str(have[-1])) if have else None
         if len(sources) < 2:
@@ -788,7 +808,8 @@ def build_profiles(model_dir, out=None, users=None, items=None, spec=None, chunk
                "hash_seed": bundle.hash_seed, "dense_features": bundle.dense_features,
                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
                "sources": {k + "s": os.path.abspath(v) for k, v in sources.items()},
-               "fields": field_schema(bundle), "files": sorted(files, key=lambda e: e["path"])}
+               "fields": field_schema(bundle), "item_order": [f.name for f in bundle.item_fields],
+               "item_len": bundle.item_len, "files": sorted(files, key=lambda e: e["path"])}
         if carried:
             doc["carried"] = carried
         with open(os.path.join(incoming, "profiles.toml"), "w") as f:

@@ -317,6 +317,16 @@ def profiles(bundle, side):
     return s.users if side == "user" else s.items
 
 
+def profiles_dir(bundle):
+    """The directory whose ``users/`` and ``items/`` a version serves now (its own ``profiles/``, or its
+    store's newest snapshot that fits it), without opening them; None when no snapshot fits. For tools
+    that only read ids (``jizhictl query --random``, a warm-up's ids)."""
+    if bundle.profile_store is None:
+        return bundle.path / "profiles"
+    found, _ = newest_fitting(bundle.profile_store, bundle)
+    return None if found is None else Path(found[1])
+
+
 def forget(bundle):
     """Drop this process's source of a version (a worker done with it; tests)."""
     _sources.pop(str(bundle.path), None)

@@ -135,13 +135,19 @@ def query(endpoint, pipeline, user, items_csv, trace, index, random_n, bundle, t
         if not bundle:
             raise click.UsageError("--random needs --bundle VERSION_DIR")
         bundle = resolve_bundle(bundle)     # a version directory, or a model directory: its newest version
-        ids = np.load(f"{bundle}/profiles/items/ids.npy", mmap_mode="r")
+        from jizhi.bundle import Bundle
+        from jizhi.profilestore import profiles_dir
+        root = profiles_dir(Bundle(bundle))     # its own profiles, or its profile store's snapshot
+        if root is None:
+            raise click.BadParameter(f"{bundle} reads a profile store with no snapshot that fits it",
+                                     param_hint="--bundle")
+        ids = np.load(f"{root}/items/ids.npy", mmap_mode="r")
         if not 0 < random_n <= ids.shape[0]:
             raise click.BadParameter(f"{random_n}: the bundle {bundle} has {ids.shape[0]} items to draw from",
                                      param_hint="--random")
         items = np.random.default_rng().choice(np.asarray(ids), size=random_n, replace=False)
         if user is None:
-            user = int(np.load(f"{bundle}/profiles/users/ids.npy", mmap_mode="r")[0])
+            user = int(np.load(f"{root}/users/ids.npy", mmap_mode="r")[0])
     else:
         raise click.UsageError("give candidates: --trace, --items or --random with --bundle")
     if user is None:

@@ -47,8 +47,9 @@ from jizhi import arena, lifeline, messages, shm
 from jizhi.bundle import Bundle
 from jizhi.cube.hot import CTL_WORDS, Control
 from jizhi.cube.remote import remote_url
-from jizhi.errors import PipelineError, ShmFull
+from jizhi.errors import JizhiError, PipelineError, ShmFull
 from jizhi.pipeline import compile_pipeline
+from jizhi.profilestore import profiles_dir
 from jizhi.states import VersionState
 from jizhi.supervisor.registry import child_report
 
@@ -350,9 +351,12 @@ def warmup_ids(path):
     Read, not memory-mapped: a truncated file is an exception here, never a SIGBUS in the supervisor.
     """
     try:
-        users = np.load(Path(path) / "profiles" / "users" / "ids.npy")
-        items = np.load(Path(path) / "profiles" / "items" / "ids.npy")
-    except (OSError, ValueError):
+        root = profiles_dir(Bundle(path))       # its own profiles, or its profile store's snapshot
+        if root is None:
+            return None
+        users = np.load(root / "users" / "ids.npy")
+        items = np.load(root / "items" / "ids.npy")
+    except (OSError, ValueError, JizhiError):
         return None
     u = users[np.linspace(0, users.shape[0] - 1, min(8, users.shape[0])).astype(np.int64)]
     i = items[np.linspace(0, items.shape[0] - 1, min(8 * 100, items.shape[0])).astype(np.int64)]

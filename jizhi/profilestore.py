@@ -327,6 +327,12 @@ def profiles_dir(bundle):
     return None if found is None else Path(found[1])
 
 
+def building():
+    """True while a source of this process builds a new snapshot's item tables (the worker then runs its
+    batch boundaries between requests too, instead of waiting for them: workers/run.py)."""
+    return any(s.pending is not None for s in _sources.values())
+
+
 def forget(bundle):
     """Drop this process's source of a version (a worker done with it; tests)."""
     _sources.pop(str(bundle.path), None)

@@ -182,7 +182,12 @@ def test_a_snapshot_published_under_load_is_served_from_the_next_batch_without_a
         assert out.returncode == 0, out.stderr
         assert "items carried over" in out.stdout and "users carried over" in out.stdout
         assert "read by demo version 1: snapshot 3" in out.stdout and "snapshot 4 does not fit" in out.stdout
-        shutil.rmtree(bad)
+
+        # With no request at all, every worker takes up the next snapshot (idle, its batch boundaries run).
+        assert build_profiles(str(version), users=str(d / "users2.npz"), spec=str(d / "spec.toml"),
+                              store=str(store))["snapshot"] == 5
+        wait_until(lambda: server.log_text().count("snapshot 3 -> 5") == 4, 30, interval_s=0.2,
+                   what="every worker of both pipelines on snapshot 5 without a request")
 
 
 def test_a_store_build_of_one_side_needs_a_snapshot_to_carry_the_other_from(demo_bundle, tmp_path):

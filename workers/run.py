@@ -28,6 +28,7 @@ import numpy as np
 import zmq
 
 from jizhi import lifeline, logs, messages, rundir
+from jizhi.profilestore import building as profiles_building
 from jizhi.stats import (C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, W_ASSEMBLE, W_DONE, W_RECEIVE, W_WRITE,
                          CpuPhases, Stats, rss_bytes)
 from jizhi.workers.builtins import load_class
@@ -239,6 +240,15 @@ class Worker:
                 narrow.select(out["_select"])
         narrow.widen(self.needed_at_end)
 
+    def idle_boundary(self):
+        """The batch boundaries' hooks with no batch: new hot-tier generations and profile snapshots are
+        taken up by an idle worker too. A hook that fails is logged; nothing else is at stake here."""
+        try:
+            for hook in self.boundary_hooks:
+                hook()
+        except Exception:
+            log.exception("a stage's batch-boundary hook failed while idle")
+
     def warm_up(self):
         """One batch through every stage before this worker reports READY (so before jizhid says ready).
 
@@ -337,7 +347,11 @@ class Worker:
                     break
             if st is not None:
                 st.heartbeat[row] = time.monotonic()   # from the work loop: a stuck stage stops it
-            if poller.poll(int(hb_s * 1000)):
+            # Idle, the batch boundaries still run (a profile snapshot published while no request comes is
+            # taken up; its item tables are built between requests, not only between batches).
+            if not poller.poll(0 if profiles_building() else int(hb_s * 1000)):
+                self.idle_boundary()
+            else:
                 cpu.enter(W_RECEIVE)
                 try:
                     msg = messages.decode(sock.recv_multipart(copy=True))

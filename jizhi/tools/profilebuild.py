@@ -716,7 +716,7 @@ def build_profiles(model_dir, out=None, users=None, items=None, spec=None, chunk
     ``model_dir``; returns ``{"users": rows, "items": rows, "path": out, "snapshot": N or None}``.
 
     ``store``: publish into a profile store instead (jizhi/profilestore.py): the snapshot becomes
-    ``<store>/<N>``, N one past the newest; a side not given is carried over from the newest snapshot (its
+    ``<store>/<N>``, N one past the newest; a side not given is carried over from the newest snapshot that fits (its
     files hard-linked, or copied across file systems), after checking it fits the model.
     ``progress(label, total)``: a progress bar (``jizhi.ctl.progress.ProgressBar``-like) or None. Raises
     ``BuildError`` (one line) for bad input; nothing is left at ``out`` (or in the store) then."""
@@ -748,20 +748,22 @@ def build_profiles(model_dir, out=None, users=None, items=None, spec=None, chunk
 def _build(bundle, sources, out, spec, chunk_rows, progress, force, store):
     from jizhi.cube.pooling import table_is_bounded
     from jizhi.cube.store import open_cube
-    from jizhi.profilestore import field_schema, fits, snapshots
+    from jizhi.profilestore import field_schema, newest_fitting, snapshots
     from jizhi.tomlw import toml_text
     previous = None
     if store is not None:
         have = snapshots(store)
-        previous = os.path.join(store, str(have[-1])) if have else None
         if len(sources) < 2:
-            if previous is None:
-                raise BuildError(f"{store} has no snapshot yet: the first one needs --users and --items")
-            why = fits(previous, bundle)
-            if why is not None:
-                raise BuildError(f"the side not given would be carried over from {previous}, which does not fit "
-                                 f"model {bundle.name} version {bundle.version}: {why}")
-        out = os.path.join(store, str((have[-1] if have else 0) + 1))
+            # The side not given comes from the newest snapshot that fits this model.
+            found, refused = newest_fitting(store, bundle)
+            if found is None:
+                why = "; ".join(f"snapshot {n}: {w}" for n, w in refused[:2])
+                raise BuildError(f"{store} has no snapshot of model {bundle.name} version {bundle.version} to carry "
+                                 f"the other side over from (the first one needs --users and --items)"
+                                 + (f": {why}" if why else ""))
+            previous = found[1]
+        # Never a number used before, even one deleted since (a worker that refused N never tries N again).
+        out = os.path.join(store, str(max(have[-1] if have else 0, _last_number(store)) + 1))
     elif os.path.exists(out) and not force:
         raise BuildError(f"{out} exists (a snapshot is never changed in place: build a new one, or --force)")
     if int(chunk_rows) < 1:
@@ -832,7 +834,19 @@ def _build(bundle, sources, out, spec, chunk_rows, progress, force, store):
         raise
     rows["path"] = out
     rows["snapshot"] = int(os.path.basename(out)) if store is not None else None
+    if store is not None:
+        with open(os.path.join(store, ".last"), "w") as f:
+            f.write(f"{rows['snapshot']}\n")
     return rows
+
+
+def _last_number(store):
+    """The highest snapshot number ever published into ``store`` (``<store>/.last``), 0 if none."""
+    try:
+        with open(os.path.join(store, ".last")) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _carry(src, dst):

@@ -120,7 +120,33 @@ def apply_request_features(batch, fields, dense, values, lens):
             batch.fail(i, BAD_REQUEST, str(e))
 
 
-class DataReader(Stage):
+class ProfileReader:
+    """A stage that reads a version's profiles (the data reader, LEGACY): ``attach_profiles`` in ``setup``;
+    ``users`` and ``items`` are the current snapshot's; the first reader of a version in a worker switches
+    snapshots at its batch boundaries (jizhi/profilestore.py); ``count_snapshot`` names the snapshot a
+    request read (the reply's ``profile_snapshot``)."""
+
+    def attach_profiles(self, bundle):
+        self.source = profile_source(bundle)
+        self.source.register(self)
+
+    def batch_boundary(self):
+        self.source.poll(self)
+
+    @property
+    def users(self):
+        return self.source.users
+
+    @property
+    def items(self):
+        return self.source.items
+
+    def count_snapshot(self, batch):
+        if self.source.store is not None:
+            batch.count("profile_snapshot", np.full(batch.n_requests, self.source.snapshot, dtype=np.int64))
+
+
+class DataReader(ProfileReader, Stage):
     name = "data_reader"
     fixed_inputs = ("item_ids",)
 
@@ -141,25 +167,12 @@ class DataReader(Stage):
         self.per_pair = bool(config.get("per_pair"))
         # The version's profiles: its own, or a profile store's current snapshot (jizhi/profilestore.py),
         # switched at a batch boundary (this stage polls the store when it is the version's first reader).
-        self.source = profile_source(bundle)
-        self.source.register(self)
+        self.attach_profiles(bundle)
         self.fields = RequestFields(bundle)
         self.overlay = Overlay.attach(config.get("_overlay"))
 
-    def batch_boundary(self):
-        self.source.poll(self)
-
-    @property
-    def users(self):
-        return self.source.users
-
-    @property
-    def items(self):
-        return self.source.items
-
     def process(self, batch):
-        if self.source.store is not None:
-            batch.count("profile_snapshot", np.full(batch.n_requests, self.source.snapshot, dtype=np.int64))
+        self.count_snapshot(batch)
         urows, uknown = self.users.rows(batch.users)
         batch.count("unknown_user", ~uknown)
         users = batch.users

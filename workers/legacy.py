@@ -16,44 +16,31 @@ from jizhi.cube.signature import sign_padded
 from jizhi.cube.store import open_cube
 from jizhi.errors import BAD_REQUEST
 from jizhi.overlay import Overlay
-from jizhi.profilestore import source as profile_source
+from jizhi.workers.data_reader import ProfileReader
 from jizhi.workers.model_inference import open_session
 from jizhi.workers.ranker import SINK_OUTPUTS, rank
 from jizhi.workers.stage import Stage
 
 
-class LegacyScorer(Stage):
+class LegacyScorer(ProfileReader, Stage):
     name = "legacy_scorer"
     fixed_inputs = ("item_ids",)
     fixed_outputs = SINK_OUTPUTS
 
     def setup(self, config, bundle):
         self.bundle = bundle
-        self.source = profile_source(bundle)     # its own profiles, or a store's snapshot (jizhi/profilestore.py)
-        self.source.register(self)
+        self.attach_profiles(bundle)     # its own profiles, or a store's snapshot (jizhi/profilestore.py)
         self.cube = open_cube(bundle.cube_path, bundle.dim)
         self.defaults = [default_vectors(bundle, "user"), default_vectors(bundle, "item")]
         self.session = open_session(bundle.onnx_path)
         self.overlay = Overlay.attach(config.get("_overlay"))
-
-    def batch_boundary(self):
-        self.source.poll(self)
-
-    @property
-    def users(self):
-        return self.source.users
-
-    @property
-    def items(self):
-        return self.source.items
 
     def process(self, batch):
         b = self.bundle
         for i, f in enumerate(batch.feats or ()):
             if f is not None:       # (LEGACY reads the profiles only: never a score from other features)
                 batch.fail(i, BAD_REQUEST, "the legacy pipeline does not read a request's context or features")
-        if self.source.store is not None:
-            batch.count("profile_snapshot", np.full(batch.n_requests, self.source.snapshot, dtype=np.int64))
+        self.count_snapshot(batch)
         scores, unknown, missing = [], [], []
         for i in range(batch.n_requests):
             a, e = batch.offsets[i], batch.offsets[i + 1]

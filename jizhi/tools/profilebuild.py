@@ -716,8 +716,8 @@ def build_profiles(model_dir, out=None, users=None, items=None, spec=None, chunk
     ``model_dir``; returns ``{"users": rows, "items": rows, "path": out, "snapshot": N or None}``.
 
     ``store``: publish into a profile store instead (jizhi/profilestore.py): the snapshot becomes
-    ``<store>/<N>``, N one past the newest; a side not given is carried over from the newest snapshot that fits (its
-    files hard-linked, or copied across file systems), after checking it fits the model.
+    ``<store>/<N>``, N one past the highest ever published; a side not given is carried over from the newest
+    snapshot that fits the model (its files hard-linked, or copied across file systems).
     ``progress(label, total)``: a progress bar (``jizhi.ctl.progress.ProgressBar``-like) or None. Raises
     ``BuildError`` (one line) for bad input; nothing is left at ``out`` (or in the store) then."""
     from jizhi.bundle import Bundle

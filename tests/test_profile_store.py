@@ -189,6 +189,17 @@ def test_a_snapshot_published_under_load_is_served_from_the_next_batch_without_a
         wait_until(lambda: server.log_text().count("snapshot 3 -> 5") == 4, 30, interval_s=0.2,
                    what="every worker of both pipelines on snapshot 5 without a request")
 
+        # The old snapshots are unmapped once no worker reads them: the workers map 5's users and 3's items.
+        def mapped():
+            paths = set()
+            for pid in server.workers():
+                with open(f"/proc/{pid}/maps") as f:
+                    paths |= {line.split()[-1] for line in f if str(store) in line}
+            return paths
+        wait_until(lambda: all(p.startswith((f"{store}/5/", f"{store}/3/items/")) for p in mapped()), 15,
+                   what="only snapshot 5's users and 3's items mapped")
+        assert any(p.startswith(f"{store}/5/users/") for p in mapped())
+
 
 def test_a_store_build_of_one_side_needs_a_snapshot_to_carry_the_other_from(demo_bundle, tmp_path):
     tables, spec = team_tables(demo_bundle)

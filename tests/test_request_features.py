@@ -64,12 +64,17 @@ def served(demo_bundle, tmp_path_factory):
     os.unlink(ctx / "profiles" / "users" / f"{CONTEXT_FIELD}.npy")
     m["files"] = [{"path": p, "size": n, "sha256": h} for p, n, h in file_entries(ctx)]
     write_text(ctx / "manifest.toml", toml_text(m))
-    text = open(os.path.join(ROOT, "etc", "pipelines", "demo.toml")).read()
-    ctx_pipeline = d / "ctx.toml"
-    ctx_pipeline.write_text(text.replace('name = "demo"', 'name = "ctx"').replace('model = "demo"', 'model = "ctx"'))
-    pipelines = [os.path.join(ROOT, "etc", "pipelines", p) for p in ("demo.toml", "demo_cached.toml")]
+    # The shipped pipeline files with one worker each (what is tested is per request, not per worker).
+    pipelines = []
+    for name, source, model in (("demo", "demo.toml", "demo"), ("demo_cached", "demo_cached.toml", "demo"),
+                                ("ctx", "demo.toml", "ctx")):
+        text = open(os.path.join(ROOT, "etc", "pipelines", source)).read().replace("pool = 2", "pool = 1")
+        text = re.sub(r'(?m)^name = "[^"]*"', f'name = "{name}"', text, count=1)
+        path = d / f"{name}.toml"
+        path.write_text(re.sub(r'(?m)^model = "[^"]*"', f'model = "{model}"', text, count=1))
+        pipelines.append(str(path))
     with Launcher(tmp_path_factory, models) as launcher:
-        server = launcher.start(pipelines=pipelines + [str(ctx_pipeline)])
+        server = launcher.start(pipelines=pipelines)
         yield server
 
 

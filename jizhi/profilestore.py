@@ -123,12 +123,12 @@ def fits(directory, bundle):
     return None
 
 
-def newest_fitting(store, bundle, after=0, skip=()):
+def newest_fitting(store, bundle, after=0, skip=(), numbers=None):
     """(number, directory) of the newest snapshot of ``store`` newer than ``after`` that fits ``bundle``, or
     None; with the reasons of the newer ones that do not fit (``[(number, why)]``). ``skip``: numbers not to
-    consider (refused already)."""
+    consider (refused already); ``numbers``: ``snapshots(store)`` if the caller has listed them already."""
     refused = []
-    for n in reversed(snapshots(store)):
+    for n in reversed(snapshots(store) if numbers is None else numbers):
         if n <= after:
             break
         if n in skip:
@@ -235,7 +235,8 @@ class ProfileSource:
         if not have or have[-1] <= self.snapshot:
             return False
         from jizhi.bundle import Profiles
-        found, refused = newest_fitting(self.store, self.bundle, after=self.snapshot, skip=self._refused)
+        found, refused = newest_fitting(self.store, self.bundle, after=self.snapshot, skip=self._refused,
+                                        numbers=have)
         for n, why in refused:
             if n not in self._refused:
                 self._refused.add(n)

@@ -115,7 +115,7 @@ def test_a_snapshot_published_under_load_is_served_from_the_next_batch_without_a
         t = threading.Thread(target=load, daemon=True)
         t.start()
         try:
-            time.sleep(1.0)
+            wait_until(lambda: len(replies) >= 20, 30, what="the load running on snapshot 1")
             users = {k: (list(v) if isinstance(v, list) else np.array(v)) for k, v in tables["user"].items()}
             row = int(np.flatnonzero(users["user_id"] == user)[0])
             users["dense"][row] = users["dense"][row] + 1.0

@@ -81,8 +81,8 @@ def slot_map(reply, asked="127.0.0.1"):
     return owner, nodes
 
 
-def parse_url(url):
-    """``(seeds [(host, port)], name, version, options)`` of a ``redis://`` cube URL."""
+def split_url(url):
+    """``(seeds [(host, port)], path parts, options)`` of a ``redis://`` URL."""
     u = urlparse(url)
     if u.scheme != "redis":
         raise ValueError(f"not a redis:// URL: {url!r}")
@@ -92,13 +92,18 @@ def parse_url(url):
         if not host or not port.isdigit():
             raise ValueError(f"{url!r}: seed {hp!r} is not HOST:PORT")
         seeds.append((host, int(port)))
-    parts = [p for p in u.path.split("/") if p]
+    return seeds, [p for p in u.path.split("/") if p], {k: v[-1] for k, v in parse_qs(u.query).items()}
+
+
+def parse_url(url):
+    """``(seeds [(host, port)], name, version, options)`` of a ``redis://`` cube URL."""
+    seeds, parts, opts = split_url(url)
     name = version = None
     if parts:
         if len(parts) != 2 or not parts[1].isdigit():
-            raise ValueError(f"{url!r}: the path must be /NAME/VERSION (a pushed bundle's), got {u.path!r}")
+            raise ValueError(f"{url!r}: the path must be /NAME/VERSION (a pushed bundle's), got "
+                             f"{'/' + '/'.join(parts)!r}")
         name, version = parts[0], int(parts[1])
-    opts = {k: v[-1] for k, v in parse_qs(u.query).items()}
     return seeds, name, version, opts
 
 

@@ -28,6 +28,31 @@ def read_cube(bundle):
         return keys, cube.lookup(keys)[0]
 
 
+def write_values(cluster, layout, keys, vals, what, per_command=1000):
+    """Write ``vals`` uint8[K, B] at the keys of ``keys`` uint64[K] in ``layout``: pipelined MSETs to each
+    master (one per slot group of at most ``per_command`` keys); raises RuntimeError naming ``what`` and
+    the master when one refuses a write."""
+    keyb, slots = layout.keys_and_slots(keys)
+    owner = cluster.owner[slots]
+    order = np.lexsort((slots, owner))
+    vhdr = np.frombuffer(b"$%d\r\n" % vals.shape[1], dtype=np.uint8)
+    for m in np.unique(owner):
+        sel = order[owner[order] == m]
+        starts = command_starts(slots[sel], per_command)
+        kl = keyb.shape[1]
+        buf = np.empty(sel.shape[0] * (kl + vals.shape[1] + 24) + starts.shape[0] * 32, dtype=np.uint8)
+        n = encode_commands(keyb, vals, sel, starts, np.frombuffer(b"$%d\r\n" % kl, dtype=np.uint8), vhdr, MSET,
+                            buf)
+        host, port = cluster.nodes[int(m)]
+        with socket.create_connection((host, port), timeout=30) as sk:
+            sk.sendall(memoryview(buf)[:n])
+            rd = Reader(sk)
+            for _ in range(starts.shape[0] - 1):
+                r = rd.reply()
+                if isinstance(r, RedisError):
+                    raise RuntimeError(f"{host}:{port} refused a write of {what}: {r}")
+
+
 def push(bundles, url, strategy="key", progress=None, chunk_keys=20_000, per_command=1000):
     """Load the cubes of ``bundles`` (jizhi.bundle.Bundle) into the cluster at ``url``.
 
@@ -51,27 +76,9 @@ def push(bundles, url, strategy="key", progress=None, chunk_keys=20_000, per_com
         if layout.dim != vectors.shape[1]:
             raise ValueError(f"{b.cube_path}: vectors have dim {vectors.shape[1]}, the manifest says {layout.dim}")
         vals = np.ascontiguousarray(vectors, dtype="<f4").view(np.uint8).reshape(keys.shape[0], -1)
-        vhdr = np.frombuffer(b"$%d\r\n" % vals.shape[1], dtype=np.uint8)
         for lo in range(0, keys.shape[0], chunk_keys):
             part = np.arange(lo, min(lo + chunk_keys, keys.shape[0]))
-            keyb, slots = layout.keys_and_slots(keys[part])
-            owner = cluster.owner[slots]
-            order = np.lexsort((slots, owner))
-            for m in np.unique(owner):
-                sel = order[owner[order] == m]
-                starts = command_starts(slots[sel], per_command)
-                kl = keyb.shape[1]
-                buf = np.empty(sel.shape[0] * (kl + vals.shape[1] + 24) + starts.shape[0] * 32, dtype=np.uint8)
-                n = encode_commands(keyb, vals[part], sel, starts, np.frombuffer(b"$%d\r\n" % kl, dtype=np.uint8),
-                                    vhdr, MSET, buf)
-                host, port = cluster.nodes[int(m)]
-                with socket.create_connection((host, port), timeout=30) as sk:
-                    sk.sendall(memoryview(buf)[:n])
-                    rd = Reader(sk)
-                    for _ in range(starts.shape[0] - 1):
-                        r = rd.reply()
-                        if isinstance(r, RedisError):
-                            raise RuntimeError(f"{host}:{port} refused a write of {b.name} {b.version}: {r}")
+            write_values(cluster, layout, keys[part], vals[part], f"{b.name} {b.version}", per_command)
             done += part.shape[0]
             if progress:
                 progress(done, total)

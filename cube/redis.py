@@ -48,7 +48,7 @@ import time
 import numpy as np
 
 from jizhi.cube.backend import Backend
-from jizhi.cube.cluster import Cluster, parse_url
+from jizhi.cube.cluster import Cluster, parse_url, split_url
 from jizhi.cube.layout import Layout, layout_key, namespace
 from jizhi.cube.resp import MGET, RedisError, call, command_starts, encode_commands, parse_mget, pipeline
 # docs/run-redis-bench.py pushes through this module
@@ -98,17 +98,27 @@ def _grown(arr, n):
 class RedisCube(Backend):
     """The cube of one pushed bundle, read from Redis Cluster (see the module docstring)."""
 
-    def __init__(self, url, dim=None, timeout_ms=None, retry_ms=None, refresh_ms=None, background=False):
+    def __init__(self, url, dim=None, timeout_ms=None, retry_ms=None, refresh_ms=None, background=False,
+                 ns=None, required=True):
         """``background``: a hot-tier builder's or disk-cache manager's reader: big batches go in
-        pieces of 8,192 keys with a 5 ms pause between them, so they never crowd out requests."""
+        pieces of 8,192 keys with a 5 ms pause between them, so they never crowd out requests.
+
+        ``ns``: read this namespace's fixed-length values instead of a pushed bundle's (the URL's path is
+        then not read: cube/userrows.py); ``required = False``: a namespace not pushed at start is logged
+        and read as degraded until it is, instead of an error."""
         super().__init__()
         self.piece = 8192 if background else MAX_KEYS_PER_LOOKUP
         self.pause_s = 0.005 if background else 0.0
-        seeds, name, version, opts = parse_url(url)
-        if name is None:
-            raise ValueError(f"{url!r}: name the pushed bundle: redis://HOST:PORT/NAME/VERSION")
+        self.required = required
+        if ns is None:
+            seeds, name, version, opts = parse_url(url)
+            if name is None:
+                raise ValueError(f"{url!r}: name the pushed bundle: redis://HOST:PORT/NAME/VERSION")
+            ns = namespace(name, version)
+        else:
+            seeds, _, opts = split_url(url)
         self.url = url
-        self.ns = namespace(name, version)
+        self.ns = ns
         self.timeout_s = float(timeout_ms if timeout_ms is not None else opts.get("timeout_ms", 50)) / 1000
         self.retry_s = float(retry_ms if retry_ms is not None else opts.get("retry_ms", 250)) / 1000
         self.refresh_s = float(refresh_ms if refresh_ms is not None else opts.get("refresh_ms", 250)) / 1000
@@ -160,7 +170,7 @@ class RedisCube(Backend):
             if self.expect_dim and layout.dim != self.expect_dim:
                 raise ValueError(f"cube {self.ns} in the cluster has dim {layout.dim}, the bundle {self.expect_dim}")
         except (LookupError, ValueError) as e:
-            if initial:
+            if initial and self.required:
                 raise
             if not self._said_absent:
                 log.error("%s; lookups read the default vector", e)

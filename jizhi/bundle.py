@@ -346,11 +346,13 @@ class Profiles:
         known = self.ids[pos_c] == ids
         return np.where(known, pos_c, 0).astype(np.int64), known
 
-    def user_features(self, rows, known, users=None, overlay=None):
+    def user_features(self, rows, known, users=None, overlay=None, online=None):
         """Users: (dense f32 [U, D], raw bag values int64 [U, F, L], lens int32 [U, F]).
 
+        ``online``: (found bool[U], dense, lens, values) of rows kept elsewhere (user rows on Redis,
+        cube/userrows.py: the non-context fields, in order), which replace the found users' rows.
         With ``overlay`` (jizhi/overlay.py) and the ``users`` ids, each user's
-        recent behaviour from ``feedback`` is appended to the history fields.
+        recent behaviour from ``feedback`` is then appended to the history fields.
         """
         U, F, L = rows.shape[0], len(self.fields), self.bundle.user_len
         dense = np.asarray(self.dense[rows], dtype=np.float32)
@@ -367,6 +369,15 @@ class Profiles:
             else:
                 values, offsets = self.cols[f.name]
                 _gather_ragged(values, offsets, rows, known, min(f.max_len, L), vals, lens, c)
+        if online is not None and online[0].any():
+            found, odense, olens, ovalues = online
+            mine = [c for c, f in enumerate(self.fields) if not f.context]
+            n = min(L, ovalues.shape[2])
+            dense[found] = odense[found]
+            for j, c in enumerate(mine):
+                vals[found, c, :] = 0
+                vals[found, c, :n] = ovalues[found, j, :n]
+                lens[found, c] = np.minimum(olens[found, j], n)
         if overlay is not None and users is not None:
             recent, recent_n = overlay.recent(users)
             if recent_n.any():

@@ -258,6 +258,11 @@ def compile_pipeline(doc, models_dir, pinned_version=None, versions=None, genera
             elif not optional:
                 raise PipelineError(f"stage {s!r} reads {col!r}, which no stage produces")
         st["inputs"] = inputs
+    rows_from = [s for s in topo if stages[s]["config"].get("user_rows")]
+    cached = [s for s in topo if stages[s]["processor"] == "query_cache"]
+    if rows_from and cached:
+        raise PipelineError(f"stage {cached[0]!r}: a query cache would serve scores computed before a user's row on "
+                            f"Redis changed (stage {rows_from[0]!r} reads user_rows): one or the other")
     for col in SINK_OUTPUTS:
         if producers.get(col) != [sinks[0]]:
             raise PipelineError(f"stage {sinks[0]!r} ends the pipeline but does not output {col!r} (use ranker)")

@@ -43,9 +43,12 @@ C_UNKNOWN_USERS = 13
 # many judgements and how many switches
 C_QC_STATE, C_QC_HIT_PPM, C_QC_SAVED_NS, C_QC_COST_NS, C_QC_JUDGED, C_QC_SWITCHES = range(14, 20)
 QC_ON, QC_BYPASSED = 1, 2
+# a data_reader with user rows on Redis (cube/userrows.py): users whose row came from Redis (or its local cache),
+# users whose row no master answered or whose layout was refused (they read the snapshot's), local cache hits
+C_USER_ROWS, C_USER_ROWS_DEGRADED, C_USER_ROWS_CACHED = 20, 21, 22
 KEY_RING = 4096   # sampled keys kept per worker row (the supervisor reads them every cube.hot_rebuild_s)
 BANKS = 2   # rows per wid: the serving version's worker and a loading version's (double buffering)
-N_COUNTERS = 20
+N_COUNTERS = 23
 # The CPU account (``jizhictl bench --cpu``): CPU nanoseconds of the thread that does a process's work, by
 # phase. A worker row: its stages by index (0 .. MAX_STAGES - 1), then its runtime's phases: receive (read
 # and decode an event), assemble (everything of an event outside its stages and writes: deadlines, the

@@ -24,6 +24,11 @@ profiles' for that request; a user the profiles do not know is scored from
 them. A name, type or length the model cannot take fails the request with
 BAD_REQUEST naming the field.
 
+With ``user_rows = "redis://HOST:PORT/NAME"`` (a team's online user
+features, cube/userrows.py) the batch's users' rows are read from Redis in
+front of the snapshot's (a user found there is known); feedback is merged
+over them, and a request's own features replace them in turn.
+
 A version that reads a profile store (``[profiles] store``) reads its newest
 snapshot that fits, switched at batch boundaries (jizhi/profilestore.py);
 each request counts the snapshot it read as ``profile_snapshot``, which the
@@ -31,9 +36,11 @@ reply carries.
 """
 import numpy as np
 
+from jizhi.cube.userrows import UserRows, parse_rows_url
 from jizhi.errors import BAD_REQUEST
 from jizhi.overlay import Overlay
 from jizhi.profilestore import source as profile_source
+from jizhi.stats import C_USER_ROWS, C_USER_ROWS_CACHED, C_USER_ROWS_DEGRADED
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
 
 ON_UNKNOWN = ("default", "drop", "reject")
@@ -93,6 +100,28 @@ def uses_features(f, fields):
     return bool(f.get("user")) or bool(f.get("context") and (fields is None or fields.context_names))
 
 
+def apply_features(fields, f, dense, values, lens, i):
+    """One request's features ``f`` (an entry of ``batch.feats``) over row ``i`` of ``dense``, ``values`` and
+    ``lens``; raises BadFeature naming a feature the model cannot take (rows already changed stay so)."""
+    # (a model without context fields ignores a request's context, as before they existed)
+    context = (f.get("context") or {}) if fields.context_names else {}
+    for where, given in (("context", context), ("features", f.get("user") or {})):
+        for name, value in given.items():
+            if where == "features" and name == "dense":
+                if not isinstance(value, list) or not all(
+                        isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in value):
+                    raise BadFeature("features.dense: expected a list of numbers (not NaN)")
+                if len(value) != fields.dense:
+                    raise BadFeature(f"features.dense: {len(value)} values, model {fields.model} takes "
+                                     f"{fields.dense}")
+                dense[i] = value
+                continue
+            c, bag = fields.bag(where, name, value)
+            values[i, c, :] = 0
+            values[i, c, :len(bag)] = bag
+            lens[i, c] = len(bag)
+
+
 def apply_request_features(batch, fields, dense, values, lens):
     """Each request's own features (``batch.feats``) over its row of ``dense`` f32[R, D], ``values``
     int64[R, F, L] and ``lens`` int32[R, F] (rows per request); a request with a feature the model cannot
@@ -102,20 +131,7 @@ def apply_request_features(batch, fields, dense, values, lens):
         if f is None:
             continue
         try:
-            # (a model without context fields ignores a request's context, as before they existed)
-            context = (f.get("context") or {}) if fields.context_names else {}
-            for where, given in (("context", context), ("features", f.get("user") or {})):
-                for name, value in given.items():
-                    if where == "features" and name == "dense":
-                        if len(value) != fields.dense:
-                            raise BadFeature(f"features.dense: {len(value)} values, model {fields.model} takes "
-                                             f"{fields.dense}")
-                        dense[i] = value
-                        continue
-                    c, bag = fields.bag(where, name, value)
-                    values[i, c, :] = 0
-                    values[i, c, :len(bag)] = bag
-                    lens[i, c] = len(bag)
+            apply_features(fields, f, dense, values, lens, i)
         except BadFeature as e:
             batch.fail(i, BAD_REQUEST, str(e))
 
@@ -155,6 +171,10 @@ class DataReader(ProfileReader, Stage):
         fu, lu = len(bundle.user_fields), bundle.user_len
         fi, li = len(bundle.item_fields), bundle.item_len
         user = CANDIDATE if config.get("per_pair") else REQUEST   # pipeline structured = false: per pair
+        if config.get("user_rows") is not None:
+            if not isinstance(config["user_rows"], str):
+                raise ValueError("user_rows must be a redis://HOST:PORT/NAME URL")
+            parse_rows_url(config["user_rows"])
         return (Output("dense", user, "float32", (bundle.dense_features,)),
                 Output("user_values", user, "int64", (fu, lu)),
                 Output("user_lens", user, "int32", (fu,)),
@@ -170,25 +190,28 @@ class DataReader(ProfileReader, Stage):
         self.attach_profiles(bundle)
         self.fields = RequestFields(bundle)
         self.overlay = Overlay.attach(config.get("_overlay"))
+        # A team's online user rows on Redis, read in front of the snapshot's (cube/userrows.py).
+        self.online = UserRows(config["user_rows"], bundle) if config.get("user_rows") else None
+
+    def report(self, counters):
+        if self.online is not None:
+            counters[C_USER_ROWS] = self.online.read_users
+            counters[C_USER_ROWS_DEGRADED] = self.online.degraded + self.online.refused
+            counters[C_USER_ROWS_CACHED] = self.online.cache_hits
 
     def process(self, batch):
         self.count_snapshot(batch)
         urows, uknown = self.users.rows(batch.users)
-        batch.count("unknown_user", ~uknown)
-        users = batch.users
+        online = self.online.read(batch.users) if self.online is not None else None
+        batch.count("unknown_user", ~(uknown | online[0]) if online is not None else ~uknown)
+        # One row per request (the profiles', or the user's row on Redis, with feedback merged), the
+        # request's own features over it, then one per pair when the pipeline is not structured.
+        dense, values, lens = self.users.user_features(urows, uknown, batch.users, self.overlay, online)
         if batch.feats is not None:
-            # The requests' own features over their profile rows (one row per request), then per pair.
-            dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
             apply_request_features(batch, self.fields, dense, values, lens)
-            if self.per_pair:
-                pair = batch.candidate_request()
-                dense, values, lens = dense[pair], values[pair], lens[pair]
-        elif self.per_pair:
+        if self.per_pair:
             pair = batch.candidate_request()
-            urows, uknown, users = urows[pair], uknown[pair], users[pair]
-            dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
-        else:
-            dense, values, lens = self.users.user_features(urows, uknown, users, self.overlay)
+            dense, values, lens = dense[pair], values[pair], lens[pair]
         irows, iknown = batch.profile_rows(self.items, batch["item_ids"])
         sigs, ilens = self.items.item_signatures(irows, iknown)
         unknown = batch.per_request_sum(~iknown)

@@ -81,6 +81,11 @@ def storage_lines(info):
             if c.get("remote_round_trips") or c.get("remote_degraded"):
                 lines.append(f"{pname}: remote cube round trips {c['remote_round_trips']:,}, keys degraded to the "
                              f"default vector {c['remote_degraded']:,} (no shard answered)")
+        if c.get("user_rows"):
+            u = c["user_rows"]
+            lines.append(f"{pname}: user rows on Redis: {u['read']:,} users read ({u['cache_hits']:,} from the local "
+                         f"cache), {u['degraded']:,} read the profile snapshot instead (no shard answered, or the "
+                         "rows' layout refused)")
         if c.get("qcache_candidates"):
             lines.append(f"{pname}: query cache {ratio(c['qcache_ratio'])} of {c['qcache_candidates']:,} candidates "
                          f"since start, {ratio(last.get('qcache_ratio'))} last minute")

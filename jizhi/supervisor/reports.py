@@ -31,7 +31,8 @@ log = logging.getLogger("jizhi.supervisor")
 
 # Per pipeline, the cube counters kept when a worker's row is reused by its next process.
 CUBE_COUNTERS = (stats_mod.C_LOOKUPS, stats_mod.C_HOT_HITS, stats_mod.C_DISK_HITS, stats_mod.C_REMOTE_KEYS,
-                 stats_mod.C_REMOTE_DEGRADED, stats_mod.C_REMOTE_TRIPS)
+                 stats_mod.C_REMOTE_DEGRADED, stats_mod.C_REMOTE_TRIPS, stats_mod.C_USER_ROWS,
+                 stats_mod.C_USER_ROWS_DEGRADED, stats_mod.C_USER_ROWS_CACHED)
 CUBE_SAMPLE_S = 5.0     # cube totals sampled this often, the last minute's kept
 
 
@@ -42,6 +43,7 @@ class Reports:
         self.broker_info_at = 0.0
         self.ready_logged = False
         self.cube_base = {}             # pipeline -> CUBE_COUNTERS of workers that exited
+        self.user_rows = {}             # pipeline -> (users read from Redis, degraded, cache hits): cube_totals
         self.cube_samples = collections.deque(maxlen=16)   # (time, cube_totals()) every 5 s: the last minute
 
     def on_info(self, msg):
@@ -161,15 +163,13 @@ class Reports:
         out = {}
         for pname, plan in sup.run["pipelines"].items():
             base = self.cube_base.get(pname, (0,) * len(CUBE_COUNTERS))
-            look, hits, disk, remote, degraded, trips = base
+            sums = list(base)
             for g in plan["groups"]:
                 r = rows[f"{pname}/{g}"]
-                look += int(c[r:r + n, stats_mod.C_LOOKUPS].sum())
-                hits += int(c[r:r + n, stats_mod.C_HOT_HITS].sum())
-                disk += int(c[r:r + n, stats_mod.C_DISK_HITS].sum())
-                remote += int(c[r:r + n, stats_mod.C_REMOTE_KEYS].sum())
-                degraded += int(c[r:r + n, stats_mod.C_REMOTE_DEGRADED].sum())
-                trips += int(c[r:r + n, stats_mod.C_REMOTE_TRIPS].sum())
+                for j, k in enumerate(CUBE_COUNTERS):
+                    sums[j] += int(c[r:r + n, k].sum())
+            look, hits, disk, remote, degraded, trips, urows, udegraded, ucached = sums
+            self.user_rows[pname] = (urows, udegraded, ucached)
             qc = ((self.broker_info or {}).get("pipelines", {}).get(pname) or {}).get("query_cache") or {}
             out[pname] = (look, hits, qc.get("candidates", 0), qc.get("hits", 0), disk, remote, degraded, trips)
         return out
@@ -192,6 +192,9 @@ class Reports:
             if disk or remote:
                 fig.update(disk_hits=disk, disk_ratio=ratio(disk, look), remote_keys=remote,
                            remote_ratio=ratio(remote, look), remote_degraded=degraded, remote_round_trips=trips)
+            urows, udegraded, ucached = self.user_rows.get(p, (0, 0, 0))
+            if urows or udegraded:
+                fig["user_rows"] = {"read": urows, "degraded": udegraded, "cache_hits": ucached}
             if old is not None and p in old[1]:
                 dl, dh, dc, dq = (a - b for a, b in zip((look, hits, cand, qhits), old[1][p]))
                 fig["last_minute"] = {"lookups": dl, "hot_hits": dh, "hot_ratio": ratio(dh, dl),

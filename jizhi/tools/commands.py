@@ -378,6 +378,83 @@ def profiles_list(store, models_dir):
         click.echo(f"no version in {models_dir} reads this store")
 
 
+@profiles.command("push")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="A model version directory: its users (its own profiles, or its store's newest snapshot that "
+                   "fits) are pushed, in its row layout.")
+@click.argument("url")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def profiles_push(model_dir, url, quiet):
+    """Load every user row of a snapshot into Redis, at redis://HOST:PORT[,...]/NAME.
+
+    A pipeline whose data_reader stage says user_rows = "redis://.../NAME"
+    then reads its users' rows there, in front of the snapshot, and a row
+    changed there (jizhictl profiles set, or a team's own writes: the format
+    is in docs/formats.md, "User rows on Redis") changes that user's next
+    score. The layout record is written last: readers never see rows that
+    are not all there.
+
+    \b
+    Example:
+      jizhictl profiles push --model models/demo/1 redis://10.0.0.5:7000/demo-users
+
+    Exit codes: 0 pushed; 2 usage error, the cluster unreachable or a write refused (one line says which).
+    """
+    from jizhi.bundle import Bundle
+    from jizhi.ctl.progress import ProgressBar
+    from jizhi.tools.profilepush import push_users
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = ProgressBar("users", total, not quiet)
+        bar.advance(done - bar.done)
+    try:
+        doc = push_users(url, Bundle(model_dir), progress=progress)
+    except (BundleError, ValueError, LookupError, ConnectionError, RuntimeError) as e:
+        raise refused(str(e))
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(f"pushed {doc['keys']:,} user rows ({doc['dim'] * 4} bytes each"
+               + (f", snapshot {doc['snapshot']}" if doc.get("snapshot") else "") + f") to {url}")
+
+
+@profiles.command("set")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="A model version that reads these rows: its fields check the features.")
+@click.argument("url")
+@click.argument("user", type=click.IntRange(min=0, max=2 ** 64 - 1))
+@click.argument("features")
+def profiles_set(model_dir, url, user, features):
+    """Change one user's row in Redis: FEATURES is JSON, as a request's "features".
+
+    The fields given replace the user's (raw values: an integer or a list),
+    "dense" the dense features; the others stay as the row in Redis has
+    them (or the snapshot, for a user not there yet). Serving workers see
+    the change at the user's next request once their local cache's ttl_ms
+    (default 1,000 ms) has passed.
+
+    \b
+    Example:
+      jizhictl profiles set --model models/demo/1 redis://10.0.0.5:7000/demo-users 42 '{"u_city": 7}'
+    """
+    from jizhi.bundle import Bundle
+    from jizhi.tools.profilepush import write_user
+    try:
+        given = json.loads(features)
+    except json.JSONDecodeError as e:
+        raise refused(f"FEATURES is not JSON: {e}")
+    if not isinstance(given, dict):
+        raise refused('FEATURES must be a JSON object, e.g. {"u_city": 7, "dense": [...]}')
+    try:
+        row = write_user(url, user, Bundle(model_dir), given)
+    except (BundleError, ValueError, LookupError, ConnectionError, RuntimeError, OSError) as e:
+        raise refused(str(e))
+    click.echo(json.dumps({"user": user, "row": row}))
+
+
 # -- shed train, cube bench: subcommands of the ctl's groups -----------------------
 
 @click.command("train")

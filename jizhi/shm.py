@@ -7,8 +7,9 @@ them with ``segment_name()``; the sweep (``remove_instance``, at start and in th
 its ``jizhi.<instance>.`` prefix, whatever follows it.
 
 * ``create``: O_CREAT | O_EXCL | O_NOFOLLOW, mode 0600 (an existing name, even a symbolic link,
-  is refused: nothing is ever written through one). Only the supervisor and the children it
-  starts to fill a segment (the hot-tier builder) create.
+  is refused: nothing is ever written through one). Only the supervisor, the children it
+  starts to fill a segment (the hot-tier builder), and the workers of a version for the item tables
+  they share under the prefix the supervisor gives them (jizhi/sharedtable.py) create.
 * back: ``create`` allocates every page (``posix_fallocate``), so a full /dev/shm refuses the
   creation (``ShmFull``, naming the segment and the bytes) instead of a later first touch of a page
   killing whichever process touched it with SIGBUS (the broker included). A segment costs its
@@ -19,7 +20,8 @@ its ``jizhi.<instance>.`` prefix, whatever follows it.
 * ``verify``: a mapping is of the segment now under its name while the name's (device, inode)
   is the one ``attach`` returned; after an unlink (the supervisor's stop) or a new run's sweep it
   is not, and a worker computes nothing on it.
-* ``unlink``: the supervisor only (at stop, or when it replaces a segment). Unlinking a mapped
+* ``unlink``: the supervisor (at stop, or when it replaces a segment or unloads a version), and a worker
+  for an item table of its version it replaced (jizhi/sharedtable.py). Unlinking a mapped
   segment is safe on Linux: a mapping keeps its pages until it is closed.
 """
 import errno
@@ -102,6 +104,15 @@ def unlink(name):
         return True
     except FileNotFoundError:
         return False
+
+
+def unlink_prefix(prefix):
+    """Remove every segment whose name starts with ``prefix`` (the item tables workers made for a version,
+    jizhi/sharedtable.py; a run's leftovers at its stop). Returns how many."""
+    n = 0
+    for p in SHM_DIR.glob(f"{prefix}*"):
+        n += unlink(p.name)
+    return n
 
 
 def remove_instance(instance):

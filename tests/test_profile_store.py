@@ -170,8 +170,10 @@ def test_a_snapshot_published_under_load_is_served_from_the_next_batch_without_a
                 assert all(abs(got[int(i)] - was[int(i)]) < 1e-6 for i in items[1:20])
         log = server.log_text()
         # demo_cached built its new item rows and item table a step per batch, then switched
-        assert re.search(r"item_rows: .*profile snapshot 3, built in .* of steps between batches", log)
-        assert re.search(r"item_cache: item table of profile snapshot 3 built in .* of steps between batches", log)
+        assert re.search(r"item_rows: .*profile snapshot 3, built in .* into the version's shared copy in steps "
+                         r"between batches", log)
+        assert re.search(r"item_cache: item table of profile snapshot 3 built in .* into the version's shared copy "
+                         r"in steps between batches", log)
 
         # A snapshot that does not fit (built for another hashing) is refused, logged, and 3 stays.
         bad = store / "4"

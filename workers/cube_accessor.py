@@ -32,6 +32,8 @@ from jizhi.cube.hot import TieredStore
 from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.store import open_cube
 from jizhi.profilestore import STEP_ITEMS, profiles as store_profiles, source as profile_source
+from jizhi.sharedtable import build_now, building as shared_building, how as table_how, table_name
+from jizhi.sharedtable import unlink as unlink_table
 from jizhi.stats import (C_DISK_HITS, C_HOT_GEN, C_HOT_HITS, C_LOOKUPS, C_REMOTE_DEGRADED, C_REMOTE_KEYS,
                          C_REMOTE_TRIPS)
 from jizhi.workers.stage import CANDIDATE, REQUEST, Output, Stage
@@ -61,9 +63,12 @@ def _none():
 
 class ItemRows:
     """Every item's pooled embeddings f32[items, F_item, D] and missing-signature counts, pooled once from
-    ``store`` (the module docstring, ``item_rows``); ValueError when larger than ``max_mb``."""
+    ``store`` (the module docstring, ``item_rows``); ValueError when larger than ``max_mb``. ``shared``: the
+    version's prefix of shared item tables (jizhi/sharedtable.py): one copy per version, built by the first
+    worker that needs it and mapped by the others; without one, this worker's own."""
 
-    def __init__(self, bundle, store, sums, defaults, max_mb, chunk=8192, items=None, build=True):
+    def __init__(self, bundle, store, sums, defaults, max_mb, chunk=8192, items=None, build=True, shared=None,
+                 stage="cube"):
         self.items = store_profiles(bundle, "item") if items is None else items
         n, f, dim = int(self.items.ids.shape[0]), len(bundle.item_fields), bundle.dim
         self.mb = n * f * dim * 4 / 2**20
@@ -71,28 +76,35 @@ class ItemRows:
             raise ValueError(f"the item rows would take {self.mb:.0f} MiB ({n} items x {f} fields x {dim} floats), "
                              f"over item_rows_mb = {max_mb}")
         self.default = np.ascontiguousarray(defaults, dtype=np.float32)
-        self.table = np.empty((n, f, dim), dtype=np.float32)
-        self.missing = np.empty(n, dtype=np.int64)
+        self.specs = [((n, f, dim), np.float32), ((n,), np.int64)]
+        self.name = table_name(shared, stage, self.items.root / "items")
+        self.how = None
         self._store, self._sums, self._dim = store, sums, dim
         self.build_s = 0.0
         if build:
-            for _ in self.building(chunk):
-                pass
+            (self.table, self.missing), self.how = build_now(self.name, self.specs, lambda a: self._fill(a, chunk))
 
     def building(self, chunk=8192):
-        """Pool every item, ``chunk`` items a step (a generator: one step per batch boundary while a new
-        profile snapshot is prepared, jizhi/profilestore.py); returns this ItemRows when done."""
-        n = self.table.shape[0]
+        """The steps of the table (a generator: one step per batch boundary while a new profile snapshot is
+        prepared, jizhi/profilestore.py; waiting a step at a time while another worker builds the shared
+        copy); returns this ItemRows when done."""
+        (self.table, self.missing), self.how = yield from shared_building(self.name, self.specs,
+                                                                          lambda a: self._fill(a, chunk), wait=False)
+        return self
+
+    def _fill(self, arrays, chunk):
+        """Pool every item into ``arrays`` (table, missing), ``chunk`` items a step."""
+        table, missing = arrays
+        n = table.shape[0]
         for a in range(0, n, chunk):
             t0 = time.monotonic()
             rows = np.arange(a, min(n, a + chunk), dtype=np.int64)
             sigs, lens = self.items.item_signatures(rows, np.ones(rows.shape[0], dtype=np.bool_))
             (emb,), (miss,) = pool_blocks(self._store, [(sigs, lens)], self._dim, [self._sums], [self.default])
-            self.table[a:a + rows.shape[0]] = emb
-            self.missing[a:a + rows.shape[0]] = miss
+            table[a:a + rows.shape[0]] = emb
+            missing[a:a + rows.shape[0]] = miss
             self.build_s += time.monotonic() - t0
             yield
-        return self
 
     def read(self, rows, known):
         """(item_emb f32[P, F_item, D], missing int64[P]) of the candidates of these item profile rows
@@ -148,6 +160,8 @@ class CubeAccessor(Stage):
                         "default vectors into them); pooling item bags per batch")
         elif on:
             self._rows_args = (bundle, lower, bundle.item_sums, self.defaults[1], max_mb)
+            # one copy per version in shared memory, named by the supervisor (jizhi/sharedtable.py)
+            self._share = {"shared": config.get("_items"), "stage": config.get("_stage", "cube")}
             self.profiles = profile_source(bundle)
             self.profiles.register(self)
             self._build_item_rows()
@@ -158,7 +172,7 @@ class CubeAccessor(Stage):
         """The steps of a new snapshot's item rows (returning None, and pooling per batch, when they would
         be over item_rows_mb)."""
         try:
-            rows = ItemRows(*self._rows_args, items=items, build=False)
+            rows = ItemRows(*self._rows_args, items=items, build=False, **self._share)
         except ValueError as e:
             log.warning("item_rows: %s; pooling item bags per batch", e)
             return _none()
@@ -170,14 +184,14 @@ class CubeAccessor(Stage):
         try:
             # From the cube itself, not through the hot tier: its lookup counters (the hit ratio the
             # supervisor reads) count requests' lookups only.
-            self.item_rows = ItemRows(*self._rows_args, items=self.profiles.items)
+            self.item_rows = ItemRows(*self._rows_args, items=self.profiles.items, **self._share)
         except ValueError as e:
             self.item_rows = None
             log.warning("item_rows: %s; pooling item bags per batch", e)
         else:
             r = self.item_rows
-            log.info("item_rows: %d items' pooled embeddings in %.0f MiB, built in %.2f s (profile snapshot %d)",
-                     r.table.shape[0], r.mb, r.build_s, self.profiles.snapshot)
+            log.info("item_rows: %d items' pooled embeddings in %.0f MiB, %s (profile snapshot %d)",
+                     r.table.shape[0], r.mb, table_how(r), self.profiles.snapshot)
 
     def attach_sampler(self, ring, pos):
         self.store.attach_sampler(ring, pos)
@@ -187,15 +201,17 @@ class CubeAccessor(Stage):
         if self._rows_args is not None:
             self.profiles.poll(self)
             if self.profiles.items_generation != self.rows_generation:
+                old = self.item_rows
                 ready = self.profiles.prepared.pop(self, _MISSING)
                 if ready is _MISSING:
                     self._build_item_rows()       # (not prepared: built now, a pause)
                 else:
                     self.item_rows, self.rows_generation = ready, self.profiles.items_generation
                     if ready is not None:
-                        log.info("item_rows: %d items' pooled embeddings of profile snapshot %d, built in %.2f s "
-                                 "of steps between batches", ready.table.shape[0], self.profiles.snapshot,
-                                 ready.build_s)
+                        log.info("item_rows: %d items' pooled embeddings of profile snapshot %d, %s in steps "
+                                 "between batches", ready.table.shape[0], self.profiles.snapshot, table_how(ready))
+                if old is not None and (self.item_rows is None or old.name != self.item_rows.name):
+                    unlink_table(old.name)        # (workers still on it keep their maps until they switch)
 
     def report(self, counters):
         counters[C_LOOKUPS] = self.store.lookups

@@ -57,6 +57,7 @@ import onnxruntime as ort
 from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.store import open_cube
 from jizhi.graph.itemside import ItemTable, split_items
+from jizhi.sharedtable import how as table_how, unlink as unlink_table
 from jizhi.graph.session import session_options
 from jizhi.graph.structured import structure, unstructure
 from jizhi.profilestore import STEP_ITEMS, source as profile_source
@@ -183,20 +184,23 @@ class ModelInference(Stage):
                                          providers=["CPUExecutionProvider"])
             self.profiles = profile_source(bundle)
             self.profiles.register(self)
-            self._table_args = (bundle, split, items, functools.partial(_pool_items, bundle), item_cache_mb(config))
+            self._table_args = (bundle, split, items, functools.partial(_pool_items, bundle))
+            # one copy per version in shared memory, named by the supervisor (jizhi/sharedtable.py)
+            self._table_kw = {"max_mb": item_cache_mb(config), "shared": config.get("_items"),
+                              "stage": config.get("_stage", "dnn")}
             self.table_generation = self.profiles.items_generation
-            self.item_table = ItemTable(*self._table_args[:4], max_mb=self._table_args[4], items=self.profiles.items)
+            self.item_table = ItemTable(*self._table_args, items=self.profiles.items, **self._table_kw)
             # A new snapshot's item table is built a chunk per batch boundary before it serves.
-            self.profiles.add_deriver(self, lambda items: ItemTable(*self._table_args[:4], max_mb=self._table_args[4],
-                                                                     items=items, build=False).building(STEP_ITEMS))
+            self.profiles.add_deriver(self, lambda items: ItemTable(*self._table_args, items=items, build=False,
+                                                                     **self._table_kw).building(STEP_ITEMS))
         except Exception as e:  # a head bundle (no profiles, no cube), a table too large, ...: serve without
             log.warning("item_cache: no item table for %s (%s: %s); running without it", bundle.onnx_path,
                         type(e).__name__, e)
             self.item_table = None
             return model
         t = self.item_table
-        log.info("item_cache: %d items x %d floats (%s) in %.0f MiB, built in %.2f s", t.tables[0].shape[0],
-                 split.floats_per_item, ", ".join(t.names), t.mb, t.build_s)
+        log.info("item_cache: %d items x %d floats (%s) in %.0f MiB, %s", t.tables[0].shape[0],
+                 split.floats_per_item, ", ".join(t.names), t.mb, table_how(t))
         return split.serving
 
     def batch_boundary(self):
@@ -207,12 +211,15 @@ class ModelInference(Stage):
         if self.profiles.items_generation == self.table_generation:
             return
         self.table_generation = self.profiles.items_generation
+        old = self.item_table
         ready = self.profiles.prepared.pop(self, None)
         self.item_table = ready if ready is not None else \
-            ItemTable(*self._table_args[:4], max_mb=self._table_args[4], items=self.profiles.items)   # (a pause)
-        logging.getLogger("jizhi.worker").info("item_cache: item table of profile snapshot %d built in %.2f s%s",
-                                               self.profiles.snapshot, self.item_table.build_s,
-                                               " of steps between batches" if ready is not None else "")
+            ItemTable(*self._table_args, items=self.profiles.items, **self._table_kw)   # (a pause)
+        if old.name != self.item_table.name:
+            unlink_table(old.name)        # (workers still on it keep their maps until they switch)
+        logging.getLogger("jizhi.worker").info("item_cache: item table of profile snapshot %d %s%s",
+                                               self.profiles.snapshot, table_how(self.item_table),
+                                               " in steps between batches" if ready is not None else "")
 
     def process(self, batch):
         item_emb = np.ascontiguousarray(batch["item_emb"], dtype=np.float32)

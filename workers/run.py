@@ -98,7 +98,8 @@ class Worker:
             config = dict(st["config"], _overlay=run.get("overlay"), _hot=entry.get("hot"),
                           _qcache=run.get("qcache"), _wid=wid, _pipeline=pipeline,
                           _shed=(run.get("shed") or {}).get(pipeline),
-                          _disk_cache=entry.get("disk_cache"), _versions=self.versions)
+                          _disk_cache=entry.get("disk_cache"), _versions=self.versions, _items=entry.get("items"),
+                          _stage=sname)
             try:
                 proc.setup(config, bundles[st["config"].get("model", self.plan["model"])])
             except Exception as e:

@@ -51,6 +51,7 @@ from jizhi.graph.canonical import canonicalise
 from jizhi.graph.proto import DOMAINS, ITEM_INPUT, Graph, Writer, assemble, attr, has_subgraph, normalize_axis
 from jizhi.graph.rows import CONST, OTHER, rowwise
 from jizhi.profilestore import profiles as store_profiles
+from jizhi.sharedtable import build_now, building as shared_building, table_name
 
 _HEAVY = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "MatMulInteger", "QLinearMatMul"})
 _ITEM = "item"     # the item side's kind, beside rows.CONST and rows.OTHER
@@ -205,7 +206,8 @@ class ItemTable:
     ``chunk``: items pooled and run per step while building.
     """
 
-    def __init__(self, bundle, split, session, pool, max_mb=512, chunk=8192, items=None, build=True):
+    def __init__(self, bundle, split, session, pool, max_mb=512, chunk=8192, items=None, build=True, shared=None,
+                 stage="dnn"):
         self.split = split
         self.session = session
         self.items = store_profiles(bundle, "item") if items is None else items
@@ -215,28 +217,36 @@ class ItemTable:
             raise ValueError(f"the item table would take {mb:.0f} MiB ({n} items x {split.floats_per_item} "
                              f"floats), over item_cache_mb = {max_mb}")
         self.names = [name for name, _ in split.frontier]
-        self.tables = [np.empty((n, *d), dtype=np.float32) for _, d in split.frontier]
+        self.specs = [((n, *d), np.float32) for _, d in split.frontier]
+        # one copy per version in shared memory when the worker is given a prefix (jizhi/sharedtable.py)
+        self.name = table_name(shared, stage, self.items.root / "items")
+        self.how = None
         self._pool = pool
         self.build_s = 0.0
         self.mb = mb
         if build:
-            for _ in self.building(chunk):
-                pass
+            self.tables, self.how = build_now(self.name, self.specs, lambda t: self._fill(t, chunk))
 
     def building(self, chunk=8192):
-        """Compute every item's frontier tensors, ``chunk`` items a step (a generator, one step per batch
-        boundary while a new profile snapshot is prepared); returns this ItemTable when done."""
-        n = self.tables[0].shape[0] if self.tables else 0
+        """The steps of the table (a generator, one step per batch boundary while a new profile snapshot is
+        prepared; waiting a step at a time while another worker builds the shared copy); returns this
+        ItemTable when done."""
+        self.tables, self.how = yield from shared_building(self.name, self.specs, lambda t: self._fill(t, chunk),
+                                                           wait=False)
+        return self
+
+    def _fill(self, tables, chunk):
+        """Every item's frontier tensors into ``tables``, ``chunk`` items a step."""
+        n = tables[0].shape[0] if tables else 0
         for a in range(0, n, chunk):
             t0 = time.monotonic()
             rows = np.arange(a, min(n, a + chunk), dtype=np.int64)
             sigs, lens = self.items.item_signatures(rows, np.ones(rows.shape[0], dtype=np.bool_))
             emb = self._pool(sigs, lens)
-            for table, out in zip(self.tables, self.session.run(self.names, {ITEM_INPUT: emb})):
+            for table, out in zip(tables, self.session.run(self.names, {ITEM_INPUT: emb})):
                 table[a:a + rows.shape[0]] = out
             self.build_s += time.monotonic() - t0
             yield
-        return self
 
     def feeds(self, item_ids, item_emb, found=None):
         """{frontier name: f32[P, ...]} for these candidates (``item_emb``: their pooled embeddings,

@@ -46,7 +46,7 @@ import zmq
 
 from jizhi import control, lifeline, messages, notify, protocol, rundir
 from jizhi import stats as stats_mod
-from jizhi.shm import unlink
+from jizhi.shm import segment_name, unlink, unlink_prefix
 from jizhi.states import VersionState
 from jizhi.supervisor import boot, metrics
 from jizhi.supervisor.children import (BROKER, MAX_BACKOFF_S, RESTART_BUDGET, YOUNG_S, Child, WorkerKey,
@@ -548,6 +548,7 @@ class Supervisor:
         for segs in self.segments.values():
             for seg in segs.values():
                 n += unlink(seg)
+        n += unlink_prefix(segment_name(self.instance, self.run_id) + ".")    # workers' item tables (sharedtable)
         for f in ("backend.ipc", "plan.msgpack", control.SOCKET_NAME):
             try:
                 (self.run_dir / f).unlink()

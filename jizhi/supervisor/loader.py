@@ -106,6 +106,7 @@ class Loader:
         self.deaths = 0             # worker deaths while loading
         self.t_start = time.monotonic() if now is None else now     # (the supervisor's clock)
         self.hot = None             # {control, table}: the hot tier's segments (cube/hot.py), when it has one
+        self.items = None           # the prefix of the item tables its workers share (jizhi/sharedtable.py)
         self.hot_proc = None        # the builder while it runs
         self.hot_done = False       # the first build finished (built or failed)
         self.hot_report = None
@@ -161,6 +162,7 @@ class Loader:
         self.plan = plan
         self.bundle = Bundle(plan["version_dir"])   # its manifest as loaded: files, sizes, dim
         self.bundles = {m: Bundle(d) for m, d in plan.get("version_dirs", {plan["model"]: plan["version_dir"]}).items()}
+        self.items = shm.segment_name(sup.instance, sup.run_id, f"{self.pipeline}.v{self.version}", "items")
         try:
             self.segments = create_arenas(sup, self.pipeline, plan)
             if sup.settings["cube.hot_tier_mb"] and any(
@@ -303,6 +305,8 @@ class Loader:
         self.stop_disk_manager()
         sup.tell_broker(messages.VersionDrop(self.pipeline, self.version))
         n = sum(shm.unlink(seg) for seg in sup.segments.pop((self.pipeline, self.version), {}).values())
+        if self.items:
+            n += shm.unlink_prefix(self.items + ".")     # the item tables its workers built
         log.info("pipeline %s: version %d unloaded (its workers exited, their memory is returned; %d arenas removed)",
                  self.pipeline, self.version, n)
 
@@ -323,7 +327,7 @@ class Loader:
     def entry(self):
         """What the plan file says of this version (children and a restarted broker read it)."""
         e = {"plan": self.plan, "segments": self.segments, "bank": self.bank, "hot": self.hot,
-             "disk_cache": self.disk_cache,
+             "disk_cache": self.disk_cache, "items": self.items,
              "state": PLAN_FILE_STATE.get(self.state, self.state).value}
         if self.warmup is not None:
             e["warmup"] = self.warmup

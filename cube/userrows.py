@@ -163,6 +163,8 @@ class UserRows:
                           "profile snapshot", self.cube.url, why)
             else:
                 self.theirs = Schema(rows["fields"], rows["dense"], rows["user_len"])
+                if self.theirs.doc() == self.schema.doc():
+                    self.theirs = self.schema          # the same layout: rows are read as they come
                 index = {f["name"]: i for i, f in enumerate(self.theirs.fields)}
                 self.columns = np.array([index[f["name"]] for f in self.schema.fields], dtype=np.int64)
                 log.info("user rows %s: %d users pushed (snapshot %s)", self.cube.url, layout.doc.get("keys", 0),

@@ -9,11 +9,11 @@ few single commands (GET, SET of a layout record) to one that does.
 """
 import logging
 import time
-from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 from numba import njit
 
+from jizhi.cube.connect import Access, AuthError, is_auth_error
 from jizhi.cube.resp import RedisError, call
 
 # (one logger for every module of the Redis backend: its lines keep the name they always had)
@@ -82,37 +82,33 @@ def slot_map(reply, asked="127.0.0.1"):
 
 
 def split_url(url):
-    """``(seeds [(host, port)], path parts, options)`` of a ``redis://`` URL."""
-    u = urlparse(url)
-    if u.scheme != "redis":
-        raise ValueError(f"not a redis:// URL: {url!r}")
-    seeds = []
-    for hp in u.netloc.split(","):
-        host, _, port = hp.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"{url!r}: seed {hp!r} is not HOST:PORT")
-        seeds.append((host, int(port)))
-    return seeds, [p for p in u.path.split("/") if p], {k: v[-1] for k, v in parse_qs(u.query).items()}
+    """``(seeds [(host, port)], path parts, options)`` of a ``redis://`` or ``rediss://`` URL (cube/connect.py)."""
+    a = Access(url)
+    return a.seeds, a.parts, a.opts
 
 
 def parse_url(url):
     """``(seeds [(host, port)], name, version, options)`` of a ``redis://`` cube URL."""
-    seeds, parts, opts = split_url(url)
+    a = Access(url)
     name = version = None
-    if parts:
-        if len(parts) != 2 or not parts[1].isdigit():
-            raise ValueError(f"{url!r}: the path must be /NAME/VERSION (a pushed bundle's), got "
-                             f"{'/' + '/'.join(parts)!r}")
-        name, version = parts[0], int(parts[1])
-    return seeds, name, version, opts
+    if a.parts:
+        if len(a.parts) != 2 or not a.parts[1].isdigit():
+            raise ValueError(f"{a.redacted()!r}: the path must be /NAME/VERSION (a pushed bundle's), got "
+                             f"{'/' + '/'.join(a.parts)!r}")
+        name, version = a.parts[0], int(a.parts[1])
+    return a.seeds, name, version, a.opts
 
 
 class Cluster:
     """The slot map of a cluster, learned from any node that answers (seeds first, then known masters)."""
 
-    def __init__(self, seeds, timeout_s=1.0):
-        self.seeds = list(seeds)
+    def __init__(self, seeds, timeout_s=1.0, access=None):
+        """``access`` (cube/connect.py): how every connection reaches, encrypts and authenticates; with it,
+        ``seeds`` may be None (the URL's)."""
+        self.access = access
+        self.seeds = list(seeds if seeds is not None else access.seeds)
         self.timeout_s = timeout_s
+        self.last_error = None      # why the last refresh found no node (an AuthError names the node)
         self.owner = np.full(SLOTS, -1, dtype=np.int32)
         self.nodes = []
         self.refreshed = 0.0
@@ -131,15 +127,17 @@ class Cluster:
                 break
             try:
                 owner, nodes = slot_map(call(host, port, ["CLUSTER", "SLOTS"], timeout_s or self.timeout_s,
-                                             deadline=deadline), asked=host)
+                                             deadline=deadline, access=self.access), asked=host)
             except (OSError, RedisError, ValueError) as e:
-                last = e
+                last = e if not isinstance(e, RedisError) else RedisError(f"{host}:{port}: {e}")
                 continue
             if nodes:
                 self.owner, self.nodes = owner, nodes
                 self.refreshed = time.monotonic()
+                self.last_error = None
                 return True
         self.refreshed = time.monotonic()
+        self.last_error = last
         log.debug("no node of %s answered CLUSTER SLOTS: %s", self.seeds, last)
         return False
 
@@ -150,11 +148,14 @@ class Cluster:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             try:
-                return call(host, port, args, timeout_s or self.timeout_s, deadline=deadline)
+                return call(host, port, args, timeout_s or self.timeout_s, deadline=deadline, access=self.access)
             except RedisError as e:
                 if str(e).startswith("MOVED"):
                     h, _, p = str(e).split()[2].rpartition(":")
-                    return call(h or host, int(p), args, timeout_s or self.timeout_s, deadline=deadline)
+                    return call(h or host, int(p), args, timeout_s or self.timeout_s, deadline=deadline,
+                                access=self.access)
+                if is_auth_error(e):
+                    raise AuthError(f"{host}:{port}: {e}") from None
                 raise
             except OSError as e:
                 last = e

@@ -38,7 +38,8 @@ import tomllib
 import numpy as np
 from numba import njit
 
-from jizhi.cube.cluster import CRC_TABLE, SLOTS, Cluster, crc16, key_slots, parse_url
+from jizhi.cube.cluster import CRC_TABLE, SLOTS, Cluster, crc16, key_slots
+from jizhi.cube.connect import Access
 
 MASK64 = (1 << 64) - 1
 STRATEGIES = ("key", "table", "model")
@@ -235,9 +236,9 @@ def plan_layout(bundles_keys, strategy, masters, owner):
 
 def read_layout(url, name, version):
     """The layout document of a pushed bundle, or None."""
-    seeds, _, _, _ = parse_url(url)
-    cluster = Cluster(seeds, timeout_s=2.0)
-    cluster.refresh()
+    cluster = Cluster(None, timeout_s=2.0, access=Access(url))
+    if not cluster.refresh() and cluster.last_error is not None:
+        raise ConnectionError(f"no node of {cluster.access.redacted()} answers CLUSTER SLOTS: {cluster.last_error}")
     raw = cluster.command(["GET", layout_key(namespace(name, version))])
     return (json.loads(raw), cluster) if raw is not None else (None, cluster)
 

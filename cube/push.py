@@ -11,7 +11,8 @@ import lmdb
 import numpy as np
 
 from jizhi.cube.build import read_all
-from jizhi.cube.cluster import Cluster, parse_url
+from jizhi.cube.cluster import Cluster
+from jizhi.cube.connect import Access, AuthError, is_auth_error
 from jizhi.cube.layout import Layout, layout_key, plan_layout
 from jizhi.cube.resp import MSET, Reader, RedisError, command_starts, encode_commands
 from jizhi.cube.store import cube_keys, open_cube
@@ -26,6 +27,22 @@ def read_cube(bundle):
         cube = open_cube(bundle.cube_path, bundle.dim)
         keys = np.sort(cube_keys(cube))
         return keys, cube.lookup(keys)[0]
+
+
+def connect_cluster(url):
+    """The cluster of ``url`` with its slot map, for a writer: raises ConnectionError naming the URL and why
+    no node answered (an AuthError names the node and Redis's message), RuntimeError when slots are unserved."""
+    access = Access(url)
+    cluster = Cluster(None, timeout_s=5.0, access=access)
+    if not cluster.refresh():
+        why = cluster.last_error
+        if is_auth_error(why):
+            raise AuthError(f"{access.redacted()}: credentials refused: {why}")
+        raise ConnectionError(f"no node of {access.redacted()} answers CLUSTER SLOTS (is the cluster up?): {why}")
+    if np.any(cluster.owner < 0):
+        raise RuntimeError(f"the cluster at {access.redacted()} does not serve every slot "
+                           f"({int(np.sum(cluster.owner < 0))} unassigned)")
+    return cluster
 
 
 def write_values(cluster, layout, keys, vals, what, per_command=1000):
@@ -44,7 +61,8 @@ def write_values(cluster, layout, keys, vals, what, per_command=1000):
         n = encode_commands(keyb, vals, sel, starts, np.frombuffer(b"$%d\r\n" % kl, dtype=np.uint8), vhdr, MSET,
                             buf)
         host, port = cluster.nodes[int(m)]
-        with socket.create_connection((host, port), timeout=30) as sk:
+        with cluster.access.connect((host, port), 30.0) if cluster.access else \
+                socket.create_connection((host, port), timeout=30) as sk:
             sk.sendall(memoryview(buf)[:n])
             rd = Reader(sk)
             for _ in range(starts.shape[0] - 1):
@@ -61,12 +79,7 @@ def push(bundles, url, strategy="key", progress=None, chunk_keys=20_000, per_com
     a reader never sees the layout of a cube not fully there. ``progress(done,
     total)`` is called after every chunk. Returns the layout documents.
     """
-    seeds, _, _, _ = parse_url(url)
-    cluster = Cluster(seeds, timeout_s=5.0)
-    if not cluster.refresh():
-        raise ConnectionError(f"no node of {url} answers CLUSTER SLOTS (is the cluster up?)")
-    if np.any(cluster.owner < 0):
-        raise RuntimeError(f"the cluster at {url} does not serve every slot ({int(np.sum(cluster.owner < 0))} unassigned)")
+    cluster = connect_cluster(url)
     loaded = [(b, *read_cube(b)) for b in bundles]
     docs = plan_layout([(b, k) for b, k, _ in loaded], strategy, cluster.nodes, cluster.owner)
     total = sum(int(k.shape[0]) for _, k, _ in loaded)

@@ -37,18 +37,21 @@ from the cluster (flushed, or a cluster restarted without persistence) makes
 lookups degrade, counted, instead of reading every key as absent; a new push
 of the same bundle is taken up without a restart.
 
-URL: ``redis://HOST:PORT[,HOST:PORT...]/NAME/VERSION?timeout_ms=50&retry_ms=250&refresh_ms=250&check_s=5``.
+URL: ``redis[s]://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/NAME/VERSION?timeout_ms=50&retry_ms=250&refresh_ms=250&
+check_s=5``, with cube/connect.py's options (TLS, AUTH, address mapping) and ``on_auth_error`` (``refuse``, the
+default: credentials refused at start are an error naming the node and Redis's message; ``degrade``: serve the
+default vectors and retry).
 """
 import json
 import logging
 import select
-import socket
 import time
 
 import numpy as np
 
 from jizhi.cube.backend import Backend
-from jizhi.cube.cluster import Cluster, parse_url, split_url
+from jizhi.cube.cluster import Cluster, parse_url
+from jizhi.cube.connect import Access, AuthError, idle_ok, is_auth_error, pending as tls_pending
 from jizhi.cube.layout import Layout, layout_key, namespace
 from jizhi.cube.resp import MGET, RedisError, call, command_starts, encode_commands, parse_mget, pipeline
 # docs/run-redis-bench.py pushes through this module
@@ -78,18 +81,6 @@ class _Node:
             self.sock = None
 
 
-def _idle_ok(sock):
-    """False when an idle connection was closed by the server (EOF or an error waiting to be read)."""
-    sock.setblocking(False)          # (a socket with a timeout would wait for readability first)
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-        return False                 # EOF, or bytes nobody asked for: never read them as a reply
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
-
 def _grown(arr, n):
     return arr if arr.shape[0] >= n else np.empty(max(n, 2 * arr.shape[0]), dtype=np.uint8)
 
@@ -110,21 +101,26 @@ class RedisCube(Backend):
         self.piece = 8192 if background else MAX_KEYS_PER_LOOKUP
         self.pause_s = 0.005 if background else 0.0
         self.required = required
+        self.access = Access(url)
         if ns is None:
-            seeds, name, version, opts = parse_url(url)
+            _, name, version, opts = parse_url(url)
             if name is None:
-                raise ValueError(f"{url!r}: name the pushed bundle: redis://HOST:PORT/NAME/VERSION")
+                raise ValueError(f"{self.access.redacted()!r}: name the pushed bundle: redis://HOST:PORT/NAME/VERSION")
             ns = namespace(name, version)
-        else:
-            seeds, _, opts = split_url(url)
-        self.url = url
+        opts = self.access.opts
+        self.url = self.access.redacted()        # (for log lines: never the password)
         self.ns = ns
+        # a node refusing our credentials at start: "refuse" (an error: the worker does not start) or
+        # "degrade" (serve the default vectors, retrying every retry_ms, until they are accepted)
+        self.on_auth_error = opts.get("on_auth_error", "refuse")
+        if self.on_auth_error not in ("refuse", "degrade"):
+            raise ValueError(f"{self.url}: on_auth_error must be refuse or degrade, got {self.on_auth_error!r}")
         self.timeout_s = float(timeout_ms if timeout_ms is not None else opts.get("timeout_ms", 50)) / 1000
         self.retry_s = float(retry_ms if retry_ms is not None else opts.get("retry_ms", 250)) / 1000
         self.refresh_s = float(refresh_ms if refresh_ms is not None else opts.get("refresh_ms", 250)) / 1000
         # how often a lookup checks that the layout record is still there (and the same push)
         self.check_s = float(opts.get("check_s", LAYOUT_CHECK_S))
-        self.cluster = Cluster(seeds, timeout_s=max(self.timeout_s, 0.2))
+        self.cluster = Cluster(None, timeout_s=max(self.timeout_s, 0.2), access=self.access)
         self.expect_dim = int(dim) if dim else None
         self.dim = self.expect_dim or 0
         self.layout = None
@@ -137,6 +133,7 @@ class RedisCube(Backend):
         self._next_try = 0.0
         self._next_check = 0.0
         self._said_absent = False
+        self._said_auth = False
         self._ensure_layout(initial=True)
 
     # -- set-up --
@@ -155,14 +152,30 @@ class RedisCube(Backend):
         self._next_try = now + self.retry_s
         deadline = None if initial else now + self.timeout_s
         try:
-            self.cluster.refresh(timeout_s=self.cluster.timeout_s, deadline=deadline)
+            if not self.cluster.refresh(timeout_s=self.cluster.timeout_s, deadline=deadline) and \
+                    is_auth_error(self.cluster.last_error):
+                raise self.cluster.last_error
             raw = self.cluster.command(["GET", layout_key(self.ns)], deadline=deadline)
         except (OSError, RedisError) as e:
+            if is_auth_error(e):
+                self._count("auth")
+                if initial and self.on_auth_error == "refuse":
+                    raise AuthError(f"cube {self.ns}: the cluster at {self.url} refused our credentials: {e} "
+                                    "(fix the URL's user and password, password_file or password_env; "
+                                    "on_auth_error=degrade serves degraded and keeps retrying)") from None
+                if initial or not self._said_auth:
+                    log.error("cube %s: the cluster at %s refused our credentials: %s; lookups read the default "
+                              "vector, retrying every %.0f ms", self.ns, self.url, e, 1000 * self.retry_s)
+                    self._said_auth = True
+                return False
             (log.warning if initial else log.debug)(
                 "cube %s: cluster %s unreachable (%s); lookups read the default vector until it answers",
                 self.ns, self.url, e)
             self._count("unreachable")
             return False
+        if self._said_auth:
+            log.info("cube %s: the cluster at %s accepts our credentials again", self.ns, self.url)
+            self._said_auth = False
         try:
             if raw is None:
                 raise LookupError(f"cube {self.ns} is not in the cluster at {self.url}: run jizhictl cube push first")
@@ -336,7 +349,9 @@ class RedisCube(Backend):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                for fd, _ in poller.poll(max(1, int(left * 1000))):
+                # (bytes a TLS socket already decrypted are invisible to poll: read those first)
+                ready = [(fd, 0) for fd, p in by_fd.items() if tls_pending(p[0].sock)]
+                for fd, _ in ready or poller.poll(max(1, int(left * 1000))):
                     p = by_fd[fd]
                     node, order, starts = p[0], p[1], p[2]
                     if p[3] >= node.buf.shape[0]:
@@ -400,7 +415,8 @@ class RedisCube(Backend):
         asks = {}
         for addr, ks in by_node.items():
             try:
-                replies = pipeline(addr[0], addr[1], [["GET", bytes(keyb[k])] for k in ks], deadline=deadline)
+                replies = pipeline(addr[0], addr[1], [["GET", bytes(keyb[k])] for k in ks], deadline=deadline,
+                                   access=self.access)
             except (OSError, RedisError):
                 continue
             for k, r in zip(ks, replies):
@@ -416,7 +432,7 @@ class RedisCube(Backend):
             for k in ks:
                 cmds += [["ASKING"], ["GET", bytes(keyb[k])]]
             try:
-                replies = pipeline(addr[0], addr[1], cmds, deadline=deadline)
+                replies = pipeline(addr[0], addr[1], cmds, deadline=deadline, access=self.access)
             except (OSError, RedisError):
                 continue
             for k, r in zip(ks, replies[1::2]):
@@ -437,12 +453,12 @@ class RedisCube(Backend):
         if left <= 0:
             return False
         try:
-            if node.sock is not None and not _idle_ok(node.sock):
+            if node.sock is not None and not idle_ok(node.sock):
                 node.close()                 # the server closed it while idle (restart, timeout): reconnect
             if node.sock is None:
-                # at most a third of the budget for a connect: a blackholed host must leave time for the rest
-                node.sock = socket.create_connection(node.addr, timeout=max(0.001, min(left, self.timeout_s / 3)))
-                node.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # at most a third of the budget for a connect (and TLS, AUTH): a blackholed host must leave
+                # time for the rest
+                node.sock = self.access.connect(node.addr, max(0.001, min(left, self.timeout_s / 3)))
             node.sock.settimeout(max(0.001, deadline - time.monotonic()))
             kl = keyb.shape[1]
             khdr = np.frombuffer(b"$%d\r\n" % kl, dtype=np.uint8)
@@ -476,7 +492,7 @@ class RedisCube(Backend):
             try:
                 while True:
                     cursor, batch = call(host, port, ["SCAN", cursor, "MATCH", pattern, "COUNT", count],
-                                         timeout_s=10.0)
+                                         timeout_s=10.0, access=self.access)
                     raw = b"".join(k[-8:] for k in batch if len(k) == klen)
                     if raw:
                         found.append(np.frombuffer(raw, dtype="<u8"))

@@ -182,7 +182,7 @@ def command_starts(s, per_command=MAX_KEYS_PER_COMMAND):
 # --- a small RESP client for everything that is not the batch read ---------
 
 
-def _encode_command(args):
+def encode_command(args):
     parts = [b"*%d\r\n" % len(args)]
     for a in args:
         if isinstance(a, str):
@@ -247,17 +247,24 @@ class Reader:
         raise ConnectionError(f"not a RESP reply: {line[:40]!r}")
 
 
-def call(host, port, args, timeout_s=2.0, deadline=None):
+def _connect(host, port, timeout_s, access):
+    if access is not None:
+        return access.connect((host, int(port)), timeout_s)      # TLS and AUTH (cube/connect.py)
+    return socket.create_connection((host, int(port)), timeout=timeout_s)
+
+
+def call(host, port, args, timeout_s=2.0, deadline=None, access=None):
     """One command on a new connection; its reply (an error reply raises RedisError).
 
-    ``timeout_s`` bounds each socket operation; ``deadline`` (time.monotonic) the whole call.
+    ``timeout_s`` bounds each socket operation; ``deadline`` (time.monotonic) the whole call; ``access``
+    (cube/connect.py) how to reach, encrypt and authenticate (none: plain TCP, no AUTH).
     """
     if deadline is not None:
         timeout_s = min(timeout_s, deadline - time.monotonic())
         if timeout_s <= 0:
             raise TimeoutError(f"{host}:{port}: no time left")
-    with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
-        s.sendall(_encode_command(args))
+    with _connect(host, port, timeout_s, access) as s:
+        s.sendall(encode_command(args))
         rd = Reader(s)
         if deadline is not None:
             rd.deadline = deadline
@@ -267,14 +274,14 @@ def call(host, port, args, timeout_s=2.0, deadline=None):
     return r
 
 
-def pipeline(host, port, commands, timeout_s=10.0, deadline=None):
+def pipeline(host, port, commands, timeout_s=10.0, deadline=None, access=None):
     """Several commands in one round trip on a new connection; their replies (errors as RedisError values)."""
     if deadline is not None:
         timeout_s = min(timeout_s, deadline - time.monotonic())
         if timeout_s <= 0:
             raise TimeoutError(f"{host}:{port}: no time left")
-    with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
-        s.sendall(b"".join(_encode_command(c) for c in commands))
+    with _connect(host, port, timeout_s, access) as s:
+        s.sendall(b"".join(encode_command(c) for c in commands))
         rd = Reader(s)
         rd.deadline = deadline
         return [rd.reply() for _ in commands]

@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from jizhi.cube.cluster import split_url
-from jizhi.cube.layout import FORMAT, layout_key
+from jizhi.cube.layout import FORMAT
 from jizhi.cube.redis import RedisCube
 
 log = logging.getLogger("jizhi.cube.userrows")

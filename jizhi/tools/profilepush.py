@@ -10,25 +10,18 @@ import json
 
 import numpy as np
 
-from jizhi.cube.cluster import Cluster, split_url
 from jizhi.cube.layout import Layout, layout_key
-from jizhi.cube.push import write_values
+from jizhi.cube.push import connect_cluster, write_values
 from jizhi.cube.userrows import Schema, layout_doc, parse_rows_url, user_namespace
 from jizhi.profilestore import profiles, source
 from jizhi.workers.data_reader import BadFeature, RequestFields, apply_features
 
 
 def connect(url):
-    """The cluster of a user-row URL, its slot map loaded; raises ConnectionError naming the URL."""
-    url, name, _ = parse_rows_url(url)
-    seeds, _, _ = split_url(url)
-    cluster = Cluster(seeds, timeout_s=5.0)
-    if not cluster.refresh():
-        raise ConnectionError(f"no node of {url} answers CLUSTER SLOTS (is the cluster up?)")
-    if np.any(cluster.owner < 0):
-        raise RuntimeError(f"the cluster at {url} does not serve every slot ({int(np.sum(cluster.owner < 0))} "
-                           "unassigned)")
-    return cluster, name
+    """The cluster of a user-row URL, its slot map loaded, and the namespace's name; raises ConnectionError
+    (AuthError naming the node) or RuntimeError (cube/push.py, ``connect_cluster``)."""
+    _, name, _ = parse_rows_url(url)
+    return connect_cluster(url), name
 
 
 def push_users(url, bundle, progress=None, chunk=20_000):

@@ -80,15 +80,40 @@ def cli_binary():
     return _binary("redis-cli", "valkey-cli")
 
 
-def command(port, *args, timeout_s=2.0, host="127.0.0.1"):
-    """One command to one node; the decoded reply (cube/resp.py's small RESP reader)."""
-    return call(host, port, list(args), timeout_s=timeout_s)
+def command(port, *args, timeout_s=2.0, host="127.0.0.1", access=None):
+    """One command to one node; the decoded reply (cube/resp.py's small RESP reader; ``access``: TLS and AUTH,
+    cube/connect.py)."""
+    return call(host, port, list(args), timeout_s=timeout_s, access=access)
+
+
+def make_certificates(directory, names=("127.0.0.1", "localhost")):
+    """A CA and a node certificate signed by it (``openssl``): ``{ca, cert, key}`` paths under ``directory``;
+    the node's certificate names ``names`` (IP addresses and DNS names)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "node.crt").exists():
+        sans = ",".join(("IP:" if n.replace(".", "").isdigit() or ":" in n else "DNS:") + n for n in names)
+        (d / "ext.cnf").write_text(f"subjectAltName={sans}\n")
+        for argv in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+                      "-days", "2", "-subj", "/CN=jizhi-test-ca"],
+                     ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr", "-subj",
+                      f"/CN={names[0]}"],
+                     ["x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                      "-out", "node.crt", "-days", "2", "-extfile", "ext.cnf"]):
+            subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True, timeout=60)
+    return {"ca": str(d / "ca.crt"), "cert": str(d / "node.crt"), "key": str(d / "node.key")}
 
 
 class LocalCluster:
     """``masters`` x (1 + ``replicas``) redis-server processes on 127.0.0.1 (or separate namespaces), one directory each."""
 
-    def __init__(self, root, base_port=7000, masters=3, replicas=1, node_timeout_ms=2000, netns=False):
+    def __init__(self, root, base_port=7000, masters=3, replicas=1, node_timeout_ms=2000, netns=False,
+                 password=None, user=None, tls=None, announce_hostname=None):
+        """For the clusters teams run (tests of cube/connect.py): ``password`` (``requirepass``, or with ``user``
+        an ACL user and the default user off), ``tls`` (``make_certificates``: every port TLS only, the bus
+        too), ``announce_hostname`` (a format of ``{port}``: the name each node announces instead of its
+        address, which a client must map)."""
+        self.password, self.user, self.tls, self.announce_hostname = password, user, tls, announce_hostname
         self.root = Path(root)
         self.base_port = int(base_port)
         self.masters = int(masters)
@@ -155,8 +180,54 @@ class LocalCluster:
 
     @property
     def url(self):
-        """The seed list a jizhi cube URL starts with: ``redis://HOST1:P1,HOST2:P2,...``."""
-        return "redis://" + ",".join(f"{self.host(p)}:{p}" for p in self.ports)
+        """The seed list a jizhi cube URL starts with: ``redis://HOST1:P1,HOST2:P2,...`` (``rediss://`` and
+        the credentials when the cluster has them)."""
+        cred = ""
+        if self.password is not None:
+            cred = f"{self.user or ''}:{self.password}@"
+        return ("rediss://" if self.tls else "redis://") + cred + ",".join(f"{self.host(p)}:{p}" for p in self.ports)
+
+    def options(self):
+        """The URL options a client of this cluster needs (the CA of a TLS cluster, the map of announced
+        names), as ``?k=v&...`` or ""."""
+        opts = []
+        if self.tls:
+            opts.append(f"tls_ca={self.tls['ca']}")
+        if self.announce_hostname:
+            opts.append("map=" + ",".join(f"{self.announce_hostname.format(port=p)}={self.host(p)}"
+                                          for p in self.ports))
+        return ("?" + "&".join(opts)) if opts else ""
+
+    @property
+    def access(self):
+        from jizhi.cube.connect import Access
+        return Access(self.url + self.options()) if (self.password or self.tls or self.announce_hostname) else None
+
+    def _conf_extra(self, port):
+        lines = []
+        if self.password is not None and self.user:
+            lines += [f"user {self.user} on >{self.password} ~* &* +@all", "user default off",
+                      f"masteruser {self.user}", f"masterauth {self.password}"]
+        elif self.password is not None:
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
+        if self.tls:
+            lines += ["port 0", f"tls-port {port}", f"tls-cert-file {self.tls['cert']}",
+                      f"tls-key-file {self.tls['key']}", f"tls-ca-cert-file {self.tls['ca']}", "tls-cluster yes",
+                      "tls-replication yes", "tls-auth-clients no"]
+        if self.announce_hostname:
+            lines += [f"cluster-announce-hostname {self.announce_hostname.format(port=port)}",
+                      "cluster-preferred-endpoint-type hostname"]
+        return "\n".join(lines) + "\n"
+
+    def cli_args(self):
+        """redis-cli's options for this cluster's credentials and TLS."""
+        args = []
+        if self.password is not None:
+            args += (["--user", self.user, "--pass", self.password] if self.user else ["-a", self.password])
+            args.append("--no-auth-warning")
+        if self.tls:
+            args += ["--tls", "--cacert", self.tls["ca"]]
+        return args
 
     def node_dir(self, port):
         return self.root / str(port)
@@ -175,7 +246,7 @@ class LocalCluster:
             # whose addresses exist only on this machine's private bridge
             (d / "redis.conf").write_text(CONF.format(port=port, dir=d.resolve(), host=self.host(port),
                                                       protected="no" if self.netns else "yes",
-                                                      node_timeout_ms=self.node_timeout_ms))
+                                                      node_timeout_ms=self.node_timeout_ms) + self._conf_extra(port))
 
     def pid(self, port):
         try:
@@ -187,7 +258,7 @@ class LocalCluster:
 
     def alive(self, port):
         try:
-            return command(port, "PING", timeout_s=0.5, host=self.host(port)) == "PONG"
+            return command(port, "PING", timeout_s=0.5, host=self.host(port), access=self.access) == "PONG"
         except (OSError, RedisError):
             return False
 
@@ -222,14 +293,14 @@ class LocalCluster:
         cli = cli_binary()
         if cli is None:
             raise RuntimeError("redis-cli not found (Debian's redis-tools)")
-        args = [cli, "--cluster", "create", *[f"{self.host(p)}:{p}" for p in self.ports],
+        args = [cli, *self.cli_args(), "--cluster", "create", *[f"{self.host(p)}:{p}" for p in self.ports],
                 "--cluster-replicas", str(self.replicas), "--cluster-yes"]
         r = subprocess.run(args, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout[-800:]} {r.stderr[-800:]}")
 
     def cluster_info(self, port):
-        text = command(port, "CLUSTER", "INFO", host=self.host(port))
+        text = command(port, "CLUSTER", "INFO", host=self.host(port), access=self.access)
         text = text.decode() if isinstance(text, bytes) else text
         return dict(line.split(":", 1) for line in text.split("\r\n") if ":" in line)
 
@@ -253,7 +324,7 @@ class LocalCluster:
 
     def masters_of(self, port):
         """Sorted ports of the masters serving slots, as ``port`` sees them."""
-        _, nodes = slot_map(command(port, "CLUSTER", "SLOTS", host=self.host(port)))
+        _, nodes = slot_map(command(port, "CLUSTER", "SLOTS", host=self.host(port), access=self.access))
         return sorted(p for _, p in nodes)
 
     def kill(self, port, sig=signal.SIGKILL):
@@ -298,7 +369,7 @@ class LocalCluster:
         for port in self.ports:
             state = "down"
             if self.alive(port):
-                role = command(port, "ROLE", host=self.host(port))[0]
+                role = command(port, "ROLE", host=self.host(port), access=self.access)[0]
                 role = role.decode() if isinstance(role, bytes) else role
                 state = f"{role} {self.cluster_info(port).get('cluster_state')}"
             out.append((port, self.pid(port), state))

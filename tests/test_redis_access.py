@@ -1,0 +1,120 @@
+"""Redis Cluster as teams run it (issue 22, items 1-3): passwords, ACL users, TLS, announced addresses.
+
+Real ``redis-server`` clusters started by these tests (3 masters, no replica, loopback): one with
+``requirepass``, one with an ACL user (the default user off), one TLS only (certificates made here with
+``openssl``), one whose nodes announce host names no resolver knows (``cluster-announce-hostname``), reached
+through the URL's ``map``. Through each, ``jizhictl cube push`` and the cube reader (cube/redis.py) read back
+exactly the local cube; a wrong or missing password is one line naming the node and Redis's message.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from daemon_helpers import jizhictl, jizhictl_ok
+from jizhi.bundle import Bundle
+from jizhi.cube.connect import Access, AuthError
+from jizhi.cube.push import read_cube
+from jizhi.cube.redis import RedisCube
+from jizhi.tools.redis_local import LocalCluster, free_port_block, make_certificates, server_binary
+
+if server_binary() is None:
+    if os.environ.get("JIZHI_REQUIRE_REDIS"):
+        raise RuntimeError("JIZHI_REQUIRE_REDIS is set but redis-server is not installed")
+    pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
+
+SECRET = "s3cret-Pa55"
+
+
+def _cluster(tmp_path_factory, name, **kw):
+    c = LocalCluster(tmp_path_factory.mktemp(name), base_port=free_port_block(3), replicas=0, node_timeout_ms=1000,
+                     **kw)
+    c.start(timeout_s=60)
+    return c
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory):
+    made = {}
+    try:
+        made["password"] = _cluster(tmp_path_factory, "redis-pw", password=SECRET)
+        made["acl"] = _cluster(tmp_path_factory, "redis-acl", password=SECRET, user="jizhi")
+        made["tls"] = _cluster(tmp_path_factory, "redis-tls", tls=make_certificates(tmp_path_factory.mktemp("certs")))
+        made["names"] = _cluster(tmp_path_factory, "redis-names", announce_hostname="node-{port}.jizhi.invalid")
+        yield made
+    finally:
+        for c in made.values():
+            c.stop()
+
+
+@pytest.fixture(scope="module")
+def cube(demo_bundle):
+    return read_cube(Bundle(demo_bundle))
+
+
+def _reads_back(url, demo_bundle, cube):
+    b = Bundle(demo_bundle)
+    keys, vectors = cube
+    q = np.random.default_rng(3).choice(keys, 2000)
+    base, _, opts = url.partition("?")
+    r = RedisCube(f"{base}/{b.name}/{b.version}" + (f"?{opts}" if opts else ""), b.dim, timeout_ms=500)
+    try:
+        v, found = r.lookup(q)
+    finally:
+        r.close()
+    pos = np.searchsorted(keys, q)
+    assert found.all() and np.array_equal(v, vectors[pos]) and r.degraded == 0
+
+
+def test_urls_carry_credentials_ipv6_seeds_tls_and_address_maps(tmp_path, monkeypatch):
+    a = Access("redis://jizhi:p%40ss@[::1]:7300,10.0.0.5:7001/demo/1?map=10.0.0.5:7001=127.0.0.1:17001,"
+               "node-a.invalid=127.0.0.1")
+    assert (a.user, a.password) == ("jizhi", "p@ss") and a.seeds == [("::1", 7300), ("10.0.0.5", 7001)]
+    assert a.parts == ["demo", "1"] and "p@ss" not in a.redacted() and "jizhi:***@" in a.redacted()
+    assert a.reach(("10.0.0.5", 7001)) == ("127.0.0.1", 17001)
+    assert a.reach(("node-a.invalid", 7002)) == ("127.0.0.1", 7002) and a.reach(("x", 1)) == ("x", 1)
+    (tmp_path / "pw").write_text("from-a-file\n")
+    assert Access(f"redis://:ignored@h:1?password_file={tmp_path / 'pw'}").password == "from-a-file"
+    monkeypatch.setenv("JZ_TEST_PW", "from-env")
+    assert Access("redis://h:1?password_env=JZ_TEST_PW").password == "from-env"
+    for url, why in (("redis://h:1?password_env=JZ_NOPE_NOPE", "no such environment variable"),
+                     ("redis://jizhi@h:1", "without a password"), ("redis://::1:7000", "in brackets"),
+                     ("redis://h:1?tls_ca=x", "need a rediss:// URL"), ("http://h:1", "not a redis://"),
+                     ("redis://h:1?map=a:1", "ANNOUNCED=REACHABLE")):
+        with pytest.raises(ValueError, match=why):
+            Access(url)
+
+
+@pytest.mark.parametrize("kind", ["password", "acl", "tls", "names"])
+def test_push_and_read_through_each_kind_of_cluster_equal_the_local_cube(clusters, kind, demo_bundle, cube):
+    c = clusters[kind]
+    url = c.url + c.options()
+    out = jizhictl_ok("cube", "push", demo_bundle, "--redis", url, "--strategy", "table", "--quiet")
+    assert "pushed jz:demo:1" in out
+    _reads_back(url, demo_bundle, cube)
+    assert SECRET not in out
+
+
+def test_a_wrong_or_missing_password_is_one_line_naming_the_node_and_redis_message(clusters, demo_bundle):
+    for kind, url, why in (
+            ("password", clusters["password"].url.replace(f":{SECRET}@", ""), "NOAUTH Authentication required"),
+            ("password", clusters["password"].url.replace(SECRET, "wrong"), "WRONGPASS"),
+            ("acl", clusters["acl"].url.replace(SECRET, "wrong"), "WRONGPASS")):
+        r = jizhictl("cube", "push", demo_bundle, "--redis", url, "--quiet")
+        assert r.returncode == 1, r.stderr
+        line = r.stderr.strip()
+        assert len(line.splitlines()) == 1 and why in line and "127.0.0.1:" in line, line
+        assert "Traceback" not in r.stderr and "wrong" not in line.replace("WRONGPASS", "")
+        with pytest.raises(AuthError, match=why):
+            RedisCube(url + "/demo/1", timeout_ms=500)
+
+
+def test_plain_tcp_to_a_tls_cluster_and_an_unmapped_announced_name_fail_clearly(clusters, demo_bundle):
+    tls = clusters["tls"]
+    r = jizhictl("cube", "push", demo_bundle, "--redis", tls.url.replace("rediss://", "redis://"), "--quiet")
+    assert r.returncode == 1 and "no node of" in r.stderr
+    r = jizhictl("cube", "push", demo_bundle, "--redis", tls.url, "--quiet")      # no CA: the system's refuse it
+    assert r.returncode == 1 and "TLS" in r.stderr and "CERTIFICATE_VERIFY_FAILED" in r.stderr
+    names = clusters["names"]
+    r = jizhictl("cube", "push", demo_bundle, "--redis", names.url, "--quiet")   # announced names, no map
+    assert r.returncode == 1 and "node-" in r.stderr and ".jizhi.invalid" in r.stderr

@@ -26,17 +26,129 @@ after ``MOVED`` or a failover), so none of them can forget a password or TLS:
 
 A wrong or missing password is ``AuthError``: one line naming the node and
 Redis's own message (``WRONGPASS ...``, ``NOAUTH ...``).
+
+Also here, the small RESP client for single commands (``call``, ``pipeline``:
+slot maps, layout records, the pushes' replies); the batch reads' codec is
+cube/resp.py's (Numba). Nothing here imports Numba: the supervisor checks a
+cluster's credentials with it (``check_credentials``).
 """
 import os
 import select
 import socket
 import ssl
+import time
 from urllib.parse import parse_qs, unquote
-
-from jizhi.cube.resp import Reader, RedisError, encode_command
 
 SCHEMES = ("redis", "rediss")
 AUTH_REPLIES = ("NOAUTH", "WRONGPASS", "NOPERM", "ERR AUTH", "ERR invalid password", "ERR Client sent AUTH")
+
+
+# --- a small RESP client (single commands, the pushes' replies; the batch reads are cube/resp.py's) ---
+
+
+def encode_command(args):
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif isinstance(a, int):
+            a = str(a).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(parts)
+
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``)."""
+
+
+class Reader:
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+        self.deadline = None
+
+    def _recv(self, n):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no reply within the deadline")
+            self.sock.settimeout(left)
+        return self.sock.recv(n)
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self._recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed by the server")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exact(self, n):
+        while len(self.buf) < n + 2:
+            chunk = self._recv(max(65536, n + 2 - len(self.buf)))
+            if not chunk:
+                raise ConnectionError("connection closed by the server")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n + 2:]
+        return data
+
+    def reply(self):
+        line = self._line()
+        t, rest = line[:1], line[1:]
+        if t == b"+":
+            return rest.decode()
+        if t == b"-":
+            return RedisError(rest.decode())
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            return None if n < 0 else self._exact(n)
+        if t == b"*":
+            n = int(rest)
+            return None if n < 0 else [self.reply() for _ in range(n)]
+        raise ConnectionError(f"not a RESP reply: {line[:40]!r}")
+
+
+def _connect(host, port, timeout_s, access):
+    if access is not None:
+        return access.connect((host, int(port)), timeout_s)      # TLS and AUTH (cube/connect.py)
+    return socket.create_connection((host, int(port)), timeout=timeout_s)
+
+
+def call(host, port, args, timeout_s=2.0, deadline=None, access=None):
+    """One command on a new connection; its reply (an error reply raises RedisError).
+
+    ``timeout_s`` bounds each socket operation; ``deadline`` (time.monotonic) the whole call; ``access``
+    (cube/connect.py) how to reach, encrypt and authenticate (none: plain TCP, no AUTH).
+    """
+    if deadline is not None:
+        timeout_s = min(timeout_s, deadline - time.monotonic())
+        if timeout_s <= 0:
+            raise TimeoutError(f"{host}:{port}: no time left")
+    with _connect(host, port, timeout_s, access) as s:
+        s.sendall(encode_command(args))
+        rd = Reader(s)
+        if deadline is not None:
+            rd.deadline = deadline
+        r = rd.reply()
+    if isinstance(r, RedisError):
+        raise r
+    return r
+
+
+def pipeline(host, port, commands, timeout_s=10.0, deadline=None, access=None):
+    """Several commands in one round trip on a new connection; their replies (errors as RedisError values)."""
+    if deadline is not None:
+        timeout_s = min(timeout_s, deadline - time.monotonic())
+        if timeout_s <= 0:
+            raise TimeoutError(f"{host}:{port}: no time left")
+    with _connect(host, port, timeout_s, access) as s:
+        s.sendall(b"".join(encode_command(c) for c in commands))
+        rd = Reader(s)
+        rd.deadline = deadline
+        return [rd.reply() for _ in commands]
 
 
 class AuthError(ConnectionError):
@@ -196,3 +308,21 @@ def idle_ok(sock):
 def pending(sock):
     """Bytes already decrypted and waiting in a TLS socket (which ``poll`` cannot see); 0 for plain TCP."""
     return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+
+
+def check_credentials(url, timeout_s=2.0):
+    """None when a node of ``url`` answers PING with the URL's credentials or none answers at all (an
+    unreachable cluster is the readers' to degrade around), else the AuthError (naming the node)."""
+    access = Access(url)
+    for addr in access.seeds:
+        try:
+            call(addr[0], addr[1], ["PING"], timeout_s=timeout_s, access=access)
+            return None
+        except AuthError as e:
+            return e
+        except RedisError as e:
+            if is_auth_error(e):
+                return AuthError(f"{addr[0]}:{addr[1]}: {e}")
+        except OSError:
+            continue
+    return None

@@ -59,10 +59,10 @@ def open_backend(url, dim, background=False):
     if u.scheme == "slow+file":
         return SlowLocal(u.path, dim, delay_ms=float(q.get("delay_ms", 2.0)),
                          per_key_us=float(q.get("per_key_us", 0.0)))
-    if u.scheme == "redis":
+    if u.scheme in ("redis", "rediss"):
         # Imported here, not at the top: the supervisor imports this module for remote_url and never
         # reads a cube, and these modules compile Numba kernels at import (seconds on a cold cache).
         from jizhi.cube.redis import RedisCube
         return RedisCube(url, dim, timeout_ms=BACKGROUND_TIMEOUT_MS if background else None, background=background)
     raise ValueError(f"unknown cube backend {url!r} (known: slow+file://PATH?delay_ms=..&per_key_us=.., "
-                     f"redis://HOST:PORT[,HOST:PORT]/NAME/VERSION)")
+                     f"redis[s]://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/NAME/VERSION)")

@@ -6,12 +6,15 @@ Real ``redis-server`` clusters started by these tests (3 masters, no replica, lo
 through the URL's ``map``. Through each, ``jizhictl cube push`` and the cube reader (cube/redis.py) read back
 exactly the local cube; a wrong or missing password is one line naming the node and Redis's message.
 """
+import json
 import os
+import re
 
 import numpy as np
 import pytest
 
-from daemon_helpers import jizhictl, jizhictl_ok
+from conftest import demo_pipeline_text, write_text
+from daemon_helpers import jizhictl, jizhictl_ok, popen
 from jizhi.bundle import Bundle
 from jizhi.cube.connect import Access, AuthError
 from jizhi.cube.push import read_cube
@@ -118,3 +121,31 @@ def test_plain_tcp_to_a_tls_cluster_and_an_unmapped_announced_name_fail_clearly(
     names = clusters["names"]
     r = jizhictl("cube", "push", demo_bundle, "--redis", names.url, "--quiet")   # announced names, no map
     assert r.returncode == 1 and "node-" in r.stderr and ".jizhi.invalid" in r.stderr
+
+
+def _remote_pipeline(tmp_path, url, name):
+    return write_text(tmp_path / f"{name}.toml", demo_pipeline_text(
+        name, pool=1, options={"cube": [f'remote = "{url}"', "disk_cache_keys = 2000"]}))
+
+
+def test_jizhid_refuses_to_start_on_refused_credentials_or_serves_degraded_when_told(
+        clusters, launch, demo_bundle, demo_trace, tmp_path):
+    c = clusters["password"]
+    jizhictl_ok("cube", "push", demo_bundle, "--redis", c.url, "--strategy", "key", "--quiet")
+    wrong = c.url.replace(SECRET, "wrong") + "/{name}/{version}?timeout_ms=100&retry_ms=200"
+    server = launch.start(pipelines=(str(_remote_pipeline(tmp_path, wrong, "refuse")),), wait_ready=False)
+    popen(server)
+    assert server.proc.wait(60) == 2
+    log = server.log_text()
+    assert re.search(r"jizhid: pipeline refuse: the Redis cube at redis://:\*\*\*@127\.0\.0\.1:\d+.* refused our "
+                     r"credentials: 127\.0\.0\.1:\d+: WRONGPASS", log), server.log_tail()
+    assert "Traceback" not in log and "wrong" not in log.replace("WRONGPASS", "")
+    server = launch.start(pipelines=(str(_remote_pipeline(tmp_path, wrong + "&on_auth_error=degrade", "degrade")),),
+                          config_text="[cube]\nhot_tier_mb = 1\n")
+    with server.client(timeout_s=10) as client:
+        user, items, _ = demo_trace[0]
+        assert client.score(user, items, pipeline="degrade", deadline_ms=5000).ok
+    fig = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["degrade"]
+    assert fig["remote_degraded"] > 0
+    assert "on_auth_error=degrade: serving the default vectors" in server.log_text()
+    assert server.stop() == 0

@@ -181,6 +181,7 @@ class Loader:
         if cube_cfg.get("remote"):
             # A cube behind a backend: a disk cache (its manager is this version's child) in front of it.
             self.remote = remote_url(cube_cfg["remote"], self.bundle)
+            self.check_remote_credentials()
             self.disk_capacity = int(cube_cfg.get("disk_cache_keys", 10_000))
             self.disk_cache = str(sup.run_dir / f"disk-{self.pipeline}-v{self.version}")
         if announce:
@@ -190,6 +191,28 @@ class Loader:
             log.info("pipeline %s: loading %s beside the serving one (bank %d, workers at nice +%d, "
                      "expected %d MiB)", self.pipeline, self.describe(), self.bank,
                      sup.settings["models.load_nice"], self.expected_bytes >> 20)
+
+    def check_remote_credentials(self):
+        """A Redis cube whose nodes refuse the URL's credentials: with ``on_auth_error=refuse`` (the default) the
+        version is refused (at start: jizhid does not start), one line naming the node and Redis's message;
+        with ``degrade`` it loads, says so, and its workers read the default vectors until the credentials
+        are accepted (cube/redis.py)."""
+        if not self.remote.startswith(("redis://", "rediss://")):
+            return
+        from jizhi.cube.connect import Access, check_credentials
+        try:
+            access = Access(self.remote)
+        except ValueError as e:
+            raise LoadRefused("rejected", f"pipeline {self.pipeline}: its cube stage's remote URL: {e}")
+        refused = check_credentials(self.remote)
+        if refused is None:
+            return
+        if access.opts.get("on_auth_error", "refuse") == "refuse":
+            raise LoadRefused("refused", f"pipeline {self.pipeline}: the Redis cube at {access.redacted()} refused "
+                                         f"our credentials: {refused} (on_auth_error=degrade would serve degraded)")
+        log.error("pipeline %s: the Redis cube at %s refused our credentials: %s; on_auth_error=degrade: serving "
+                  "the default vectors, counted as degraded, retrying until they are accepted", self.pipeline,
+                  access.redacted(), refused)
 
     # -- its hot tier (cube/hot.py) ------------------------------------------------
     # Generations: ``hot_published`` is what readers are told to read; a build fills

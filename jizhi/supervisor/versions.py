@@ -127,7 +127,10 @@ class VersionManager:
             ld = Loader(name, records[plan["model"]], 0, VersionState.SERVING, records=records,
                         generation=plan["version"], now=self.sup.clock())
             self.loaded[name] = {0: ld}
-            ld.load(self.sup, self.docs[name], plan=plan, announce=False)
+            try:
+                ld.load(self.sup, self.docs[name], plan=plan, announce=False)
+            except LoadRefused as e:        # (a Redis cube refusing our credentials): jizhid does not start
+                raise PipelineError(str(e)) from None
 
     def mark_serving(self, plans):
         """At start, once the plan file says them: the boot versions serve."""

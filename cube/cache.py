@@ -183,7 +183,8 @@ def manage_main(argv=None):
     signal.signal(signal.SIGTERM, lambda s, f: running.__setitem__(0, False))
     os.makedirs(args.env, exist_ok=True)
     cache = DiskCache(args.env, args.dim, args.capacity)
-    backend = open_backend(args.remote, args.dim, background=True)
+    # (a cube not in the cluster, or refused credentials: logged, its lookups degrade, retried: never a crash loop)
+    backend = open_backend(args.remote, args.dim, background=True, required=False)
     stats = Stats.attach({"segment": args.stats_segment, "rows": args.stats_rows})
     rows = [int(r) for r in args.rows.split(",") if r]
     counts = KeyCounts(limit=4 * args.capacity)
@@ -212,7 +213,7 @@ def manage_main(argv=None):
             added, dropped = cache.update(counts.top(args.capacity), backend)
             counts.decay()
             if added or dropped:
-                log.info("disk cache %s: +%d -%d keys", args.env, added, dropped)
+                log.debug("disk cache %s: +%d -%d keys", args.env, added, dropped)    # (routine: every second)
     cache.close()
     return 0
 

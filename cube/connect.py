@@ -310,6 +310,57 @@ def pending(sock):
     return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
 
 
+def masters(url, timeout_s=2.0):
+    """The masters serving slots, as the first node of ``url`` that answers CLUSTER SLOTS says: [(host, port)]
+    (an empty list when none answers). Raises AuthError for refused credentials."""
+    access = Access(url)
+    for host, port in access.seeds:
+        try:
+            reply = call(host, port, ["CLUSTER", "SLOTS"], timeout_s=timeout_s, access=access)
+        except RedisError as e:
+            if is_auth_error(e):
+                raise AuthError(f"{host}:{port}: {e}") from None
+            continue
+        except AuthError:
+            raise
+        except OSError:
+            continue
+        out = []
+        for entry in reply:
+            h = entry[2][0].decode() if isinstance(entry[2][0], bytes) else entry[2][0]
+            addr = (h if h and h != "?" else host, int(entry[2][1]))
+            if addr not in out:
+                out.append(addr)
+        return out
+    return []
+
+
+def eviction_policy(access, addr, timeout_s=2.0):
+    """``(maxmemory-policy, evicted_keys)`` of one node; either None when the node does not say (a managed
+    cluster may rename CONFIG)."""
+    policy = evicted = None
+    try:
+        r = call(addr[0], addr[1], ["CONFIG", "GET", "maxmemory-policy"], timeout_s=timeout_s, access=access)
+        if r and len(r) == 2:
+            policy = r[1].decode() if isinstance(r[1], bytes) else r[1]
+    except (OSError, RedisError):
+        pass
+    try:
+        text = call(addr[0], addr[1], ["INFO", "stats"], timeout_s=timeout_s, access=access)
+        text = text.decode() if isinstance(text, bytes) else text
+        for line in text.split("\r\n"):
+            if line.startswith("evicted_keys:"):
+                evicted = int(line.split(":", 1)[1])
+    except (OSError, RedisError, ValueError):
+        pass
+    return policy, evicted
+
+
+def can_evict(policy):
+    """True for a maxmemory-policy that may evict keys without a TTL (a pushed cube's)."""
+    return bool(policy) and policy.startswith("allkeys")
+
+
 def check_credentials(url, timeout_s=2.0):
     """None when a node of ``url`` answers PING with the URL's credentials or none answers at all (an
     unreachable cluster is the readers' to degrade around), else the AuthError (naming the node)."""

@@ -471,8 +471,14 @@ def build_main(argv=None):
     t0 = time.monotonic()
     max_keys = keys_for_budget(args.budget_bytes, args.dim)
     if args.remote:
+        from jizhi.cube.connect import RedisError
         from jizhi.cube.remote import open_backend
-        cube = open_backend(args.remote, args.dim, background=True)
+        try:
+            cube = open_backend(args.remote, args.dim, background=True)
+        except (LookupError, ValueError, OSError, RedisError) as e:
+            # (a cluster that came back without the cube, credentials refused): one line, the supervisor logs it
+            print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            return 1
         keys = np.load(args.keys) if args.keys else np.zeros(0, np.uint64)
         total = -1      # unknown: the tier holds part of it, rebuilt from the most used keys
         count = cube.key_count()

@@ -122,6 +122,11 @@ class Layout:
         self.unit_slots = np.array([u["slot"] for u in self.units], dtype=np.int32)
         self.key_len = self.prefixes.shape[1] + 8
         self._fk = np.array([(fid * _K1) % (1 << 64) for _, fid, _ in self.tables], dtype=np.uint64)
+        # sentinel keys (a push's, one per slot bucket or unit): present while the cube is (absent: lost)
+        sent = doc.get("sentinels") or []
+        self.sentinel_keyb = np.array([np.frombuffer(bytes.fromhex(x["key"]), dtype=np.uint8) for x in sent],
+                                      dtype=np.uint8).reshape(len(sent), self.key_len)
+        self.sentinel_slots = np.array([x["slot"] for x in sent], dtype=np.int32)
         self._vocab = np.array([v for _, _, v in self.tables], dtype=np.uint64)
 
     def units_of(self, keys):
@@ -228,7 +233,36 @@ def plan_layout(bundles_keys, strategy, masters, owner):
         u["prefix"] = (b"{" + tag + b"}").hex()
         u["slot"] = int(slot)
         u["node"] = f"{masters[m][0]}:{masters[m][1]}"
+    for doc in docs:
+        doc["sentinels"] = sentinels(doc)
     return docs
+
+
+SENTINEL_BUCKETS = 64       # strategy key: one sentinel per 256 slots, so that every master owns some
+
+
+def sentinels(doc):
+    """The sentinel keys of a layout: [{"key": hex, "slot": slot}]. Each is written by the push beside the
+    cube's keys and read with every batch from each master the batch touches (cube/redis.py): a master
+    that answers without it has lost the cube (flushed, restarted empty), so the keys it reads as absent
+    are counted degraded in that very batch. Strategy ``key``: an 8-byte suffix after the namespace's
+    prefix searched for each of SENTINEL_BUCKETS slot ranges; tagged strategies: each unit's prefix and
+    eight 0xFF bytes (its slot is the unit's)."""
+    out = []
+    if doc["strategy"] == "key":
+        prefix = bytes.fromhex(doc["units"][0]["prefix"])
+        width = SLOTS // SENTINEL_BUCKETS
+        for b in range(SENTINEL_BUCKETS):
+            for k in range(1, 1_000_000):
+                key = prefix + (0xFFFF_FFFF_0000_0000 + b * 1_000_000 + k).to_bytes(8, "little")
+                slot = crc16(key) % SLOTS
+                if slot // width == b:
+                    out.append({"key": key.hex(), "slot": slot})
+                    break
+        return out
+    for u in doc["units"]:
+        out.append({"key": (bytes.fromhex(u["prefix"]) + b"\xff" * 8).hex(), "slot": int(u["slot"])})
+    return out
 
 
 # --- jizhictl cube layout ------------------------------------------------------

@@ -50,6 +50,11 @@ def write_values(cluster, layout, keys, vals, what, per_command=1000):
     master (one per slot group of at most ``per_command`` keys); raises RuntimeError naming ``what`` and
     the master when one refuses a write."""
     keyb, slots = layout.keys_and_slots(keys)
+    write_keyed(cluster, keyb, slots, vals, what, per_command)
+
+
+def write_keyed(cluster, keyb, slots, vals, what, per_command=1000):
+    """``write_values`` of keys already made: ``keyb`` uint8[K, key_len], their ``slots``."""
     owner = cluster.owner[slots]
     order = np.lexsort((slots, owner))
     vhdr = np.frombuffer(b"$%d\r\n" % vals.shape[1], dtype=np.uint8)
@@ -95,5 +100,9 @@ def push(bundles, url, strategy="key", progress=None, chunk_keys=20_000, per_com
             done += part.shape[0]
             if progress:
                 progress(done, total)
+        if layout.sentinel_slots.shape[0]:
+            write_keyed(cluster, layout.sentinel_keyb, layout.sentinel_slots,
+                        np.zeros((layout.sentinel_slots.shape[0], vals.shape[1]), dtype=np.uint8),
+                        f"{b.name} {b.version}'s sentinels")
         cluster.command(["SET", layout_key(doc["namespace"]), json.dumps(doc)], timeout_s=5.0)
     return docs

@@ -51,7 +51,8 @@ import numpy as np
 
 from jizhi.cube.backend import Backend
 from jizhi.cube.cluster import Cluster, parse_url
-from jizhi.cube.connect import Access, AuthError, idle_ok, is_auth_error, pending as tls_pending
+from jizhi.cube.connect import (Access, AuthError, can_evict, eviction_policy, idle_ok, is_auth_error,
+                                pending as tls_pending)
 from jizhi.cube.layout import Layout, layout_key, namespace
 from jizhi.cube.resp import MGET, RedisError, call, command_starts, encode_commands, parse_mget, pipeline
 # docs/run-redis-bench.py pushes through this module
@@ -134,6 +135,8 @@ class RedisCube(Backend):
         self._next_check = 0.0
         self._said_absent = False
         self._said_auth = False
+        self._said_lost = set()
+        self._evictable = {}         # (host, port) -> its watch (a master whose maxmemory-policy may evict)
         self._ensure_layout(initial=True)
 
     # -- set-up --
@@ -159,7 +162,7 @@ class RedisCube(Backend):
         except (OSError, RedisError) as e:
             if is_auth_error(e):
                 self._count("auth")
-                if initial and self.on_auth_error == "refuse":
+                if initial and self.on_auth_error == "refuse" and self.required:
                     raise AuthError(f"cube {self.ns}: the cluster at {self.url} refused our credentials: {e} "
                                     "(fix the URL's user and password, password_file or password_env; "
                                     "on_auth_error=degrade serves degraded and keeps retrying)") from None
@@ -195,6 +198,7 @@ class RedisCube(Backend):
             self._said_absent = False
         self.layout = layout
         self.dim = layout.dim
+        self._read_policies()
         self._next_check = time.monotonic() + self.check_s
         log.info("cube %s: %s layout on %d masters (%s)", self.ns, layout.strategy, len(self.cluster.nodes),
                  self.url)
@@ -203,8 +207,11 @@ class RedisCube(Backend):
     def _check_layout(self, now):
         """Every ``check_s``: the layout record still there and the same push? A cluster flushed or
         restarted without persistence has lost the cube: its keys would read as absent, silently.
-        Then lookups degrade (counted) until the cube is pushed again; a new push is taken up."""
+        Then lookups degrade (counted) until the cube is pushed again; a new push is taken up. The masters'
+        eviction policies are read again."""
         self._next_check = now + self.check_s
+        if self.layout is not None:
+            self._read_policies()
         try:
             raw = self.cluster.command(["GET", layout_key(self.ns)], deadline=now + self.timeout_s)
         except (OSError, RedisError):
@@ -275,9 +282,16 @@ class RedisCube(Backend):
         if not self.cluster.nodes and time.monotonic() - self.cluster.refreshed >= self.refresh_s:
             self.cluster.refresh(timeout_s=self.cluster.timeout_s, deadline=deadline)
         keyb, slots = self.layout.keys_and_slots(keys)
-        status = np.zeros(k, dtype=np.uint8)
-        rows = out.view(np.uint8).reshape(k, dim * 4)
-        todo = np.arange(k, dtype=np.int64)
+        # One sentinel per master the batch reads (cube/layout.py, ``sentinels``), read with its keys.
+        sent = self._sentinels(slots)
+        if sent.shape[0]:
+            keyb = np.concatenate([keyb, self.layout.sentinel_keyb[sent]])
+            slots = np.concatenate([slots, self.layout.sentinel_slots[sent]])
+            out = np.zeros((k + sent.shape[0], dim), dtype=np.float32)
+            found = np.zeros(k + sent.shape[0], dtype=bool)
+        status = np.zeros(keyb.shape[0], dtype=np.uint8)
+        rows = out.view(np.uint8).reshape(keyb.shape[0], dim * 4)
+        todo = np.arange(keyb.shape[0], dtype=np.int64)
         for attempt in range(2):
             moved_to, migrating = self._round(keyb, slots, todo, rows, found, status, deadline)
             if migrating is not None and time.monotonic() < deadline:
@@ -302,9 +316,100 @@ class RedisCube(Backend):
             if not np.any(self.cluster.owner[slots[todo]] != before):
                 break                       # nowhere else to ask: these keys degrade
             status[todo] = 0
-        self.degraded += int(todo.shape[0])
+        self.degraded += int(todo[todo < k].shape[0])
+        if sent.shape[0]:
+            self._check_sentinels(slots, status, found, k)
+        if self._evictable:
+            self._check_evictions(slots, status, found, k, deadline)
+        if sent.shape[0]:
+            out, found = out[:k], found[:k]
         self.cpu_ns += time.thread_time_ns() - t0
         return out, found
+
+    def _read_policies(self):
+        """Each master's maxmemory-policy and evicted-key count (at the layout's load and each check): the
+        masters that may evict the cube's keys are watched (``_check_evictions``)."""
+        for addr in list(self.cluster.nodes):
+            # (within a batch every check_s: a third of a budget at most per call)
+            policy, evicted = eviction_policy(self.access, addr, timeout_s=max(0.001, self.timeout_s / 3))
+            known = self._evictable.get(addr)
+            if not can_evict(policy):
+                self._evictable.pop(addr, None)
+                continue
+            if known is None:
+                self._evictable[addr] = {"baseline": evicted or 0, "evicting": False}
+                log.warning("cube %s: master %s:%d may evict the cube's keys (maxmemory-policy %s): keys it "
+                            "evicts are counted as degraded once it reports evictions", self.ns, addr[0], addr[1],
+                            policy)
+
+    def _check_evictions(self, slots, status, found, k, deadline):
+        """Keys read as absent from a master that may evict: its evicted-key count is read (one more round
+        trip, within the budget, in each batch that reads absent keys there, until it grew: the price of
+        ``evictable=accept``); once it grew, that master's absent keys are counted degraded (they may have
+        been evicted: absent cannot be told from lost there)."""
+        absent = (status[:k] == 1) & ~found[:k]
+        if not absent.any():
+            return
+        owner = self.cluster.owner[slots[:k]]
+        now = time.monotonic()
+        for m in np.unique(owner[absent]).tolist():
+            if m < 0:
+                continue
+            addr = self.cluster.nodes[m]
+            w = self._evictable.get(addr)
+            if w is None:
+                continue
+            if not w["evicting"] and now < deadline:
+                _, evicted = eviction_policy(self.access, addr, timeout_s=max(0.001, deadline - now))
+                if evicted is not None and evicted > w["baseline"]:
+                    w["evicting"] = True
+                    log.error("cube %s: master %s:%d evicted %d keys since we started reading it: the keys it "
+                              "reads as absent are counted degraded", self.ns, addr[0], addr[1],
+                              evicted - w["baseline"])
+            if w["evicting"]:
+                n = int((absent & (owner == m)).sum())
+                self.degraded += n
+                self._count("evicted", n)
+
+    def _sentinels(self, slots):
+        """Indices of the layout's sentinels to read with a batch of keys in ``slots``: one owned by each
+        master the batch touches (none for a layout pushed without them)."""
+        lay = self.layout
+        if not lay.sentinel_slots.shape[0] or not self.cluster.nodes:
+            return np.zeros(0, dtype=np.int64)
+        owners = self.cluster.owner[lay.sentinel_slots]
+        touched = np.unique(self.cluster.owner[slots])
+        first = {}
+        for i, m in enumerate(owners.tolist()):          # (64 sentinels at most: a few masters each)
+            first.setdefault(m, i)
+        return np.array([first[m] for m in touched.tolist() if m >= 0 and m in first], dtype=np.int64)
+
+    def _check_sentinels(self, slots, status, found, k):
+        """A master that answered the batch without its sentinel lost the cube (flushed, restarted empty,
+        its keys evicted): the keys it read as absent are counted degraded (they read the default vector,
+        as absent keys do, but they are a fault), logged once per episode, and the layout is checked at the
+        next batch."""
+        owner = self.cluster.owner[slots]
+        lost = set()
+        for j in range(k, slots.shape[0]):
+            if status[j] == 1 and not found[j]:
+                lost.add(int(owner[j]))
+        if not lost:
+            if self._said_lost:
+                log.info("cube %s: every master read holds the cube again", self.ns)
+                self._said_lost = set()
+            return
+        gone = np.isin(owner[:k], list(lost)) & (status[:k] == 1) & ~found[:k]
+        n = int(gone.sum())
+        self.degraded += n
+        self._count("cube lost", n)
+        self._next_check = 0.0
+        for m in lost - self._said_lost:
+            host, port = self.cluster.nodes[m]
+            log.error("cube %s: master %s:%d answers without the cube's sentinel (flushed, restarted without "
+                      "persistence, or its keys evicted): the keys it reads as absent are counted degraded",
+                      self.ns, host, port)
+        self._said_lost = set(lost)
 
     def _round(self, keyb, slots, todo, rows, found, status, deadline):
         """One pipeline per master of the keys ``todo``. Returns ({slot: (host, port)} of MOVED replies,

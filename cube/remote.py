@@ -47,12 +47,13 @@ def remote_url(template, bundle):
 BACKGROUND_TIMEOUT_MS = 30_000
 
 
-def open_backend(url, dim, background=False):
+def open_backend(url, dim, background=False, required=True):
     """A backend from its URL (see the module docstring). Raises ValueError for an unknown scheme.
 
     ``background``: for the hot-tier builder and the disk-cache manager, whose batches are large
     and wait for no request: a Redis lookup gets ``BACKGROUND_TIMEOUT_MS`` instead of the URL's
-    ``timeout_ms`` (a request's budget).
+    ``timeout_ms`` (a request's budget). ``required = False``: a Redis cube not pushed yet, or credentials
+    refused, are logged and its lookups degrade until they are (the disk-cache manager), instead of an error.
     """
     u = urlparse(url)
     q = {k: v[-1] for k, v in parse_qs(u.query).items()}
@@ -63,6 +64,7 @@ def open_backend(url, dim, background=False):
         # Imported here, not at the top: the supervisor imports this module for remote_url and never
         # reads a cube, and these modules compile Numba kernels at import (seconds on a cold cache).
         from jizhi.cube.redis import RedisCube
-        return RedisCube(url, dim, timeout_ms=BACKGROUND_TIMEOUT_MS if background else None, background=background)
+        return RedisCube(url, dim, timeout_ms=BACKGROUND_TIMEOUT_MS if background else None, background=background,
+                         required=required)
     raise ValueError(f"unknown cube backend {url!r} (known: slow+file://PATH?delay_ms=..&per_key_us=.., "
                      f"redis[s]://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/NAME/VERSION)")

@@ -199,13 +199,29 @@ class Loader:
         are accepted (cube/redis.py)."""
         if not self.remote.startswith(("redis://", "rediss://")):
             return
-        from jizhi.cube.connect import Access, check_credentials
+        from jizhi.cube.connect import Access, can_evict, check_credentials, eviction_policy, masters
         try:
             access = Access(self.remote)
         except ValueError as e:
             raise LoadRefused("rejected", f"pipeline {self.pipeline}: its cube stage's remote URL: {e}")
         refused = check_credentials(self.remote)
         if refused is None:
+            # A cluster that may evict the cube's keys (maxmemory-policy allkeys-*) reads lost keys as absent:
+            # refused unless the URL says evictable=accept (its readers then count evicted keys as degraded).
+            try:
+                evicting = [(a, p) for a in masters(self.remote) for p in [eviction_policy(access, a)[0]]
+                            if can_evict(p)]
+            except OSError:
+                evicting = []
+            if evicting:
+                what = ", ".join(f"{h}:{p} ({pol})" for (h, p), pol in evicting)
+                if access.opts.get("evictable", "refuse") != "accept":
+                    raise LoadRefused("refused", f"pipeline {self.pipeline}: the Redis cube at {access.redacted()} "
+                                                 f"may evict its keys: maxmemory-policy of {what} (set noeviction, "
+                                                 "or evictable=accept in the URL: evicted keys are then counted "
+                                                 "as degraded)")
+                log.warning("pipeline %s: the Redis cube at %s may evict its keys (%s); evictable=accept: keys a "
+                            "master evicted are counted as degraded", self.pipeline, access.redacted(), what)
             return
         if access.opts.get("on_auth_error", "refuse") == "refuse":
             raise LoadRefused("refused", f"pipeline {self.pipeline}: the Redis cube at {access.redacted()} refused "

@@ -21,7 +21,11 @@ state): one REQ socket per node, each opened on first use.
   (rendezvous hashing of the user over the endpoints: adding a node moves
   only the users it takes), and to the user's next node while that one is
   marked down, so a feedback is seen by the node that scores the user.
-* **Retrying**: an attempt waits ``timeout_s`` at most. On a timeout the
+* **Retrying**: an attempt waits ``timeout_s`` at most; by default (no
+  ``timeout_s`` given) half the request's deadline (``deadline_ms``, or the
+  server's default of 1,000 ms), at least 20 ms, so a dead node costs a
+  fraction of the deadline and the retry on another node still has time
+  (``ATTEMPT_FRACTION``). On a timeout the
   node's socket is closed (Lazy Pirate), the node is marked down for
   ``backoff_s``, doubled on each further timeout in a row up to 16 x
   ``backoff_s``, and the same request goes at once to the next node not
@@ -70,6 +74,11 @@ from jizhi.endpoints import split as split_endpoints
 from jizhi.errors import RETRIABLE, RequestError
 
 BACKOFF_MAX_FACTOR = 16   # a node that keeps timing out is probed every 16 x backoff_s at most
+# Several endpoints without a timeout_s: an attempt waits this fraction of the request's deadline
+ATTEMPT_FRACTION = 0.5
+MIN_ATTEMPT_MS = 20
+DEFAULT_DEADLINE_MS = 1000.0    # the server's limits.default_deadline_ms, for a request that names none
+SINGLE_TIMEOUT_S = 5.0          # one endpoint without a timeout_s: one attempt waits this long
 
 
 class Reply:
@@ -118,12 +127,13 @@ class Node:
 
 
 class Client:
-    def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=5.0, context=None,
+    def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=None, context=None,
                  server_key=None, client_key=None, *, attempts=None, budget_s=None, backoff_s=1.0,
                  retry_codes=RETRIABLE, route="round_robin"):
         """``endpoint``: one, a comma-separated string or a list (the module docstring).
 
-        ``timeout_s``: the wait of one attempt; ``attempts``: most attempts per
+        ``timeout_s``: the wait of one attempt (default: 5 s for one endpoint; for several, a fraction of
+        each request's deadline: the module docstring); ``attempts``: most attempts per
         request (default: the number of endpoints, so one for one endpoint; with
         ``budget_s``, no bound but the budget); ``budget_s``: no new attempt
         after this many seconds (default: no bound but ``attempts``);
@@ -145,7 +155,8 @@ class Client:
             server_public, _ = load_certificate(server_key)
             public, secret = load_certificate(client_key)
             self.curve = (server_public, public, secret)
-        self.timeout_ms = int(timeout_s * 1000)
+        self.from_deadline = timeout_s is None and len(self.nodes) > 1
+        self.timeout_ms = int((SINGLE_TIMEOUT_S if timeout_s is None else timeout_s) * 1000)
         if attempts is None:
             self.attempts = None if budget_s is not None else len(self.nodes)   # None: the budget bounds them
         else:
@@ -213,10 +224,14 @@ class Client:
         self._next = (best_i + 1) % n
         return self.nodes[best_i]
 
-    def call(self, frames, key=None):
+    def call(self, frames, key=None, deadline_ms=None):
         """Send raw frames, return the reply's frames (for tests and other tools), retrying as the module
-        docstring says (``key``: the user, for ``route="user"``). Raises ``TimeoutError`` when no attempt
-        got an answer."""
+        docstring says (``key``: the user, for ``route="user"``; ``deadline_ms``: the request's, which an
+        attempt's wait derives from when no ``timeout_s`` was given). Raises ``TimeoutError`` when no
+        attempt got an answer."""
+        timeout_ms = self.timeout_ms
+        if self.from_deadline:
+            timeout_ms = max(MIN_ATTEMPT_MS, int(ATTEMPT_FRACTION * (deadline_ms or DEFAULT_DEADLINE_MS)))
         self.requests += 1
         t0 = time.monotonic()
         end = t0 + self.budget_s if self.budget_s is not None else None
@@ -233,7 +248,7 @@ class Client:
                     break
                 time.sleep(node.down_until - now)
                 now = time.monotonic()
-            wait_ms = self.timeout_ms
+            wait_ms = timeout_ms
             if end is not None:
                 wait_ms = max(1, min(wait_ms, int((end - now) * 1000)))
             if attempt:
@@ -268,12 +283,12 @@ class Client:
         if error_reply is not None:
             return error_reply
         if len(self.nodes) == 1 and len(tried) == 1:
-            raise TimeoutError(f"no reply from {self.endpoint} within {self.timeout_ms} ms")
+            raise TimeoutError(f"no reply from {self.endpoint} within {timeout_ms} ms")
         counts = {}
         for node in tried:
             counts[node.endpoint] = counts.get(node.endpoint, 0) + 1
         raise TimeoutError(f"no reply in {len(tried)} attempts over {time.monotonic() - t0:.2f} s "
-                           f"(at most {self.timeout_ms} ms each) from "
+                           f"(at most {timeout_ms} ms each) from "
                            + ", ".join(f"{e} ({n}x)" for e, n in counts.items()))
 
     def stats(self):
@@ -288,7 +303,8 @@ class Client:
     def request(self, op="score", **fields):
         fields.setdefault("id", next(self.ids))
         key = fields.get("user") if op in ("score", "feedback") else None
-        header, arrays = protocol.decode_reply(self.call(protocol.encode_request(op, **fields), key))
+        header, arrays = protocol.decode_reply(self.call(protocol.encode_request(op, **fields), key,
+                                                         fields.get("deadline_ms")))
         return Reply(header, arrays, self.last_endpoint, self.last_attempts)
 
     def score(self, user, item_ids, recall_scores=None, *, pipeline="default", top_k=10, ret="topk",

@@ -234,3 +234,18 @@ def test_route_user_sends_a_user_and_its_feedback_to_one_node_so_the_feedback_ch
         assert other.score(user, items, recall, pipeline="default", deadline_ms=DEADLINE_MS).endpoint == fb.endpoint
     with pytest.raises(ValueError, match="route"):
         Client(endpoints, route="random")
+
+
+def test_without_a_timeout_a_dead_node_costs_half_the_deadline_not_five_seconds(nodes, demo_trace):
+    """Several endpoints and no timeout_s: an attempt waits half the request's deadline (jizhi/client.py,
+    ATTEMPT_FRACTION), so a dead first node costs 100 ms of a 200 ms deadline and the live one answers."""
+    dead = f"tcp://127.0.0.1:{free_port()}"                          # nothing listens there
+    user, items, _ = demo_trace[0]
+    with Client([dead, nodes[0].endpoint]) as c:
+        t0 = time.monotonic()
+        r = c.score(user, items, pipeline="default", deadline_ms=200)
+        took = time.monotonic() - t0
+        stats = c.stats()["endpoints"]
+    assert r.ok and r.endpoint == nodes[0].endpoint
+    assert stats[dead]["timeouts"] >= 1
+    assert took < 4.0, f"a dead node cost {took:.1f} s"                # 5 s per attempt before; not a timing claim

@@ -61,15 +61,17 @@ log = logging.getLogger("jizhi.cube.redis")
 
 MAX_KEYS_PER_LOOKUP = 65_536
 LAYOUT_CHECK_S = 5.0
+MAX_DOWN_FACTOR = 16     # a master failing in a row is skipped up to 16 x retry_ms (4 s by default)
 
 
 class _Node:
-    __slots__ = ("addr", "sock", "down_until", "buf", "out")
+    __slots__ = ("addr", "sock", "down_until", "buf", "out", "fails")
 
     def __init__(self, addr):
         self.addr = addr
         self.sock = None
         self.down_until = 0.0
+        self.fails = 0           # failures in a row (its down time doubles with each, up to MAX_DOWN_FACTOR)
         self.buf = np.empty(1 << 16, dtype=np.uint8)
         self.out = np.empty(1 << 16, dtype=np.uint8)
 
@@ -136,6 +138,7 @@ class RedisCube(Backend):
         self._said_absent = False
         self._said_auth = False
         self._said_lost = set()
+        self._refresh_due = False    # a master failed: reload the slot map before the next batch
         self._evictable = {}         # (host, port) -> its watch (a master whose maxmemory-policy may evict)
         self._ensure_layout(initial=True)
 
@@ -245,11 +248,18 @@ class RedisCube(Backend):
         return node
 
     def _fail(self, node, kind):
+        """A master failed: closed, marked down (``retry_ms``, doubled with each failure in a row up to
+        MAX_DOWN_FACTOR times: a master frozen through a long ``cluster-node-timeout`` is not given every
+        batch's budget again), and the slot map is reloaded before the next batch (a failover may have
+        moved its slots)."""
         node.close()
-        node.down_until = time.monotonic() + self.retry_s
+        node.fails += 1
+        down = self.retry_s * min(2 ** (node.fails - 1), MAX_DOWN_FACTOR)
+        node.down_until = time.monotonic() + down
+        self._refresh_due = True
         self._count(kind)
         log.warning("cube %s: master %s:%d %s; its keys read the default vector for %.0f ms",
-                    self.ns, node.addr[0], node.addr[1], kind, 1000 * self.retry_s)
+                    self.ns, node.addr[0], node.addr[1], kind, 1000 * down)
 
     # -- reads --
 
@@ -279,8 +289,15 @@ class RedisCube(Backend):
         if not self._ensure_layout():
             self.degraded += k
             return out, found
-        if not self.cluster.nodes and time.monotonic() - self.cluster.refreshed >= self.refresh_s:
-            self.cluster.refresh(timeout_s=self.cluster.timeout_s, deadline=deadline)
+        now = time.monotonic()
+        if (not self.cluster.nodes or self._refresh_due) and now - self.cluster.refreshed >= self.refresh_s:
+            # after a failure: the slot map first (a third of the budget at most; live masters asked first),
+            # so this batch is not spent on a master whose slots a failover moved
+            self._refresh_due = False
+            self.refreshes += 1
+            down = {a for a, n in self.nodes.items() if n.down_until > now}
+            self.cluster.refresh(timeout_s=max(0.001, self.timeout_s / 3), deadline=now + self.timeout_s / 3,
+                                 avoid=down)
         keyb, slots = self.layout.keys_and_slots(keys)
         # One sentinel per master the batch reads (cube/layout.py, ``sentinels``), read with its keys.
         sent = self._sentinels(slots)
@@ -480,6 +497,7 @@ class RedisCube(Backend):
                     if p[4][1] == starts.shape[0] - 1:
                         poller.unregister(fd)
                         del by_fd[fd]
+                        node.fails = 0               # a whole answer: its next failure starts from retry_ms
                         self._redirects(node, p[5], moved_to, order, starts, migrating)
             for p in by_fd.values():         # no whole answer within the budget: its stream is unusable now
                 self._fail(p[0], f"did not answer within {1000 * self.timeout_s:.0f} ms")

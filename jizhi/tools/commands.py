@@ -69,7 +69,10 @@ def demo_publish(models_dir, source, version, seed, fault):
 @click.option("--candidates", default=500, show_default=True, help="Candidates per trace request.")
 @click.option("--spearman", default=0.8, show_default=True,
               help="Target Spearman correlation between recall scores and the model's scores.")
-def demo_init(directory, seed, users, items, trace_requests, candidates, spearman):
+@click.option("--vocab-scale", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Multiply the category and multihot vocabularies (not item ids): a larger cube, e.g. one "
+                   "that a small cube.hot_tier_mb holds only part of.")
+def demo_init(directory, seed, users, items, trace_requests, candidates, spearman, vocab_scale):
     """Write a complete demo bundle into DIRECTORY/models/demo/1.
 
     A DLRM-style model (13 dense user features, 9 user and 8 item sparse
@@ -79,7 +82,7 @@ def demo_init(directory, seed, users, items, trace_requests, candidates, spearma
     """
     from jizhi.tools.demo import generate_trace, init_demo
     try:
-        vdir = init_demo(directory, seed=seed, users=users, items=items)
+        vdir = init_demo(directory, seed=seed, users=users, items=items, vocab_scale=vocab_scale)
     except FileExistsError as e:
         raise refused(f"{e} (remove it or choose another DIRECTORY)")
     click.echo(f"bundle: {vdir}")

@@ -16,6 +16,16 @@ onehot category values are missing (0), and about 0.5% of category and
 multihot vocabulary signatures are left out of the cube so that a missing
 signature happens in normal traffic. Histories favour popular items
 (``sampling``). The same arguments give byte-identical bundle files.
+
+Scale (``jizhictl demo init --users 10000000 --items 1000000``): the users'
+bags (multihot, history) are drawn and written one chunk of values at a
+time straight into their ``.npy`` files, so memory stays near a chunk
+whatever the catalogue, the ranks of large draws come from the sampling
+kernel, and the cube is written from one table per field (``plan_cube``)
+without first concatenating them. ``vocab_scale`` multiplies the
+vocabularies of the category and multihot fields (not ``i_id``, not the
+history), making the cube larger than a small ``cube.hot_tier_mb``.
+These paths give the default demo's files byte for byte as before.
 """
 import contextlib
 import dataclasses
@@ -26,12 +36,12 @@ import numpy as np
 
 from jizhi.bundle import file_entries, save_array, save_field, toml_value, write_text
 from jizhi.ctl.progress import ProgressBar as _Progress
-from jizhi.cube.build import write_cube
+from jizhi.cube.build import Table, plan_cube
 from jizhi.cube.signature import sign, sign_padded
 from jizhi.tools.demo.dense import DENSE_FEATURES, DIM, _write_calibrated
-from jizhi.tools.demo.sampling import (_S_CUBE, _S_FIELD, _S_ITEMS, _S_USERS, _ZIPF_CATEGORY, _ZIPF_MULTIHOT,
-                                       _ZIPF_POPULARITY, _distinct_ids, _popularity_order, _rng, _zipf_cdf,
-                                       _zipf_draw)
+from jizhi.tools.demo.sampling import (_S_CUBE, _S_FIELD, _S_ITEMS, _S_USERS, _ZIPF_CATEGORY, _ZIPF_CHUNK,
+                                       _ZIPF_MULTIHOT, _ZIPF_POPULARITY, _distinct_ids, _popularity_order, _rng,
+                                       _zipf_cdf, _zipf_chunks, _zipf_draw)
 
 NAME = "demo"
 VERSION = 1
@@ -40,6 +50,7 @@ HASH_SEED = 0
 _MISSING_ONEHOT = 0.01       # fraction of onehot category values that are 0
 _CUBE_LEFT_OUT = 0.005       # fraction of category/multihot signatures not in the cube
 _EMBEDDING_STD = 0.1
+_CUBE_TICK = 1 << 20         # cube entries written per progress tick
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +64,13 @@ class _Field:
     shares: str | None = None
 
 
-def _fields(items):
-    """The demo model's fields, in manifest (= graph column) order."""
-    return (
+def _fields(items, vocab_scale=1):
+    """The demo model's fields, in manifest (= graph column) order.
+
+    ``vocab_scale`` multiplies the vocabulary of every field whose raw values
+    are table rows (the categories and multihots; not ``i_id``, not ``u_hist``).
+    """
+    fields = (
         _Field("u_cat0", 1, "user", "onehot", 1, 1000),
         _Field("u_cat1", 2, "user", "onehot", 1, 500),
         _Field("u_cat2", 3, "user", "onehot", 1, 200),
@@ -74,6 +89,10 @@ def _fields(items):
         _Field("i_multi0", 16, "item", "multihot", 5, 5000),
         _Field("i_multi1", 17, "item", "multihot", 5, 1000),
     )
+    if vocab_scale == 1:
+        return fields
+    return tuple(dataclasses.replace(f, vocab=f.vocab * int(vocab_scale)) if _raw(f) == "rows" and f.shares is None
+                 else f for f in fields)
 
 
 def _ragged(lens, values):
@@ -102,6 +121,60 @@ def _field_values(seed, field, rows, item_ids, popularity_cdf, popularity_order)
     return _ragged(lens, _zipf_draw(rng, _zipf_cdf(field.vocab, _ZIPF_MULTIHOT), total) + 1)
 
 
+def _save_ragged(directory, seed, field, rows, history_values, popularity_cdf, advance=None):
+    """Draw and save a multihot or history field of ``rows`` entities, the values streamed to disk.
+
+    The same values and files as ``_field_values`` then ``save_field``: the
+    field's stream draws the lengths, then the uniforms of every value, in
+    order; the values are written to ``<name>.values.npy`` one chunk of
+    ``_ZIPF_CHUNK`` at a time. ``history_values`` int64 [items]: the item ids
+    from the most to the least popular. ``advance(n)`` is called after each
+    chunk of n values written.
+    """
+    rng = _rng(seed, _S_FIELD, field.id)
+    lens = rng.integers(0, field.max_len + 1, size=rows)
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    del lens
+    total = int(offsets[-1])
+    save_array(directory, field.name + ".offsets", offsets)
+    del offsets
+    if field.kind == "history":
+        cdf = popularity_cdf
+    else:
+        cdf = _zipf_cdf(field.vocab, _ZIPF_MULTIHOT)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False, "shape": (total,)}
+    chunks = _zipf_chunks(rng, cdf, total) if total >= _ZIPF_CHUNK else [_zipf_draw(rng, cdf, total)]
+    with open(os.path.join(directory, field.name + ".values.npy"), "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for ranks in chunks:
+            values = history_values[ranks] if field.kind == "history" else ranks + 1
+            np.ascontiguousarray(values, dtype="<i8").tofile(f)
+            if advance is not None:
+                advance(values.shape[0])
+
+
+def _ticker(bar, ticks, per, note):
+    """Progress of a long step that was given ``ticks`` ticks of ``bar`` (besides its own one).
+
+    Returns ``(add, done)``: ``add(n)`` after each n units of work advances
+    one tick per ``per`` units, never past ``ticks``; ``done()`` advances
+    what is left of them and the step's own tick.
+    """
+    ticked, units = [0], [0]
+
+    def add(n):
+        units[0] += n
+        due = min(units[0] // per, ticks) - ticked[0]
+        if due > 0:
+            ticked[0] += due
+            bar.advance(due, note=note)
+
+    def done():
+        bar.advance(ticks - ticked[0] + 1, note=note)
+    return add, done
+
+
 def _item_signatures(fields, data, items):
     """``sigs`` uint64 [I, F_item, L] and ``sig_lens`` int32 [I, F_item] from raw values."""
     width = max(f.max_len for f in fields)
@@ -122,13 +195,13 @@ def _item_signatures(fields, data, items):
     return sign_padded(hash_ids, values, lens, HASH_SEED), lens
 
 
-def _cube_entries(seed, fields, item_ids):
-    """Signatures and vectors of every vocabulary value of every field.
+def _cube_tables(seed, fields, item_ids):
+    """One ``Table`` per field (``jizhi.cube.build``): the signatures and vectors of its vocabulary values.
 
     History fields add nothing (they read the table they share). A small
     fraction of category/multihot signatures is left out on purpose.
     """
-    keys, vectors = [], []
+    tables = []
     for field in fields:
         if field.kind == "history":
             continue
@@ -139,10 +212,11 @@ def _cube_entries(seed, fields, item_ids):
         else:
             values = np.arange(1, field.vocab + 1, dtype=np.int64)
             kept = rng.random(values.shape[0]) >= _CUBE_LEFT_OUT
-        field_vectors = rng.standard_normal((values.shape[0], DIM), dtype=np.float32) * np.float32(_EMBEDDING_STD)
-        keys.append(sign(field.id, values[kept], HASH_SEED))
-        vectors.append(field_vectors[kept])
-    return np.concatenate(keys), np.concatenate(vectors)
+        field_vectors = rng.standard_normal((values.shape[0], DIM), dtype=np.float32)
+        field_vectors *= np.float32(_EMBEDDING_STD)
+        tables.append(Table(field.name, sign(field.id, values[kept], HASH_SEED),
+                            field_vectors if kept.all() else field_vectors[kept]))
+    return tables
 
 
 
@@ -219,25 +293,34 @@ def _assembled(model_dir, version):
         raise
 
 
-def init_demo(out_dir, seed=7, users=10_000, items=100_000, progress=True):
+def init_demo(out_dir, seed=7, users=10_000, items=100_000, progress=True, vocab_scale=1):
     """Write the demo bundle ``<out_dir>/models/demo/1/``; return its path.
 
-    Deterministic: the same ``seed``, ``users`` and ``items`` give
-    byte-identical files. The version is assembled in a hidden sibling
+    Deterministic: the same ``seed``, ``users``, ``items`` and
+    ``vocab_scale`` give byte-identical files. ``vocab_scale`` (a positive
+    integer, default 1) multiplies the category and multihot vocabularies
+    (``_fields``): a larger cube. The version is assembled in a hidden sibling
     directory (``.1.partial``, not a version name, so a watcher ignores it)
     with ``manifest.toml`` written last, then renamed into place, so the
     version appears complete or not at all (``_assembled``). Raises
     FileExistsError when the version directory exists already. Progress goes
-    to stderr when ``progress`` is true.
+    to stderr when ``progress`` is true: one tick per step, and per chunk of
+    values of the users' bags, the cube's writes and their checksums.
     """
     if users < 1 or items < 1:
         raise ValueError("users and items must be positive")
+    if int(vocab_scale) != vocab_scale or vocab_scale < 1:
+        raise ValueError(f"vocab_scale must be a positive integer, got {vocab_scale!r}")
     model_dir = os.path.join(os.fspath(out_dir), "models", NAME)
-    fields = _fields(items)
+    fields = _fields(items, int(vocab_scale))
     user_fields = [f for f in fields if f.side == "user"]
     item_fields = [f for f in fields if f.side == "item"]
+    streamed = [f for f in user_fields if f.kind != "onehot"]
+    # Extra ticks of the long steps: a bag's chunks of values (about max_len / 2 per user), the cube's entries.
+    bag_ticks = {f.name: users * f.max_len // (2 * _ZIPF_CHUNK) for f in streamed}
+    cube_ticks = (items + sum(f.vocab for f in fields if f.kind != "history" and f.name != "i_id")) // _CUBE_TICK
     with _assembled(model_dir, VERSION) as partial:
-        bar = _Progress("init-demo", len(fields) + 5, progress)
+        bar = _Progress("init-demo", len(fields) + 5 + sum(bag_ticks.values()) + cube_ticks, progress)
         user_ids = _distinct_ids(_rng(seed, _S_USERS), users)
         item_ids = _distinct_ids(_rng(seed, _S_ITEMS), items)
         popularity_cdf = _zipf_cdf(items, _ZIPF_POPULARITY)
@@ -245,19 +328,28 @@ def init_demo(out_dir, seed=7, users=10_000, items=100_000, progress=True):
         user_dir = os.path.join(partial, "profiles", "users")
         item_dir = os.path.join(partial, "profiles", "items")
         save_array(user_dir, "ids", user_ids)
+        del user_ids
         save_array(user_dir, "dense",
                    _rng(seed, _S_USERS, 1).standard_normal((users, DENSE_FEATURES), dtype=np.float32))
         save_array(item_dir, "ids", item_ids)
         bar.advance(note="ids")
 
         item_data = {}
+        by_popularity = item_ids[popularity_order].view(np.int64)
         for field in fields:
+            if field in streamed:
+                add, done = _ticker(bar, bag_ticks[field.name], _ZIPF_CHUNK, field.name)
+                _save_ragged(user_dir, seed, field, users, by_popularity, popularity_cdf, add)
+                done()
+                continue
             rows = users if field.side == "user" else items
             data = _field_values(seed, field, rows, item_ids, popularity_cdf, popularity_order)
             save_field(user_dir if field.side == "user" else item_dir, field, data)
             if field.side == "item":
                 item_data[field.name] = data
+            del data
             bar.advance(note=field.name)
+        del by_popularity
 
         sigs, sig_lens = _item_signatures(item_fields, item_data, items)
         save_array(item_dir, "sigs", sigs)
@@ -265,10 +357,9 @@ def init_demo(out_dir, seed=7, users=10_000, items=100_000, progress=True):
         del sigs, sig_lens, item_data
         bar.advance(note="sigs")
 
-        keys, vectors = _cube_entries(seed, fields, item_ids)
-        write_cube(os.path.join(partial, "cube"), keys, vectors)
-        del keys, vectors
-        bar.advance(note="cube")
+        add, done = _ticker(bar, cube_ticks, _CUBE_TICK, "cube")
+        plan_cube(os.path.join(partial, "cube"), _cube_tables(seed, fields, item_ids)).write(progress=add)
+        done()
 
         _write_calibrated(partial, _manifest_text(NAME, VERSION, _field_entries(fields), []), seed,
                           len(user_fields), len(item_fields))

@@ -12,6 +12,7 @@ import statistics
 import numpy as np
 
 from jizhi.ctl.progress import ProgressBar as _Progress
+from jizhi.tools.demo.dense import _reference_scorer
 from jizhi.tools.demo.sampling import (_S_TRACE, _ZIPF_POPULARITY, _popularity_order, _rng, _zipf_cdf,
                                        _zipf_draw_distinct)
 
@@ -47,11 +48,9 @@ def generate_trace(bundle_dir, path, requests=2000, candidates=500, spearman=0.8
     with ``np.savez`` (the zip's timestamps make the file bytes, not the
     arrays, differ between runs).
     """
-    from jizhi.tools.reference import ReferenceScorer
-
     if not -1.0 <= spearman <= 1.0:
         raise ValueError(f"spearman {spearman} is not in [-1, 1]")
-    scorer = ReferenceScorer(bundle_dir)
+    scorer = _reference_scorer(bundle_dir)
     user_ids = scorer.profiles["user"]["ids"]
     item_ids = scorer.profiles["item"]["ids"]
     if candidates > item_ids.shape[0]:

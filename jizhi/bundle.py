@@ -7,6 +7,7 @@ listed file) before any worker maps a file; workers construct ``Bundle`` and
 read-only (nothing here allocates per entity; lookups are gathers).
 """
 import hashlib
+import mmap
 import os
 import re
 import tomllib
@@ -292,6 +293,20 @@ def _gather_ragged(values, offsets, rows, known, L, out_vals, out_lens, col):
         out_lens[i, col] = n
 
 
+def _mapped(path):
+    """A profile column memory-mapped read-only, read at random: ``MADV_RANDOM`` (without it the kernel's
+    read-ahead maps far more than a row: 4,000 random rows of a 10M-user history column mapped 647 MiB
+    where 31 MiB were read, docs/benchmarks.md, issue 21)."""
+    m = np.load(path, mmap_mode="r")
+    mm = getattr(m, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mm.madvise(mmap.MADV_RANDOM)
+        except OSError:
+            pass
+    return np.asarray(m)
+
+
 class Profiles:
     """The columnar snapshot of one side (users or items), memory-mapped."""
 
@@ -308,7 +323,7 @@ class Profiles:
         self.root = Path(root)
         d = self.root / (side + "s")
         try:
-            self.ids = np.asarray(np.load(d / "ids.npy", mmap_mode="r"))
+            self.ids = _mapped(d / "ids.npy")
         except FileNotFoundError:
             raise BundleError(f"{self.root}: no {side} profiles ({side}s/ids.npy)")
         self.fields = bundle.user_fields if side == "user" else bundle.item_fields
@@ -317,18 +332,18 @@ class Profiles:
             if f.context:
                 continue        # the request carries it (workers/data_reader.py): no column
             if f.kind == "onehot":
-                self.cols[f.name] = np.asarray(np.load(d / f"{f.name}.npy", mmap_mode="r"))
+                self.cols[f.name] = _mapped(d / f"{f.name}.npy")
             else:
                 # np.asarray: a plain ndarray view of the mapping (Numba wants no subclass).
-                self.cols[f.name] = (np.asarray(np.load(d / f"{f.name}.values.npy", mmap_mode="r")),
-                                     np.asarray(np.load(d / f"{f.name}.offsets.npy", mmap_mode="r")))
+                self.cols[f.name] = (_mapped(d / f"{f.name}.values.npy"),
+                                     _mapped(d / f"{f.name}.offsets.npy"))
         # Plain ndarray views of the mappings: np.memmap's indexing costs more (4,000 rows of item
         # signatures: 202 us as a memmap, 60 us through np.take on the view).
         if side == "user":
-            self.dense = np.asarray(np.load(d / "dense.npy", mmap_mode="r"))
+            self.dense = _mapped(d / "dense.npy")
         else:
-            self.sigs = np.asarray(np.load(d / "sigs.npy", mmap_mode="r"))
-            self.sig_lens = np.asarray(np.load(d / "sig_lens.npy", mmap_mode="r"))
+            self.sigs = _mapped(d / "sigs.npy")
+            self.sig_lens = _mapped(d / "sig_lens.npy")
 
     def rows(self, ids):
         """(rows int64, known bool) of ``ids`` (uint64); unknown rows read 0.

@@ -81,6 +81,21 @@ def slot_map(reply, asked="127.0.0.1"):
     return owner, nodes
 
 
+def replica_map(reply, asked="127.0.0.1"):
+    """``{master (host, port): [replica (host, port), ...]}`` from a CLUSTER SLOTS reply."""
+    out = {}
+
+    def addr(e):
+        h = e[0].decode() if isinstance(e[0], bytes) else e[0]
+        return (h if h and h != "?" else asked, int(e[1]))
+    for entry in reply:
+        reps = out.setdefault(addr(entry[2]), [])
+        for r in entry[3:]:
+            if addr(r) not in reps:
+                reps.append(addr(r))
+    return out
+
+
 def split_url(url):
     """``(seeds [(host, port)], path parts, options)`` of a ``redis://`` or ``rediss://`` URL (cube/connect.py)."""
     a = Access(url)
@@ -111,6 +126,7 @@ class Cluster:
         self.last_error = None      # why the last refresh found no node (an AuthError names the node)
         self.owner = np.full(SLOTS, -1, dtype=np.int32)
         self.nodes = []
+        self.replicas = {}          # master (host, port) -> its replicas, as the last slot map said
         self.refreshed = 0.0
 
     def refresh(self, timeout_s=None, deadline=None, avoid=()):
@@ -126,13 +142,15 @@ class Cluster:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             try:
-                owner, nodes = slot_map(call(host, port, ["CLUSTER", "SLOTS"], timeout_s or self.timeout_s,
-                                             deadline=deadline, access=self.access), asked=host)
+                reply = call(host, port, ["CLUSTER", "SLOTS"], timeout_s or self.timeout_s, deadline=deadline,
+                             access=self.access)
+                owner, nodes = slot_map(reply, asked=host)
+                replicas = replica_map(reply, asked=host)
             except (OSError, RedisError, ValueError) as e:
                 last = e if not isinstance(e, RedisError) else RedisError(f"{host}:{port}: {e}")
                 continue
             if nodes:
-                self.owner, self.nodes = owner, nodes
+                self.owner, self.nodes, self.replicas = owner, nodes, replicas
                 self.refreshed = time.monotonic()
                 self.last_error = None
                 return True

@@ -54,7 +54,8 @@ from jizhi.cube.cluster import Cluster, parse_url
 from jizhi.cube.connect import (Access, AuthError, can_evict, eviction_policy, idle_ok, is_auth_error,
                                 pending as tls_pending)
 from jizhi.cube.layout import Layout, layout_key, namespace
-from jizhi.cube.resp import MGET, RedisError, call, command_starts, encode_commands, parse_mget, pipeline
+from jizhi.cube.resp import (MGET, Reader, RedisError, call, command_starts, encode_command, encode_commands,
+                             parse_mget, pipeline)
 # docs/run-redis-bench.py pushes through this module
 
 log = logging.getLogger("jizhi.cube.redis")
@@ -65,13 +66,14 @@ MAX_DOWN_FACTOR = 16     # a master failing in a row is skipped up to 16 x retry
 
 
 class _Node:
-    __slots__ = ("addr", "sock", "down_until", "buf", "out", "fails")
+    __slots__ = ("addr", "sock", "down_until", "buf", "out", "fails", "readonly")
 
     def __init__(self, addr):
         self.addr = addr
         self.sock = None
         self.down_until = 0.0
         self.fails = 0           # failures in a row (its down time doubles with each, up to MAX_DOWN_FACTOR)
+        self.readonly = False    # read as a replica (READONLY sent on each new connection)
         self.buf = np.empty(1 << 16, dtype=np.uint8)
         self.out = np.empty(1 << 16, dtype=np.uint8)
 
@@ -247,6 +249,26 @@ class RedisCube(Backend):
             node = self.nodes[addr] = _Node(addr)
         return node
 
+    def _replicas_for(self, owners, now):
+        """True when a master of ``owners`` (node indices) is marked down and has a replica to ask instead."""
+        for i in np.unique(owners).tolist():
+            if i >= 0:
+                node = self.nodes.get(self.cluster.nodes[i])
+                if node is not None and now < node.down_until and self.cluster.replicas.get(node.addr):
+                    return True
+        return False
+
+    def _replica_of(self, master, now):
+        """A replica of ``master`` not marked down (its _Node, READONLY), or None."""
+        for addr in self.cluster.replicas.get(master.addr, ()):
+            node = self.nodes.get(addr)
+            if node is None:
+                node = self.nodes[addr] = _Node(addr)
+            if now >= node.down_until:
+                node.readonly = True
+                return node
+        return None
+
     def _fail(self, node, kind):
         """A master failed: closed, marked down (``retry_ms``, doubled with each failure in a row up to
         MAX_DOWN_FACTOR times: a master frozen through a long ``cluster-node-timeout`` is not given every
@@ -330,7 +352,7 @@ class RedisCube(Backend):
                 self.refreshes += 1
                 down = {a for a, n in self.nodes.items() if n.down_until > now}
                 self.cluster.refresh(timeout_s=self.cluster.timeout_s, deadline=deadline, avoid=down)
-            if not np.any(self.cluster.owner[slots[todo]] != before):
+            if not np.any(self.cluster.owner[slots[todo]] != before) and not self._replicas_for(before, now):
                 break                       # nowhere else to ask: these keys degrade
             status[todo] = 0
         self.degraded += int(todo[todo < k].shape[0])
@@ -443,8 +465,13 @@ class RedisCube(Backend):
                 continue
             node = self._node(int(owner[idx[0]]))
             if now < node.down_until:
-                status[todo[idx]] = 3
-                continue
+                # a master marked down: its replica answers for it (stale by replication lag at most, and a
+                # pushed cube does not change), until a failover promotes one
+                node = self._replica_of(node, now)
+                if node is None:
+                    status[todo[idx]] = 3
+                    continue
+                self._count("read from a replica", int(idx.shape[0]))
             groups.append((node, todo[idx]))
         # masters with an open connection first: a connect to a dead host must not delay the others
         groups.sort(key=lambda g: g[0].sock is None)
@@ -582,6 +609,11 @@ class RedisCube(Backend):
                 # at most a third of the budget for a connect (and TLS, AUTH): a blackholed host must leave
                 # time for the rest
                 node.sock = self.access.connect(node.addr, max(0.001, min(left, self.timeout_s / 3)))
+                if node.readonly:
+                    node.sock.sendall(encode_command(["READONLY"]))
+                    r = Reader(node.sock).reply()
+                    if isinstance(r, RedisError):
+                        raise ConnectionError(f"READONLY refused: {r}")
             node.sock.settimeout(max(0.001, deadline - time.monotonic()))
             kl = keyb.shape[1]
             khdr = np.frombuffer(b"$%d\r\n" % kl, dtype=np.uint8)
@@ -625,6 +657,9 @@ class RedisCube(Backend):
                 log.warning("cube %s: listing %s:%d failed (%s); its keys stay out of the hot tier", self.ns,
                             host, port, e)
         keys = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype="<u8")
+        if self.layout.sentinel_slots.shape[0]:      # (the push's sentinels are no signatures)
+            sent = np.ascontiguousarray(self.layout.sentinel_keyb[:, -8:]).view("<u8").reshape(-1)
+            keys = np.setdiff1d(keys, sent, assume_unique=True)
         return keys.astype(np.uint64)
 
     def stats(self):

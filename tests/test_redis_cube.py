@@ -199,8 +199,12 @@ def test_a_frozen_shard_costs_one_budget_then_its_keys_degrade_and_recover(clust
         assert f.sum() > 0 and np.array_equal(v[f], want[f])            # other shards still answer
         assert not f[~ok].any() and (v[~f] == 0).all()                   # degraded keys read zeros
         t0 = time.monotonic()
-        backend.lookup(q)                        # the frozen master is marked down: no second wait
+        degraded = backend.degraded
+        v, f = backend.lookup(q)                 # the frozen master is marked down: no second wait,
         assert time.monotonic() - t0 < took + 0.05
+        assert backend.degraded == degraded, backend.errors      # and its replica answers for it (READONLY)
+        assert np.array_equal(f, want_found) and np.array_equal(v, want)
+        assert backend.errors.get("read from a replica", 0) > 0
     finally:
         os.kill(pid, signal.SIGCONT)
     time.sleep(0.4)

@@ -313,14 +313,23 @@ class LocalCluster:
                 infos = [self.cluster_info(p) for p in (ports or self.ports) if self.pid(p)]
                 if infos and all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384"
                                  for i in infos):
-                    # and every node agrees which masters serve the slots
-                    if len({str(self.masters_of(p)) for p in (ports or self.ports) if self.pid(p)}) == 1:
+                    # and every node agrees which masters serve the slots, each with its replicas attached
+                    if len({str(self.masters_of(p)) for p in (ports or self.ports) if self.pid(p)}) == 1 \
+                            and (ports is not None or self._replicas_attached()):
                         return
                 last = infos
             except (OSError, RedisError) as e:     # a node still loading, or not up yet
                 last = e
             time.sleep(0.1)
         raise TimeoutError(f"cluster under {self.root} not ok in {timeout_s:g} s: {last}")
+
+    def _replicas_attached(self):
+        """Every slot range lists ``replicas`` replicas (CLUSTER SLOTS): a client can read from them."""
+        if not self.replicas or not all(self.pid(p) for p in self.ports):
+            return True          # (a node down: its range has a replica fewer until it is back)
+        port = next(p for p in self.ports if self.pid(p))
+        reply = command(port, "CLUSTER", "SLOTS", host=self.host(port), access=self.access)
+        return all(len(entry) - 3 >= self.replicas for entry in reply)
 
     def masters_of(self, port):
         """Sorted ports of the masters serving slots, as ``port`` sees them."""

@@ -149,3 +149,20 @@ def test_jizhid_refuses_to_start_on_refused_credentials_or_serves_degraded_when_
     assert fig["remote_degraded"] > 0
     assert "on_auth_error=degrade: serving the default vectors" in server.log_text()
     assert server.stop() == 0
+
+
+def test_user_rows_reach_a_cluster_through_the_same_client_credentials_and_tls(clusters, demo_bundle):
+    """The online user rows (cube/userrows.py) read through the cube's client: the same URL options hold."""
+    from jizhi.bundle import Profiles
+    from jizhi.cube.userrows import UserRows
+    b = Bundle(demo_bundle)
+    users = np.asarray(Profiles(b, "user").ids)[:50].astype(np.uint64)
+    for kind in ("acl", "tls"):
+        c = clusters[kind]
+        url = f"{c.url}/demo-users{c.options()}"
+        assert "user rows" in jizhictl_ok("profiles", "push", "--model", demo_bundle, url, "--quiet")
+        rows = UserRows(url + ("&" if "?" in url else "?") + "ttl_ms=0", b)
+        try:
+            assert rows.read(users)[0].all() and rows.degraded == 0
+        finally:
+            rows.close()

@@ -19,23 +19,34 @@ Failures never hang a request: a lookup has a time budget (``timeout_ms``)
 that bounds everything it does, connects and slot-map reloads included (a
 connect gets at most a third of it, and masters already connected are
 written first). A master that refuses, times out or breaks the protocol is
-closed, marked down for ``retry_ms``, and its keys read the default vector
-(zeros) and are counted as ``degraded``. A ``MOVED`` reply sends its keys to
-the master it names at once; a failure reloads the slot map (at most every
-``refresh_ms``, live masters asked first); either way those keys are retried
-once within the budget, which is how a replica promoted by a failover takes
-over. Keys of a slot in the middle of a reshard's migration (``ASK``,
-``TRYAGAIN``) are read one GET each from the slot's owner, following ``ASK``
-with ``ASKING`` to the importing node (a rare path, plain Python RESP). Keys
-the levels above hold (disk cache, hot tier) are still served while a shard
-is down. A cube that was not pushed is an error at
-start; a cluster unreachable at start is retried every ``retry_ms`` within a
-lookup's budget, lookups degrading meanwhile.
+closed and marked down for ``retry_ms``, doubled with each failure in a row
+(up to 16x): a master frozen through a long ``cluster-node-timeout`` is not
+given every batch's budget again. While it is down its replica (the slot
+map's, ``READONLY``) answers for its keys; with no replica they read the
+default vector (zeros), counted as ``degraded``. After a failure the slot map
+is reloaded before the next batch (a third of its budget, live masters
+first). A ``MOVED`` reply sends its keys to the master it names at once; a
+failure reloads the slot map (at most every ``refresh_ms``); either way those
+keys are retried once within the budget, which is how a replica promoted by a
+failover takes over. Keys of a slot in the middle of a reshard's migration
+(``ASK``, ``TRYAGAIN``) are read one GET each from the slot's owner, following
+``ASK`` with ``ASKING`` to the importing node (a rare path, plain Python RESP).
+Keys the levels above hold (disk cache, hot tier) are still served while a
+shard is down. A cube that was not pushed is an error at start; a cluster
+unreachable at start is retried every ``retry_ms`` within a lookup's budget,
+lookups degrading meanwhile.
 
+Absent is not always absent: each batch also reads, from every master it
+touches, one of the push's sentinel keys (cube/layout.py, ``sentinels``); a
+master answering without it lost the cube (flushed, restarted empty), and the
+keys it read as absent are counted degraded in that batch. A master whose
+``maxmemory-policy`` may evict (``allkeys-*``; read at the layout's load and
+each check) is refused at jizhid's start unless the URL says
+``evictable=accept``; then each batch that reads absent keys there reads its
+evicted-key count, and once it grew, its absent keys are counted degraded.
 Every ``check_s`` (5 s) one lookup also reads the layout record: a cube gone
-from the cluster (flushed, or a cluster restarted without persistence) makes
-lookups degrade, counted, instead of reading every key as absent; a new push
-of the same bundle is taken up without a restart.
+from the cluster makes lookups degrade, counted, until it is pushed again; a
+new push of the same bundle is taken up without a restart.
 
 URL: ``redis[s]://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/NAME/VERSION?timeout_ms=50&retry_ms=250&refresh_ms=250&
 check_s=5``, with cube/connect.py's options (TLS, AUTH, address mapping) and ``on_auth_error`` (``refuse``, the
@@ -51,8 +62,8 @@ import numpy as np
 
 from jizhi.cube.backend import Backend
 from jizhi.cube.cluster import Cluster, parse_url
-from jizhi.cube.connect import (Access, AuthError, can_evict, eviction_policy, idle_ok, is_auth_error,
-                                pending as tls_pending)
+from jizhi.cube.connect import Access, AuthError, idle_ok, is_auth_error, pending as tls_pending
+from jizhi.cube.lossguard import LossGuard
 from jizhi.cube.layout import Layout, layout_key, namespace
 from jizhi.cube.resp import (MGET, Reader, RedisError, call, command_starts, encode_command, encode_commands,
                              parse_mget, pipeline)
@@ -91,7 +102,7 @@ def _grown(arr, n):
 
 
 
-class RedisCube(Backend):
+class RedisCube(LossGuard, Backend):
     """The cube of one pushed bundle, read from Redis Cluster (see the module docstring)."""
 
     def __init__(self, url, dim=None, timeout_ms=None, retry_ms=None, refresh_ms=None, background=False,
@@ -249,6 +260,20 @@ class RedisCube(Backend):
             node = self.nodes[addr] = _Node(addr)
         return node
 
+    def _probe(self, node, deadline):
+        """A master that failed is back from its down time and has a replica: a PING (a fifth of the budget at
+        most) decides whether this batch's keys go to it, or to its replica while it stays marked down (its
+        down time doubled): a frozen master costs a probe, not a batch's budget and keys."""
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError("no time left")
+            call(node.addr[0], node.addr[1], ["PING"], timeout_s=max(0.001, min(left, self.timeout_s / 5)),
+                 access=self.access)
+            node.fails = 0
+        except (OSError, RedisError) as e:
+            self._fail(node, f"did not answer a probe ({e.__class__.__name__})")
+
     def _replicas_for(self, owners, now):
         """True when a master of ``owners`` (node indices) is marked down and has a replica to ask instead."""
         for i in np.unique(owners).tolist():
@@ -365,91 +390,6 @@ class RedisCube(Backend):
         self.cpu_ns += time.thread_time_ns() - t0
         return out, found
 
-    def _read_policies(self):
-        """Each master's maxmemory-policy and evicted-key count (at the layout's load and each check): the
-        masters that may evict the cube's keys are watched (``_check_evictions``)."""
-        for addr in list(self.cluster.nodes):
-            # (within a batch every check_s: a third of a budget at most per call)
-            policy, evicted = eviction_policy(self.access, addr, timeout_s=max(0.001, self.timeout_s / 3))
-            known = self._evictable.get(addr)
-            if not can_evict(policy):
-                self._evictable.pop(addr, None)
-                continue
-            if known is None:
-                self._evictable[addr] = {"baseline": evicted or 0, "evicting": False}
-                log.warning("cube %s: master %s:%d may evict the cube's keys (maxmemory-policy %s): keys it "
-                            "evicts are counted as degraded once it reports evictions", self.ns, addr[0], addr[1],
-                            policy)
-
-    def _check_evictions(self, slots, status, found, k, deadline):
-        """Keys read as absent from a master that may evict: its evicted-key count is read (one more round
-        trip, within the budget, in each batch that reads absent keys there, until it grew: the price of
-        ``evictable=accept``); once it grew, that master's absent keys are counted degraded (they may have
-        been evicted: absent cannot be told from lost there)."""
-        absent = (status[:k] == 1) & ~found[:k]
-        if not absent.any():
-            return
-        owner = self.cluster.owner[slots[:k]]
-        now = time.monotonic()
-        for m in np.unique(owner[absent]).tolist():
-            if m < 0:
-                continue
-            addr = self.cluster.nodes[m]
-            w = self._evictable.get(addr)
-            if w is None:
-                continue
-            if not w["evicting"] and now < deadline:
-                _, evicted = eviction_policy(self.access, addr, timeout_s=max(0.001, deadline - now))
-                if evicted is not None and evicted > w["baseline"]:
-                    w["evicting"] = True
-                    log.error("cube %s: master %s:%d evicted %d keys since we started reading it: the keys it "
-                              "reads as absent are counted degraded", self.ns, addr[0], addr[1],
-                              evicted - w["baseline"])
-            if w["evicting"]:
-                n = int((absent & (owner == m)).sum())
-                self.degraded += n
-                self._count("evicted", n)
-
-    def _sentinels(self, slots):
-        """Indices of the layout's sentinels to read with a batch of keys in ``slots``: one owned by each
-        master the batch touches (none for a layout pushed without them)."""
-        lay = self.layout
-        if not lay.sentinel_slots.shape[0] or not self.cluster.nodes:
-            return np.zeros(0, dtype=np.int64)
-        owners = self.cluster.owner[lay.sentinel_slots]
-        touched = np.unique(self.cluster.owner[slots])
-        first = {}
-        for i, m in enumerate(owners.tolist()):          # (64 sentinels at most: a few masters each)
-            first.setdefault(m, i)
-        return np.array([first[m] for m in touched.tolist() if m >= 0 and m in first], dtype=np.int64)
-
-    def _check_sentinels(self, slots, status, found, k):
-        """A master that answered the batch without its sentinel lost the cube (flushed, restarted empty,
-        its keys evicted): the keys it read as absent are counted degraded (they read the default vector,
-        as absent keys do, but they are a fault), logged once per episode, and the layout is checked at the
-        next batch."""
-        owner = self.cluster.owner[slots]
-        lost = set()
-        for j in range(k, slots.shape[0]):
-            if status[j] == 1 and not found[j]:
-                lost.add(int(owner[j]))
-        if not lost:
-            if self._said_lost:
-                log.info("cube %s: every master read holds the cube again", self.ns)
-                self._said_lost = set()
-            return
-        gone = np.isin(owner[:k], list(lost)) & (status[:k] == 1) & ~found[:k]
-        n = int(gone.sum())
-        self.degraded += n
-        self._count("cube lost", n)
-        self._next_check = 0.0
-        for m in lost - self._said_lost:
-            host, port = self.cluster.nodes[m]
-            log.error("cube %s: master %s:%d answers without the cube's sentinel (flushed, restarted without "
-                      "persistence, or its keys evicted): the keys it reads as absent are counted degraded",
-                      self.ns, host, port)
-        self._said_lost = set(lost)
-
     def _round(self, keyb, slots, todo, rows, found, status, deadline):
         """One pipeline per master of the keys ``todo``. Returns ({slot: (host, port)} of MOVED replies,
         the keys answered ASK or TRYAGAIN or None)."""
@@ -464,6 +404,9 @@ class RedisCube(Backend):
             if not idx.shape[0] or owner[idx[0]] < 0:
                 continue
             node = self._node(int(owner[idx[0]]))
+            if node.fails and now >= node.down_until and self.cluster.replicas.get(node.addr):
+                self._probe(node, deadline)       # (a master that failed: a PING first, not this batch's keys)
+                now = time.monotonic()
             if now < node.down_until:
                 # a master marked down: its replica answers for it (stale by replication lag at most, and a
                 # pushed cube does not change), until a failover promotes one

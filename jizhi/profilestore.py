@@ -38,6 +38,7 @@ import tomllib
 from pathlib import Path
 
 from jizhi.errors import BundleError
+from jizhi.sharedtable import WAITING
 
 POLL_S = 1.0
 STEP_ITEMS = 512   # items a derived table (item rows, item table) builds per batch boundary before a switch
@@ -189,7 +190,8 @@ class ProfileSource:
         n, users, items, builders = self.pending
         for st, steps in list(builders.items()):
             try:
-                next(steps)
+                if next(steps) == WAITING:
+                    continue           # another worker builds this one (jizhi/sharedtable.py): step the next
             except StopIteration as done:
                 self.prepared[st] = done.value
                 del builders[st]
@@ -201,7 +203,7 @@ class ProfileSource:
                 self.pending, self.prepared = None, {}
                 return False
             return False               # one step per boundary: a batch waits for one chunk at most
-        return True
+        return not builders
 
     def poll(self, stage, now=None):
         """At ``stage`` 's batch boundary: switch to a newer snapshot that fits, if any (only the owner

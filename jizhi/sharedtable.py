@@ -41,6 +41,7 @@ MAGIC = 0x4A5A_4954_4142_4C45      # "JZITABLE"
 HEADER = 4096
 ALIGN = 64
 READY, BUILD, BUSY = "ready", "build", "busy"
+WAITING = "waiting"     # what ``building`` yields for a step that only waited (jizhi/profilestore.py steps another)
 
 
 def table_name(prefix, stage, items_root):
@@ -164,11 +165,14 @@ def building(name, specs, fill, wait):
                     return table.arrays, "attached"
                 if state == BUILD:
                     break
-                yield                                       # another worker builds it: look again later
+                _waiting.add(name)
+                yield WAITING                               # another worker builds it: look again later
         except (ShmFull, OSError, ValueError) as e:
             log.warning("item tables: no shared copy (%s); this worker builds its own", e)
             table.close()
             table = None
+        finally:
+            _waiting.discard(name)
     if table is None:
         arrays = [np.empty(shape, dtype=dtype) for shape, dtype in specs]
         yield from fill(arrays)
@@ -180,6 +184,15 @@ def building(name, specs, fill, wait):
         raise
     table.publish()
     return table.arrays, "built"
+
+
+_waiting = set()       # names this process waits for another worker to build
+
+
+def waiting():
+    """True while this process only waits for another worker's build (an idle worker then looks again every
+    few tens of milliseconds instead of spinning: workers/run.py)."""
+    return bool(_waiting)
 
 
 def build_now(name, specs, fill):

@@ -29,6 +29,7 @@ import zmq
 
 from jizhi import lifeline, logs, messages, rundir
 from jizhi.profilestore import building as profiles_building
+from jizhi.sharedtable import waiting as tables_waiting
 from jizhi.stats import (C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, W_ASSEMBLE, W_DONE, W_RECEIVE, W_WRITE,
                          CpuPhases, Stats, rss_bytes)
 from jizhi.workers.builtins import load_class
@@ -350,7 +351,9 @@ class Worker:
                 st.heartbeat[row] = time.monotonic()   # from the work loop: a stuck stage stops it
             # Idle, the batch boundaries still run (a profile snapshot published while no request comes is
             # taken up; its item tables are built between requests, not only between batches).
-            if not poller.poll(0 if profiles_building() else int(hb_s * 1000)):
+            # (while it only waits for another worker's shared table: every 20 ms, not a spin)
+            building = profiles_building()
+            if not poller.poll((20 if tables_waiting() else 0) if building else int(hb_s * 1000)):
                 self.idle_boundary()
             else:
                 cpu.enter(W_RECEIVE)

@@ -305,8 +305,9 @@ class RedisCube(LossGuard, Backend):
         node.down_until = time.monotonic() + down
         self._refresh_due = True
         self._count(kind)
-        log.warning("cube %s: master %s:%d %s; its keys read the default vector for %.0f ms",
-                    self.ns, node.addr[0], node.addr[1], kind, 1000 * down)
+        log.warning("cube %s: master %s:%d %s; marked down for %.0f ms (%s)", self.ns, node.addr[0], node.addr[1],
+                    kind, 1000 * down, "its replica answers meanwhile" if self.cluster.replicas.get(node.addr)
+                    else "its keys read the default vector")
 
     # -- reads --
 

@@ -351,9 +351,10 @@ class Worker:
                 st.heartbeat[row] = time.monotonic()   # from the work loop: a stuck stage stops it
             # Idle, the batch boundaries still run (a profile snapshot published while no request comes is
             # taken up; its item tables are built between requests, not only between batches).
-            # (while it only waits for another worker's shared table: every 20 ms, not a spin)
+            # (while it builds: a step every 2 ms, so that an idle worker's build leaves the cores to the
+            # workers that serve; while it only waits for another worker's shared table: every 20 ms)
             building = profiles_building()
-            if not poller.poll((20 if tables_waiting() else 0) if building else int(hb_s * 1000)):
+            if not poller.poll((20 if tables_waiting() else 2) if building else int(hb_s * 1000)):
                 self.idle_boundary()
             else:
                 cpu.enter(W_RECEIVE)

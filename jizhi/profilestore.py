@@ -41,7 +41,7 @@ from jizhi.errors import BundleError
 from jizhi.sharedtable import WAITING
 
 POLL_S = 1.0
-STEP_ITEMS = 512   # items a derived table (item rows, item table) builds per batch boundary before a switch
+STEP_ITEMS = 128   # items a derived table (item rows, item table) builds per batch boundary before a switch
 SNAPSHOT_FORMAT = 1
 MANIFEST = "profiles.toml"
 log = logging.getLogger("jizhi.profiles")

@@ -120,9 +120,7 @@ class SharedTable:
             return BUILD
 
     def _map(self, writable):
-        import mmap
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        self.mm = mmap.mmap(self.fd, self.nbytes, mmap.MAP_SHARED, prot)
+        self.mm, _ = shm.attach(self.name, writable=writable, size=self.nbytes)   # (the lock stays on self.fd)
         self.arrays = []
         for (shape, dtype), off in zip(self.specs, self.offsets):
             a = np.frombuffer(self.mm, dtype=dtype, count=int(np.prod(shape)), offset=off).reshape(shape)

@@ -6,34 +6,29 @@ and so are keys a master evicted under ``maxmemory`` with ``allkeys-lru`` (its e
 cube never had are still plain absent. jizhid refuses a cluster that may evict unless told
 ``evictable=accept``.
 """
-import os
+import json
 import re
+import signal
 
 import numpy as np
 import pytest
 
-from conftest import demo_pipeline_text, write_text
-from daemon_helpers import jizhictl_ok, popen
+from conftest import demo_pipeline_text, wait_until, write_text
+from daemon_helpers import Load, jizhictl_ok, popen
+from redis_helpers import require_redis, small_cluster
 from jizhi.bundle import Bundle
 from jizhi.cube.cluster import keyslot, slot_map
 from jizhi.cube.push import read_cube
 from jizhi.cube.redis import RedisCube
 from jizhi.cube.resp import call
-from jizhi.tools.redis_local import LocalCluster, free_port_block, server_binary
 
-if server_binary() is None:
-    if os.environ.get("JIZHI_REQUIRE_REDIS"):
-        raise RuntimeError("JIZHI_REQUIRE_REDIS is set but redis-server is not installed")
-    pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
+require_redis()
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("redis-faults"), base_port=free_port_block(3), replicas=0,
-                     node_timeout_ms=1000)
-    c.start(timeout_s=60)
-    yield c
-    c.stop()
+    with small_cluster(tmp_path_factory, "redis-faults") as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +118,34 @@ def test_jizhid_refuses_a_cluster_that_may_evict_the_cube_unless_told_to_accept(
         assert "Traceback" not in log
     finally:
         call("127.0.0.1", port, ["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+
+
+@pytest.mark.slow
+def test_a_failover_at_the_production_node_timeout_answers_every_request(tmp_path_factory, launch, demo_bundle,
+                                                                          demo_trace, tmp_path):
+    """cluster-node-timeout 15000 (Redis's default, what teams run): a master frozen (SIGSTOP) under load until
+    its replica is promoted (about 15-22 s); every request is answered, its keys read from the replica meanwhile
+    (docs/benchmarks.md, issue 22: the figures of docs/run-redis-failover.py)."""
+    with small_cluster(tmp_path_factory, "redis-failover", replicas=1, node_timeout_ms=15000) as c:
+        jizhictl_ok("cube", "push", demo_bundle, "--redis", c.url, "--strategy", "key", "--quiet")
+        text = demo_pipeline_text("failover", pool=1, options={"cube": [
+            f'remote = "{c.url}/{{name}}/{{version}}?timeout_ms=50"', "disk_cache_keys = 2000"]})
+        server = launch.start(pipelines=(str(write_text(tmp_path / "failover.toml", text)),),
+                              config_text="[cube]\nhot_tier_mb = 1\n")
+        victim = c.masters_of(c.ports[0])[0]
+        other = next(p for p in c.ports if p != victim)
+        with Load(server.endpoint, demo_trace, pipeline="failover", clients=2, rate=40, deadline_ms=2000) as load:
+            wait_until(lambda: len(load.snapshot()) > 40, 30, interval_s=0.2, what="load before the stop")
+            c.kill(victim, signal.SIGSTOP)
+            try:
+                wait_until(lambda: victim not in c.masters_of(other), 60, interval_s=0.5, what="the promotion")
+            finally:
+                c.kill(victim, signal.SIGCONT)
+            n = len(load.snapshot())
+            wait_until(lambda: len(load.snapshot()) > n + 40, 30, interval_s=0.2, what="load after the promotion")
+        records = load.snapshot()
+        assert load.outcomes(records) == {"ok": len(records)}
+        fig = json.loads(jizhictl_ok("stats", "--json", run_dir=server.run_dir))["cube"]["failover"]
+        print(f"\nfailover at cluster-node-timeout 15000: {len(records)} requests, all answered; "
+              f"{fig.get('remote_degraded', 0):,} keys degraded")
+        assert server.stop() == 0

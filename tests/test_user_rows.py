@@ -19,26 +19,20 @@ import pytest
 from conftest import demo_pipeline_text, wait_until, write_text
 from daemon_helpers import jizhictl, jizhictl_ok
 from profile_helpers import profile_features
+from redis_helpers import require_redis, small_cluster
 from jizhi.bundle import Bundle, Profiles, file_entries
 from jizhi.bundle import write_text as write_file
 from jizhi.cube.userrows import UserRows
 from jizhi.pipeline import PipelineError, compile_pipeline
 from jizhi.tomlw import toml_text
-from jizhi.tools.redis_local import LocalCluster, free_port_block, server_binary
 
-if server_binary() is None:
-    if os.environ.get("JIZHI_REQUIRE_REDIS"):
-        raise RuntimeError("JIZHI_REQUIRE_REDIS is set but redis-server is not installed")
-    pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
+require_redis()
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("redis-users"), base_port=free_port_block(3), replicas=0,
-                     node_timeout_ms=1000)
-    c.start(timeout_s=60)
-    yield c
-    c.stop()
+    with small_cluster(tmp_path_factory, "redis-users") as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

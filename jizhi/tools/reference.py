@@ -110,11 +110,13 @@ class ReferenceScorer:
             raise BundleError(f"{head.path}: cannot be scored on the features of {base.path}: {why}")
         return os.fspath(head.onnx_path), head.onnx_output
 
+    mmap_mode = None      # "r": the profiles memory-mapped, not read (the demo's calibration at 10 M users)
+
     def _load_profile(self, side):
         directory = os.path.join(self.version_dir, "profiles", side + "s")
 
         def load(name):
-            return np.load(os.path.join(directory, name + ".npy"), allow_pickle=False)
+            return np.load(os.path.join(directory, name + ".npy"), mmap_mode=self.mmap_mode, allow_pickle=False)
 
         profile = {"ids": load("ids")}
         if side == "user":

@@ -148,21 +148,7 @@ def _reference_scorer(version_dir, dense=None):
     from jizhi.tools.reference import ReferenceScorer
 
     class MappedScorer(ReferenceScorer):
-        def _load_profile(self, side):
-            directory = os.path.join(self.version_dir, "profiles", side + "s")
-
-            def load(name):
-                return np.load(os.path.join(directory, name + ".npy"), mmap_mode="r", allow_pickle=False)
-
-            profile = {"ids": load("ids")}
-            if side == "user":
-                profile["dense"] = load("dense")
-            for f in self.fields[side]:
-                if f["kind"] == "onehot":
-                    profile[f["name"]] = load(f["name"])
-                else:
-                    profile[f["name"]] = (load(f["name"] + ".values"), load(f["name"] + ".offsets"))
-            return profile
+        mmap_mode = "r"
 
     return MappedScorer(version_dir, dense=dense)
 

@@ -3,7 +3,9 @@
 A key's slot is CRC16 (XMODEM) of the key, or of its hash tag (the part
 between the first ``{`` and the next ``}``, when not empty), modulo 16,384;
 ``key_slots`` computes the slots of a batch of fixed-length keys in one
-Numba kernel (compiled at import). ``Cluster`` holds which master owns each
+Numba kernel (compiled at import); a CLUSTER SLOTS reply is read by
+cube/connect.py's ``slot_map`` and ``replica_map`` (Numba-free: the
+supervisor reads one too). ``Cluster`` holds which master owns each
 slot, learned with CLUSTER SLOTS from any node that answers, and sends the
 few single commands (GET, SET of a layout record) to one that does.
 """
@@ -13,13 +15,12 @@ import time
 import numpy as np
 from numba import njit
 
-from jizhi.cube.connect import Access, AuthError, is_auth_error
+from jizhi.cube.connect import SLOTS, Access, AuthError, is_auth_error, replica_map, slot_map  # noqa: F401
 from jizhi.cube.resp import RedisError, call
 
 # (one logger for every module of the Redis backend: its lines keep the name they always had)
 log = logging.getLogger("jizhi.cube.redis")
 
-SLOTS = 16384
 
 
 # --- CRC16 (XMODEM), Redis Cluster's key hash ------------------------------
@@ -63,37 +64,6 @@ def key_slots(keyb, table, out):
         for j in range(keyb.shape[1]):
             c = ((c << np.uint32(8)) & np.uint32(0xFFFF)) ^ np.uint32(table[((c >> np.uint32(8)) ^ keyb[i, j]) & 0xFF])
         out[i] = c & np.uint32(SLOTS - 1)
-
-
-def slot_map(reply, asked="127.0.0.1"):
-    """``(slot -> node index int32[16384] (-1: unserved), [(host, port)])`` from a CLUSTER SLOTS reply.
-
-    ``asked``: the host the reply came from (a node that names no endpoint means that host)."""
-    owner = np.full(SLOTS, -1, dtype=np.int32)
-    nodes = []
-    for entry in reply:
-        lo, hi, master = int(entry[0]), int(entry[1]), entry[2]
-        host = master[0].decode() if isinstance(master[0], bytes) else master[0]
-        addr = (host if host and host != "?" else asked, int(master[1]))
-        if addr not in nodes:
-            nodes.append(addr)
-        owner[lo:hi + 1] = nodes.index(addr)
-    return owner, nodes
-
-
-def replica_map(reply, asked="127.0.0.1"):
-    """``{master (host, port): [replica (host, port), ...]}`` from a CLUSTER SLOTS reply."""
-    out = {}
-
-    def addr(e):
-        h = e[0].decode() if isinstance(e[0], bytes) else e[0]
-        return (h if h and h != "?" else asked, int(e[1]))
-    for entry in reply:
-        reps = out.setdefault(addr(entry[2]), [])
-        for r in entry[3:]:
-            if addr(r) not in reps:
-                reps.append(addr(r))
-    return out
 
 
 def split_url(url):

@@ -28,7 +28,8 @@ A wrong or missing password is ``AuthError``: one line naming the node and
 Redis's own message (``WRONGPASS ...``, ``NOAUTH ...``).
 
 Also here, the small RESP client for single commands (``call``, ``pipeline``:
-slot maps, layout records, the pushes' replies); the batch reads' codec is
+slot maps, layout records, the pushes' replies) and the reading of a CLUSTER
+SLOTS reply (``slot_map``, ``replica_map``); the batch reads' codec is
 cube/resp.py's (Numba). Nothing here imports Numba: the supervisor checks a
 cluster's credentials with it (``check_credentials``).
 """
@@ -39,7 +40,10 @@ import ssl
 import time
 from urllib.parse import parse_qs, unquote
 
+import numpy as np
+
 SCHEMES = ("redis", "rediss")
+SLOTS = 16384
 AUTH_REPLIES = ("NOAUTH", "WRONGPASS", "NOPERM", "ERR AUTH", "ERR invalid password", "ERR Client sent AUTH")
 
 
@@ -310,6 +314,37 @@ def pending(sock):
     return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
 
 
+def slot_map(reply, asked="127.0.0.1"):
+    """``(slot -> node index int32[16384] (-1: unserved), [(host, port)])`` from a CLUSTER SLOTS reply.
+
+    ``asked``: the host the reply came from (a node that names no endpoint means that host)."""
+    owner = np.full(SLOTS, -1, dtype=np.int32)
+    nodes = []
+    for entry in reply:
+        lo, hi, master = int(entry[0]), int(entry[1]), entry[2]
+        host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+        addr = (host if host and host != "?" else asked, int(master[1]))
+        if addr not in nodes:
+            nodes.append(addr)
+        owner[lo:hi + 1] = nodes.index(addr)
+    return owner, nodes
+
+
+def replica_map(reply, asked="127.0.0.1"):
+    """``{master (host, port): [replica (host, port), ...]}`` from a CLUSTER SLOTS reply."""
+    out = {}
+
+    def addr(e):
+        h = e[0].decode() if isinstance(e[0], bytes) else e[0]
+        return (h if h and h != "?" else asked, int(e[1]))
+    for entry in reply:
+        reps = out.setdefault(addr(entry[2]), [])
+        for r in entry[3:]:
+            if addr(r) not in reps:
+                reps.append(addr(r))
+    return out
+
+
 def masters(url, timeout_s=2.0):
     """The masters serving slots, as the first node of ``url`` that answers CLUSTER SLOTS says: [(host, port)]
     (an empty list when none answers). Raises AuthError for refused credentials."""
@@ -325,13 +360,7 @@ def masters(url, timeout_s=2.0):
             raise
         except OSError:
             continue
-        out = []
-        for entry in reply:
-            h = entry[2][0].decode() if isinstance(entry[2][0], bytes) else entry[2][0]
-            addr = (h if h and h != "?" else host, int(entry[2][1]))
-            if addr not in out:
-                out.append(addr)
-        return out
+        return slot_map(reply, asked=host)[1]
     return []
 
 

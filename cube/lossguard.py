@@ -75,12 +75,9 @@ class LossGuard:
         lay = self.layout
         if not lay.sentinel_slots.shape[0] or not self.cluster.nodes:
             return np.zeros(0, dtype=np.int64)
-        owners = self.cluster.owner[lay.sentinel_slots]
+        owners, first = np.unique(self.cluster.owner[lay.sentinel_slots], return_index=True)
         touched = np.unique(self.cluster.owner[slots])
-        first = {}
-        for i, m in enumerate(owners.tolist()):          # (64 sentinels at most: a few masters each)
-            first.setdefault(m, i)
-        return np.array([first[m] for m in touched.tolist() if m >= 0 and m in first], dtype=np.int64)
+        return first[(owners >= 0) & np.isin(owners, touched)].astype(np.int64)
 
     def _check_sentinels(self, slots, status, found, k):
         """A master that answered the batch without its sentinel lost the cube (flushed, restarted empty,

@@ -30,6 +30,7 @@ of a snapshot; ``jizhictl profiles set`` (``write_user``) changes one user's
 features, seen by the next request once the local cache's ``ttl_ms`` passed (both in
 jizhi/tools/profilepush.py).
 """
+import itertools
 import logging
 import time
 
@@ -151,20 +152,19 @@ class UserRows:
             self.pushed = layout.doc
             rows = layout.doc.get("rows") or {}
             try:
-                why = self.schema.mismatch(Schema(rows.get("fields", []), rows.get("dense", -1),
-                                                  rows.get("user_len", 0)))
+                theirs = Schema(rows.get("fields", []), rows.get("dense", -1), rows.get("user_len", 0))
+                why = self.schema.mismatch(theirs)
             except (KeyError, TypeError, ValueError) as e:
                 why = f"an unreadable layout record ({e})"
-            if why is None and layout.dim * 4 != Schema(rows["fields"], rows["dense"], rows["user_len"]).row_bytes:
+            if why is None and layout.dim * 4 != theirs.row_bytes:
                 why = "its value length does not match its fields"
             self.usable = why is None
             if why is not None:
                 log.error("user rows %s: cannot stand for this model's user rows (%s); its users read the "
                           "profile snapshot", self.cube.url, why)
             else:
-                self.theirs = Schema(rows["fields"], rows["dense"], rows["user_len"])
-                if self.theirs.doc() == self.schema.doc():
-                    self.theirs = self.schema          # the same layout: rows are read as they come
+                # the same layout: rows are read as they come (no conversion)
+                self.theirs = self.schema if theirs.doc() == self.schema.doc() else theirs
                 index = {f["name"]: i for i, f in enumerate(self.theirs.fields)}
                 self.columns = np.array([index[f["name"]] for f in self.schema.fields], dtype=np.int64)
                 log.info("user rows %s: %d users pushed (snapshot %s)", self.cube.url, layout.doc.get("keys", 0),
@@ -205,8 +205,9 @@ class UserRows:
                 raw[ask], found[ask] = mine[pos], got[pos]
                 self.degraded += lost and int(np.sum(~got[pos]))    # (the absent ones of a failed batch too)
                 if not lost:                                       # nothing failed: absences are real
-                    if len(self.cache) + want.shape[0] > self.cache_users:
-                        for k in list(self.cache)[:max(len(self.cache) + want.shape[0] - self.cache_users, 0)]:
+                    over = len(self.cache) + want.shape[0] - self.cache_users
+                    if over > 0:                                   # the oldest entries go (insertion order)
+                        for k in list(itertools.islice(self.cache, over)):
                             del self.cache[k]
                     exp = now + self.ttl_s
                     for j, u in enumerate(want.tolist()):

@@ -41,7 +41,7 @@ import numpy as np
 from jizhi.ctl.inputs import Trace
 from jizhi.tools.loadgen import ERROR, LOST, NOT_SENT, OK, PENDING, OpenLoop, load_socket, percentiles, poisson_times
 from jizhi.tools.redis_local import LocalCluster, free_port_block
-from jizhi.tools.testbed import free_port, stop_session, wait_for_hot_tiers
+from jizhi.tools.testbed import demo_inputs, free_port, stop_session, wait_for_hot_tiers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
@@ -93,10 +93,7 @@ def main():
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    if args.bundle is None:
-        if not os.path.exists(os.path.join(out, "models", "demo", "1", "manifest.toml")):
-            jizhictl("demo", "init", out, "--trace-requests", "20000")
-        args.bundle, args.trace = os.path.join(out, "models", "demo", "1"), os.path.join(out, "trace.npz")
+    args.bundle, args.trace = demo_inputs(out, args.bundle, args.trace)
     trace = Trace(args.trace)
     shutil.rmtree(os.path.join(out, "redis"), ignore_errors=True)
     cluster = LocalCluster(os.path.join(out, "redis"), base_port=free_port_block(6), masters=3, replicas=1,
@@ -252,7 +249,7 @@ def main():
     print(f"| {whole['sent']:,} | {whole['ok']:,} | {whole['errors']} | {whole['lost']} | {whole['p50_ms']:.1f} | "
           f"{whole['p99_ms']:.1f} | {whole['max_ms']:.1f} | {deg['total']:,} ({remote_keys:,}) | "
           f"{deg['stopped_until_promoted']:,} | {deg['promoted_until_sigcont']:,} | {deg['after_sigcont']:,} |")
-    print(f"\n| window s | sent | answered OK | errors+lost | p50 ms | p99 ms | max ms | event |")
+    print("\n| window s | sent | answered OK | errors+lost | p50 ms | p99 ms | max ms | event |")
     print("|---|---|---|---|---|---|---|---|")
     for w in windows:
         f = (lambda v: "-" if v is None else f"{v:.1f}")

@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from jizhi.tools.testbed import demo_inputs
+
 from jizhi.bundle import Bundle
 from jizhi.cube.build import read_all
 from jizhi.cube.redis import RedisCube
@@ -71,10 +73,7 @@ def main():
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    if args.bundle is None:
-        if not os.path.exists(os.path.join(out, "models", "demo", "1", "manifest.toml")):
-            jizhictl("demo", "init", out, "--trace-requests", "20000")
-        args.bundle, args.trace = os.path.join(out, "models", "demo", "1"), os.path.join(out, "trace.npz")
+    args.bundle, args.trace = demo_inputs(out, args.bundle, args.trace)
     bundle = Bundle(args.bundle)
     all_keys, all_vectors = read_all(bundle.cube_path)
     per_request = None

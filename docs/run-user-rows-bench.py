@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from jizhi.tools.redis_local import LocalCluster, free_port_block
-from jizhi.tools.testbed import stop_session, wait_for_hot_tiers
+from jizhi.tools.testbed import demo_inputs, stop_session, wait_for_hot_tiers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
@@ -73,10 +73,7 @@ def main():
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    if args.bundle is None:
-        if not os.path.exists(os.path.join(out, "models", "demo", "1", "manifest.toml")):
-            jizhictl("demo", "init", out, "--trace-requests", "20000")
-        args.bundle, args.trace = os.path.join(out, "models", "demo", "1"), os.path.join(out, "trace.npz")
+    args.bundle, args.trace = demo_inputs(out, args.bundle, args.trace)
     shutil.rmtree(os.path.join(out, "redis"), ignore_errors=True)
     cluster = LocalCluster(os.path.join(out, "redis"), base_port=free_port_block(3), replicas=0)
     cluster.start()

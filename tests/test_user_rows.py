@@ -181,7 +181,8 @@ def test_jizhid_reads_user_rows_a_changed_row_changes_the_next_score_and_a_stopp
         for p in pids:
             os.kill(p, signal.SIGSTOP)
         try:
-            time.sleep(0.2)                                        # (the local cache's 100 ms pass)
+            # (once the local cache's 100 ms passed, the frozen cluster's users read the snapshot's row)
+            wait_until(lambda: same(scores(c, "rows"), snapshot), 10, interval_s=0.05, what="the snapshot's row")
             t0 = time.monotonic()
             for _ in range(4):
                 assert same(scores(c, "rows"), snapshot)

@@ -285,6 +285,18 @@ def wait_for_hot_tiers(log_path, want, timeout_s=300):
     return False
 
 
+def demo_inputs(out, bundle=None, trace=None, requests=20_000):
+    """The docs' benchmark scripts' inputs: ``(bundle, trace)`` as given, or the default demo's, made once in
+    ``out`` (``jizhictl demo init OUT --trace-requests N``: ``OUT/models/demo/1``, ``OUT/trace.npz``)."""
+    if bundle is not None:
+        return bundle, trace
+    if not os.path.exists(os.path.join(out, "models", "demo", "1", "manifest.toml")):
+        subprocess.run([sys.executable, "-c", "import sys; from jizhi.tools.commands import main; "
+                        "sys.exit(main(sys.argv[1:]))", "demo", "init", out, "--trace-requests", str(requests)],
+                       check=True)
+    return os.path.join(out, "models", "demo", "1"), os.path.join(out, "trace.npz")
+
+
 def stop_session(proc, timeout_s=STOP_TIMEOUT_S):
     """SIGTERM to a jizhid started in its own session, a bounded wait, then SIGKILL to that session's
     process group (the docs' benchmark scripts)."""

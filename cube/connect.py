@@ -31,7 +31,7 @@ Also here, the small RESP client for single commands (``call``, ``pipeline``:
 slot maps, layout records, the pushes' replies) and the reading of a CLUSTER
 SLOTS reply (``slot_map``, ``replica_map``); the batch reads' codec is
 cube/resp.py's (Numba). Nothing here imports Numba: the supervisor checks a
-cluster's credentials with it (``check_credentials``).
+cluster's credentials and eviction policy with it (``masters``, ``eviction_policy``).
 """
 import os
 import select
@@ -388,21 +388,3 @@ def eviction_policy(access, addr, timeout_s=2.0):
 def can_evict(policy):
     """True for a maxmemory-policy that may evict keys without a TTL (a pushed cube's)."""
     return bool(policy) and policy.startswith("allkeys")
-
-
-def check_credentials(url, timeout_s=2.0):
-    """None when a node of ``url`` answers PING with the URL's credentials or none answers at all (an
-    unreachable cluster is the readers' to degrade around), else the AuthError (naming the node)."""
-    access = Access(url)
-    for addr in access.seeds:
-        try:
-            call(addr[0], addr[1], ["PING"], timeout_s=timeout_s, access=access)
-            return None
-        except AuthError as e:
-            return e
-        except RedisError as e:
-            if is_auth_error(e):
-                return AuthError(f"{addr[0]}:{addr[1]}: {e}")
-        except OSError:
-            continue
-    return None

@@ -75,8 +75,11 @@ class Schema:
     def of_bundle(cls, bundle):
         """The layout a model version's own user fields make (context fields apart: no profile holds them)."""
         fields = [f for f in bundle.user_fields if not f.context]
-        return cls([dict(name=f.name, kind=f.kind, max_len=f.max_len) for f in fields], bundle.dense_features,
-                   max([f.max_len for f in fields] or [1]))
+        schema = cls([dict(name=f.name, kind=f.kind, max_len=f.max_len) for f in fields], bundle.dense_features,
+                     max([f.max_len for f in fields] or [1]))
+        # where its fields are among the bundle's user fields (the columns of Profiles.user_features)
+        schema.bundle_columns = [c for c, f in enumerate(bundle.user_fields) if not f.context]
+        return schema
 
     def doc(self):
         return {"fields": self.fields, "dense": self.dense, "user_len": self.user_len}

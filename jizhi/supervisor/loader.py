@@ -196,39 +196,38 @@ class Loader:
         """A Redis cube whose nodes refuse the URL's credentials: with ``on_auth_error=refuse`` (the default) the
         version is refused (at start: jizhid does not start), one line naming the node and Redis's message;
         with ``degrade`` it loads, says so, and its workers read the default vectors until the credentials
-        are accepted (cube/redis.py)."""
+        are accepted (cube/redis.py). A cluster whose masters may evict the cube's keys (maxmemory-policy
+        allkeys-*) reads lost keys as absent: refused unless the URL says ``evictable=accept`` (its readers
+        then count evicted keys as degraded). One CLUSTER SLOTS answers both (an unreachable cluster is the
+        readers' to degrade around)."""
         if not self.remote.startswith(("redis://", "rediss://")):
             return
-        from jizhi.cube.connect import Access, can_evict, check_credentials, eviction_policy, masters
+        from jizhi.cube.connect import Access, AuthError, can_evict, eviction_policy, masters
         try:
             access = Access(self.remote)
         except ValueError as e:
             raise LoadRefused("rejected", f"pipeline {self.pipeline}: its cube stage's remote URL: {e}")
-        refused = check_credentials(self.remote)
-        if refused is None:
-            # A cluster that may evict the cube's keys (maxmemory-policy allkeys-*) reads lost keys as absent:
-            # refused unless the URL says evictable=accept (its readers then count evicted keys as degraded).
-            try:
-                evicting = [(a, p) for a in masters(self.remote) for p in [eviction_policy(access, a)[0]]
-                            if can_evict(p)]
-            except OSError:
-                evicting = []
-            if evicting:
-                what = ", ".join(f"{h}:{p} ({pol})" for (h, p), pol in evicting)
-                if access.opts.get("evictable", "refuse") != "accept":
-                    raise LoadRefused("refused", f"pipeline {self.pipeline}: the Redis cube at {access.redacted()} "
-                                                 f"may evict its keys: maxmemory-policy of {what} (set noeviction, "
-                                                 "or evictable=accept in the URL: evicted keys are then counted "
-                                                 "as degraded)")
-                log.warning("pipeline %s: the Redis cube at %s may evict its keys (%s); evictable=accept: keys a "
-                            "master evicted are counted as degraded", self.pipeline, access.redacted(), what)
+        try:
+            found = masters(self.remote)
+        except AuthError as refused:
+            if access.opts.get("on_auth_error", "refuse") == "refuse":
+                raise LoadRefused("refused", f"pipeline {self.pipeline}: the Redis cube at {access.redacted()} "
+                                             f"refused our credentials: {refused} (on_auth_error=degrade would "
+                                             "serve degraded)")
+            log.error("pipeline %s: the Redis cube at %s refused our credentials: %s; on_auth_error=degrade: "
+                      "serving the default vectors, counted as degraded, retrying until they are accepted",
+                      self.pipeline, access.redacted(), refused)
             return
-        if access.opts.get("on_auth_error", "refuse") == "refuse":
-            raise LoadRefused("refused", f"pipeline {self.pipeline}: the Redis cube at {access.redacted()} refused "
-                                         f"our credentials: {refused} (on_auth_error=degrade would serve degraded)")
-        log.error("pipeline %s: the Redis cube at %s refused our credentials: %s; on_auth_error=degrade: serving "
-                  "the default vectors, counted as degraded, retrying until they are accepted", self.pipeline,
-                  access.redacted(), refused)
+        evicting = [(a, p) for a in found for p in [eviction_policy(access, a)[0]] if can_evict(p)]
+        if evicting:
+            what = ", ".join(f"{h}:{p} ({pol})" for (h, p), pol in evicting)
+            if access.opts.get("evictable", "refuse") != "accept":
+                raise LoadRefused("refused", f"pipeline {self.pipeline}: the Redis cube at {access.redacted()} "
+                                             f"may evict its keys: maxmemory-policy of {what} (set noeviction, "
+                                             "or evictable=accept in the URL: evicted keys are then counted "
+                                             "as degraded)")
+            log.warning("pipeline %s: the Redis cube at %s may evict its keys (%s); evictable=accept: keys a "
+                        "master evicted are counted as degraded", self.pipeline, access.redacted(), what)
 
     # -- its hot tier (cube/hot.py) ------------------------------------------------
     # Generations: ``hot_published`` is what readers are told to read; a build fills

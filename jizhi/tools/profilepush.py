@@ -33,7 +33,7 @@ def push_users(url, bundle, progress=None, chunk=20_000):
     snapshot = source(bundle).snapshot if bundle.profile_store is not None else None
     doc = layout_doc(name, schema, users.ids.shape[0], snapshot)
     layout = Layout(doc)
-    mine = [c for c, f in enumerate(bundle.user_fields) if not f.context]
+    mine = schema.bundle_columns
     total = users.ids.shape[0]
     for lo in range(0, total, chunk):
         ids = np.asarray(users.ids[lo:lo + chunk], dtype=np.uint64)
@@ -66,9 +66,9 @@ def write_user(url, user, bundle, features):
     why = schema.mismatch(theirs)
     if why is not None or theirs.row_bytes != schema.row_bytes:
         raise ValueError(f"user rows {name!r} at {url} were pushed for other fields ({why or 'another order'})")
-    key = bytes.fromhex(doc["units"][0]["prefix"]) + np.array([user], dtype="<u8").tobytes()
+    key = Layout(doc).keys_and_slots(np.array([user], dtype=np.uint64))[0][0].tobytes()
     raw = cluster.command(["GET", key], timeout_s=5.0)
-    mine = [c for c, f in enumerate(bundle.user_fields) if not f.context]
+    mine = schema.bundle_columns
     if raw is not None and len(raw) == schema.row_bytes:
         dense, lens, values = schema.decode(np.frombuffer(raw, dtype=np.uint8).reshape(1, -1))
         dense, lens, values = dense.copy(), lens.copy(), values.copy()

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Load shedding under overload (issue 7): p99, answers, cutoff and top-10 quality at 1.5x, 2x
-and 3x the maximum sustainable rate, for recall-score correlations 0.8 and 0.5, rule against
-learned policy; and a diurnal run with its timeline plot.
+"""Load shedding under overload (issues 7 and 23): p99, answers, cutoff and top-10 quality at 1.5x,
+2x and 3x the maximum sustainable rate, for recall-score correlations 0.8 and 0.5, rule against
+learned policy, each point measured from the moment its load starts with a fresh quota; and a
+diurnal run with its timeline plot.
 
-    .venv/bin/python docs/run-shed-bench.py [--duration 15] [--xs 1.5,2,3] [--spearman 0.8,0.5]
+    .venv/bin/python docs/run-shed-bench.py [--duration 30] [--xs 1.5,2,3] [--spearman 0.8,0.5]
 
 Every figure from one run on a quiet machine:
 
@@ -17,11 +18,14 @@ Every figure from one run on a quiet machine:
 3. The maximum sustainable rate with shedding off (``jizhictl shed off``): the highest constant
    rate with p99 <= SLO and every request answered (doubling, then bisection to 5 %), on the 0.8
    evaluation trace.
-4. Shedding on (``jizhictl shed auto``), per correlation and policy, at each multiple of that
-   rate: --warmup s (the controller settles) then --duration s measured. Per point: p99, the share
-   of requests answered OK, the mean shed ratio (the cutoff: 1 - fraction kept), and the mean
-   overlap of each reply's top-10 with the top-10 of the same request scored in full by the
-   reference scorer (offline, exact).
+4. Shedding on, per correlation and policy, at each multiple k of that rate: ``jizhictl shed auto``
+   (a fresh start: the admission cut forgets its rates, trim 1; a quiet second), then --duration s
+   of load, all of it measured (--warmup s more before, 0 by default, would be left out). Per
+   point: p99 over the whole point and after its first 5 s, the share of requests answered OK, the
+   mean shed ratio (the cut: 1 - fraction kept) against 1 - 1/k, the mean overlap of each reply's
+   top-10 with the top-10 of the same request scored in full by the reference scorer (offline,
+   exact), and its offline bound: the same overlap when every request keeps its best candidates
+   by recall score at the point's mean cut.
 5. A diurnal run (peak --diurnal-x x max, trough 1/10 of the peak, one period of --period s) with
    the learned 0.8 policy: the per-second timeline (JSON) and a PNG (load, cut, p99, pools).
 """
@@ -53,10 +57,10 @@ from jizhi.shedding import save_policy                                          
 from jizhi.tools.shedtrain import train                                         # noqa: E402
 
 class Truth:
-    """Reference top-10 of trace rows, scored in full offline (cached per row)."""
+    """Reference top-10 of trace rows, scored in full offline (cached per row, with the full scores)."""
 
     def __init__(self, ref, trace, k=10):
-        self.ref, self.trace, self.k, self.top = ref, trace, k, {}
+        self.ref, self.trace, self.k, self.top, self.scores = ref, trace, k, {}, {}
 
     def fill(self, rows):
         todo = sorted(set(int(r) for r in rows) - set(self.top))
@@ -70,11 +74,28 @@ class Truth:
                 s_, ids = scores[offs[j]:offs[j + 1]], items[offs[j]:offs[j + 1]]
                 k = min(self.k, s_.shape[0])
                 self.top[int(r)] = set(ids[np.argpartition(-s_, k - 1)[:k]].tolist())
+                self.scores[int(r)] = s_.copy()
 
     def overlap(self, rows, ids, ok):
         self.fill(rows[ok])
         return np.array([len(self.top[int(r)].intersection(i.tolist())) / self.k
                          for r, i, o in zip(rows, ids, ok) if o])
+
+    def bound(self, rows, cut):
+        """The offline bound at mean cut ``cut``: each request keeps its best ceil((1 - cut) x n) candidates
+        by recall score (at least k), the reference scorer's top-k of those against its top-k of all."""
+        self.fill(rows)
+        t, out = self.trace, []
+        for r in rows.tolist():
+            a, b = t.offsets[r], t.offsets[r + 1]
+            n = b - a
+            keep = min(n, max(self.k, int(np.ceil((1.0 - cut) * n))))
+            kept = np.argsort(-t.recall[a:b], kind="stable")[:keep]
+            s_ = self.scores[r][kept]
+            k = min(self.k, keep)
+            top = t.items[a:b][kept[np.argpartition(-s_, k - 1)[:k]]]
+            out.append(len(self.top[r].intersection(top.tolist())) / self.k)
+        return np.array(out)
 
 
 def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, seed=0):
@@ -83,18 +104,50 @@ def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, s
     meas = res["due"] >= warmup_s
     st, lat = res["status"][meas], res["latency_ms"][meas]
     ok = st == "ok"
+    late = (res["due"][meas] >= warmup_s + 5.0)
     out = {"rate": round(rate, 1), "requests": int(meas.sum()),
+           "p99_after_5s_ms": round(float(np.percentile(lat[ok & late], 99)), 1) if (ok & late).any() else None,
+           "answered_after_5s": round(float(ok[late].mean()), 4) if late.any() else None,
            "answered_share": round(float(ok.mean()), 4) if meas.any() else None,
            "errors": {c: int((st == c).sum()) for c in set(st.tolist()) if c != "ok"},
            "p50_ms": round(float(np.percentile(lat[ok], 50)), 1) if ok.any() else None,
            "p99_ms": round(float(np.percentile(lat[ok], 99)), 1) if ok.any() else None,
-           "shed_ratio": round(float(np.nanmean(res["shed_ratio"][meas][ok])), 4) if ok.any() else None}
+           "shed_ratio": round(float(np.nanmean(res["shed_ratio"][meas][ok])), 4) if ok.any() else None,
+           "shed_ratio_p10_p50_p90": [round(float(x), 3) for x in np.nanpercentile(res["shed_ratio"][meas][ok],
+                                                                                   [10, 50, 90])] if ok.any() else None}
     out["pass"] = bool(ok.all() and out["p99_ms"] is not None and out["p99_ms"] <= slo_ms)
+    if res["info"]:     # the server's admission cut at the end of the point (jizhi/shedding.py)
+        out["admission"] = (res["info"][-1][1]["pipelines"].get("demo_shed", {}).get("shedding") or {}).get("admission")
     if truth is not None:
         ids = [i for i, m in zip(res["ids"], meas) if m]
         ov = truth.overlap(res["rows"][meas], ids, ok)
         out["top10_overlap"] = round(float(ov.mean()), 4) if ov.shape[0] else None
+        if out["shed_ratio"] is not None:
+            out["bound_at_same_cut"] = round(float(truth.bound(res["rows"][meas][ok], out["shed_ratio"]).mean()), 4)
     return out, first_row + times.shape[0]
+
+
+def max_rate(d, trace, start, a, row, log, what):
+    """The highest constant rate with p99 <= SLO and every request answered: doubling from ``start``,
+    then bisection to 5 %."""
+    lo, hi, rate = None, None, start
+    while lo is None or hi is None:         # doubling up, or halving down, to a pass and a fail
+        r, row = point(d, trace, rate, a.search_duration, 3.0, row, a.slo_ms, seed=int(rate))
+        log(f"max search {rate:g}/s ({what}): p99 {r['p99_ms']} answered {r['answered_share']} {r['errors']}")
+        if r["pass"]:
+            lo, rate = rate, rate * 2
+        else:
+            hi, rate = rate, rate / 2
+            if rate < 10:
+                return 0.0, row
+        if lo is not None and hi is not None and lo > hi:
+            lo = None
+    while lo is not None and hi - lo > 0.05 * lo:
+        rate = (lo + hi) / 2
+        r, row = point(d, trace, rate, a.search_duration, 3.0, row, a.slo_ms, seed=int(rate))
+        log(f"max search {rate:g}/s ({what}): p99 {r['p99_ms']} answered {r['answered_share']} {r['errors']}")
+        lo, hi = (rate, hi) if r["pass"] else (lo, rate)
+    return lo or 0.0, row
 
 
 def main():
@@ -102,8 +155,10 @@ def main():
     ap.add_argument("--work", default="/tmp/jzb/shed")
     ap.add_argument("--base", default="/tmp/jzb/demo/models/demo/1", help="The demo version directory.")
     ap.add_argument("--slo-ms", type=float, default=50.0)
-    ap.add_argument("--duration", type=float, default=15.0, help="Measured seconds per point.")
-    ap.add_argument("--warmup", type=float, default=6.0, help="Seconds of the same load before each point.")
+    ap.add_argument("--duration", type=float, default=30.0, help="Measured seconds per point.")
+    ap.add_argument("--search-duration", type=float, default=15.0, help="Seconds per point of the max-rate search.")
+    ap.add_argument("--warmup", type=float, default=0.0,
+                    help="Seconds of the same load before each overload point, left out (0: measured from the start).")
     ap.add_argument("--xs", default="1.5,2,3", help="Multiples of the maximum sustainable rate.")
     ap.add_argument("--spearman", default="0.8,0.5,0.65~0.3",
                     help="Traces: a Spearman correlation, or MEAN~SPREAD for requests that differ (jizhi.tools.demo.generate_trace).")
@@ -113,6 +168,8 @@ def main():
     ap.add_argument("--diurnal-x", type=float, default=2.0, help="Peak of the diurnal run, x max (0: no run).")
     ap.add_argument("--period", type=float, default=120.0, help="Seconds of the diurnal run (one day).")
     ap.add_argument("--max-rate", type=float, default=None, help="Skip the search: the max sustainable rate.")
+    ap.add_argument("--floor-quotas", default="0.5,0.25",
+                    help="Also the max sustainable rate with every request keeping each of these (what a cut can buy).")
     ap.add_argument("--out", default="/tmp/jzb/shed/results.json")
     ap.add_argument("--shed-low", type=float, default=None, help="shed.low for the daemon (default: the setting's).")
     ap.add_argument("--plot", default=str(REPO / "docs" / "img" / "diurnal-shedding.png"))
@@ -157,36 +214,32 @@ def main():
             best = a.max_rate
         else:
             d.ctl("shed", "off")
-            lo, hi, rate = None, None, 100.0
-            while hi is None:
-                r, row = point(d, first, rate, a.duration, 3.0, row, a.slo_ms, seed=int(rate))
-                log(f"max search {rate:g}/s (shedding off): p99 {r['p99_ms']} answered {r['answered_share']} {r['errors']}")
-                if r["pass"]:
-                    lo, rate = rate, rate * 2
-                else:
-                    hi = rate
-                if lo is None and rate < 10:
-                    break
-            while lo is not None and hi - lo > 0.05 * lo:
-                rate = (lo + hi) / 2
-                r, row = point(d, first, rate, a.duration, 3.0, row, a.slo_ms, seed=int(rate))
-                log(f"max search {rate:g}/s (shedding off): p99 {r['p99_ms']} answered {r['answered_share']} {r['errors']}")
-                lo, hi = (rate, hi) if r["pass"] else (lo, rate)
-            best = lo or 0.0
+            best, row = max_rate(d, first, 100.0, a, row, log, "shedding off")
         results["max_rate"] = best
         log(f"max sustainable rate, shedding off: {best:g} requests/s")
+        # What a cut can buy at most: the max sustainable rate with every request keeping q (manual).
+        results["max_rate_at_quota"] = {}
+        for q in [float(v) for v in a.floor_quotas.split(",") if v]:
+            d.ctl("shed", "set", "--quota", str(q))
+            results["max_rate_at_quota"][q], row = max_rate(d, first, best, a, row, log, f"every request keeps {q:g}")
+            log(f"max sustainable rate keeping {q:g}: {results['max_rate_at_quota'][q]:g} requests/s "
+                f"({results['max_rate_at_quota'][q] / best:.2f}x)")
         d.ctl("shed", "auto")
         for sp, trace in traces.items():
             truth = Truth(ref, trace)
             for pol in a.policies.split(","):
                 d.ctl("shed", "set", "--policy", "rule" if pol == "rule" else str(policies[sp]))
-                d.ctl("shed", "auto")
                 for x in [float(v) for v in a.xs.split(",")]:
+                    d.ctl("shed", "auto")          # a fresh start: no cut, rates forgotten, trim 1
+                    time.sleep(1.0)
                     r, row = point(d, trace, x * best, a.duration, a.warmup, row, a.slo_ms, truth, seed=int(x * 10))
-                    r.update(x=x, spearman=sp, policy=pol)
+                    r.update(x=x, spearman=sp, policy=pol, ideal_cut=round(1.0 - 1.0 / x, 4))
                     results["points"].append(r)
-                    log(f"spearman {sp} {pol:<7} {x:g}x ({r['rate']:g}/s): p99 {r['p99_ms']} ms, answered "
-                        f"{r['answered_share']}, shed {r['shed_ratio']}, top-10 overlap {r['top10_overlap']} {r['errors']}")
+                    log(f"spearman {sp} {pol:<7} {x:g}x ({r['rate']:g}/s): p99 {r['p99_ms']} ms (after 5 s "
+                        f"{r['p99_after_5s_ms']}), answered {r['answered_share']}, cut {r['shed_ratio']} (1-1/k "
+                        f"{r['ideal_cut']:.3f}), top-10 overlap {r['top10_overlap']} (bound at the same cut "
+                        f"{r.get('bound_at_same_cut')}) {r['errors']}; cut p10/p50/p90 {r['shed_ratio_p10_p50_p90']}; "
+                        f"{r.get('admission')}")
         if a.diurnal_x:
             sp = "0.8" if "0.8" in traces else next(iter(traces))
             d.ctl("shed", "set", "--policy", str(policies[sp]))

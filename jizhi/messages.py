@@ -200,8 +200,9 @@ class Event(Message):
     admission. Columns aligned by position, one entry per request: ``slot`` its arena slot (every
     arena is indexed by it), ``n`` its candidates, ``deadline_s`` its deadline (module docstring),
     ``user``, ``top_k``, ``ret_all`` (``return: all``), ``feats`` (the request's own features: a small
-    map of raw values, or None; workers/data_reader.py). On the wire ``feats`` is left out when no
-    request of the event has any."""
+    map of raw values, or None; workers/data_reader.py), ``keep`` (the fraction of its candidates the
+    shedder keeps, decided at admission: jizhi/shedding.py; None: all). On the wire ``feats`` and
+    ``keep`` are left out when no request of the event has any."""
     T = protocol.T_EVENT
     eid: int
     versions: dict
@@ -212,23 +213,28 @@ class Event(Message):
     top_k: list
     ret_all: list
     feats: list = None
+    keep: list = None
 
     def to_map(self):
         m = {"t": self.T, "eid": self.eid, "versions": self.versions, "slot": self.slot, "n": self.n,
              "deadline_s": self.deadline_s, "user": self.user, "top_k": self.top_k, "ret_all": self.ret_all}
         if self.feats is not None and any(f is not None for f in self.feats):
             m["feats"] = list(self.feats)
+        if self.keep is not None and any(k is not None for k in self.keep):
+            m["keep"] = [1.0 if k is None else k for k in self.keep]
         return m
 
     @classmethod
     def from_map(cls, m):
         ev = cls(m["eid"], m["versions"], m["slot"], m["n"], m["deadline_s"], m["user"], m["top_k"], m["ret_all"],
-                 m.get("feats"))
+                 m.get("feats"), m.get("keep"))
         # (a column that is no list fails here or where the worker makes it an array: a malformed event)
         if not len(ev.slot) == len(ev.n) == len(ev.deadline_s) == len(ev.user) == len(ev.top_k) == len(ev.ret_all):
             raise ValueError("columns of different lengths")
         if ev.feats is not None and (not isinstance(ev.feats, list) or len(ev.feats) != len(ev.slot)):
             raise ValueError("feats is not one entry per request")
+        if ev.keep is not None and (not isinstance(ev.keep, list) or len(ev.keep) != len(ev.slot)):
+            raise ValueError("keep is not one entry per request")
         return ev
 
 
@@ -395,20 +401,30 @@ class Routes(Message):
 
 @dataclass(slots=True)
 class Shed(Message):
-    """The load shedding of ``pipeline`` now: ``mode``, ``quota``, ``policy`` (``info`` reports them)."""
+    """The load shedding of ``pipeline`` now: ``mode``, ``quota`` (manual: every request's; auto: the
+    recent mean), ``policy`` (``info`` reports them), ``trim`` (auto: the load controller's
+    correction of the admission cut, jizhi/shedding.py), ``reset`` (the admission cut starts afresh:
+    ``jizhictl shed auto``). ``trim`` and ``reset`` are on the wire only when not 1.0 and False."""
     T = protocol.T_SHED
     pipeline: str
     mode: str
     quota: float
     policy: str
+    trim: float = 1.0
+    reset: bool = False
 
     def to_map(self):
-        return {"t": self.T, "pipeline": self.pipeline, "mode": self.mode, "quota": self.quota,
-                "policy": self.policy}
+        m = {"t": self.T, "pipeline": self.pipeline, "mode": self.mode, "quota": self.quota, "policy": self.policy}
+        if self.trim != 1.0:
+            m["trim"] = self.trim
+        if self.reset:
+            m["reset"] = True
+        return m
 
     @classmethod
     def from_map(cls, m):
-        return cls(m.get("pipeline"), m["mode"], m["quota"], m["policy"])
+        return cls(m.get("pipeline"), m["mode"], m["quota"], m["policy"], float(m.get("trim", 1.0)),
+                   bool(m.get("reset", False)))
 
 
 # ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from jizhi.cube.hot import TieredStore
+from jizhi.cube.hot import TieredStore, private_table
 from jizhi.cube.pooling import default_vectors, pool_blocks
 from jizhi.cube.store import open_cube
 from jizhi.profilestore import STEP_ITEMS, profiles as store_profiles, source as profile_source
@@ -224,6 +224,18 @@ class CubeAccessor(Stage):
             counters[C_REMOTE_TRIPS] = getattr(self.backend, "round_trips", self.backend.calls)
 
     def process(self, batch):
+        if batch.warmup and self.store.spec is not None and self.store.table is None:
+            # The hot tier is built after READY: its kernels would compile (or load from Numba's cache)
+            # on the first batches served, a stall that looks like overload. The warm-up batch runs
+            # through a private one-key table instead, so they are ready before READY.
+            self.store.table = private_table(np.zeros(1, dtype=np.uint64), np.zeros((1, self.dim), np.float32))
+            try:
+                return self._process(batch)
+            finally:
+                self.store.table = None
+        return self._process(batch)
+
+    def _process(self, batch):
         if self.item_rows is not None:
             (user_emb,), (umiss,) = pool_blocks(self.store, [(batch["user_sigs"], batch["user_lens"])], self.dim,
                                                 self.sums[:1], self.defaults[:1])

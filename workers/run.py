@@ -180,6 +180,8 @@ class Worker:
                           deadline_s, offsets, cols)
             if ev.feats is not None:
                 batch.feats = list(ev.feats) if idx is None else [ev.feats[i] for i in idx.tolist()]
+            if ev.keep is not None:
+                batch.keep = column(ev.keep, np.float64)
         except Exception as e:
             log.exception("malformed event of %d requests", len(slots))
             done.errors.update((s, [INTERNAL, f"malformed event: {type(e).__name__}: {e}"]) for s in slots)

@@ -4,13 +4,12 @@ Placed first in a pipeline (before the data reader) and fused with the stages af
 cut candidates are never read, hashed, looked up or scored; they rejoin at the ranker unscored
 (never in the top-K; NaN with ``return = "all"``; the reply's ``shed_ratio`` says how many).
 
-How many each request keeps is decided per batch from the pipeline's shedding control state
-(jizhi/shedding.py; per batch one generation word is read, the values are decoded only when it
-changed: jizhi/controlstate.py): the mode (``off``: keep all; ``auto``: the supervisor's load
-controller sets the quota; ``manual``: ``jizhictl shed set``), the quota (mean fraction kept) and
-the policy (``rule``: every request keeps the quota; ``learned``: the quota is shared by the
-predicted need of each request, from its recall-score statistics). Never fewer than the
-request's top_k.
+How many each request keeps: its quota travels with it in the event (``batch.keep``, decided at
+admission by the broker: jizhi/shedding.py, ``AdmissionCut``; none while shedding is off), and
+the pipeline's policy turns it into a cutoff (``rule``: the quota itself; ``learned``: the quotas
+shared by the predicted need of each request, from its recall-score statistics). Which policy:
+the generation in the pipeline's shedding control state, one word read per batch
+(jizhi/controlstate.py). Never fewer than the request's top_k.
 """
 import logging
 
@@ -34,7 +33,6 @@ class Shedder(Stage):
         self.policy_path = spec.get("policy")
         self.policy = RulePolicy()
         self.policy_gen = -1
-        self.state = {"mode": "off", "quota": 1.0}
 
     def batch_boundary(self):
         if self.control is None:
@@ -48,11 +46,10 @@ class Shedder(Stage):
             except (OSError, ValueError, KeyError) as e:
                 log.error("shedding policy %s unreadable (%s): using the rule", self.policy_path, e)
                 self.policy = RulePolicy()
-        self.state = st
 
     def process(self, batch):
-        quota = self.state["quota"]
-        if self.state["mode"] == "off" or quota >= 1.0 or batch.n_candidates == 0:
+        quota = batch.keep
+        if quota is None or batch.n_candidates == 0 or (quota >= 1.0).all():
             return {}
         rs = batch["recall_scores"]
         fractions = self.policy.keep_fractions(quota, recall_features(batch.offsets, rs))

@@ -69,7 +69,9 @@ class Batch:
     of this batch, which the ranker completes: workers/query_cache.py,
     ``Account``; None without a query_cache stage in this worker), ``feats``
     (each request's own features, a map or None; None when no request has
-    any: workers/data_reader.py).
+    any: workers/data_reader.py), ``keep`` (float64[R], the fraction of its
+    candidates each request keeps, decided at admission: workers/shedder.py;
+    None: keep all).
     """
 
     def __init__(self, users, top_k, ret_all, deadline_s, offsets, columns):
@@ -90,6 +92,7 @@ class Batch:
         # The requests' own features (protocol: context and features), one map or None per request; None
         # when no request of the batch carries any (workers/data_reader.py applies them).
         self.feats = None
+        self.keep = None
         self._rows = {}         # profile_rows: (snapshot directory, side) -> (ids array, (rows, known))
 
     def profile_rows(self, profiles, ids):

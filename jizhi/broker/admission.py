@@ -239,8 +239,9 @@ class Admission:
         items, rs = m["item_ids"], m["recall_scores"]
         budget_ms = m["deadline_ms"]
         deadline_s = t_recv + (budget_ms / 1000.0 if budget_ms is not None else self.default_budget_s)
+        keep, cost = pipe.quota(items.shape[0], deadline_s - t_recv, t_recv)    # (shedding: jizhi/shedding.py)
         req = b.dispatcher.enqueue(pipe, gen, envelope, m["id"], m["user"], items, rs, m["top_k"], m["ret"] == "all",
-                                   deadline_s, t_recv, feats=m.get("feats"))
+                                   deadline_s, t_recv, feats=m.get("feats"), keep=keep, cost=cost)
         req.heads = m.get("heads", False)
         self.admitted += 1
         if self.admitted % self.sample_every == 0:

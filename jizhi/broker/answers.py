@@ -126,7 +126,7 @@ class Answers:
             if b.stats is not None:
                 b.stats.counters[pipe.row, C_UNKNOWN_USERS] += 1
         pairs = int(n - np.count_nonzero(np.isnan(scores)))     # pairs that got a score
-        pipe.requests.add(total_us, pairs)
+        pipe.requests.add(total_us, pairs, control=not req.cold)
         if pipe.shedding is not None:
             pipe.requests.shed = 0.98 * pipe.requests.shed + 0.02 * req.counts.get("shed", 0)
             pipe.requests.cands = 0.98 * pipe.requests.cands + 0.02 * n
@@ -192,6 +192,7 @@ class Answers:
             gen.by_slot[req.slot] = None
             gen.free.append(req.slot)
             req.slot = None
+            req.pipe.done_with(req)
             if not req.warm:
                 req.pipe.retry.freed(self.b.clock())
             if gen.state is VersionState.DRAINING and gen.in_flight() == 0:

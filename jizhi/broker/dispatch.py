@@ -28,6 +28,7 @@ from jizhi import messages
 from jizhi.broker.admission import RetryHints
 from jizhi.broker.figures import GroupStats, RequestStats
 from jizhi.errors import DEADLINE_EXCEEDED, INTERNAL
+from jizhi.shedding import COLD_EVENTS, COLD_S, AdmissionCut
 from jizhi.states import VersionState
 from jizhi.stats import B_DISPATCH
 from jizhi.workers.ab_dispatch import Router
@@ -39,7 +40,7 @@ class Request:
     """One admitted request (or a warm-up's), from admission to its answer and the release of its slot."""
     __slots__ = ("crashes", "rid", "envelope", "pipe", "gen", "slot", "n", "deadline_s", "user", "top_k",
                  "ret_all", "vkey", "pending", "held", "answered", "t_recv", "t_enq", "timings", "counts", "warm",
-                 "ab", "frontier", "heads", "feats")
+                 "ab", "frontier", "heads", "feats", "keep", "cost", "cold")
 
 
 class PipelineState:
@@ -74,7 +75,12 @@ class PipelineState:
         self.set_routes({g: grp["router"] for g, grp in self.groups.items() if grp.get("router")})
         self.branch = {g: tuple(grp["branch"]) for g, grp in self.groups.items() if grp.get("branch")}
         self.worker_groups = [g for g in self.groups if g not in self.routers]
-        self.shedding = None        # {mode, quota, policy} from the supervisor, when a shedder runs here
+        self.shedding = None        # {mode, quota, trim, policy} from the supervisor, when a shedder runs here
+        # The admission cut (jizhi/shedding.py) of the group that holds the shedder, when there is one.
+        shedder = next((g for g, grp in self.groups.items()
+                        if any(plan["stages"][st]["processor"] == "shedder" for st in grp["stages"])), None)
+        self.cut_group = shedder
+        self.cut = None if shedder is None else AdmissionCut(settings["shed.high"] * settings["shed.slo_ms"] / 1000.0)
         # Head scores a reply can carry (heads: true): the combiners' inputs that cross processes.
         self.head_columns = [c for st in plan["stages"].values() if st["processor"] == "combiner"
                              for c in st["inputs"] if c in plan["arenas"]]
@@ -143,6 +149,30 @@ class PipelineState:
     def in_flight(self):
         return sum(g.in_flight() for g in self.gens.values())
 
+    def quota(self, n, budget_s, now):
+        """The fraction of its ``n`` candidates a request admitted ``now`` keeps (None: all; shedding
+        off or no shedder), and the candidates it keeps (its ``cost``), counted in the admission cut's
+        backlog until its shedder group is done with it."""
+        sh = self.shedding
+        if self.cut is None or sh is None or sh["mode"] == "off":
+            return None, 0.0
+        cut = self.cut
+        if sh["mode"] == "manual":
+            q = sh["quota"]
+        else:
+            cut.workers = len(self.workers.get((self.cut_group, self.active), ()))
+            gen = self.gens.get(self.active)
+            q = cut.quota(n, budget_s, now, len(gen.free) / gen.slots if gen is not None and gen.slots else 1.0)
+        kept = max(q * n, 1e-9)
+        cut.admitted(kept)
+        return q, kept
+
+    def done_with(self, req):
+        """``req`` leaves the admission cut's backlog (its shedder group is done with it, or it ended)."""
+        if req.cost:
+            self.cut.left(req.cost, self.in_flight())
+            req.cost = 0.0
+
 
 class Dispatcher:
     """The request path of the broker ``b`` (jizhi/broker/core.py) from a slot to the last group's DONE."""
@@ -155,11 +185,15 @@ class Dispatcher:
         self.batch_timers = {}       # (pipeline, group, vkey) -> when a held partial batch is due
 
     def enqueue(self, pipe, gen, envelope, rid, user, items, rs, top_k, ret_all, deadline_s, t_recv, warm=False,
-                feats=None):
+                feats=None, keep=None, cost=0.0):
         """Pin a request to ``gen`` (one of its slots) and queue it at the pipeline's sources. ``feats``: the
-        request's own features (protocol ``_request_features``), carried to every worker in the event."""
+        request's own features (protocol ``_request_features``), carried to every worker in the event;
+        ``keep``, ``cost``: its quota and predicted cost (``PipelineState.quota``)."""
         req = Request()
         req.feats = feats
+        req.keep = keep
+        req.cost = cost
+        req.cold = False
         req.rid = rid
         req.envelope = envelope
         req.pipe = pipe
@@ -286,7 +320,7 @@ class Dispatcher:
             wait_us = int((now - req.t_enq) * 1e6)
             stats.add_wait(wait_us)
             req.timings[wait_key] = wait_us
-            rows.append((req.slot, req.n, req.deadline_s, req.user, req.top_k, req.ret_all, req.feats))
+            rows.append((req.slot, req.n, req.deadline_s, req.user, req.top_k, req.ret_all, req.feats, req.keep))
         ev = messages.Event(eid, pipe.pinned[vkey], *zip(*rows))    # rows to columns, in one call
         if not b.sink.backend(w.ident, ev.encode()):
             return False
@@ -306,10 +340,23 @@ class Dispatcher:
         group = w.group
         svc = done.svc_us
         pipe.stats[group].add_svc(sum(svc.values()))
+        now = b.clock()
+        # The worker's time on this event, as the broker sees it: from when it was sent, or from the
+        # worker's previous DONE if it was still busy then (its queue), to this DONE.
+        occupied_s = now - max(t_sent, w.done_at)
+        w.done_at = now
+        w.done += 1
+        cold = w.done <= COLD_EVENTS or now - w.joined < COLD_S
+        if group == pipe.cut_group:
+            if not cold:
+                shed = done.counts.get("shed")
+                kept = sum(req.n for req in taken) - (sum(shed) if shed else 0)
+                pipe.cut.observe(len(taken), kept, occupied_s)
+            for req in taken:
+                pipe.done_with(req)
         by_slot = {req.slot: req for req in taken}
         errors = done.errors
         counts = done.counts.items()
-        now = b.clock()
         touched = set()
         for i, slot in enumerate(done.slot):
             req = by_slot.pop(slot, None)
@@ -317,6 +364,7 @@ class Dispatcher:
                 continue
             req.held -= 1
             req.frontier.discard(group)
+            req.cold = req.cold or cold
             if req.answered:
                 b.answers.release_if_idle(req)
                 continue

@@ -84,24 +84,35 @@ class RequestStats:
         self.pairs = 0
         self.lat_us = np.zeros(RING, dtype=np.int64)
         self.t_ans = np.zeros(RING, dtype=np.float64)      # when each of the ring's answers went out
+        # The load controller's sample: the same, without the requests a warming worker served.
+        self.ctl_lat_us = np.zeros(RING, dtype=np.int64)
+        self.ctl_t = np.zeros(RING, dtype=np.float64)
+        self.n_ctl = 0
         self.shed = 0              # candidates the shedder cut, and candidates, of recent answers
         self.cands = 0
         self._mark = (clock(), 0, 0)
         self.rates = (0.0, 0.0)
 
-    def add(self, total_us, pairs):
+    def add(self, total_us, pairs, control=True):
+        """An ok answer; ``control``: the load controller may count it (no warming worker served it)."""
+        now = self.clock()
         self.lat_us[self.ok % RING] = total_us
-        self.t_ans[self.ok % RING] = self.clock()
+        self.t_ans[self.ok % RING] = now
         self.ok += 1
         self.pairs += pairs
+        if control:
+            self.ctl_lat_us[self.n_ctl % RING] = total_us
+            self.ctl_t[self.n_ctl % RING] = now
+            self.n_ctl += 1
 
     def recent_p99_ms(self, window_s=2.0):
-        """p99 of the answers of the last ``window_s`` seconds (None: none), for the load controller."""
-        n = min(self.ok, RING)
-        recent = self.t_ans[:n] >= self.clock() - window_s
+        """p99 of the answers of the last ``window_s`` seconds that no warming worker served (None: none),
+        for the load controller."""
+        n = min(self.n_ctl, RING)
+        recent = self.ctl_t[:n] >= self.clock() - window_s
         if not recent.any():
             return None
-        return float(np.percentile(self.lat_us[:n][recent], 99)) / 1000.0
+        return float(np.percentile(self.ctl_lat_us[:n][recent], 99)) / 1000.0
 
     def snapshot(self):
         t0, ok0, pairs0 = self._mark
@@ -141,6 +152,13 @@ def pipeline_info(p):
     if p.shedding is not None:
         out["shedding"] = dict(p.shedding, shed_ratio_recent=round(
             p.requests.shed / p.requests.cands, 4) if p.requests.cands else 0.0)
+        cut = p.cut
+        if cut is not None:     # the admission cut's estimate (jizhi/shedding.py)
+            out["shedding"]["admission"] = {
+                "kept_recent": round(cut.kept_recent(p.clock()), 4), "workers": cut.workers,
+                "per_request_ms": None if cut.a is None else round(cut.a * 1e3, 3),
+                "per_candidate_us": None if cut.b is None else round(cut.b * 1e6, 3),
+                "backlog_ms": round(cut.backlog() * 1e3, 2), "arriving_per_s": round(cut.req_rate, 1)}
     if p.routers:
         out["ab"] = {
             g: {"fractions": {n: f for n, f, _ in r.groups},
@@ -175,6 +193,7 @@ def load(pipes):
     """The ``load`` answer: per pipeline its recent p99, requests in flight and queued, and per worker
     group (of the serving version) busy and waiting time, requests, the period's p99 wait, queue, workers."""
     return {name: {"p99_ms": p.requests.recent_p99_ms(), "in_flight": p.in_flight(),
+                   "kept_recent": round(p.cut.kept_recent(p.clock()), 4) if p.cut is not None else 1.0,
                    "queued": sum(len(c) for c in p.channels.values()),
                    "groups": {g: {"busy_us": p.stats[g].busy_us, "wait_us": p.stats[g].wait_total_us,
                                   "requests": p.stats[g].requests,

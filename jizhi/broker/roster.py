@@ -27,9 +27,11 @@ SILENT_HOLDING_S = 30.0     # a worker holding events may be quiet this long (a 
 
 class WorkerRef:
     """A worker as the broker knows it: ``ident`` its routing id on the backend, ``inflight``
-    {eid: (requests, when sent)} the events it holds (at most ``window``)."""
+    {eid: (requests, when sent)} the events it holds (at most ``window``), ``done`` the events it
+    finished (its first ``COLD_EVENTS`` and first ``COLD_S`` are its warm-up: jizhi/shedding.py),
+    ``done_at`` when the last one came back and ``joined`` when it said READY."""
     __slots__ = ("ident", "pipeline", "group", "wid", "pid", "vkey", "window", "inflight", "last_seen",
-                 "retiring")
+                 "retiring", "done", "done_at", "joined")
 
 
 class Roster:
@@ -62,6 +64,9 @@ class Roster:
             return
         w = WorkerRef()
         w.ident = ident
+        w.done = 0
+        w.done_at = 0.0
+        w.joined = self.b.clock()
         w.pipeline = pipe.name
         w.group = m.group
         w.wid = m.wid

@@ -266,4 +266,8 @@ class Versions:
     def on_shed(self, ident, m):
         pipe = self.b.pipes.get(m.pipeline)
         if pipe is not None:
-            pipe.shedding = {"mode": m.mode, "quota": m.quota, "policy": m.policy}
+            pipe.shedding = {"mode": m.mode, "quota": m.quota, "trim": m.trim, "policy": m.policy}
+            if pipe.cut is not None:
+                pipe.cut.trim = m.trim
+                if m.reset:
+                    pipe.cut.reset()

@@ -20,8 +20,9 @@ def _shed_lines(r):
     lines = []
     for p, x in r.items():
         p99 = "-" if x.get("p99_ms") is None else f"{x['p99_ms']:.1f} ms"
+        trim = f", trim {x['trim']:.2f}" if x["mode"] == "auto" and "trim" in x else ""
         lines.append(f"{p}: mode {x['mode']}, quota {x['quota']:.3f} (keeps {100 * x['quota']:.1f} % of candidates "
-                     f"on average), policy {x['policy']}, p99 {p99} (SLO {x['slo_ms']:g} ms), "
+                     f"on average{trim}), policy {x['policy']}, p99 {p99} (SLO {x['slo_ms']:g} ms), "
                      f"{x['in_flight']} in flight")
     return "\n".join(lines) or "no pipeline has a shedder stage"
 

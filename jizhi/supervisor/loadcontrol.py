@@ -5,12 +5,13 @@ over to ``LoadControl.ask``, which asks the broker for its recent figures
 (LOAD); ``on_load`` gets the reply:
 
 * shedding (jizhi/shedding.py): a pipeline with a ``shedder`` stage has a
-  control segment (one writer: this process) and a ``Controller``; in mode
-  ``auto`` the controller sets the quota (the mean fraction of candidates
-  kept) from the recent p99 against ``shed.slo_ms``; ``publish_shed`` writes
-  mode, quota and policy generation to the segment (the workers read it) and
-  tells the broker (its info reports them). ``jizhictl shed`` is
-  ``shed_command``.
+  control segment (one writer: this process) and a ``Controller``; the broker
+  decides each request's quota at admission, and in mode ``auto`` the
+  controller only corrects it: a *trim* from the recent p99 (without warming
+  workers' requests) against ``shed.slo_ms``; ``publish_shed`` writes mode,
+  quota and policy generation to the segment (the workers read the policy's)
+  and tells the broker mode, quota, trim and policy (``messages.Shed``).
+  ``jizhictl shed`` is ``shed_command``; ``shed auto`` starts afresh.
 * autoscaling (``autoscale.py``): one ``Autoscaler`` per pipeline when
   ``autoscale.enabled``; its decisions become desired pool sizes
   (``Pools.set``, source ``AUTOSCALER``); ``manage()`` does the rest.
@@ -27,6 +28,7 @@ from jizhi.supervisor.pools import AUTOSCALER
 log = logging.getLogger("jizhi.supervisor")
 
 AUTOSCALE_NOTE_S = 30.0    # why a queueing kind got no worker: logged at most this often
+TRIM_LOG_EVERY_S = 5.0     # a shedding trim's changes: logged at most this often (and when it leaves or reaches 1)
 
 
 class LoadControl:
@@ -68,7 +70,7 @@ class LoadControl:
             seg = f"{shm.PREFIX}{sup.instance}.{sup.run_id}.{name}.shed"
             st = {"segment": seg, "control": shedding.Control(seg, writable=True, create=True),
                   "policy_path": str(sup.run_dir / f"shed-{name}.json"), "policy": "rule", "policy_gen": 0,
-                  "mode": sup.settings["shed.mode"], "quota": 1.0, "p99_ms": None, "in_flight": 0,
+                  "mode": sup.settings["shed.mode"], "quota": 1.0, "trim": 1.0, "p99_ms": None, "in_flight": 0,
                   "controller": shedding.Controller(sup.settings["shed.slo_ms"], high=sup.settings["shed.high"],
                                                     low=sup.settings["shed.low"])}
             sup.segments[f"_shed.{name}"] = {"shed": seg}
@@ -127,13 +129,14 @@ class LoadControl:
             fig = load.get(name) or {}
             st["p99_ms"], st["in_flight"] = fig.get("p99_ms"), fig.get("in_flight", 0)
             if st["mode"] == "auto":
-                before = st["quota"]
-                st["quota"] = st["controller"].update(st["p99_ms"], st["in_flight"],
-                                                      sup.settings["limits.max_in_flight"])
-                if abs(st["quota"] - before) > 1e-9:
-                    log.info("pipeline %s: shedding quota %.3f -> %.3f (recent p99 %s ms, %d in flight)", name,
-                             before, st["quota"], "-" if st["p99_ms"] is None else f"{st['p99_ms']:.1f}",
-                             st["in_flight"])
+                before, st["quota"] = st["trim"], fig.get("kept_recent", 1.0)
+                st["trim"] = st["controller"].update(st["p99_ms"], st["in_flight"],
+                                                     sup.settings["limits.max_in_flight"], cutting=st["quota"] < 0.995)
+                if st["trim"] != before and (now >= st.get("logged_at", 0.0) or (st["trim"] == 1.0) != (before == 1.0)):
+                    st["logged_at"] = now + TRIM_LOG_EVERY_S
+                    log.info("pipeline %s: shedding trim %.2f -> %.2f (recent p99 %s ms, %d in flight, mean kept %.2f)",
+                             name, before, st["trim"], "-" if st["p99_ms"] is None else f"{st['p99_ms']:.1f}",
+                             st["in_flight"], st["quota"])
             self.publish_shed(name, st)
 
     # -- shedding -----------------------------------------------------------------
@@ -151,12 +154,13 @@ class LoadControl:
             st["policy"] = f"{policy.name} ({source})"
         st["policy_gen"] += 1
 
-    def publish_shed(self, name, st):
+    def publish_shed(self, name, st, reset=False):
         """The segment the workers read, and the broker (whose info reports it). At start no broker runs
         yet: its first LOAD reply tells it (``tell_broker`` sends nothing before the sockets open)."""
         st["control"].publish(st["mode"], st["quota"], st["policy_gen"] if st["policy"] != "rule" else 0,
                               st["in_flight"], st["p99_ms"] or 0.0)
-        self.sup.tell_broker(messages.Shed(name, st["mode"], round(st["quota"], 4), st["policy"]))
+        self.sup.tell_broker(messages.Shed(name, st["mode"], round(st["quota"], 4), st["policy"],
+                                           round(st["trim"], 4) if st["mode"] == "auto" else 1.0, reset))
 
     def shed_command(self, args):
         """``jizhictl shed``: status | auto | off | set (quota, policy), for one pipeline or all."""
@@ -167,9 +171,9 @@ class LoadControl:
         op = args["op"]
         for n in names if op != "status" else ():
             st = self.shed[n]
-            if op == "auto":
-                st["mode"] = "auto"
-                st["controller"].quota = st["quota"]
+            if op == "auto":       # afresh: the admission cut forgets its rates, the trim is 1
+                st["mode"], st["quota"], st["trim"] = "auto", 1.0, 1.0
+                st["controller"].trim = 1.0
             elif op == "off":
                 st["mode"], st["quota"] = "off", 1.0
             else:
@@ -179,7 +183,8 @@ class LoadControl:
                     st["mode"], st["quota"] = "manual", float(args["quota"])
             log.info("pipeline %s: shedding %s, quota %.3f, policy %s (jizhictl shed %s)", n, st["mode"], st["quota"],
                      st["policy"], op)
-            self.publish_shed(n, st)
-        return {n: {"mode": self.shed[n]["mode"], "quota": self.shed[n]["quota"], "policy": self.shed[n]["policy"],
+            self.publish_shed(n, st, reset=op == "auto")
+        return {n: {"mode": self.shed[n]["mode"], "quota": self.shed[n]["quota"], "trim": self.shed[n]["trim"],
+                    "policy": self.shed[n]["policy"],
                     "p99_ms": self.shed[n]["p99_ms"], "in_flight": self.shed[n]["in_flight"],
                     "slo_ms": self.sup.settings["shed.slo_ms"]} for n in names}

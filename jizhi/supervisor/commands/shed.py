@@ -9,15 +9,17 @@ class Shed(Command):
 
     A pipeline whose first stage is a `shedder` (etc/pipelines/demo_shed.toml)
     keeps only each request's best candidates by recall score when the server
-    is overloaded. In mode `auto` the supervisor's controller sets the quota
-    (mean fraction kept) from the live p99 against shed.slo_ms; `set` fixes it
-    by hand; `off` keeps every candidate.
+    is overloaded. In mode `auto` the broker gives each request its quota
+    (fraction kept) at admission from the work queued, the measured cost and
+    the arriving load, and the supervisor's controller corrects it from the
+    live p99 against shed.slo_ms; `set` fixes it by hand; `off` keeps every
+    candidate.
     """
     name = "shed"
     # Each op's --help (jizhictl shed OP).
     ops = {
         "status": "Mode, quota, policy, the recent p99 and requests in flight, per pipeline with a shedder.",
-        "auto": "Let the load controller set the quota from the live p99 (the default mode).",
+        "auto": "Cut at admission as the load needs, corrected by the live p99 (the default mode); starts afresh.",
         "off": "Keep every candidate, whatever the load.",
         "set": "Set the quota by hand, or the pruning policy (both take effect at the workers' next batch).",
     }

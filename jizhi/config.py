@@ -112,8 +112,13 @@ SETTINGS = [
             "Every Nth admitted request is kept in the warm-up ring."),
     Setting("models.warmup_ring", int, 256, _positive,
             "Recent requests kept for warm-ups (memory: about this many x 6 bytes x candidates)."),
+    Setting("models.load_priority", str, "idle", lambda v: None if v in ("idle", "nice") else "idle or nice",
+            "CPU and I/O priority of a new version's loading work (validation, hot-tier builds, its workers until "
+            "they serve). idle: SCHED_IDLE and the idle I/O class, the CPU and disk only when serving leaves them "
+            "(workers only where they may come back: CAP_SYS_NICE, else nice); nice: models.load_nice."),
     Setting("models.load_nice", int, 10, lambda v: None if 0 <= v <= 19 else "must be 0..19",
-            "Nice increment of a new version's workers while they load and warm up, so serving ones keep the CPU."),
+            "Nice increment of a new version's loading work with models.load_priority = \"nice\" (and of its "
+            "workers where they could not come back from idle)."),
     Setting("models.load_cores", str, "auto", lambda v: None if v == "auto" or all(
                 c.strip().isdigit() for c in v.split(",") if c.strip()) else 'must be "auto", "" or a list like "1" or "2,3"',
             "Cores a new version's loading work runs on until it serves (validation, hot-tier builds, its workers), "
@@ -160,17 +165,19 @@ SETTINGS = [
     Setting("autoscale.cooldown_s", float, 10.0, _nonneg,
             "After a move, nothing moves for this long."),
     Setting("shed.mode", str, "auto", lambda v: None if v in ("auto", "off") else "auto or off",
-            "Load shedding of pipelines with a shedder stage at start: auto (the load controller cuts candidates "
-            "only when p99 passes shed.high x shed.slo_ms) or off. `jizhictl shed` changes it live."),
+            "Load shedding of pipelines with a shedder stage at start: auto (each request is cut at admission as far "
+            "as the work queued and arriving needs, within shed.high x shed.slo_ms) or off. `jizhictl shed` changes "
+            "it live."),
     Setting("shed.slo_ms", float, 50.0, _positive,
             "The p99 latency the load controller keeps requests under, in milliseconds."),
     Setting("shed.high", float, 0.8, lambda v: None if 0 < v <= 1 else "in (0, 1]",
-            "The controller cuts more while the recent p99 is over this fraction of shed.slo_ms."),
+            "The admission cut keeps each request's expected completion within this fraction of shed.slo_ms; the "
+            "controller trims it while the recent p99 is over it."),
     Setting("shed.low", float, 0.65, lambda v: None if 0 < v < 1 else "in (0, 1)",
-            "The controller releases the cut while the recent p99 is under this fraction of shed.slo_ms "
-            "(between shed.low and shed.high it holds: no oscillation under a steady load)."),
+            "The controller loosens the cut while the recent p99 is under this fraction of shed.slo_ms and candidates "
+            "are cut (between shed.low and shed.high it holds: no oscillation under a steady load)."),
     Setting("shed.period_s", float, 0.5, _positive,
-            "How often the controller reads the broker's figures and sets the quota."),
+            "How often the controller reads the broker's figures and sets its trim of the admission cut."),
     Setting("shed.policy_file", str, "", _any,
             "A learned pruning policy (jizhictl shed train); empty: the rule (every request keeps the quota)."),
     Setting("qcache.window_s", float, 120.0, _positive,

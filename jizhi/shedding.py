@@ -1,5 +1,6 @@
-"""Load shedding: the pruning policies, the admission cut, the load controller and the control
-segment (training is offline: jizhi/tools/shedtrain.py).
+"""Load shedding: the pruning policies, the admission cut, the load controller, the control segment.
+
+(Training is offline: jizhi/tools/shedtrain.py.)
 
 When the server is overloaded the ``shedder`` stage (workers/shedder.py), first in a pipeline,
 keeps only each request's best candidates by recall score, so the cut ones cost nothing

@@ -126,6 +126,18 @@ def test_three_versions_in_a_row_under_load_no_request_fails_bad_ones_never_serv
     wait_until(lambda: not [s for s in server.segments() if ".demo.v1." in s], 10, what="version 1's arenas to go")
     assert version_state(server, 1)["state"] == "standby"
 
+    # Version 4's workers loaded at the idle CPU and I/O priority (models.load_priority) and serve at the
+    # normal one, every thread of them (a worker left at SCHED_IDLE would starve under any other load).
+    from jizhi import priority
+    if priority.can_leave_idle():
+        children = server.children()
+        assert all("--idle" in children[pid] for pid in server.workers())
+
+        def all_normal():
+            return all(os.sched_getscheduler(int(tid)) == os.SCHED_OTHER
+                       for pid in server.workers() for tid in os.listdir(f"/proc/{pid}/task"))
+        wait_until(all_normal, 10, what="version 4's workers back to SCHED_OTHER")
+
 
 @pytest.mark.slow
 def test_a_file_truncated_under_the_serving_version_falls_back_without_a_restart_loop(

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import zmq
 
-from jizhi import lifeline, logs, messages, rundir
+from jizhi import lifeline, logs, messages, priority, rundir
 from jizhi.profilestore import building as profiles_building
 from jizhi.sharedtable import waiting as tables_waiting
 from jizhi.stats import (C_EVENTS, C_FAILED, C_PID, C_REQUESTS, C_RSS, W_ASSEMBLE, W_DONE, W_RECEIVE, W_WRITE,
@@ -41,9 +41,12 @@ log = logging.getLogger("jizhi.worker")
 WARMUP_CANDIDATES = 64     # candidates of the warm-up batch (workers/run.py, Worker.warm_up)
 
 
-def lower_priority(nice):
-    """A loading worker yields the CPU to serving ones (nice is per thread: set before any thread starts)."""
-    if nice:
+def lower_priority(nice, idle=False):
+    """A loading worker yields the CPU (and the disk) to serving ones: SCHED_IDLE and the idle I/O class
+    (jizhi/priority.py), or ``nice`` more. Per thread: set before any thread starts."""
+    if idle:
+        priority.idle()
+    elif nice:
         os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
 
 
@@ -59,13 +62,11 @@ def restore_priority(cores=None):
     except OSError:
         pass
     target = int(os.environ.get("JIZHI_BASE_NICE", "0"))
-    if os.getpriority(os.PRIO_PROCESS, 0) == target:
+    if os.getpriority(os.PRIO_PROCESS, 0) == target and os.sched_getscheduler(0) == os.SCHED_OTHER:
         return
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            os.setpriority(os.PRIO_PROCESS, int(tid), target)
+    if priority.normal(0, target):
         log.info("serving: CPU priority back to nice %d", target)
-    except PermissionError:
+    else:
         log.info("serving at nice %d: raising priority back to %d needs CAP_SYS_NICE (the systemd unit grants it)",
                  os.getpriority(os.PRIO_PROCESS, 0), target)
 
@@ -415,10 +416,12 @@ def main(argv=None):
     ap.add_argument("--version", type=int, required=True, help="the model version this worker serves")
     ap.add_argument("--nice", type=int, default=0,
                     help="load at this much lower CPU priority (a new version beside serving ones)")
+    ap.add_argument("--idle", action="store_true",
+                    help="load at the idle CPU and I/O priority (SCHED_IDLE), back to normal once serving")
     ap.add_argument("--load-cores", default="",
                     help="while loading, run on these cores only (comma-separated), until the version serves")
     args = ap.parse_args(argv)
-    lower_priority(args.nice)
+    lower_priority(args.nice, args.idle)
     if args.load_cores:
         os.sched_setaffinity(0, [int(c) for c in args.load_cores.split(",")])
     logs.setup(f"jizhi.worker[{args.pipeline}/{args.group}/{args.wid}]")

@@ -348,7 +348,10 @@ class Supervisor:
                                    "--group", group, "--wid", wid, "--version", loaded.version)
         if loaded.state == VersionState.LOADING:
             # A new version loads beside serving workers: at lower CPU priority until it serves.
-            argv += ["--nice", str(self.settings["models.load_nice"])]
+            if self.versions.load_idle(workers=True):
+                argv += ["--idle"]
+            else:
+                argv += ["--nice", str(self.settings["models.load_nice"])]
             cores = self.versions.load_cores()
             if cores:
                 argv += ["--load-cores", ",".join(map(str, cores))]

@@ -188,9 +188,10 @@ class Loader:
             sup.write_run()
             sup.tell_broker(messages.VersionAdd(self.pipeline, self.version, plan, self.segments, self.warmup,
                                                 {g: sup.pools.desired[(self.pipeline, g)] for g in plan["groups"]}))
-            log.info("pipeline %s: loading %s beside the serving one (bank %d, workers at nice +%d, "
+            log.info("pipeline %s: loading %s beside the serving one (bank %d, workers at %s, "
                      "expected %d MiB)", self.pipeline, self.describe(), self.bank,
-                     sup.settings["models.load_nice"], self.expected_bytes >> 20)
+                     "the idle priority" if sup.versions.load_idle(workers=True)
+                     else f"nice +{sup.settings['models.load_nice']}", self.expected_bytes >> 20)
 
     def check_remote_credentials(self):
         """A Redis cube whose nodes refuse the URL's credentials: with ``on_auth_error=refuse`` (the default) the

@@ -27,7 +27,7 @@ import signal
 import time
 from pathlib import Path
 
-from jizhi import config, messages, notify
+from jizhi import config, messages, notify, priority
 from jizhi.bundle import Bundle
 from jizhi.control import ControlError
 from jizhi.errors import BundleError, ConfigError, PipelineError
@@ -396,11 +396,22 @@ class VersionManager:
             return [cpus[-1]] if len(cpus) > 1 else []
         return [int(c) for c in cores.split(",") if c.strip()]
 
+    def load_idle(self, workers=False):
+        """Does loading work run at the idle priority (models.load_priority)? A new version's ``workers``
+        only where they may come back to normal once they serve (jizhi/priority.py)."""
+        if self.sup.settings["models.load_priority"] != "idle":
+            return False
+        return not workers or priority.can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0))
+
     def as_loader(self, pid):
-        """A loading child: lower CPU priority and (models.load_cores) one core, so serving keeps the rest."""
+        """A loading child: the idle (or a lower) CPU and I/O priority and (models.load_cores) one core, so
+        serving keeps the rest."""
         try:
-            os.setpriority(os.PRIO_PROCESS, pid,
-                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.sup.settings["models.load_nice"]))
+            if self.load_idle():
+                priority.idle(pid)
+            else:
+                os.setpriority(os.PRIO_PROCESS, pid,
+                               min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.sup.settings["models.load_nice"]))
             if self.load_cores():
                 os.sched_setaffinity(pid, self.load_cores())
         except OSError:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from jizhi import priority
 from jizhi.ctl.cube import cube
 from jizhi.ctl.inputs import Trace, resolve_bundle
 from jizhi.ctl.main import cli, run
@@ -41,13 +42,18 @@ def demo():
 @click.option("--seed", type=int, default=None, help="New dense weights from this seed (the version scores differently).")
 @click.option("--fault", type=click.Choice(["corrupt", "wrong_dim", "nan", "bad_onnx"]), default=None,
               help="Make a deliberately bad version, to watch the server reject it.")
-def demo_publish(models_dir, source, version, seed, fault):
+@click.option("--idle/--no-idle", default=True, show_default=True,
+              help="Copy at the idle CPU and I/O priority (SCHED_IDLE, ioprio idle class): on a serving machine the "
+                   "copy takes only what jizhid leaves.")
+def demo_publish(models_dir, source, version, seed, fault, idle):
     """Publish a new demo version the way a training pipeline should: copy into MODELS_DIR/.incoming, then rename.
 
     A running jizhid notices it within models.poll_interval_s, validates it,
     loads it beside the serving version and switches when it is warm.
     """
     from jizhi.tools.demo import publish, stage_version
+    if idle:
+        priority.idle()
     src = Path(models_dir) / "demo" / str(source)
     if not src.is_dir():
         raise refused(f"no demo version {source} in {models_dir}")
@@ -271,7 +277,7 @@ def profiles():
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--idle/--no-idle", default=True, show_default=True,
-              help="Run at the idle CPU priority (SCHED_IDLE): on a serving machine the build takes only the CPU "
+              help="Run at the idle CPU and I/O priority (SCHED_IDLE): on a serving machine the build takes only the CPU "
                    "jizhid leaves (measured: p99 3.6x steady during a build at normal priority).")
 def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force, quiet, idle):
     """Build a profile snapshot from Parquet, CSV, JSON lines or numpy .npz files.
@@ -309,10 +315,7 @@ def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force,
     from jizhi.ctl.progress import ProgressBar
     from jizhi.tools.profilebuild import build_profiles
     if idle:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))   # before numba's or arrow's threads start
-        except (OSError, AttributeError):
-            os.nice(19)
+        priority.idle()      # before numba's or arrow's threads start
     try:
         rows = build_profiles(model_dir, out, users=users, items=items, spec=spec, chunk_rows=chunk_rows,
                               progress=None if quiet else (lambda label, total: ProgressBar(label, total, True)),

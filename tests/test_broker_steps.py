@@ -503,3 +503,57 @@ def test_every_internal_message_type_has_a_class_that_decodes_what_it_encodes():
                 [protocol.packb({"t": "done", "eid": 1, "slot": [1], "errors": {1: "INTERNAL"}})]):
         with pytest.raises(ValueError):
             messages.decode(bad)
+
+
+# -- shedding at admission (jizhi/shedding.py, issue 23) ----------------------------------------------
+
+def shed_plan():
+    plan = make_plan(batch=1)
+    plan["stages"]["a"]["processor"] = "shedder"
+    return plan
+
+
+def test_each_request_carries_its_quota_in_the_event_off_manual_and_auto():
+    from jizhi.shedding import COLD_EVENTS
+    b, sink, clock = make_broker(shed_plan(), limits__max_candidates=512, limits__max_in_flight=64)
+    join(b, b"w0")
+    b.on_backend(b"supervisor", messages.Shed("p", "off", 1.0, "rule").encode())
+    score(b, b"c0", 1, n=500)
+    assert sink.events(b"w0")[-1].keep is None          # off: nothing on the wire, the worker keeps all
+    b.on_backend(b"supervisor", messages.Shed("p", "manual", 0.4, "rule").encode())
+    finish(b, b"w0", sink.events(b"w0")[-1])
+    score(b, b"c1", 2, n=500)
+    assert sink.events(b"w0")[-1].keep == [0.4]
+
+    # auto: nothing is cut before the cost model has seen warm events; a warming worker's are not counted
+    b.on_backend(b"supervisor", messages.Shed("p", "auto", 1.0, "rule", reset=True).encode())
+    cut = b.pipes["p"].cut
+
+    def served(svc_s, shed=0):
+        ev = sink.events(b"w0")[-1]
+        clock.advance(svc_s)
+        b.on_backend(b"w0", messages.Done(ev.eid, list(ev.slot), {}, {"shed": [shed] * len(ev.slot)},
+                                          {"a": 100}).encode())
+    served(0.002)
+    clock.advance(3.0)          # past COLD_S: only the event count keeps the worker cold now
+    for i in range(COLD_EVENTS - 2):
+        score(b, b"c2", 10 + i, n=500)
+        assert sink.events(b"w0")[-1].keep == [1.0]
+        served(0.5)             # a stall while warming: would read as 1 ms per candidate
+    assert cut.events == 0 and cut.b is None
+    for i in range(cut.CALIBRATE_EVENTS + 4):
+        score(b, b"c3", 100 + i, n=500)
+        served(0.002)           # warm: 4 us per candidate
+    assert cut.b is not None and cut.b * 500 < 0.003
+    # 40 requests in 40 ms into one worker that takes 2 ms each: more than the 40 ms target (shed.high x
+    # shed.slo_ms) would queue, so the later ones are cut, and none is refused.
+    clock.advance(1.0)
+    before = len(sink.events(b"w0"))
+    for i in range(40):
+        clock.advance(0.001)
+        score(b, bytes([100 + i]), 1000 + i, n=500, deadline_ms=1000)
+    assert not [h for _, h, _ in sink.replies if h.get("code") == OVERLOADED]
+    queued = list(b.pipes["p"].channels[("a", b.pipes["p"].active)])
+    keeps = [r.keep for r in queued]
+    assert keeps[0] == 1.0 and keeps[-1] < 0.5 and keeps == sorted(keeps, reverse=True)
+    assert cut.backlog() < 0.045 and cut.kept_recent(clock()) < 1.0

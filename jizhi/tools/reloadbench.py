@@ -85,6 +85,7 @@ import numpy as np
 from jizhi import control
 from jizhi.client import Client
 from jizhi.ctl.inputs import Trace
+from jizhi.states import VersionState
 from jizhi.tools.loadgen import (ERROR, LOST, NOT_SENT, OK, PROGRESS_INTERVAL_S, OpenLoop, Progress, check_trace_args,
                                  load_socket, poisson_times, trace_file, trace_options)
 from jizhi.tools.procfs import MemorySampler, ServerCpu, environment, wait_for_quiet
@@ -363,7 +364,10 @@ def bench_reload_command(endpoint, run_dir, models_dir, pipeline, trace_path, bu
         raise click.ClickException(f"model {model} is {m['policy']} ({m['policy_from']}): a new version would not "
                                    "be switched in (jizhictl unpin)")
     serving = [v for v in m["versions"] if v["state"] == "serving"]
-    busy = [v for v in m["versions"] if v["state"] in ("validating", "loading", "warming", "draining")]
+    busy = [v for v in m["versions"] if v["state"] in (VersionState.AVAILABLE.value, VersionState.VALIDATING.value,
+                                                        VersionState.VALID.value, VersionState.LOADING.value,
+                                                        VersionState.WARM.value, VersionState.DRAINING.value,
+                                                        VersionState.STOPPING.value)]
     if len(serving) != 1 or busy:
         states = ", ".join(f"v{v['version']} {v['state']}" for v in m["versions"])
         raise click.ClickException(f"model {model} is mid-reload ({states}); wait until one version serves")

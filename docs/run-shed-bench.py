@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,7 @@ def main():
     ap.add_argument("--shed-low", type=float, default=None, help="shed.low for the daemon (default: the setting's).")
     ap.add_argument("--plot", default=str(REPO / "docs" / "img" / "diurnal-shedding.png"))
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # a stop still stops the daemon (finally)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)   # noqa: E731

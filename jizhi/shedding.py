@@ -20,7 +20,7 @@ downstream (JIZHI, KDD 2021, section 6.2). Four parts decide how many:
   requests they served out of the controller's p99: warm-up is not overload;
 * the **load controller** (``Controller``, run by the supervisor every ``shed.period_s``) only
   corrects that estimate: from the broker's windowed p99 (without the requests a warming worker
-  served) and queue it sets a *trim*, the share of the workers' capacity the admission cut may
+  served) it sets a *trim*, the share of the workers' capacity the admission cut may
   fill: lower while p99 is over ``shed.high`` x the SLO, higher (up to ``TRIM_MAX``) while it is
   under ``shed.low`` x the SLO and candidates are being cut, held in between;
 * the **policy** turns a request's quota into its cutoff. ``rule``: the request keeps its quota.
@@ -282,35 +282,32 @@ class AdmissionCut:
 # --- the load controller ---------------------------------------------------------------------
 
 class Controller:
-    """The admission cut's *trim* from the windowed p99 and queue (module docstring).
+    """The admission cut's *trim* from the windowed p99 (module docstring).
 
-    ``update(p99_ms, queued, in_flight_limit, cutting)`` once per period: above ``high`` x SLO the
-    trim falls in proportion to the overshoot (at least ``step``); under ``low`` x SLO with a short
-    queue it rises by ``step`` while candidates are being cut (``cutting``; up to TRIM_MAX: the
-    estimate was too cautious), else back towards 1; in between it holds. A queue over half the
-    in-flight slots counts as over the SLO (the p99 of answers lags a queue that is building)."""
+    ``update(p99_ms, cutting)`` once per period: above ``high`` x SLO the trim falls in proportion
+    to the overshoot (at least ``step``); under ``low`` x SLO it rises by ``up`` while candidates
+    are being cut (``cutting``; up to TRIM_MAX: the estimate was too cautious, and the smallest
+    cut that holds the SLO is the goal), else it goes back towards 1; in between it holds. The
+    requests in flight are no input: at a high rate many are in flight at a short latency, and
+    the admission cut itself watches the free slots."""
 
     TRIM_MAX = 1.3
 
-    def __init__(self, slo_ms, high=0.8, low=0.65, step=0.03, min_trim=0.3):
+    def __init__(self, slo_ms, high=0.8, low=0.65, step=0.03, up=0.05, min_trim=0.3):
         self.slo_ms = slo_ms
-        self.high, self.low, self.step, self.min_trim = high, low, step, min_trim
+        self.high, self.low, self.step, self.up, self.min_trim = high, low, step, up, min_trim
         self.trim = 1.0
 
-    def update(self, p99_ms, queued, in_flight_limit, cutting=True):
+    def update(self, p99_ms, cutting=True):
         hi, lo = self.high * self.slo_ms, self.low * self.slo_ms
-        over = p99_ms is not None and p99_ms > hi
-        if queued > in_flight_limit / 2:
-            over = True
-            p99_ms = max(p99_ms or 0.0, 1.5 * hi)
-        if over:
+        if p99_ms is not None and p99_ms > hi:
             cut = max(self.step, min(0.3, 0.5 * (p99_ms / hi - 1.0)))
             self.trim = max(self.min_trim, self.trim * (1.0 - cut))
-        elif (p99_ms is None or p99_ms < lo) and queued <= in_flight_limit / 8:
+        elif p99_ms is None or p99_ms < lo:
             if cutting:
-                self.trim = min(self.TRIM_MAX, self.trim + self.step)
+                self.trim = min(self.TRIM_MAX, self.trim + self.up)
             elif self.trim != 1.0:
-                self.trim = min(1.0, self.trim + self.step) if self.trim < 1.0 else max(1.0, self.trim - self.step)
+                self.trim = min(1.0, self.trim + self.up) if self.trim < 1.0 else max(1.0, self.trim - self.up)
         return self.trim
 
 

@@ -68,18 +68,17 @@ def test_needed_counts_and_overlap_agree():
 
 def test_the_controller_trims_under_overload_holds_under_steady_load_and_releases_after():
     c = Controller(slo_ms=50)
-    trims = [c.update(80, 10, 64) for _ in range(5)]
+    trims = [c.update(80) for _ in range(5)]
     assert trims == sorted(trims, reverse=True) and trims[-1] < 0.5
-    held = [c.update(36, 2, 64) for _ in range(20)]       # inside the band: no change, no oscillation
+    held = [c.update(36) for _ in range(20)]        # inside the band: no change, no oscillation
     assert len(set(held)) == 1
-    released = [c.update(10, 0, 64, cutting=False) for _ in range(40)]
+    released = [c.update(10, cutting=False) for _ in range(40)]
     assert released[-1] == 1.0 and released == sorted(released)
     # Still cutting with p99 well under the SLO: the estimate was too cautious, the trim passes 1.
-    loosened = [c.update(10, 0, 64, cutting=True) for _ in range(40)]
+    loosened = [c.update(10, cutting=True) for _ in range(40)]
     assert loosened[-1] == Controller.TRIM_MAX and loosened == sorted(loosened)
-    assert [c.update(10, 0, 64, cutting=False) for _ in range(20)][-1] == 1.0    # no cut: back to 1
-    c2 = Controller(slo_ms=50)
-    assert c2.update(None, 40, 64) < 1.0                   # a queue building counts before any answer is late
+    assert [c.update(10, cutting=False) for _ in range(20)][-1] == 1.0    # no cut: back to 1
+    assert Controller(slo_ms=50).update(None, cutting=False) == 1.0      # no answer yet: nothing to correct
 
 
 def simulate(k, a=0.0004, b=0.00002, n=500, workers=2, seconds=20.0, seed=0, target_s=0.04, step_at=None):
@@ -105,7 +104,7 @@ def simulate(k, a=0.0004, b=0.00002, n=500, workers=2, seconds=20.0, seed=0, tar
         if t >= next_ctl:
             recent = np.array([x for x, y in zip(lat, times) if y >= t - 2.0])
             p99 = float(np.percentile(recent, 99)) * 1000 if recent.shape[0] else None
-            cut.trim = ctl.update(p99, 0, 64, cutting=bool(quotas) and np.mean(quotas[-50:]) < 0.995)
+            cut.trim = ctl.update(p99, cutting=bool(quotas) and np.mean(quotas[-50:]) < 0.995)
             next_ctl += 0.5
         pending.sort()
         while pending and pending[0][0] <= t:

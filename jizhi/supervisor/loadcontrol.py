@@ -130,8 +130,7 @@ class LoadControl:
             st["p99_ms"], st["in_flight"] = fig.get("p99_ms"), fig.get("in_flight", 0)
             if st["mode"] == "auto":
                 before, st["quota"] = st["trim"], fig.get("kept_recent", 1.0)
-                st["trim"] = st["controller"].update(st["p99_ms"], st["in_flight"],
-                                                     sup.settings["limits.max_in_flight"], cutting=st["quota"] < 0.995)
+                st["trim"] = st["controller"].update(st["p99_ms"], cutting=st["quota"] < 0.995)
                 if st["trim"] != before and (now >= st.get("logged_at", 0.0) or (st["trim"] == 1.0) != (before == 1.0)):
                     st["logged_at"] = now + TRIM_LOG_EVERY_S
                     log.info("pipeline %s: shedding trim %.2f -> %.2f (recent p99 %s ms, %d in flight, mean kept %.2f)",

@@ -284,12 +284,13 @@ class AdmissionCut:
 class Controller:
     """The admission cut's *trim* from the windowed p99 (module docstring).
 
-    ``update(p99_ms, cutting)`` once per period: above ``high`` x SLO the trim falls in proportion
-    to the overshoot (at least ``step``); under ``low`` x SLO it rises by ``up`` while candidates
-    are being cut (``cutting``; up to TRIM_MAX: the estimate was too cautious, and the smallest
-    cut that holds the SLO is the goal), else it goes back towards 1; in between it holds. The
-    requests in flight are no input: at a high rate many are in flight at a short latency, and
-    the admission cut itself watches the free slots."""
+    ``update(p99_ms, cutting, refused)`` once per period: above ``high`` x SLO the trim falls in
+    proportion to the overshoot (at least ``step``), and by ``2 x step`` when requests were refused
+    for want of a slot in the period (``refused``: too much was let in to be held); under ``low`` x
+    SLO it rises by ``up`` while candidates are being cut (``cutting``; up to TRIM_MAX: the estimate
+    was too cautious, and the smallest cut that holds the SLO is the goal), else it goes back
+    towards 1; in between it holds. The requests in flight are no input: at a high rate many are in
+    flight at a short latency."""
 
     TRIM_MAX = 1.3
 
@@ -298,10 +299,11 @@ class Controller:
         self.high, self.low, self.step, self.up, self.min_trim = high, low, step, up, min_trim
         self.trim = 1.0
 
-    def update(self, p99_ms, cutting=True):
+    def update(self, p99_ms, cutting=True, refused=False):
         hi, lo = self.high * self.slo_ms, self.low * self.slo_ms
-        if p99_ms is not None and p99_ms > hi:
-            cut = max(self.step, min(0.3, 0.5 * (p99_ms / hi - 1.0)))
+        late = p99_ms is not None and p99_ms > hi
+        if late or refused:
+            cut = max(self.step * (2.0 if refused else 1.0), min(0.3, 0.5 * (p99_ms / hi - 1.0)) if late else 0.0)
             self.trim = max(self.min_trim, self.trim * (1.0 - cut))
         elif p99_ms is None or p99_ms < lo:
             if cutting:

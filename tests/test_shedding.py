@@ -79,6 +79,9 @@ def test_the_controller_trims_under_overload_holds_under_steady_load_and_release
     assert loosened[-1] == Controller.TRIM_MAX and loosened == sorted(loosened)
     assert [c.update(10, cutting=False) for _ in range(20)][-1] == 1.0    # no cut: back to 1
     assert Controller(slo_ms=50).update(None, cutting=False) == 1.0      # no answer yet: nothing to correct
+    # Requests refused for want of a slot: too much was let in, whatever the p99 of those admitted.
+    c3 = Controller(slo_ms=50)
+    assert c3.update(20, cutting=True, refused=True) == pytest.approx(0.94)
 
 
 def simulate(k, a=0.0004, b=0.00002, n=500, workers=2, seconds=20.0, seed=0, target_s=0.04, step_at=None):

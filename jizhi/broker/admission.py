@@ -231,6 +231,7 @@ class Admission:
             return
         key = bytes(envelope[0])      # the client's routing id: who was told to come back when
         if not pipe.retry.admit(key, len(gen.free), t_recv):
+            pipe.refused += 1         # (the shedding controller's sign that the cut lets too much in)
             after_ms = pipe.retry.refuse(key, t_recv)
             b.answers.reply_error(envelope, m["id"], OVERLOADED,
                                   f"{gen.in_flight()} requests in flight on pipeline {name} ({gen.slots} slots), "

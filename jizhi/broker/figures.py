@@ -190,10 +190,12 @@ def info(b):
 
 
 def load(pipes):
-    """The ``load`` answer: per pipeline its recent p99, requests in flight and queued, and per worker
+    """The ``load`` answer: per pipeline its recent p99, requests in flight and queued, the admission cut's
+    recent mean quota, the requests refused for want of a slot so far, and per worker
     group (of the serving version) busy and waiting time, requests, the period's p99 wait, queue, workers."""
     return {name: {"p99_ms": p.requests.recent_p99_ms(), "in_flight": p.in_flight(),
                    "kept_recent": round(p.cut.kept_recent(p.clock()), 4) if p.cut is not None else 1.0,
+                   "refused": p.refused,
                    "queued": sum(len(c) for c in p.channels.values()),
                    "groups": {g: {"busy_us": p.stats[g].busy_us, "wait_us": p.stats[g].wait_total_us,
                                   "requests": p.stats[g].requests,

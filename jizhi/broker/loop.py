@@ -38,6 +38,8 @@ POLL_MS = 100               # the longest the loop sleeps in poll
 SWEEP_S = 0.05              # heartbeat, expiry and drain checks: 20 times a second is plenty
 LIFELINE_S = 1.0            # how often the loop asks whether its run still exists
 BACKEND_BURST = 256         # backend messages read in a row before the frontend gets a turn
+FRONTEND_BURST = 32         # client messages read in a row before the backend gets a turn again: under a lagging
+                            # loop, DONEs that free slots come between admissions, not after 256 of them
 STOP_READ_S = 0.1           # after SIGTERM, the frontend is read this long (then emptied) before it closes
 
 
@@ -218,7 +220,7 @@ class Loop:
             if self.clients.monitor in events:
                 self.clients.on_monitor()
             if self.front in events:
-                self.read_frontend()
+                self.read_frontend(FRONTEND_BURST)
             now = b.clock()
             if now < next_sweep and not b.dispatcher.deadline_due(now):
                 continue

@@ -128,14 +128,16 @@ class LoadControl:
         for name, st in self.shed.items():
             fig = load.get(name) or {}
             st["p99_ms"], st["in_flight"] = fig.get("p99_ms"), fig.get("in_flight", 0)
+            # Requests refused OVERLOADED for want of a slot since the last period (a new broker counts from 0).
+            refused, st["refused"] = fig.get("refused", 0) > st.get("refused", 0), fig.get("refused", 0)
             if st["mode"] == "auto":
                 before, st["quota"] = st["trim"], fig.get("kept_recent", 1.0)
-                st["trim"] = st["controller"].update(st["p99_ms"], cutting=st["quota"] < 0.995)
+                st["trim"] = st["controller"].update(st["p99_ms"], cutting=st["quota"] < 0.995, refused=refused)
                 if st["trim"] != before and (now >= st.get("logged_at", 0.0) or (st["trim"] == 1.0) != (before == 1.0)):
                     st["logged_at"] = now + TRIM_LOG_EVERY_S
-                    log.info("pipeline %s: shedding trim %.2f -> %.2f (recent p99 %s ms, %d in flight, mean kept %.2f)",
+                    log.info("pipeline %s: shedding trim %.2f -> %.2f (recent p99 %s ms, %d in flight, mean kept %.2f%s)",
                              name, before, st["trim"], "-" if st["p99_ms"] is None else f"{st['p99_ms']:.1f}",
-                             st["in_flight"], st["quota"])
+                             st["in_flight"], st["quota"], ", requests refused for want of a slot" if refused else "")
             self.publish_shed(name, st)
 
     # -- shedding -----------------------------------------------------------------

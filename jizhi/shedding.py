@@ -284,28 +284,31 @@ class AdmissionCut:
 class Controller:
     """The admission cut's *trim* from the windowed p99 (module docstring).
 
-    ``update(p99_ms, cutting, refused)`` once per period: above ``high`` x SLO the trim falls in
-    proportion to the overshoot (at least ``step``), and by ``2 x step`` when requests were refused
-    for want of a slot in the period (``refused``: too much was let in to be held); under ``low`` x
-    SLO it rises by ``up`` while candidates are being cut (``cutting``; up to TRIM_MAX: the estimate
-    was too cautious, and the smallest cut that holds the SLO is the goal), else it goes back
-    towards 1; in between it holds. The requests in flight are no input: at a high rate many are in
-    flight at a short latency."""
+    ``update(p99_ms, cutting, refused, slots_used)`` once per period: above ``high`` x SLO the trim
+    falls in proportion to the overshoot (at least ``step``), and by ``2 x step`` when requests were
+    refused for want of a slot in the period (``refused``) or the most in flight came near the slots
+    (``slots_used``, a share, over SLOTS_FULL): what was let in is more than can be held; under
+    ``low`` x SLO with the slots below SLOTS_EASY it rises by ``up`` while candidates are being cut
+    (``cutting``; up to TRIM_MAX: the estimate was too cautious, and the smallest cut that holds
+    the SLO is the goal), else it goes back towards 1; in between it holds."""
 
     TRIM_MAX = 1.3
+    SLOTS_FULL = 0.85
+    SLOTS_EASY = 0.7
 
     def __init__(self, slo_ms, high=0.8, low=0.65, step=0.03, up=0.05, min_trim=0.3):
         self.slo_ms = slo_ms
         self.high, self.low, self.step, self.up, self.min_trim = high, low, step, up, min_trim
         self.trim = 1.0
 
-    def update(self, p99_ms, cutting=True, refused=False):
+    def update(self, p99_ms, cutting=True, refused=False, slots_used=0.0):
         hi, lo = self.high * self.slo_ms, self.low * self.slo_ms
         late = p99_ms is not None and p99_ms > hi
-        if late or refused:
-            cut = max(self.step * (2.0 if refused else 1.0), min(0.3, 0.5 * (p99_ms / hi - 1.0)) if late else 0.0)
+        full = refused or slots_used > self.SLOTS_FULL
+        if late or full:
+            cut = max(self.step * (2.0 if full else 1.0), min(0.3, 0.5 * (p99_ms / hi - 1.0)) if late else 0.0)
             self.trim = max(self.min_trim, self.trim * (1.0 - cut))
-        elif p99_ms is None or p99_ms < lo:
+        elif (p99_ms is None or p99_ms < lo) and slots_used < self.SLOTS_EASY:
             if cutting:
                 self.trim = min(self.TRIM_MAX, self.trim + self.up)
             elif self.trim != 1.0:

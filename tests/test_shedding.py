@@ -82,6 +82,8 @@ def test_the_controller_trims_under_overload_holds_under_steady_load_and_release
     # Requests refused for want of a slot: too much was let in, whatever the p99 of those admitted.
     c3 = Controller(slo_ms=50)
     assert c3.update(20, cutting=True, refused=True) == pytest.approx(0.94)
+    assert c3.update(20, cutting=True, slots_used=0.9) == pytest.approx(0.94 * 0.94)    # or nearly
+    assert c3.update(20, cutting=True, slots_used=0.75) == pytest.approx(0.94 * 0.94)   # held: slots not easy
 
 
 def simulate(k, a=0.0004, b=0.00002, n=500, workers=2, seconds=20.0, seed=0, target_s=0.04, step_at=None):

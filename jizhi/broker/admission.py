@@ -245,6 +245,7 @@ class Admission:
                                    deadline_s, t_recv, feats=m.get("feats"), keep=keep, cost=cost)
         req.heads = m.get("heads", False)
         self.admitted += 1
+        pipe.peak_in_flight = max(pipe.peak_in_flight, gen.in_flight())
         if self.admitted % self.sample_every == 0:
             self.ring.append((name, req.user, np.array(items), None if rs is None else np.array(rs), req.top_k))
         if self.recording is not None:

@@ -191,16 +191,21 @@ def info(b):
 
 def load(pipes):
     """The ``load`` answer: per pipeline its recent p99, requests in flight and queued, the admission cut's
-    recent mean quota, the requests refused for want of a slot so far, and per worker
+    recent mean quota, the requests refused for want of a slot so far, the most in flight since the last
+    ``load`` (and the slots), and per worker
     group (of the serving version) busy and waiting time, requests, the period's p99 wait, queue, workers."""
-    return {name: {"p99_ms": p.requests.recent_p99_ms(), "in_flight": p.in_flight(),
-                   "kept_recent": round(p.cut.kept_recent(p.clock()), 4) if p.cut is not None else 1.0,
-                   "refused": p.refused,
-                   "queued": sum(len(c) for c in p.channels.values()),
-                   "groups": {g: {"busy_us": p.stats[g].busy_us, "wait_us": p.stats[g].wait_total_us,
-                                  "requests": p.stats[g].requests,
-                                  "wait_p99_us": p.stats[g].period_wait_p99_us(),
-                                  "queue": len(p.channels.get((g, p.active), ())),
-                                  "workers": len(p.workers.get((g, p.active), ()))}
-                              for g in p.worker_groups}}
-            for name, p in pipes.items()}
+    out = {name: {"p99_ms": p.requests.recent_p99_ms(), "in_flight": p.in_flight(),
+                  "peak_in_flight": p.peak_in_flight, "slots": p.slots,
+                  "kept_recent": round(p.cut.kept_recent(p.clock()), 4) if p.cut is not None else 1.0,
+                  "refused": p.refused,
+                  "queued": sum(len(c) for c in p.channels.values()),
+                  "groups": {g: {"busy_us": p.stats[g].busy_us, "wait_us": p.stats[g].wait_total_us,
+                                 "requests": p.stats[g].requests,
+                                 "wait_p99_us": p.stats[g].period_wait_p99_us(),
+                                 "queue": len(p.channels.get((g, p.active), ())),
+                                 "workers": len(p.workers.get((g, p.active), ()))}
+                             for g in p.worker_groups}}
+           for name, p in pipes.items()}
+    for p in pipes.values():
+        p.peak_in_flight = p.in_flight()        # (the next period's peak starts from now)
+    return out

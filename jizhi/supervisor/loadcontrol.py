@@ -132,7 +132,8 @@ class LoadControl:
             refused, st["refused"] = fig.get("refused", 0) > st.get("refused", 0), fig.get("refused", 0)
             if st["mode"] == "auto":
                 before, st["quota"] = st["trim"], fig.get("kept_recent", 1.0)
-                st["trim"] = st["controller"].update(st["p99_ms"], cutting=st["quota"] < 0.995, refused=refused)
+                st["trim"] = st["controller"].update(st["p99_ms"], cutting=st["quota"] < 0.995, refused=refused,
+                                                     slots_used=fig.get("peak_in_flight", 0) / max(fig.get("slots", 1), 1))
                 if st["trim"] != before and (now >= st.get("logged_at", 0.0) or (st["trim"] == 1.0) != (before == 1.0)):
                     st["logged_at"] = now + TRIM_LOG_EVERY_S
                     log.info("pipeline %s: shedding trim %.2f -> %.2f (recent p99 %s ms, %d in flight, mean kept %.2f%s)",

@@ -58,7 +58,7 @@ MODES = ("off", "auto", "manual")
 POLICIES = ("rule", "learned")
 FEATURES = ("bias", "rs_mean", "rs_std", "rs_max", "rs_min", "rs_gap", "log_n")
 MIN_KEEP = 0.02            # no request is cut below this fraction of its candidates (nor below top_k)
-COLD_EVENTS = 20           # a worker's first events and seconds are its warm-up: out of the cost model and the
+COLD_EVENTS = 5            # a worker's first events and seconds are its warm-up: out of the cost model and the
 COLD_S = 2.0               # controller's p99
 
 # What the control state reads before the supervisor's first publication.
@@ -173,7 +173,7 @@ class AdmissionCut:
     RATE_TAU_S = 0.25          # the arrival rates' memory
     WAIT_TAU_S = 0.1           # the smoothed wait's
     FORGET = 0.99              # the cost model's weight of an event, per later event (~100 events)
-    CALIBRATE_EVENTS = 8
+    CALIBRATE_EVENTS = 4
     PRIOR_FIXED = 0.1          # the share of a full request's cost assumed per request until cuts tell
     WAIT_SET = 0.3             # share of the target a backlog may wait before it cuts more
     SLOTS_LOW = 0.5            # share of the request slots free under which it cuts more

@@ -91,7 +91,9 @@ class Daemon:
              "--frontend", self.endpoint, "--pipelines", ",".join(str(p) for p in pipelines),
              "--run-dir", str(self.run_dir), "--config", str(cfg)],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.instance = f"mm{name}"
         if not wait_ready(self.endpoint, timeout_s=180):
+            self.stop()        # (nothing left behind: not a jizhid that never served, nor its segments)
             raise SystemExit(f"jizhid did not become ready; see {self.run_dir / 'jizhid.log'}")
         time.sleep(3.0)      # every pool full, hot tier built
         self.cpu = ServerCpu(self.run_dir)
@@ -105,13 +107,33 @@ class Daemon:
         return out.stdout
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
+        """SIGTERM, then nothing of this jizhid left: its process group (a session of its own) checked empty
+        and its instance's /dev/shm segments checked gone (either said, then removed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+        for _ in range(50):
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            print(f"WARNING: processes of jizhid's group {self.proc.pid} still ran 5 s after it exited; killed",
+                  flush=True)
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
+        left = list(Path("/dev/shm").glob(f"jizhi.{self.instance}.*"))
+        if left:
+            print(f"WARNING: jizhid left {len(left)} segment(s) in /dev/shm "
+                  f"({', '.join(p.name for p in left[:5])}); removed", flush=True)
+            for p in left:
+                p.unlink(missing_ok=True)
 
 
 def run_point(daemon, pipelines, trace, rate, duration_s, warmup_s, seed, deadline_ms=1000):

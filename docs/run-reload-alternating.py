@@ -64,7 +64,6 @@ import os
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -103,40 +102,9 @@ def log(s=""):
 # The daemon
 
 
-class Daemon(mm.Daemon):
-    """run-many-models-bench's Daemon, with nothing left behind: a jizhid that does not become ready is
-    stopped too, and after the stop its process group (it runs in a session of its own) is checked
-    empty and the instance's /dev/shm segments are checked gone (both said, then removed)."""
-
-    def __init__(self, work, port):
-        self.instance = f"mm{NAME}"
-        try:
-            super().__init__(work, NAME, port, [REPO / "etc" / "pipelines" / "demo.toml"])
-        except BaseException:
-            if getattr(self, "proc", None) is not None:
-                self.stop()
-            raise
-
-    def stop(self):
-        if self.proc.poll() is None:
-            super().stop()
-        elif not self.log.closed:
-            self.log.close()
-        pgid = self.proc.pid
-        for _ in range(50):
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            log(f"WARNING: processes of jizhid's group {pgid} still ran 5 s after it exited; killed")
-            os.killpg(pgid, signal.SIGKILL)
-        left = [p for p in Path("/dev/shm").glob(f"jizhi.{self.instance}.*")]
-        if left:
-            log(f"WARNING: jizhid left {len(left)} segment(s) in /dev/shm ({', '.join(p.name for p in left[:5])}); removed")
-            for p in left:
-                p.unlink(missing_ok=True)
+def start_daemon(work, port):
+    """run-many-models-bench's Daemon (nothing left behind, even when it never gets ready) on demo.toml."""
+    return mm.Daemon(work, NAME, port, [REPO / "etc" / "pipelines" / "demo.toml"])
 
 
 def versions_now(run_dir):
@@ -625,7 +593,7 @@ def main():
            "conditions": {}, "runs": []}
     d = None
     try:
-        d = Daemon(work, a.port)
+        d = start_daemon(work, a.port)
         status = control.call(d.run_dir, "status", timeout_s=5.0)
         sup_pid, instance = status["pid"], status["instance"]
         serving, waited = wait_settled(d, sup_pid, instance, a.settle_timeout)

@@ -178,7 +178,7 @@ class AdmissionCut:
     WAIT_SET = 0.3             # share of the target a backlog may wait before it cuts more
     SLOTS_LOW = 0.5            # share of the request slots free under which it cuts more
 
-    def __init__(self, target_s, floor=MIN_KEEP, clock=None):
+    def __init__(self, target_s, floor=MIN_KEEP):
         self.target_s = target_s
         self.floor = floor
         self.trim = 1.0

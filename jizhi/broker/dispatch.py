@@ -82,7 +82,7 @@ class PipelineState:
         self.cut_group = shedder
         self.cut = None if shedder is None else AdmissionCut(settings["shed.high"] * settings["shed.slo_ms"] / 1000.0)
         self.refused = 0            # requests refused OVERLOADED for want of a slot (load figures)
-        self.peak_in_flight = 0     # the most requests in flight since the last load figures
+        self.peak_in_flight = 0     # the most requests in flight in one version since the last load figures
         # Head scores a reply can carry (heads: true): the combiners' inputs that cross processes.
         self.head_columns = [c for st in plan["stages"].values() if st["processor"] == "combiner"
                              for c in st["inputs"] if c in plan["arenas"]]

@@ -207,5 +207,5 @@ def load(pipes):
                              for g in p.worker_groups}}
            for name, p in pipes.items()}
     for p in pipes.values():
-        p.peak_in_flight = p.in_flight()        # (the next period's peak starts from now)
+        p.peak_in_flight = 0        # (the next period's peak: from the next admission on)
     return out

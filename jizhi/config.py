@@ -123,6 +123,11 @@ SETTINGS = [
                 c.strip().isdigit() for c in v.split(",") if c.strip()) else 'must be "auto", "" or a list like "1" or "2,3"',
             "Cores a new version's loading work runs on until it serves (validation, hot-tier builds, its workers), "
             "so serving workers keep the others. auto: the last core when there are two or more; \"\": no pinning."),
+    Setting("models.load_pace", float, 0.25, lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+            "Share of the time a new version's loading work (validation, hot-tier builds, its workers until they "
+            "serve) may run while another version serves: it is stopped for the rest of every 20 ms (SIGSTOP), "
+            "so its kernel work (copies, page faults, process starts) does not delay serving; 1: not paced. "
+            "Trades rename-to-switch time (about 1/share as long) for serving p99."),
     Setting("models.validate_timeout_s", float, 120.0, _positive,
             "A new version's validation (files, ONNX, cube, smoke inference; a child process) must finish within this."),
     Setting("models.memory_budget_mb", int, 0, _nonneg,

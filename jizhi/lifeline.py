@@ -53,17 +53,25 @@ def child_environ(base, instance):
     return env
 
 
-def hold():
-    """Die with the supervisor: arm the death signal, then check the parent is still the one that started us.
-
-    Outside jizhid (no ``JIZHI_SUPERVISOR_PID``, e.g. a test running a broker by hand) only the
-    death signal is armed.
-    """
-    global _expected_parent
+def arm(sig=signal.SIGTERM):
+    """The signal the kernel sends this process when its parent dies."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     except OSError:
         pass
+
+
+def hold(paced=False):
+    """Die with the supervisor: arm the death signal, then check the parent is still the one that started us.
+
+    ``paced``: the supervisor may hold this process stopped (``jizhi.priority.Pacer``: loading work,
+    the validation child, a hot-tier build), so the death signal is SIGKILL, which ends a stopped
+    process (SIGTERM would wait, pending, for a SIGCONT nobody sends); a loading worker arms SIGTERM
+    again once it serves. Outside jizhid (no ``JIZHI_SUPERVISOR_PID``, e.g. a test running a broker
+    by hand) only the death signal is armed.
+    """
+    global _expected_parent
+    arm(signal.SIGKILL if paced else signal.SIGTERM)
     want = os.environ.get(ENV_SUPERVISOR, "")
     if want.isdigit():
         _expected_parent = int(want)

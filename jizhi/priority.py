@@ -13,11 +13,27 @@ started later inherit both. ``normal(pid, nice)`` is the way back; leaving ``SCH
 CAP_SYS_NICE or an ``RLIMIT_NICE`` that allows ``nice`` (``can_leave_idle``), so a process that
 must come back (a new worker) is sent to idle only when it can. Linux only; each call returns
 whether the kernel took it, never raises for a refusal.
+
+Priority is not enough: what a loading process does *in the kernel* (copying files, faulting in
+pages it maps or allocates, starting a process) runs to its end whatever its priority on a kernel
+without full preemption (this VM's: PREEMPT_NONE), and a serving process that wakes meanwhile
+waits; measured, a SCHED_IDLE publish command held a CPU 3-4 ms at a time while the load
+generator waited 33 ms (docs/benchmarks.md, "A reload that does not show"). ``Pacer`` therefore
+lets loading processes run only a share of the time (``SIGCONT`` for duty x 20 ms, ``SIGSTOP``
+for the rest), which spreads that work thin; ``run_paced`` does the same for a command (the
+tools of ``bin/jizhictl``). A process may be stopped when its pacer dies: it must arm its death
+signal as SIGKILL (``jizhi.lifeline.hold(paced=True)``), which ends a stopped process where
+SIGTERM would wait for a SIGCONT that never comes. Signals go through pidfds, so a pid reused
+after its process was reaped is never touched.
 """
 import ctypes
 import os
 import platform
 import resource
+import signal
+import subprocess
+import threading
+import time
 
 IOPRIO_CLASS_SHIFT = 13
 IOPRIO_CLASS_NONE = 0       # "as its CPU priority says" (the default)
@@ -86,3 +102,155 @@ def can_leave_idle(nice=0):
         pass
     soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
     return soft == resource.RLIM_INFINITY or 20 - nice <= soft
+
+
+PACE_PERIOD_S = 0.02        # one period: run duty x this, stopped for the rest
+PACED_ENV = "JIZHI_PACED"    # set in a command run_paced started (it must not pace itself again)
+
+
+def _signal(fd, sig):
+    """Send ``sig`` through a pidfd; False when the process is gone (reaped, or a zombie's pidfd)."""
+    try:
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return False
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Pacer:
+    """Processes that run only ``duty`` of the time (module docstring): a thread that sends SIGCONT,
+    sleeps duty x period, sends SIGSTOP, sleeps the rest. ``add`` a process, ``release`` it (it runs
+    on, not paced; synchronous: it is running when ``release`` returns), ``close`` releases them all.
+    A process that ended is dropped by itself. ``duty`` >= 1: nothing is ever stopped."""
+
+    def __init__(self, duty, period_s=PACE_PERIOD_S):
+        self.duty = float(duty)
+        self.period_s = period_s
+        self.fds = {}                       # pid -> pidfd
+        self.names = {}                     # pid -> what it is (for the log)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.closed = False
+        self.thread = None
+        self.stopped_s = 0.0                # time targets were held stopped (the pacing's cost, for info)
+
+    def add(self, pid, name=""):
+        """Pace ``pid`` from now on; False when pacing is off or the process is already gone."""
+        if self.duty >= 1.0 or self.closed:
+            return False
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        if _parent(pid) != os.getpid():     # only a child of ours is ever stopped (a test's made-up pid is not)
+            os.close(fd)
+            return False
+        with self.lock:
+            old = self.fds.pop(pid, None)
+            if old is not None:
+                os.close(old)
+            self.fds[pid] = fd
+            self.names[pid] = name
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="jizhi-pacer", daemon=True)
+                self.thread.start()
+        self.wake.set()
+        return True
+
+    def release(self, pids):
+        """These processes run on, not paced (each gets SIGCONT now)."""
+        with self.lock:
+            for pid in pids:
+                fd = self.fds.pop(pid, None)
+                self.names.pop(pid, None)
+                if fd is not None:
+                    _signal(fd, signal.SIGCONT)
+                    os.close(fd)
+
+    def paced(self):
+        with self.lock:
+            return dict(self.names)
+
+    def close(self):
+        self.closed = True
+        self.release(list(self.fds))
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=1.0)
+
+    def _each(self, sig):
+        with self.lock:
+            for pid, fd in list(self.fds.items()):
+                if not _signal(fd, sig):
+                    os.close(self.fds.pop(pid))
+                    self.names.pop(pid, None)
+            return bool(self.fds)
+
+    def _run(self):
+        on_s = self.duty * self.period_s
+        off_s = self.period_s - on_s
+        while not self.closed:
+            if not self._each(signal.SIGCONT):
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            time.sleep(on_s)
+            if self.closed:
+                break
+            if self._each(signal.SIGSTOP):
+                time.sleep(off_s)
+                self.stopped_s += off_s
+        self._each(signal.SIGCONT)
+
+
+def run_paced(argv, duty, env=None):
+    """Run ``argv`` (at the idle priority, its death signal SIGKILL: it sets both itself when it sees
+    ``JIZHI_PACED``) paced at ``duty``; SIGINT and SIGTERM are passed on. Returns its exit code
+    (a signal's: 128 + the signal)."""
+    env = dict(os.environ if env is None else env, **{PACED_ENV: "1"})
+    proc = subprocess.Popen(argv, env=env)
+    pacer = Pacer(duty)
+    pacer.add(proc.pid, "command")
+
+    def forward(signum, frame):
+        pacer.release([proc.pid])
+        try:
+            proc.send_signal(signum)
+        except OSError:
+            pass
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        pacer.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 128 - rc if rc < 0 else rc
+
+
+def pace_share(argv, default):
+    """The ``--pace SHARE`` of a command line (``default`` when absent; None when it is not a number
+    in (0, 1]: the command's own option parsing then names the error)."""
+    for i, a in enumerate(argv):
+        if a == "--pace" and i + 1 < len(argv):
+            v = argv[i + 1]
+        elif a.startswith("--pace="):
+            v = a.split("=", 1)[1]
+        else:
+            continue
+        try:
+            v = float(v)
+        except ValueError:
+            return None
+        return v if 0 < v <= 1 else None
+    return default

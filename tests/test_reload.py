@@ -57,6 +57,11 @@ def served_versions(records):
     return [r["reply"]["model_versions"]["demo"] for r in records if r["outcome"] == "ok"]
 
 
+def proc_state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def worker_versions(server):
     out = {}
     for pid, argv in server.children().items():
@@ -137,6 +142,14 @@ def test_three_versions_in_a_row_under_load_no_request_fails_bad_ones_never_serv
             return all(os.sched_getscheduler(int(tid)) == os.SCHED_OTHER
                        for pid in server.workers() for tid in os.listdir(f"/proc/{pid}/task"))
         wait_until(all_normal, 10, what="version 4's workers back to SCHED_OTHER")
+
+    # They loaded paced (models.load_pace: held stopped part of every 20 ms while version 1 served) and
+    # serve unpaced: no thread of theirs is stopped.
+    children = server.children()
+    assert all("--paced" in children[pid] for pid in server.workers())
+    for _ in range(50):
+        assert not [pid for pid in server.workers() if proc_state(pid) == "T"], "a serving worker is held stopped"
+        time.sleep(0.01)
 
 
 @pytest.mark.slow

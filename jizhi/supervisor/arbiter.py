@@ -355,6 +355,8 @@ class Supervisor:
             cores = self.versions.load_cores()
             if cores:
                 argv += ["--load-cores", ",".join(map(str, cores))]
+            if self.versions.pacing():
+                argv += ["--paced"]     # (its death signal SIGKILL while it may be held stopped)
         self.children[key] = Child.worker(key, argv, loaded.version)
 
     def child_env(self):
@@ -373,6 +375,8 @@ class Supervisor:
         child.proc = self.spawner(child.argv, self.child_env())
         child.started = self.clock()
         child.kill_at = None
+        if "--paced" in child.argv:
+            self.versions.pace(child.proc.pid, child.name)
         log.info("started %s pid=%d%s", child.name, child.proc.pid,
                  f" version={child.version}" if child.version is not None else "")
 
@@ -517,6 +521,7 @@ class Supervisor:
                     break
             else:
                 log.warning("drain bound reached with requests still in flight")
+        self.versions.pacer.close()     # nothing held stopped: every child handles its SIGTERM
         procs = [c.proc for c in self.children.values() if c.proc is not None]
         for p in procs:
             if p.poll() is None:

@@ -250,7 +250,7 @@ class Loader:
             argv += ["--remote", self.remote]
         self.hot_building, self.hot_keys_path = gen, keys_path
         self.hot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env())
-        sup.versions.as_loader(self.hot_proc.pid)
+        sup.versions.as_loader(self.hot_proc.pid, f"the hot-tier build of {self.pipeline} {self.version}")
         self.hot_started = time.monotonic()
 
     def poll_hot_build(self, sup):

@@ -264,7 +264,7 @@ class Registry:
                                                                self.settings["server.instance"]))
         rec.proc_started = time.monotonic()
         if as_loader is not None:
-            as_loader(rec.proc.pid)    # lower priority, the loading cores
+            as_loader(rec.proc.pid, f"the validation of {rec.model} {rec.version}")   # lower priority, loading cores, paced
         log.info("model %s version %d: validating (pid %d)", rec.model, rec.version, rec.proc.pid)
 
     def poll_validations(self):

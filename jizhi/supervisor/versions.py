@@ -52,6 +52,7 @@ class VersionManager:
         self.models_of = {}             # pipeline -> its models (the pipeline's own first, then heads)
         self.generations = {}           # pipeline -> the last version-set label of a multi-model pipeline
         self.next_files_check = 0.0
+        self.pacer = priority.Pacer(sup.settings["models.load_pace"])    # loading work, a share of the time
 
     # -- start --------------------------------------------------------------
 
@@ -263,6 +264,7 @@ class VersionManager:
         if ld is None:
             return
         rec = ld.record
+        self.pacer.release(self.bank_pids(ld))     # warm: they wait to serve, at full speed from the switch on
         if not msg.ok:
             self.fail_version(ld, f"warm-up: {msg.error}")
             return
@@ -345,6 +347,7 @@ class VersionManager:
             self.registry.reject(rec, reason, state=VersionState.FAILED)
             rec.validation = None
         sup.write_run()
+        self.pacer.release(self.bank_pids(ld))
         sup.tell_broker(messages.VersionFail(ld.pipeline, ld.version, reason))
         if was == VersionState.SERVING:
             log.error("pipeline %s: serving version %d failed; falling back to the previous good version",
@@ -403,9 +406,26 @@ class VersionManager:
             return False
         return not workers or priority.can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0))
 
-    def as_loader(self, pid):
+    def pacing(self):
+        """Is loading work paced now (``models.load_pace`` < 1 and a version serves: the start's own
+        loading work, before anything serves, runs at full speed)?"""
+        return self.pacer.duty < 1.0 and self.sup.reports.ready_logged
+
+    def pace(self, pid, name):
+        """Loading work runs ``models.load_pace`` of the time while a version serves (jizhi/priority.py,
+        ``Pacer``): its kernel work (file reads, page faults, a process's start) is spread thin."""
+        if self.pacing() and self.pacer.add(pid, name):
+            log.debug("pacing %s (pid %d): it runs %.0f%% of the time", name, pid, self.pacer.duty * 100)
+
+    def bank_pids(self, ld):
+        """The running workers of ``ld``'s bank."""
+        return [c.proc.pid for c in list(self.sup.children.values())
+                if c.is_worker and c.proc is not None and c.key.pipeline == ld.pipeline and c.key.bank == ld.bank]
+
+    def as_loader(self, pid, name="loading work"):
         """A loading child: the idle (or a lower) CPU and I/O priority and (models.load_cores) one core, so
-        serving keeps the rest."""
+        serving keeps the rest, and paced (``pace``)."""
+        self.pace(pid, name)
         try:
             if self.load_idle():
                 priority.idle(pid)

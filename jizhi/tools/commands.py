@@ -45,7 +45,11 @@ def demo():
 @click.option("--idle/--no-idle", default=True, show_default=True,
               help="Copy at the idle CPU and I/O priority (SCHED_IDLE, ioprio idle class): on a serving machine the "
                    "copy takes only what jizhid leaves.")
-def demo_publish(models_dir, source, version, seed, fault, idle):
+@click.option("--pace", type=click.FloatRange(0, 1, min_open=True), default=0.25, show_default=True,
+              help="Run SHARE of the time, stopped for the rest of every 20 ms (bin/jizhictl runs the command as a "
+                   "paced child): its kernel work (copies, page faults) does not delay serving, whatever its "
+                   "priority. 1: not paced.")
+def demo_publish(models_dir, source, version, seed, fault, idle, pace):
     """Publish a new demo version the way a training pipeline should: copy into MODELS_DIR/.incoming, then rename.
 
     A running jizhid notices it within models.poll_interval_s, validates it,
@@ -279,7 +283,11 @@ def profiles():
 @click.option("--idle/--no-idle", default=True, show_default=True,
               help="Run at the idle CPU and I/O priority (SCHED_IDLE): on a serving machine the build takes only the CPU "
                    "jizhid leaves (measured: p99 3.6x steady during a build at normal priority).")
-def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force, quiet, idle):
+@click.option("--pace", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Run SHARE of the time, stopped for the rest of every 20 ms (bin/jizhictl runs the command as a "
+                   "paced child), e.g. 0.25 beside a loaded server: its kernel work (file reads, page faults) is "
+                   "spread thin; the build takes about 1/SHARE as long. 1: not paced.")
+def profiles_build(model_dir, users, items, spec, out, store, chunk_rows, force, quiet, idle, pace):
     """Build a profile snapshot from Parquet, CSV, JSON lines or numpy .npz files.
 
     Each file has one row per entity: an id column and one column per field

@@ -1,0 +1,153 @@
+"""Paced loading work (issue 23, jizhi/priority.py ``Pacer`` and ``run_paced``; jizhi/lifeline.py ``hold(paced=True)``).
+
+Real processes and real signals: a CPU-bound child held stopped part of every 20 ms, let go, dropped
+when it ends; a paced child whose parent dies while it is stopped ends all the same (SIGKILL as its
+death signal) where a SIGTERM one would wait stopped for ever; ``jizhictl demo publish`` runs as a
+paced child and publishes.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, wait_until
+from jizhi import priority
+
+SPIN = [sys.executable, "-c", "while True: pass"]
+
+
+def state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def states(pid, n, every_s=0.005):
+    out = []
+    for _ in range(n):
+        out.append(state(pid))
+        time.sleep(every_s)
+    return out
+
+
+@pytest.fixture
+def spinner():
+    p = subprocess.Popen(SPIN)
+    yield p
+    p.kill()
+    p.wait()
+
+
+def test_a_paced_process_runs_its_share_of_the_time_and_runs_on_once_released(spinner):
+    pacer = priority.Pacer(0.25)
+    try:
+        assert pacer.add(spinner.pid, "spinner")
+        time.sleep(0.2)
+        c0, t0 = cpu_s(spinner.pid), time.monotonic()
+        seen = states(spinner.pid, 200)
+        share = (cpu_s(spinner.pid) - c0) / (time.monotonic() - t0)
+        # Stopped about 75 % of the time: most samples see it stopped, and it got at most about its share.
+        assert seen.count("T") / len(seen) > 0.5, seen
+        assert share < 0.45, share
+        pacer.release([spinner.pid])
+        assert pacer.paced() == {}
+        assert "T" not in states(spinner.pid, 100), "a released process is held stopped"
+    finally:
+        pacer.close()
+    assert state(spinner.pid) != "T"
+
+
+def test_a_process_that_ends_is_dropped_and_close_leaves_nothing_stopped(spinner):
+    other = subprocess.Popen(SPIN)
+    pacer = priority.Pacer(0.25)
+    try:
+        assert pacer.add(spinner.pid, "a") and pacer.add(other.pid, "b")
+        time.sleep(0.1)
+        other.kill()
+        other.wait()
+        wait_until(lambda: list(pacer.paced()) == [spinner.pid], 2, what="the ended process dropped")
+    finally:
+        pacer.close()
+    assert "T" not in states(spinner.pid, 50)
+
+
+def test_only_a_child_of_its_own_is_ever_paced_and_a_share_of_one_paces_nothing(spinner):
+    pacer = priority.Pacer(0.25)
+    try:
+        assert not pacer.add(os.getppid(), "not ours")     # (a test's made-up pid is not ours either)
+        assert not pacer.add(2 ** 22 + 17, "no such process")
+        assert pacer.paced() == {}
+    finally:
+        pacer.close()
+    off = priority.Pacer(1.0)
+    assert not off.add(spinner.pid, "spinner") and off.thread is None
+    off.close()
+
+
+def held_child(paced):
+    """A parent process whose child arms its death signal (paced or not) and sleeps; returns (parent, child pid)."""
+    child_code = ("import sys, time; sys.path.insert(0, %r); from jizhi import lifeline; "
+                  "lifeline.hold(paced=%r); print('armed', flush=True); time.sleep(60)" % (str(REPO), paced))
+    parent_code = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', %r], stdout=subprocess.PIPE); "
+                   "c.stdout.readline(); print(c.pid, flush=True); import time; time.sleep(60)" % child_code)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    return parent, int(parent.stdout.readline())
+
+
+def gone(pid):
+    try:
+        return state(pid) == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_a_paced_child_held_stopped_still_dies_with_its_parent(paced):
+    parent, child = held_child(paced)
+    try:
+        os.kill(child, signal.SIGSTOP)
+        wait_until(lambda: state(child) == "T", 2, what="the child stopped")
+        parent.kill()
+        parent.wait()
+        if paced:
+            wait_until(lambda: gone(child), 5, what="the stopped paced child to end with its parent")
+        else:
+            # A SIGTERM death signal waits, pending, for a SIGCONT nobody sends: why a paced child arms SIGKILL.
+            time.sleep(1.0)
+            assert state(child) == "T"
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_jizhictl_demo_publish_runs_as_a_paced_child_and_publishes(private_demo_models):
+    jizhictl = os.path.join(os.path.dirname(sys.executable), "jizhictl")
+    cmd = subprocess.Popen([jizhictl, "demo", "publish", str(private_demo_models), "--to", "2", "--seed", "3"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while cmd.poll() is None:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == cmd.pid:
+                    seen.add(fields[0])
+        time.sleep(0.01)
+    out, err = cmd.communicate()
+    assert cmd.returncode == 0, err
+    assert out.strip() == f"published {private_demo_models / 'demo' / '2'}"
+    assert (private_demo_models / "demo" / "2" / "manifest.toml").is_file()
+    assert "T" in seen, f"the command's child was never seen stopped: {seen}"

@@ -53,12 +53,24 @@ def child_environ(base, instance):
     return env
 
 
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl     # resolved here, never between a fork and its exec
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
 def arm(sig=signal.SIGTERM):
     """The signal the kernel sends this process when its parent dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(sig))
+
+
+def killed_with_parent():
+    """A ``preexec_fn`` for a child its parent may hold stopped (jizhi/priority.py's ``Pacer``): SIGKILL
+    as its death signal from the fork on (the setting survives exec), so even a child stopped before
+    its own ``hold(paced=True)`` ran ends with its parent. Runs between fork and exec: one libc call."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, 9)      # SIGKILL (an int: nothing to convert in the forked child)
 
 
 def hold(paced=False):

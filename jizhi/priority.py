@@ -22,8 +22,9 @@ generator waited 33 ms (docs/benchmarks.md, "A reload that does not show"). ``Pa
 lets loading processes run only a share of the time (``SIGCONT`` for duty x 20 ms, ``SIGSTOP``
 for the rest), which spreads that work thin; ``run_paced`` does the same for a command (the
 tools of ``bin/jizhictl``). A process may be stopped when its pacer dies: it must arm its death
-signal as SIGKILL (``jizhi.lifeline.hold(paced=True)``), which ends a stopped process where
-SIGTERM would wait for a SIGCONT that never comes. Signals go through pidfds, so a pid reused
+signal as SIGKILL from its fork on (``jizhi.lifeline.killed_with_parent`` as the ``preexec_fn``: a
+child can be stopped before its own first instruction), which ends a stopped process where SIGTERM
+would wait for a SIGCONT that never comes. Signals go through pidfds, so a pid reused
 after its process was reaped is never touched.
 """
 import ctypes
@@ -213,12 +214,12 @@ class Pacer:
         self._each(signal.SIGCONT)
 
 
-def run_paced(argv, duty, env=None):
-    """Run ``argv`` (at the idle priority, its death signal SIGKILL: it sets both itself when it sees
-    ``JIZHI_PACED``) paced at ``duty``; SIGINT and SIGTERM are passed on. Returns its exit code
-    (a signal's: 128 + the signal)."""
+def run_paced(argv, duty, env=None, preexec_fn=None):
+    """Run ``argv`` (at the idle priority: it lowers it itself when it sees ``JIZHI_PACED``) paced at
+    ``duty``; SIGINT and SIGTERM are passed on. ``preexec_fn``: jizhi.lifeline's ``killed_with_parent``
+    (its death signal SIGKILL from the fork on). Returns its exit code (a signal's: 128 + the signal)."""
     env = dict(os.environ if env is None else env, **{PACED_ENV: "1"})
-    proc = subprocess.Popen(argv, env=env)
+    proc = subprocess.Popen(argv, env=env, preexec_fn=preexec_fn)
     pacer = Pacer(duty)
     pacer.add(proc.pid, "command")
 

@@ -26,6 +26,7 @@ import signal
 import subprocess
 from typing import NamedTuple
 
+from jizhi import lifeline
 from jizhi.shm import sigbus_cause
 from jizhi.errors import (EXIT_BIND_FAILURE, EXIT_BOOT_FAILURE, EXIT_CUBE_OPEN_FAILURE, EXIT_MODEL_LOAD_FAILURE,
                           EXIT_STALE_RUN)
@@ -66,8 +67,10 @@ def describe_exit(rc):
 
 
 def popen(argv, env):
-    """jizhid's spawner: a fresh interpreter, reading nothing from our stdin."""
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
+    """jizhid's spawner: a fresh interpreter, reading nothing from our stdin. A worker the supervisor may
+    hold stopped (``--paced``) dies with it by SIGKILL from its fork on (jizhi/lifeline.py)."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env,
+                            preexec_fn=lifeline.killed_with_parent if "--paced" in argv else None)
 
 
 class Child:

@@ -249,7 +249,8 @@ class Loader:
         if self.remote is not None:
             argv += ["--remote", self.remote]
         self.hot_building, self.hot_keys_path = gen, keys_path
-        self.hot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env())
+        self.hot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=sup.child_env(),
+                                         preexec_fn=lifeline.killed_with_parent)    # (it may be paced)
         sup.versions.as_loader(self.hot_proc.pid, f"the hot-tier build of {self.pipeline} {self.version}")
         self.hot_started = time.monotonic()
 

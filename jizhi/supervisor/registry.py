@@ -261,7 +261,8 @@ class Registry:
                                                         "--version", rec.version),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     env=lifeline.child_environ(dict(os.environ, OMP_NUM_THREADS="1"),
-                                                               self.settings["server.instance"]))
+                                                               self.settings["server.instance"]),
+                                    preexec_fn=lifeline.killed_with_parent)     # (it may be paced)
         rec.proc_started = time.monotonic()
         if as_loader is not None:
             as_loader(rec.proc.pid, f"the validation of {rec.model} {rec.version}")   # lower priority, loading cores, paced

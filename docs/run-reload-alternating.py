@@ -32,7 +32,9 @@ Every figure from one jizhid, on a quiet machine (nothing else running):
    runs' requests in the same window, pooled over those runs: the ratio per publish (target <= 1.3),
    the median of the ratios, the pooled ratio (every reload window's requests against every
    no-reload window's) and the largest. The no-reload runs against the pool of the *other*
-   no-reload runs give the ratio's noise floor on this machine.
+   no-reload runs give the ratio's noise floor on this machine. --long-window S: the same ratios over S
+   seconds from each publish too (with paced loading work, models.load_pace, the switch comes long after
+   the 10 s; S should hold it).
 5. Per publish: rename to the first reply by the new version (each reply's ``model_versions``),
    rename to the server's switch (``serving_since`` from ``jizhictl models --json``, read after the
    run; also the server's own rename-to-switch, ``timings_ms.total``, from the directory's ctime,

@@ -104,9 +104,11 @@ def log(s=""):
 # The daemon
 
 
-def start_daemon(work, port):
-    """run-many-models-bench's Daemon (nothing left behind, even when it never gets ready) on demo.toml."""
-    return mm.Daemon(work, NAME, port, [REPO / "etc" / "pipelines" / "demo.toml"])
+def start_daemon(work, port, load_pace=None):
+    """run-many-models-bench's Daemon (nothing left behind, even when it never gets ready) on demo.toml;
+    ``load_pace``: models.load_pace (None: the setting's default)."""
+    config = f"[models]\nload_pace = {load_pace}\n" if load_pace is not None else ""
+    return mm.Daemon(work, NAME, port, [REPO / "etc" / "pipelines" / "demo.toml"], config=config)
 
 
 def versions_now(run_dir):
@@ -155,6 +157,7 @@ class Publisher(threading.Thread):
         self.records = []
         self.cancel = threading.Event()
         self.proc = None
+        self.pace = None        # the command's --pace (None: its default)
 
     def run(self):
         try:
@@ -168,6 +171,8 @@ class Publisher(threading.Thread):
     def publish(self, version):
         target = self.models / MODEL / str(version)
         cmd = [str(BIN / "jizhictl"), "demo", "publish", str(self.models), "--to", str(version), "--seed", str(version)]
+        if self.pace is not None:
+            cmd += ["--pace", f"{self.pace:g}"]
         rec = {"version": version, "command": shlex.join(cmd), "t_cmd_start": time.monotonic(),
                "t_cmd_start_wall": time.time(), "t_rename": None, "t_rename_wall": None, "t_not_yet": None,
                "t_cmd_end": None, "rc": None}
@@ -263,6 +268,7 @@ def one_run(d, a, trace, rate, kind, index, sup_pid, instance, next_version, ser
     t0 = time.monotonic() + 1.0     # the sampler's first second is before the load
     versions = list(range(next_version, next_version + len(a.publish_at))) if kind == "reload" else []
     pub = Publisher(models, [(t0 + p, v) for p, v in zip(a.publish_at, versions)], loop, a.publish_timeout)
+    pub.pace = a.load_pace
     progress = Progress(sys.stderr.isatty())
     if progress.enabled:
         loop.every(PROGRESS_INTERVAL_S, lambda now: progress.show(f"run {index} {kind:<6} " + loop.progress_line(now),
@@ -562,6 +568,8 @@ def main():
     ap.add_argument("--duration", type=float, default=90.0, help="Seconds of load per run.")
     ap.add_argument("--publish-at", default="20,55", help="Offsets (s from the load's start) of the publishes.")
     ap.add_argument("--window", type=float, default=10.0, help="Seconds of requests measured from each publish.")
+    ap.add_argument("--load-pace", type=float, default=None,
+                    help="models.load_pace for the daemon and --pace for the publish command (default: theirs).")
     ap.add_argument("--long-window", type=float, default=0.0,
                     help="Also the p99 ratio over this many seconds from each publish (0: not): with paced loading "
                          "work (models.load_pace) the switch comes after --window, and this one should cover it.")
@@ -625,7 +633,7 @@ def main():
            "conditions": {}, "runs": []}
     d = None
     try:
-        d = start_daemon(work, a.port)
+        d = start_daemon(work, a.port, a.load_pace)
         status = control.call(d.run_dir, "status", timeout_s=5.0)
         sup_pid, instance = status["pid"], status["instance"]
         serving, waited = wait_settled(d, sup_pid, instance, a.settle_timeout)
@@ -642,7 +650,7 @@ def main():
         res["conditions"] = {
             "rate": r, "max_rate": max_rate, "fraction": a.fraction if a.find_max else None, "find_max_json": find_json,
             "runs_per_kind": a.runs, "first": a.first, "duration_s": a.duration, "publish_at_s": a.publish_at,
-            "window_s": a.window, "seed": a.seed, "deadline_ms": a.deadline_ms, "top_k": a.top_k,
+            "window_s": a.window, "long_window_s": a.long_window, "load_pace": a.load_pace, "seed": a.seed, "deadline_ms": a.deadline_ms, "top_k": a.top_k,
             "pipeline": PIPELINE, "pipeline_file": str(REPO / "etc" / "pipelines" / "demo.toml"),
             "trace": a.trace, "trace_requests": len(trace), "candidates_mean": trace.mean_candidates(),
             "models": str(models), "run_dir": str(d.run_dir), "instance": instance, "supervisor_pid": sup_pid,

@@ -143,7 +143,6 @@ class Pacer:
         self.wake = threading.Event()
         self.closed = False
         self.thread = None
-        self.stopped_s = 0.0                # time targets were held stopped (the pacing's cost, for info)
 
     def add(self, pid, name=""):
         """Pace ``pid`` from now on; False when pacing is off or the process is already gone."""
@@ -210,14 +209,15 @@ class Pacer:
                 break
             if self._each(signal.SIGSTOP):
                 time.sleep(off_s)
-                self.stopped_s += off_s
         self._each(signal.SIGCONT)
 
 
 def run_paced(argv, duty, env=None, preexec_fn=None):
     """Run ``argv`` (at the idle priority: it lowers it itself when it sees ``JIZHI_PACED``) paced at
-    ``duty``; SIGINT and SIGTERM are passed on. ``preexec_fn``: jizhi.lifeline's ``killed_with_parent``
-    (its death signal SIGKILL from the fork on). Returns its exit code (a signal's: 128 + the signal)."""
+    ``duty``. On SIGINT (which a terminal sends the command too: it is in our process group) or SIGTERM
+    (passed on) the command is let go, to handle it at full speed. ``preexec_fn``: jizhi.lifeline's
+    ``killed_with_parent`` (its death signal SIGKILL from the fork on). Returns its exit code (a
+    signal's: 128 + the signal)."""
     env = dict(os.environ if env is None else env, **{PACED_ENV: "1"})
     proc = subprocess.Popen(argv, env=env, preexec_fn=preexec_fn)
     pacer = Pacer(duty)
@@ -225,10 +225,11 @@ def run_paced(argv, duty, env=None, preexec_fn=None):
 
     def forward(signum, frame):
         pacer.release([proc.pid])
-        try:
-            proc.send_signal(signum)
-        except OSError:
-            pass
+        if signum == signal.SIGTERM:
+            try:
+                proc.send_signal(signum)
+            except OSError:
+                pass
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         rc = proc.wait()

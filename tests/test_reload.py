@@ -151,6 +151,17 @@ def test_three_versions_in_a_row_under_load_no_request_fails_bad_ones_never_serv
     for _ in range(50):
         assert not [pid for pid in server.workers() if proc_state(pid) == "T"], "a serving worker is held stopped"
         time.sleep(0.01)
+    # A serving worker that dies is restarted (with the argv it loaded with) and not paced.
+    before = server.workers()
+    victim = next(iter(before))
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(server.workers()) == len(before) and victim not in server.workers(), 30,
+               what="the killed worker's restart")
+    restarted = [pid for pid in server.workers() if pid not in before]
+    assert restarted and "--paced" in server.children()[restarted[0]]    # (the argv it loaded with)
+    for _ in range(50):
+        assert not [pid for pid in server.workers() if proc_state(pid) == "T"], "a restarted worker is held stopped"
+        time.sleep(0.01)
 
 
 @pytest.mark.slow

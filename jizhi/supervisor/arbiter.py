@@ -375,8 +375,8 @@ class Supervisor:
         child.proc = self.spawner(child.argv, self.child_env())
         child.started = self.clock()
         child.kill_at = None
-        if "--paced" in child.argv:
-            self.versions.pace(child.proc.pid, child.name)
+        if "--paced" in child.argv and self.versions.loading(child.key):
+            self.versions.pace(child.proc.pid, child.name)   # (not a restart once its version serves)
         log.info("started %s pid=%d%s", child.name, child.proc.pid,
                  f" version={child.version}" if child.version is not None else "")
 

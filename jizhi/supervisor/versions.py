@@ -417,6 +417,11 @@ class VersionManager:
         if self.pacing() and self.pacer.add(pid, name):
             log.debug("pacing %s (pid %d): it runs %.0f%% of the time", name, pid, self.pacer.duty * 100)
 
+    def loading(self, key):
+        """Is the worker ``key``'s version still loading?"""
+        ld = self.loaded.get(key.pipeline, {}).get(key.bank)
+        return ld is not None and ld.state == VersionState.LOADING
+
     def bank_pids(self, ld):
         """The running workers of ``ld``'s bank."""
         return [c.proc.pid for c in list(self.sup.children.values())

@@ -155,10 +155,13 @@ def test_three_versions_in_a_row_under_load_no_request_fails_bad_ones_never_serv
     before = server.workers()
     victim = next(iter(before))
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(server.workers()) == len(before) and victim not in server.workers(), 30,
-               what="the killed worker's restart")
-    restarted = [pid for pid in server.workers() if pid not in before]
-    assert restarted and "--paced" in server.children()[restarted[0]]    # (the argv it loaded with)
+
+    def replaced():
+        now = server.workers()      # (one look: the victim may still be listed, its successor not yet)
+        new = [pid for pid in now if pid not in before]
+        return new if len(now) == len(before) and victim not in now and new else None
+    restarted = wait_until(replaced, 30, what="the killed worker's restart")
+    assert "--paced" in server.children()[restarted[0]]    # (the argv it loaded with)
     for _ in range(50):
         assert not [pid for pid in server.workers() if proc_state(pid) == "T"], "a restarted worker is held stopped"
         time.sleep(0.01)

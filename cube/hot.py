@@ -28,8 +28,7 @@ Segment layouts (little-endian):
 """
 if __name__ == "__main__":
     from jizhi import lifeline
-    lifeline.hold(paced=True)   # first, before the imports below: this process must never outlive jizhid
-    # (paced: the supervisor may hold it stopped, jizhi/priority.py's Pacer; SIGKILL ends it even then)
+    lifeline.hold()   # first, before the imports below: this process must never outlive jizhid
 import argparse
 import json
 import os

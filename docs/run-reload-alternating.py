@@ -396,22 +396,28 @@ def ratio(x, y):
     return round(x / y, 3) if x is not None and y else None
 
 
-def summarize_long(runs, raws, a):
-    """The same ratios over --long-window s from each publish (the switch inside it): per publish, its p99
-    against the pooled no-reload p99 of the same span; the median, the pooled ratio, the largest."""
+def window_ratios(runs, raws, a, key):
+    """Per publish, the p99 of its window (``raws[run][key(k)]``, the OK latencies) against the pooled
+    no-reload p99 of the same window: (the no-reload pool per publish, the per-publish rows, and the
+    median, largest and pooled ratios with the pooled p99s and whether every publish met --target)."""
     nk = len(a.publish_at)
     none_idx = [i for i, r in enumerate(runs) if r["kind"] == "none"]
     rel_idx = [i for i, r in enumerate(runs) if r["kind"] == "reload"]
-    pool = {k: np.concatenate([raws[i][("long", k)] for i in none_idx] or [np.zeros(0)]) for k in range(nk)}
-    per = [{"run": runs[i]["run"], "publish": k + 1, "p99_ms": p99(raws[i][("long", k)]), "none_p99_ms": p99(pool[k]),
-            "ratio": ratio(p99(raws[i][("long", k)]), p99(pool[k]))} for i in rel_idx for k in range(nk)]
+    pool = {k: np.concatenate([raws[i][key(k)] for i in none_idx] or [np.zeros(0)]) for k in range(nk)}
+    per = [{"run": runs[i]["run"], "publish": k + 1, "p99_ms": p99(raws[i][key(k)]), "none_p99_ms": p99(pool[k]),
+            "ratio": ratio(p99(raws[i][key(k)]), p99(pool[k]))} for i in rel_idx for k in range(nk)]
     rs = [x["ratio"] for x in per if x["ratio"] is not None]
-    all_rel = np.concatenate([raws[i][("long", k)] for i in rel_idx for k in range(nk)] or [np.zeros(0)])
+    all_rel = np.concatenate([raws[i][key(k)] for i in rel_idx for k in range(nk)] or [np.zeros(0)])
     all_none = np.concatenate([pool[k] for k in range(nk)])
-    return {"window_s": a.long_window, "per_publish": per, "ratio_median": round(float(np.median(rs)), 3) if rs else None,
-            "ratio_max": max(rs) if rs else None, "ratio_pooled": ratio(p99(all_rel), p99(all_none)),
-            "reload_pooled_p99_ms": p99(all_rel), "none_pooled_p99_ms": p99(all_none),
-            "target_met": bool(rs) and all(x <= a.target for x in rs)}
+    return pool, per, {"ratio_median": round(float(np.median(rs)), 3) if rs else None, "ratio_max": max(rs) if rs else None,
+                       "ratio_pooled": ratio(p99(all_rel), p99(all_none)), "reload_pooled_p99_ms": p99(all_rel),
+                       "none_pooled_p99_ms": p99(all_none), "target_met": bool(rs) and all(x <= a.target for x in rs)}
+
+
+def summarize_long(runs, raws, a):
+    """The same ratios over --long-window s from each publish (the switch inside it)."""
+    _, per, stats = window_ratios(runs, raws, a, lambda k: ("long", k))
+    return {"window_s": a.long_window, "per_publish": per, **stats}
 
 
 def summarize(runs, raws, a):
@@ -419,31 +425,24 @@ def summarize(runs, raws, a):
     nk = len(a.publish_at)
     none_idx = [i for i, r in enumerate(runs) if r["kind"] == "none"]
     rel_idx = [i for i, r in enumerate(runs) if r["kind"] == "reload"]
-    pool = {k: np.concatenate([raws[i][k] for i in none_idx] or [np.zeros(0)]) for k in range(nk)}
+    pool, per, stats = window_ratios(runs, raws, a, lambda k: k)
     out = {"target_ratio": a.target, "none_pooled_p99_ms": {str(k + 1): p99(pool[k]) for k in range(nk)},
            "per_publish": [], "none_against_other_none": []}
-    for i in rel_idx:
-        for k, w in enumerate(runs[i]["windows"]):
-            out["per_publish"].append({"run": runs[i]["run"], "publish": k + 1, "version": w.get("version"),
-                                       "p99_ms": w["p99_ms"], "none_p99_ms": p99(pool[k]),
-                                       "ratio": ratio(w["p99_ms"], p99(pool[k])),
-                                       "errors": w["errors"], "lost": w["lost"]})
+    for row in per:
+        w = runs[next(i for i in rel_idx if runs[i]["run"] == row["run"])]["windows"][row["publish"] - 1]
+        out["per_publish"].append({**row, "version": w.get("version"), "errors": w["errors"], "lost": w["lost"]})
     for i in none_idx:     # the noise floor: each no-reload run against the pool of the others
         others = [j for j in none_idx if j != i]
         for k, w in enumerate(runs[i]["windows"]):
             ref = p99(np.concatenate([raws[j][k] for j in others])) if others else None
             out["none_against_other_none"].append({"run": runs[i]["run"], "publish": k + 1, "p99_ms": w["p99_ms"],
                                                    "others_p99_ms": ref, "ratio": ratio(w["p99_ms"], ref)})
-    rs = [x["ratio"] for x in out["per_publish"] if x["ratio"] is not None]
     ns = [x["ratio"] for x in out["none_against_other_none"] if x["ratio"] is not None]
-    all_rel = np.concatenate([raws[i][k] for i in rel_idx for k in range(nk)] or [np.zeros(0)])
-    all_none = np.concatenate([pool[k] for k in range(nk)])
-    out.update(ratio_median=round(float(np.median(rs)), 3) if rs else None,
-               ratio_max=max(rs) if rs else None,
-               ratio_pooled=ratio(p99(all_rel), p99(all_none)),
-               reload_windows_pooled_p99_ms=p99(all_rel), none_windows_pooled_p99_ms=p99(all_none),
+    out.update(ratio_median=stats["ratio_median"], ratio_max=stats["ratio_max"], ratio_pooled=stats["ratio_pooled"],
+               reload_windows_pooled_p99_ms=stats["reload_pooled_p99_ms"],
+               none_windows_pooled_p99_ms=stats["none_pooled_p99_ms"],
                noise_ratio_median=round(float(np.median(ns)), 3) if ns else None, noise_ratio_max=max(ns) if ns else None)
-    out["target_met"] = bool(rs) and all(x <= a.target for x in rs)
+    out["target_met"] = stats["target_met"]
     out["noisy"] = {str(r["run"]): r["noisy"] for r in runs if r["noisy"]}
     for kind, idx in (("reload", rel_idx), ("none", none_idx)):
         ws = [w for i in idx for w in runs[i]["windows"]]

@@ -30,6 +30,7 @@ import time
 ENV_SUPERVISOR = "JIZHI_SUPERVISOR_PID"
 ENV_INSTANCE = "JIZHI_INSTANCE"
 PR_SET_PDEATHSIG = 1
+PR_GET_PDEATHSIG = 2
 EXIT_STALE_RUN = 6   # also in jizhi/errors.py (kept here so hold() imports nothing of jizhi)
 
 _expected_parent = None
@@ -67,23 +68,33 @@ def arm(sig=signal.SIGTERM):
 
 def killed_with_parent():
     """A ``preexec_fn`` for a child its parent may hold stopped (jizhi/priority.py's ``Pacer``): SIGKILL
-    as its death signal from the fork on (the setting survives exec), so even a child stopped before
-    its own ``hold(paced=True)`` ran ends with its parent. Runs between fork and exec: one libc call."""
+    as its death signal from the fork on (the setting survives exec, and ``hold`` keeps it), so even a
+    child stopped before its first instruction ends with its parent. Runs between fork and exec: one
+    libc call."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, 9)      # SIGKILL (an int: nothing to convert in the forked child)
 
 
-def hold(paced=False):
+def _armed():
+    """The death signal already set (by the parent, between fork and exec), or 0."""
+    if _PRCTL is None:
+        return 0
+    sig = ctypes.c_int(0)
+    _PRCTL(PR_GET_PDEATHSIG, ctypes.byref(sig))
+    return sig.value
+
+
+def hold():
     """Die with the supervisor: arm the death signal, then check the parent is still the one that started us.
 
-    ``paced``: the supervisor may hold this process stopped (``jizhi.priority.Pacer``: loading work,
-    the validation child, a hot-tier build), so the death signal is SIGKILL, which ends a stopped
-    process (SIGTERM would wait, pending, for a SIGCONT nobody sends); a loading worker arms SIGTERM
-    again once it serves. Outside jizhid (no ``JIZHI_SUPERVISOR_PID``, e.g. a test running a broker
-    by hand) only the death signal is armed.
+    The death signal is SIGTERM, unless the supervisor set one at the fork (``killed_with_parent``:
+    SIGKILL for a child it may hold stopped, which SIGTERM would never end; a loading worker arms
+    SIGTERM again once it serves). Outside jizhid (no ``JIZHI_SUPERVISOR_PID``, e.g. a test running a
+    broker by hand) only the death signal is armed.
     """
     global _expected_parent
-    arm(signal.SIGKILL if paced else signal.SIGTERM)
+    if not _armed():
+        arm(signal.SIGTERM)
     want = os.environ.get(ENV_SUPERVISOR, "")
     if want.isdigit():
         _expected_parent = int(want)

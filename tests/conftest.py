@@ -65,6 +65,12 @@ _live = []  # servers not yet torn down, for log tails on failure
 # Plain helpers
 
 
+def proc_state(pid):
+    """The one-letter state of process ``pid`` from /proc (R, S, T stopped, Z, ...); FileNotFoundError when gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def wait_until(predicate, timeout_s, interval_s=0.05, what=None):
     """Poll ``predicate`` until it returns something truthy; return that value.
 

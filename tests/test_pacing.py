@@ -1,10 +1,12 @@
-"""Paced loading work (issue 23, jizhi/priority.py ``Pacer`` and ``run_paced``; jizhi/lifeline.py ``hold(paced=True)``).
+"""Paced loading work (issue 23, jizhi/priority.py ``Pacer`` and ``run_paced``; jizhi/lifeline.py
+``killed_with_parent`` and ``hold``).
 
 Real processes and real signals: a CPU-bound child held stopped part of every 20 ms, let go, dropped
 when it ends; a paced child whose parent dies while it is stopped ends all the same (SIGKILL as its
-death signal) where a SIGTERM one would wait stopped for ever; a real jizhid SIGKILLed while it holds
-a new version's workers stopped leaves no process; ``jizhictl demo publish`` runs as a paced child
-and publishes.
+death signal, set at the fork) where a SIGTERM one waits stopped for ever; a real jizhid SIGKILLed
+while it holds a new version's workers stopped leaves no process; ``jizhictl demo publish`` runs as
+a paced child and publishes. No test sleeps: each polls for what it waits for, and a share of time
+is measured against the spinner's own CPU clock.
 """
 import os
 import signal
@@ -14,30 +16,28 @@ import time
 
 import pytest
 
-from conftest import REPO, Launcher, wait_until
+from conftest import REPO, Launcher, proc_state, wait_until
 from jizhi import lifeline, priority
 from jizhi.tools.demo import publish, stage_version
+from jizhi.tools.procfs import proc_cpu_s
 
 SPIN = [sys.executable, "-c", "while True: pass"]
 
 
-def state(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 def cpu_s(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc_cpu_s(pid)[0]
 
 
-def states(pid, n, every_s=0.005):
-    out = []
-    for _ in range(n):
-        out.append(state(pid))
-        time.sleep(every_s)
-    return out
+def run_for(pid, cpu_seconds, timeout_s=30):
+    """Poll until ``pid`` got ``cpu_seconds`` more CPU; returns (its share of the wall time meanwhile,
+    the states seen)."""
+    c0, t0, seen = cpu_s(pid), time.monotonic(), set()
+
+    def enough():
+        seen.add(proc_state(pid))
+        return cpu_s(pid) - c0 >= cpu_seconds
+    wait_until(enough, timeout_s, interval_s=0.002, what=f"{cpu_seconds} s of CPU")
+    return (cpu_s(pid) - c0) / (time.monotonic() - t0), seen
 
 
 @pytest.fixture
@@ -52,19 +52,17 @@ def test_a_paced_process_runs_its_share_of_the_time_and_runs_on_once_released(sp
     pacer = priority.Pacer(0.25)
     try:
         assert pacer.add(spinner.pid, "spinner")
-        time.sleep(0.2)
-        c0, t0 = cpu_s(spinner.pid), time.monotonic()
-        seen = states(spinner.pid, 200)
-        share = (cpu_s(spinner.pid) - c0) / (time.monotonic() - t0)
-        # Stopped about 75 % of the time: most samples see it stopped, and it got at most about its share.
-        assert seen.count("T") / len(seen) > 0.5, seen
-        assert share < 0.45, share
+        wait_until(lambda: proc_state(spinner.pid) == "T", 5, interval_s=0.001, what="the spinner held stopped")
+        # Stopped about 75 % of the time: it is seen stopped, and it gets at most about its share.
+        share, seen = run_for(spinner.pid, 0.3)
+        assert "T" in seen and share < 0.45, (share, seen)
         pacer.release([spinner.pid])
         assert pacer.paced() == {}
-        assert "T" not in states(spinner.pid, 100), "a released process is held stopped"
+        _, seen = run_for(spinner.pid, 0.3)
+        assert "T" not in seen, "a released process is held stopped"
     finally:
         pacer.close()
-    assert state(spinner.pid) != "T"
+    assert proc_state(spinner.pid) != "T"
 
 
 def test_a_process_that_ends_is_dropped_and_close_leaves_nothing_stopped(spinner):
@@ -72,13 +70,14 @@ def test_a_process_that_ends_is_dropped_and_close_leaves_nothing_stopped(spinner
     pacer = priority.Pacer(0.25)
     try:
         assert pacer.add(spinner.pid, "a") and pacer.add(other.pid, "b")
-        time.sleep(0.1)
+        wait_until(lambda: proc_state(other.pid) == "T", 5, interval_s=0.001, what="the other one held stopped")
         other.kill()
         other.wait()
         wait_until(lambda: list(pacer.paced()) == [spinner.pid], 2, what="the ended process dropped")
     finally:
         pacer.close()
-    assert "T" not in states(spinner.pid, 50)
+    _, seen = run_for(spinner.pid, 0.2)
+    assert "T" not in seen
 
 
 def test_only_a_child_of_its_own_is_ever_paced_and_a_share_of_one_paces_nothing(spinner):
@@ -95,18 +94,26 @@ def test_only_a_child_of_its_own_is_ever_paced_and_a_share_of_one_paces_nothing(
 
 
 def held_child(paced):
-    """A parent process whose child arms its death signal (paced or not) and sleeps; returns (parent, child pid)."""
-    child_code = ("import sys, time; sys.path.insert(0, %r); from jizhi import lifeline; "
-                  "lifeline.hold(paced=%r); print('armed', flush=True); time.sleep(60)" % (str(REPO), paced))
-    parent_code = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', %r], stdout=subprocess.PIPE); "
-                   "c.stdout.readline(); print(c.pid, flush=True); import time; time.sleep(60)" % child_code)
+    """A parent process whose child (its death signal set at the fork when ``paced``, then ``hold``)
+    waits for signals; returns (parent, child pid)."""
+    child_code = ("import sys, signal; sys.path.insert(0, %r); from jizhi import lifeline; "
+                  "lifeline.hold(); print('armed', flush=True); signal.pause()" % str(REPO))
+    parent_code = ("import subprocess, sys, signal; sys.path.insert(0, %r); from jizhi import lifeline; "
+                   "c = subprocess.Popen([sys.executable, '-c', %r], stdout=subprocess.PIPE, "
+                   "preexec_fn=lifeline.killed_with_parent if %r else None); "
+                   "c.stdout.readline(); print(c.pid, flush=True); signal.pause()" % (str(REPO), child_code, paced))
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
     return parent, int(parent.stdout.readline())
 
 
+def status(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split()[1] for line in f if line.startswith(key + ":"))
+
+
 def gone(pid):
     try:
-        return state(pid) == "Z"
+        return proc_state(pid) == "Z"
     except FileNotFoundError:
         return True
 
@@ -116,43 +123,21 @@ def test_a_paced_child_held_stopped_still_dies_with_its_parent(paced):
     parent, child = held_child(paced)
     try:
         os.kill(child, signal.SIGSTOP)
-        wait_until(lambda: state(child) == "T", 2, what="the child stopped")
+        wait_until(lambda: proc_state(child) == "T", 2, what="the child stopped")
         parent.kill()
         parent.wait()
         if paced:
             wait_until(lambda: gone(child), 5, what="the stopped paced child to end with its parent")
         else:
-            # A SIGTERM death signal waits, pending, for a SIGCONT nobody sends: why a paced child arms SIGKILL.
-            time.sleep(1.0)
-            assert state(child) == "T"
+            # A SIGTERM death signal waits, pending, for a SIGCONT nobody sends: why a paced child has SIGKILL.
+            wait_until(lambda: int(status(child, "ShdPnd"), 16) & (1 << (signal.SIGTERM - 1)), 5,
+                       what="the death signal SIGTERM pending on the stopped child")
+            assert proc_state(child) == "T" and status(child, "PPid") != str(parent.pid)
     finally:
         try:
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def test_jizhictl_demo_publish_runs_as_a_paced_child_and_publishes(private_demo_models):
-    jizhictl = os.path.join(os.path.dirname(sys.executable), "jizhictl")
-    cmd = subprocess.Popen([jizhictl, "demo", "publish", str(private_demo_models), "--to", "2", "--seed", "3"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = set()
-    while cmd.poll() is None:
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == cmd.pid:
-                    seen.add(fields[0])
-        time.sleep(0.01)
-    out, err = cmd.communicate()
-    assert cmd.returncode == 0, err
-    assert out.strip() == f"published {private_demo_models / 'demo' / '2'}"
-    assert (private_demo_models / "demo" / "2" / "manifest.toml").is_file()
-    assert "T" in seen, f"the command's child was never seen stopped: {seen}"
 
 
 def test_a_supervisor_sigkilled_while_it_holds_a_new_versions_workers_stopped_leaves_no_process(
@@ -173,7 +158,7 @@ def test_a_supervisor_sigkilled_while_it_holds_a_new_versions_workers_stopped_le
             out = []
             for pid, argv in server.children().items():
                 try:
-                    if "--paced" in argv and state(pid) == "T":
+                    if "--paced" in argv and proc_state(pid) == "T":
                         out.append(pid)
                 except FileNotFoundError:
                     pass
@@ -187,3 +172,27 @@ def test_a_supervisor_sigkilled_while_it_holds_a_new_versions_workers_stopped_le
                    what="every child of the SIGKILLed supervisor to end, a stopped one too")
         server.start()               # the next run answers (and the teardown finds /dev/shm clean)
         assert server.info()["pipelines"]
+
+
+def test_jizhictl_demo_publish_runs_as_a_paced_child_and_publishes(private_demo_models):
+    jizhictl = os.path.join(os.path.dirname(sys.executable), "jizhictl")
+    cmd = subprocess.Popen([jizhictl, "demo", "publish", str(private_demo_models), "--to", "2", "--seed", "3"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = set()
+
+    def ended():     # (and the states of its child meanwhile)
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                st = proc_cpu_s(int(pid))      # (cpu seconds, ppid)
+                try:
+                    if st is not None and st[1] == cmd.pid:
+                        seen.add(proc_state(int(pid)))
+                except FileNotFoundError:
+                    continue
+        return cmd.poll() is not None
+    wait_until(ended, 120, interval_s=0.01, what="the publish command to end")
+    out, err = cmd.communicate()
+    assert cmd.returncode == 0, err
+    assert out.strip() == f"published {private_demo_models / 'demo' / '2'}"
+    assert (private_demo_models / "demo" / "2" / "manifest.toml").is_file()
+    assert "T" in seen, f"the command's child was never seen stopped: {seen}"

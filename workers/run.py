@@ -15,10 +15,8 @@ so a worker stuck in a stage goes quiet.
 Exit codes (jizhi/errors.py) tell the supervisor why a worker could not start.
 """
 if __name__ == "__main__":
-    import sys as _sys
     from jizhi import lifeline
-    lifeline.hold(paced="--paced" in _sys.argv)   # first, before the imports below: this process must never
-    # outlive jizhid (a loading worker the supervisor paces may be stopped: SIGKILL ends it even then)
+    lifeline.hold()   # first, before the imports below: this process must never outlive jizhid
 import argparse
 import logging
 import os
@@ -56,8 +54,8 @@ def restore_priority(cores=None):
     """Serving now: every thread on its group's cores (or all) and back to the parent's nice value.
 
     Lowering nice needs CAP_SYS_NICE (the systemd unit grants it); without it the worker serves niced.
-    A paced loading worker (``--paced``, SIGKILL as its death signal) is no longer paced once it serves:
-    SIGTERM again, so it stops cleanly with its supervisor.
+    A paced loading worker (``--paced``: SIGKILL as its death signal from its fork) is no longer paced
+    once it serves: SIGTERM again, so it stops cleanly with its supervisor.
     """
     lifeline.arm(signal.SIGTERM)
     try:
@@ -425,7 +423,7 @@ def main(argv=None):
                     help="load at the idle CPU and I/O priority (SCHED_IDLE), back to normal once serving")
     ap.add_argument("--paced", action="store_true",
                     help="the supervisor may hold this loading worker stopped part of the time (models.load_pace) "
-                         "until it serves: its death signal is SIGKILL until then")
+                         "until it serves (it sets SIGKILL as its death signal at the fork)")
     ap.add_argument("--load-cores", default="",
                     help="while loading, run on these cores only (comma-separated), until the version serves")
     args = ap.parse_args(argv)

@@ -45,7 +45,8 @@ def demo():
 @click.option("--idle/--no-idle", default=True, show_default=True,
               help="Copy at the idle CPU and I/O priority (SCHED_IDLE, ioprio idle class): on a serving machine the "
                    "copy takes only what jizhid leaves.")
-@click.option("--pace", type=click.FloatRange(0, 1, min_open=True), default=0.25, show_default=True,
+@click.option("--pace", type=click.FloatRange(0, 1, min_open=True), default=priority.COMMAND_PACE[("demo", "publish")],
+              show_default=True,
               help="Run SHARE of the time, stopped for the rest of every 20 ms (bin/jizhictl runs the command as a "
                    "paced child): its kernel work (copies, page faults) does not delay serving, whatever its "
                    "priority. 1: not paced.")
@@ -283,7 +284,8 @@ def profiles():
 @click.option("--idle/--no-idle", default=True, show_default=True,
               help="Run at the idle CPU and I/O priority (SCHED_IDLE): on a serving machine the build takes only the CPU "
                    "jizhid leaves (measured: p99 3.6x steady during a build at normal priority).")
-@click.option("--pace", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--pace", type=click.FloatRange(0, 1, min_open=True), default=priority.COMMAND_PACE[("profiles", "build")],
+              show_default=True,
               help="Run SHARE of the time, stopped for the rest of every 20 ms (bin/jizhictl runs the command as a "
                    "paced child), e.g. 0.25 beside a loaded server: its kernel work (file reads, page faults) is "
                    "spread thin; the build takes about 1/SHARE as long. 1: not paced.")

@@ -59,7 +59,10 @@ SETTINGS = [
     Setting("limits.max_message_bytes", int, 256 << 10, _positive,
             "Largest client message (all frames) accepted; more is BAD_REQUEST."),
     Setting("limits.max_in_flight", int, 64, _positive,
-            "Requests admitted at once per pipeline (arena slots); more is OVERLOADED with retry_after_ms."),
+            "Requests admitted at once per pipeline (arena slots); more wait for a slot (limits.max_waiting)."),
+    Setting("limits.max_waiting", int, 64, _nonneg,
+            "Requests per pipeline that wait in the broker, in arrival order, for a request slot when every slot "
+            "is taken (each until its deadline); more is OVERLOADED with retry_after_ms. 0: refuse at once."),
     Setting("limits.max_connections", int, 1000, _positive,
             "Client connections served at once. A connection past it is refused: its first request is answered "
             "OVERLOADED with retry_after_ms, then it is closed (the broker raises its descriptor limit to fit)."),

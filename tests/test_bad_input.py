@@ -233,9 +233,9 @@ def test_an_expired_deadline_is_deadline_exceeded(client, demo_trace):
 
 @pytest.fixture(scope="module")
 def impatient(launch_module, pipeline_dir):
-    """A second jizhid: a tiny default deadline and only two request slots."""
+    """A second jizhid: a tiny default deadline, only two request slots and a line of four for them."""
     return launch_module.start(pipelines=[pipeline_dir / "impatient.toml", pipeline_dir / "impatient_slow.toml"],
-                               config_text="[limits]\ndefault_deadline_ms = 0.001\nmax_in_flight = 2\n")
+                               config_text="[limits]\ndefault_deadline_ms = 0.001\nmax_in_flight = 2\nmax_waiting = 4\n")
 
 
 def test_a_tiny_default_deadline_in_the_config_applies_to_requests_that_name_none(
@@ -252,12 +252,15 @@ def test_a_tiny_default_deadline_in_the_config_applies_to_requests_that_name_non
                what="every slot to be free again")
 
 
-def test_more_requests_than_max_in_flight_are_overloaded_with_a_retry_hint(impatient, demo_trace, trace_scores):
+def test_past_the_slots_requests_wait_in_line_and_past_the_line_are_overloaded_with_a_retry_hint(
+        impatient, demo_trace, trace_scores):
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(impatient.endpoint)
     sent = 20
-    # Encoded first, then sent back to back: 20 arrive while the first 2 (max_in_flight) sleep in the ranker.
+    # Encoded first, then sent back to back: 20 arrive while the first 2 (max_in_flight) sleep in the ranker;
+    # 4 (max_waiting) wait for them.
+    before = impatient.info()["pipelines"]["impatient_slow"]
     messages = [[b""] + protocol.encode_request(
         id=i, pipeline="impatient_slow", user=demo_trace[i % 8][0], item_ids=demo_trace[i % 8][1],
         recall_scores=demo_trace[i % 8][2], ret="all", deadline_ms=30_000) for i in range(sent)]
@@ -280,9 +283,12 @@ def test_more_requests_than_max_in_flight_are_overloaded_with_a_retry_hint(impat
             assert header["code"] == OVERLOADED, header
             assert isinstance(header["retry_after_ms"], int) and header["retry_after_ms"] > 0, header
         outcomes[header["status"] == "ok" and "ok" or header["code"]] += 1
-    assert outcomes["ok"] >= 2 and outcomes[OVERLOADED] >= 1, outcomes
-    wait_until(lambda: impatient.info()["pipelines"]["impatient_slow"]["in_flight"] == 0, 10,
-               what="every slot to be free again")
+    assert outcomes["ok"] >= 6 and outcomes[OVERLOADED] >= 1, outcomes
+    after = wait_until(lambda: (lambda p: p if p["in_flight"] == 0 else None)(
+        impatient.info()["pipelines"]["impatient_slow"]), 10, what="every slot to be free again")
+    assert after["waiting"] == 0
+    assert after["waited"] - before["waited"] >= 4
+    assert after["refused"] - before["refused"] == outcomes[OVERLOADED]
 
 
 def test_a_top_k_beyond_int64_ranks_every_candidate_without_killing_a_worker(

@@ -253,8 +253,8 @@ def test_a_request_expired_in_a_worker_keeps_its_slot_until_the_worker_answers()
 # -- admission limits --------------------------------------------------------------------------
 
 
-def test_with_every_slot_taken_a_request_is_refused_overloaded_with_a_ticket_each_later_than_the_last():
-    b, sink, clock = make_broker(limits__max_in_flight=2)
+def test_with_every_slot_taken_and_no_line_a_request_is_refused_overloaded_with_a_ticket_each_later_than_the_last():
+    b, sink, clock = make_broker(limits__max_in_flight=2, limits__max_waiting=0)
     join(b, b"w1")
     score(b, b"c1", 1)
     score(b, b"c2", 2)
@@ -264,12 +264,108 @@ def test_with_every_slot_taken_a_request_is_refused_overloaded_with_a_ticket_eac
     assert (r3["code"], r4["code"]) == (OVERLOADED, OVERLOADED)
     # No slot freed yet: 100 per second assumed, a ticket 10 ms after the last one.
     assert (r3["retry_after_ms"], r4["retry_after_ms"]) == (10, 20)
-    assert r3["message"] == "2 requests in flight on pipeline p (2 slots), 0 clients told to retry before this one"
-    assert r4["message"] == "2 requests in flight on pipeline p (2 slots), 1 clients told to retry before this one"
+    assert r3["message"] == ("2 requests in flight on pipeline p (2 slots) and 0 waiting for one (limits.max_waiting), "
+                             "0 clients told to retry before this one")
+    assert r4["message"] == ("2 requests in flight on pipeline p (2 slots) and 0 waiting for one (limits.max_waiting), "
+                             "1 clients told to retry before this one")
+
+
+def test_with_every_slot_taken_requests_wait_in_arrival_order_and_past_the_line_get_a_ticket_behind_it():
+    b, sink, clock = make_broker(make_plan(batch=1), limits__max_in_flight=1, limits__max_waiting=2)
+    join(b, b"w1")
+    for c, u in ((b"c1", 1), (b"c2", 2), (b"c3", 3), (b"c4", 4)):
+        score(b, c, u, deadline_ms=1000)
+        clock.advance(0.01)
+    # c1 holds the slot, c2 and c3 wait, c4 is refused with a turn after the two waiting ones (100/s assumed).
+    r4 = sink.reply(b"c4")
+    assert (r4["code"], r4["retry_after_ms"]) == (OVERLOADED, 30)
+    assert r4["message"].startswith("1 requests in flight on pipeline p (1 slots) and 2 waiting for one")
+    assert [h for who, h, _ in sink.replies if who != b"c4"] == []
+    fig = b.info()["pipelines"]["p"]
+    assert (fig["in_flight"], fig["waiting"], fig["waited"], fig["refused"]) == (1, 2, 2, 1)
+    for expect in ([1], [2], [3]):
+        ev = sink.events(b"w1")[-1]
+        assert users(ev) == expect
+        clock.advance(0.005)
+        finish(b, b"w1", ev)
+    assert [sink.reply(c)["status"] for c in (b"c1", b"c2", b"c3")] == ["ok"] * 3
+    assert b.pipes["p"].requests.ok == 3
+    assert b.info()["pipelines"]["p"]["waiting"] == 0
+
+
+def test_a_client_refused_past_the_line_that_comes_back_on_its_turn_goes_to_the_head_of_the_line():
+    b, sink, clock = make_broker(make_plan(batch=1), limits__max_in_flight=1, limits__max_waiting=1)
+    join(b, b"w1")
+    score(b, b"c1", 1)
+    score(b, b"c2", 2)
+    score(b, b"back", 3)
+    r = sink.reply(b"back")
+    assert (r["code"], r["retry_after_ms"]) == (OVERLOADED, 20)
+    clock.advance(0.02)
+    score(b, b"back", 4)            # its turn: ahead of c2, although the line was full
+    score(b, b"new", 5)             # no turn: refused
+    assert sink.reply(b"new")["code"] == OVERLOADED
+    finish(b, b"w1", sink.events(b"w1")[-1])
+    assert users(sink.events(b"w1")[-1]) == [4]
+    finish(b, b"w1", sink.events(b"w1")[-1])
+    assert users(sink.events(b"w1")[-1]) == [2]
+
+
+def test_a_waiting_request_whose_deadline_passes_is_answered_deadline_exceeded_and_never_admitted():
+    b, sink, clock = make_broker(make_plan(batch=1), limits__max_in_flight=1)
+    join(b, b"w1")
+    score(b, b"c1", 1, deadline_ms=1000)
+    score(b, b"c2", 2, deadline_ms=20)
+    score(b, b"c3", 3, deadline_ms=1000)
+    clock.advance(0.03)
+    b.sweep(clock())
+    r2 = sink.reply(b"c2")
+    assert (r2["code"], r2["message"]) == (DEADLINE_EXCEEDED, "deadline passed while waiting for a request slot "
+                                                              "of pipeline p")
+    finish(b, b"w1", sink.events(b"w1")[-1])
+    assert users(sink.events(b"w1")[-1]) == [3]
+    assert len(sink.events(b"w1")) == 2
+
+
+def test_a_request_that_waited_keeps_its_deadline_from_its_arrival_and_its_wait_counts_in_its_latency():
+    b, sink, clock = make_broker(make_plan(batch=1), limits__max_in_flight=1)
+    join(b, b"w1")
+    score(b, b"c1", 1, deadline_ms=1000)
+    clock.advance(0.2)
+    score(b, b"c2", 2, deadline_ms=1000)
+    clock.advance(0.3)
+    finish(b, b"w1", sink.events(b"w1")[-1])
+    ev = sink.events(b"w1")[-1]
+    assert users(ev) == [2]
+    assert ev.deadline_s[0] == pytest.approx(clock() - 0.3 + 1.0)     # 1 s from its arrival, not from now
+    clock.advance(0.1)
+    finish(b, b"w1", ev)
+    assert sink.reply(b"c2")["status"] == "ok"
+    assert b.pipes["p"].requests.lat_us[1] == pytest.approx(400_000, abs=1000)
+
+
+def test_waiting_requests_are_admitted_while_draining_and_answered_overloaded_when_the_broker_stops():
+    b, sink, clock = make_broker(make_plan(batch=1), limits__max_in_flight=1)
+    join(b, b"w1")
+    score(b, b"c1", 1)
+    score(b, b"c2", 2)
+    score(b, b"c3", 3)
+    b.on_backend(b"supervisor", messages.Drain().encode())
+    score(b, b"late", 4)
+    assert sink.reply(b"late")["message"] == "server is draining (jizhictl drain or shutdown)"
+    finish(b, b"w1", sink.events(b"w1")[-1])
+    assert users(sink.events(b"w1")[-1]) == [2]
+    b.sweep(clock())
+    assert sink.to(b"supervisor", messages.Drained) == []     # c3 still waits
+    b.refuse_held()
+    r2, r3 = sink.reply(b"c2"), sink.reply(b"c3")
+    assert (r2["code"], r3["code"]) == (OVERLOADED, OVERLOADED)
+    assert r3["message"] == "server stopping; retry on another node or later"
+    assert b.admission.waiting == 0
 
 
 def test_a_freed_slot_is_held_for_the_client_told_to_come_back_not_for_a_newcomer():
-    b, sink, clock = make_broker(make_plan(batch=1), limits__max_in_flight=1)
+    b, sink, clock = make_broker(make_plan(batch=1), limits__max_in_flight=1, limits__max_waiting=0)
     join(b, b"w1")
     score(b, b"c1", 1)
     score(b, b"back", 2)

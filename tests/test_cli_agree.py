@@ -85,7 +85,7 @@ def test_info_is_a_summary_for_people_and_json_for_machines(server):
     lines = text.splitlines()
     assert lines[0].startswith(f"jizhid instance {server.instance} at {server.endpoint}: ready, up "), text
     assert "(broker pid " in lines[0]
-    assert "limits: max_candidates 2000, max_message_bytes 256 KiB, max_in_flight 64, max_connections 1000" in text
+    assert "limits: max_candidates 2000, max_message_bytes 256 KiB, max_in_flight 64, max_waiting 64, max_connections 1000" in text
     assert "pipeline agree (default): ready, serving demo 1;" in text
     assert "  version 1 (demo 1): active," in text
     assert "  group scorer: " in text and "reader > features > cube > dnn > rank" in text

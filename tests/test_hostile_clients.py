@@ -129,6 +129,7 @@ def guarded(launch_module, tmp_path_factory):
         "sleepy", processors={"rank": "tests.stages:SleepyRanker"}, options={"rank": ["sleep_s = 0.02"]}))
     return launch_module.start(pipelines=["demo", d / "sleepy.toml"],
                                config_text=f"[limits]\nmax_connections = {MAX_CONNECTIONS}\nmax_in_flight = {SLOTS}\n"
+                                           f"max_waiting = {SLOTS}\n"
                                            f"clients_memory_mb = {CLIENTS_BOUND_MIB}\n")
 
 

@@ -6,8 +6,14 @@ client message (jizhi/protocol.py validates it: sizes, types, the limits
 is counted, logged (rate-limited) and answered BAD_REQUEST. ``ping``, ``info``
 and ``feedback`` are answered here; a ``score`` request is admitted to its
 pipeline's serving version when a slot is free (``RetryHints`` decides whose
-turn a freed slot is), else refused OVERLOADED with ``retry_after_ms``; it
-is refused too while the broker drains or stops, or when no version serves.
+turn a freed slot is); else it waits in the pipeline's *line* (up to
+``limits.max_waiting`` requests, in arrival order, each until its deadline)
+and is admitted when a slot frees (``unpark``, after every input that can
+free one), or, the line full, refused OVERLOADED with ``retry_after_ms``. A
+request is refused too while the broker drains or stops (one already waiting
+is still admitted while it drains), or when no version serves. The line
+absorbs the onset of an overload, before the shedding cut has caught up, so
+a request is refused only when waiting cannot help it (issue 23).
 
 The deadline is converted here, once: the client's ``deadline_ms`` (a budget,
 default ``limits.default_deadline_ms``) becomes ``deadline_s``, an instant of
@@ -22,7 +28,7 @@ import logging
 import numpy as np
 
 from jizhi import messages, protocol
-from jizhi.errors import BAD_REQUEST, OVERLOADED, UNKNOWN_PIPELINE, RequestError
+from jizhi.errors import BAD_REQUEST, DEADLINE_EXCEEDED, OVERLOADED, UNKNOWN_PIPELINE, RequestError
 
 log = logging.getLogger("jizhi.broker")
 
@@ -105,14 +111,26 @@ class RetryHints:
             held += 1
         return free > held
 
-    def refuse(self, key, now):
-        """A request from ``key`` is refused: its ticket, as ``retry_after_ms``."""
+    def turn(self, key, now):
+        """Does ``key`` come back on its ticket, its turn come (due by the next completion burst, not
+        lapsed)? (With a line of waiting requests, a client whose turn came goes to its head: no slot
+        is held for it.) Its ticket is used either way."""
+        if not self.tickets:
+            return False
+        rate = self.rate(now)
+        self._lapse(now, rate)
+        due = self.tickets.pop(key, None)
+        return due is not None and due <= now + self.batch / rate
+
+    def refuse(self, key, now, ahead=0):
+        """A request from ``key`` is refused: its ticket, as ``retry_after_ms``; ``ahead``: the requests
+        waiting in the broker for a slot, whose turns come first."""
         rate = self.rate(now)
         self._lapse(now, rate)
         self.tickets.pop(key, None)
         # After the last ticket still out (a client refused again gave its own back: a DEALER that
-        # floods holds one ticket, it does not push everyone else's turn away).
-        due = max(next(reversed(self.tickets.values()), now), now) + 1.0 / rate
+        # floods holds one ticket, it does not push everyone else's turn away) and after the line.
+        due = max(next(reversed(self.tickets.values()), now), now + ahead / rate) + 1.0 / rate
         self.tickets[key] = due
         return max(1, int((due - now) * 1000.0 + 0.999))
 
@@ -129,6 +147,8 @@ class Admission:
         self.limits = {"max_candidates": s["limits.max_candidates"],
                        "max_message_bytes": s["limits.max_message_bytes"]}
         self.default_budget_s = s["limits.default_deadline_ms"] / 1000.0
+        self.max_waiting = s["limits.max_waiting"]
+        self.waiting = 0            # requests in every pipeline's line
         self.malformed = 0
         self._last_malformed_log = 0.0
         self.overlay = overlay
@@ -210,39 +230,57 @@ class Admission:
         self.feedback_events += 1
         b.sink.client(envelope, protocol.encode_info(m["id"], {"applied": applied, "duplicate": False}))
 
-    def admit(self, envelope, m, t_recv):
-        """A valid score request: pin it to its pipeline's serving version, or refuse it."""
+    def admit(self, envelope, m, t_recv, now=None):
+        """A valid score request received at ``t_recv``: pin it to its pipeline's serving version, let it
+        wait in the line for a slot, or refuse it. ``now``: it leaves the line now (``unpark``); then
+        False when it must wait on (its turn has not come), else True: admitted or answered."""
         b = self.b
+        waited = now is not None
+        now = t_recv if now is None else now
         name = b.default_pipeline if m["pipeline"] == "default" else m["pipeline"]
         pipe = b.pipes.get(name)
         if pipe is None:
             b.answers.reply_error(envelope, m["id"], UNKNOWN_PIPELINE,
                                   f"pipeline {m['pipeline']!r} is not served here (served: {', '.join(b.pipes)})")
-            return
-        if b.draining:
+            return True
+        if b.draining and not waited:
             b.answers.reply_error(envelope, m["id"], OVERLOADED, "server is draining (jizhictl drain or shutdown)",
                                   1000)
-            return
+            return True
+        deadline_s = self.deadline_s(m, t_recv)
+        if waited and deadline_s <= now:
+            b.answers.reply_error(envelope, m["id"], DEADLINE_EXCEEDED, "deadline passed while waiting for a "
+                                  f"request slot of pipeline {name}", pipe=pipe)
+            return True
         gen = pipe.serving()
         if gen is None:
             b.answers.reply_error(envelope, m["id"], OVERLOADED,
                                   f"pipeline {name} has no serving model version (one failed; the previous one is "
                                   "loading)", 500, pipe)
-            return
+            return True
         key = bytes(envelope[0])      # the client's routing id: who was told to come back when
-        if not pipe.retry.admit(key, len(gen.free), t_recv):
-            pipe.refused += 1         # (the shedding controller's sign that the cut lets too much in)
-            after_ms = pipe.retry.refuse(key, t_recv)
-            b.answers.reply_error(envelope, m["id"], OVERLOADED,
-                                  f"{gen.in_flight()} requests in flight on pipeline {name} ({gen.slots} slots), "
-                                  f"{pipe.retry.waiting() - 1} clients told to retry before this one", after_ms, pipe)
-            return
+        line = pipe.line
+        if not self.max_waiting:
+            ok = pipe.retry.admit(key, len(gen.free), now)  # (a freed slot held for the client whose turn it is)
+        else:
+            ok = bool(gen.free) and (waited or not line)    # (first come, first served)
+        if not ok:
+            if waited:
+                return False
+            if self.max_waiting and pipe.retry.turn(key, now):
+                line.appendleft((envelope, m, t_recv))      # told to come back now: its turn, before the line
+            elif len(line) < self.max_waiting:
+                line.append((envelope, m, t_recv))
+            else:
+                self.refuse_slot(envelope, m, pipe, gen, key, now)
+                return True
+            self.waiting += 1
+            pipe.waited += 1
+            return True
         items, rs = m["item_ids"], m["recall_scores"]
-        budget_ms = m["deadline_ms"]
-        deadline_s = t_recv + (budget_ms / 1000.0 if budget_ms is not None else self.default_budget_s)
-        keep, cost = pipe.quota(items.shape[0], deadline_s - t_recv, t_recv)    # (shedding: jizhi/shedding.py)
+        keep, cost = pipe.quota(items.shape[0], deadline_s - now, now)    # (shedding: jizhi/shedding.py)
         req = b.dispatcher.enqueue(pipe, gen, envelope, m["id"], m["user"], items, rs, m["top_k"], m["ret"] == "all",
-                                   deadline_s, t_recv, feats=m.get("feats"), keep=keep, cost=cost)
+                                   deadline_s, t_recv, feats=m.get("feats"), keep=keep, cost=cost, t_enq=now)
         req.heads = m.get("heads", False)
         self.admitted += 1
         pipe.peak_in_flight = max(pipe.peak_in_flight, gen.in_flight())
@@ -250,6 +288,59 @@ class Admission:
             self.ring.append((name, req.user, np.array(items), None if rs is None else np.array(rs), req.top_k))
         if self.recording is not None:
             self.record(name, req.user, items, rs, req.top_k, t_recv)
+        return True
+
+    def refuse_slot(self, envelope, m, pipe, gen, key, now):
+        """Every slot taken, the line full: OVERLOADED, with this client's turn as ``retry_after_ms``."""
+        pipe.refused += 1         # (the shedding controller's sign that the cut lets too much in)
+        after_ms = pipe.retry.refuse(key, now, len(pipe.line))
+        self.b.answers.reply_error(envelope, m["id"], OVERLOADED,
+                                   f"{gen.in_flight()} requests in flight on pipeline {pipe.name} ({gen.slots} slots) "
+                                   f"and {len(pipe.line)} waiting for one (limits.max_waiting), "
+                                   f"{pipe.retry.waiting() - 1} clients told to retry before this one", after_ms, pipe)
+
+    def deadline_s(self, m, t_recv):
+        """The instant (``time.monotonic()``) a request received at ``t_recv`` must be answered by."""
+        budget_ms = m["deadline_ms"]
+        return t_recv + (budget_ms / 1000.0 if budget_ms is not None else self.default_budget_s)
+
+    def unpark(self):
+        """Admit the waiting requests whose turn has come (a slot freed), in arrival order."""
+        now = self.b.clock()
+        for pipe in self.b.pipes.values():
+            line = pipe.line
+            while line:
+                envelope, m, t_recv = line[0]
+                if not self.admit(envelope, m, t_recv, now):
+                    break
+                line.popleft()
+                self.waiting -= 1
+
+    def expire_waiting(self, now):
+        """Answer DEADLINE_EXCEEDED the waiting requests whose deadline passed (the sweep's, 20 times a
+        second: a line holds at most ``limits.max_waiting``)."""
+        for pipe in self.b.pipes.values():
+            line = pipe.line
+            if not line:
+                continue
+            keep = collections.deque()
+            for entry in line:
+                envelope, m, t_recv = entry
+                if self.deadline_s(m, t_recv) <= now:
+                    self.b.answers.reply_error(envelope, m["id"], DEADLINE_EXCEEDED, "deadline passed while "
+                                               f"waiting for a request slot of pipeline {pipe.name}", pipe=pipe)
+                    self.waiting -= 1
+                else:
+                    keep.append(entry)
+            pipe.line = keep
+
+    def refuse_waiting(self, message, retry_after_ms):
+        """Answer OVERLOADED every waiting request (the broker stops)."""
+        for pipe in self.b.pipes.values():
+            for envelope, m, _ in pipe.line:
+                self.b.answers.reply_error(envelope, m["id"], OVERLOADED, message, retry_after_ms, pipe)
+            pipe.line.clear()
+        self.waiting = 0
 
     def record(self, name, user, items, rs, top_k, t_recv):
         if len(self.recording) >= RECORD_MAX:

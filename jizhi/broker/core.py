@@ -127,10 +127,15 @@ class Broker:
         handler = self.handlers.get(type(msg))
         if handler is not None:
             handler(ident, msg)
+            if self.admission.waiting:      # (a DONE, a new version serving, a dead worker's answers free slots)
+                self.admission.unpark()
 
     def fire_timers(self, now):
-        """The held partial batches whose ``batch_wait_ms`` is over go out."""
+        """The held partial batches whose ``batch_wait_ms`` is over go out (a request found expired frees
+        its slot)."""
         self.dispatcher.fire_timers(now)
+        if self.admission.waiting:
+            self.admission.unpark()
 
     def sweep(self, now):
         """Housekeeping, about 20 times a second: heartbeats, deadlines, silent workers, idle versions,
@@ -139,6 +144,9 @@ class Broker:
             for p in self.pipes.values():
                 self.stats.heartbeat[p.row] = now
         self.dispatcher.expire(now)
+        if self.admission.waiting:
+            self.admission.expire_waiting(now)
+            self.admission.unpark()         # (also a slot held for a client told to retry, once its ticket lapsed)
         self.roster.expire(now)
         for p in self.pipes.values():
             for gen in p.gens.values():
@@ -146,7 +154,8 @@ class Broker:
                 if gen.state is VersionState.DRAINING and not gen.idle_sent and gen.in_flight() == 0:
                     self.versions.idle(p, gen)
         self.admission.abandon_recording(now)
-        if self.draining and self.drain_requester is not None and all(p.in_flight() == 0 for p in self.pipes.values()):
+        if self.draining and self.drain_requester is not None and not self.admission.waiting \
+                and all(p.in_flight() == 0 for p in self.pipes.values()):
             self.sink.backend(self.drain_requester, messages.Drained().encode())
             self.drain_requester = None
 
@@ -156,8 +165,8 @@ class Broker:
         self.draining = True
         if m.reply:
             self.drain_requester = ident
-        log.info("draining: admitting nothing new, %d requests in flight",
-                 sum(p.in_flight() for p in self.pipes.values()))
+        log.info("draining: admitting nothing new, %d requests in flight, %d waiting for a slot",
+                 sum(p.in_flight() for p in self.pipes.values()), self.admission.waiting)
 
     def on_resume(self, ident, m):
         self.draining = False
@@ -179,6 +188,7 @@ class Broker:
     def refuse_held(self):
         """The broker stops: answer OVERLOADED, with retry_after_ms, every request it holds."""
         self.stopping = True
+        self.admission.refuse_waiting("server stopping; retry on another node or later", STOP_RETRY_MS)
         for pipe in self.pipes.values():
             for req in [r for gen in pipe.gens.values() for r in gen.by_slot]:
                 if req is not None and not req.answered:

@@ -82,6 +82,8 @@ class PipelineState:
         self.cut_group = shedder
         self.cut = None if shedder is None else AdmissionCut(settings["shed.high"] * settings["shed.slo_ms"] / 1000.0)
         self.refused = 0            # requests refused OVERLOADED for want of a slot (load figures)
+        self.line = collections.deque()   # (envelope, message, t_recv) waiting for a slot (jizhi/broker/admission.py)
+        self.waited = 0             # requests that waited in it
         self.peak_in_flight = 0     # the most requests in flight in one version since the last load figures
         # Head scores a reply can carry (heads: true): the combiners' inputs that cross processes.
         self.head_columns = [c for st in plan["stages"].values() if st["processor"] == "combiner"
@@ -187,10 +189,11 @@ class Dispatcher:
         self.batch_timers = {}       # (pipeline, group, vkey) -> when a held partial batch is due
 
     def enqueue(self, pipe, gen, envelope, rid, user, items, rs, top_k, ret_all, deadline_s, t_recv, warm=False,
-                feats=None, keep=None, cost=0.0):
+                feats=None, keep=None, cost=0.0, t_enq=None):
         """Pin a request to ``gen`` (one of its slots) and queue it at the pipeline's sources. ``feats``: the
         request's own features (protocol ``_request_features``), carried to every worker in the event;
-        ``keep``, ``cost``: its quota and predicted cost (``PipelineState.quota``)."""
+        ``keep``, ``cost``: its quota and predicted cost (``PipelineState.quota``); ``t_enq``: when it is
+        queued, if later than received (it waited for a slot)."""
         req = Request()
         req.feats = feats
         req.keep = keep
@@ -214,7 +217,7 @@ class Dispatcher:
         req.crashes = 0
         req.answered = False
         req.t_recv = t_recv
-        req.t_enq = t_recv
+        req.t_enq = t_recv if t_enq is None else t_enq
         req.timings = {}
         req.counts = {}
         req.ab = {}

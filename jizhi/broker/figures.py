@@ -144,7 +144,8 @@ def pipeline_info(p):
     out = {"model": p.plan["model"], "version": serving.version if serving else None,
            "model_versions": serving.versions if serving else None,
            "versions": versions, "ready": p.ready(),
-           "in_flight": p.in_flight(), "slots": p.slots, "groups": groups,
+           "in_flight": p.in_flight(), "slots": p.slots, "waiting": len(p.line), "waited": p.waited,
+           "refused": p.refused, "groups": groups,
            "requests": p.requests.snapshot(), "invalid_scores": p.invalid_scores,
            "unknown_users": p.unknown_users}
     if p.has_qcache:
@@ -197,7 +198,7 @@ def load(pipes):
     out = {name: {"p99_ms": p.requests.recent_p99_ms(), "in_flight": p.in_flight(),
                   "peak_in_flight": p.peak_in_flight, "slots": p.slots,
                   "kept_recent": round(p.cut.kept_recent(p.clock()), 4) if p.cut is not None else 1.0,
-                  "refused": p.refused,
+                  "refused": p.refused, "waiting": len(p.line),
                   "queued": sum(len(c) for c in p.channels.values()),
                   "groups": {g: {"busy_us": p.stats[g].busy_us, "wait_us": p.stats[g].wait_total_us,
                                  "requests": p.stats[g].requests,

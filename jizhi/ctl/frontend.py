@@ -76,7 +76,8 @@ def _info_lines(endpoint, info):
         default = " (default)" if pname == info.get("default_pipeline") else ""
         serving = ", ".join(f"{m} {v}" for m, v in (p.get("model_versions") or {}).items()) or "none"
         lines.append(f"pipeline {pname}{default}: {'ready' if p.get('ready') else 'not ready'}, serving {serving}; "
-                     f"{p.get('in_flight', 0)} in flight of {p.get('slots', '-')} slots; {rq.get('ok', 0):,} ok "
+                     f"{p.get('in_flight', 0)} in flight of {p.get('slots', '-')} slots, {p.get('waiting', 0)} waiting "
+                     f"({p.get('refused', 0)} refused); {rq.get('ok', 0):,} ok "
                      f"({rq.get('ok_per_s', 0)}/s), invalid scores {p.get('invalid_scores', 0)}")
         for v, x in (p.get("versions") or {}).items():
             models = ", ".join(f"{m} {n}" for m, n in (x.get("models") or {}).items())

@@ -109,8 +109,14 @@ PACE_PERIOD_S = 0.02        # one period: run duty x this, stopped for the rest
 PACED_ENV = "JIZHI_PACED"    # set in a command run_paced started (it must not pace itself again)
 # The jizhictl commands an operator runs beside a serving jizhid, at the idle priority and with their
 # default --pace (bin/jizhictl applies both before the command's imports; the commands declare the option).
-# A profile build can run for minutes: paced only when asked.
-COMMAND_PACE = {("demo", "publish"): 0.25, ("profiles", "build"): 1.0}
+# A profile build can run for minutes, and a copy (publish) measured no worse unpaced (docs/benchmarks.md,
+# "Copying a version in"): paced only when asked.
+COMMAND_PACE = {("publish",): 1.0, ("demo", "publish"): 0.25, ("profiles", "build"): 1.0}
+
+
+def paced_command(argv):
+    """The key of ``COMMAND_PACE`` that jizhictl's ``argv`` runs, or None."""
+    return next((c for c in COMMAND_PACE if tuple(argv[1:1 + len(c)]) == c), None)
 
 
 def _signal(fd, sig):

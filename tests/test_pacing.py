@@ -4,8 +4,8 @@
 Real processes and real signals: a CPU-bound child held stopped part of every 20 ms, let go, dropped
 when it ends; a paced child whose parent dies while it is stopped ends all the same (SIGKILL as its
 death signal, set at the fork) where a SIGTERM one waits stopped for ever; a real jizhid SIGKILLed
-while it holds a new version's workers stopped leaves no process; ``jizhictl demo publish`` runs as
-a paced child and publishes. No test sleeps: each polls for what it waits for, and a share of time
+while it holds a new version's workers stopped leaves no process; ``jizhictl demo publish`` and
+``jizhictl publish`` run as a paced child and publish. No test sleeps: each polls for what it waits for, and a share of time
 is measured against the spinner's own CPU clock.
 """
 import os
@@ -174,10 +174,16 @@ def test_a_supervisor_sigkilled_while_it_holds_a_new_versions_workers_stopped_le
         assert server.info()["pipelines"]
 
 
-def test_jizhictl_demo_publish_runs_as_a_paced_child_and_publishes(private_demo_models):
+@pytest.mark.parametrize("command", ["demo publish", "publish"])
+def test_jizhictl_publish_commands_run_as_a_paced_child_and_publish(private_demo_models, demo_bundle, command):
     jizhictl = os.path.join(os.path.dirname(sys.executable), "jizhictl")
-    cmd = subprocess.Popen([jizhictl, "demo", "publish", str(private_demo_models), "--to", "2", "--seed", "3"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if command == "publish":        # the demo's version 1 into another directory
+        private_demo_models = private_demo_models.parent / "watched"
+        argv = ["publish", demo_bundle, str(private_demo_models), "--quiet", "--pace", "0.25"]   # (default 1)
+    else:
+        argv = ["demo", "publish", str(private_demo_models), "--to", "2", "--seed", "3"]
+    cmd = subprocess.Popen([jizhictl, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    final = private_demo_models / "demo" / ("1" if command == "publish" else "2")
     seen = set()
 
     def ended():     # (and the states of its child meanwhile)
@@ -193,6 +199,6 @@ def test_jizhictl_demo_publish_runs_as_a_paced_child_and_publishes(private_demo_
     wait_until(ended, 120, interval_s=0.01, what="the publish command to end")
     out, err = cmd.communicate()
     assert cmd.returncode == 0, err
-    assert out.strip() == f"published {private_demo_models / 'demo' / '2'}"
-    assert (private_demo_models / "demo" / "2" / "manifest.toml").is_file()
+    assert out.strip() == f"published {final}"
+    assert (final / "manifest.toml").is_file()
     assert "T" in seen, f"the command's child was never seen stopped: {seen}"

@@ -3,7 +3,7 @@
 jizhictl sits below the tools: ``jizhi.ctl`` never imports ``jizhi.tools``.
 This module is the one place the two meet. It adds the tools' commands to
 the ctl's group and subgroups: ``bench``, ``bench-reload``, ``bench-shape``
-and ``tune`` (each defined by its tool), the ``demo`` and ``profiles`` groups, ``import``,
+and ``tune`` (each defined by its tool), the ``demo`` and ``profiles`` groups, ``import``, ``publish``,
 ``shed train`` and ``cube bench`` (defined here). ``bin/jizhictl`` runs
 ``main``: the whole CLI. The tools' heavy modules (numba, onnx,
 onnxruntime) are imported by the command that runs them, so jizhictl starts
@@ -165,6 +165,52 @@ def demo_trace(version_dir, out, requests, candidates, spearman, spread, seed):
     generate_trace(version_dir, out, requests=requests, candidates=candidates, spearman=spearman, seed=seed,
                    spread=spread)
     click.echo(f"trace: {out}")
+
+
+# -- publish: a version copied into a watched model directory, paced ----
+
+@click.command("publish")
+@click.argument("version_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("models_dir", type=click.Path(file_okay=False))
+@click.option("--idle/--no-idle", default=True, show_default=True,
+              help="Copy at the idle CPU and I/O priority (SCHED_IDLE, ioprio idle class): on a serving machine the "
+                   "copy takes only what jizhid leaves.")
+@click.option("--pace", type=click.FloatRange(0, 1, min_open=True), default=priority.COMMAND_PACE[("publish",)],
+              show_default=True,
+              help="Run SHARE of the time, stopped for the rest of every 20 ms (bin/jizhictl runs the command as a "
+                   "paced child; the copy goes 1 MiB per system call so that it can be stopped), where the copy's "
+                   "kernel work delays serving whatever its priority. 1: not paced.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def publish_command(version_dir, models_dir, idle, pace, quiet):
+    """Publish the bundle version VERSION_DIR into MODELS_DIR, the directory a jizhid watches.
+
+    What the README's `cp -r` into MODELS_DIR/.incoming and `mv` to
+    MODELS_DIR/NAME/VERSION do (name and version from VERSION_DIR's
+    manifest), at the idle priority (paced with --pace), every file flushed
+    to disk before the one rename. The manifest is read and every file it
+    lists checked for its size before anything is copied; what a publisher
+    of the same version killed mid-copy left in .incoming is removed. A
+    running jizhid notices the version within models.poll_interval_s,
+    validates it, loads it beside the serving version and switches when it
+    is warm.
+
+    \b
+      jizhictl publish /build/ctr/42 /var/lib/jizhi/models
+    """
+    from jizhi.ctl.progress import ProgressBar
+    from jizhi.tools.publish import publish_version
+    if idle:
+        priority.idle()
+    try:
+        final = publish_version(version_dir, models_dir,
+                                progress=None if quiet else (lambda label, total: ProgressBar(label, total, True)))
+    except FileExistsError as e:
+        raise refused(f"{e} exists already (a version is published once; give the new one another version)")
+    except BundleError as e:
+        raise refused(str(e))
+    except OSError as e:
+        raise refused(f"{e.filename or models_dir}: {e.strerror}")
+    click.echo(f"published {final}")
 
 
 # -- import: an ONNX model with its embedding tables -> a bundle version (offline) ----
@@ -559,6 +605,7 @@ def cube_bench(cube_dir, bundle, batch, duration_s, repeats, key_draw, trace_pat
 
 cli.add_command(demo)
 cli.add_command(import_command, "import")
+cli.add_command(publish_command, "publish")
 cli.add_command(profiles)
 cli.add_command(bench_command, "bench")
 cli.add_command(bench_reload_command, "bench-reload")

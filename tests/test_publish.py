@@ -68,7 +68,7 @@ def test_a_publisher_sigkilled_in_its_copy_leaves_no_version_and_the_next_publis
     models = tmp_path / "models"
     with open(source / "extra.bin", "wb") as f:         # (unlisted: copied all the same, as cp -r would)
         f.write(os.urandom(1 << 20) * 48)
-    cmd = subprocess.Popen([JIZHICTL, "publish", str(source), str(models), "--pace", "0.05", "--quiet"],
+    cmd = subprocess.Popen([JIZHICTL, "publish", str(source), str(models), "--pace", "0.25", "--quiet"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     incoming = models / ".incoming"
 

@@ -148,7 +148,6 @@ class Admission:
                        "max_message_bytes": s["limits.max_message_bytes"]}
         self.default_budget_s = s["limits.default_deadline_ms"] / 1000.0
         self.max_waiting = s["limits.max_waiting"]
-        self.waiting = 0            # requests in every pipeline's line
         self.malformed = 0
         self._last_malformed_log = 0.0
         self.overlay = overlay
@@ -274,7 +273,6 @@ class Admission:
             else:
                 self.refuse_slot(envelope, m, pipe, gen, key, now)
                 return True
-            self.waiting += 1
             pipe.waited += 1
             return True
         items, rs = m["item_ids"], m["recall_scores"]
@@ -299,6 +297,11 @@ class Admission:
                                    f"and {len(pipe.line)} waiting for one (limits.max_waiting), "
                                    f"{pipe.retry.waiting() - 1} clients told to retry before this one", after_ms, pipe)
 
+    @property
+    def waiting(self):
+        """Requests in every pipeline's line."""
+        return sum(len(pipe.line) for pipe in self.b.pipes.values())
+
     def deadline_s(self, m, t_recv):
         """The instant (``time.monotonic()``) a request received at ``t_recv`` must be answered by."""
         budget_ms = m["deadline_ms"]
@@ -314,7 +317,6 @@ class Admission:
                 if not self.admit(envelope, m, t_recv, now):
                     break
                 line.popleft()
-                self.waiting -= 1
 
     def expire_waiting(self, now):
         """Answer DEADLINE_EXCEEDED the waiting requests whose deadline passed (the sweep's, 20 times a
@@ -329,7 +331,6 @@ class Admission:
                 if self.deadline_s(m, t_recv) <= now:
                     self.b.answers.reply_error(envelope, m["id"], DEADLINE_EXCEEDED, "deadline passed while "
                                                f"waiting for a request slot of pipeline {pipe.name}", pipe=pipe)
-                    self.waiting -= 1
                 else:
                     keep.append(entry)
             pipe.line = keep
@@ -340,7 +341,6 @@ class Admission:
             for envelope, m, _ in pipe.line:
                 self.b.answers.reply_error(envelope, m["id"], OVERLOADED, message, retry_after_ms, pipe)
             pipe.line.clear()
-        self.waiting = 0
 
     def record(self, name, user, items, rs, top_k, t_recv):
         if len(self.recording) >= RECORD_MAX:

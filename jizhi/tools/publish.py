@@ -20,14 +20,14 @@ from jizhi.errors import BundleError
 CHUNK = 1 << 20     # bytes per system call
 
 
-def copy_file(src, dst, buf, chunk_done=None):
+def copy_file(src, dst, chunk_done=None):
     """Copy ``src`` to the new file ``dst``, ``CHUNK`` bytes per system call (``chunk_done()`` after
     each); flushed to disk. Returns the bytes copied.
 
     ``os.copy_file_range`` copies inside the kernel (what ``cp`` does, a whole file per call); bounded
     to a chunk, every call is short and a stop lands between two. Where the kernel cannot
-    (another filesystem on an old kernel, a filesystem without it), one read into ``buf`` (a
-    bytearray of ``CHUNK``) and one write per chunk."""
+    (another filesystem on an old kernel, a filesystem without it), one read into a buffer and one
+    write per chunk."""
     done = 0
     with open(src, "rb", buffering=0) as fi, open(dst, "xb", buffering=0) as fo:
         fin, fout = fi.fileno(), fo.fileno()
@@ -43,6 +43,7 @@ def copy_file(src, dst, buf, chunk_done=None):
         except OSError as e:
             if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
+            buf = bytearray(CHUNK)
             view = memoryview(buf)
             while True:
                 n = fi.readinto(buf)
@@ -116,11 +117,10 @@ def publish_version(src, models_dir, progress=None):
     staged = os.path.join(incoming, f"{bundle.name}.{bundle.version}.{os.getpid()}")
     os.mkdir(staged)
     try:
-        buf = bytearray(CHUNK)
         for rel, _ in files:
             target = os.path.join(staged, rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            copy_file(os.path.join(src, rel), target, buf, None if bar is None else bar.advance)
+            copy_file(os.path.join(src, rel), target, None if bar is None else bar.advance)
         for root, dirs, _ in os.walk(staged, topdown=False):
             _fsync_dir(root)
         os.makedirs(model_dir, exist_ok=True)

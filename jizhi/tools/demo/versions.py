@@ -18,7 +18,7 @@ from jizhi.bundle import file_entries, write_text
 from jizhi.cube.build import read_all, write_cube
 from jizhi.tools.demo.bundle import _field_entries, _Field, _manifest_text
 from jizhi.tools.demo.dense import _write_calibrated
-from jizhi.tools.publish import CHUNK, copy_file
+from jizhi.tools.publish import copy_file
 
 
 #: Deliberately bad versions ``stage_version`` can make, for tests of validation and reload.
@@ -86,11 +86,10 @@ def _flip_bytes_in_the_middle(path):
 def _fill_staged(staged, source, manifest, fields, version, seed, fault):
     """Write the staged version's files into the empty directory ``staged`` (see ``stage_version``)."""
     name = manifest["name"]
-    buf = bytearray(CHUNK)
     for entry in manifest["files"]:
         target = os.path.join(staged, entry["path"])
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        copy_file(os.path.join(source, entry["path"]), target, buf)     # (1 MiB per call: pace can stop it)
+        copy_file(os.path.join(source, entry["path"]), target)     # (1 MiB per call: pace can stop it)
 
     onnx_file = manifest["onnx"]["file"]
     onnx_path = os.path.join(staged, onnx_file)

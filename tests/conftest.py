@@ -101,10 +101,19 @@ class Clock:
         self.now += s
 
 
+_PORTS_GIVEN = set()
+
+
 def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process (the kernel may give the same
+    ephemeral port twice once the probe's socket is closed: a metrics port and a frontend port met so)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def demo_pipeline_text(name, on_unknown="default", fused=True, pool=1, batch=4, processors=None, options=None):

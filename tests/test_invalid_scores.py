@@ -112,7 +112,8 @@ def server(tmp_path_factory, models, tmp_path):
     pipeline = write_text(tmp_path / "demo.toml", demo_pipeline_text("demo", pool=1, batch=4))
     server = launcher.start(pipelines=[pipeline], config_text=(
         f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n'
-        "[models]\nwarmup_sample_every = 1\nwarmup_requests = 32\n\n"
+        # Loading unpaced (load_pace 1): these tests are about invalid scores, tests/test_pacing.py about pacing.
+        "[models]\nwarmup_sample_every = 1\nwarmup_requests = 32\nload_pace = 1\n\n"
         # No hot tier: each version would build one (seconds of CPU the test does not need).
         "[cube]\nhot_tier_mb = 0\n"))
     server.metrics_url = f"http://127.0.0.1:{port}/metrics"

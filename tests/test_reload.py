@@ -22,7 +22,7 @@ from jizhi.tools.reference import ReferenceScorer
 
 RATE = 100          # requests/s offered by the test's clients: about half of what this setup sustains
 SWITCH_BOUND_S = 60.0   # a liveness bound, not a speed figure (docs/benchmarks.md, "Hot reload", measures that;
-                        # the loading work runs paced, models.load_pace 0.25: about 4x its unpaced time);
+                        # the loading work runs paced, models.load_pace 0.25 by default: about 4x its unpaced time);
                         # the default run shares 2 cores between two test processes (-n 2)
 
 
@@ -82,7 +82,9 @@ def worker_versions(server):
 
 def test_three_versions_in_a_row_under_load_no_request_fails_bad_ones_never_serve(
         launch_private, models, demo_trace, capsys):
-    server = launch_private.start()
+    # Loading paced at half the time (the default, 0.25, makes this test 4x its unpaced time; the pacing's
+    # share is tests/test_pacing.py's): version 4 is still loaded paced and must serve unpaced.
+    server = launch_private.start(config_text="[models]\nload_pace = 0.5\n")
     v1 = models / "demo" / "1"
     with Load(server.endpoint, demo_trace, pipeline="default", clients=4, rate=RATE, deadline_ms=5000) as load:
         time.sleep(2.0)   # traffic fills the warm-up ring

@@ -17,7 +17,11 @@ Every figure from one run on a quiet machine:
    trace (its offline report: rule against learned at the same mean kept fraction).
 3. The maximum sustainable rate with shedding off (``jizhictl shed off``): the highest constant
    rate with p99 <= SLO and every request answered (doubling, then bisection to 5 %), on the 0.8
-   evaluation trace.
+   evaluation trace; the same with every request keeping each of --floor-quotas, and the line
+   1/R(q) = a + b q through those maxima, solved for the smallest fixed cut that carries k x.
+   What a request's CPU is made of, at each of --cost-quotas near its own maximum: server (per
+   process kind) and load generator, per answered request, fitted F + V q; a server bound by that
+   CPU needs a cut of (1 - 1/k)(1 + F/V) at k x, which is 1 - 1/k only when F = 0.
 4. Shedding on, per correlation and policy, at each multiple k of that rate: ``jizhictl shed auto``
    (a fresh start: the admission cut forgets its rates, trim 1; a quiet second), then --duration s
    of load, all of it measured (--warmup s more before, 0 by default, would be left out). Per
@@ -25,7 +29,8 @@ Every figure from one run on a quiet machine:
    mean shed ratio (the cut: 1 - fraction kept) against 1 - 1/k, the mean overlap of each reply's
    top-10 with the top-10 of the same request scored in full by the reference scorer (offline,
    exact), and its offline bound: the same overlap when every request keeps its best candidates
-   by recall score at the point's mean cut.
+   by recall score at the point's mean cut; the CPU per request of the point; the two cuts of
+   step 3 beside the point's own.
 5. A diurnal run (peak --diurnal-x x max, trough 1/10 of the peak, one period of --period s) with
    the learned 0.8 policy: the per-second timeline (JSON) and a PNG (load, cut, p99, pools).
 """
@@ -51,6 +56,7 @@ mm = importlib.util.module_from_spec(spec)     # its Daemon: start a jizhid, jiz
 spec.loader.exec_module(mm)
 
 from jizhi.tools.bench import Trace                                             # noqa: E402
+from jizhi.tools.procfs import ServerCpu                                        # noqa: E402
 from jizhi.tools.demo import generate_trace                                     # noqa: E402
 from jizhi.tools.reference import ReferenceScorer                               # noqa: E402
 from jizhi.tools.shedbench import arrivals, plot_timeline, rate_fn, run_timeline, timeline_series   # noqa: E402
@@ -84,7 +90,9 @@ class Truth:
 
     def bound(self, rows, cut):
         """The offline bound at mean cut ``cut``: each request keeps its best ceil((1 - cut) x n) candidates
-        by recall score (at least k), the reference scorer's top-k of those against its top-k of all."""
+        by recall score (at least k), the reference scorer's top-k of those against its top-k of all.
+        (At each reply's own cut the bound would be the measured overlap itself: both policies keep a
+        request's best candidates by recall score and differ only in how many.)"""
         self.fill(rows)
         t, out = self.trace, []
         for r in rows.tolist():
@@ -101,7 +109,9 @@ class Truth:
 
 def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, seed=0):
     times = arrivals(rate_fn("constant", rate), warmup_s + duration_s, seed=seed)
+    cpu0, gen0 = d.cpu.snapshot(), time.process_time()
     res = run_timeline(d.endpoint, trace, "demo_shed", times, first_row=first_row)
+    gen_s, by_kind = time.process_time() - gen0, ServerCpu.delta(cpu0, d.cpu.snapshot())
     meas = res["due"] >= warmup_s
     st, lat = res["status"][meas], res["latency_ms"][meas]
     ok = st == "ok"
@@ -117,6 +127,11 @@ def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, s
            "shed_ratio_p10_p50_p90": [round(float(x), 3) for x in np.nanpercentile(res["shed_ratio"][meas][ok],
                                                                                    [10, 50, 90])] if ok.any() else None}
     out["pass"] = bool(ok.all() and out["p99_ms"] is not None and out["p99_ms"] <= slo_ms)
+    # CPU per answered request over the whole timeline (warm-up included): each process kind of the
+    # server, and this load generator (it shares the 2 cores).
+    answered = max(1, int((res["status"] == "ok").sum()))
+    out["cpu_us_per_request"] = {**{k: round(v * 1e6 / answered, 1) for k, v in sorted(by_kind.items())},
+                                 "generator": round(gen_s * 1e6 / answered, 1)}
     if res["info"]:     # the server's admission cut at the end of the point (jizhi/shedding.py)
         out["admission"] = (res["info"][-1][1]["pipelines"].get("demo_shed", {}).get("shedding") or {}).get("admission")
     if truth is not None:
@@ -126,6 +141,34 @@ def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, s
         if out["shed_ratio"] is not None:
             out["bound_at_same_cut"] = round(float(truth.bound(res["rows"][meas][ok], out["shed_ratio"]).mean()), 4)
     return out, first_row + times.shape[0]
+
+
+def capacity_fit(best, at_quota, xs=(1.5, 2.0, 3.0)):
+    """The capacity search's own answer to "the smallest cut that carries k x": a least-squares line
+    1/R(q) = a + b q through the maximum rates at fixed quotas (q = 1: shedding off), solved for the q
+    whose 1/R is 1/(k x best)."""
+    pts = [(1.0, best)] + [(q, r) for q, r in at_quota.items() if r > 0]
+    if best <= 0 or len(pts) < 2:
+        return None
+    q = np.array([p[0] for p in pts])
+    inv = 1.0 / np.array([p[1] for p in pts])
+    b, a = np.polyfit(q, inv, 1)
+    cut = {x: round(float(np.clip(1.0 - (1.0 / (x * best) - a) / b, 0.0, 1.0)), 3) for x in xs}
+    return {"points": pts, "a": float(a), "b": float(b), "cut_for": cut}
+
+
+def cost_model(cost, xs):
+    """F + V q fitted to the CPU per request (server and load generator, every kind summed) at fixed
+    quotas q; a server bound by that CPU carries k x its full-quota rate at keep q = (1/k)(1 + F/V) - F/V,
+    a cut of (1 - 1/k)(1 + F/V)."""
+    qs = np.array(sorted(cost))
+    tot = np.array([sum(cost[q].values()) for q in qs])
+    v, f = np.polyfit(qs, tot, 1)
+    r = f / v
+    return {"per_quota_us": {float(q): round(float(t), 1) for q, t in zip(qs, tot)},
+            "by_kind": {float(q): cost[q] for q in qs}, "fixed_us": round(float(f), 1), "per_kept_us": round(float(v), 1),
+            "f_over_v": round(float(r), 4),
+            "cut_for": {x: round(float(min(1.0, (1.0 - 1.0 / x) * (1.0 + r))), 3) for x in xs}}
 
 
 def max_rate(d, trace, start, a, row, log, what):
@@ -171,6 +214,13 @@ def main():
     ap.add_argument("--max-rate", type=float, default=None, help="Skip the search: the max sustainable rate.")
     ap.add_argument("--floor-quotas", default="0.5,0.25",
                     help="Also the max sustainable rate with every request keeping each of these (what a cut can buy).")
+    ap.add_argument("--cost-quotas", default="1,0.5,0.25",
+                    help="The CPU per request at each of these fixed quotas, each at --cost-rate x its own "
+                         "maximum (the search's; empty: none): its fixed part F and per-kept-fraction part V, "
+                         "and the cut (1 - 1/k)(1 + F/V) a server bound by that CPU needs at k x.")
+    ap.add_argument("--cost-rate", type=float, default=0.9,
+                    help="The rate of a cost point, x the maximum found at its quota (near saturation: at a low "
+                         "rate the idle loop's CPU is spread over few requests).")
     ap.add_argument("--out", default="/tmp/jzb/shed/results.json")
     ap.add_argument("--shed-low", type=float, default=None, help="shed.low for the daemon (default: the setting's).")
     ap.add_argument("--plot", default=str(REPO / "docs" / "img" / "diurnal-shedding.png"))
@@ -226,6 +276,25 @@ def main():
             results["max_rate_at_quota"][q], row = max_rate(d, first, best, a, row, log, f"every request keeps {q:g}")
             log(f"max sustainable rate keeping {q:g}: {results['max_rate_at_quota'][q]:g} requests/s "
                 f"({results['max_rate_at_quota'][q] / best:.2f}x)")
+        fit = capacity_fit(best, results["max_rate_at_quota"])
+        if fit:
+            results["capacity_fit"] = fit
+            log(f"capacity at a fixed quota q, 1/R = {fit['a']:.3g} + {fit['b']:.3g} q s: the smallest fixed cut "
+                f"that carries k x: " + ", ".join(f"{x:g}x {c}" for x, c in fit["cut_for"].items()))
+        # The CPU a request costs at fixed quotas, one rate: F (whatever is cut) and V (per kept fraction).
+        cost = {}
+        for q in [float(v) for v in a.cost_quotas.split(",") if v]:
+            d.ctl("shed", "off") if q >= 1.0 else d.ctl("shed", "set", "--quota", str(q))
+            at_q = best if q >= 1.0 else results["max_rate_at_quota"].get(q, best)
+            r, row = point(d, first, a.cost_rate * at_q, a.search_duration, 3.0, row, a.slo_ms, seed=int(q * 100))
+            cost[q] = r["cpu_us_per_request"]
+            log(f"cost at quota {q:g}, {r['rate']:g}/s: p99 {r['p99_ms']} ms, CPU us per request {cost[q]}")
+        if len(cost) >= 2:
+            results["cost_model"] = cost_model(cost, [float(v) for v in a.xs.split(",")])
+            cm = results["cost_model"]
+            log(f"cost model: F {cm['fixed_us']:g} us + V {cm['per_kept_us']:g} us x kept fraction (F/V "
+                f"{cm['f_over_v']:.3f}); the cut a CPU-bound server needs: "
+                + ", ".join(f"{x}x {c}" for x, c in cm["cut_for"].items()))
         d.ctl("shed", "auto")
         for sp, trace in traces.items():
             truth = Truth(ref, trace)
@@ -236,12 +305,17 @@ def main():
                     time.sleep(1.0)
                     r, row = point(d, trace, x * best, a.duration, a.warmup, row, a.slo_ms, truth, seed=int(x * 10))
                     r.update(x=x, spearman=sp, policy=pol, ideal_cut=round(1.0 - 1.0 / x, 4))
+                    if "cost_model" in results:
+                        r["cpu_model_cut"] = results["cost_model"]["cut_for"].get(x)
+                    if fit:
+                        r["fixed_cut_fit"] = fit["cut_for"].get(x)
                     results["points"].append(r)
                     log(f"spearman {sp} {pol:<7} {x:g}x ({r['rate']:g}/s): p99 {r['p99_ms']} ms (after 5 s "
                         f"{r['p99_after_5s_ms']}), answered {r['answered_share']}, cut {r['shed_ratio']} (1-1/k "
-                        f"{r['ideal_cut']:.3f}), top-10 overlap {r['top10_overlap']} (bound at the same cut "
-                        f"{r.get('bound_at_same_cut')}) {r['errors']}; cut p10/p50/p90 {r['shed_ratio_p10_p50_p90']}; "
-                        f"{r.get('admission')}")
+                        f"{r['ideal_cut']:.3f}, CPU model {r.get('cpu_model_cut')}, fixed cuts' fit "
+                        f"{r.get('fixed_cut_fit')}), top-10 overlap {r['top10_overlap']} (bound at the same cut "
+                        f"{r.get('bound_at_same_cut')}) {r['errors']}; "
+                        f"cut p10/p50/p90 {r['shed_ratio_p10_p50_p90']}; {r.get('admission')}")
         if a.diurnal_x:
             sp = "0.8" if "0.8" in traces else next(iter(traces))
             d.ctl("shed", "set", "--policy", str(policies[sp]))

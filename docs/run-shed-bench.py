@@ -132,6 +132,9 @@ def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, s
     answered = max(1, int((res["status"] == "ok").sum()))
     out["cpu_us_per_request"] = {**{k: round(v * 1e6 / answered, 1) for k, v in sorted(by_kind.items())},
                                  "generator": round(gen_s * 1e6 / answered, 1)}
+    # Per second: offered, answered, p99 and mean cut (where in the point a cut or a tail came from).
+    series = timeline_series(res, "demo_shed", slo_ms)
+    out["per_second"] = {k: series[k] for k in ("offered_rps", "answered_rps", "p99_ms", "shed_ratio")}
     if res["info"]:     # the server's admission cut at the end of the point (jizhi/shedding.py)
         out["admission"] = (res["info"][-1][1]["pipelines"].get("demo_shed", {}).get("shedding") or {}).get("admission")
     if truth is not None:

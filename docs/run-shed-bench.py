@@ -135,6 +135,9 @@ def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, s
     # Per second: offered, answered, p99 and mean cut (where in the point a cut or a tail came from).
     series = timeline_series(res, "demo_shed", slo_ms)
     out["per_second"] = {k: series[k] for k in ("offered_rps", "answered_rps", "p99_ms", "shed_ratio")}
+    lag, sec = res["send_lag_ms"], np.floor(res["due"]).astype(np.int64)     # the generator's own lateness
+    out["per_second"]["send_lag_max_ms"] = [round(float(np.nanmax(lag[sec == s])), 1) if (sec == s).any() else None
+                                            for s in range(len(series["t"]))]
     if res["info"]:     # the server's admission cut at the end of the point (jizhi/shedding.py)
         out["admission"] = (res["info"][-1][1]["pipelines"].get("demo_shed", {}).get("shedding") or {}).get("admission")
     if truth is not None:

@@ -168,7 +168,9 @@ class AdmissionCut:
     of the target the wait, smoothed over ``WAIT_TAU_S`` (a burst of arrivals is not a trend),
     shrinks the quota in proportion, to nothing at the target; and the request is never given
     more than finishes by the target (or its own deadline, when nearer) behind the backlog as it
-    is. Until the cost model has ``CALIBRATE_EVENTS`` events, nothing is cut."""
+    is. Until the cost model has ``CALIBRATE_EVENTS`` events, only the free request slots cut (under
+    ``SLOTS_LOW`` of them free, in proportion): a fresh server hit at once by 2x its capacity would
+    otherwise fill its slots and its line at full quota before the model knows a price."""
 
     RATE_TAU_S = 0.25          # the arrival rates' memory
     WAIT_TAU_S = 0.1           # the smoothed wait's
@@ -243,7 +245,9 @@ class AdmissionCut:
         self.req_rate = self.req_rate * decay + 1.0 / self.RATE_TAU_S
         self.cand_rate = self.cand_rate * decay + n / self.RATE_TAU_S
         if self.b is None or self.workers <= 0 or n <= 0:
-            return 1.0
+            # No cost model yet (a fresh server's first events): nothing is cut on a guess, but the
+            # request slots still say when the work piles up, and cut as they do below.
+            return 1.0 if free_share >= self.SLOTS_LOW else max(self.floor, free_share / self.SLOTS_LOW)
         capacity = self.workers * self.trim
         q = (capacity - self.a * self.req_rate) / max(self.b * self.cand_rate, 1e-12)
         target = min(self.target_s, budget_s)

@@ -150,10 +150,13 @@ def test_a_step_to_twice_the_load_is_met_by_the_next_requests():
     assert np.percentile(lat[first], 99) < 0.05 and q[first].mean() < 0.8
 
 
-def test_no_cut_before_the_cost_model_has_seen_events():
+def test_no_cut_before_the_cost_model_has_seen_events_but_what_full_slots_say():
     cut = AdmissionCut(0.04)
     cut.workers = 2
     assert [cut.quota(500, 1.0, t * 1e-4) for t in range(100)] == [1.0] * 100
+    # A fresh server hit at once: the slots filling cut before the model has a price.
+    assert [cut.quota(500, 1.0, 0.01 + t * 1e-4, free_share=f) for t, f in enumerate((0.5, 0.25, 0.0))] == \
+        [1.0, 0.5, MIN_KEEP]
 
 
 def test_the_control_segment_is_read_as_written(tmp_path):

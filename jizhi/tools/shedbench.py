@@ -55,8 +55,8 @@ def run_timeline(endpoint, trace, pipeline, times, *, deadline_ms=1000, top_k=10
     timeline can be long), with an ``InfoProbe`` asking the server's info every ``info_every_s``;
     ``progress(sent, total, seconds)`` is called every 0.5 s. Returns ``{"rows", "due",
     "latency_ms", "status" (ok|code|lost), "shed_ratio", "ids" (the returned item ids of each OK
-    reply), "info": [(t, info)]}``; every request is answered or counted lost (no reply within its
-    deadline + 1 s)."""
+    reply), "info": [(t, info)], "send_lag_ms" (each send's start after its due time)}``; every
+    request is answered or counted lost (no reply within its deadline + 1 s)."""
     m = times.shape[0]
     rows = (first_row + np.arange(m)) % len(trace)
     status = np.array([""] * m, dtype=object)
@@ -86,7 +86,7 @@ def run_timeline(endpoint, trace, pipeline, times, *, deadline_ms=1000, top_k=10
     status[load.status == OK] = "ok"
     status[load.status == LOST] = "lost"
     return {"rows": rows, "due": load.due - t0, "latency_ms": load.latency_ms(), "status": status,
-            "shed_ratio": shed, "ids": ids, "info": probe.infos}
+            "shed_ratio": shed, "ids": ids, "info": probe.infos, "send_lag_ms": (load.sent_at - load.due) * 1000}
 
 
 def timeline_series(result, pipeline, slo_ms):

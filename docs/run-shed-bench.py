@@ -132,12 +132,10 @@ def point(d, trace, rate, duration_s, warmup_s, first_row, slo_ms, truth=None, s
     answered = max(1, int((res["status"] == "ok").sum()))
     out["cpu_us_per_request"] = {**{k: round(v * 1e6 / answered, 1) for k, v in sorted(by_kind.items())},
                                  "generator": round(gen_s * 1e6 / answered, 1)}
-    # Per second: offered, answered, p99 and mean cut (where in the point a cut or a tail came from).
+    # Per second: offered, answered, p99, mean cut (where in the point a cut or a tail came from) and
+    # the generator's own lateness.
     series = timeline_series(res, "demo_shed", slo_ms)
-    out["per_second"] = {k: series[k] for k in ("offered_rps", "answered_rps", "p99_ms", "shed_ratio")}
-    lag, sec = res["send_lag_ms"], np.floor(res["due"]).astype(np.int64)     # the generator's own lateness
-    out["per_second"]["send_lag_max_ms"] = [round(float(np.nanmax(lag[sec == s])), 1) if (sec == s).any() else None
-                                            for s in range(len(series["t"]))]
+    out["per_second"] = {k: series[k] for k in ("offered_rps", "answered_rps", "p99_ms", "shed_ratio", "send_lag_max_ms")}
     if res["info"]:     # the server's admission cut at the end of the point (jizhi/shedding.py)
         out["admission"] = (res["info"][-1][1]["pipelines"].get("demo_shed", {}).get("shedding") or {}).get("admission")
     if truth is not None:
@@ -222,7 +220,8 @@ def main():
                     help="Also the max sustainable rate with every request keeping each of these (what a cut can buy).")
     ap.add_argument("--cost-quotas", default="1,0.5,0.25",
                     help="The CPU per request at each of these fixed quotas, each at --cost-rate x its own "
-                         "maximum (the search's; empty: none): its fixed part F and per-kept-fraction part V, "
+                         "maximum (the search's at that quota, with it in --floor-quotas; else the shedding-off maximum, too low "
+                         "a rate for a cut quota to be near saturation; empty: none): its fixed part F and per-kept-fraction part V, "
                          "and the cut (1 - 1/k)(1 + F/V) a server bound by that CPU needs at k x.")
     ap.add_argument("--cost-rate", type=float, default=0.9,
                     help="The rate of a cost point, x the maximum found at its quota (near saturation: at a low "

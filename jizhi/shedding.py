@@ -246,8 +246,8 @@ class AdmissionCut:
         self.cand_rate = self.cand_rate * decay + n / self.RATE_TAU_S
         if self.b is None or self.workers <= 0 or n <= 0:
             # No cost model yet (a fresh server's first events): nothing is cut on a guess, but the
-            # request slots still say when the work piles up, and cut as they do below.
-            return 1.0 if free_share >= self.SLOTS_LOW else max(self.floor, free_share / self.SLOTS_LOW)
+            # request slots still say when the work piles up.
+            return self._by_slots(1.0, free_share)
         capacity = self.workers * self.trim
         q = (capacity - self.a * self.req_rate) / max(self.b * self.cand_rate, 1e-12)
         target = min(self.target_s, budget_s)
@@ -257,13 +257,16 @@ class AdmissionCut:
         if self.wait > self.WAIT_SET * target:
             q *= max(0.0, 1.0 - (self.wait - self.WAIT_SET * target) / ((1.0 - self.WAIT_SET) * target))
         # Never more than finishes by the target: what waits ahead, then its own share of a worker.
-        q = min(q, (target * self.workers - backlog - self.a) / (self.b * n))
-        if free_share < self.SLOTS_LOW:
-            q *= free_share / self.SLOTS_LOW
-        q = min(1.0, max(self.floor, q))
+        q = self._by_slots(min(q, (target * self.workers - backlog - self.a) / (self.b * n)), free_share)
         self.kept_mean = 0.99 * self.kept_mean + 0.01 * q
         self.t_last = now
         return q
+
+    def _by_slots(self, q, free_share):
+        """``q`` shrunk in proportion under ``SLOTS_LOW`` free request slots, then held to [floor, 1]."""
+        if free_share < self.SLOTS_LOW:
+            q *= free_share / self.SLOTS_LOW
+        return min(1.0, max(self.floor, q))
 
     def kept_recent(self, now, idle_s=1.0):
         """The mean quota of the last hundred or so admissions; 1 after ``idle_s`` without one."""

@@ -90,8 +90,10 @@ def run_timeline(endpoint, trace, pipeline, times, *, deadline_ms=1000, top_k=10
 
 
 def timeline_series(result, pipeline, slo_ms):
-    """Per-second series: t, offered/s, answered/s, errors/s, p99 ms, mean shed ratio, quota, pools."""
+    """Per-second series: t, offered/s, answered/s, errors/s, p99 ms, mean shed ratio, the generator's
+    latest send (ms after its due time), quota, pools."""
     due, lat, st, shed = result["due"], result["latency_ms"], result["status"], result["shed_ratio"]
+    lag = result["send_lag_ms"]
     end = int(math.ceil(due.max())) if due.shape[0] else 0
     sec = np.floor(due).astype(np.int64)
     out = collections.defaultdict(list)
@@ -104,6 +106,7 @@ def timeline_series(result, pipeline, slo_ms):
         out["errors"].append(int((m & (st != "ok")).sum()))
         out["p99_ms"].append(round(float(np.percentile(lat[ok], 99)), 1) if ok.any() else None)
         out["shed_ratio"].append(round(float(np.nanmean(shed[ok])), 4) if ok.any() else None)
+        out["send_lag_max_ms"].append(round(float(np.nanmax(lag[m])), 1) if m.any() else None)
     quota_t, quota, pools_t, pools = [], [], [], []
     for t, info in result["info"]:
         p = (info.get("pipelines") or {}).get(pipeline) or {}
